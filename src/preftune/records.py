@@ -1,0 +1,60 @@
+"""Crash-safe JSONL records: append with fsync, read back what a killed run left behind.
+
+Every long job that writes records (sampling, auto-labeling, export, evaluation samples) appends
+whole lines and fsyncs each batch, so after a kill the file holds every acknowledged record and
+at most one partial last line. `read_records` returns the complete records and, with
+`repair=True`, cuts the partial tail off so that appending can resume cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+from preftune.errors import UserError
+
+
+def append_records(path: str | Path, records: Iterable[dict]) -> int:
+    """Append `records` as JSON lines, then flush and fsync; returns how many were written."""
+    lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in records]
+    if not lines:
+        return 0
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(lines))
+        f.flush()
+        os.fsync(f.fileno())
+    return len(lines)
+
+
+def read_records(path: str | Path, repair: bool = False) -> list[dict]:
+    """Read a JSONL file written by `append_records`.
+
+    A last line without its newline is the trace of a kill mid-write: it is ignored (and removed
+    from the file when `repair` is set). A malformed line anywhere else is a user error.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    complete_end = data.rfind(b"\n") + 1
+    records = []
+    for lineno, raw in enumerate(data[:complete_end].splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise UserError(
+                f"{path}, line {lineno}: not valid JSON ({e.msg}); fix or remove that line."
+            ) from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}, line {lineno}: expected a JSON object, got {type(record).__name__}.")
+        records.append(record)
+    if repair and complete_end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(complete_end)
+            f.flush()
+            os.fsync(f.fileno())
+    return records
