@@ -1,0 +1,416 @@
+"""Batched sampling of response pairs from a causal LM: step 1 of the DPO loop.
+
+For each prompt x the starting model pi_sft writes `n` responses (y1, y2, ...) that people or a
+reward function then compare. Three properties matter more than speed here:
+
+* Reproducible whatever the batching. Every response row draws its tokens from its own
+  `torch.Generator`, seeded from (seed, prompt index, response number). A prompt's responses
+  therefore do not depend on which other prompts share its batch, on the batch size, or on where
+  a killed run was resumed. `transformers`' own sampling draws every row from one global stream,
+  so we do the draw in a logits processor and let `generate` run greedily on its one-hot output;
+  `generate` still does the batching, left padding, KV cache and stopping.
+* Crash-safe and resumable. `sample_to_file` appends each finished batch with fsync
+  (`preftune.records.append_records`); a rerun repairs a torn last line and continues after the
+  last prompt written, so the file never holds a prompt twice.
+* Policy and reference comparable. Evaluation calls `sample_pairs` on two in-memory models with
+  the same prompts and seed: both then see the same random numbers (common random numbers),
+  which lowers the variance of their difference.
+
+Records follow docs/CONTRACTS.md (pairs.jsonl).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence, Union
+
+import torch
+
+from preftune.errors import UserError
+from preftune.records import append_records, read_records
+
+Message = dict  # {"role": str, "content": str}
+Prompt = Union[str, list]  # a text prompt, or a conversation (list of messages)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How responses are drawn; stored verbatim as the record's `sampling` field.
+
+    `temperature=0` means greedy decoding. Only temperature and nucleus (top-p) filtering shape
+    the distribution: no top-k, so `top_p=1` samples from the model's full distribution.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    seed: int = 0
+    n: int = 2
+
+    def __post_init__(self):
+        if self.n < 1:
+            raise UserError(f"--n must be at least 1, got {self.n}.")
+        if self.temperature < 0:
+            raise UserError(f"--temperature must be 0 (greedy) or positive, got {self.temperature}.")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}.")
+        if self.max_new_tokens < 1:
+            raise UserError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
+
+
+def load_prompts(path: str | Path) -> list[Prompt]:
+    """Read prompts from JSONL (`{"prompt": text | [messages]}` per line) or a .txt file.
+
+    A .txt file holds one prompt per line; blank lines are skipped. Any malformed line raises a
+    `UserError` that names the file and the line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: prompt file not found.")
+    suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".json", ".txt"):
+        raise UserError(
+            f"{path}: unknown prompt file type {suffix!r}; use .jsonl ({{\"prompt\": ...}} per line) "
+            "or .txt (one prompt per line)."
+        )
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8.") from None
+    prompts = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        prompts.append(line if suffix == ".txt" else _parse_jsonl_prompt(line, path, lineno))
+    if not prompts:
+        raise UserError(f"{path}: holds no prompts.")
+    return prompts
+
+
+def _parse_jsonl_prompt(line: str, path: Path, lineno: int) -> Prompt:
+    where = f"{path}, line {lineno}"
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: not valid JSON ({e.msg}); fix or remove that line.") from None
+    if not isinstance(row, dict) or "prompt" not in row:
+        raise UserError(f"{where}: expected an object with a \"prompt\" key.")
+    prompt = row["prompt"]
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise UserError(f"{where}: \"prompt\" is empty.")
+        return prompt
+    if isinstance(prompt, list) and prompt and all(_is_message(m) for m in prompt):
+        return prompt
+    raise UserError(
+        f"{where}: \"prompt\" must be a string or a non-empty list of "
+        "{\"role\": ..., \"content\": ...} messages with string values."
+    )
+
+
+def _is_message(m) -> bool:
+    return (
+        isinstance(m, dict)
+        and isinstance(m.get("role"), str)
+        and isinstance(m.get("content"), str)
+    )
+
+
+def render_prompt(tokenizer, prompt: Prompt) -> str:
+    """A conversation goes through the chat template with its generation prompt; text is kept."""
+    if isinstance(prompt, str):
+        return prompt
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            "a prompt is a list of chat messages but the tokenizer has no chat template; "
+            "use text prompts or a tokenizer that defines one."
+        )
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompts(tokenizer, prompts: Sequence[Prompt]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenize and LEFT-pad prompts, so that every row's next token sits in the last column.
+
+    Rendered chat prompts already hold their special tokens, so the tokenizer adds none to them.
+    Returns `input_ids` and `attention_mask`, both (B, T).
+    """
+    pad_id = _pad_token_id(tokenizer)
+    ids = [
+        tokenizer(render_prompt(tokenizer, p), add_special_tokens=isinstance(p, str))["input_ids"]
+        for p in prompts
+    ]
+    if any(len(row) == 0 for row in ids):
+        raise UserError("a prompt tokenizes to no tokens; remove empty prompts.")
+    width = max(len(row) for row in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(ids), width), dtype=torch.long)  # (B, T)
+    for i, row in enumerate(ids):
+        input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, width - len(row):] = 1
+    return input_ids, attention_mask
+
+
+def _pad_token_id(tokenizer) -> int:
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise UserError("the tokenizer has neither a pad token nor an EOS token; set one of them.")
+    return pad_id
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+
+
+def row_seed(seed: int, prompt_index: int, response_index: int) -> int:
+    """A 63-bit seed for one response row, a hash so that nearby indices give unrelated streams."""
+    digest = hashlib.blake2b(f"{seed}/{prompt_index}/{response_index}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "little") & (2**63 - 1)
+
+
+class _PerRowSampler:
+    """A logits processor that samples each row with its own generator.
+
+    It returns scores that are 0 at the drawn token and -inf elsewhere, so `generate` running
+    greedily emits exactly the drawn token. It runs after the processors the model's generation
+    config asks for (repetition penalty and the like), which therefore still apply.
+    """
+
+    def __init__(self, generators: list[torch.Generator], temperature: float, top_p: float):
+        self.generators = generators
+        self.temperature = temperature
+        self.top_p = top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.float()  # (R, V)
+        if self.temperature == 0:
+            choice = scores.argmax(dim=-1, keepdim=True)  # (R, 1)
+        else:
+            probs = nucleus_probs(scores / self.temperature, self.top_p).cpu()  # (R, V)
+            # Inverse-CDF draw: a tiny change in the logits moves the chosen token only when u
+            # falls within that change of a bucket edge, so batching noise almost never shows.
+            u = torch.cat([torch.rand(1, generator=g) for g in self.generators])  # (R,)
+            cdf = probs.cumsum(dim=-1)  # (R, V)
+            target = (u * cdf[:, -1]).unsqueeze(-1)  # (R, 1)
+            choice = torch.searchsorted(cdf, target, right=True).clamp_(max=probs.shape[-1] - 1)
+            choice = choice.to(scores.device)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, choice, 0.0)
+
+
+def nucleus_probs(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Softmax of `logits` (R, V) restricted to the smallest set of tokens with mass >= top_p."""
+    probs = torch.softmax(logits, dim=-1)  # (R, V)
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # (R, V)
+    sorted_probs[mass_before >= top_p] = 0.0  # the top token always stays (its mass_before is 0)
+    return torch.zeros_like(probs).scatter_(1, order, sorted_probs)
+
+
+def _stop_token_ids(model, tokenizer) -> list[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return []
+    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+@torch.no_grad()
+def generate_responses(
+    model, tokenizer, prompts: Sequence[Prompt], prompt_indices: Sequence[int],
+    settings: SamplingSettings,
+) -> list[list[str]]:
+    """`settings.n` responses for each prompt, the new tokens only, cut at the first EOS."""
+    from transformers import LogitsProcessorList
+
+    input_ids, attention_mask = encode_prompts(tokenizer, prompts)  # (B, T)
+    n = settings.n
+    input_ids = input_ids.repeat_interleave(n, dim=0).to(model.device)  # (B*n, T)
+    attention_mask = attention_mask.repeat_interleave(n, dim=0).to(model.device)  # (B*n, T)
+    generators = [
+        torch.Generator().manual_seed(row_seed(settings.seed, index, j))
+        for index in prompt_indices for j in range(n)
+    ]
+    stop_ids = _stop_token_ids(model, tokenizer)
+    config = model.generation_config.__class__.from_dict(model.generation_config.to_dict())
+    # Greedy over the one-hot scores of _PerRowSampler; the sampling knobs live in the sampler.
+    config.update(
+        do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None,
+        max_new_tokens=settings.max_new_tokens, min_new_tokens=None, max_length=None,
+        pad_token_id=_pad_token_id(tokenizer), eos_token_id=stop_ids or None,
+    )
+    output = model.generate(
+        input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+        logits_processor=LogitsProcessorList(
+            [_PerRowSampler(generators, settings.temperature, settings.top_p)]
+        ),
+    )  # (B*n, T + new)
+    new_tokens = output[:, input_ids.shape[1]:].tolist()
+    texts = [_decode_until_stop(tokenizer, row, stop_ids) for row in new_tokens]
+    return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def _decode_until_stop(tokenizer, token_ids: list[int], stop_ids: list[int]) -> str:
+    stops = set(stop_ids)
+    end = next((k for k, t in enumerate(token_ids) if t in stops), len(token_ids))
+    # No clean-up of spaces: prompt + response must re-tokenize to what the model wrote.
+    return tokenizer.decode(
+        token_ids[:end], skip_special_tokens=True, clean_up_tokenization_spaces=False
+    )
+
+
+def pair_id(prompt_index: int) -> str:
+    return f"p{prompt_index:06d}"
+
+
+def iter_pair_batches(
+    model, tokenizer, prompts: Sequence[Prompt], settings: SamplingSettings,
+    batch_size: int = 16, start: int = 0, model_name: str | None = None,
+) -> Iterator[list[dict]]:
+    """Yield pairs.jsonl records batch by batch for `prompts[start:]`.
+
+    Batches are aligned to multiples of `batch_size` in prompt index, so a run resumed after a
+    whole batch regroups prompts exactly as an uninterrupted run would.
+    """
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}.")
+    model_name = model_name if model_name is not None else str(getattr(model, "name_or_path", ""))
+    index = start
+    while index < len(prompts):
+        end = min(len(prompts), (index // batch_size + 1) * batch_size)
+        indices = list(range(index, end))
+        responses = generate_responses(model, tokenizer, prompts[index:end], indices, settings)
+        yield [
+            {
+                "pair_id": pair_id(i), "prompt": prompts[i], "responses": texts,
+                "model": model_name, "sampling": settings.to_dict(),
+            }
+            for i, texts in zip(indices, responses)
+        ]
+        index = end
+
+
+def sample_pairs(
+    model, tokenizer, prompts: Sequence[Prompt], *, n: int = 2, temperature: float = 1.0,
+    top_p: float = 1.0, max_new_tokens: int = 64, batch_size: int = 16, seed: int = 0,
+    model_name: str | None = None,
+) -> list[dict]:
+    """Sample `n` responses per prompt from an in-memory model; returns pairs.jsonl records.
+
+    The model keeps its mode and device; sampling runs under `torch.no_grad`. Prompt i is seeded
+    from (seed, i), so two models sampled with the same prompts and seed share random numbers.
+    """
+    settings = SamplingSettings(temperature, top_p, max_new_tokens, seed, n)
+    records = []
+    for batch in iter_pair_batches(model, tokenizer, prompts, settings, batch_size, 0, model_name):
+        records.extend(batch)
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# The `preftune sample` job: load, resume, append
+
+
+def load_model_and_tokenizer(path: str, dtype: str = "float32", device: str = "auto"):
+    """Load a causal LM and its tokenizer for generation, in eval mode on `device`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype != "auto" and dtype not in DTYPES:
+        raise UserError(f"--dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}.")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype="auto" if dtype == "auto" else DTYPES[dtype]
+        )
+    except OSError as e:
+        raise UserError(f"{path}: cannot load a model and tokenizer from it ({e}).") from None
+    return model.to(device).eval(), tokenizer
+
+
+def resume_position(
+    out: Path, records: list[dict], prompts: Sequence[Prompt], settings: SamplingSettings,
+    model_name: str,
+) -> int:
+    """How many prompts `out` already holds, after checking it belongs to this very job."""
+    if len(records) > len(prompts):
+        raise UserError(
+            f"{out} holds {len(records)} records but the prompt file only {len(prompts)}; "
+            "choose another --out."
+        )
+    for i, record in enumerate(records):
+        expected = (pair_id(i), prompts[i], settings.to_dict(), model_name)
+        found = tuple(record.get(k) for k in ("pair_id", "prompt", "sampling", "model"))
+        if found != expected:
+            raise UserError(
+                f"{out}, line {i + 1}: written by another job (different prompts, model or "
+                "sampling settings); choose another --out or rerun with the same arguments."
+            )
+    return len(records)
+
+
+def sample_to_file(
+    model_path: str, prompts_path: str | Path, out: str | Path,
+    settings: SamplingSettings = SamplingSettings(), batch_size: int = 16,
+    dtype: str = "float32", device: str = "auto", progress: bool = True,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[int, int]:
+    """Sample pairs for every prompt of `prompts_path` into `out`, resuming what is there.
+
+    Returns (prompts already present, prompts written now). `on_batch(k)` is called after each
+    batch of k prompts is safely on disk (tests use it to simulate a kill).
+    """
+    out = Path(out)
+    prompts = load_prompts(prompts_path)
+    done = resume_position(out, read_records(out, repair=True), prompts, settings, str(model_path))
+    if done == len(prompts):
+        return done, 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_model_and_tokenizer(str(model_path), dtype, device)
+    batches = iter_pair_batches(
+        model, tokenizer, prompts, settings, batch_size, start=done, model_name=str(model_path)
+    )
+    written = 0
+    with _progress_bar(progress, total=len(prompts), completed=done) as advance:
+        for batch in batches:
+            written += append_records(out, batch)
+            advance(len(batch))
+            if on_batch is not None:
+                on_batch(len(batch))
+    return done, written
+
+
+class _progress_bar:
+    """A rich progress bar over prompts, or a no-op when `enabled` is false."""
+
+    def __init__(self, enabled: bool, total: int, completed: int):
+        self.enabled, self.total, self.completed = enabled, total, completed
+
+    def __enter__(self) -> Callable[[int], None]:
+        if not self.enabled:
+            return lambda k: None
+        from rich.progress import Progress
+
+        self._progress = Progress(transient=False)
+        self._progress.start()
+        task = self._progress.add_task("sampling", total=self.total, completed=self.completed)
+        return lambda k: self._progress.advance(task, k)
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self._progress.stop()
