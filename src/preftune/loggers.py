@@ -1,0 +1,147 @@
+"""Where training metrics go: always `metrics.jsonl`, optionally TensorBoard and W&B.
+
+`metrics.jsonl` is the record `preftune report` reads (format in docs/CONTRACTS.md); the other
+backends are views for people who already watch runs there. Only one process of a distributed
+run should log: pass `enabled=(rank == 0)` and every other rank's logger does nothing at all.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from preftune.errors import UserError
+
+BACKENDS = ("jsonl", "tensorboard", "wandb")
+METRICS_FILE = "metrics.jsonl"
+
+
+def _plain(value: Any) -> Any:
+    """Tensors and numpy scalars become Python numbers, so every backend can take them."""
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        # JSON has no NaN/inf; null keeps the line valid and the report skips the point.
+        return None
+    return value
+
+
+class MetricsLogger:
+    """Log a dict of metrics per step to `output_dir/metrics.jsonl` and the chosen backends.
+
+    backends: any of "jsonl", "tensorboard", "wandb"; "jsonl" is written whatever the list says.
+    run_name, config_dict: the run's name and its resolved config, shown by TensorBoard (as
+        text) and W&B (as the run config).
+    wandb_project: the W&B project (default: $WANDB_PROJECT, else "preftune").
+    enabled: False on every rank but 0 of a distributed run: nothing is created or written.
+
+    `metrics.jsonl` is opened for appending, so a resumed run continues the same file; the
+    report keeps the last line for a repeated step. Each line is flushed when written, so a
+    killed run leaves every logged step readable.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        backends: Iterable[str] = ("jsonl",),
+        run_name: str | None = None,
+        config_dict: dict | None = None,
+        enabled: bool = True,
+        wandb_project: str | None = None,
+    ):
+        backends = list(backends)
+        unknown = [b for b in backends if b not in BACKENDS]
+        if unknown:
+            raise UserError(
+                f"unknown logger backend {unknown[0]!r}; choose from {', '.join(BACKENDS)}."
+            )
+        self.enabled = enabled
+        self.output_dir = Path(output_dir)
+        self._file = None
+        self._tensorboard = None
+        self._wandb_run = None
+        if not enabled:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.output_dir / METRICS_FILE, "a", encoding="utf-8")
+        config_dict = config_dict or {}
+        if "tensorboard" in backends:
+            self._tensorboard = _open_tensorboard(self.output_dir, run_name, config_dict)
+        if "wandb" in backends:
+            self._wandb_run = _open_wandb(self.output_dir, run_name, config_dict, wandb_project)
+
+    @property
+    def path(self) -> Path:
+        return self.output_dir / METRICS_FILE
+
+    def log(self, metrics: dict, step: int) -> None:
+        """Write one record: `step` plus the metrics (numbers; None where not finite)."""
+        if not self.enabled:
+            return
+        if self._file is None:
+            raise RuntimeError("MetricsLogger.log called after close()")
+        record = {"step": int(step)}
+        record.update({key: _plain(value) for key, value in metrics.items() if key != "step"})
+        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.flush()
+        numbers = {
+            key: value
+            for key, value in record.items()
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
+        }
+        if self._tensorboard is not None:
+            for key, value in numbers.items():
+                self._tensorboard.add_scalar(key, value, global_step=step)
+        if self._wandb_run is not None:
+            self._wandb_run.log(numbers, step=step)
+
+    def close(self) -> None:
+        """Flush and close every backend; safe to call twice."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def _open_tensorboard(output_dir: Path, run_name: str | None, config_dict: dict):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError(
+            "logger backend 'tensorboard' is chosen but the tensorboard package is not "
+            "installed; run `pip install 'preftune[tensorboard]'` or remove it from the backends."
+        ) from None
+    writer = SummaryWriter(log_dir=str(output_dir / "tensorboard" / (run_name or "run")))
+    if config_dict:
+        # TensorBoard's text plugin renders markdown; a fenced block keeps the layout.
+        text = "```\n" + json.dumps(config_dict, indent=2, default=str) + "\n```"
+        writer.add_text("config", text, global_step=0)
+    return writer
+
+
+def _open_wandb(output_dir: Path, run_name: str | None, config_dict: dict, project: str | None):
+    try:
+        import wandb
+    except ImportError:
+        raise UserError(
+            "logger backend 'wandb' is chosen but Weights & Biases is not installed; run "
+            "`pip install 'preftune[wandb]'` or remove it from the backends."
+        ) from None
+    # wandb reads WANDB_MODE (online / offline / disabled) itself; an explicit project would
+    # override WANDB_PROJECT, so the environment decides unless the caller named one.
+    project = project or os.environ.get("WANDB_PROJECT", "preftune")
+    return wandb.init(project=project, name=run_name, config=config_dict, dir=str(output_dir))

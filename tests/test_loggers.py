@@ -1,0 +1,91 @@
+"""MetricsLogger: metrics.jsonl always, TensorBoard and W&B when chosen, silence off rank 0."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from preftune.errors import UserError
+from preftune.loggers import MetricsLogger
+from preftune.records import read_records
+
+
+def read_lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_jsonl_line_per_step_flushed_before_close(tmp_path):
+    logger = MetricsLogger(tmp_path / "run")
+    logger.log({"loss": torch.tensor(0.69), "rewards/accuracies": np.float64(0.5)}, step=1)
+    # Readable while the run is still going (a crash must not lose logged steps).
+    assert read_lines(tmp_path / "run" / "metrics.jsonl") == [
+        {"step": 1, "loss": pytest.approx(0.69), "rewards/accuracies": 0.5}
+    ]
+    logger.log({"eval/loss": 0.6}, step=2)
+    logger.close()
+    logger.close()  # twice is harmless
+    lines = read_lines(tmp_path / "run" / "metrics.jsonl")
+    assert [line["step"] for line in lines] == [1, 2]
+    assert lines[1] == {"step": 2, "eval/loss": 0.6}
+
+
+def test_non_finite_values_become_null_so_the_file_stays_valid_json(tmp_path):
+    with MetricsLogger(tmp_path) as logger:
+        logger.log({"loss": float("nan"), "grad_norm": float("inf"), "note": "warmup"}, step=3)
+    assert read_records(tmp_path / "metrics.jsonl") == [
+        {"step": 3, "loss": None, "grad_norm": None, "note": "warmup"}
+    ]
+    assert "NaN" not in (tmp_path / "metrics.jsonl").read_text()
+
+
+def test_a_resumed_run_appends(tmp_path):
+    with MetricsLogger(tmp_path) as logger:
+        logger.log({"loss": 0.7}, step=1)
+    with MetricsLogger(tmp_path) as logger:
+        logger.log({"loss": 0.6}, step=2)
+    assert [r["step"] for r in read_records(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+def test_disabled_logger_writes_nothing(tmp_path):
+    logger = MetricsLogger(tmp_path / "rank1", backends=["jsonl", "tensorboard"], enabled=False)
+    logger.log({"loss": 0.7}, step=1)
+    logger.close()
+    assert not (tmp_path / "rank1").exists()
+
+
+def test_unknown_backend_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="unknown logger backend 'mlflow'"):
+        MetricsLogger(tmp_path, backends=["jsonl", "mlflow"])
+
+
+def test_tensorboard_events_hold_the_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with MetricsLogger(tmp_path, ["tensorboard"], run_name="r1", config_dict={"beta": 0.1}) as lg:
+        for step in range(1, 4):
+            lg.log({"loss": 1.0 / step, "rewards/chosen": 0.1 * step}, step=step)
+    events = EventAccumulator(str(tmp_path / "tensorboard" / "r1"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
+    assert events.Scalars("rewards/chosen")[2].value == pytest.approx(0.3)
+    assert (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    "backend, module", [("tensorboard", "torch.utils.tensorboard"), ("wandb", "wandb")]
+)
+def test_missing_backend_package_is_a_user_error(tmp_path, monkeypatch, backend, module):
+    monkeypatch.setitem(sys.modules, module, None)  # makes `import module` fail
+    with pytest.raises(UserError, match=f"'{backend}' is chosen but .* not installed"):
+        MetricsLogger(tmp_path, backends=[backend])
+
+
+def test_wandb_offline_run(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    with MetricsLogger(tmp_path, ["wandb"], run_name="offline", config_dict={"beta": 0.1}) as lg:
+        lg.log({"loss": 0.69}, step=1)
+    assert list((tmp_path / "wandb").glob("offline-run-*")), "no offline run folder written"
