@@ -1,0 +1,164 @@
+"""Checkpoints that survive kills and full disks, and resume to the same weights.
+
+A checkpoint is a folder `OUTPUT/checkpoints/step-000100/` holding the policy (safetensors,
+loadable by `from_pretrained`), the tokenizer, and `training_state.pt` (optimizer, scheduler,
+step, data position, RNG states). It is written into a temporary folder, closed with a
+`manifest.json` of SHA-256 checksums, and renamed into place: a folder with a valid manifest is
+complete, anything else is the trace of an interrupted save and is never resumed from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from preftune.errors import UserError
+
+MANIFEST = "manifest.json"
+STATE_FILE = "training_state.pt"
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(folder: Path, step: int) -> None:
+    files = {str(p.relative_to(folder)): _sha256(p) for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
+
+
+def is_complete(folder: Path) -> bool:
+    """True when every file listed in the manifest exists with its checksum."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        return all(_sha256(folder / name) == digest for name, digest in manifest["files"].items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def save_checkpoint(folder: Path, step: int, save_model, training_state: dict) -> Path:
+    """Write a checkpoint atomically. `save_model(path)` writes the weights and tokenizer."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        save_model(tmp)
+        torch.save(training_state, tmp / STATE_FILE)
+        write_manifest(tmp, step)
+        _fsync_tree(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno == 28:  # ENOSPC
+            raise UserError(f"out of disk space while saving the checkpoint {folder}; the earlier "
+                            "checkpoints are intact; free some space and resume with --resume.") from None
+        raise
+    return folder
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
+             and not p.name.endswith(".tmp")]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def latest_good_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint; broken newer ones are reported and passed over."""
+    for folder in reversed(list_checkpoints(output_dir)):
+        if is_complete(folder):
+            return folder
+        warnings.warn(f"checkpoint {folder} is incomplete or corrupt; using an earlier one.", stacklevel=2)
+    return None
+
+
+def prune_checkpoints(output_dir: Path, keep: int | None) -> None:
+    if keep is None:
+        return
+    for folder in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def load_model_weights(model: torch.nn.Module, folder: Path) -> None:
+    """Load safetensors weights from a checkpoint into an already-built model, in place."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise UserError(f"checkpoint {folder} holds no .safetensors weights.")
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # save_pretrained writes a tied weight once; its twin is filled by the tie.
+    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - \
+        {name for name, _ in model.named_parameters()}
+    missing = [m for m in missing if m not in tied]
+    if missing or unexpected:
+        raise UserError(f"checkpoint {folder} does not match the model: missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}.")
+
+
+def load_training_state(folder: Path) -> dict:
+    # Our own file, holding optimizer state and RNG tuples: not loadable with weights_only.
+    return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def resolve_resume(resume: str | bool | None, output_dir: Path) -> Path | None:
+    """`--resume` alone means the newest good checkpoint of this run; a path means that one."""
+    if not resume:
+        return None
+    if resume is True or resume == "latest":
+        found = latest_good_checkpoint(output_dir)
+        if found is None:
+            raise UserError(f"--resume: no complete checkpoint under {output_dir}/checkpoints.")
+        return found
+    folder = Path(resume)
+    if not is_complete(folder):
+        raise UserError(f"--resume {folder}: not a complete checkpoint (missing or bad manifest).")
+    return folder

@@ -1,0 +1,215 @@
+"""One typed schema for every key preftune reads, with its default.
+
+A config is a YAML file plus `key=value` overrides (`optim.lr=5e-7 loss.type=[sigmoid,sft]`).
+Unknown keys and bad values fail with one sentence that names the dotted key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from preftune.errors import UserError
+
+
+class Section(BaseModel):
+    # Typos must fail loudly: a silently ignored `optim.learning_rate` costs a whole run.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(Section):
+    r: int = Field(16, gt=0)
+    alpha: float = 32.0
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | str = "all-linear"
+
+
+class ModelConfig(Section):
+    path: str
+    reference_path: str | None = None
+    # copy: a frozen copy of the starting policy (or of reference_path);
+    # precompute: one no-grad pass over the data before training, log-probs cached on disk;
+    # none: reference-free losses only (simpo, sft).
+    reference: Literal["copy", "precompute", "none"] = "copy"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Mixed precision: float32 master weights, forward under bf16 autocast (CUDA only).
+    autocast: Literal["none", "bfloat16"] = "none"
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    attn_implementation: str | None = None
+    trust_remote_code: bool = False
+    lora: LoraConfig | None = None
+
+
+class DataConfig(Section):
+    train: str | list[str]
+    eval: str | list[str] | None = None
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    split: str = "train"  # the split to read when `train` is a hub id or a DatasetDict folder
+    max_length: int | None = Field(1024, gt=1)
+    max_prompt_length: int | None = Field(None, gt=0)
+    truncation: Literal["keep_end", "keep_start"] = "keep_end"
+    # Sort pairs into length-grouped batches so little compute goes to padding.
+    group_by_length: bool = True
+    # Pack a batch's sequences into one row with restarted position ids (models with
+    # flash/sdpa varlen support only); "auto" packs when the model supports it safely.
+    packing: Literal["auto", "on", "off"] = "off"
+
+
+class LossConfig(Section):
+    type: str | list[str] = "sigmoid"
+    weights: list[float] | None = None
+    beta: float = Field(0.1, gt=0.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    reference_free: bool = False
+    ipo_length_normalize: bool = True
+    simpo_gamma: float = 0.5
+    rdpo_alpha: float = 0.01
+
+    @field_validator("type")
+    @classmethod
+    def _known_types(cls, value):
+        from preftune.losses import LOSSES
+
+        for name in [value] if isinstance(value, str) else value:
+            if name not in LOSSES:
+                raise ValueError(f"unknown loss {name!r}; choose from {', '.join(sorted(LOSSES))}")
+        return value
+
+    @model_validator(mode="after")
+    def _weights_match(self):
+        if self.weights is not None and len(self.weights) != len(self.types):
+            raise ValueError(
+                f"loss.weights has {len(self.weights)} entries for {len(self.types)} loss types"
+            )
+        return self
+
+    @property
+    def types(self) -> list[str]:
+        return [self.type] if isinstance(self.type, str) else list(self.type)
+
+    @property
+    def type_weights(self) -> list[float]:
+        return list(self.weights) if self.weights is not None else [1.0] * len(self.types)
+
+
+class OptimConfig(Section):
+    name: Literal["adamw", "rmsprop"] = "adamw"
+    lr: float = Field(1.0e-6, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1.0e-8
+    scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float | None = 1.0
+    fused: bool | None = None  # None: fused AdamW where it is supported (CUDA)
+
+
+class TrainConfig(Section):
+    batch_size: int = Field(8, gt=0)  # pairs per micro-batch
+    grad_accum: int = Field(1, gt=0)
+    epochs: int = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    seed: int = 0
+    eval_every: int | None = Field(None, gt=0)
+    eval_batch_size: int | None = Field(None, gt=0)
+    save_every: int | None = Field(None, gt=0)
+    keep_checkpoints: int | None = Field(None, gt=0)
+    max_bad_steps: int = Field(10, ge=0)
+    output_dir: str = "runs/dpo"
+    device: str = "auto"
+    logprob_chunk_size: int = Field(1024, gt=0)
+    loggers: list[Literal["jsonl", "tensorboard", "wandb"]] = ["jsonl"]
+    report: bool = True
+    progress: bool = True
+    distributed: Literal["auto", "none", "ddp", "fsdp"] = "auto"
+    fsdp_cpu_offload: bool = False
+    deterministic: bool = False
+
+
+class Config(Section):
+    model: ModelConfig
+    data: DataConfig
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _reference_needed(self):
+        reference_free_only = self.loss.reference_free or all(
+            t in ("simpo", "sft") for t in self.loss.types
+        )
+        if self.model.reference == "none" and not reference_free_only:
+            raise ValueError(
+                "model.reference is 'none' but the loss needs a reference; "
+                "set loss.reference_free: true or use simpo/sft"
+            )
+        return self
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise UserError(f"override {text!r} is not of the form key=value (for example optim.lr=1e-6).")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = _parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override {text!r}: {'.'.join(path[:-1])} is not a section.")
+        node[path[-1]] = value
+    return raw
+
+
+def _describe(error: dict) -> str:
+    key = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"unknown key {key!r}: check its spelling against configs/example_tiny.yaml"
+    if error["type"] == "missing":
+        return f"missing required key {key!r}"
+    return f"key {key!r}: {error['msg']}"
+
+
+def validate_config(raw: dict, source: str = "config") -> Config:
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: expected a mapping of sections (model, data, loss, optim, train).")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(_describe(err) for err in e.errors()[:3])
+        raise UserError(f"{source}: {problems}.") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or start from {} when path is None), apply overrides, validate."""
+    raw: dict = {}
+    source = "overrides"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.exists():
+            raise UserError(f"config file {path} does not exist.")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f", line {mark.line + 1}" if mark else ""
+            raise UserError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)}).") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: not UTF-8 text; save the config as UTF-8.") from None
+    raw = apply_overrides(raw, overrides or [])
+    return validate_config(raw, source)
+
+
+def dump_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(
+        yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8"
+    )

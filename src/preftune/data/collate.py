@@ -1,0 +1,88 @@
+"""Batches: the order pairs are visited in, and padded tensors for one concatenated forward.
+
+The DPO reference code's habit: chosen and rejected sequences of a micro-batch go through the
+model as one batch of 2B rows (chosen first), so each model runs one forward per micro-batch.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from preftune.data.tokenize import TokenizedPair
+
+
+@dataclass
+class PairBatch:
+    input_ids: torch.Tensor  # (2B, T): B chosen rows, then B rejected rows
+    attention_mask: torch.Tensor  # (2B, T) 1 on real tokens
+    completion_mask: torch.Tensor  # (2B, T) 1 on completion tokens: the ones whose log-prob counts
+    indices: list[int]  # data set position of each pair: the key of cached reference log-probs
+    pair_ids: list  # the rows' pair_id values (None where absent), for logs of bad steps
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.indices)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    def to(self, device) -> "PairBatch":
+        return PairBatch(self.input_ids.to(device), self.attention_mask.to(device),
+                         self.completion_mask.to(device), self.indices, self.pair_ids)
+
+
+def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int, pad_to_multiple_of: int | None = None) -> PairBatch:
+    """Right-pad chosen then rejected sequences into one (2B, T) batch."""
+    sequences, completion_flags = [], []
+    for side in ("chosen_ids", "rejected_ids"):
+        for pair in pairs:
+            completion = getattr(pair, side)
+            sequences.append(pair.prompt_ids + completion)
+            completion_flags.append([0] * len(pair.prompt_ids) + [1] * len(completion))
+    width = max(len(s) for s in sequences)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    completion_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, (seq, flags) in enumerate(zip(sequences, completion_flags)):
+        input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[row, : len(seq)] = 1
+        completion_mask[row, : len(seq)] = torch.tensor(flags, dtype=torch.long)
+    return PairBatch(input_ids, attention_mask, completion_mask,
+                     [p.index for p in pairs], [p.pair_id for p in pairs])
+
+
+def epoch_order(
+    lengths: list[int], step_size: int, seed: int, epoch: int, group_by_length: bool
+) -> list[list[int]]:
+    """The pairs each optimizer step sees in one epoch, as lists of data set positions.
+
+    Deterministic in (seed, epoch), so a resumed run replays the same order, and independent of
+    how a step is split into micro-batches or ranks (step_size = pairs per optimizer step).
+    With `group_by_length`, shuffled pools of 32 steps are sorted by length before being cut
+    into steps, and the steps are shuffled again: batches of similar lengths waste little
+    compute on padding, while the order stays random. A last incomplete step is dropped
+    (it would change the effective batch size).
+    """
+    rng = random.Random(seed * 100_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    if group_by_length:
+        pool = step_size * 32
+        order = [i for start in range(0, len(order), pool)
+                 for i in sorted(order[start:start + pool], key=lambda j: -lengths[j])]
+    steps = [order[i:i + step_size] for i in range(0, len(order) - step_size + 1, step_size)]
+    if group_by_length:
+        rng.shuffle(steps)
+    return steps
+
+
+def micro_batches(step_indices: list[int], rank: int, world_size: int, batch_size: int) -> list[list[int]]:
+    """This rank's share of one optimizer step, cut into micro-batches of `batch_size` pairs."""
+    share = step_indices[rank::world_size]
+    return [share[i:i + batch_size] for i in range(0, len(share), batch_size)]

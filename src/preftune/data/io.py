@@ -1,0 +1,241 @@
+"""Reading preference data from files, `save_to_disk` folders and the Hugging Face Hub.
+
+Every row is checked as it is read. A row that is broken (missing or non-string field, empty
+response, malformed JSON) stops the load with one sentence naming the file, the line or row and
+the field; a row whose chosen and rejected responses are identical carries no preference and is
+skipped and counted. Nothing is dropped silently: `LoadResult` carries the counts.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from preftune.data.schema import PreferencePair
+from preftune.errors import UserError
+
+FILE_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet"}
+
+
+@dataclass
+class LoadResult:
+    pairs: list[PreferencePair]
+    skipped: Counter = field(default_factory=Counter)  # reason -> count
+    source: str = ""
+
+    @property
+    def rows_read(self) -> int:
+        return len(self.pairs) + sum(self.skipped.values())
+
+
+def load_pairs(spec: str, split: str = "train") -> LoadResult:
+    """Load D from a file, a `datasets.save_to_disk` folder, or a hub data set id."""
+    path = Path(spec)
+    if path.is_dir():
+        rows = _rows_from_saved_dataset(path, split)
+    elif path.is_file():
+        rows = _rows_from_file(path)
+    elif path.suffix.lower() in FILE_SUFFIXES or spec.startswith((".", "/", "~")):
+        raise UserError(f"data file {spec} does not exist; check data.train / data.eval.")
+    else:
+        rows = _rows_from_hub(spec, split)
+    return parse_rows(rows, spec)
+
+
+def parse_rows(rows: Iterable[tuple[str, object]], source: str) -> LoadResult:
+    result = LoadResult(pairs=[], source=source)
+    for where, row in rows:
+        pair = parse_row(row, where)
+        if pair.chosen == pair.rejected:
+            result.skipped["chosen == rejected"] += 1
+            continue
+        result.pairs.append(pair)
+    if result.rows_read == 0:
+        raise UserError(f"{source} holds no preference rows; expected prompt/chosen/rejected records.")
+    return result
+
+
+# ---------------------------------------------------------------------------- row checking
+
+
+def parse_row(row: object, where: str) -> PreferencePair:
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected an object with chosen/rejected fields, got {type(row).__name__}.")
+    for name in ("chosen", "rejected"):
+        if name not in row or row[name] is None:
+            raise UserError(f"{where}: missing field {name!r}; every row needs chosen and rejected.")
+    chosen, rejected = row["chosen"], row["rejected"]
+    conversational = isinstance(chosen, list)
+    check = _check_messages if conversational else _check_text
+    check(chosen, where, "chosen")
+    check(rejected, where, "rejected")
+    prompt = row.get("prompt")
+    if prompt is None and chosen == rejected:
+        prompt = [] if conversational else ""  # skipped by the caller, counted as a duplicate
+    elif prompt is None:
+        prompt, chosen, rejected = _split_implicit_prompt(chosen, rejected, where)
+    elif conversational:
+        _check_messages(prompt, where, "prompt", allow_empty=False)
+    else:
+        _check_text(prompt, where, "prompt", allow_empty=True)
+    meta = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected")}
+    pair_id = meta.get("pair_id", meta.get("id"))
+    return PreferencePair(prompt, chosen, rejected, origin=where,
+                          pair_id=None if pair_id is None else str(pair_id), metadata=meta)
+
+
+def _check_text(value, where: str, name: str, allow_empty: bool = False) -> None:
+    if isinstance(value, list):
+        raise UserError(f"{where}: field {name!r} is a message list while the others are text; "
+                        "use text everywhere or messages everywhere.")
+    if not isinstance(value, str):
+        raise UserError(f"{where}: field {name!r} must be a string, got {type(value).__name__}.")
+    if not allow_empty and not value.strip():
+        raise UserError(f"{where}: field {name!r} is empty; remove the row or fill in the response.")
+
+
+def _check_messages(value, where: str, name: str, allow_empty: bool = False) -> None:
+    if not isinstance(value, list):
+        raise UserError(f"{where}: field {name!r} must be a list of messages like the chosen one, "
+                        f"got {type(value).__name__}.")
+    if not value and not allow_empty:
+        raise UserError(f"{where}: field {name!r} holds no messages.")
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
+                or not isinstance(message.get("content"), str):
+            raise UserError(f"{where}: {name}[{i}] must be an object with string 'role' and 'content'.")
+
+
+def _split_implicit_prompt(chosen, rejected, where: str):
+    """The prompt is what chosen and rejected share; the responses are what follows."""
+    if isinstance(chosen, list):
+        if not isinstance(rejected, list):
+            raise UserError(f"{where}: chosen is a message list but rejected is not.")
+        n = 0
+        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+            n += 1
+        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+        if not prompt:
+            raise UserError(f"{where}: chosen and rejected share no leading messages, "
+                            "so the prompt cannot be inferred; add a 'prompt' field.")
+        for name, value in (("chosen", chosen), ("rejected", rejected)):
+            if not value:
+                raise UserError(f"{where}: {name} has nothing after the shared prompt messages.")
+        return prompt, chosen, rejected
+    n = len(os.path.commonprefix([chosen, rejected]))
+    if n == min(len(chosen), len(rejected)):
+        raise UserError(f"{where}: one response is a prefix of the other, so the prompt cannot be "
+                        "inferred; add an explicit 'prompt' field.")
+    # Cut back to the last whitespace so each completion starts with its separator (" word"),
+    # the way the text is tokenized when the model generates it.
+    boundary = max(chosen.rfind(" ", 0, n), chosen.rfind("\n", 0, n))
+    if boundary > 0:
+        n = boundary
+    prompt, chosen_rest, rejected_rest = chosen[:n], chosen[n:], rejected[n:]
+    return prompt, chosen_rest, rejected_rest
+
+
+# ---------------------------------------------------------------------------- sources
+
+
+def _rows_from_file(path: Path) -> Iterator[tuple[str, object]]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _rows_from_jsonl(path)
+    if suffix == ".json":
+        return _rows_from_json(path)
+    if suffix == ".csv":
+        return _rows_from_csv(path)
+    if suffix == ".parquet":
+        return _rows_from_parquet(path)
+    raise UserError(f"{path}: unknown file type {suffix or '(none)'}; "
+                    "use .jsonl, .json, .csv, .parquet or a datasets folder.")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        # utf-8-sig drops a byte-order mark that editors on Windows like to add.
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}, line {line}: not valid UTF-8; save the file as UTF-8.") from None
+
+
+def _rows_from_jsonl(path: Path) -> Iterator[tuple[str, object]]:
+    text = _read_text(path)
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}, line {lineno}: malformed JSON ({e.msg} at column {e.colno}); "
+                            "fix or remove that line.") from None
+        yield f"{path}, line {lineno}", row
+
+
+def _rows_from_json(path: Path) -> Iterator[tuple[str, object]]:
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}, line {e.lineno}: malformed JSON ({e.msg}).") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise UserError(f"{path}: a .json data file must hold a list of rows; use .jsonl for one row per line.")
+    for i, row in enumerate(data):
+        yield f"{path}, row {i}", row
+
+
+def _rows_from_csv(path: Path) -> Iterator[tuple[str, object]]:
+    import io
+
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    for row in reader:
+        if None in row:
+            raise UserError(f"{path}, line {reader.line_num}: more values than header columns.")
+        yield f"{path}, line {reader.line_num}", {k: v for k, v in row.items() if v != "" or k != "prompt"}
+
+
+def _rows_from_parquet(path: Path) -> Iterator[tuple[str, object]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise UserError(f"{path}: not a readable Parquet file ({e}).") from None
+    for i, row in enumerate(table.to_pylist()):
+        yield f"{path}, row {i}", row
+
+
+def _rows_from_saved_dataset(path: Path, split: str) -> Iterator[tuple[str, object]]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except FileNotFoundError:
+        raise UserError(f"{path} is a folder but not one written by datasets.save_to_disk.") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise UserError(f"{path} has splits {sorted(ds)}, not {split!r}; set data.split.")
+        ds = ds[split]
+    for i, row in enumerate(ds):
+        yield f"{path}, row {i}", row
+
+
+def _rows_from_hub(spec: str, split: str) -> Iterator[tuple[str, object]]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(spec, split=split)
+    except Exception as e:  # offline, unknown id, or gated: all end the same way for the user
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise UserError(f"could not load the hub data set {spec!r} (split {split!r}): {reason}; "
+                        "check the id and the network, or pass a local file.") from None
+    for i, row in enumerate(ds):
+        yield f"{spec}[{split}], row {i}", row

@@ -1,0 +1,130 @@
+"""Turning a preference pair into token ids, the way other DPO tools do, so curves compare.
+
+Standard text: prompt ids = tokenize(prompt); each completion's ids are the part of
+tokenize(prompt + completion) after the prefix it shares with the prompt ids, then EOS.
+Conversational: the same, with the text rendered by the tokenizer's chat template (the prompt
+with its generation prompt); the template closes the turn, so no EOS is added.
+
+When the tokenized prompt is not a prefix of prompt + completion (tokens merging across the
+boundary), both completions start where the shorter shared prefix ends, so chosen and rejected
+always share the same prompt ids.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from preftune.data.schema import PreferencePair
+from preftune.errors import UserError
+
+
+@dataclass
+class TokenizedPair:
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    index: int = 0  # position in the loaded data set: the key of cached reference log-probs
+    pair_id: str | None = None
+
+    @property
+    def length(self) -> int:
+        """Tokens of the longer of the two sequences (prompt + completion)."""
+        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens of both sequences, prompt counted twice: what the model actually processes."""
+        return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
+
+def _common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _encode_text(tokenizer, text: str) -> list[int]:
+    return tokenizer(text)["input_ids"]
+
+
+def _encode_chat(tokenizer, messages: list, generation_prompt: bool) -> list[int]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("the data is conversational but the tokenizer has no chat template; "
+                        "use a tokenizer with one or convert the rows to prompt/chosen/rejected text.")
+    text = tokenizer.apply_chat_template(messages, tokenize=False,
+                                         add_generation_prompt=generation_prompt)
+    # The rendered template already holds its special tokens (BOS and the like).
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def tokenize_pair(pair: PreferencePair, tokenizer, index: int = 0) -> TokenizedPair:
+    if pair.conversational:
+        prompt_ids = _encode_chat(tokenizer, pair.prompt, generation_prompt=True)
+        full_chosen = _encode_chat(tokenizer, pair.prompt + pair.chosen, generation_prompt=False)
+        full_rejected = _encode_chat(tokenizer, pair.prompt + pair.rejected, generation_prompt=False)
+        eos: list[int] = []
+    else:
+        prompt_ids = _encode_text(tokenizer, pair.prompt)
+        full_chosen = _encode_text(tokenizer, pair.prompt + pair.chosen)
+        full_rejected = _encode_text(tokenizer, pair.prompt + pair.rejected)
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    shared = min(
+        _common_prefix_length(prompt_ids, full_chosen),
+        _common_prefix_length(prompt_ids, full_rejected),
+    )
+    return TokenizedPair(
+        prompt_ids=prompt_ids[:shared],
+        chosen_ids=full_chosen[shared:] + eos,
+        rejected_ids=full_rejected[shared:] + eos,
+        index=index,
+        pair_id=pair.pair_id,
+    )
+
+
+def truncate_pair(
+    pair: TokenizedPair, max_length: int | None, max_prompt_length: int | None, mode: str
+) -> tuple[TokenizedPair | None, str | None]:
+    """Fit a pair into `max_length` tokens per sequence: the prompt first, then the completions.
+
+    Returns (pair, None) when it already fits, (pair, "truncated") when cut, and
+    (None, reason) when the prompt alone leaves no room for a completion token.
+    """
+    if max_length is None or pair.length <= max_length:
+        return pair, None
+    prompt = pair.prompt_ids
+    if len(prompt) >= max_length:
+        return None, "prompt longer than data.max_length"
+    # The prompt gives up tokens first, but never below its budget (data.max_prompt_length,
+    # or half of max_length), so a long completion cannot squeeze the context to nothing.
+    budget = max_prompt_length if max_prompt_length is not None else max_length // 2
+    overflow = pair.length - max_length
+    keep = max(len(prompt) - overflow, min(len(prompt), budget))
+    # keep_end keeps the prompt's last tokens (nearest the response); keep_start its first.
+    prompt = prompt[len(prompt) - keep:] if mode == "keep_end" else prompt[:keep]
+    room = max_length - len(prompt)
+    return (
+        TokenizedPair(prompt, pair.chosen_ids[:room], pair.rejected_ids[:room], pair.index, pair.pair_id),
+        "truncated",
+    )
+
+
+def tokenize_pairs(pairs: list[PreferencePair], tokenizer, data_cfg) -> tuple[list[TokenizedPair], Counter]:
+    """Tokenize and truncate a data set; the Counter says how many rows were cut or dropped."""
+    kept, counts = [], Counter()
+    for index, pair in enumerate(pairs):
+        tokenized = tokenize_pair(pair, tokenizer, index)
+        if not tokenized.chosen_ids or not tokenized.rejected_ids:
+            counts["empty completion after tokenization"] += 1
+            continue
+        tokenized, status = truncate_pair(
+            tokenized, data_cfg.max_length, data_cfg.max_prompt_length, data_cfg.truncation
+        )
+        if status:
+            counts[status] += 1
+        if tokenized is not None:
+            kept.append(tokenized)
+    return kept, counts

@@ -1,0 +1,45 @@
+"""Step metrics with the names DPO users already read (TRL's keys).
+
+`rewards/*` are beta * (policy - reference) summed log-probs, `logps/*` the policy's summed
+log-probs, both averaged over the pairs of an optimizer step, whatever the split into
+micro-batches or ranks: sums and counts are accumulated, and reduced once per step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from preftune.losses import PairLogps, implicit_rewards
+
+PAIR_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+             "rewards/margins", "logps/chosen", "logps/rejected")
+
+
+class StepMetrics:
+    """Sums of per-pair values over one optimizer step (or one evaluation pass)."""
+
+    def __init__(self, device):
+        self.sums = torch.zeros(len(PAIR_KEYS) + 1, dtype=torch.float64, device=device)
+
+    def add(self, per_pair_loss: torch.Tensor, logps: PairLogps, beta: float) -> None:
+        chosen, rejected = implicit_rewards(logps, beta)
+        columns = torch.stack([
+            per_pair_loss.detach(),
+            chosen,
+            rejected,
+            (chosen > rejected).to(chosen.dtype),
+            chosen - rejected,
+            logps.policy_chosen_logps.detach(),
+            logps.policy_rejected_logps.detach(),
+            torch.ones_like(chosen),
+        ]).double()  # (K + 1, B)
+        self.sums += columns.sum(dim=1)
+
+    def reduce(self) -> dict[str, float]:
+        """Means over every pair seen, across all ranks when distributed."""
+        sums = self.sums.clone()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sums)
+        count = max(sums[-1].item(), 1.0)
+        return {key: sums[i].item() / count for i, key in enumerate(PAIR_KEYS)}

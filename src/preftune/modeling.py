@@ -1,0 +1,77 @@
+"""Loading the policy, its tokenizer and the frozen reference."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+
+import torch
+import torch.nn as nn
+
+from preftune.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _is_local(path: str) -> bool:
+    return os.path.isdir(path) or path.startswith((".", "/", "~"))
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load a tokenizer from {path!r}: {str(e).splitlines()[0][:200]}") from None
+    if tokenizer.pad_token_id is None:
+        # Padding positions never count in a log-prob, so any id will do; EOS is the usual choice.
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"the tokenizer at {path!r} has no EOS token; set one in its tokenizer_config.json.")
+    return tokenizer
+
+
+def load_causal_lm(path: str, dtype: str = "float32", attn_implementation: str | None = None,
+                   trust_remote_code: bool = False) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    if _is_local(path) and not os.path.isdir(os.path.expanduser(path)):
+        raise UserError(f"model folder {path} does not exist; check model.path.")
+    kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    # transformers logs every weight it loads or initialises; keep the console for our progress.
+    logging.getLogger("transformers.modeling_utils").setLevel(logging.ERROR)
+    try:
+        return AutoModelForCausalLM.from_pretrained(os.path.expanduser(path), **kwargs)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load a causal LM from {path!r}: {str(e).splitlines()[0][:200]}") from None
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode (dropout off), no gradients: the reference never changes."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def make_reference(policy: nn.Module, model_cfg) -> nn.Module:
+    """A frozen copy of the starting policy, or the model at `reference_path`."""
+    if model_cfg.reference_path:
+        reference = load_causal_lm(model_cfg.reference_path, model_cfg.dtype,
+                                   model_cfg.attn_implementation, model_cfg.trust_remote_code)
+        reference.to(next(policy.parameters()).device)
+    else:
+        reference = copy.deepcopy(policy)
+    return freeze(reference)
