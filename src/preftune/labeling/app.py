@@ -1,0 +1,292 @@
+"""The annotators' web page and its JSON API (Starlette).
+
+Model outputs are untrusted, so the server never puts data into HTML: the page is a fixed file,
+and `static/app.js` fetches pairs as JSON and shows them with `textContent`. Every response
+carries a Content-Security-Policy that allows scripts from our own static folder only.
+
+Routes: `/` page, `/login?token=` (sets the cookie), `/logout`, `/api/next`, `/api/vote`,
+`/api/undo`, `/api/progress`, `/api/guidelines`, `/healthz`, `/static/*`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from preftune.errors import UserError
+from preftune.labeling.store import CHOICES, Annotator, Rejected, Store
+
+HERE = Path(__file__).parent
+STATIC_DIR = HERE / "static"
+TEMPLATES_DIR = HERE / "templates"
+MAX_BODY = 64 * 1024
+MAX_REASON = 2000
+COOKIE = "preftune_token"
+KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]{8,100}$")
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
+
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS = {
+    "content-security-policy": CSP,
+    "x-content-type-options": "nosniff",
+    "x-frame-options": "DENY",
+    "referrer-policy": "no-referrer",
+    "cross-origin-opener-policy": "same-origin",
+}
+
+DEFAULT_GUIDELINES = """\
+Read the prompt, then both responses. Pick the response you would rather receive.
+
+1  Left is better      2  Right is better
+t  Tie: equally good (or equally acceptable)
+b  Both bad: neither response is acceptable
+s  Skip: you cannot judge this one (unclear prompt, outside your expertise)
+u  Undo your last vote
+
+Judge helpfulness, correctness and harmlessness first; style and length last.
+A longer answer is not better by itself. Which side a response is on is random.
+The optional reason helps us understand hard cases."""
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_without_port(host: str) -> str:
+    if host.startswith("["):  # [::1]:8000
+        return host.split("]")[0] + "]"
+    return host.rsplit(":", 1)[0]
+
+
+def _error(status: int, message: str, **extra) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+class GuardMiddleware:
+    """Security headers on every response, a 64 KiB cap on bodies, and (for `--open`) a Host
+    check so that a web page using DNS rebinding cannot reach an unauthenticated server."""
+
+    def __init__(self, app, max_body: int = MAX_BODY, loopback_hosts_only: bool = False):
+        self.app = app
+        self.max_body = max_body
+        self.loopback_hosts_only = loopback_hosts_only
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in SECURITY_HEADERS.items():
+                    headers[name] = value
+                if not scope["path"].startswith("/static/"):
+                    headers["cache-control"] = "no-store"
+            await send(message)
+
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.loopback_hosts_only:
+            if not is_loopback(_host_without_port(headers.get("host", ""))):
+                return await _error(400, "unknown host.")(scope, receive, send_with_headers)
+        declared = headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
+            status = 413 if declared.isdigit() else 400
+            return await _error(status, "request body too large (limit 64 KiB).")(
+                scope, receive, send_with_headers
+            )
+        body, too_large = await self._read_body(receive)
+        if too_large:
+            return await _error(413, "request body too large (limit 64 KiB).")(
+                scope, receive, send_with_headers
+            )
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send_with_headers)
+
+    async def _read_body(self, receive) -> tuple[bytes, bool]:
+        """Read the whole body, stopping as soon as it passes the cap (chunked uploads too)."""
+        chunks, total = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return b"", False
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > self.max_body:
+                return b"", True
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks), False
+
+
+async def _json_body(request: Request) -> dict:
+    if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+        # Also a CSRF guard: a cross-site form cannot send application/json without CORS.
+        raise Rejected(415, "send the request body as application/json.")
+    try:
+        data = json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError):
+        raise Rejected(400, "the request body is not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise Rejected(400, "the request body must be a JSON object.")
+    return data
+
+
+def _vote_fields(data: dict) -> tuple[str, str, str | None, str]:
+    unknown = set(data) - {"pair_id", "choice", "reason", "key"}
+    if unknown:
+        raise Rejected(422, f"unknown field(s): {', '.join(sorted(unknown))}.")
+    pair_id, choice, reason, key = (data.get(k) for k in ("pair_id", "choice", "reason", "key"))
+    if not isinstance(pair_id, str) or not 0 < len(pair_id) <= 200:
+        raise Rejected(422, "pair_id must be a non-empty string.")
+    if choice not in CHOICES:
+        raise Rejected(422, f"choice must be one of: {', '.join(CHOICES)}.")
+    if reason is not None and (not isinstance(reason, str) or len(reason) > MAX_REASON):
+        raise Rejected(422, f"reason must be text of at most {MAX_REASON} characters.")
+    if not isinstance(key, str) or not KEY_PATTERN.match(key):
+        raise Rejected(422, "key must be 8-100 letters, digits, - or _ (one per vote, reused "
+                            "when retrying).")
+    return pair_id, choice, (reason or "").strip() or None, key
+
+
+def create_app(store: Store, open_mode: bool = False, guidelines: str | None = None) -> Starlette:
+    """The labeling app over `store`. With `open_mode`, requests without a token vote as one
+    shared anonymous annotator (the CLI allows that on loopback addresses only)."""
+    guidelines_text = guidelines if guidelines is not None else DEFAULT_GUIDELINES
+    open_identity = store.open_annotator() if open_mode else None
+
+    async def annotator_of(request: Request) -> Annotator:
+        token = request.cookies.get(COOKIE)
+        auth = request.headers.get("authorization", "")
+        if auth.startswith("Bearer "):
+            token = auth[len("Bearer "):]
+        found = await run_in_threadpool(store.authenticate, token) if token else None
+        if found is None and open_identity is not None and not token:
+            return open_identity
+        if found is None:
+            raise Rejected(401, "missing or invalid token; open your personal login link again.")
+        return found
+
+    def api(handler):
+        """Wrap an API handler: resolve the annotator and turn `Rejected` into a JSON error."""
+
+        async def endpoint(request: Request) -> Response:
+            try:
+                return await handler(request, await annotator_of(request))
+            except Rejected as e:
+                return _error(e.status, e.message, **e.extra)
+
+        return endpoint
+
+    async def page(request: Request) -> Response:
+        try:
+            await annotator_of(request)
+        except Rejected:
+            return FileResponse(TEMPLATES_DIR / "login.html", status_code=401)
+        return FileResponse(TEMPLATES_DIR / "index.html")
+
+    async def login(request: Request) -> Response:
+        token = request.query_params.get("token", "")
+        if await run_in_threadpool(store.authenticate, token) is None:
+            return FileResponse(TEMPLATES_DIR / "login.html", status_code=401)
+        # Redirect so the token leaves the address bar; Lax (not Strict) so that the cookie
+        # is sent on this redirect even when the link was opened from another site.
+        response = RedirectResponse("/", status_code=303)
+        response.set_cookie(
+            COOKIE, token, max_age=90 * 24 * 3600, httponly=True, samesite="lax",
+            secure=request.url.scheme == "https",
+        )
+        return response
+
+    async def logout(request: Request) -> Response:
+        response = JSONResponse({"logged_out": True})
+        response.delete_cookie(COOKIE)
+        return response
+
+    async def next_pair(request: Request, who: Annotator) -> Response:
+        pair = await run_in_threadpool(store.next_pair, who)
+        progress = await run_in_threadpool(store.progress, who)
+        return JSONResponse({"pair": pair, "progress": progress, "annotator": who.name})
+
+    async def vote(request: Request, who: Annotator) -> Response:
+        pair_id, choice, reason, key = _vote_fields(await _json_body(request))
+        vote_id = await run_in_threadpool(store.record_vote, who, pair_id, choice, reason, key)
+        return JSONResponse({"saved": True, "vote_id": vote_id})
+
+    async def undo(request: Request, who: Annotator) -> Response:
+        data = await _json_body(request)
+        vote_id = data.get("vote_id")
+        if set(data) - {"vote_id"} or not (vote_id is None or type(vote_id) is int):
+            raise Rejected(422, "undo takes only an optional integer vote_id.")
+        return JSONResponse({"undone": await run_in_threadpool(store.undo, who, vote_id)})
+
+    async def progress(request: Request, who: Annotator) -> Response:
+        return JSONResponse(await run_in_threadpool(store.progress, who))
+
+    async def guidelines_route(request: Request, who: Annotator) -> Response:
+        return JSONResponse({"text": guidelines_text})
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"ok": True})
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        return _error(exc.status_code, exc.detail)
+
+    routes = [
+        Route("/", page),
+        Route("/login", login),
+        Route("/logout", logout, methods=["POST"]),
+        Route("/api/next", api(next_pair)),
+        Route("/api/vote", api(vote), methods=["POST"]),
+        Route("/api/undo", api(undo), methods=["POST"]),
+        Route("/api/progress", api(progress)),
+        Route("/api/guidelines", api(guidelines_route)),
+        Route("/healthz", healthz),
+        # StaticFiles resolves every path inside its own directory and refuses anything else.
+        Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
+    ]
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    app.add_middleware(GuardMiddleware, loopback_hosts_only=open_mode)
+    return app
+
+
+def check_bind(host: str, open_mode: bool, store: Store) -> None:
+    """Refuse addresses other machines can reach unless every voter needs a token."""
+    if is_loopback(host):
+        return
+    if open_mode:
+        raise UserError(
+            f"--open (anonymous voting) is only allowed on a loopback address, not {host!r}; "
+            f"drop --open and give each annotator a link with `preftune label add-annotator`."
+        )
+    if store.active_token_count() == 0:
+        raise UserError(
+            f"refusing to listen on {host!r} with no annotator tokens in {store.path}; "
+            f"add one first with `preftune label add-annotator NAME --db {store.path}`."
+        )

@@ -1,0 +1,87 @@
+"""Read response pairs (pairs.jsonl, see docs/CONTRACTS.md) for labeling.
+
+Both the labeling server and `label auto` read the same file, so the checks live here once:
+every row must carry a pair id, a prompt (text or a list of chat messages) and at least two
+responses; labeling uses the first two. A bad row is a `UserError` naming the file and line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+from preftune.errors import UserError
+from preftune.records import read_records
+
+Prompt = Union[str, list]
+
+
+@dataclass(frozen=True)
+class Pair:
+    pair_id: str
+    prompt: Prompt
+    responses: tuple[str, str]
+
+
+def _check_prompt(prompt, where: str) -> Prompt:
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt:
+        for i, message in enumerate(prompt):
+            ok = (
+                isinstance(message, dict)
+                and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)
+            )
+            if not ok:
+                raise UserError(
+                    f"{where}: prompt message {i} must be an object with string 'role' and "
+                    f"'content'; fix that message."
+                )
+        return prompt
+    raise UserError(f"{where}: 'prompt' must be text or a non-empty list of chat messages.")
+
+
+def pair_from_record(record: dict, where: str) -> Pair:
+    """Validate one pairs.jsonl object; `where` names the file and line for error messages."""
+    pair_id = record.get("pair_id")
+    if not isinstance(pair_id, str) or not pair_id or len(pair_id) > 200:
+        raise UserError(f"{where}: 'pair_id' must be a non-empty string (at most 200 characters).")
+    if "prompt" not in record:
+        raise UserError(f"{where}: the key 'prompt' is missing; every pair needs one.")
+    prompt = _check_prompt(record["prompt"], where)
+    responses = record.get("responses")
+    if not isinstance(responses, list) or len(responses) < 2:
+        raise UserError(f"{where}: 'responses' must be a list of at least two strings.")
+    if not all(isinstance(r, str) for r in responses[:2]):
+        raise UserError(f"{where}: the first two 'responses' must be strings.")
+    return Pair(pair_id=pair_id, prompt=prompt, responses=(responses[0], responses[1]))
+
+
+def _record_line_numbers(path: Path) -> list[int]:
+    """Line numbers of the records `read_records` returns (it skips blank lines and a partial tail)."""
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    return [n for n, raw in enumerate(complete.splitlines(), start=1) if raw.strip()]
+
+
+def load_pairs(path: str | Path) -> list[Pair]:
+    """All pairs of a pairs.jsonl file, in file order; duplicate pair ids are an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file; pass the pairs.jsonl written by `preftune sample`.")
+    pairs: list[Pair] = []
+    seen: dict[str, int] = {}
+    records = read_records(path)
+    for lineno, record in zip(_record_line_numbers(path), records):
+        where = f"{path}, line {lineno}"
+        pair = pair_from_record(record, where)
+        if pair.pair_id in seen:
+            raise UserError(
+                f"{where}: pair_id {pair.pair_id!r} already used on line {seen[pair.pair_id]}; "
+                f"pair ids must be unique."
+            )
+        seen[pair.pair_id] = lineno
+        pairs.append(pair)
+    return pairs
