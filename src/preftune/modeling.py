@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import logging
 import os
 
 import torch
@@ -51,12 +50,20 @@ def load_causal_lm(path: str, dtype: str = "float32", attn_implementation: str |
     kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    # transformers logs every weight it loads or initialises; keep the console for our progress.
-    logging.getLogger("transformers.modeling_utils").setLevel(logging.ERROR)
+    quiet_transformers()
     try:
         return AutoModelForCausalLM.from_pretrained(os.path.expanduser(path), **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(f"could not load a causal LM from {path!r}: {str(e).splitlines()[0][:200]}") from None
+
+
+def quiet_transformers() -> None:
+    """transformers draws a bar for every weight file it loads or writes; keep the console for
+    our own progress and for messages that matter."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -1,0 +1,116 @@
+"""The `preftune` command: parse, validate, call the library. No logic lives here."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from preftune.errors import UserError
+
+err_console = Console(stderr=True)
+
+
+class PreftuneTyper(typer.Typer):
+    """A Typer app that prints a UserError as its one sentence and exits 2, no traceback."""
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return super().__call__(*args, **kwargs)
+        except UserError as e:
+            err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            sys.exit(2)
+
+
+app = PreftuneTyper(help="Direct Preference Optimization: sample, label, train, evaluate, report.",
+                    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+data_app = typer.Typer(help="Look at preference data before training on it.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="YAML config (see configs/)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. optim.lr=5e-7"),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest good checkpoint."),
+    resume_from: Optional[Path] = typer.Option(None, help="Continue from this checkpoint folder."),
+    nproc: int = typer.Option(1, help="Processes on this node (launches torchrun)."),
+):
+    """Train a policy with DPO (or another preference loss) against a frozen reference."""
+    from preftune.config import load_config
+
+    cfg = load_config(config, overrides or [])
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from preftune.launch import launch_torchrun
+
+        raise typer.Exit(launch_torchrun(nproc, sys.argv))
+    from preftune.train import train as run_training
+
+    run_training(cfg, resume=str(resume_from) if resume_from else resume)
+
+
+@data_app.command("inspect")
+def data_inspect(
+    file: str = typer.Argument(..., help="A data file, a save_to_disk folder, or a hub id."),
+    model: str = typer.Option(..., "--model", "--tokenizer", help="Model or tokenizer folder for token counts."),
+    max_length: Optional[int] = typer.Option(1024, help="data.max_length to check against."),
+    truncation: str = typer.Option("keep_end", help="keep_end or keep_start"),
+    split: str = typer.Option("train"),
+):
+    """Counts, token-length histograms, skipped rows and one rendered example."""
+    from preftune.config import DataConfig
+    from preftune.data.inspect import inspect_file
+    from preftune.modeling import load_tokenizer
+
+    data_cfg = DataConfig(train=file, max_length=max_length, truncation=truncation)
+    inspect_file(file, load_tokenizer(model), data_cfg, Console(), split)
+
+
+@app.command("make-tiny-model")
+def make_tiny_model(
+    folder: Path = typer.Argument(..., help="Where to write the model and tokenizer."),
+    arch: str = typer.Option("llama", help="llama, qwen2 or gpt2"),
+    seed: int = typer.Option(0),
+):
+    """Build a tiny random model and tokenizer for smoke tests, offline."""
+    from preftune.demo.tiny import save_tiny_model
+
+    texts = [line for line in Path("examples/tiny_prefs.jsonl").read_text().splitlines()] \
+        if Path("examples/tiny_prefs.jsonl").exists() else None
+    kwargs = {"texts": texts} if texts else {}
+    print(save_tiny_model(folder, arch, seed=seed, **kwargs))
+
+
+def _mount_subcommands() -> None:
+    """Sub-apps of the other parts of the loop, each in its own module."""
+    import importlib
+
+    for module, name in (("preftune.sampling_cli", None), ("preftune.labeling.cli", "label"),
+                         ("preftune.report_cli", None), ("preftune.eval_cli", "eval"),
+                         ("preftune.demo.cli", None), ("preftune.export_cli", None)):
+        try:
+            sub = importlib.import_module(module).app
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue
+        if name:
+            app.add_typer(sub, name=name)
+        else:
+            for command in sub.registered_commands:
+                app.registered_commands.append(command)
+
+
+_mount_subcommands()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

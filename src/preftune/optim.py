@@ -1,0 +1,38 @@
+"""Optimizer and learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def build_optimizer(params, optim_cfg, device: torch.device) -> torch.optim.Optimizer:
+    params = list(params)
+    if optim_cfg.name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay,
+                                   eps=optim_cfg.eps)
+    # The fused kernel updates every tensor in one launch; it exists for CUDA only.
+    fused = optim_cfg.fused if optim_cfg.fused is not None else device.type == "cuda"
+    return torch.optim.AdamW(params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
+                             weight_decay=optim_cfg.weight_decay, fused=fused or None)
+
+
+def lr_multiplier(step: int, warmup_steps: int, total_steps: int, kind: str) -> float:
+    """Linear warmup from 0, then constant, linear decay to 0, or cosine decay to 0."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = min(progress, 1.0)
+    if kind == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer, optim_cfg, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_multiplier(step, optim_cfg.warmup_steps, total_steps, optim_cfg.scheduler),
+    )

@@ -1,0 +1,351 @@
+"""The DPO training loop, to be read top to bottom.
+
+    for each optimizer step:
+        for each micro-batch of pairs (chosen and rejected concatenated into one batch):
+            policy log-probs   <- one forward of the policy, with grad
+            reference log-probs<- one forward of the frozen reference (or a cache)
+            per-pair loss      <- losses.preference_loss (DPO eq. 7 by default)
+            backward of sum(loss) / pairs-per-step        (so accumulation == a bigger batch)
+        clip gradients, step the optimizer and the schedule, log the metrics
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from preftune.checkpoint import (
+    latest_good_checkpoint, load_model_weights, load_training_state, prune_checkpoints,
+    resolve_resume, rng_state, save_checkpoint, set_rng_state,
+)
+from preftune.config import Config, dump_config
+from preftune.data.collate import PairBatch, collate_pairs, epoch_order, micro_batches
+from preftune.data.io import load_pairs
+from preftune.data.tokenize import TokenizedPair, tokenize_pairs
+from preftune.errors import UserError
+from preftune.evaluate import evaluate_pairs, pair_logps
+from preftune.losses import preference_loss
+from preftune.metrics import StepMetrics
+from preftune.modeling import load_causal_lm, load_tokenizer, pick_device
+from preftune.optim import build_optimizer, build_scheduler
+from preftune.progress import TrainProgress
+from preftune.reference import build_reference
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0
+    step_in_epoch: int = 0  # data position: steps of this epoch already consumed
+    bad_steps: int = 0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def autocast_context(config: Config, device: torch.device):
+    if config.model.autocast == "bfloat16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+# ------------------------------------------------------------------------------ data
+
+
+def _describe_counts(counts) -> str:
+    return ", ".join(f"{n} {why}" for why, n in counts.items()) or "none"
+
+
+def prepare_data(config: Config, tokenizer, console: Console):
+    """Load, split and tokenize; print what was kept, skipped and truncated, and why."""
+    data = config.data
+    sources = [data.train] if isinstance(data.train, str) else data.train
+    train_pairs, skipped = [], {}
+    for source in sources:
+        loaded = load_pairs(source, data.split)
+        train_pairs += loaded.pairs
+        for reason, n in loaded.skipped.items():
+            skipped[reason] = skipped.get(reason, 0) + n
+        console.print(f"data: {loaded.rows_read} rows read from {source}, {len(loaded.pairs)} kept, "
+                      f"skipped: {_describe_counts(loaded.skipped)}")
+    eval_pairs = []
+    if data.eval:
+        for source in [data.eval] if isinstance(data.eval, str) else data.eval:
+            eval_pairs += load_pairs(source, data.split).pairs
+    elif data.eval_fraction > 0:
+        order = list(range(len(train_pairs)))
+        random.Random(config.train.seed).shuffle(order)
+        n_eval = max(1, round(len(order) * data.eval_fraction))
+        eval_set = set(order[:n_eval])
+        eval_pairs = [p for i, p in enumerate(train_pairs) if i in eval_set]
+        train_pairs = [p for i, p in enumerate(train_pairs) if i not in eval_set]
+    train_tok, train_counts = tokenize_pairs(train_pairs, tokenizer, data)
+    eval_tok, eval_counts = tokenize_pairs(eval_pairs, tokenizer, data)
+    console.print(f"data: {len(train_tok)} train pairs, {len(eval_tok)} eval pairs; "
+                  f"tokenization: train {_describe_counts(train_counts)}; eval {_describe_counts(eval_counts)}")
+    return train_tok, eval_tok
+
+
+# ------------------------------------------------------------------------------ one step
+
+
+def train_step(policy_logps, reference_logps, step_pairs: list[TokenizedPair], ctx) -> tuple[dict, bool]:
+    """Forward and backward over one optimizer step's pairs; returns metrics and whether the
+    gradients are finite. The optimizer itself is stepped by the caller."""
+    config, device = ctx.config, ctx.device
+    metrics = StepMetrics(device)
+    tokens = 0
+    local = micro_batches([p.index for p in step_pairs], ctx.rank, ctx.world_size, config.train.batch_size)
+    by_index = {p.index: p for p in step_pairs}
+    pairs_this_rank = sum(len(m) for m in local)
+    for i, micro in enumerate(local):
+        batch = collate_pairs([by_index[j] for j in micro], ctx.pad_token_id).to(device)
+        sync = ctx.no_sync() if i < len(local) - 1 else contextlib.nullcontext()
+        with sync:
+            with ctx.autocast():
+                logps = pair_logps(policy_logps, reference_logps, batch)
+            losses = preference_loss(logps, config.loss)  # (B,)
+            # Dividing by the step's pairs (not the micro-batch's) makes k micro-batches of n
+            # pairs give exactly the gradient of one batch of k * n pairs.
+            (losses.sum() / pairs_this_rank).backward()
+        metrics.add(losses, logps, config.loss.beta)
+        tokens += batch.num_tokens
+        ctx.last_pair_ids = batch.pair_ids
+    result = metrics.reduce()
+    max_norm = config.optim.max_grad_norm or math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(ctx.trainable, max_norm)
+    result["grad_norm"] = float(grad_norm)
+    result["_tokens"] = ctx.all_reduce_sum(tokens)
+    finite = math.isfinite(result["loss"]) and math.isfinite(result["grad_norm"])
+    return result, finite
+
+
+# ------------------------------------------------------------------------------ the run
+
+
+class RunContext:
+    """What every step needs: config, device, process group, and the model's bookkeeping."""
+
+    def __init__(self, config: Config, device, dist, trainable, pad_token_id: int, wrapped):
+        self.config, self.device, self.dist = config, device, dist
+        self.rank, self.world_size = dist.rank, dist.world_size
+        self.trainable = trainable
+        self.pad_token_id = pad_token_id
+        self.wrapped = wrapped
+        self.autocast = autocast_context(config, device)
+        self.last_pair_ids: list = []
+
+    def no_sync(self):
+        return self.wrapped.no_sync() if hasattr(self.wrapped, "no_sync") else contextlib.nullcontext()
+
+    def all_reduce_sum(self, value: float) -> float:
+        return self.dist.all_reduce_sum(value)
+
+
+class StopRequest:
+    """SIGTERM / SIGINT ask the loop to finish the current step, checkpoint and exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C: the user means it
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(config: Config, resume: str | bool | None = None) -> Path:
+    """Run DPO training as configured; returns the folder of the final policy."""
+    from preftune.distributed import setup_distributed, wrap_policy
+
+    dist = setup_distributed(config)
+    console = Console(quiet=not dist.is_main)
+    output_dir = Path(config.train.output_dir)
+    device = dist.device or pick_device(config.train.device)
+    seed_everything(config.train.seed)
+    if config.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code)
+    policy = load_causal_lm(config.model.path, config.model.dtype, config.model.attn_implementation,
+                            config.model.trust_remote_code).to(device)
+    if config.model.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy.config.use_cache = False
+    train_pairs, eval_pairs = prepare_data(config, tokenizer, console)
+    autocast = autocast_context(config, device)
+    reference_logps = build_reference(config, policy, autocast)
+
+    step_size = config.train.batch_size * config.train.grad_accum * dist.world_size
+    lengths = [p.length for p in train_pairs]
+    steps_per_epoch = len(train_pairs) // step_size
+    if steps_per_epoch == 0:
+        raise UserError(f"{len(train_pairs)} training pairs are fewer than one optimizer step "
+                        f"({step_size} = batch_size x grad_accum x processes); lower train.batch_size.")
+    total_steps = config.train.max_steps or config.train.epochs * steps_per_epoch
+
+    policy_logps, wrapped = wrap_policy(policy, config, dist)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = build_optimizer(trainable, config.optim, device)
+    scheduler = build_scheduler(optimizer, config.optim, total_steps)
+    ctx = RunContext(config, device, dist, trainable, tokenizer.pad_token_id, wrapped)
+
+    state = TrainState()
+    checkpoint = resolve_resume(resume, output_dir)
+    if checkpoint is not None:
+        state = _restore(checkpoint, policy, optimizer, scheduler)
+        console.print(f"resumed from {checkpoint} at step {state.step}")
+    if dist.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(config, output_dir / "config.yaml")
+
+    def save(step_state: TrainState) -> Path:
+        return _save(output_dir, step_state, policy, tokenizer, optimizer, scheduler, config, dist)
+
+    def run_eval(step: int) -> None:
+        if eval_pairs:
+            with autocast():
+                results = evaluate_pairs(policy_logps, reference_logps, eval_pairs, config, device,
+                                         tokenizer.pad_token_id)
+            logger.log({f"eval/{k}": v for k, v in results.items()}, step=step)
+            console.print(f"eval at step {step}: loss {results['loss']:.4f}, "
+                          f"accuracy {results['rewards/accuracies']:.3f}")
+
+    from preftune.loggers import MetricsLogger
+
+    logger = MetricsLogger(output_dir, config.train.loggers, run_name=output_dir.name,
+                           config_dict=config.model_dump(mode="json"), enabled=dist.is_main)
+    progress = TrainProgress(total_steps, state.step, enabled=dist.is_main and config.train.progress)
+    with StopRequest() as stop, logger, progress:
+        while state.step < total_steps:
+            steps = epoch_order(lengths, step_size, config.train.seed, state.epoch, config.data.group_by_length)
+            for step_indices in steps[state.step_in_epoch:]:
+                started = time.perf_counter()
+                policy.train()
+                step_pairs = [train_pairs[i] for i in step_indices]
+                metrics, finite = train_step(policy_logps, reference_logps, step_pairs, ctx)
+                if finite:
+                    optimizer.step()
+                    scheduler.step()
+                else:
+                    state.bad_steps += 1
+                    _report_bad_step(console, state, metrics, step_indices, train_pairs, config, save)
+                optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                state.step_in_epoch += 1
+                elapsed = time.perf_counter() - started
+                metrics.update(epoch=state.epoch + state.step_in_epoch / steps_per_epoch,
+                               learning_rate=scheduler.get_last_lr()[0],
+                               tokens_per_second=metrics.pop("_tokens") / elapsed)
+                logger.log(metrics, step=state.step)
+                progress.update(state.step, metrics)
+                if config.train.eval_every and state.step % config.train.eval_every == 0:
+                    run_eval(state.step)
+                if (config.train.save_every and state.step % config.train.save_every == 0) or stop.requested:
+                    saved = save(state)
+                if stop.requested:
+                    console.print(f"stopped by signal after step {state.step}; checkpoint {saved}. "
+                                  f"Resume with: preftune train {output_dir / 'config.yaml'} --resume")
+                    dist.shutdown()
+                    return saved
+                if state.step >= total_steps:
+                    break
+            else:
+                state.epoch += 1
+                state.step_in_epoch = 0
+        if not config.train.eval_every or state.step % config.train.eval_every:
+            run_eval(state.step)
+    final = _save_final(output_dir, policy, tokenizer, config, dist)
+    if dist.is_main and config.train.report:
+        from preftune.report import write_report
+
+        console.print(f"report: {write_report(output_dir)}")
+    console.print(f"final policy: {final}")
+    dist.shutdown()
+    return final
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _report_bad_step(console, state, metrics, step_indices, train_pairs, config, save) -> None:
+    ids = [train_pairs[i].pair_id or f"row {train_pairs[i].index}" for i in step_indices]
+    console.print(f"[yellow]step {state.step + 1}: non-finite loss or gradient "
+                  f"(loss {metrics['loss']}, grad_norm {metrics['grad_norm']}); skipped. "
+                  f"Pairs: {', '.join(map(str, ids[:16]))}[/yellow]")
+    if state.bad_steps > config.train.max_bad_steps:
+        folder = save(state)
+        raise UserError(f"{state.bad_steps} steps had a non-finite loss or gradient "
+                        f"(train.max_bad_steps is {config.train.max_bad_steps}); stopped with "
+                        f"checkpoint {folder}. Lower optim.lr or check the data and dtype.")
+
+
+def _save(output_dir, state, policy, tokenizer, optimizer, scheduler, config, dist) -> Path:
+    from preftune.distributed import save_policy
+
+    folder = output_dir / "checkpoints" / f"step-{state.step:06d}"
+    training_state = {
+        "state": asdict(state),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_state(),
+    }
+
+    def save_model(path: Path) -> None:
+        save_policy(policy, path, dist)
+        tokenizer.save_pretrained(path)
+
+    if dist.is_main:
+        save_checkpoint(folder, state.step, save_model, training_state)
+        prune_checkpoints(output_dir, config.train.keep_checkpoints)
+    dist.barrier()
+    return folder
+
+
+def _restore(folder: Path, policy, optimizer, scheduler) -> TrainState:
+    saved = load_training_state(folder)
+    load_model_weights(policy, folder)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    set_rng_state(saved["rng"])
+    return TrainState(**saved["state"])
+
+
+def _save_final(output_dir: Path, policy, tokenizer, config, dist) -> Path:
+    from preftune.distributed import save_policy
+
+    final = output_dir / "final"
+    if dist.is_main:
+        final.mkdir(parents=True, exist_ok=True)
+        save_policy(policy, final, dist)
+        tokenizer.save_pretrained(final)
+    dist.barrier()
+    return final
+
+
+__all__ = ["train", "train_step", "prepare_data", "TrainState", "latest_good_checkpoint", "PairBatch"]
