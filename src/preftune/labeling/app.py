@@ -290,3 +290,44 @@ def check_bind(host: str, open_mode: bool, store: Store) -> None:
             f"refusing to listen on {host!r} with no annotator tokens in {store.path}; "
             f"add one first with `preftune label add-annotator NAME --db {store.path}`."
         )
+
+
+def serve(
+    db: str | Path,
+    pairs: str | Path | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    overlap: int = 1,
+    open_mode: bool = False,
+    guidelines: str | Path | None = None,
+    echo=print,
+) -> None:
+    """Import `pairs` (if given) into `db` and serve the labeling page until interrupted."""
+    import uvicorn
+
+    from preftune.labeling.pairs import load_pairs
+
+    store = Store(db, overlap=overlap)
+    try:
+        check_bind(host, open_mode, store)
+        if pairs is not None:
+            added, present = store.add_pairs(load_pairs(pairs))
+            echo(f"{pairs}: {added} new pairs, {present} already in {db}")
+        if store.pair_count() == 0:
+            raise UserError(f"{db} holds no pairs yet; pass --pairs pairs.jsonl.")
+        text = None
+        if guidelines is not None:
+            if not Path(guidelines).is_file():
+                raise UserError(f"--guidelines {guidelines}: no such file.")
+            text = Path(guidelines).read_text(encoding="utf-8")
+        app = create_app(store, open_mode=open_mode, guidelines=text)
+        shown = f"[{host}]" if ":" in host else host
+        echo(f"serving {store.pair_count()} pairs at http://{shown}:{port}/ (overlap {overlap})")
+        if open_mode:
+            echo("--open: anyone who can reach this address votes, as one anonymous annotator")
+        elif store.active_token_count() == 0:
+            echo(f"no annotators yet: `preftune label add-annotator NAME --db {db}` prints a link")
+        # No access log: login URLs carry tokens in their query string.
+        uvicorn.run(app, host=host, port=port, access_log=False, log_level="warning")
+    finally:
+        store.close()

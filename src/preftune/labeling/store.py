@@ -106,7 +106,7 @@ class Store:
     def __init__(
         self,
         path: str | Path,
-        overlap: int = 1,
+        overlap: int | None = None,
         lease_s: float = DEFAULT_LEASE_S,
         must_exist: bool = False,
     ):
@@ -115,10 +115,8 @@ class Store:
                 f"{path}: no such labels database; check --db (it is created by `label serve` "
                 f"or `label import`)."
             )
-        if overlap < 1:
-            raise UserError(f"--overlap must be at least 1, got {overlap}.")
         self.path = Path(path)
-        self.overlap = overlap
+        self.overlap = 1
         self.lease_s = lease_s
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
@@ -130,8 +128,16 @@ class Store:
             conn.executescript(SCHEMA)
         except sqlite3.DatabaseError as e:
             raise UserError(f"{self.path}: not a usable labels database ({e}).") from None
+        if overlap is not None:
+            self.set_overlap(overlap)
+
+    def set_overlap(self, overlap: int) -> None:
+        """How many annotators label each pair. Only the serving process sets it: `done`
+        flags follow the overlap of the running server, which may differ from the last run."""
+        if overlap < 1:
+            raise UserError(f"--overlap must be at least 1, got {overlap}.")
+        self.overlap = overlap
         with self._write() as db:
-            # `done` depends on the overlap of this server run, which may differ from the last.
             db.execute("UPDATE pairs SET done = (filled >= ?)", (overlap,))
 
     # -- connections and transactions -------------------------------------------------------

@@ -1,0 +1,153 @@
+"""`preftune label ...`: serve the labeling page, manage annotators, report, export, auto-label.
+
+The lead CLI mounts `app` as the `label` sub-command; every command is a thin call into the
+library, and user mistakes surface as `UserError` (printed as one sentence by the main CLI).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from preftune.errors import UserError
+
+app = typer.Typer(
+    help="Label response pairs: in the browser (serve) or with a reward function (auto).",
+    no_args_is_help=True,
+)
+
+
+@app.command()
+def serve(
+    db: Path = typer.Option(..., help="SQLite labels database (created if missing)."),
+    pairs: Optional[Path] = typer.Option(None, help="pairs.jsonl to import before serving."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default)."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    overlap: int = typer.Option(1, help="How many different annotators label each pair."),
+    open_: bool = typer.Option(
+        False, "--open", help="Anonymous voting without tokens (loopback addresses only)."
+    ),
+    guidelines: Optional[Path] = typer.Option(None, help="Text file shown as the guidelines."),
+) -> None:
+    """Serve the annotator page until interrupted."""
+    from preftune.labeling.app import serve as run_server
+
+    run_server(db, pairs=pairs, host=host, port=port, overlap=overlap, open_mode=open_,
+               guidelines=guidelines, echo=typer.echo)
+
+
+@app.command("import")
+def import_pairs(
+    pairs: Path = typer.Option(..., help="pairs.jsonl written by `preftune sample`."),
+    db: Path = typer.Option(..., help="SQLite labels database (created if missing)."),
+) -> None:
+    """Add pairs to the database (pairs already there are kept as they are)."""
+    from preftune.labeling.pairs import load_pairs
+    from preftune.labeling.store import Store
+
+    store = Store(db)
+    try:
+        added, present = store.add_pairs(load_pairs(pairs))
+    finally:
+        store.close()
+    typer.echo(f"{pairs}: {added} new pairs, {present} already in {db}")
+
+
+@app.command("add-annotator")
+def add_annotator(
+    name: str = typer.Argument(..., help="Annotator name: letters, digits, _ . @ -"),
+    db: Path = typer.Option(..., help="SQLite labels database (created if missing)."),
+    url: str = typer.Option(
+        "http://127.0.0.1:8000", help="Public address of the server, used in the login link."
+    ),
+    reissue: bool = typer.Option(False, help="Give an existing annotator a new link."),
+) -> None:
+    """Create an annotator and print their personal login link (shown only once)."""
+    from preftune.labeling.store import Store
+
+    store = Store(db)
+    try:
+        token = store.add_annotator(name, reissue=reissue)
+    finally:
+        store.close()
+    typer.echo(f"login link for {name} (keep it private; it is not stored anywhere):")
+    typer.echo(f"{url.rstrip('/')}/login?token={token}")
+
+
+@app.command("revoke-annotator")
+def revoke_annotator(
+    name: str = typer.Argument(..., help="Annotator name."),
+    db: Path = typer.Option(..., help="SQLite labels database."),
+) -> None:
+    """Disable an annotator's link at once; their votes are kept."""
+    from preftune.labeling.store import Store
+
+    store = Store(db, must_exist=True)
+    try:
+        store.revoke_annotator(name)
+    finally:
+        store.close()
+    typer.echo(f"revoked {name}: their link no longer works (votes kept)")
+
+
+@app.command()
+def status(
+    db: Path = typer.Option(..., help="SQLite labels database."),
+    as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON."),
+) -> None:
+    """Progress per annotator, agreement (percent, Cohen/Fleiss kappa) and position bias."""
+    from preftune.labeling.status import format_status
+    from preftune.labeling.status import status as compute
+
+    result = compute(db)
+    typer.echo(json.dumps(result, indent=2) if as_json else format_status(result, db))
+
+
+@app.command()
+def export(
+    db: Path = typer.Option(..., help="SQLite labels database."),
+    out: Path = typer.Option(..., help="D.jsonl to write (replaced atomically)."),
+    policy: str = typer.Option("majority", help="majority or unanimous."),
+    raw: bool = typer.Option(False, help="Every live vote with annotator, time and side."),
+) -> None:
+    """Write the data set D = {(prompt, chosen, rejected)} for `preftune train`."""
+    from preftune.labeling.export import export as run_export
+    from preftune.labeling.export import format_report
+
+    typer.echo(format_report(run_export(db, out, policy=policy, raw=raw), out))
+
+
+@app.command()
+def auto(
+    pairs: Path = typer.Option(..., help="pairs.jsonl written by `preftune sample`."),
+    reward: str = typer.Option(..., help="MODULE:FUNCTION, FILE.py:FUNCTION or a folder."),
+    out: Path = typer.Option(..., help="D.jsonl to append to (resumes after a kill)."),
+    bt_sample: bool = typer.Option(False, "--bt-sample", help="Draw the winner with p (default)."),
+    argmax: bool = typer.Option(False, "--argmax", help="The higher reward wins."),
+    seed: int = typer.Option(0, help="Seed of the Bradley-Terry draws."),
+    batch_size: int = typer.Option(32, help="Pairs scored per call of the reward function."),
+) -> None:
+    """Label pairs with a reward function through the Bradley-Terry model."""
+    from preftune.labeling.auto import label_auto
+
+    if bt_sample and argmax:
+        raise UserError("pass either --bt-sample or --argmax, not both.")
+    mode = "argmax" if argmax else "bt-sample"
+    stats = label_auto(pairs, reward, out, mode=mode, seed=seed, batch_size=batch_size)
+    ties = f", {stats['ties_skipped']} ties skipped" if stats.get("ties_skipped") else ""
+    typer.echo(
+        f"{out}: wrote {stats.get('written', 0)} rows ({mode}), "
+        f"{stats['resumed_from']} were already there{ties}"
+    )
+
+
+if __name__ == "__main__":
+    # Standalone use (`python -m preftune.labeling.cli`), as the main CLI would report it.
+    try:
+        app()
+    except UserError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise SystemExit(2) from None

@@ -1,0 +1,176 @@
+"""Turn the votes in a labels database into the data set D (D.jsonl, see docs/CONTRACTS.md).
+
+A vote's outcome is the index of the response it prefers (0 or 1, undoing the random left/right
+order), or "tie", "both_bad", "skip". Skips are abstentions. Per pair, over the other votes:
+
+- majority: the most frequent outcome wins if it holds more than half of them;
+- unanimous: all of them must be the same outcome.
+
+A pair whose winning outcome is a response becomes one (prompt, chosen, rejected) row; pairs whose
+outcome is a tie, both-bad, no majority / disagreement, or only skips are counted and left out.
+`raw=True` writes one row per live vote instead, with annotator, time and side, for analysis.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import Counter, defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable
+
+from preftune.errors import UserError
+from preftune.labeling.store import Store
+
+POLICIES = ("majority", "unanimous")
+
+
+def vote_outcome(choice: str, left_index: int) -> int | str:
+    """The response index a vote prefers, or the choice itself when it prefers neither."""
+    if choice == "left":
+        return left_index
+    if choice == "right":
+        return 1 - left_index
+    return choice
+
+
+def decide(outcomes: list, policy: str) -> int | str:
+    """The winning response index for one pair, or the reason the pair is left out."""
+    counted = [o for o in outcomes if o != "skip"]
+    if not counted:
+        return "only_skips"
+    top, top_count = Counter(counted).most_common(1)[0]
+    if policy == "unanimous" and top_count != len(counted):
+        return "disagreement"
+    if policy == "majority" and 2 * top_count <= len(counted):
+        return "no_majority"
+    return top
+
+
+def as_triplet(pair_id: str, pair: dict, winner: int) -> dict:
+    """A D.jsonl row; a conversational prompt gets its answers as assistant messages."""
+    chosen, rejected = pair["responses"][winner], pair["responses"][1 - winner]
+    if isinstance(pair["prompt"], list):
+        chosen = [{"role": "assistant", "content": chosen}]
+        rejected = [{"role": "assistant", "content": rejected}]
+    return {"prompt": pair["prompt"], "chosen": chosen, "rejected": rejected, "pair_id": pair_id}
+
+
+def write_jsonl_atomic(path: str | Path, rows: Iterable[dict]) -> int:
+    """Write rows to a temporary file beside `path`, fsync, then rename over it.
+
+    A crash leaves either the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise UserError(f"{path}: the folder {path.parent} does not exist; create it first.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    count = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                count += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+    return count
+
+
+def _votes_by_pair(votes: list[dict]) -> dict[str, list[dict]]:
+    grouped: dict[str, list[dict]] = defaultdict(list)
+    for vote in votes:
+        grouped[vote["pair_id"]].append(vote)
+    return grouped
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, tz=timezone.utc).isoformat(timespec="milliseconds")
+
+
+def triplet_rows(store: Store, policy: str) -> tuple[list[dict], dict]:
+    """The exported rows and a report: votes by choice and left-out pairs by reason."""
+    if policy not in POLICIES:
+        raise UserError(f"--policy must be one of {', '.join(POLICIES)}, got {policy!r}.")
+    pairs = store.pairs()
+    votes = store.live_votes()
+    grouped = _votes_by_pair(votes)
+    rows, left_out = [], Counter()
+    for pair_id, pair in pairs.items():
+        pair_votes = grouped.get(pair_id)
+        if not pair_votes:
+            left_out["unlabelled"] += 1
+            continue
+        outcomes = [vote_outcome(v["choice"], v["left_index"]) for v in pair_votes]
+        decision = decide(outcomes, policy)
+        if isinstance(decision, str):
+            left_out[decision] += 1
+            continue
+        counted = [o for o in outcomes if o != "skip"]
+        row = as_triplet(pair_id, pair, decision)
+        row["votes"] = len(counted)
+        row["agreement"] = round(counted.count(decision) / len(counted), 4)
+        rows.append(row)
+    report = {
+        "policy": policy,
+        "exported": len(rows),
+        "votes": dict(Counter(v["choice"] for v in votes)),
+        "left_out": dict(left_out),
+    }
+    return rows, report
+
+
+def raw_rows(store: Store) -> tuple[list[dict], dict]:
+    """One row per live vote; decisive votes also carry prompt/chosen/rejected."""
+    pairs = store.pairs()
+    rows = []
+    for vote in store.live_votes():
+        pair = pairs[vote["pair_id"]]
+        outcome = vote_outcome(vote["choice"], vote["left_index"])
+        row = {"pair_id": vote["pair_id"], "prompt": pair["prompt"]}
+        if isinstance(outcome, int):
+            row.update(as_triplet(vote["pair_id"], pair, outcome))
+        row.update(
+            annotator=vote["annotator"],
+            choice=vote["choice"],
+            side=vote["choice"] if vote["choice"] in ("left", "right") else None,
+            left_index=vote["left_index"],
+            winner_index=outcome if isinstance(outcome, int) else None,
+            reason=vote["reason"],
+            time=_iso(vote["created_at"]),
+        )
+        rows.append(row)
+    return rows, {"policy": "raw", "exported": len(rows),
+                  "votes": dict(Counter(r["choice"] for r in rows)), "left_out": {}}
+
+
+def export(db: str | Path, out: str | Path, policy: str = "majority", raw: bool = False) -> dict:
+    """Write D.jsonl (or the raw votes) atomically; returns the report."""
+    store = Store(db, must_exist=True)
+    try:
+        rows, report = raw_rows(store) if raw else triplet_rows(store, policy)
+    finally:
+        store.close()
+    write_jsonl_atomic(out, rows)
+    return report
+
+
+def format_report(report: dict, out: str | Path) -> str:
+    lines = [f"wrote {report['exported']} rows to {out} (policy: {report['policy']})"]
+    if report["votes"]:
+        votes = ", ".join(f"{k} {v}" for k, v in sorted(report["votes"].items()))
+        lines.append(f"live votes: {votes}")
+    if report["left_out"]:
+        left_out = ", ".join(f"{k} {v}" for k, v in sorted(report["left_out"].items()))
+        lines.append(f"pairs left out: {left_out}")
+    return "\n".join(lines)

@@ -1,0 +1,153 @@
+"""How labeling is going: progress per annotator, agreement, position bias.
+
+Agreement is measured on pairs with at least two non-skip votes, over four categories (response
+0 preferred, response 1 preferred, tie, both bad). Percent agreement is the mean, over pairs, of
+the share of annotator couples that agree. Kappa corrects it for chance: Cohen's kappa when
+exactly two annotators labelled those pairs, otherwise Fleiss' kappa (in its usual form for a
+varying number of annotators per pair).
+
+Position bias is the share of left/right votes that went to the left card; the order is
+random, so a share far from 0.5 means annotators favour a side.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from preftune.labeling.export import vote_outcome
+from preftune.labeling.store import Store
+
+
+def percent_agreement(items: list[list]) -> float:
+    """Mean over items of the fraction of rater couples giving the same category."""
+    shares = []
+    for labels in items:
+        n = len(labels)
+        same = sum(c * (c - 1) for c in Counter(labels).values())
+        shares.append(same / (n * (n - 1)))
+    return sum(shares) / len(shares)
+
+
+def cohen_kappa(first: list, second: list) -> float | None:
+    """Cohen's kappa of two raters who labelled the same items; None when chance is certain."""
+    n = len(first)
+    observed = sum(a == b for a, b in zip(first, second)) / n
+    count_a, count_b = Counter(first), Counter(second)
+    expected = sum(count_a[c] * count_b[c] for c in count_a) / (n * n)
+    if expected == 1:
+        return None
+    return (observed - expected) / (1 - expected)
+
+
+def fleiss_kappa(items: list[list]) -> float | None:
+    """Fleiss' kappa; each item is the list of categories its raters gave (two or more)."""
+    p_bar = percent_agreement(items)
+    totals: Counter = Counter()
+    for labels in items:
+        totals.update(labels)
+    n_labels = sum(totals.values())
+    expected = sum((count / n_labels) ** 2 for count in totals.values())
+    if expected == 1:
+        return None
+    return (p_bar - expected) / (1 - expected)
+
+
+def agreement(labels_by_pair: dict[str, dict[str, object]]) -> dict:
+    """Agreement over pairs labelled by two or more annotators (name -> category per pair)."""
+    multi = {p: by for p, by in labels_by_pair.items() if len(by) >= 2}
+    if not multi:
+        return {"pairs": 0, "annotators": 0, "percent": None, "kappa": None, "kappa_kind": None}
+    raters = sorted({name for by in multi.values() for name in by})
+    items = [list(by.values()) for by in multi.values()]
+    if len(raters) == 2:
+        first = [by[raters[0]] for by in multi.values()]
+        second = [by[raters[1]] for by in multi.values()]
+        kappa, kind = cohen_kappa(first, second), "cohen"
+    else:
+        kappa, kind = fleiss_kappa(items), "fleiss"
+    return {"pairs": len(multi), "annotators": len(raters), "percent": percent_agreement(items),
+            "kappa": kappa, "kappa_kind": kind}
+
+
+def position_bias(votes: list[dict]) -> dict:
+    """Share of left/right votes for the left card, with a 95% Wilson interval."""
+    left = sum(v["choice"] == "left" for v in votes)
+    n = left + sum(v["choice"] == "right" for v in votes)
+    if n == 0:
+        return {"left_share": None, "n": 0, "ci95": None}
+    share, z = left / n, 1.96
+    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return {"left_share": share, "n": n, "ci95": [centre - half, centre + half]}
+
+
+def compute_status(store: Store) -> dict:
+    votes = store.live_votes()
+    per_annotator: dict[str, Counter] = defaultdict(Counter)
+    last_vote: dict[str, float] = {}
+    labels_by_pair: dict[str, dict[str, object]] = defaultdict(dict)
+    for vote in votes:
+        per_annotator[vote["annotator"]][vote["choice"]] += 1
+        last_vote[vote["annotator"]] = vote["created_at"]
+        if vote["choice"] != "skip":
+            outcome = vote_outcome(vote["choice"], vote["left_index"])
+            labels_by_pair[vote["pair_id"]][vote["annotator"]] = outcome
+    annotators = []
+    for row in store.annotators():
+        counts = per_annotator.get(row["name"], Counter())
+        annotators.append({
+            "name": row["name"], "votes": sum(counts.values()), "by_choice": dict(counts),
+            "last_vote": last_vote.get(row["name"]), "revoked": row["revoked_at"] is not None,
+        })
+    votes_per_pair = Counter(len(labels_by_pair.get(p, {})) for p in store.pairs())
+    return {
+        "pairs": store.pair_count(),
+        "votes": len(votes),
+        "pairs_by_vote_count": {str(k): v for k, v in sorted(votes_per_pair.items())},
+        "annotators": annotators,
+        "agreement": agreement(labels_by_pair),
+        "position_bias": position_bias(votes),
+    }
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def format_status(status: dict, db: str | Path) -> str:
+    lines = [f"{db}: {status['pairs']} pairs, {status['votes']} live votes"]
+    counts = ", ".join(f"{k} vote(s): {v}" for k, v in status["pairs_by_vote_count"].items())
+    lines.append(f"pairs by non-skip votes: {counts or 'none'}")
+    lines.append("")
+    lines.append(f"{'annotator':<24} {'votes':>6}  choices")
+    for a in status["annotators"]:
+        choices = ", ".join(f"{k} {v}" for k, v in sorted(a["by_choice"].items())) or "-"
+        name = a["name"] + (" (revoked)" if a["revoked"] else "")
+        lines.append(f"{name:<24} {a['votes']:>6}  {choices}")
+    ag = status["agreement"]
+    lines.append("")
+    if ag["pairs"]:
+        lines.append(
+            f"agreement on {ag['pairs']} pairs with several votes ({ag['annotators']} annotators): "
+            f"{100 * ag['percent']:.1f}%, {ag['kappa_kind']} kappa {_fmt(ag['kappa'])}"
+        )
+    else:
+        lines.append("agreement: no pair has two non-skip votes yet")
+    pb = status["position_bias"]
+    if pb["n"]:
+        low, high = pb["ci95"]
+        lines.append(
+            f"position bias: {100 * pb['left_share']:.1f}% of {pb['n']} left/right votes chose "
+            f"the left card (95% interval {100 * low:.1f}-{100 * high:.1f}%; 50% is unbiased)"
+        )
+    return "\n".join(lines)
+
+
+def status(db: str | Path) -> dict:
+    store = Store(db, must_exist=True)
+    try:
+        return compute_status(store)
+    finally:
+        store.close()

@@ -1,0 +1,184 @@
+"""Reward functions r*(x, y) for `label auto` and `eval --judge` (see docs/CONTRACTS.md).
+
+`load_reward(spec)` accepts
+- `MODULE:FUNCTION`, importable from sys.path (the current folder is tried too);
+- `path/to/file.py:FUNCTION`;
+- a local folder holding a sequence classifier with one output (a reward model), applied to
+  the prompt followed by the response, in batches, without gradients.
+
+It always returns a `RewardFn(prompts, responses) -> list[float]`. A user function may be
+written for one pair, `f(prompt, response) -> float`; it is then called pair by pair.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from preftune.errors import UserError
+
+RewardFn = Callable[[Sequence, Sequence[str]], list]
+
+
+def load_reward(spec: str, batch_size: int = 8, device: str | None = None) -> RewardFn:
+    """Resolve `spec` into a batched reward function; a bad spec is a `UserError`."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise UserError("--reward is empty; pass MODULE:FUNCTION, FILE.py:FUNCTION or a folder.")
+    if Path(spec).is_dir():
+        return _reward_model(Path(spec), batch_size, device)
+    target, sep, name = spec.rpartition(":")
+    if not sep or not target or not name:
+        raise UserError(
+            f"--reward {spec!r} is neither a folder nor MODULE:FUNCTION; write it as "
+            f"my_module:my_reward or path/to/file.py:my_reward."
+        )
+    module = _import_file(target, spec) if target.endswith(".py") else _import_module(target, spec)
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise UserError(f"--reward {spec!r}: {target} has no function named {name!r}.")
+    return _batched(fn, spec)
+
+
+def _import_file(path: str, spec: str):
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--reward {spec!r}: the file {path} does not exist.")
+    module_name = f"_preftune_reward_{abs(hash(str(file.resolve())))}"
+    module_spec = importlib.util.spec_from_file_location(module_name, file)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module  # dataclasses and pickling look modules up here
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def _import_module(name: str, spec: str):
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name != name.split(".")[0] or os.getcwd() in sys.path:
+            raise
+    # A console script does not put the current folder on sys.path, but users expect
+    # `--reward my_rewards:score` to find ./my_rewards.py as `python -m` would.
+    sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name != name.split(".")[0]:
+            raise
+        raise UserError(
+            f"--reward {spec!r}: no module named {name!r} on sys.path or in the current folder."
+        ) from None
+
+
+def _is_per_pair(fn: Callable) -> bool | None:
+    """True/False when annotations tell whether `fn` takes one pair or lists; None if unsure."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if len(params) < 2:
+        return None
+    annotation = params[1].annotation
+    if annotation in (str, "str"):
+        return True
+    if annotation is inspect.Parameter.empty:
+        return None
+    return False
+
+
+def _batched(fn: Callable, spec: str) -> RewardFn:
+    """Adapt `fn` to the batched contract, deciding once how it wants to be called."""
+    mode = {True: "pair", False: "batch", None: None}[_is_per_pair(fn)]
+
+    def reward(prompts: Sequence, responses: Sequence[str]) -> list[float]:
+        nonlocal mode
+        if len(prompts) != len(responses):
+            raise ValueError("prompts and responses must have the same length")
+        if not prompts:
+            return []
+        if mode is None:
+            # Unannotated: probe with a batch of one. A batched function answers with a list.
+            try:
+                probe = fn(list(prompts[:1]), list(responses[:1]))
+            except (TypeError, AttributeError):  # a per-pair function choking on lists
+                probe = None
+            batched = isinstance(probe, (list, tuple)) or hasattr(probe, "shape")
+            mode = "batch" if batched else "pair"
+        if mode == "batch":
+            values = list(fn(list(prompts), list(responses)))
+        else:
+            values = [fn(p, r) for p, r in zip(prompts, responses)]
+        return _as_floats(values, len(prompts), spec)
+
+    return reward
+
+
+def _as_floats(values: list, expected: int, spec: str) -> list[float]:
+    if len(values) != expected:
+        raise UserError(
+            f"--reward {spec!r} returned {len(values)} values for {expected} responses; "
+            f"it must return one number per response."
+        )
+    out = []
+    for value in values:
+        try:
+            out.append(float(value))
+        except (TypeError, ValueError):
+            raise UserError(
+                f"--reward {spec!r} returned {value!r}, which is not a number."
+            ) from None
+    return out
+
+
+def render_text(tokenizer, prompt, response: str) -> str:
+    """Prompt followed by response as one string; chat prompts go through the chat template."""
+    if isinstance(prompt, str):
+        return prompt + response
+    messages = list(prompt) + [{"role": "assistant", "content": response}]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+
+
+def _reward_model(folder: Path, batch_size: int, device: str | None) -> RewardFn:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"--reward {folder}: not a loadable sequence classifier ({str(e).splitlines()[0]})."
+        ) from None
+    if model.config.num_labels != 1:
+        raise UserError(
+            f"--reward {folder}: the classifier has {model.config.num_labels} outputs; a reward "
+            f"model must have exactly one (num_labels=1)."
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    max_length = getattr(model.config, "max_position_embeddings", None) or 2048
+
+    @torch.inference_mode()
+    def reward(prompts: Sequence, responses: Sequence[str]) -> list[float]:
+        texts = [render_text(tokenizer, p, r) for p, r in zip(prompts, responses)]
+        values: list[float] = []
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(
+                texts[start:start + batch_size], return_tensors="pt", padding=True,
+                truncation=True, max_length=max_length,
+            ).to(device)
+            scores = model(**batch).logits[:, 0]  # (B,)
+            values.extend(scores.float().cpu().tolist())
+        return values
+
+    return reward
