@@ -10,10 +10,14 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 from preftune.errors import UserError
+
+if TYPE_CHECKING:  # typing.Self needs Python 3.11; annotations are never evaluated here
+    from typing_extensions import Self
 
 BACKENDS = ("jsonl", "tensorboard", "wandb")
 METRICS_FILE = "metrics.jsonl"
@@ -66,7 +70,8 @@ class MetricsLogger:
         if not enabled:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.output_dir / METRICS_FILE, "a", encoding="utf-8")
+        # Held open for the whole run (closed by close()), not one open per step.
+        self._file = open(self.output_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
         config_dict = config_dict or {}
         if "tensorboard" in backends:
             self._tensorboard = _open_tensorboard(self.output_dir, run_name, config_dict)
@@ -110,7 +115,7 @@ class MetricsLogger:
             self._wandb_run.finish()
             self._wandb_run = None
 
-    def __enter__(self) -> "MetricsLogger":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info) -> None:

@@ -1,0 +1,512 @@
+"""The run report: PNG plots of a DPO run and one `report.html` that shows them.
+
+Reads what the other commands leave in a run folder (formats in docs/CONTRACTS.md):
+`metrics.jsonl` from `preftune train`, `config.yaml` if present, and every `eval.json` below the
+folder from `preftune eval`. Writes `plots/*.png` and `report.html` (figures linked by relative
+path, styles inline), so the folder can be zipped or served as it is.
+
+Figures are drawn with matplotlib's object API on an Agg canvas (no pyplot), so making a report
+never changes the plotting backend or state of the process that calls it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import yaml
+from matplotlib.figure import Figure
+
+from preftune.bradley_terry import win_rate as wilson_win_rate
+from preftune.errors import UserError
+from preftune.records import read_records
+from preftune.report_html import render_html
+
+TRAIN_COLOR, EVAL_COLOR = "tab:blue", "tab:orange"
+CHOSEN_COLOR, REJECTED_COLOR = "tab:green", "tab:red"
+STEP_LABEL = "optimizer step"
+REWARD_UNIT = "β·log(π/π_ref), nats"
+PLOT_DIR = "plots"
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class RunMetrics:
+    """Training and evaluation lines of a metrics.jsonl, each sorted by step, one per step."""
+
+    def __init__(self, train: list[dict], evals: list[dict], source: Path):
+        self.train, self.eval, self.source = train, evals, source
+
+    def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """Steps and values of `key` (eval keys from eval lines), skipping missing points."""
+        rows = self.eval if key.startswith("eval/") else self.train
+        points = [(r["step"], r[key]) for r in rows if _is_number(r.get(key))]
+        if not points:
+            return np.empty(0), np.empty(0)
+        steps, values = zip(*points)
+        return np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
+
+    def has(self, key: str) -> bool:
+        return self.series(key)[0].size > 0
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def load_metrics(path: str | Path) -> RunMetrics:
+    """Read metrics.jsonl; a resumed run may repeat steps, and the last line of a step wins."""
+    path = Path(path)
+    records = read_records(path)
+    if not records:
+        raise UserError(f"{path} holds no metrics; the run logged no steps yet, so run "
+                        "`preftune train` further or point the report at another run.")
+    train: dict[int, dict] = {}
+    evals: dict[int, dict] = {}
+    for n, record in enumerate(records, start=1):
+        if not _is_number(record.get("step")):
+            raise UserError(f"{path}, record {n}: no numeric 'step'; every line of "
+                            "metrics.jsonl needs one (see docs/CONTRACTS.md).")
+        step = int(record["step"])
+        if any(k.startswith("eval/") for k in record):
+            evals[step] = {**evals.get(step, {}), **record}
+        if any(not k.startswith("eval/") and k not in ("step", "epoch") for k in record):
+            train[step] = record
+    by_step = lambda rows: [rows[s] for s in sorted(rows)]
+    return RunMetrics(by_step(train), by_step(evals), path)
+
+
+def find_eval_files(run_dir: str | Path) -> list[Path]:
+    """Every eval.json below `run_dir` (the evaluator writes one beside each model)."""
+    return sorted(Path(run_dir).rglob("eval.json"))
+
+
+def load_evals(paths: Iterable[str | Path]) -> list[dict]:
+    """Read eval.json files. A file may also hold a list of evals, or {"evals": [...]}."""
+    evals = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise UserError(f"{path}: no such evaluation file; check the path.")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}, line {e.lineno}: not valid JSON ({e.msg}).") from None
+        items = data.get("evals", [data]) if isinstance(data, dict) else data
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            raise UserError(f"{path}: expected an eval.json object or a list of them.")
+        evals += [{"_source": str(path), **item} for item in items]
+    return evals
+
+
+def load_config(run_dir: Path) -> dict:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{where}: not valid YAML; fix it or remove it.") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: expected a mapping of config keys, got {type(config).__name__}.")
+    return config
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def ema(values: Sequence[float], smoothing: float) -> np.ndarray:
+    """Exponential moving average with TensorBoard's weight convention (0 = no smoothing).
+
+    Debiased (divided by 1 - smoothing^t) so the curve starts at the data, not at zero.
+    """
+    if not 0.0 <= smoothing < 1.0:
+        raise UserError(f"smoothing must be in [0, 1), got {smoothing}.")
+    out = np.empty(len(values))
+    running = 0.0
+    for t, value in enumerate(values, start=1):
+        running = smoothing * running + (1.0 - smoothing) * value
+        out[t - 1] = running / (1.0 - smoothing**t)
+    return out
+
+
+def _new_figure(ncols: int = 1) -> tuple[Figure, list]:
+    fig = Figure(figsize=(7.5 * ncols if ncols > 1 else 8.0, 4.6), dpi=110, layout="constrained")
+    axes = [fig.add_subplot(1, ncols, c + 1) for c in range(ncols)]
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+    return fig, axes
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.savefig(path, format="png")
+    return path
+
+
+def _curve(ax, metrics: RunMetrics, key: str, label: str, color: str, smoothing: float) -> bool:
+    """Draw `key` from training (raw faintly, plus EMA) and `eval/key` (markers)."""
+    drawn = False
+    steps, values = metrics.series(key)
+    if steps.size:
+        if smoothing > 0 and steps.size > 2:
+            ax.plot(steps, values, color=color, alpha=0.25, linewidth=1)
+            ax.plot(steps, ema(values, smoothing), color=color, linewidth=2,
+                    label=f"{label}, train (EMA {smoothing:g})")
+        else:
+            ax.plot(steps, values, color=color, linewidth=1.6, label=f"{label}, train")
+        drawn = True
+    steps, values = metrics.series(f"eval/{key}")
+    if steps.size:
+        ax.plot(steps, values, color=color, linestyle="--", marker="o", markersize=5,
+                markerfacecolor="white", linewidth=1.4, label=f"{label}, eval")
+        drawn = True
+    return drawn
+
+
+def _finish(ax, title: str, ylabel: str) -> None:
+    ax.set_title(title)
+    ax.set_xlabel(STEP_LABEL)
+    ax.set_ylabel(ylabel)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", fontsize=9, framealpha=0.85)
+
+
+# --------------------------------------------------------------------------- training plots
+
+
+def plot_loss(metrics: RunMetrics, path: Path, smoothing: float = 0.6) -> Path | None:
+    """Training and evaluation loss against step; None when the run logged no loss."""
+    fig, (ax,) = _new_figure()
+    if not _curve(ax, metrics, "loss", "loss", TRAIN_COLOR, smoothing):
+        return None
+    # The eval markers share the train colour in the other plots; here, with a single quantity,
+    # a second colour tells the two curves apart at a glance.
+    for line in ax.get_lines():
+        if line.get_label().endswith(", eval"):
+            line.set_color(EVAL_COLOR)
+    _finish(ax, "Preference loss", "loss (nats per pair)")
+    return _save(fig, path)
+
+
+def plot_rewards(metrics: RunMetrics, path: Path, smoothing: float = 0.6) -> Path | None:
+    """Implicit rewards of chosen and rejected responses: DPO should push them apart."""
+    fig, (ax,) = _new_figure()
+    drawn = _curve(ax, metrics, "rewards/chosen", "chosen", CHOSEN_COLOR, smoothing)
+    drawn |= _curve(ax, metrics, "rewards/rejected", "rejected", REJECTED_COLOR, smoothing)
+    if not drawn:
+        return None
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    _finish(ax, "Implicit rewards: chosen vs rejected", f"mean reward ({REWARD_UNIT})")
+    return _save(fig, path)
+
+
+def plot_accuracy_margins(metrics: RunMetrics, path: Path, smoothing: float = 0.6):
+    """Reward accuracy (chosen above rejected) and reward margin, side by side."""
+    fig, (acc, margin) = _new_figure(ncols=2)
+    drawn_acc = _curve(acc, metrics, "rewards/accuracies", "accuracy", TRAIN_COLOR, smoothing)
+    drawn_margin = _curve(margin, metrics, "rewards/margins", "margin", TRAIN_COLOR, smoothing)
+    if not (drawn_acc or drawn_margin):
+        return None
+    acc.axhline(0.5, color="grey", linestyle=":", linewidth=1, label="chance (0.5)")
+    acc.set_ylim(-0.02, 1.02)
+    _finish(acc, "Reward accuracy", "fraction of pairs, chosen reward > rejected")
+    margin.axhline(0.0, color="grey", linewidth=0.8)
+    _finish(margin, "Reward margin", f"chosen − rejected ({REWARD_UNIT})")
+    return _save(fig, path)
+
+
+def plot_optimization(metrics: RunMetrics, path: Path, smoothing: float = 0.6):
+    """Gradient norm (before clipping) and learning rate schedule."""
+    fig, (grad, lr) = _new_figure(ncols=2)
+    drawn_grad = _curve(grad, metrics, "grad_norm", "grad norm", TRAIN_COLOR, smoothing)
+    # A schedule is not noisy: smoothing it would only distort warmup and decay.
+    drawn_lr = _curve(lr, metrics, "learning_rate", "learning rate", "tab:purple", 0.0)
+    if not (drawn_grad or drawn_lr):
+        return None
+    _, values = metrics.series("grad_norm")
+    if values.size and values.min() > 0 and values.max() / values.min() > 100:
+        grad.set_yscale("log")  # early spikes would otherwise flatten the rest of the curve
+    _finish(grad, "Gradient norm", "global L2 norm of the gradient")
+    lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    _finish(lr, "Learning rate", "learning rate (per step)")
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- evaluation plots
+
+
+def eval_label(ev: dict) -> str:
+    """A short name for one evaluation: its `label`, else method and beta, else the model."""
+    if ev.get("label"):
+        return str(ev["label"])
+    beta = ev.get("beta")
+    beta_text = f" β={beta:g}" if _is_number(beta) else ""
+    if ev.get("method"):
+        return f"{ev['method']}{beta_text}"
+    parts = Path(str(ev.get("model") or "model")).parts
+    return "/".join(parts[-2:]) + beta_text
+
+
+def _policy_reward(ev: dict, who: str = "policy"):
+    value = (ev.get("mean_reward") or {}).get(who)
+    return value if _is_number(value) else None
+
+
+def _reward_se(ev: dict, who: str = "policy") -> float:
+    value = (ev.get("mean_reward_se") or {}).get(who)
+    return value if _is_number(value) else 0.0
+
+
+def plot_frontier(evals: Sequence[dict], path: str | Path,
+                  title: str = "Reward vs KL: the DPO trade-off") -> Path:
+    """Mean reward against KL(policy || reference), one point per model (or beta).
+
+    Each evaluation needs `kl` and `mean_reward.policy`; `kl_se` and `mean_reward_se.policy`
+    give the error bars. Evaluations sharing a `method` share a colour and are joined in KL
+    order, so DPO at several betas traces its frontier against single-point baselines.
+    """
+    points = [ev for ev in evals if _is_number(ev.get("kl")) and _policy_reward(ev) is not None]
+    if not points:
+        raise UserError("no evaluation has both 'kl' and 'mean_reward.policy', so there is no "
+                        "reward-KL point to plot; run `preftune eval generate` first.")
+    groups: dict[str, list[dict]] = {}
+    for ev in points:
+        groups.setdefault(str(ev.get("method") or eval_label(ev)), []).append(ev)
+    fig, (ax,) = _new_figure()
+    colors = [f"C{n % 10}" for n in range(len(groups))]
+    for (group, members), color in zip(groups.items(), colors):
+        members.sort(key=lambda ev: ev["kl"])
+        x = [ev["kl"] for ev in members]
+        y = [_policy_reward(ev) for ev in members]
+        xerr = [ev["kl_se"] if _is_number(ev.get("kl_se")) else 0.0 for ev in members]
+        yerr = [_reward_se(ev) for ev in members]
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o-" if len(members) > 1 else "o",
+                    color=color, capsize=3, markersize=6, linewidth=1.2, label=group)
+        for ev, xi, yi in zip(members, x, y):
+            if _is_number(ev.get("beta")):
+                ax.annotate(f"β={ev['beta']:g}", (xi, yi), textcoords="offset points",
+                            xytext=(7, -14), fontsize=8, color=color,
+                            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none",
+                                  "alpha": 0.8})
+    _draw_reference(ax, points)
+    ax.set_title(f"{title}\n(bars: ±1 standard error)", fontsize=11)
+    ax.set_xlabel("KL(π ‖ π_ref), nats per sequence (estimated from samples)")
+    ax.set_ylabel("mean reward of samples (reward-function units)")
+    ax.legend(loc="best", fontsize=9, framealpha=0.85)
+    return _save(fig, Path(path))
+
+
+def _draw_reference(ax, points: list[dict]) -> None:
+    """Put the reference policy at KL = 0, unless one of the points already is it."""
+    rewards = [_policy_reward(ev, "reference") for ev in points]
+    rewards = [r for r in rewards if r is not None]
+    if not rewards or any(abs(ev["kl"]) < 1e-12 for ev in points):
+        return
+    # Every evaluation samples the reference on its own prompts; their mean is the best
+    # single estimate of its reward.
+    ax.plot([0.0], [float(np.mean(rewards))], marker="s", color="black", linestyle="none",
+            markersize=7, label="reference π_ref (KL = 0)")
+
+
+def _win_rate_with_ci(ev: dict):
+    rate, ci = ev.get("win_rate"), ev.get("win_rate_ci")
+    if not _is_number(rate):
+        return None
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(map(_is_number, ci)):
+        return rate, ci[0], ci[1]
+    n = ev.get("n_prompts")
+    if _is_number(n) and n > 0:  # older files without an interval: rebuild Wilson's
+        return wilson_win_rate(rate * n, 0, int(n))
+    return rate, rate, rate
+
+
+def plot_win_rates(evals: Sequence[dict], path: str | Path) -> Path:
+    """Each model's win rate against its reference, with its 95% interval."""
+    rows = [(eval_label(ev), _win_rate_with_ci(ev)) for ev in evals]
+    rows = [(label, r) for label, r in rows if r is not None]
+    if not rows:
+        raise UserError("no evaluation has a 'win_rate'; run `preftune eval generate` first.")
+    fig = Figure(figsize=(8.0, 1.6 + 0.45 * len(rows)), dpi=110, layout="constrained")
+    ax = fig.add_subplot()
+    ax.grid(True, axis="x", alpha=0.3)
+    for y, (label, (rate, lower, upper)) in enumerate(rows):
+        ax.errorbar([rate], [y], xerr=[[rate - lower], [upper - rate]], fmt="o", color="C0",
+                    capsize=4, markersize=6)
+        # The number goes on whichever side of the bar has room inside the axes.
+        right = upper < 0.75
+        ax.annotate(f"{rate:.2f} [{lower:.2f}, {upper:.2f}]", (upper if right else lower, y),
+                    xytext=(6 if right else -6, 0), textcoords="offset points", va="center",
+                    ha="left" if right else "right", fontsize=8)
+    ax.axvline(0.5, color="grey", linestyle=":")
+    ax.annotate("0.5: as good as the reference", (0.5, 0), xycoords=("data", "axes fraction"),
+                xytext=(4, 4), textcoords="offset points", fontsize=8, color="dimgrey")
+    ax.set_yticks(range(len(rows)), [label for label, _ in rows])
+    ax.set_ylim(len(rows) - 0.5, -0.5)  # first evaluation on top, as in the table
+    ax.set_xlim(0.0, 1.0)
+    ax.set_xlabel("win rate against the reference (fraction of prompts; a tie counts ½)")
+    ax.set_ylabel("model")
+    ax.set_title("Win rate against the reference (dot: estimate, bar: 95% interval)")
+    return _save(fig, Path(path))
+
+
+# --------------------------------------------------------------------------- the report
+
+SUMMARY_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen",
+                "rewards/rejected", "logps/chosen", "logps/rejected", "grad_norm",
+                "learning_rate", "tokens_per_second")
+# Leaf names of config keys worth a line in the summary; the full config sits below it.
+CONFIG_HIGHLIGHTS = {"model", "policy", "reference", "loss", "loss_type", "beta", "label_smoothing",
+                     "learning_rate", "lr", "epochs", "num_epochs", "max_steps", "batch_size",
+                     "micro_batch_size", "gradient_accumulation_steps", "max_length", "seed",
+                     "data", "train_data", "eval_data", "lora", "precision", "dtype"}
+
+
+def write_report(run_dir: str | Path, eval_paths: Iterable[str | Path] = (),
+                 evals: Iterable[dict] = (), smoothing: float = 0.6,
+                 output_dir: str | Path | None = None) -> Path:
+    """Write `report.html` and `plots/*.png` for a run; returns the path of the HTML.
+
+    run_dir: a `preftune train` output folder (metrics.jsonl, config.yaml, eval.json files).
+    eval_paths: more eval.json files (or JSON lists of evals, e.g. a demo summary).
+    evals: evaluation dicts given directly, in eval.json's format.
+    smoothing: EMA weight for noisy training curves (0 = raw only); raw data stays visible.
+    output_dir: where to write (default: run_dir).
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run folder; pass the --out folder of `preftune train`.")
+    ema([], smoothing)  # validates smoothing before any work
+    out = Path(output_dir) if output_dir else run_dir
+    (out / PLOT_DIR).mkdir(parents=True, exist_ok=True)
+    found = list(dict.fromkeys(p.resolve() for p in [*find_eval_files(run_dir), *map(Path, eval_paths)]))
+    all_evals = load_evals(found) + [dict(ev) for ev in evals]
+    metrics_path = run_dir / "metrics.jsonl"
+    notes: list[str] = []
+    if metrics_path.exists():
+        metrics = load_metrics(metrics_path)
+    elif all_evals:
+        metrics = None
+        notes.append(f"No metrics.jsonl in {run_dir}: training curves are left out.")
+    else:
+        raise UserError(f"{run_dir}: neither metrics.jsonl nor any eval.json found; point "
+                        "`preftune report` at the output folder of `preftune train`.")
+    figures = _training_figures(metrics, out, smoothing, notes) if metrics else []
+    figures += _eval_figures(all_evals, out, notes)
+    config = load_config(run_dir)
+    tables = []
+    if metrics:
+        tables.append(_final_metrics_table(metrics))
+    if config:
+        tables.append(_config_table(config))
+    if all_evals:
+        tables.append(_evals_table(all_evals))
+    html = render_html(title=f"preftune report: {run_dir.resolve().name}", run_dir=str(run_dir),
+                       tables=tables, figures=figures, notes=notes,
+                       config_text=yaml.safe_dump(config, sort_keys=False) if config else "")
+    report_path = out / "report.html"
+    report_path.write_text(html, encoding="utf-8")
+    return report_path
+
+
+def _training_figures(metrics: RunMetrics, out: Path, smoothing: float, notes: list[str]):
+    missing = [k for k in SUMMARY_KEYS[:-1] if not metrics.has(k)]
+    if len(missing) == len(SUMMARY_KEYS) - 1 and not any(metrics.has(f"eval/{k}") for k in missing):
+        raise UserError(f"{metrics.source} has none of the keys the report plots "
+                        f"({', '.join(SUMMARY_KEYS[:-1])}); see docs/CONTRACTS.md for the format.")
+    if missing:
+        notes.append(f"{metrics.source.name} has no training values for "
+                     f"{', '.join(missing)}; those curves are missing from the plots.")
+    specs = [
+        (plot_loss, "loss.png", "Loss",
+         "DPO loss per pair. Faint lines are the raw per-step values; bold lines their EMA."),
+        (plot_rewards, "rewards.png", "Implicit rewards",
+         ("β·log(π/π_ref) of chosen and rejected responses. Training should lift chosen above "
+          "rejected; both falling together is common and not by itself a problem.")),
+        (plot_accuracy_margins, "accuracy_margins.png", "Accuracy and margin",
+         "Share of pairs whose chosen response gets the higher implicit reward, and the mean gap."),
+        (plot_optimization, "optimization.png", "Optimization",
+         "Gradient norm and learning rate per optimizer step."),
+    ]
+    figures = []
+    for plot, name, title, caption in specs:
+        if plot(metrics, out / PLOT_DIR / name, smoothing) is not None:
+            figures.append((f"{PLOT_DIR}/{name}", title, caption))
+    return figures
+
+
+def _eval_figures(evals: list[dict], out: Path, notes: list[str]):
+    figures = []
+    if any(_is_number(ev.get("kl")) and _policy_reward(ev) is not None for ev in evals):
+        plot_frontier(evals, out / PLOT_DIR / "reward_kl.png")
+        figures.append((f"{PLOT_DIR}/reward_kl.png", "Reward vs KL",
+                        ("Mean reward of sampled responses against their KL divergence from the "
+                         "reference; up and to the left is better. Bars: ±1 standard error.")))
+    if any(_win_rate_with_ci(ev) for ev in evals):
+        plot_win_rates(evals, out / PLOT_DIR / "win_rates.png")
+        figures.append((f"{PLOT_DIR}/win_rates.png", "Win rates",
+                        ("Share of prompts on which the judge preferred the model's response to "
+                         "the reference's, with 95% Wilson intervals.")))
+    if evals and not figures:
+        notes.append("The evaluations hold no win rates or KL estimates (pairs evaluations "
+                     "only), so there are no evaluation plots; see the table.")
+    return figures
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _final_metrics_table(metrics: RunMetrics):
+    last_train = metrics.train[-1] if metrics.train else {}
+    last_eval = metrics.eval[-1] if metrics.eval else {}
+    rows = [["step", _fmt(last_train.get("step")), _fmt(last_eval.get("step"))]]
+    for key in SUMMARY_KEYS:
+        train, evaluated = last_train.get(key), last_eval.get(f"eval/{key}")
+        if train is not None or evaluated is not None:
+            rows.append([key, _fmt(train), _fmt(evaluated)])
+    return ("Final metrics", ["metric", "last train step", "last evaluation"], rows)
+
+
+def _flatten(config: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _config_table(config: dict):
+    flat = _flatten(config)
+    chosen = {k: v for k, v in flat.items() if k.rsplit(".", 1)[-1] in CONFIG_HIGHLIGHTS}
+    rows = [[key, _fmt(value)] for key, value in (chosen or dict(list(flat.items())[:15])).items()]
+    return ("Config highlights", ["key", "value"], rows)
+
+
+def _evals_table(evals: list[dict]):
+    header = ["model", "kind", "prompts", "win rate [95% CI]", "mean reward (policy / ref)",
+              "KL ± se (nats)", "accuracy", "mean length (policy / ref)"]
+    rows = []
+    for ev in evals:
+        wr = _win_rate_with_ci(ev)
+        reward = f"{_fmt(_policy_reward(ev))} / {_fmt(_policy_reward(ev, 'reference'))}"
+        kl = f"{_fmt(ev.get('kl'))} ± {_fmt(ev.get('kl_se'))}" if _is_number(ev.get("kl")) else "–"
+        lengths = ev.get("mean_length") or {}
+        rows.append([
+            eval_label(ev), _fmt(ev.get("kind")), _fmt(ev.get("n_prompts")),
+            f"{wr[0]:.3f} [{wr[1]:.3f}, {wr[2]:.3f}]" if wr else "–",
+            reward if _policy_reward(ev) is not None else "–", kl,
+            _fmt(ev.get("eval/rewards/accuracies")),
+            f"{_fmt(lengths.get('policy'))} / {_fmt(lengths.get('reference'))}" if lengths else "–",
+        ])
+    return ("Evaluations", header, rows)

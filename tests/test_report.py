@@ -1,0 +1,172 @@
+"""The run report: plots exist, are real pictures, and the HTML shows them."""
+
+import json
+import math
+import re
+
+import matplotlib.image as mpimg
+import numpy as np
+import pytest
+
+from preftune.errors import UserError
+from preftune.report import (
+    ema,
+    load_metrics,
+    plot_frontier,
+    plot_win_rates,
+    write_report,
+)
+
+TRAIN_PLOTS = ["loss.png", "rewards.png", "accuracy_margins.png", "optimization.png"]
+EVAL_PLOTS = ["reward_kl.png", "win_rates.png"]
+
+
+def write_metrics(run_dir, n_steps=60, eval_every=20):
+    """A DPO-shaped run: rewards part, loss falls, lr warms up then decays, evals every 20."""
+    rng = np.random.default_rng(0)
+    lines = []
+    for step in range(1, n_steps + 1):
+        t = step / n_steps
+        chosen, rejected = 0.5 * t + rng.normal(0, 0.2), -t + rng.normal(0, 0.2)
+        lines.append({
+            "step": step, "epoch": t, "loss": math.log1p(math.exp(rejected - chosen)),
+            "rewards/chosen": chosen, "rewards/rejected": rejected,
+            "rewards/accuracies": float(chosen > rejected), "rewards/margins": chosen - rejected,
+            "logps/chosen": -50.0 + chosen, "logps/rejected": -55.0 + rejected,
+            "grad_norm": 3.0 * (1 - t) + 0.2, "learning_rate": 1e-5 * min(1.0, 5 * t) * (1.1 - t),
+            "tokens_per_second": 900.0,
+        })
+        if step % eval_every == 0:
+            lines.append({"step": step, "eval/loss": 0.69 - 0.3 * t, "eval/rewards/chosen": 0.4 * t,
+                          "eval/rewards/rejected": -0.8 * t, "eval/rewards/accuracies": 0.5 + 0.4 * t,
+                          "eval/rewards/margins": 1.2 * t})
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def generate_eval(beta, kl, reward, rate, method="DPO"):
+    return {"kind": "generate", "method": method, "beta": beta, "model": f"runs/b{beta}/final",
+            "reference": "sft", "judge": "reward:tests:length", "n_prompts": 64,
+            "win_rate": rate, "win_rate_ci": [rate - 0.1, rate + 0.1], "ties": 1,
+            "mean_reward": {"policy": reward, "reference": 0.0},
+            "mean_reward_se": {"policy": 0.1, "reference": 0.1}, "kl": kl, "kl_se": 0.3,
+            "mean_length": {"policy": 30.0, "reference": 28.0}}
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    run = tmp_path / "run"
+    write_metrics(run)
+    (run / "config.yaml").write_text("model: tiny\nloss:\n  beta: 0.1\ntrain:\n  epochs: 1\n")
+    for beta, kl, reward, rate in [(0.1, 6.0, 1.5, 0.8), (0.5, 2.0, 0.8, 0.65)]:
+        (run / f"b{beta}").mkdir()
+        (run / f"b{beta}" / "eval.json").write_text(json.dumps(generate_eval(beta, kl, reward, rate)))
+    return run
+
+
+def assert_real_picture(path):
+    """More than a blank canvas: kilobytes of PNG and pixels that vary."""
+    assert path.stat().st_size > 15_000, path
+    pixels = mpimg.imread(path)
+    assert pixels.ndim == 3 and pixels.shape[0] > 300 and pixels.shape[1] > 500
+    assert pixels[..., :3].std() > 0.05, f"{path} looks blank"
+
+
+def test_report_writes_every_plot_and_links_it(run_dir, tmp_path):
+    baseline = tmp_path / "pft.json"
+    baseline.write_text(json.dumps([generate_eval(None, 4.0, 0.6, 0.6, method="Preferred-FT")]))
+    report = write_report(run_dir, eval_paths=[baseline])
+    assert report == run_dir / "report.html"
+    html = report.read_text()
+    for name in TRAIN_PLOTS + EVAL_PLOTS:
+        assert_real_picture(run_dir / "plots" / name)
+        assert f'src="plots/{name}"' in html  # relative, so the folder can move
+    assert html.count("<img ") == len(TRAIN_PLOTS + EVAL_PLOTS)
+    # The summary holds the final metrics, config highlights and each evaluation.
+    assert "<td>rewards/accuracies</td>" in html
+    assert "<td>loss.beta</td>" in html
+    for label in ("DPO β=0.1", "DPO β=0.5", "Preferred-FT"):
+        assert f"<td>{label}</td>" in html
+    assert "0.800 [0.700, 0.900]" in html
+
+
+def test_report_without_evaluations_has_training_plots_only(tmp_path):
+    write_metrics(tmp_path)
+    html = write_report(tmp_path, smoothing=0.0).read_text()
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == sorted(TRAIN_PLOTS)
+    assert "reward_kl.png" not in html and "<h2>Evaluations</h2>" not in html
+
+
+def test_missing_keys_are_noted_and_their_panels_skipped(tmp_path):
+    lines = [{"step": s, "loss": 1.0 / s} for s in range(1, 30)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    html = write_report(tmp_path).read_text()
+    assert (tmp_path / "plots" / "loss.png").exists()
+    assert not (tmp_path / "plots" / "rewards.png").exists()
+    assert "has no training values for rewards/accuracies" in html
+
+
+def test_resumed_run_keeps_the_last_line_of_a_repeated_step(tmp_path):
+    lines = [{"step": 1, "loss": 0.9}, {"step": 2, "loss": 0.8}, {"step": 2, "loss": 0.7},
+             {"step": 2, "eval/loss": 0.75}, {"step": 3, "loss": None}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    metrics = load_metrics(tmp_path / "metrics.jsonl")
+    steps, values = metrics.series("loss")
+    assert steps.tolist() == [1, 2] and values.tolist() == [0.9, 0.7]  # null at step 3 skipped
+    assert metrics.series("eval/loss")[1].tolist() == [0.75]
+
+
+def test_frontier_from_a_list_of_evals(tmp_path):
+    evals = [generate_eval(b, kl, r, w) for b, kl, r, w in
+             [(0.05, 9.0, 2.0, 0.85), (0.1, 6.0, 1.6, 0.8), (0.5, 2.0, 0.8, 0.6)]]
+    evals.append(generate_eval(None, 5.0, 0.7, 0.6, method="Preferred-FT"))
+    evals.append({"kind": "generate", "label": "pi_sft", "kl": 0.0, "kl_se": 0.0,
+                  "mean_reward": {"policy": 0.0}, "win_rate": 0.5, "n_prompts": 64})
+    assert_real_picture(plot_frontier(evals, tmp_path / "frontier.png"))
+    # Without an interval in the file, the win-rate plot rebuilds Wilson's from n_prompts.
+    assert_real_picture(plot_win_rates(evals, tmp_path / "wins.png"))
+
+
+def test_ema_is_debiased_and_zero_means_raw():
+    np.testing.assert_allclose(ema([2.0, 2.0, 2.0], 0.9), [2.0, 2.0, 2.0])
+    np.testing.assert_allclose(ema([1.0, 3.0], 0.0), [1.0, 3.0])
+    # (0.5 * 0.5 * 1 + 0.5 * 3) / (1 - 0.25) = 1.75 / 0.75
+    assert ema([1.0, 3.0], 0.5)[1] == pytest.approx(1.75 / 0.75)
+    with pytest.raises(UserError, match="smoothing"):
+        ema([1.0], 1.0)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", "holds no metrics"),
+        ('{"loss": 0.7}\n', "record 1: no numeric 'step'"),
+        ('{"step": 1, "speed": 3}\n', "none of the keys the report plots"),
+        ('{"step": 1, "loss": 0.7}\n{oops\n', "line 2: not valid JSON"),
+    ],
+)
+def test_broken_metrics_are_user_errors(tmp_path, content, message):
+    (tmp_path / "metrics.jsonl").write_text(content)
+    with pytest.raises(UserError, match=re.escape(message)):
+        write_report(tmp_path)
+
+
+def test_empty_folder_and_bad_eval_file_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="neither metrics.jsonl nor any eval.json"):
+        write_report(tmp_path)
+    with pytest.raises(UserError, match="no such run folder"):
+        write_report(tmp_path / "missing")
+    (tmp_path / "eval.json").write_text("{not json")
+    with pytest.raises(UserError, match="eval.json, line 1: not valid JSON"):
+        write_report(tmp_path)
+    (tmp_path / "eval.json").write_text(json.dumps({"kind": "pairs", "eval/loss": 0.5}))
+    html = write_report(tmp_path).read_text()  # an eval-only folder still gets a report
+    assert "No metrics.jsonl" in html and "<td>pairs</td>" in html
+
+
+def test_run_text_cannot_inject_markup(tmp_path):
+    write_metrics(tmp_path)
+    (tmp_path / "eval.json").write_text(json.dumps(
+        {**generate_eval(0.1, 1.0, 1.0, 0.7), "label": "<script>alert(1)</script>"}))
+    html = write_report(tmp_path).read_text()
+    assert "<script>" not in html and "&lt;script&gt;" in html
