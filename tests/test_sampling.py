@@ -1,0 +1,236 @@
+"""`preftune sample` and `preftune.sampling` on a tiny model built in-process."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from preftune.demo.tiny import save_tiny_model
+from preftune.errors import UserError
+from preftune.records import read_records
+from preftune.sampling import (
+    SamplingSettings, encode_prompts, load_model_and_tokenizer, load_prompts, nucleus_probs,
+    sample_pairs, sample_to_file,
+)
+from preftune.sampling_cli import app
+
+torch.set_num_threads(2)
+
+PROMPTS = [
+    "The quick brown fox", "Hi", "What is the best ice cream? Haagen-Dazs is",
+    "A preference pair holds", "Numbers like 12", "Direct preference optimization trains",
+    "hello",
+]
+SETTINGS = SamplingSettings(temperature=1.0, top_p=1.0, max_new_tokens=6, seed=0, n=2)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"), hidden_size=32)
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(model_dir):
+    return load_model_and_tokenizer(str(model_dir))
+
+
+def write_txt(path, prompts):
+    path.write_text("".join(p + "\n" for p in prompts), encoding="utf-8")
+    return path
+
+
+def run(model_dir, prompts_file, out, **kwargs):
+    kwargs = {"settings": SETTINGS, "batch_size": 3, "progress": False, **kwargs}
+    return sample_to_file(str(model_dir), prompts_file, out, **kwargs)
+
+
+def test_records_follow_the_pairs_contract(model_dir, tmp_path):
+    out = tmp_path / "pairs.jsonl"
+    assert run(model_dir, write_txt(tmp_path / "p.txt", PROMPTS), out) == (0, len(PROMPTS))
+    records = read_records(out)
+    assert [r["pair_id"] for r in records] == [f"p{i:06d}" for i in range(len(PROMPTS))]
+    for record, prompt in zip(records, PROMPTS):
+        assert set(record) == {"pair_id", "prompt", "responses", "model", "sampling"}
+        assert record["prompt"] == prompt
+        assert record["model"] == str(model_dir)
+        assert record["sampling"] == {
+            "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 6, "seed": 0, "n": 2
+        }
+        assert len(record["responses"]) == 2
+        assert all(isinstance(y, str) for y in record["responses"])
+
+
+def test_same_seed_same_output_whatever_the_batch_size(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    kwargs = {"n": 2, "max_new_tokens": 6, "seed": 0}
+    in_threes = sample_pairs(model, tokenizer, PROMPTS, batch_size=3, **kwargs)
+    one_by_one = sample_pairs(model, tokenizer, PROMPTS, batch_size=1, **kwargs)
+    assert in_threes == one_by_one
+    assert sample_pairs(model, tokenizer, PROMPTS, batch_size=3, **kwargs) == in_threes
+    other_seed = sample_pairs(model, tokenizer, PROMPTS, batch_size=3, n=2, max_new_tokens=6, seed=1)
+    assert [r["responses"] for r in other_seed] != [r["responses"] for r in in_threes]
+    # The two responses of a pair come from different streams.
+    assert any(r["responses"][0] != r["responses"][1] for r in in_threes)
+
+
+def test_resume_after_a_prefix_equals_an_uninterrupted_run(model_dir, tmp_path):
+    full = write_txt(tmp_path / "all.txt", PROMPTS)
+    run(model_dir, full, tmp_path / "straight.jsonl")
+    resumed = tmp_path / "resumed.jsonl"
+    assert run(model_dir, write_txt(tmp_path / "head.txt", PROMPTS[:4]), resumed) == (0, 4)
+    assert run(model_dir, full, resumed) == (4, len(PROMPTS) - 4)
+    assert resumed.read_text() == (tmp_path / "straight.jsonl").read_text()
+
+
+def test_resume_after_a_kill_mid_write_equals_an_uninterrupted_run(model_dir, tmp_path):
+    prompts = write_txt(tmp_path / "all.txt", PROMPTS)
+    run(model_dir, prompts, tmp_path / "straight.jsonl")
+    expected = (tmp_path / "straight.jsonl").read_text()
+
+    class Killed(Exception):
+        pass
+
+    def kill(_):
+        raise Killed
+
+    out = tmp_path / "killed.jsonl"
+    with pytest.raises(Killed):
+        run(model_dir, prompts, out, on_batch=kill)
+    assert len(read_records(out)) == 3  # the first batch reached the disk before the kill
+    with open(out, "a") as f:
+        f.write('{"pair_id": "p000003", "prompt": "A pref')  # a torn line, no newline
+    assert run(model_dir, prompts, out) == (3, len(PROMPTS) - 3)
+    assert out.read_text() == expected
+
+    # Cutting the last complete line in half also resumes cleanly.
+    out.write_text(expected[: expected.rstrip("\n").rfind("\n") + 20])
+    assert run(model_dir, prompts, out) == (len(PROMPTS) - 1, 1)
+    assert out.read_text() == expected
+    assert run(model_dir, prompts, out) == (len(PROMPTS), 0)  # finished: nothing appended
+    assert out.read_text() == expected
+
+
+def test_resume_refuses_a_file_from_another_job(model_dir, tmp_path):
+    prompts = write_txt(tmp_path / "all.txt", PROMPTS)
+    out = tmp_path / "pairs.jsonl"
+    run(model_dir, write_txt(tmp_path / "head.txt", PROMPTS[:2]), out)
+    hotter = SamplingSettings(temperature=1.5, max_new_tokens=6)
+    with pytest.raises(UserError, match="line 1"):
+        run(model_dir, prompts, out, settings=hotter)
+    with pytest.raises(UserError, match="another job"):
+        run(model_dir, write_txt(tmp_path / "other.txt", ["x", "y", "z"]), out)
+
+
+def test_chat_prompts_are_rendered_with_the_template(model_and_tokenizer, model_dir, tmp_path):
+    model, tokenizer = model_and_tokenizer
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+    rendered = "<|system|>\nBe brief.<|eos|>\n<|user|>\nHello<|eos|>\n<|assistant|>\n"
+    input_ids, _ = encode_prompts(tokenizer, [chat])
+    assert input_ids[0].tolist() == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    via_chat = sample_pairs(model, tokenizer, [chat], max_new_tokens=6)
+    via_text = sample_pairs(model, tokenizer, [rendered], max_new_tokens=6)
+    assert via_chat[0]["responses"] == via_text[0]["responses"]
+    assert via_chat[0]["prompt"] == chat  # the record keeps the messages, not the rendering
+
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text(json.dumps({"prompt": chat}) + "\n" + json.dumps({"prompt": "Hi"}) + "\n")
+    run(model_dir, jsonl, tmp_path / "pairs.jsonl")
+    assert [r["prompt"] for r in read_records(tmp_path / "pairs.jsonl")] == [chat, "Hi"]
+
+
+def test_prompts_are_left_padded(model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    short = tokenizer("Hi")["input_ids"]
+    long = tokenizer("What is the best ice cream?")["input_ids"]
+    input_ids, attention_mask = encode_prompts(tokenizer, ["Hi", "What is the best ice cream?"])
+    pad = len(long) - len(short)
+    assert input_ids.shape == (2, len(long))
+    assert input_ids[0].tolist() == [tokenizer.pad_token_id] * pad + short
+    assert attention_mask[0].tolist() == [0] * pad + [1] * len(short)
+    assert attention_mask[1].tolist() == [1] * len(long)
+
+
+def test_greedy_responses_are_the_new_tokens_cut_at_eos(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    prompt = "The quick brown fox"
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    generated = model.generate(
+        ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=6,
+        pad_token_id=tokenizer.pad_token_id,
+    )[0, ids.shape[1]:].tolist()
+    if tokenizer.eos_token_id in generated:
+        generated = generated[: generated.index(tokenizer.eos_token_id)]
+    expected = tokenizer.decode(generated, skip_special_tokens=True)
+    record = sample_pairs(model, tokenizer, [prompt], temperature=0.0, max_new_tokens=6, n=2)[0]
+    assert record["responses"] == [expected, expected]
+    # A vanishing nucleus keeps only the top token: sampling becomes greedy too.
+    nucleus = sample_pairs(model, tokenizer, [prompt], top_p=1e-6, max_new_tokens=6)[0]
+    assert nucleus["responses"] == [expected, expected]
+
+
+def test_decoding_stops_at_eos(model_and_tokenizer):
+    from preftune.sampling import _decode_until_stop
+
+    _, tokenizer = model_and_tokenizer
+    words = tokenizer("fox jumps")["input_ids"]
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    later = tokenizer(" lazy dog")["input_ids"]
+    assert _decode_until_stop(tokenizer, words + [eos] + later + [pad], [eos]) == "fox jumps"
+
+
+def test_nucleus_keeps_the_smallest_set_reaching_top_p():
+    logits = torch.log(torch.tensor([[0.2, 0.5, 0.3]]))
+    # Sorted: 0.5, 0.3, 0.2; mass before each: 0, 0.5, 0.8.
+    assert torch.allclose(nucleus_probs(logits, 0.6), torch.tensor([[0.0, 0.5, 0.3]]))
+    assert torch.allclose(nucleus_probs(logits, 0.5), torch.tensor([[0.0, 0.5, 0.0]]))
+    assert torch.allclose(nucleus_probs(logits, 1.0), torch.tensor([[0.2, 0.5, 0.3]]))
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("bad.jsonl", '{"prompt": "ok"}\n{"prompt": "unclosed\n', "line 2: not valid JSON"),
+        ("bad.jsonl", '{"prompt": "ok"}\n\n{"text": "x"}\n', 'line 3: expected an object with a "prompt"'),
+        ("bad.jsonl", '{"prompt": 7}\n', "line 1: \"prompt\" must be"),
+        ("bad.jsonl", '{"prompt": [{"role": "user"}]}\n', "line 1: \"prompt\" must be"),
+        ("bad.jsonl", '{"prompt": "   "}\n', "line 1: \"prompt\" is empty"),
+        ("empty.txt", "\n  \n", "holds no prompts"),
+        ("prompts.csv", "a,b\n", "unknown prompt file type"),
+    ],
+)
+def test_bad_prompt_files_name_the_file_and_line(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(UserError, match=message) as info:
+        load_prompts(path)
+    assert str(path) in str(info.value)
+
+
+def test_text_prompts_skip_blank_lines_and_keep_inner_spaces(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("The movie\n\n  was  \r\nlast\n")
+    assert load_prompts(path) == ["The movie", "  was  ", "last"]
+
+
+def test_bad_settings_are_user_errors():
+    with pytest.raises(UserError, match="--top-p"):
+        SamplingSettings(top_p=0.0)
+    with pytest.raises(UserError, match="--n"):
+        SamplingSettings(n=0)
+
+
+def test_cli_samples_and_resumes(model_dir, tmp_path):
+    prompts = write_txt(tmp_path / "p.txt", PROMPTS[:3])
+    out = tmp_path / "pairs.jsonl"
+    args = ["--model", str(model_dir), "--prompts", str(prompts), "--out", str(out),
+            "--max-new-tokens", "4", "--n", "3", "--seed", "5", "--no-progress"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    records = read_records(out)
+    assert len(records) == 3 and all(len(r["responses"]) == 3 for r in records)
+    assert records[0]["sampling"]["seed"] == 5
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and "nothing to do" in again.output
+    missing = CliRunner().invoke(app, args[:2] + ["--prompts", str(tmp_path / "no.txt")] + args[4:])
+    assert isinstance(missing.exception, UserError)
