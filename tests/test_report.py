@@ -170,3 +170,21 @@ def test_run_text_cannot_inject_markup(tmp_path):
         {**generate_eval(0.1, 1.0, 1.0, 0.7), "label": "<script>alert(1)</script>"}))
     html = write_report(tmp_path).read_text()
     assert "<script>" not in html and "&lt;script&gt;" in html
+
+
+def test_report_command(run_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from preftune.report_cli import app
+
+    extra = tmp_path / "extra.json"
+    extra.write_text(json.dumps(generate_eval(1.0, 1.0, 0.4, 0.55)))
+    result = CliRunner().invoke(app, [str(run_dir), "--eval", str(extra), "--smoothing", "0.3",
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == f"report: {tmp_path / 'out' / 'report.html'}"
+    assert "<td>DPO β=1</td>" in (tmp_path / "out" / "report.html").read_text()
+    assert (tmp_path / "out" / "plots" / "win_rates.png").exists()
+    # Mistakes reach the top-level CLI as UserError, which prints them and exits 2.
+    result = CliRunner().invoke(app, [str(tmp_path / "missing")])
+    assert isinstance(result.exception, UserError)
