@@ -232,6 +232,8 @@ def create_app(store: Store, open_mode: bool = False, guidelines: str | None = N
     async def next_pair(request: Request, who: Annotator) -> Response:
         pair = await run_in_threadpool(store.next_pair, who)
         progress = await run_in_threadpool(store.progress, who)
+        if pair is None:  # what is left is reserved by others or needs no more votes
+            progress.update(remaining=0, total=progress["done"])
         return JSONResponse({"pair": pair, "progress": progress, "annotator": who.name})
 
     async def vote(request: Request, who: Annotator) -> Response:

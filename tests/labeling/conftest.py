@@ -1,0 +1,23 @@
+import pytest
+from starlette.testclient import TestClient
+
+from labeling_helpers import make_pairs
+from preftune.labeling.app import create_app
+from preftune.labeling.store import Store
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "labels.sqlite", overlap=1)
+    s.add_pairs(make_pairs(6))
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def alice(store):
+    """(annotator token, TestClient logged in through the login link)."""
+    token = store.add_annotator("alice")
+    client = TestClient(create_app(store))
+    assert client.get("/login", params={"token": token}, follow_redirects=False).status_code == 303
+    return token, client
