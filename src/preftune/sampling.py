@@ -235,6 +235,23 @@ def generate_responses(
     settings: SamplingSettings,
 ) -> list[list[str]]:
     """`settings.n` responses for each prompt, the new tokens only, cut at the first EOS."""
+    _, rows = generate_token_ids(model, tokenizer, prompts, prompt_indices, settings)
+    stop_ids = _stop_token_ids(model, tokenizer)
+    return [[_decode_until_stop(tokenizer, ids, stop_ids) for ids in row] for row in rows]
+
+
+@torch.no_grad()
+def generate_token_ids(
+    model, tokenizer, prompts: Sequence[Prompt], prompt_indices: Sequence[int],
+    settings: SamplingSettings,
+) -> tuple[list[list[int]], list[list[list[int]]]]:
+    """The token ids behind `generate_responses`: each prompt's ids (unpadded), and per prompt
+    `settings.n` rows of new ids, each cut just after its first stop token (kept, since the
+    model chose it; a row that hit `max_new_tokens` has none).
+
+    Evaluation scores these exact ids: re-tokenizing decoded text may merge tokens differently
+    from what the model sampled, which would bias a KL estimate.
+    """
     from transformers import LogitsProcessorList
 
     input_ids, attention_mask = encode_prompts(tokenizer, prompts)  # (B, T)
@@ -259,9 +276,15 @@ def generate_responses(
             [_PerRowSampler(generators, settings.temperature, settings.top_p)]
         ),
     )  # (B*n, T + new)
-    new_tokens = output[:, input_ids.shape[1]:].tolist()
-    texts = [_decode_until_stop(tokenizer, row, stop_ids) for row in new_tokens]
-    return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+    new_tokens = [_cut_after_stop(row, stop_ids) for row in output[:, input_ids.shape[1]:].tolist()]
+    prompt_ids = [row[mask.bool()].tolist() for row, mask in zip(input_ids[::n], attention_mask[::n])]
+    return prompt_ids, [new_tokens[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def _cut_after_stop(token_ids: list[int], stop_ids: list[int]) -> list[int]:
+    stops = set(stop_ids)
+    end = next((k + 1 for k, t in enumerate(token_ids) if t in stops), len(token_ids))
+    return token_ids[:end]
 
 
 def _decode_until_stop(tokenizer, token_ids: list[int], stop_ids: list[int]) -> str:
