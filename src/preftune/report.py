@@ -359,11 +359,11 @@ def plot_win_rates(evals: Sequence[dict], path: str | Path) -> Path:
 SUMMARY_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen",
                 "rewards/rejected", "logps/chosen", "logps/rejected", "grad_norm",
                 "learning_rate", "tokens_per_second")
-# Leaf names of config keys worth a line in the summary; the full config sits below it.
-CONFIG_HIGHLIGHTS = {"model", "policy", "reference", "loss", "loss_type", "beta", "label_smoothing",
-                     "learning_rate", "lr", "epochs", "num_epochs", "max_steps", "batch_size",
-                     "micro_batch_size", "gradient_accumulation_steps", "max_length", "seed",
-                     "data", "train_data", "eval_data", "lora", "precision", "dtype"}
+# Leaf names of config keys worth a line in the summary (unset ones are left out); the full
+# config sits below the tables. Matching leaf names keeps this working as the schema grows.
+CONFIG_HIGHLIGHTS = {"path", "reference", "reference_path", "lora", "train", "eval", "max_length",
+                     "type", "beta", "label_smoothing", "lr", "learning_rate", "scheduler",
+                     "warmup_steps", "batch_size", "grad_accum", "epochs", "max_steps", "seed"}
 
 
 def write_report(run_dir: str | Path, eval_paths: Iterable[str | Path] = (),
@@ -488,7 +488,8 @@ def _flatten(config: dict, prefix: str = "") -> dict:
 
 def _config_table(config: dict):
     flat = _flatten(config)
-    chosen = {k: v for k, v in flat.items() if k.rsplit(".", 1)[-1] in CONFIG_HIGHLIGHTS}
+    chosen = {k: v for k, v in flat.items()
+              if k.rsplit(".", 1)[-1] in CONFIG_HIGHLIGHTS and v is not None}
     rows = [[key, _fmt(value)] for key, value in (chosen or dict(list(flat.items())[:15])).items()]
     return ("Config highlights", ["key", "value"], rows)
 
