@@ -9,10 +9,12 @@ complete, anything else is the trace of an interrupted save and is never resumed
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -90,22 +92,51 @@ def save_checkpoint(folder: Path, step: int, save_model, training_state: dict) -
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno == 28:  # ENOSPC
+        _fsync_dir(folder.parent)  # the rename itself must reach the disk
+    except Exception as e:
+        full = _out_of_space(e, tmp)
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written folder only takes space
+        if full:
             raise UserError(f"out of disk space while saving the checkpoint {folder}; the earlier "
                             "checkpoints are intact; free some space and resume with --resume.") from None
         raise
     return folder
 
 
+# Full disks surface differently per writer: Python's open() raises OSError(ENOSPC); safetensors
+# raises SafetensorError("... No space left on device (os error 28)"); torch.save raises a
+# RuntimeError ("unexpected pos ...") that has lost the errno, so free space decides that one.
+_FULL_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+_FULL_DISK_WORDS = ("no space left on device", "os error 28", "disk quota exceeded", "storagefull")
+_NEARLY_FULL_BYTES = 64 << 20
+
+
+def _out_of_space(error: BaseException, folder: Path) -> bool:
+    if isinstance(error, OSError) and error.errno in _FULL_DISK_ERRNOS:
+        return True
+    if any(word in str(error).lower() for word in _FULL_DISK_WORDS):
+        return True
+    try:
+        return shutil.disk_usage(folder.parent).free < _NEARLY_FULL_BYTES
+    except OSError:
+        return False
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def list_checkpoints(output_dir: Path) -> list[Path]:
     root = Path(output_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
-             and not p.name.endswith(".tmp")]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    # Only step-<digits>: leaves out .tmp folders of interrupted saves and a user's own copies.
+    found = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step-\d+", p.name)]
+    return sorted(found, key=_step_of)
 
 
 def latest_good_checkpoint(output_dir: Path) -> Path | None:
@@ -117,11 +148,27 @@ def latest_good_checkpoint(output_dir: Path) -> Path | None:
     return None
 
 
-def prune_checkpoints(output_dir: Path, keep: int | None) -> None:
+def prune_checkpoints(output_dir: Path, keep: int | None, current_step: int | None = None) -> None:
+    """Keep the `keep` newest checkpoints at or before `current_step` (the one just saved).
+
+    Checkpoints after `current_step` belong to an abandoned timeline: a broken one that resume
+    passed over, or later ones of a run resumed from an earlier point. Keeping them by name
+    would delete good checkpoints and keep a corrupt one, so they go first.
+    """
     if keep is None:
         return
-    for folder in list_checkpoints(output_dir)[:-keep]:
+    folders = list_checkpoints(output_dir)
+    if current_step is not None:
+        stale = [f for f in folders if _step_of(f) > current_step]
+        folders = [f for f in folders if _step_of(f) <= current_step]
+        for folder in stale:
+            shutil.rmtree(folder, ignore_errors=True)
+    for folder in folders[:-keep]:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _step_of(folder: Path) -> int:
+    return int(folder.name.split("-")[1])
 
 
 def load_model_weights(model: torch.nn.Module, folder: Path) -> None:

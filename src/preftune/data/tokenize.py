@@ -26,6 +26,7 @@ class TokenizedPair:
     rejected_ids: list[int]
     index: int = 0  # position in the loaded data set: the key of cached reference log-probs
     pair_id: str | None = None
+    origin: str = ""  # "file.jsonl, line 12": names the row when a step goes non-finite
 
     @property
     def length(self) -> int:
@@ -82,6 +83,7 @@ def tokenize_pair(pair: PreferencePair, tokenizer, index: int = 0) -> TokenizedP
         rejected_ids=full_rejected[shared:] + eos,
         index=index,
         pair_id=pair.pair_id,
+        origin=pair.origin,
     )
 
 
@@ -107,7 +109,8 @@ def truncate_pair(
     prompt = prompt[len(prompt) - keep:] if mode == "keep_end" else prompt[:keep]
     room = max_length - len(prompt)
     return (
-        TokenizedPair(prompt, pair.chosen_ids[:room], pair.rejected_ids[:room], pair.index, pair.pair_id),
+        TokenizedPair(prompt, pair.chosen_ids[:room], pair.rejected_ids[:room], pair.index, pair.pair_id,
+                      pair.origin),
         "truncated",
     )
 
