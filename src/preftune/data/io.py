@@ -97,6 +97,16 @@ def _check_text(value, where: str, name: str, allow_empty: bool = False) -> None
         raise UserError(f"{where}: field {name!r} must be a string, got {type(value).__name__}.")
     if not allow_empty and not value.strip():
         raise UserError(f"{where}: field {name!r} is empty; remove the row or fill in the response.")
+    _check_encodable(value, where, name)
+
+
+def _check_encodable(value: str, where: str, name: str) -> None:
+    """JSON escapes like \\ud800 decode to lone surrogates, which no tokenizer can encode."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"{where}: field {name!r} holds an invalid character at position {e.start} "
+                        "(a lone UTF-16 surrogate, usually a broken \\u escape); fix the text.") from None
 
 
 def _check_messages(value, where: str, name: str, allow_empty: bool = False) -> None:
@@ -109,6 +119,8 @@ def _check_messages(value, where: str, name: str, allow_empty: bool = False) -> 
         if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
                 or not isinstance(message.get("content"), str):
             raise UserError(f"{where}: {name}[{i}] must be an object with string 'role' and 'content'.")
+        _check_encodable(message["role"], where, f"{name}[{i}].role")
+        _check_encodable(message["content"], where, f"{name}[{i}].content")
 
 
 def _split_implicit_prompt(chosen, rejected, where: str):
@@ -168,22 +180,35 @@ def _read_text(path: Path) -> str:
 
 def _rows_from_jsonl(path: Path) -> Iterator[tuple[str, object]]:
     text = _read_text(path)
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # Split on "\n" alone: str.splitlines() also breaks at U+2028, U+0085 and other characters
+    # that JSON strings may hold raw, which would cut valid rows apart and shift line numbers.
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}, line {lineno}: malformed JSON ({e.msg} at column {e.colno}); "
-                            "fix or remove that line.") from None
-        yield f"{path}, line {lineno}", row
+        yield f"{path}, line {lineno}", _parse_json(line, f"{path}, line {lineno}")
+
+
+def _parse_json(text: str, where: str):
+    """json.loads with every failure it can raise turned into one sentence naming `where`."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: malformed JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+                        "fix or remove it.") from None
+    except RecursionError:
+        raise UserError(f"{where}: JSON nested too deeply to read; flatten or remove it.") from None
+    except ValueError as e:  # e.g. an integer literal longer than Python's 4300-digit limit
+        raise UserError(f"{where}: unreadable JSON value ({str(e)[:120]}); fix or remove it.") from None
 
 
 def _rows_from_json(path: Path) -> Iterator[tuple[str, object]]:
+    text = _read_text(path)
     try:
-        data = json.loads(_read_text(path))
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}, line {e.lineno}: malformed JSON ({e.msg}).") from None
+    except ValueError:  # RecursionError and the integer-digit limit carry no position
+        data = _parse_json(text, str(path))
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -195,8 +220,16 @@ def _rows_from_json(path: Path) -> Iterator[tuple[str, object]]:
 def _rows_from_csv(path: Path) -> Iterator[tuple[str, object]]:
     import io
 
+    # The default limit (128 KiB per field) refuses long responses that are perfectly valid.
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
     reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
-    for row in reader:
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise UserError(f"{path}, line {reader.line_num}: unreadable CSV ({e}).") from None
         if None in row:
             raise UserError(f"{path}, line {reader.line_num}: more values than header columns.")
         yield f"{path}, line {reader.line_num}", {k: v for k, v in row.items() if v != "" or k != "prompt"}
