@@ -165,18 +165,21 @@ def test_empty_folder_and_bad_eval_file_are_user_errors(tmp_path):
 
 
 def test_run_text_cannot_inject_markup(tmp_path):
-    write_metrics(tmp_path)
     (tmp_path / "eval.json").write_text(json.dumps(
         {**generate_eval(0.1, 1.0, 1.0, 0.7), "label": "<script>alert(1)</script>"}))
     html = write_report(tmp_path).read_text()
     assert "<script>" not in html and "&lt;script&gt;" in html
 
 
-def test_report_command(run_dir, tmp_path):
+def test_report_command(tmp_path):
     from typer.testing import CliRunner
 
     from preftune.report_cli import app
 
+    # Evaluations only, so the command is tested without paying for the training plots again.
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "eval.json").write_text(json.dumps(generate_eval(0.1, 6.0, 1.5, 0.8)))
     extra = tmp_path / "extra.json"
     extra.write_text(json.dumps(generate_eval(1.0, 1.0, 0.4, 0.55)))
     result = CliRunner().invoke(app, [str(run_dir), "--eval", str(extra), "--smoothing", "0.3",

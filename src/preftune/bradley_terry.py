@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any, NamedTuple
 
@@ -289,7 +289,6 @@ class Leaderboard:
     n_comparisons: int
     n_bootstrap: int
     prior_strength: float
-    extra: dict = field(default_factory=dict)
 
     def __getitem__(self, system: Hashable) -> Rating:
         for row in self.ratings:
