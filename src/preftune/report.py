@@ -120,13 +120,17 @@ def load_config(run_dir: Path) -> dict:
 # --------------------------------------------------------------------------- helpers
 
 
+def _check_smoothing(smoothing: float) -> None:
+    if not 0.0 <= smoothing < 1.0:
+        raise UserError(f"smoothing must be in [0, 1), got {smoothing}; 0 turns it off.")
+
+
 def ema(values: Sequence[float], smoothing: float) -> np.ndarray:
     """Exponential moving average with TensorBoard's weight convention (0 = no smoothing).
 
     Debiased (divided by 1 - smoothing^t) so the curve starts at the data, not at zero.
     """
-    if not 0.0 <= smoothing < 1.0:
-        raise UserError(f"smoothing must be in [0, 1), got {smoothing}.")
+    _check_smoothing(smoothing)
     out = np.empty(len(values))
     running = 0.0
     for t, value in enumerate(values, start=1):
@@ -359,6 +363,8 @@ def plot_win_rates(evals: Sequence[dict], path: str | Path) -> Path:
 SUMMARY_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen",
                 "rewards/rejected", "logps/chosen", "logps/rejected", "grad_norm",
                 "learning_rate", "tokens_per_second")
+PLOTTED_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                "rewards/margins", "grad_norm", "learning_rate")
 # Leaf names of config keys worth a line in the summary (unset ones are left out); the full
 # config sits below the tables. Matching leaf names keeps this working as the schema grows.
 CONFIG_HIGHLIGHTS = {"path", "reference", "reference_path", "lora", "train", "eval", "max_length",
@@ -380,7 +386,7 @@ def write_report(run_dir: str | Path, eval_paths: Iterable[str | Path] = (),
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run folder; pass the --out folder of `preftune train`.")
-    ema([], smoothing)  # validates smoothing before any work
+    _check_smoothing(smoothing)  # before any work, so a typo costs nothing
     out = Path(output_dir) if output_dir else run_dir
     (out / PLOT_DIR).mkdir(parents=True, exist_ok=True)
     found = list(dict.fromkeys(p.resolve() for p in [*find_eval_files(run_dir), *map(Path, eval_paths)]))
@@ -414,10 +420,10 @@ def write_report(run_dir: str | Path, eval_paths: Iterable[str | Path] = (),
 
 
 def _training_figures(metrics: RunMetrics, out: Path, smoothing: float, notes: list[str]):
-    missing = [k for k in SUMMARY_KEYS[:-1] if not metrics.has(k)]
-    if len(missing) == len(SUMMARY_KEYS) - 1 and not any(metrics.has(f"eval/{k}") for k in missing):
+    missing = [k for k in PLOTTED_KEYS if not metrics.has(k)]
+    if len(missing) == len(PLOTTED_KEYS) and not any(metrics.has(f"eval/{k}") for k in missing):
         raise UserError(f"{metrics.source} has none of the keys the report plots "
-                        f"({', '.join(SUMMARY_KEYS[:-1])}); see docs/CONTRACTS.md for the format.")
+                        f"({', '.join(PLOTTED_KEYS)}); see docs/CONTRACTS.md for the format.")
     if missing:
         notes.append(f"{metrics.source.name} has no training values for "
                      f"{', '.join(missing)}; those curves are missing from the plots.")
