@@ -103,7 +103,10 @@ def test_missing_keys_are_noted_and_their_panels_skipped(tmp_path):
     html = write_report(tmp_path).read_text()
     assert (tmp_path / "plots" / "loss.png").exists()
     assert not (tmp_path / "plots" / "rewards.png").exists()
-    assert "has no training values for rewards/accuracies" in html
+    note = re.search(r"has no training values for ([^;]*);", html)
+    assert note and set(note.group(1).split(", ")) == {
+        "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+        "grad_norm", "learning_rate"}
 
 
 def test_resumed_run_keeps_the_last_line_of_a_repeated_step(tmp_path):
