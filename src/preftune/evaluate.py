@@ -6,10 +6,18 @@ metrics.jsonl and the output of `preftune eval pairs` mean the same thing.
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+
 import torch
+import yaml
 
 from preftune.data.collate import PairBatch, collate_pairs
 from preftune.data.tokenize import TokenizedPair
+from preftune.errors import UserError
 from preftune.losses import PairLogps, preference_loss
 from preftune.metrics import StepMetrics
 
@@ -49,3 +57,155 @@ def evaluate_pairs(policy_logps, reference_logps, pairs: list[TokenizedPair], co
     results["lengths/chosen"] = chosen_tokens / n
     results["lengths/rejected"] = rejected_tokens / n
     return results
+
+
+# ------------------------------------------------------------------ `preftune eval pairs`
+
+REFERENCE_FREE_LOSSES = ("simpo", "sft")
+
+
+def run_config(model_path: str | Path) -> dict:
+    """The config.yaml of the `preftune train` run that saved `model_path`, or {}.
+
+    A run writes RUN/config.yaml, RUN/final and RUN/checkpoints/step-N; from the config the
+    evaluator takes the defaults a user would otherwise have to repeat (beta, loss, reference).
+    """
+    folder = Path(model_path)
+    candidates = [folder.parent / "config.yaml"] if folder.name == "final" else []
+    if folder.parent.name == "checkpoints":
+        candidates.append(folder.parent.parent / "config.yaml")
+    for path in candidates:
+        if path.is_file():
+            try:
+                config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            except yaml.YAMLError:
+                raise UserError(f"{path}: not valid YAML; fix it or pass --beta/--loss/--reference.") from None
+            return config if isinstance(config, dict) else {}
+    return {}
+
+
+def reference_of_run(run: dict) -> str | None:
+    """The reference a run trained against: model.reference_path, else its starting model."""
+    model = run.get("model") or {}
+    return model.get("reference_path") or model.get("path")
+
+
+def pairs_eval_config(model_path, data, run: dict, beta: float | None, loss: str | None,
+                      batch_size: int, max_length: int | None, dtype: str):
+    """A training Config whose loss and data settings are the run's, with the user's overrides."""
+    from preftune.config import validate_config
+
+    loss_cfg = dict(run.get("loss") or {})
+    if loss is not None:
+        loss_cfg["type"] = [t.strip() for t in loss.split(",")] if "," in loss else loss
+        loss_cfg.pop("weights", None)  # the run's weights belonged to the run's loss types
+    if beta is not None:
+        loss_cfg["beta"] = beta
+    data_cfg = {k: v for k, v in (run.get("data") or {}).items()
+                if k in ("max_prompt_length", "truncation")}
+    data_cfg.update(train=str(data), max_length=max_length or (run.get("data") or {}).get("max_length", 1024))
+    raw = {"model": {"path": str(model_path), "dtype": dtype}, "data": data_cfg,
+           "loss": loss_cfg, "train": {"eval_batch_size": batch_size}}
+    return validate_config(raw, source="preftune eval pairs options")
+
+
+def evaluate_pairs_file(
+    model_path: str | Path, data: str | Path, reference_path: str | Path | None = None, *,
+    beta: float | None = None, loss: str | None = None, batch_size: int = 8,
+    max_length: int | None = None, out: str | Path | None = None, device: str = "auto",
+    dtype: str = "float32",
+) -> dict:
+    """Implicit-reward accuracy, margins, log-probs and lengths of a model on held-out pairs.
+
+    Defaults for beta, loss, reference and max_length come from the run's config.yaml when the
+    model is RUN/final or RUN/checkpoints/step-N. The record (training's `eval/` keys plus
+    what was evaluated) is added to eval.json in `out` (default: the model folder) and returned.
+    """
+    from preftune.data.io import load_pairs
+    from preftune.data.tokenize import tokenize_pairs
+    from preftune.logprobs import CompletionLogps
+    from preftune.modeling import freeze, load_causal_lm, load_tokenizer, pick_device
+    from preftune.reference import FrozenModelReference, no_reference
+
+    run = run_config(model_path)
+    config = pairs_eval_config(model_path, data, run, beta, loss, batch_size, max_length, dtype)
+    reference_free = config.loss.reference_free or all(
+        t in REFERENCE_FREE_LOSSES for t in config.loss.types)
+    reference_path = reference_path or reference_of_run(run)
+    if reference_path is None and not reference_free:
+        raise UserError(f"{model_path}: no --reference given and no run config.yaml names one; "
+                        "pass --reference with the model the policy was trained against.")
+    torch_device = pick_device(device)
+    tokenizer = load_tokenizer(str(model_path))
+    loaded = load_pairs(str(data))
+    pairs, counts = tokenize_pairs(loaded.pairs, tokenizer, config.data)
+    if not pairs:
+        raise UserError(f"{data}: no pair is left after tokenization ({dict(counts)}); "
+                        "raise --max-length or check the rows.")
+    chunk = config.train.logprob_chunk_size
+    policy = freeze(load_causal_lm(str(model_path), dtype)).to(torch_device)
+    reference = no_reference if reference_free and reference_path is None else FrozenModelReference(
+        freeze(load_causal_lm(str(reference_path), dtype)).to(torch_device), chunk, nullcontext)
+    results = evaluate_pairs(CompletionLogps(policy, chunk), reference, pairs, config,
+                             torch_device, tokenizer.pad_token_id, batch_size)
+    record = {
+        "kind": "pairs", "model": str(model_path),
+        "reference": str(reference_path) if reference_path else None, "data": str(data),
+        "n_pairs": len(pairs), "skipped": dict(loaded.skipped + counts),
+        "loss_type": config.loss.type, "beta": config.loss.beta,
+        **{f"eval/{key}": value for key, value in results.items()},
+    }
+    write_eval_record(Path(out) if out else Path(model_path), record)
+    return record
+
+
+# ------------------------------------------------------------------ eval.json
+
+
+def _same_evaluation(a: dict, b: dict) -> bool:
+    keys = ("kind", "reference", "judge", "data")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def read_eval_records(path: str | Path) -> list[dict]:
+    """The evaluations in an eval.json: one object, a list, or {"evals": [...]} (the report's forms)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}, line {e.lineno}: not valid JSON ({e.msg}); fix or delete it.") from None
+    items = data.get("evals", [data]) if isinstance(data, dict) else data
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise UserError(f"{path}: expected an eval.json object or a list of them; fix or delete it.")
+    return items
+
+
+def write_eval_record(folder: Path, record: dict) -> Path:
+    """Add `record` to folder/eval.json, replacing an earlier run of the same evaluation.
+
+    One model may be evaluated on pairs and on generations (and by several judges); a file with
+    more than one evaluation holds {"evals": [...]}, which `preftune report` reads.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "eval.json"
+    records = [r for r in read_eval_records(path) if not _same_evaluation(r, record)] + [record]
+    payload = records[0] if len(records) == 1 else {"evals": records}
+    write_json_atomic(path, payload)
+    return path
+
+
+def write_json_atomic(path: Path, payload) -> None:
+    """Write JSON beside `path`, fsync, rename: a crash leaves the old file or the new one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

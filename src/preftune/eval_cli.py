@@ -1,0 +1,131 @@
+"""`preftune eval ...`: held-out pairs, generations judged by a reward or by people, and scoring.
+
+Mounted by `preftune.cli` as the `eval` sub-command. Each command is a thin call into
+`preftune.evaluate`, `preftune.eval_generate` or `preftune.eval_human`; a `UserError` reaches
+the top-level CLI, which prints its sentence and exits with status 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(
+    help="Evaluate a policy: on held-out pairs (accuracy, margins) or on generations "
+    "(win rate, reward, KL), for one model or a leaderboard of several.",
+    no_args_is_help=True,
+)
+
+
+def _fmt(value, se=None, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    text = f"{value:.{digits}f}"
+    return f"{text} ± {se:.{digits}f}" if se is not None else text
+
+
+@app.command()
+def pairs(
+    model: str = typer.Option(..., "--model", help="Policy folder, e.g. RUN/final."),
+    data: str = typer.Option(..., "--data", help="Held-out pairs (prompt/chosen/rejected), e.g. D_eval.jsonl."),
+    reference: str | None = typer.Option(
+        None, "--reference", help="Reference model folder (default: the one in RUN/config.yaml)."),
+    beta: float | None = typer.Option(None, help="beta of the implicit reward (default: the run's, else 0.1)."),
+    loss: str | None = typer.Option(None, help="Loss type(s), comma separated (default: the run's, else sigmoid)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Pairs per forward pass."),
+    max_length: int | None = typer.Option(None, "--max-length", help="Tokens per sequence (default: the run's, else 1024)."),
+    out: Path | None = typer.Option(None, help="Folder for eval.json (default: the model folder)."),
+    device: str = typer.Option("auto", help="cuda, cpu, ... (auto: cuda if present)."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+) -> None:
+    """Implicit-reward accuracy and margins (beta * log pi/ref), log-probs and lengths on pairs."""
+    from preftune.evaluate import evaluate_pairs_file
+
+    record = evaluate_pairs_file(model, data, reference, beta=beta, loss=loss,
+                                 batch_size=batch_size, max_length=max_length, out=out,
+                                 device=device, dtype=dtype)
+    typer.echo(f"{record['n_pairs']} pairs, beta {record['beta']:g}, loss {record['loss_type']}:")
+    for key in ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen",
+                "rewards/rejected", "logps/chosen", "logps/rejected", "lengths/chosen",
+                "lengths/rejected"):
+        typer.echo(f"  eval/{key:<20} {record[f'eval/{key}']:.4f}")
+    typer.echo(f"wrote {(out or Path(model)) / 'eval.json'}")
+
+
+@app.command()
+def generate(
+    model: list[str] = typer.Option(..., "--model", help="Policy folder; repeat for a leaderboard of several."),
+    prompts: Path = typer.Option(..., "--prompts", help=".jsonl ({\"prompt\": ...} per line) or .txt (one per line)."),
+    judge: str = typer.Option(
+        ..., "--judge", help="reward:MODULE:FUNCTION, reward:FILE.py:FUNCTION, a reward-model folder, or human."),
+    reference: str | None = typer.Option(
+        None, "--reference", help="Reference model folder (default: the one in RUN/config.yaml)."),
+    n_prompts: int | None = typer.Option(None, "--n-prompts", help="Use only the first N prompts."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+    temperature: float = typer.Option(1.0, help="1 samples from the policy itself (needed for an unbiased KL)."),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: int = typer.Option(0, help="Prompt i is seeded from (seed, i) for every model alike."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Prompts per generate call."),
+    out: Path | None = typer.Option(None, help="Output folder (default: beside each model)."),
+    db: Path | None = typer.Option(None, help="Labeling database for --judge human."),
+    n_bootstrap: int = typer.Option(1000, "--n-bootstrap", min=0, help="Resamples behind leaderboard intervals."),
+    device: str = typer.Option("auto", help="cuda, cpu, ... (auto: cuda if present)."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16, float16 or auto."),
+) -> None:
+    """Sample policy and reference on the same prompts; win rate, rewards, KL(pi || ref), lengths."""
+    from preftune.eval_generate import compare_models
+
+    result = compare_models(
+        model, reference, prompts, judge, n_prompts=n_prompts, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size, out=out, db=db,
+        device=device, dtype=dtype, n_bootstrap=n_bootstrap, echo=typer.echo,
+    )
+    for record, folder in zip(result["evals"], result["folders"]):
+        _print_generation_record(record, folder)
+    if result["leaderboard_text"]:
+        typer.echo("\n" + result["leaderboard_text"])
+    if judge == "human":
+        from preftune.eval_human import serve_instructions
+
+        typer.echo("\n" + serve_instructions(db, result["folders"]))
+
+
+def _print_generation_record(record: dict, folder: str) -> None:
+    typer.echo(f"\n{record['system']} vs reference on {record['n_prompts']} prompts "
+               f"(judge {record['judge']}):")
+    if record.get("win_rate") is not None:
+        low, high = record["win_rate_ci"]
+        typer.echo(f"  win rate   {record['win_rate']:.3f}  95% CI [{low:.3f}, {high:.3f}]  "
+                   f"({record['wins']} wins, {record['ties']} ties, {record['losses']} losses)")
+    if record.get("mean_reward", {}).get("policy") is not None:
+        reward, se = record["mean_reward"], record["mean_reward_se"]
+        typer.echo(f"  reward     policy {_fmt(reward['policy'], se['policy'])}, "
+                   f"reference {_fmt(reward['reference'], se['reference'])}")
+    typer.echo(f"  KL(pi||ref) {_fmt(record['kl'], record['kl_se'])} nats per response")
+    lengths = record["mean_length"]
+    typer.echo(f"  length     policy {lengths['policy']:.1f}, reference {lengths['reference']:.1f} tokens")
+    if record.get("kl_note"):
+        typer.echo(f"  note: {record['kl_note']}")
+    typer.echo(f"  wrote {Path(folder) / 'eval.json'} and samples.jsonl")
+
+
+@app.command("score-human")
+def score_human(
+    targets: list[Path] = typer.Argument(
+        ..., help="Folders (or their samples.jsonl) written by `eval generate --judge human`."),
+    db: Path = typer.Option(..., help="The labeling database the comparisons were queued in."),
+    out: Path | None = typer.Option(None, help="Folder for leaderboard.json when scoring several."),
+    n_bootstrap: int = typer.Option(1000, "--n-bootstrap", min=0),
+) -> None:
+    """Read people's votes back and write the win rate into eval.json (and samples.jsonl)."""
+    from preftune.eval_human import score_human as run_scoring
+
+    result = run_scoring(db, targets, out=out, n_bootstrap=n_bootstrap)
+    for record, target in zip(result["evals"], targets):
+        low, high = record["win_rate_ci"]
+        typer.echo(f"{record['system']}: win rate {record['win_rate']:.3f} 95% CI [{low:.3f}, "
+                   f"{high:.3f}] from {record['n_votes']} votes on {record['n_prompts']} prompts "
+                   f"({record['n_unjudged']} not judged yet); updated {target}")
+    if result["leaderboard_text"]:
+        typer.echo("\n" + result["leaderboard_text"])

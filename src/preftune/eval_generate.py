@@ -1,0 +1,414 @@
+"""Evaluation on generations: win rate, rewards, KL(pi || ref) and lengths; several models at once.
+
+For every prompt x the policy pi and the reference pi_ref each write one response, seeded alike
+(common random numbers: when pi == pi_ref both write the very same text). Then:
+
+* a judge compares the two. A reward judge (`reward:MODULE:FUNCTION`, `FILE.py:FUNCTION` or a
+  reward-model folder) scores each response, and the higher reward wins (equal rewards tie);
+  `human` puts the pair into a labeling database instead (see `preftune.eval_human`). The
+  order in which a pair is shown is drawn per prompt and recorded in samples.jsonl.
+* the win rate counts ties as half a win, with a Wilson 95% interval;
+* the sequence-level KL(pi || ref) = E_{y ~ pi}[log pi(y|x) - log ref(y|x)] is estimated by the
+  mean of that log-ratio over the policy's own samples, scored on the exact token ids sampled,
+  with its standard error. It is unbiased only for samples drawn from pi itself (temperature 1,
+  top-p 1); eval.json says so otherwise.
+
+With several models, every pair of systems (the reference included) is compared on every
+prompt by the reward, and a Bradley-Terry leaderboard anchored at the reference is fitted.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from preftune.bradley_terry import Outcome, fit_ratings, mean_with_se, win_rate
+from preftune.errors import UserError
+from preftune.evaluate import reference_of_run, run_config, write_eval_record, write_json_atomic
+from preftune.labeling.export import write_jsonl_atomic
+from preftune.logprobs import completion_logps
+from preftune.rewards import load_reward
+from preftune.sampling import (
+    SamplingSettings,
+    _decode_until_stop,
+    _stop_token_ids,
+    generate_token_ids,
+    load_model_and_tokenizer,
+    load_prompts,
+)
+
+REFERENCE = "reference"  # the reference's name among the systems of a leaderboard
+Echo = Callable[[str], None]
+
+
+@dataclass
+class Samples:
+    """One system's response to each prompt, as text and as the token ids it sampled."""
+
+    label: str
+    path: str
+    texts: list[str]
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]  # new tokens, cut after the first stop token (kept)
+    lengths: list[int]  # tokens the response holds, stop token not counted
+    rewards: list[float] | None = None
+
+
+@dataclass(frozen=True)
+class Judge:
+    """`kind` is "reward" or "human"; `spec` is what the user wrote."""
+
+    kind: str
+    spec: str
+    reward: Callable | None = None
+
+
+def parse_judge(spec: str) -> Judge:
+    """`human`, `reward:MODULE:FUNCTION` / `reward:FILE.py:FUNCTION`, or a reward-model folder."""
+    if spec == "human":
+        return Judge("human", spec)
+    target = spec.removeprefix("reward:")
+    if not target:
+        raise UserError("--judge reward: names no function; write reward:MODULE:FUNCTION.")
+    return Judge("reward", spec, load_reward(target))
+
+
+def system_labels(paths: Sequence[str]) -> list[str]:
+    """Short unique names: the last folder name, with parents added only where names clash."""
+    parts = [Path(p).resolve().parts for p in paths]
+    depth = 1
+    while True:
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels) or depth >= max(len(p) for p in parts):
+            break
+        depth += 1
+    # The reference holds the name REFERENCE, so a model folder of that name is set apart.
+    return [f"model:{label}" if label == REFERENCE else label for label in labels]
+
+
+# ------------------------------------------------------------------ sampling and scoring
+
+
+def sample_system(model, tokenizer, prompts: Sequence, settings: SamplingSettings,
+                  batch_size: int, label: str, path: str) -> Samples:
+    """One response per prompt; prompt i is seeded from (seed, i), whatever the batching."""
+    stop_ids = _stop_token_ids(model, tokenizer)
+    samples = Samples(label, path, [], [], [], [])
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        indices = list(range(start, start + len(chunk)))
+        prompt_ids, rows = generate_token_ids(model, tokenizer, chunk, indices, settings)
+        for ids, (completion,) in zip(prompt_ids, rows):
+            stopped = bool(completion) and completion[-1] in stop_ids
+            samples.prompt_ids.append(ids)
+            samples.completion_ids.append(completion)
+            samples.lengths.append(len(completion) - int(stopped))
+            samples.texts.append(_decode_until_stop(tokenizer, completion, stop_ids))
+    return samples
+
+
+@torch.no_grad()
+def sequence_logps(model, prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]],
+                   pad_token_id: int, batch_size: int = 16) -> list[float]:
+    """log p(y|x) summed over each completion's tokens, on the given ids (no re-tokenizing)."""
+    device = next(model.parameters()).device
+    out: list[float] = []
+    for start in range(0, len(prompt_ids), batch_size):
+        rows = [p + c for p, c in zip(prompt_ids[start:start + batch_size],
+                                      completion_ids[start:start + batch_size])]
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)  # (B, T)
+        attention_mask = torch.zeros_like(input_ids)  # (B, T)
+        completion_mask = torch.zeros_like(input_ids)  # (B, T)
+        for i, (row, p) in enumerate(zip(rows, prompt_ids[start:start + batch_size])):
+            input_ids[i, :len(row)] = torch.tensor(row)
+            attention_mask[i, :len(row)] = 1
+            completion_mask[i, len(p):len(row)] = 1
+        logps, _ = completion_logps(model, input_ids.to(device), attention_mask.to(device),
+                                    completion_mask.to(device))
+        out.extend(logps.double().cpu().tolist())
+    return out
+
+
+def score(judge: Judge, prompts: Sequence, samples: Samples) -> None:
+    """Attach the judge's reward to each response (nothing to do for a human judge)."""
+    if judge.kind != "reward":
+        return
+    rewards = judge.reward(list(prompts), samples.texts)
+    bad = [r for r in rewards if not math.isfinite(r)]
+    if bad:
+        raise UserError(f"--judge {judge.spec!r} returned {bad[0]} for a response of "
+                        f"{samples.label}; rewards must be finite numbers.")
+    samples.rewards = rewards
+
+
+def outcome(reward_a: float, reward_b: float) -> str:
+    """"a", "b" or "tie": the higher reward wins."""
+    return "a" if reward_a > reward_b else "b" if reward_b > reward_a else "tie"
+
+
+def shown_order(seed: int, prompt_index: int) -> list[str]:
+    """Which response is shown first, drawn per prompt so it never depends on batching."""
+    first_is_policy = random.Random(f"{seed}:order:{prompt_index}").random() < 0.5
+    return ["policy", "reference"] if first_is_policy else ["reference", "policy"]
+
+
+# ------------------------------------------------------------------ one policy against the reference
+
+
+def comparison_rows(prompts: Sequence, policy: Samples, reference: Samples,
+                    policy_logps: list[float], reference_logps: list[float],
+                    seed: int) -> list[dict]:
+    """samples.jsonl: one row per prompt with both responses, their scores and the outcome."""
+    rows = []
+    for i, prompt in enumerate(prompts):
+        rewards = {"policy": policy.rewards[i] if policy.rewards else None,
+                   "reference": reference.rewards[i] if reference.rewards else None}
+        winner = None
+        if policy.rewards is not None:
+            winner = {"a": "policy", "b": "reference", "tie": "tie"}[
+                outcome(rewards["policy"], rewards["reference"])]
+        rows.append({
+            "pair_id": f"p{i:06d}", "prompt_index": i, "prompt": prompt,
+            "responses": {"policy": policy.texts[i], "reference": reference.texts[i]},
+            "order": shown_order(seed, i), "reward": rewards, "winner": winner,
+            "logps": {"policy": policy_logps[i], "reference": reference_logps[i]},
+            "kl": policy_logps[i] - reference_logps[i],
+            "length": {"policy": policy.lengths[i], "reference": reference.lengths[i]},
+        })
+    return rows
+
+
+def _number(x: float) -> float | None:
+    """JSON has no NaN: a standard error of a single value is written as null."""
+    return None if math.isnan(x) else float(x)
+
+
+def win_summary(winners: Sequence[str]) -> dict:
+    """Win rate of "policy" over "reference" (ties half) with its Wilson 95% interval."""
+    wins, ties = winners.count("policy"), winners.count("tie")
+    rate = win_rate(wins, ties, len(winners))
+    return {"win_rate": rate.rate, "win_rate_ci": [rate.lower, rate.upper], "wins": wins,
+            "ties": ties, "losses": len(winners) - wins - ties}
+
+
+def summarize(rows: list[dict], policy: Samples, reference: Samples, judge: Judge,
+              settings: SamplingSettings, prompts_source: str | None) -> dict:
+    """The eval.json record of one policy (docs/CONTRACTS.md), from its samples.jsonl rows."""
+    kl = mean_with_se([r["kl"] for r in rows])
+    lengths = {who: mean_with_se([r["length"][who] for r in rows]) for who in ("policy", "reference")}
+    record = {
+        "kind": "generate", "model": policy.path, "reference": reference.path,
+        "judge": judge.spec, "n_prompts": len(rows), "prompts": prompts_source,
+        "sampling": {k: v for k, v in settings.to_dict().items() if k != "n"},
+        "win_rate": None, "win_rate_ci": None, "wins": None, "ties": None, "losses": None,
+        "mean_reward": {"policy": None, "reference": None},
+        "mean_reward_se": {"policy": None, "reference": None},
+        "reward_margin": None, "reward_margin_se": None,
+        "kl": kl.mean, "kl_se": _number(kl.se),
+        "mean_length": {who: m.mean for who, m in lengths.items()},
+        "mean_length_se": {who: _number(m.se) for who, m in lengths.items()},
+        "samples": "samples.jsonl",
+    }
+    if settings.temperature != 1.0 or settings.top_p != 1.0:
+        record["kl_note"] = (f"samples were drawn at temperature {settings.temperature} and top-p "
+                             f"{settings.top_p}, not from the policy itself, so 'kl' is the mean "
+                             "log-ratio under that distribution, not KL(pi || ref).")
+    beta = (run_config(policy.path).get("loss") or {}).get("beta")
+    if beta is not None:
+        record["beta"] = beta  # the report labels and groups reward-KL points by beta
+    if judge.kind == "reward":
+        record.update(win_summary([r["winner"] for r in rows]))
+        for who in ("policy", "reference"):
+            m = mean_with_se([r["reward"][who] for r in rows])
+            record["mean_reward"][who], record["mean_reward_se"][who] = m.mean, _number(m.se)
+        margin = mean_with_se([r["reward"]["policy"] - r["reward"]["reference"] for r in rows])
+        record["reward_margin"], record["reward_margin_se"] = margin.mean, _number(margin.se)
+    return record
+
+
+# ------------------------------------------------------------------ the whole evaluation
+
+
+def _resolve_prompts(prompts, n_prompts: int | None) -> tuple[list, str | None]:
+    source = None
+    if isinstance(prompts, (str, Path)):
+        source, prompts = str(prompts), load_prompts(prompts)
+    prompts = list(prompts)
+    if n_prompts is not None:
+        if n_prompts < 1:
+            raise UserError(f"--n-prompts must be at least 1, got {n_prompts}.")
+        prompts = prompts[:n_prompts]
+    if not prompts:
+        raise UserError("there are no prompts to evaluate on; pass a non-empty --prompts file.")
+    return prompts, source
+
+
+def _check_same_vocabulary(tokenizer, reference_tokenizer, path: str, reference_path: str) -> None:
+    if tokenizer.get_vocab() != reference_tokenizer.get_vocab():
+        raise UserError(f"{path} and the reference {reference_path} use different tokenizers; "
+                        "KL(pi || ref) compares the two on the same token ids, so evaluate a "
+                        "policy against the reference it was trained from.")
+
+
+def output_folders(model_paths: Sequence[str], labels: Sequence[str], out) -> list[Path]:
+    """Beside each model, or in --out (one sub-folder per model when there are several)."""
+    if out is None:
+        return [Path(p) for p in model_paths]
+    if len(model_paths) == 1:
+        return [Path(out)]
+    return [Path(out) / label.replace("/", "__").replace(":", "_") for label in labels]
+
+
+def evaluate_generations(model_path, reference_path=None, prompts=None, judge: str = "", **kwargs) -> dict:
+    """Evaluate one policy against its reference on generations; returns its eval.json record.
+
+    Takes the keyword arguments of `compare_models`. Files: eval.json and samples.jsonl in
+    `out` (default: the model folder).
+    """
+    return compare_models([model_path], reference_path, prompts, judge, **kwargs)["evals"][0]
+
+
+@dataclass
+class _Job:
+    """What every policy of one `compare_models` call shares: prompts, judge, the reference."""
+
+    prompts: list
+    source: str | None
+    judge: Judge
+    settings: SamplingSettings
+    batch_size: int
+    dtype: str
+    device: str
+    db: object
+    reference: Samples | None = None
+    reference_model: object = None
+    reference_tokenizer: object = None
+
+
+def compare_models(
+    model_paths: Sequence, reference_path=None, prompts=None, judge: str = "", *,
+    n_prompts: int | None = None, max_new_tokens: int = 64, temperature: float = 1.0,
+    top_p: float = 1.0, seed: int = 0, batch_size: int = 16, out=None, db=None,
+    device: str = "auto", dtype: str = "float32", n_bootstrap: int = 1000,
+    echo: Echo | None = None,
+) -> dict:
+    """Evaluate each model against the reference; with several, also a Bradley-Terry leaderboard.
+
+    prompts: a prompt file (.jsonl / .txt, as `preftune sample` reads) or a list of prompts.
+    judge: `reward:MODULE:FUNCTION`, `reward:FILE.py:FUNCTION`, a reward-model folder or
+        `human` (then `db` is the labeling database the pairs go to).
+    reference_path: default, the reference named by the run's config.yaml.
+    Returns {"evals": [eval.json record per model], "leaderboard": dict or None,
+    "leaderboard_text": the printed table or None, "folders": where each model's files went}.
+    """
+    from preftune.modeling import quiet_transformers
+
+    quiet_transformers()  # our messages, not a weight-loading bar per model
+    echo = echo or (lambda message: None)
+    model_paths = [str(p) for p in model_paths]
+    if not model_paths:
+        raise UserError("pass at least one --model to evaluate.")
+    reference_path = str(reference_path or reference_of_run(run_config(model_paths[0])) or "")
+    if not reference_path:
+        raise UserError(f"{model_paths[0]}: no --reference given and no run config.yaml names "
+                        "one; pass --reference with the model the policy was trained against.")
+    prompts, source = _resolve_prompts(prompts, n_prompts)
+    job = _Job(prompts, source, parse_judge(judge),
+               SamplingSettings(temperature, top_p, max_new_tokens, seed, n=1),
+               batch_size, dtype, device, db)
+    if job.judge.kind == "human" and db is None:
+        raise UserError("--judge human needs --db, the labeling database the pairs go to.")
+    labels = system_labels(model_paths)
+    folders = output_folders(model_paths, labels, out)
+
+    job.reference_model, job.reference_tokenizer = load_model_and_tokenizer(reference_path, dtype, device)
+    echo(f"sampling the reference {reference_path} on {len(prompts)} prompts")
+    job.reference = sample_system(job.reference_model, job.reference_tokenizer, prompts,
+                                  job.settings, batch_size, REFERENCE, reference_path)
+    score(job.judge, prompts, job.reference)
+    evals, systems = [], [job.reference]
+    for path, label, folder in zip(model_paths, labels, folders):
+        echo(f"sampling {label} ({path})")
+        record, policy = _evaluate_policy(job, path, label, folder)
+        evals.append(record)
+        systems.append(policy)
+    leaderboard = None
+    if len(model_paths) > 1 and job.judge.kind == "reward":
+        leaderboard = reward_leaderboard(systems, n_bootstrap, seed)
+        save_leaderboard(leaderboard, leaderboard_folder(model_paths, out))
+    return {"evals": evals, "leaderboard": leaderboard.to_dict() if leaderboard else None,
+            "leaderboard_text": leaderboard.to_text() if leaderboard else None,
+            "folders": [str(f) for f in folders]}
+
+
+def _evaluate_policy(job: _Job, path: str, label: str, folder: Path) -> tuple[dict, Samples]:
+    """Sample one policy, score it, estimate its KL; write samples.jsonl and eval.json."""
+    model, tokenizer = load_model_and_tokenizer(path, job.dtype, job.device)
+    _check_same_vocabulary(tokenizer, job.reference_tokenizer, path, job.reference.path)
+    policy = sample_system(model, tokenizer, job.prompts, job.settings, job.batch_size, label, path)
+    score(job.judge, job.prompts, policy)
+    pad = job.reference_tokenizer.pad_token_id or 0  # padded positions are masked out anyway
+    policy_logps = sequence_logps(model, policy.prompt_ids, policy.completion_ids, pad, job.batch_size)
+    del model  # one policy in memory at a time, beside the reference
+    reference_logps = sequence_logps(job.reference_model, policy.prompt_ids,
+                                     policy.completion_ids, pad, job.batch_size)
+    rows = comparison_rows(job.prompts, policy, job.reference, policy_logps, reference_logps,
+                           job.settings.seed)
+    record = summarize(rows, policy, job.reference, job.judge, job.settings, job.source)
+    record["system"] = label
+    if job.judge.kind == "human":
+        from preftune.eval_human import queue_for_humans
+
+        record.update(queue_for_humans(job.db, rows, record))
+    folder.mkdir(parents=True, exist_ok=True)
+    write_jsonl_atomic(folder / "samples.jsonl", rows)
+    write_eval_record(folder, record)
+    return record, policy
+
+
+# ------------------------------------------------------------------ leaderboard
+
+
+def reward_outcomes(systems: Sequence[Samples]) -> list[Outcome]:
+    """Every pair of systems compared on every prompt: the higher reward wins."""
+    outcomes = []
+    for i in range(len(systems[0].texts)):
+        for a in range(len(systems)):
+            for b in range(a + 1, len(systems)):
+                first, second = systems[a], systems[b]
+                result = outcome(first.rewards[i], second.rewards[i])
+                if result == "b":
+                    first, second = second, first
+                outcomes.append(Outcome(first.label, second.label, result == "tie"))
+    return outcomes
+
+
+def reward_leaderboard(systems: Sequence[Samples], n_bootstrap: int = 1000, seed: int = 0):
+    """Bradley-Terry ratings of all systems, the reference fixed at 1000."""
+    return fit_ratings(reward_outcomes(systems), systems=[s.label for s in systems],
+                       anchor=REFERENCE, n_bootstrap=n_bootstrap, seed=seed)
+
+
+def leaderboard_folder(model_paths: Sequence[str], out) -> Path:
+    """--out, else the folder that holds all the models (a run folder for its checkpoints)."""
+    if out is not None:
+        return Path(out)
+    parents = [Path(p).resolve().parent for p in model_paths]
+    common = parents[0]
+    while not all(p == common or common in p.parents for p in parents):
+        common = common.parent
+    return common
+
+
+def save_leaderboard(leaderboard, folder: Path) -> Path:
+    """leaderboard.json (the fit, for programs) and leaderboard.md (the table, for people)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / "leaderboard.json", leaderboard.to_dict())
+    (folder / "leaderboard.md").write_text(leaderboard.to_markdown() + "\n", encoding="utf-8")
+    return folder / "leaderboard.json"
