@@ -1,0 +1,161 @@
+"""Export policies and agreement numbers, with expected values worked out by hand."""
+
+import json
+import sqlite3
+
+import pytest
+
+from labeling_helpers import make_pairs
+from preftune.errors import UserError
+from preftune.labeling.export import export, triplet_rows, write_jsonl_atomic
+from preftune.labeling.status import (
+    agreement, cohen_kappa, compute_status, fleiss_kappa, format_status, percent_agreement,
+)
+from preftune.labeling.store import Store
+
+CHOICE_FOR = {"tie": "tie", "both_bad": "both_bad", "skip": "skip"}
+
+
+def cast(store, who, pair_id, outcome, left_index=0):
+    """Vote for response `outcome` (0/1) or tie/both_bad/skip, with a chosen left/right order."""
+    with sqlite3.connect(store.path) as db:
+        db.execute("INSERT OR REPLACE INTO assignments VALUES (?, ?, ?, 'open', 0)",
+                   (pair_id, who.id, left_index))
+    if outcome in (0, 1):
+        choice = "left" if outcome == left_index else "right"
+    else:
+        choice = CHOICE_FOR[outcome]
+    key = f"{who.name}-{pair_id}-{outcome}-{left_index}"
+    return store.record_vote(who, pair_id, choice, None, key)
+
+
+@pytest.fixture
+def voted(tmp_path):
+    store = Store(tmp_path / "votes.sqlite", overlap=3)
+    store.add_pairs(make_pairs(9))
+    a, b, c = (store.authenticate(store.add_annotator(n)) for n in "abc")
+    cast(store, a, "p00000", 0, 1), cast(store, b, "p00000", 0), cast(store, c, "p00000", 1, 1)
+    cast(store, a, "p00001", 1), cast(store, b, "p00001", 1, 1)
+    cast(store, a, "p00002", 0), cast(store, b, "p00002", 1)
+    cast(store, a, "p00003", "tie"), cast(store, b, "p00003", "tie"), cast(store, c, "p00003", 0)
+    cast(store, a, "p00004", "both_bad")
+    cast(store, a, "p00005", "skip"), cast(store, b, "p00005", "skip")
+    cast(store, a, "p00006", "skip"), cast(store, b, "p00006", 0, 1)
+    # p00007 gets no vote; p00008: a first votes 0, undoes it, then votes 1.
+    cast(store, a, "p00008", 0)
+    store.undo(a)
+    cast(store, a, "p00008", 1, 1)
+    yield store
+    store.close()
+
+
+def test_majority_export(voted):
+    rows, report = triplet_rows(voted, "majority")
+    pairs = voted.pairs()
+    winners = {"p00000": 0, "p00001": 1, "p00006": 0, "p00008": 1}
+    assert [r["pair_id"] for r in rows] == list(winners)
+    for row in rows:
+        responses = pairs[row["pair_id"]]["responses"]
+        chosen, rejected = row["chosen"], row["rejected"]
+        if isinstance(row["prompt"], list):  # p00008 is a conversation
+            assert chosen[0]["role"] == "assistant"
+            chosen, rejected = chosen[0]["content"], rejected[0]["content"]
+        assert chosen == responses[winners[row["pair_id"]]]
+        assert rejected == responses[1 - winners[row["pair_id"]]]
+    assert rows[0]["votes"] == 3 and rows[0]["agreement"] == pytest.approx(2 / 3, abs=1e-4)
+    assert report["left_out"] == {"no_majority": 1, "tie": 1, "both_bad": 1, "only_skips": 1,
+                                  "unlabelled": 1}
+    assert report["votes"]["tie"] == 2 and report["votes"]["skip"] == 3
+    assert report["votes"]["both_bad"] == 1 and sum(report["votes"].values()) == 16
+
+
+def test_unanimous_export(voted):
+    rows, report = triplet_rows(voted, "unanimous")
+    assert [r["pair_id"] for r in rows] == ["p00001", "p00006", "p00008"]
+    assert report["left_out"] == {"disagreement": 3, "both_bad": 1, "only_skips": 1,
+                                  "unlabelled": 1}
+
+
+def test_export_files_and_raw_votes(voted, tmp_path):
+    out = tmp_path / "D.jsonl"
+    out.write_text("old content\n")
+    report = export(voted.path, out)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == report["exported"] == 4
+    assert {"prompt", "chosen", "rejected", "pair_id"} <= set(lines[0])
+    raw_out = tmp_path / "raw.jsonl"
+    export(voted.path, raw_out, raw=True)
+    raw = [json.loads(line) for line in raw_out.read_text().splitlines()]
+    assert len(raw) == 16
+    first = raw[0]  # a voted response 0 of p00000, shown on the right (left_index 1)
+    assert (first["annotator"], first["side"], first["winner_index"]) == ("a", "right", 0)
+    assert first["chosen"] == "first answer 0" and first["time"].endswith("+00:00")
+    assert [r["side"] for r in raw if r["pair_id"] == "p00003"] == [None, None, "left"]
+    with pytest.raises(UserError, match="policy"):
+        export(voted.path, out, policy="plurality")
+    with pytest.raises(UserError, match="no such labels database"):
+        export(tmp_path / "missing.sqlite", out)
+
+
+def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):
+    out = tmp_path / "D.jsonl"
+    out.write_text('{"old": 1}\n')
+
+    def rows():
+        yield {"new": 1}
+        raise KeyboardInterrupt  # a kill in the middle of writing
+
+    with pytest.raises(KeyboardInterrupt):
+        write_jsonl_atomic(out, rows())
+    assert out.read_text() == '{"old": 1}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["D.jsonl"], "temporary file left behind"
+
+
+def test_cohen_kappa_by_hand():
+    # Agreement on 8 of 10 items: p_o = 0.8. Each rater says 0 six times and 1 four times:
+    # p_e = 0.6 * 0.6 + 0.4 * 0.4 = 0.52, kappa = (0.8 - 0.52) / 0.48 = 0.58333.
+    a = [0, 0, 0, 0, 0, 0, 1, 1, 1, 1]
+    b = [0, 0, 0, 0, 0, 1, 1, 1, 0, 1]
+    assert cohen_kappa(a, b) == pytest.approx(0.28 / 0.48)
+    assert percent_agreement([[x, y] for x, y in zip(a, b)]) == pytest.approx(0.8)
+    assert cohen_kappa([1, 1], [1, 1]) is None  # chance agreement is certain: undefined
+
+
+def test_fleiss_kappa_by_hand():
+    # Per-item agreement P_i: 1, 2/6, 2/6, 0 -> P_bar = 5/12. Category shares over 12 labels:
+    # 5/12, 4/12, 2/12, 1/12 -> P_e = 46/144. kappa = (60/144 - 46/144) / (98/144) = 1/7.
+    items = [[0, 0, 0], [0, 0, 1], [1, 1, "tie"], [1, "tie", "both_bad"]]
+    assert percent_agreement(items) == pytest.approx(5 / 12)
+    assert fleiss_kappa(items) == pytest.approx(1 / 7)
+    by_pair = {f"p{i}": dict(zip("abc", labels)) for i, labels in enumerate(items)}
+    result = agreement(by_pair)
+    assert result["kappa_kind"] == "fleiss" and result["kappa"] == pytest.approx(1 / 7)
+
+
+def test_status_of_two_annotators(tmp_path):
+    store = Store(tmp_path / "two.sqlite", overlap=2)
+    store.add_pairs(make_pairs(5))
+    a, b = (store.authenticate(store.add_annotator(n)) for n in "ab")
+    for pair, outcome in zip(["p00000", "p00001", "p00002", "p00003"], [0, 0, 1, "tie"]):
+        cast(store, a, pair, outcome)
+    for pair, outcome, left in zip(["p00000", "p00001", "p00002", "p00003"],
+                                   [0, 1, 1, "tie"], [1, 0, 0, 0]):
+        cast(store, b, pair, outcome, left)
+    cast(store, a, "p00004", "skip")
+    status = compute_status(store)
+    # p_o = 3/4; a gives 0,0,1,tie and b gives 0,1,1,tie: p_e = (2*1 + 1*2 + 1*1) / 16 = 5/16;
+    # kappa = (12/16 - 5/16) / (11/16) = 7/11.
+    ag = status["agreement"]
+    assert (ag["pairs"], ag["annotators"], ag["kappa_kind"]) == (4, 2, "cohen")
+    assert ag["percent"] == pytest.approx(0.75) and ag["kappa"] == pytest.approx(7 / 11)
+    # Left votes: a on p00000 and p00001; right: b on p00000 (left_index 1), a on p00002,
+    # b on p00001 and p00002. 2 of 6 -> 1/3, Wilson 95% interval 9.7% - 70.0%.
+    bias = status["position_bias"]
+    assert bias["n"] == 6 and bias["left_share"] == pytest.approx(1 / 3)
+    assert bias["ci95"] == pytest.approx([0.0968, 0.7000], abs=5e-4)
+    names = {x["name"]: x for x in status["annotators"]}
+    assert names["a"]["votes"] == 5 and names["a"]["by_choice"]["skip"] == 1
+    assert status["pairs_by_vote_count"] == {"0": 1, "2": 4}
+    text = format_status(status, "two.sqlite")
+    assert "cohen kappa 0.636" in text and "33.3% of 6" in text
+    store.close()
