@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -15,18 +16,29 @@ from preftune.errors import UserError
 err_console = Console(stderr=True)
 
 
-class PreftuneTyper(typer.Typer):
-    """A Typer app that prints a UserError as its one sentence and exits 2, no traceback."""
+def _friendly(callback):
+    """Print a UserError as its one sentence and exit 2, instead of a traceback."""
 
-    def __call__(self, *args, **kwargs):
+    @functools.wraps(callback)
+    def run(*args, **kwargs):
         try:
-            return super().__call__(*args, **kwargs)
+            return callback(*args, **kwargs)
         except UserError as e:
             err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-            sys.exit(2)
+            raise typer.Exit(2) from None
+
+    return run
 
 
-app = PreftuneTyper(help="Direct Preference Optimization: sample, label, train, evaluate, report.",
+def _wrap_commands(typer_app: typer.Typer) -> None:
+    for command in typer_app.registered_commands:
+        if command.callback is not None and not hasattr(command.callback, "__wrapped__"):
+            command.callback = _friendly(command.callback)
+    for group in typer_app.registered_groups:
+        _wrap_commands(group.typer_instance)
+
+
+app = typer.Typer(help="Direct Preference Optimization: sample, label, train, evaluate, report.",
                     no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Look at preference data before training on it.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -42,15 +54,17 @@ def train(
 ):
     """Train a policy with DPO (or another preference loss) against a frozen reference."""
     from preftune.config import load_config
+    from preftune.distributed import rank_errors
 
-    cfg = load_config(config, overrides or [])
-    if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from preftune.launch import launch_torchrun
+    with rank_errors():  # under torchrun: one message for a failure, not one per process
+        cfg = load_config(config, overrides or [])
+        if nproc > 1 and "WORLD_SIZE" not in os.environ:
+            from preftune.launch import launch_torchrun
 
-        raise typer.Exit(launch_torchrun(nproc, sys.argv))
-    from preftune.train import train as run_training
+            raise typer.Exit(launch_torchrun(nproc, sys.argv))
+        from preftune.train import train as run_training
 
-    run_training(cfg, resume=str(resume_from) if resume_from else resume)
+        run_training(cfg, resume=str(resume_from) if resume_from else resume)
 
 
 @data_app.command("inspect")
@@ -106,6 +120,7 @@ def _mount_subcommands() -> None:
 
 
 _mount_subcommands()
+_wrap_commands(app)
 
 
 def main() -> None:

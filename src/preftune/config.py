@@ -17,7 +17,8 @@ from preftune.errors import UserError
 
 class Section(BaseModel):
     # Typos must fail loudly: a silently ignored `optim.learning_rate` costs a whole run.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # A NaN or infinite number is always a typo or junk (`lr: .nan`), never a setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class LoraConfig(Section):
@@ -38,6 +39,7 @@ class ModelConfig(Section):
     # Mixed precision: float32 master weights, forward under bf16 autocast (CUDA only).
     autocast: Literal["none", "bfloat16"] = "none"
     gradient_checkpointing: bool = False
+    disable_dropout: bool = True
     compile: bool = False
     attn_implementation: str | None = None
     trust_remote_code: bool = False
@@ -154,7 +156,21 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise UserError(f"override {text!r} is not of the form key=value (for example optim.lr=1e-6).")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    return key.strip().split("."), _parse_yaml(raw, f"override {text!r}") if raw.strip() else None
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    """yaml.safe_load with every failure it can raise turned into one sentence naming `source`."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark else ""
+        raise UserError(f"{source}{where}: not valid YAML ({getattr(e, 'problem', None) or e}).") from None
+    except RecursionError:
+        raise UserError(f"{source}: YAML nested too deeply to read.") from None
+    except ValueError as e:  # e.g. an integer longer than Python's 4300-digit limit
+        raise UserError(f"{source}: unreadable YAML value ({str(e)[:120]}).") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -162,7 +178,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         path, value = _parse_override(text)
         node = raw
         for part in path[:-1]:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # `train:` left empty in the YAML is an empty section
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise UserError(f"override {text!r}: {'.'.join(path[:-1])} is not a section.")
         node[path[-1]] = value
@@ -171,6 +189,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 def _describe(error: dict) -> str:
     key = ".".join(str(p) for p in error["loc"])
+    if not key:  # a check across keys; its message names them
+        return error["msg"]
     if error["type"] == "extra_forbidden":
         return f"unknown key {key!r}: check its spelling against configs/example_tiny.yaml"
     if error["type"] == "missing":
@@ -195,16 +215,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if path is not None:
         path = Path(path)
         source = str(path)
-        if not path.exists():
+        if not path.is_file():
             raise UserError(f"config file {path} does not exist.")
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f", line {mark.line + 1}" if mark else ""
-            raise UserError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)}).") from None
+            raw = _parse_yaml(path.read_text(encoding="utf-8-sig"), str(path)) or {}
         except UnicodeDecodeError:
             raise UserError(f"{path}: not UTF-8 text; save the config as UTF-8.") from None
+    if not isinstance(raw, dict):  # before the overrides, which index into it
+        raise UserError(f"{source}: expected a mapping of sections (model, data, loss, optim, train).")
     raw = apply_overrides(raw, overrides or [])
     return validate_config(raw, source)
 

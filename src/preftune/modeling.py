@@ -66,6 +66,18 @@ def quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Dropout off in the policy, as in TRL's default: with it, the policy and the reference
+    would disagree at step 0 by noise alone, and the loss would not start at ln 2."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+    return model
+
+
 def freeze(model: nn.Module) -> nn.Module:
     """Eval mode (dropout off), no gradients: the reference never changes."""
     model.eval()

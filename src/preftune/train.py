@@ -22,20 +22,21 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from preftune.checkpoint import (
-    latest_good_checkpoint, load_model_weights, load_training_state, prune_checkpoints,
-    resolve_resume, rng_state, save_checkpoint, set_rng_state,
+    latest_good_checkpoint, prune_checkpoints, resolve_resume, rng_state, set_rng_state,
 )
 from preftune.config import Config, dump_config
 from preftune.data.collate import PairBatch, collate_pairs, epoch_order, micro_batches
 from preftune.data.io import load_pairs
 from preftune.data.tokenize import TokenizedPair, tokenize_pairs
+from preftune.distributed import grad_norm_value
 from preftune.errors import UserError
 from preftune.evaluate import evaluate_pairs, pair_logps
 from preftune.losses import preference_loss
 from preftune.metrics import StepMetrics
-from preftune.modeling import load_causal_lm, load_tokenizer, pick_device
+from preftune.modeling import disable_dropout, load_causal_lm, load_tokenizer, pick_device
 from preftune.optim import build_optimizer, build_scheduler
 from preftune.progress import TrainProgress
 from preftune.reference import build_reference
@@ -126,7 +127,7 @@ def train_step(policy_logps, reference_logps, step_pairs: list[TokenizedPair], c
     result = metrics.reduce()
     max_norm = config.optim.max_grad_norm or math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(ctx.trainable, max_norm)
-    result["grad_norm"] = float(grad_norm)
+    result["grad_norm"] = grad_norm_value(grad_norm)
     result["_tokens"] = ctx.all_reduce_sum(tokens)
     finite = math.isfinite(result["loss"]) and math.isfinite(result["grad_norm"])
     return result, finite
@@ -181,7 +182,7 @@ class StopRequest:
 
 def train(config: Config, resume: str | bool | None = None) -> Path:
     """Run DPO training as configured; returns the folder of the final policy."""
-    from preftune.distributed import setup_distributed, wrap_policy
+    from preftune.distributed import setup_distributed, shard_reference, wrap_policy
 
     dist = setup_distributed(config)
     console = Console(quiet=not dist.is_main)
@@ -194,12 +195,15 @@ def train(config: Config, resume: str | bool | None = None) -> Path:
     tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code)
     policy = load_causal_lm(config.model.path, config.model.dtype, config.model.attn_implementation,
                             config.model.trust_remote_code).to(device)
+    if config.model.disable_dropout:
+        disable_dropout(policy)
     if config.model.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy.config.use_cache = False
     train_pairs, eval_pairs = prepare_data(config, tokenizer, console)
     autocast = autocast_context(config, device)
-    reference_logps = build_reference(config, policy, autocast)
+    # Under fsdp a frozen reference is sharded like the policy, never whole on every rank.
+    reference_logps = shard_reference(build_reference(config, policy, autocast), config, dist)
 
     step_size = config.train.batch_size * config.train.grad_accum * dist.world_size
     lengths = [p.length for p in train_pairs]
@@ -218,7 +222,7 @@ def train(config: Config, resume: str | bool | None = None) -> Path:
     state = TrainState()
     checkpoint = resolve_resume(resume, output_dir)
     if checkpoint is not None:
-        state = _restore(checkpoint, policy, optimizer, scheduler)
+        state = _restore(checkpoint, policy, optimizer, scheduler, config, dist)
         console.print(f"resumed from {checkpoint} at step {state.step}")
     if dist.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -231,7 +235,7 @@ def train(config: Config, resume: str | bool | None = None) -> Path:
         if eval_pairs:
             with autocast():
                 results = evaluate_pairs(policy_logps, reference_logps, eval_pairs, config, device,
-                                         tokenizer.pad_token_id)
+                                         tokenizer.pad_token_id, rank=dist.rank, world_size=dist.world_size)
             logger.log({f"eval/{k}": v for k, v in results.items()}, step=step)
             console.print(f"eval at step {step}: loss {results['loss']:.4f}, "
                           f"accuracy {results['rewards/accuracies']:.3f}")
@@ -254,7 +258,8 @@ def train(config: Config, resume: str | bool | None = None) -> Path:
                     scheduler.step()
                 else:
                     state.bad_steps += 1
-                    _report_bad_step(console, state, metrics, step_indices, train_pairs, config, save)
+                    _report_bad_step(console, state, metrics, step_indices, train_pairs, config, save,
+                                     ctx)
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
                 state.step_in_epoch += 1
@@ -269,8 +274,10 @@ def train(config: Config, resume: str | bool | None = None) -> Path:
                 if (config.train.save_every and state.step % config.train.save_every == 0) or stop.requested:
                     saved = save(state)
                 if stop.requested:
-                    console.print(f"stopped by signal after step {state.step}; checkpoint {saved}. "
-                                  f"Resume with: preftune train {output_dir / 'config.yaml'} --resume")
+                    nproc = f" --nproc {dist.world_size}" if dist.world_size > 1 else ""
+                    console.print(escape(f"stopped by signal after step {state.step}; checkpoint {saved}. "
+                                         f"Resume with: preftune train {output_dir / 'config.yaml'} "
+                                         f"--resume{nproc}"))
                     dist.shutdown()
                     return saved
                 if state.step >= total_steps:
@@ -293,58 +300,57 @@ def train(config: Config, resume: str | bool | None = None) -> Path:
 # ------------------------------------------------------------------------------ helpers
 
 
-def _report_bad_step(console, state, metrics, step_indices, train_pairs, config, save) -> None:
-    ids = [train_pairs[i].pair_id or f"row {train_pairs[i].index}" for i in step_indices]
+def _report_bad_step(console, state, metrics, step_indices, train_pairs, config, save, ctx) -> None:
+    # A row is named by its pair_id, else by where it was read ("file.jsonl, line 12").
+    ids = [train_pairs[i].pair_id or train_pairs[i].origin or f"pair {train_pairs[i].index}"
+           for i in step_indices]
+    shown = ", ".join(map(str, ids[:16])) + (f" and {len(ids) - 16} more" if len(ids) > 16 else "")
     console.print(f"[yellow]step {state.step + 1}: non-finite loss or gradient "
                   f"(loss {metrics['loss']}, grad_norm {metrics['grad_norm']}); skipped. "
-                  f"Pairs: {', '.join(map(str, ids[:16]))}[/yellow]")
-    if state.bad_steps > config.train.max_bad_steps:
-        folder = save(state)
-        raise UserError(f"{state.bad_steps} steps had a non-finite loss or gradient "
-                        f"(train.max_bad_steps is {config.train.max_bad_steps}); stopped with "
-                        f"checkpoint {folder}. Lower optim.lr or check the data and dtype.")
+                  f"Pairs: {escape(shown)}[/yellow]")
+    if state.bad_steps <= config.train.max_bad_steps:
+        return
+    # Summed over ranks, so every rank takes the same branch (the save is collective).
+    damaged = ctx.all_reduce_sum(sum(int(not torch.isfinite(w).all()) for w in ctx.trainable))
+    if not damaged:
+        where = f"stopped with checkpoint {save(state)}"
+    else:  # saving would only preserve the damage; point at the last checkpoint before it
+        last = latest_good_checkpoint(Path(config.train.output_dir))
+        where = (f"the weights themselves are non-finite, so no checkpoint was written; the last "
+                 f"good one is {last or 'none'}")
+    raise UserError(f"{state.bad_steps} steps had a non-finite loss or gradient "
+                    f"(train.max_bad_steps is {config.train.max_bad_steps}); {where}. "
+                    "Lower optim.lr or check the data and dtype.")
 
 
 def _save(output_dir, state, policy, tokenizer, optimizer, scheduler, config, dist) -> Path:
-    from preftune.distributed import save_policy
+    from preftune.dist_checkpoint import save_training_checkpoint
 
     folder = output_dir / "checkpoints" / f"step-{state.step:06d}"
-    training_state = {
-        "state": asdict(state),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": rng_state(),
-    }
-
-    def save_model(path: Path) -> None:
-        save_policy(policy, path, dist)
-        tokenizer.save_pretrained(path)
-
+    # Weights and optimizer state are added in the layout of the strategy (sharded under fsdp);
+    # every rank takes part, rank 0 writes the manifest.
+    training_state = {"state": asdict(state), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+    save_training_checkpoint(folder, state.step, policy, tokenizer, optimizer, training_state, config, dist)
     if dist.is_main:
-        save_checkpoint(folder, state.step, save_model, training_state)
-        prune_checkpoints(output_dir, config.train.keep_checkpoints)
+        prune_checkpoints(output_dir, config.train.keep_checkpoints, state.step)
     dist.barrier()
     return folder
 
 
-def _restore(folder: Path, policy, optimizer, scheduler) -> TrainState:
-    saved = load_training_state(folder)
-    load_model_weights(policy, folder)
-    optimizer.load_state_dict(saved["optimizer"])
+def _restore(folder: Path, policy, optimizer, scheduler, config, dist) -> TrainState:
+    from preftune.dist_checkpoint import restore_training_checkpoint
+
+    saved = restore_training_checkpoint(folder, policy, optimizer, config, dist)
     scheduler.load_state_dict(saved["scheduler"])
     set_rng_state(saved["rng"])
     return TrainState(**saved["state"])
 
 
 def _save_final(output_dir: Path, policy, tokenizer, config, dist) -> Path:
-    from preftune.distributed import save_policy
+    from preftune.dist_checkpoint import save_policy
 
     final = output_dir / "final"
-    if dist.is_main:
-        final.mkdir(parents=True, exist_ok=True)
-        save_policy(policy, final, dist)
-        tokenizer.save_pretrained(final)
-    dist.barrier()
+    save_policy(policy, final, dist, tokenizer)  # every rank: under fsdp the weights are gathered
     return final
 
 

@@ -1,0 +1,58 @@
+"""Shared fixtures: tests run offline, on tiny models built in-process."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+PAIRS = [
+    {"prompt": "Question: What is the best ice cream?\nAnswer:", "chosen": " Haagen-Dazs is rich.",
+     "rejected": " GB"},
+    {"prompt": "Question: Name a fast animal.\nAnswer:", "chosen": " The cheetah.", "rejected": " A snail, I think."},
+    {"prompt": "Question: What is two plus two?\nAnswer:", "chosen": " Four.", "rejected": " Seven."},
+    {"prompt": "Question: What color is the sky?\nAnswer:", "chosen": " Blue on a clear day.",
+     "rejected": " Purple, probably."},
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory):
+    """tiny_model_factory(arch, **kwargs) -> folder with a saved random model and tokenizer."""
+    from preftune.demo.tiny import save_tiny_model
+
+    made = {}
+
+    def make(arch="llama", **kwargs):
+        key = (arch, tuple(sorted(kwargs.items())))
+        if key not in made:
+            folder = tmp_path_factory.mktemp(f"tiny-{arch}")
+            made[key] = save_tiny_model(folder, arch, **kwargs)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_model_factory):
+    return tiny_model_factory("llama")
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+@pytest.fixture
+def pairs_file(tmp_path):
+    rows = [dict(r) for r in PAIRS for _ in range(4)]  # 16 pairs
+    return write_jsonl(tmp_path / "pairs.jsonl", rows)

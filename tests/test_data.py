@@ -1,0 +1,196 @@
+"""Every data format, every bad-row case, and the tokenization rules."""
+
+import json
+
+import pytest
+
+from preftune.config import DataConfig
+from preftune.data.collate import collate_pairs, epoch_order, micro_batches
+from preftune.data.io import load_pairs
+from preftune.data.schema import PreferencePair
+from preftune.data.tokenize import TokenizedPair, tokenize_pair, tokenize_pairs, truncate_pair
+from preftune.errors import UserError
+
+from conftest import PAIRS, write_jsonl
+
+CONVERSATION = {
+    "prompt": [{"role": "user", "content": "Name a fast animal."}],
+    "chosen": [{"role": "assistant", "content": "The cheetah."}],
+    "rejected": [{"role": "assistant", "content": "A snail."}],
+}
+
+
+# ------------------------------------------------------------------ formats
+
+
+def test_jsonl_json_csv_parquet_and_saved_dataset_load_the_same_pairs(tmp_path):
+    import datasets
+
+    write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    (tmp_path / "d.json").write_text(json.dumps(PAIRS))
+    ds = datasets.Dataset.from_list(PAIRS)
+    ds.to_csv(str(tmp_path / "d.csv"), index=False)
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "saved_dict"))
+    expected = [(r["prompt"], r["chosen"], r["rejected"]) for r in PAIRS]
+    for name in ("d.jsonl", "d.json", "d.csv", "d.parquet", "saved", "saved_dict"):
+        loaded = load_pairs(str(tmp_path / name))
+        assert [(p.prompt, p.chosen, p.rejected) for p in loaded.pairs] == expected, name
+
+
+def test_hub_id_offline_fails_with_one_sentence(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="could not load the hub data set 'nobody/no-such-set'"):
+        load_pairs("nobody/no-such-set")
+
+
+def test_missing_local_file_is_named(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_pairs(str(tmp_path / "nope.jsonl"))
+
+
+def test_implicit_prompt_is_the_common_prefix_cut_at_a_word(tmp_path):
+    rows = [{"chosen": "The movie was great fun.", "rejected": "The movie was grim."}]
+    pair = load_pairs(str(write_jsonl(tmp_path / "d.jsonl", rows))).pairs[0]
+    assert (pair.prompt, pair.chosen, pair.rejected) == ("The movie was", " great fun.", " grim.")
+
+
+def test_conversational_explicit_and_implicit(tmp_path):
+    implicit = {"chosen": CONVERSATION["prompt"] + CONVERSATION["chosen"],
+                "rejected": CONVERSATION["prompt"] + CONVERSATION["rejected"]}
+    loaded = load_pairs(str(write_jsonl(tmp_path / "d.jsonl", [CONVERSATION, implicit]))).pairs
+    for pair in loaded:
+        assert pair.conversational
+        assert pair.prompt == CONVERSATION["prompt"] and pair.chosen == CONVERSATION["chosen"]
+
+
+# ------------------------------------------------------------------ bad rows
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "x", "rejected": "b"}, "line 2: missing field 'chosen'"),
+    ({"prompt": "x", "chosen": 3, "rejected": "b"}, "line 2: field 'chosen' must be a string"),
+    ({"prompt": "x", "chosen": "  ", "rejected": "b"}, "line 2: field 'chosen' is empty"),
+    ({"prompt": ["x"], "chosen": "a", "rejected": "b"}, "line 2: field 'prompt' is a message list"),
+    ({"prompt": "x", "chosen": [{"role": "assistant"}], "rejected": [{"role": "a", "content": "b"}]},
+     r"line 2: chosen\[0\] must be an object"),
+    ([1, 2], "line 2: expected an object"),
+])
+def test_bad_rows_name_file_line_and_field(tmp_path, row, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(PAIRS[0]) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(UserError, match=message) as info:
+        load_pairs(str(path))
+    assert str(path) in str(info.value)
+
+
+def test_malformed_json_names_the_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(PAIRS[0]) + "\n" + '{"prompt": "x", "chosen": \n')
+    with pytest.raises(UserError, match=r"bad.jsonl, line 2: malformed JSON"):
+        load_pairs(str(path))
+
+
+def test_identical_responses_are_skipped_and_counted(tmp_path):
+    rows = PAIRS + [{"prompt": "p", "chosen": "same", "rejected": "same"}]
+    loaded = load_pairs(str(write_jsonl(tmp_path / "d.jsonl", rows)))
+    assert len(loaded.pairs) == len(PAIRS)
+    assert loaded.skipped == {"chosen == rejected": 1}
+    assert loaded.rows_read == len(rows)
+
+
+def test_empty_file_is_an_error(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(UserError, match="holds no preference rows"):
+        load_pairs(str(tmp_path / "empty.jsonl"))
+
+
+# ------------------------------------------------------------------ tokenization
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_factory):
+    from preftune.modeling import load_tokenizer
+
+    return load_tokenizer(str(tiny_model_factory("llama")))
+
+
+def test_standard_tokenization_matches_the_common_rule(tokenizer):
+    pair = PreferencePair("Question: sky?\nAnswer:", " Blue.", " Red, I think.")
+    tok = tokenize_pair(pair, tokenizer)
+    assert tok.prompt_ids == tokenizer(pair.prompt)["input_ids"]
+    full = tokenizer(pair.prompt + pair.chosen)["input_ids"]
+    assert tok.prompt_ids + tok.chosen_ids == full + [tokenizer.eos_token_id]
+    assert tokenizer.decode(tok.rejected_ids[:-1]) == " Red, I think."
+    assert tok.rejected_ids[-1] == tokenizer.eos_token_id
+
+
+def test_prompt_merging_into_completion_keeps_a_shared_prompt(tokenizer):
+    # "ab" + "cd" may merge across the boundary; chosen and rejected still share prompt ids.
+    pair = PreferencePair("The mov", "ie was good", "ing truck")
+    tok = tokenize_pair(pair, tokenizer)
+    for completion in (pair.chosen, pair.rejected):
+        full = tokenizer(pair.prompt + completion)["input_ids"]
+        assert full[: len(tok.prompt_ids)] == tok.prompt_ids
+
+
+def test_conversational_tokenization_uses_the_chat_template(tokenizer):
+    pair = PreferencePair(CONVERSATION["prompt"], CONVERSATION["chosen"], CONVERSATION["rejected"])
+    tok = tokenize_pair(pair, tokenizer)
+    assert tokenizer.decode(tok.prompt_ids).endswith("<|assistant|>\n")
+    assert tokenizer.decode(tok.chosen_ids) == "The cheetah.<|eos|>\n"  # the template closes the turn
+
+
+def test_truncation_prompt_first_then_completions():
+    pair = TokenizedPair(list(range(10)), [100, 101, 102, 103, 104, 105], [200, 201])
+    kept, status = truncate_pair(pair, max_length=12, max_prompt_length=None, mode="keep_end")
+    # overflow 4: the prompt gives up 4 tokens (still above its budget of 6), keeping its end
+    assert status == "truncated" and kept.prompt_ids == list(range(4, 10)) and kept.chosen_ids == pair.chosen_ids
+    kept, _ = truncate_pair(pair, max_length=12, max_prompt_length=None, mode="keep_start")
+    assert kept.prompt_ids == list(range(6))
+    long = TokenizedPair(list(range(10)), list(range(100, 108)), [200, 201])
+    kept, _ = truncate_pair(long, max_length=11, max_prompt_length=None, mode="keep_end")
+    # overflow 7 but the prompt budget is 11 // 2 = 5: prompt -> 5 tokens, completions cut to 6
+    assert kept.prompt_ids == list(range(5, 10)) and kept.chosen_ids == list(range(100, 106))
+    assert kept.rejected_ids == [200, 201]
+    kept, _ = truncate_pair(long, max_length=11, max_prompt_length=8, mode="keep_end")
+    assert kept.prompt_ids == list(range(2, 10)) and kept.chosen_ids == [100, 101, 102]
+    assert truncate_pair(pair, 10, None, "keep_end") == (None, "prompt longer than data.max_length")
+    assert truncate_pair(pair, 20, None, "keep_end") == (pair, None)
+
+
+def test_prompt_longer_than_max_length_is_dropped_and_counted(tokenizer):
+    pairs = [PreferencePair("word " * 50, " yes", " no"), PreferencePair("Hi", " yes", " no")]
+    kept, counts = tokenize_pairs(pairs, tokenizer, DataConfig(train="x", max_length=16))
+    assert len(kept) == 1 and counts["prompt longer than data.max_length"] == 1
+
+
+# ------------------------------------------------------------------ batches
+
+
+def test_collate_masks_prompt_and_padding():
+    a = TokenizedPair([1, 2], [3, 4, 5], [6], index=0)
+    b = TokenizedPair([7], [8], [9, 10], index=1)
+    batch = collate_pairs([a, b], pad_token_id=0)
+    assert batch.input_ids.tolist() == [[1, 2, 3, 4, 5], [7, 8, 0, 0, 0], [1, 2, 6, 0, 0], [7, 9, 10, 0, 0]]
+    assert batch.attention_mask.tolist() == [[1] * 5, [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0]]
+    assert batch.completion_mask.tolist() == [[0, 0, 1, 1, 1], [0, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 1, 1, 0, 0]]
+    assert batch.indices == [0, 1]
+
+
+def test_epoch_order_is_seeded_and_covers_every_pair_once():
+    lengths = list(range(100))
+    first = epoch_order(lengths, 8, seed=0, epoch=0, group_by_length=True)
+    assert first == epoch_order(lengths, 8, seed=0, epoch=0, group_by_length=True)
+    assert first != epoch_order(lengths, 8, seed=0, epoch=1, group_by_length=True)
+    flat = [i for step in first for i in step]
+    assert len(flat) == len(set(flat)) == 96  # 12 full steps; the last 4 pairs wait for next epoch
+    spread = sum(max(lengths[i] for i in s) - min(lengths[i] for i in s) for s in first) / len(first)
+    assert spread < 30  # grouped: far below the ~80 of random steps
+
+
+def test_micro_batches_split_a_step_across_ranks():
+    step = list(range(8))
+    assert micro_batches(step, 0, 1, 4) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert micro_batches(step, 1, 2, 2) == [[1, 3], [5, 7]]

@@ -1,0 +1,101 @@
+"""Every loss against numbers worked out by hand in the test.
+
+One pair with policy chosen/rejected log-probs -10 / -12, reference -11 / -11, so
+logratio_chosen = 1, logratio_rejected = -1, logratio_margin h = 2; lengths 4 and 2.
+"""
+
+import math
+
+import pytest
+import torch
+
+from preftune.config import LossConfig
+from preftune.losses import LOSSES, PairLogps, implicit_rewards, preference_loss
+
+
+def pair(pc=-10.0, pr=-12.0, rc=-11.0, rr=-11.0, lc=4, lr=2):
+    t = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+    return PairLogps(t(pc), t(pr), t(rc), t(rr), torch.tensor([lc]), torch.tensor([lr]))
+
+
+def log_sigmoid(x):
+    return -math.log1p(math.exp(-x))
+
+
+def value(name, logps=None, **cfg):
+    return LOSSES[name](logps or pair(), LossConfig(type=name, **cfg)).item()
+
+
+def test_sigmoid_is_dpo_eq7():
+    # beta h = 0.1 * 2 = 0.2; -log sigmoid(0.2) = log(1 + e^-0.2) = 0.598139
+    assert value("sigmoid", beta=0.1) == pytest.approx(math.log1p(math.exp(-0.2)), abs=1e-12)
+    assert value("sigmoid", beta=0.1) == pytest.approx(0.598139, abs=1e-6)
+
+
+def test_sigmoid_with_label_smoothing_is_cdpo():
+    expected = -(0.9 * log_sigmoid(0.2)) - 0.1 * log_sigmoid(-0.2)  # 0.9*0.598139 + 0.1*0.798139
+    assert expected == pytest.approx(0.618139, abs=1e-6)
+    assert value("sigmoid", beta=0.1, label_smoothing=0.1) == pytest.approx(expected, abs=1e-12)
+
+
+def test_robust():
+    # ((1-e) * -logsig(0.2) + e * logsig(-0.2)) / (1 - 2e) = (0.9*0.598139 - 0.1*0.798139)/0.8
+    expected = (0.9 * 0.5981388693 - 0.1 * 0.7981388693) / 0.8
+    assert value("robust", beta=0.1, label_smoothing=0.1) == pytest.approx(expected, abs=1e-9)
+
+
+def test_ipo_length_normalised_and_summed():
+    # normalised: h = 1/4 - (-1)/2 = 0.75; (0.75 - 1/(2*0.1))^2 = (0.75 - 5)^2 = 18.0625
+    assert value("ipo", beta=0.1) == pytest.approx(18.0625, abs=1e-12)
+    # summed: h = 2; (2 - 5)^2 = 9
+    assert value("ipo", beta=0.1, ipo_length_normalize=False) == pytest.approx(9.0, abs=1e-12)
+
+
+def test_hinge():
+    assert value("hinge", beta=0.1) == pytest.approx(0.8, abs=1e-12)  # max(0, 1 - 0.2)
+    assert value("hinge", beta=1.0) == pytest.approx(0.0, abs=1e-12)  # max(0, 1 - 2)
+
+
+def test_sigmoid_norm():
+    # h_norm = 0.75 (as for IPO); -log sigmoid(0.1 * 0.75) = log(1 + e^-0.075) = 0.656406
+    assert value("sigmoid_norm", beta=0.1) == pytest.approx(math.log1p(math.exp(-0.075)), abs=1e-12)
+
+
+def test_simpo_ignores_the_reference():
+    # avg chosen -10/4 = -2.5, avg rejected -12/2 = -6; beta 2: 2 * 3.5 - 0.5 = 6.5
+    expected = math.log1p(math.exp(-6.5))
+    assert value("simpo", beta=2.0, simpo_gamma=0.5) == pytest.approx(expected, abs=1e-12)
+    assert value("simpo", pair(rc=0.0, rr=-50.0), beta=2.0, simpo_gamma=0.5) == pytest.approx(expected, abs=1e-12)
+
+
+def test_rdpo_penalises_longer_chosen():
+    # beta h - alpha (4 - 2) = 0.2 - 0.05 * 2 = 0.1
+    assert value("rdpo", beta=0.1, rdpo_alpha=0.05) == pytest.approx(math.log1p(math.exp(-0.1)), abs=1e-12)
+
+
+def test_sft_is_per_token_nll_of_chosen():
+    assert value("sft") == pytest.approx(2.5, abs=1e-12)  # 10 / 4
+
+
+def test_weighted_combination_is_rpo():
+    cfg = LossConfig(type=["sigmoid", "sft"], weights=[1.0, 0.5], beta=0.1)
+    expected = math.log1p(math.exp(-0.2)) + 0.5 * 2.5
+    assert preference_loss(pair(), cfg).item() == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "robust", "sigmoid_norm", "rdpo"])
+def test_sigmoid_family_is_ln2_at_initialisation(name):
+    same = pair(pc=-7.0, pr=-9.0, rc=-7.0, rr=-9.0, lc=3, lr=3)  # policy == reference
+    assert value(name, same, beta=0.5) == pytest.approx(math.log(2), abs=1e-12)
+
+
+def test_implicit_rewards():
+    chosen, rejected = implicit_rewards(pair(), beta=0.1)
+    assert chosen.item() == pytest.approx(0.1) and rejected.item() == pytest.approx(-0.1)
+
+
+def test_unknown_loss_and_weight_mismatch_are_config_errors():
+    with pytest.raises(ValueError, match="unknown loss"):
+        LossConfig(type="dpoo")
+    with pytest.raises(ValueError, match="weights"):
+        LossConfig(type=["sigmoid", "sft"], weights=[1.0])

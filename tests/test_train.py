@@ -1,0 +1,152 @@
+"""The training loop's promises: ln 2 at the start, accumulation equals a bigger batch, resume
+equals an uninterrupted run, the reference never moves, and the CLI runs end to end."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from preftune.config import load_config, validate_config
+from preftune.train import train
+
+
+def make_config(tmp_path, model, data, out="run", **sections):
+    raw = {
+        "model": {"path": str(model)},
+        "data": {"train": str(data), "max_length": 64},
+        "loss": {"type": "sigmoid", "beta": 0.1},
+        "optim": {"lr": 1e-3},
+        "train": {"batch_size": 4, "grad_accum": 1, "max_steps": 2, "output_dir": str(tmp_path / out),
+                  "report": False, "progress": False, "seed": 0},
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return validate_config(raw)
+
+
+def read_metrics(run_dir):
+    lines = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [m for m in lines if "loss" in m]
+
+
+def final_weights(run_dir):
+    return load_file(str(Path(run_dir) / "final" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_first_step_loss_is_ln2_when_policy_equals_reference(tmp_path, tiny_model_factory, pairs_file, arch):
+    cfg = make_config(tmp_path, tiny_model_factory(arch), pairs_file, train={"max_steps": 1})
+    train(cfg)
+    first = read_metrics(tmp_path / "run")[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    expected_keys = {"step", "epoch", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                     "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm", "learning_rate",
+                     "tokens_per_second"}
+    assert expected_keys <= set(first)
+    assert first["logps/chosen"] < 0 and first["grad_norm"] > 0
+
+
+def test_accumulation_equals_a_bigger_batch(tmp_path, tiny_llama, pairs_file):
+    big = make_config(tmp_path, tiny_llama, pairs_file, "big", train={"batch_size": 8, "grad_accum": 1})
+    small = make_config(tmp_path, tiny_llama, pairs_file, "small", train={"batch_size": 1, "grad_accum": 8})
+    train(big)
+    train(small)
+    for a, b in zip(read_metrics(tmp_path / "big"), read_metrics(tmp_path / "small"), strict=True):
+        for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+    wa, wb = final_weights(tmp_path / "big"), final_weights(tmp_path / "small")
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=1e-5, rtol=0)
+
+
+def test_resumed_run_equals_uninterrupted(tmp_path, tiny_llama, pairs_file):
+    common = {"batch_size": 2, "save_every": 2, "epochs": 2, "max_steps": None}
+    whole = make_config(tmp_path, tiny_llama, pairs_file, "whole", train=common,
+                        optim={"scheduler": "constant", "warmup_steps": 3, "lr": 1e-3})
+    train(whole)
+    part = make_config(tmp_path, tiny_llama, pairs_file, "part", train={**common, "max_steps": 6},
+                       optim={"scheduler": "constant", "warmup_steps": 3, "lr": 1e-3})
+    train(part)
+    # Resume with the whole run's config (a schedule that depends on max_steps would differ).
+    resumed = make_config(tmp_path, tiny_llama, pairs_file, "part", train=common,
+                          optim={"scheduler": "constant", "warmup_steps": 3, "lr": 1e-3})
+    train(resumed, resume=str(tmp_path / "part" / "checkpoints" / "step-000006"))
+    wa, wb = final_weights(tmp_path / "whole"), final_weights(tmp_path / "part")
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+    losses_whole = [m["loss"] for m in read_metrics(tmp_path / "whole")]
+    losses_part = {m["step"]: m["loss"] for m in read_metrics(tmp_path / "part")}
+    assert [losses_part[s] for s in range(1, len(losses_whole) + 1)] == losses_whole
+
+
+def test_reference_never_changes(tmp_path, tiny_llama, pairs_file, monkeypatch):
+    import preftune.reference as reference_module
+
+    captured = {}
+    original = reference_module.make_reference
+
+    def capture(policy, model_cfg):
+        captured["model"] = original(policy, model_cfg)
+        captured["before"] = {k: v.clone() for k, v in captured["model"].state_dict().items()}
+        return captured["model"]
+
+    monkeypatch.setattr(reference_module, "make_reference", capture)
+    train(make_config(tmp_path, tiny_llama, pairs_file, train={"max_steps": 3}))
+    after = captured["model"].state_dict()
+    assert not captured["model"].training
+    assert all(not p.requires_grad for p in captured["model"].parameters())
+    for name, tensor in captured["before"].items():
+        assert torch.equal(tensor, after[name]), name
+    policy = final_weights(tmp_path / "run")
+    assert any(not torch.equal(policy[n], captured["before"][n]) for n in policy)  # the policy moved
+
+
+def test_dpo_learns_the_preference(tmp_path, tiny_llama, pairs_file):
+    cfg = make_config(tmp_path, tiny_llama, pairs_file, train={"max_steps": 12}, optim={"lr": 3e-3})
+    train(cfg)
+    metrics = read_metrics(tmp_path / "run")
+    assert metrics[-1]["loss"] < 0.5 < math.log(2)
+    assert metrics[-1]["rewards/accuracies"] == 1.0
+
+
+def test_cli_train_end_to_end(tmp_path, tiny_llama, pairs_file):
+    from typer.testing import CliRunner
+    from transformers import AutoModelForCausalLM
+
+    from preftune.cli import app
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {{path: {tiny_llama}}}\ndata: {{train: {pairs_file}, eval_fraction: 0.25}}\n")
+    out = tmp_path / "cli-run"
+    result = CliRunner().invoke(app, ["train", str(config), f"train.output_dir={out}", "train.max_steps=2",
+                                      "train.batch_size=4", "train.eval_every=1", "optim.lr=1e-4"])
+    assert result.exit_code == 0, result.output
+    assert "16 rows read" in result.output and "12 train pairs, 4 eval pairs" in result.output
+    assert AutoModelForCausalLM.from_pretrained(out / "final") is not None
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval/rewards/accuracies" in x for x in lines)
+    assert (out / "config.yaml").exists() and (out / "report.html").exists()
+
+
+def test_cli_user_errors_are_one_sentence(tmp_path, tiny_llama, pairs_file):
+    from typer.testing import CliRunner
+
+    from preftune.cli import app
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {{path: {tiny_llama}}}\ndata: {{train: {pairs_file}}}\noptim: {{learning_rate: 1}}\n")
+    result = CliRunner().invoke(app, ["train", str(config)])
+    assert result.exit_code == 2
+    assert "unknown key 'optim.learning_rate'" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].glob("configs/*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.model.path and cfg.data.train
