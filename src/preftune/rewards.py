@@ -57,22 +57,21 @@ def _import_file(path: str, spec: str):
 
 
 def _import_module(name: str, spec: str):
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name != name.split(".")[0] or os.getcwd() in sys.path:
-            raise
-    # A console script does not put the current folder on sys.path, but users expect
-    # `--reward my_rewards:score` to find ./my_rewards.py as `python -m` would.
-    sys.path.insert(0, os.getcwd())
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name != name.split(".")[0]:
-            raise
-        raise UserError(
-            f"--reward {spec!r}: no module named {name!r} on sys.path or in the current folder."
-        ) from None
+    for _ in range(2):
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            ours = e.name is not None and (name == e.name or name.startswith(e.name + "."))
+            if not ours:
+                raise  # the user's module exists but one of its own imports is missing
+        if os.getcwd() in sys.path:
+            break
+        # A console script does not put the current folder on sys.path, but users expect
+        # `--reward my_rewards:score` to find ./my_rewards.py as `python -m` would.
+        sys.path.insert(0, os.getcwd())
+    raise UserError(
+        f"--reward {spec!r}: no module named {name!r} on sys.path or in the current folder."
+    )
 
 
 def _is_per_pair(fn: Callable) -> bool | None:

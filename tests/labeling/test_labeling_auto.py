@@ -1,0 +1,227 @@
+"""Reward loading and machine labels through the Bradley-Terry model."""
+
+import json
+import math
+import random
+
+import pytest
+
+from labeling_helpers import make_pairs, write_pairs_file
+from preftune.errors import UserError
+from preftune.labeling.auto import bt_probability, label_auto
+from preftune.labeling.pairs import Pair
+from preftune.rewards import load_reward
+
+REWARDS_PY = '''
+def length(prompt: str, response: str) -> float:
+    return float(len(response))
+
+def batched(prompts, responses):
+    return [float(len(r)) for r in responses]
+
+def unannotated(prompt, response):
+    return response.count("a")
+
+def wrong_length(prompts, responses):
+    return [1.0]
+
+def not_a_number(prompt: str, response: str):
+    return "high"
+
+def infinite(prompt: str, response: str) -> float:
+    return float("inf")
+
+NOT_CALLABLE = 3
+'''
+
+
+@pytest.fixture
+def rewards_file(tmp_path, monkeypatch):
+    path = tmp_path / "my_rewards.py"
+    path.write_text(REWARDS_PY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return path
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_bradley_terry_probability_is_stable():
+    assert bt_probability(1.0, 0.0) == pytest.approx(math.exp(1) / (math.exp(1) + 1))
+    assert bt_probability(0.3, -1.2) == pytest.approx(
+        math.exp(0.3) / (math.exp(0.3) + math.exp(-1.2)))
+    assert bt_probability(2.0, 2.0) == 0.5
+    assert bt_probability(1000.0, 0.0) == 1.0 and bt_probability(0.0, 1000.0) == 0.0
+
+
+def test_load_reward_specs(rewards_file):
+    prompts, responses = ["x", "y"], ["aaa", "a"]
+    for spec in [f"{rewards_file}:length", "my_rewards:length", "my_rewards:batched"]:
+        assert load_reward(spec)(prompts, responses) == [3.0, 1.0]
+    assert load_reward("my_rewards:unannotated")(prompts, ["banana", "kiwi"]) == [3.0, 0.0]
+    assert load_reward("my_rewards:length")([], []) == []
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("", "empty"),
+    ("no_colon_here", "MODULE:FUNCTION"),
+    ("surely_not_a_module_xyz:f", "no module named"),
+    ("missing_file.py:f", "does not exist"),
+    ("my_rewards:absent", "no function named"),
+    ("my_rewards:NOT_CALLABLE", "no function named"),
+])
+def test_bad_reward_specs_are_user_errors(rewards_file, spec, words):
+    with pytest.raises(UserError, match=words):
+        load_reward(spec)
+
+
+@pytest.mark.parametrize("name, words", [("wrong_length", "returned 1 values"),
+                                         ("not_a_number", "not a number")])
+def test_bad_reward_values_are_user_errors(rewards_file, name, words):
+    with pytest.raises(UserError, match=words):
+        load_reward(f"my_rewards:{name}")(["p", "q"], ["a", "b"])
+
+
+def test_argmax_takes_the_higher_reward_and_skips_ties(tmp_path, rewards_file):
+    pairs = [Pair("long-first", "p", ("a long answer", "short")),
+             Pair("long-second", [{"role": "user", "content": "hi"}], ("short", "a long answer")),
+             Pair("tie", "p", ("same", "size"))]
+    out = tmp_path / "D.jsonl"
+    stats = label_auto(write_pairs_file(tmp_path / "pairs.jsonl", pairs), "my_rewards:length",
+                       out, mode="argmax", show_progress=False)
+    assert stats["written"] == 2 and stats["ties_skipped"] == 1
+    rows = read_jsonl(out)
+    assert rows[0]["chosen"] == "a long answer" and rows[0]["rejected"] == "short"
+    assert rows[1]["chosen"] == [{"role": "assistant", "content": "a long answer"}]
+    assert (rows[1]["r1"], rows[1]["r2"]) == (5.0, 13.0)
+    assert rows[1]["p"] == pytest.approx(bt_probability(5.0, 13.0))
+
+
+def random_reward_pairs(n, seed=0):
+    rng = random.Random(seed)
+    rewards = {}
+    pairs = []
+    for i in range(n):
+        pair = Pair(f"r{i:05d}", f"prompt {i}", (f"y1 of {i}", f"y2 of {i}"))
+        rewards[pair.responses[0]], rewards[pair.responses[1]] = rng.gauss(0, 1.5), rng.gauss(0, 1.5)
+        pairs.append(pair)
+    return pairs, (lambda prompts, responses: [rewards[r] for r in responses])
+
+
+def test_bt_sample_matches_the_bradley_terry_probabilities(tmp_path):
+    pairs, reward = random_reward_pairs(3000)
+    out = tmp_path / "D.jsonl"
+    label_auto(write_pairs_file(tmp_path / "pairs.jsonl", pairs), reward, out, seed=7,
+               batch_size=500, show_progress=False)
+    rows = read_jsonl(out)
+    assert len(rows) == 3000
+    higher_won = [(r["chosen_index"] == 0) == (r["r1"] > r["r2"]) for r in rows]
+    expected = [max(r["p"], 1 - r["p"]) for r in rows]
+    mean_expected = sum(expected) / len(rows)
+    # Each draw is Bernoulli(max(p, 1-p)): the variance of the count is sum q(1-q).
+    sd = math.sqrt(sum(q * (1 - q) for q in expected)) / len(rows)
+    assert abs(sum(higher_won) / len(rows) - mean_expected) < 4 * sd
+    assert 0.6 < mean_expected < 0.95, "the test needs pairs that are not all near-certain"
+    # p(y1 > y2) itself: response 0 wins about sum(p) times.
+    wins0 = sum(r["chosen_index"] == 0 for r in rows)
+    assert abs(wins0 - sum(r["p"] for r in rows)) < 4 * sd * len(rows)
+
+
+def test_bt_sample_is_seeded_and_resumes_after_a_crash(tmp_path):
+    pairs, reward = random_reward_pairs(200)
+    pairs_file = write_pairs_file(tmp_path / "pairs.jsonl", pairs)
+    full = tmp_path / "full.jsonl"
+    label_auto(pairs_file, reward, full, seed=3, batch_size=16, show_progress=False)
+    other_seed = tmp_path / "other.jsonl"
+    label_auto(pairs_file, reward, other_seed, seed=4, batch_size=16, show_progress=False)
+    assert full.read_bytes() != other_seed.read_bytes()
+
+    calls = 0
+
+    def dies_on_fourth_batch(prompts, responses):
+        nonlocal calls
+        calls += 1
+        if calls == 4:
+            raise KeyboardInterrupt
+        return reward(prompts, responses)
+
+    resumed = tmp_path / "resumed.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        label_auto(pairs_file, dies_on_fourth_batch, resumed, seed=3, batch_size=16,
+                   show_progress=False)
+    assert len(read_jsonl(resumed)) == 48
+    with open(resumed, "ab") as f:  # and a kill in the middle of a write
+        f.write(b'{"prompt": "half a li')
+    stats = label_auto(pairs_file, reward, resumed, seed=3, batch_size=50, show_progress=False)
+    assert stats["resumed_from"] == 48 and stats["written"] == 152
+    assert resumed.read_bytes() == full.read_bytes()
+    again = label_auto(pairs_file, reward, resumed, seed=3, show_progress=False)
+    assert again.get("written", 0) == 0, "a finished run writes nothing more"
+
+
+def test_auto_refuses_mixed_runs_and_bad_rewards(tmp_path, rewards_file):
+    pairs_file = write_pairs_file(tmp_path / "pairs.jsonl", make_pairs(4))
+    out = tmp_path / "D.jsonl"
+    label_auto(pairs_file, "my_rewards:length", out, mode="bt-sample", show_progress=False)
+    with pytest.raises(UserError, match="same settings"):
+        label_auto(pairs_file, "my_rewards:length", out, mode="argmax", show_progress=False)
+    with pytest.raises(UserError, match="pairs file"):
+        label_auto(write_pairs_file(tmp_path / "other.jsonl", make_pairs(2, prefix="q")),
+                   "my_rewards:length", out, show_progress=False)
+    with pytest.raises(UserError, match="finite"):
+        label_auto(pairs_file, "my_rewards:infinite", tmp_path / "inf.jsonl", show_progress=False)
+    with pytest.raises(UserError, match="mode"):
+        label_auto(pairs_file, "my_rewards:length", tmp_path / "x.jsonl", mode="coin")
+
+
+def test_bad_pairs_files_name_the_line(tmp_path):
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text('{"pair_id": "a", "prompt": "p", "responses": ["x", "y"]}\n\n'
+                   '{"pair_id": "b", "prompt": "p", "responses": ["x"]}\n')
+    with pytest.raises(UserError, match=r"pairs.jsonl, line 3: 'responses'"):
+        label_auto(bad, lambda p, r: [0.0] * len(r), tmp_path / "D.jsonl")
+    bad.write_text('{"pair_id": "a", "prompt": [{"role": "user"}], "responses": ["x", "y"]}\n')
+    with pytest.raises(UserError, match="line 1: prompt message 0"):
+        label_auto(bad, lambda p, r: [0.0] * len(r), tmp_path / "D.jsonl")
+    bad.write_text('{"pair_id": "a", "prompt": "p", "responses": ["x", "y"]}\n' * 2)
+    with pytest.raises(UserError, match="line 2: pair_id 'a' already used on line 1"):
+        label_auto(bad, lambda p, r: [0.0] * len(r), tmp_path / "D.jsonl")
+
+
+def test_a_local_reward_model_scores_prompt_plus_response(tmp_path):
+    import torch
+    import transformers
+
+    from preftune.demo.tiny import special_token_ids, train_tokenizer
+
+    tokenizer = train_tokenizer()
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, num_labels=1, **special_token_ids(tokenizer))
+    torch.manual_seed(0)
+    model = transformers.LlamaForSequenceClassification(config).eval()
+    folder = tmp_path / "rm"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+    reward = load_reward(str(folder), batch_size=2)
+    prompts = ["The quick brown fox", "What is", [{"role": "user", "content": "hello"}]]
+    responses = [" jumps over the lazy dog.", " the best ice cream?", "how can I help you?"]
+    batched = reward(prompts, responses)
+    one_by_one = [reward([p], [r])[0] for p, r in zip(prompts, responses)]
+    assert batched == pytest.approx(one_by_one, abs=1e-4), "padding must not change scores"
+    with torch.no_grad():
+        ids = tokenizer(prompts[0] + responses[0], return_tensors="pt")
+        assert batched[0] == pytest.approx(model(**ids).logits[0, 0].item(), abs=1e-4)
+    chat = tokenizer.apply_chat_template(
+        prompts[2] + [{"role": "assistant", "content": responses[2]}], tokenize=False)
+    with torch.no_grad():
+        direct = model(**tokenizer(chat, return_tensors="pt")).logits[0, 0].item()
+    assert batched[2] == pytest.approx(direct, abs=1e-4)
+
+    config.num_labels = 2
+    transformers.LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm2")
+    tokenizer.save_pretrained(tmp_path / "rm2")
+    with pytest.raises(UserError, match="exactly one"):
+        load_reward(str(tmp_path / "rm2"))
