@@ -1,0 +1,78 @@
+"""`preftune label ...` commands through typer's runner (the lead mounts this app as `label`)."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from labeling_helpers import make_pairs, write_pairs_file
+from preftune.errors import UserError
+from preftune.labeling.cli import app
+from preftune.labeling.store import Store
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_import_annotators_status_export(tmp_path):
+    db = tmp_path / "labels.sqlite"
+    pairs = write_pairs_file(tmp_path / "pairs.jsonl", make_pairs(3))
+    assert "3 new pairs" in invoke("import", "--pairs", pairs, "--db", db).output
+    assert "0 new pairs, 3 already" in invoke("import", "--pairs", pairs, "--db", db).output
+    result = invoke("add-annotator", "erin", "--db", db, "--url", "https://label.example/")
+    link = result.output.strip().splitlines()[-1]
+    assert link.startswith("https://label.example/login?token=")
+    token = link.split("token=")[1]
+    store = Store(db)
+    erin = store.authenticate(token)
+    assert erin.name == "erin" and token not in db.read_bytes().decode("latin-1")
+    store.next_pair(erin)
+    store.record_vote(erin, "p00000", "left", "clearer", "cli-vote-1")
+    store.close()
+    status = json.loads(invoke("status", "--db", db, "--json").output)
+    assert status["votes"] == 1 and status["annotators"][0]["name"] == "erin"
+    assert "erin" in invoke("status", "--db", db).output
+    out = tmp_path / "D.jsonl"
+    assert "wrote 1 rows" in invoke("export", "--db", db, "--out", out).output
+    assert json.loads(out.read_text())["pair_id"] == "p00000"
+    assert "revoked erin" in invoke("revoke-annotator", "erin", "--db", db).output
+    store = Store(db)
+    assert store.authenticate(token) is None
+    store.close()
+
+
+def test_cli_mistakes_are_user_errors(tmp_path):
+    db = tmp_path / "labels.sqlite"
+    invoke("add-annotator", "frank", "--db", db)
+    cases = [
+        ("add-annotator", "frank", "--db", db),
+        ("add-annotator", "bad name!", "--db", db),
+        ("revoke-annotator", "nobody", "--db", db),
+        ("status", "--db", tmp_path / "missing.sqlite"),
+        ("serve", "--db", db, "--host", "0.0.0.0", "--open"),
+        ("serve", "--db", db, "--overlap", "0"),
+        ("serve", "--db", db),  # no pairs to serve
+        ("auto", "--pairs", tmp_path / "none.jsonl", "--reward", "m:f", "--out", db,
+         "--argmax", "--bt-sample"),
+    ]
+    for args in cases:
+        result = invoke(*args)
+        assert isinstance(result.exception, UserError), (args, result.output)
+
+
+def test_auto_command(tmp_path):
+    (tmp_path / "lenreward.py").write_text(
+        "def score(prompt: str, response: str) -> float:\n    return 1.0\n")  # all ties
+    pairs = write_pairs_file(tmp_path / "pairs.jsonl", make_pairs(5))
+    out = tmp_path / "D.jsonl"
+    result = invoke("auto", "--pairs", pairs, "--reward", f"{tmp_path / 'lenreward.py'}:score",
+                    "--out", out, "--argmax")
+    assert result.exit_code == 0, result.output
+    assert "wrote 0 rows" in result.output and "5 ties skipped" in result.output
+    result = invoke("auto", "--pairs", pairs, "--reward", f"{tmp_path / 'lenreward.py'}:score",
+                    "--out", out, "--seed", "1")
+    assert "wrote 5 rows (bt-sample)" in result.output
+    assert all(json.loads(line)["p"] == pytest.approx(0.5) for line in out.read_text().splitlines())
