@@ -1,19 +1,33 @@
-"""Process groups: one process, or torchrun's N processes with DDP.
+"""Process groups and model wrapping: one process, or torchrun's N processes with DDP or FSDP2.
 
 `setup_distributed` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and starts the
-process group: nccl on CUDA, gloo on CPU. `wrap_policy` returns the module that computes the
-policy's completion log-probs, wrapped for the chosen strategy.
+process group: nccl on CUDA, gloo on CPU. `wrap_policy` wraps the module that computes the
+policy's completion log-probs (LM head included, so the wrapper sees the whole forward):
+- ddp: every process holds the whole model; gradients are averaged after each backward;
+- fsdp: FSDP2 (`fully_shard`) on each decoder layer and on the root, so each process keeps
+  1/N of the weights, gradients and optimizer state, and gathers one layer at a time.
+`shard_reference` gives the frozen reference the same layout, so it is never whole on a GPU.
+Checkpoints of distributed runs live in `preftune.dist_checkpoint`; failures that should print
+once rather than once per rank go through `rank_errors`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
+import sys
+import time
+import traceback
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as torch_dist
+from torch import nn
 
-from preftune.logprobs import CompletionLogps
+from preftune.errors import UserError
+from preftune.logprobs import CompletionLogps, unwrap_causal_lm
 
 
 @dataclass
@@ -22,7 +36,7 @@ class DistContext:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device | None = None
-    strategy: str = "none"
+    strategy: str = "none"  # none | ddp | fsdp, after resolving "auto"
 
     @property
     def is_main(self) -> bool:
@@ -30,7 +44,12 @@ class DistContext:
 
     @property
     def active(self) -> bool:
-        return self.world_size > 1
+        """A process group exists: collectives must be called by every rank."""
+        return torch_dist.is_available() and torch_dist.is_initialized()
+
+    @property
+    def sharded(self) -> bool:
+        return self.strategy == "fsdp"
 
     def barrier(self) -> None:
         if self.active:
@@ -44,40 +63,210 @@ class DistContext:
         return t.item()
 
     def shutdown(self) -> None:
-        if self.active and torch_dist.is_initialized():
+        if self.active:
             torch_dist.destroy_process_group()
 
 
+def resolve_strategy(requested: str, world_size: int) -> str:
+    """The strategy to run: "auto" is ddp under torchrun and none alone; fsdp also runs alone
+    (useful with CPU offload, and to resume a sharded checkpoint on one device)."""
+    if requested == "none" and world_size > 1:
+        raise UserError(f"train.distributed is 'none' but torchrun started {world_size} processes; "
+                        "set train.distributed to ddp or fsdp, or run without torchrun.")
+    if requested == "fsdp":
+        return "fsdp"
+    return "ddp" if world_size > 1 else "none"
+
+
+def _process_device(config, local_rank: int) -> torch.device:
+    name = config.train.device
+    if name == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)  # one GPU per process, by local rank
+    return device
+
+
 def setup_distributed(config) -> DistContext:
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if world_size == 1:
+    """Join torchrun's process group (or make a one-process group for fsdp alone)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    strategy = resolve_strategy(config.train.distributed, world_size)
+    if strategy == "none":
         return DistContext()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = _process_device(config, local_rank)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-        backend = "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
+    backend = "nccl" if device.type == "cuda" else "gloo"
     if not torch_dist.is_initialized():
-        torch_dist.init_process_group(backend=backend)
-    strategy = config.train.distributed if config.train.distributed != "auto" else "ddp"
+        if world_size == 1:  # fsdp on one device: an in-memory store, no rendezvous needed
+            torch_dist.init_process_group(backend, store=torch_dist.HashStore(), rank=0, world_size=1)
+        else:
+            torch_dist.init_process_group(backend)
     return DistContext(rank, world_size, local_rank, device, strategy)
+
+
+# ------------------------------------------------------------------------------ wrapping
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks to shard one by one: transformers names their class in
+    `_no_split_modules` (LlamaDecoderLayer, GPT2Block, ...)."""
+    names = set(getattr(unwrap_causal_lm(model), "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise UserError(f"train.distributed fsdp: found no decoder layers in {type(model).__name__} "
+                        "(its _no_split_modules is empty); use train.distributed: ddp.")
+    return layers
+
+
+def _fsdp_options(config, dist: DistContext) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
+
+    options = {"mesh": init_device_mesh(dist.device.type, (dist.world_size,))}
+    if config.model.autocast == "bfloat16":
+        # bf16 weights in the forward and backward, gradients reduced and kept in float32.
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if config.train.fsdp_cpu_offload:
+        if dist.device.type != "cuda":
+            raise UserError("train.fsdp_cpu_offload moves weights from GPU to host memory; "
+                            "on CPU they are there already: set it to false.")
+        options["offload_policy"] = CPUOffloadPolicy(pin_memory=True)
+    return options
+
+
+def _shard(module: CompletionLogps, config, dist: DistContext) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    options = _fsdp_options(config, dist)
+    for layer in decoder_layers(module.model):
+        fully_shard(layer, **options)
+    # The root holds what no layer owns: embeddings, final norm, LM head (tied or not).
+    fully_shard(module, **options)
+    return module
 
 
 def wrap_policy(policy, config, dist: DistContext):
     """(module computing policy log-probs, the wrapper that owns gradient sync)."""
     module = CompletionLogps(policy, config.train.logprob_chunk_size)
-    if config.model.compile:
-        module = torch.compile(module)
-    if dist.active and dist.strategy in ("ddp", "auto"):
+    if dist.strategy == "fsdp":
+        module = _shard(module, config, dist)
+    elif dist.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [dist.device.index] if dist.device.type == "cuda" else None
-        module = DistributedDataParallel(module, device_ids=ids)
+        # Buffers (rotary tables) are constants; broadcasting them in every forward would also
+        # tie evaluation forwards to lock-step across ranks.
+        module = DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)
+    if config.model.compile:
+        module = torch.compile(module)
     return module, module
 
 
-def save_policy(policy, folder, dist: DistContext) -> None:
-    """Full, HF-loadable weights, written once by rank 0."""
-    policy.save_pretrained(folder, safe_serialization=True)
+class ShardedReference:
+    """The frozen reference as an FSDP2 module: log-probs of a batch, computed without grad."""
+
+    def __init__(self, module: nn.Module, autocast):
+        self.module = module
+        self.autocast = autocast
+
+    @torch.no_grad()
+    def __call__(self, batch) -> torch.Tensor:
+        with self.autocast():
+            logps, _ = self.module(batch.input_ids, batch.attention_mask, batch.completion_mask)
+        # FSDP keeps the root's weights gathered after a forward, expecting a backward; the
+        # reference has none, so free them now.
+        self.module.reshard()
+        return logps
+
+
+def shard_reference(reference_fn, config, dist: DistContext):
+    """Under fsdp a frozen-model reference is sharded like the policy; any other reference
+    (precomputed log-probs, none) is returned as it is."""
+    from preftune.reference import FrozenModelReference
+
+    if dist.strategy != "fsdp" or not isinstance(reference_fn, FrozenModelReference):
+        return reference_fn
+    module = _shard(CompletionLogps(reference_fn.model, reference_fn.chunk_size), config, dist)
+    return ShardedReference(module, reference_fn.autocast)
+
+
+def grad_norm_value(norm) -> float:
+    """A float from clip_grad_norm_'s result, which is a DTensor when the grads are sharded."""
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+# ------------------------------------------------------------------------------ failures
+
+
+def _store():
+    """A key-value store every rank can reach even after another rank died: under torchrun it
+    is the launcher's own store. None when there is none (the caller then prints anyway)."""
+    try:
+        if torch_dist.is_initialized():
+            return torch_dist.distributed_c10d._get_default_store()
+        if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
+            from datetime import timedelta
+
+            return torch_dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                       is_master=False, timeout=timedelta(seconds=5))
+    except Exception:  # noqa: BLE001 -- reporting an error must never raise one of its own
+        return None
+    return None
+
+
+def _first_to_claim(key: str) -> bool:
+    """True on exactly one rank per key (an atomic counter); True everywhere without a store."""
+    store = _store()
+    if store is None:
+        return True
+    run = os.environ.get("TORCHELASTIC_RUN_ID", "run") + "/" + os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    try:
+        return store.add(f"preftune/{run}/{key}", 1) == 1
+    except Exception:  # noqa: BLE001
+        return True
+
+
+def _write_error_file(message: str) -> None:
+    """torchrun's failure summary shows this text instead of '<N/A>'."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        with contextlib.suppress(OSError), open(path, "w") as f:
+            json.dump({"message": message, "timestamp": int(time.time())}, f)
+
+
+@contextlib.contextmanager
+def rank_errors():
+    """Under torchrun, a failure is reported once, not by every rank.
+
+    A UserError prints as one line, by the first rank to hit that message, prefixed with its
+    rank; its exit status is 2. Errors on the other ranks that only follow from it (a
+    collective whose peer has gone) exit with status 1 and print nothing. A genuine bug prints
+    its traceback from the first rank that failed. Outside torchrun this does nothing.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        yield
+        return
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        yield
+    except UserError as e:
+        message = f"[rank {rank}] error: {e}"
+        _write_error_file(message)
+        _first_to_claim("failed")  # so the other ranks' follow-on errors stay quiet
+        # Every rank usually reads the same config and data and fails with the same sentence.
+        if _first_to_claim("message-" + hashlib.sha1(str(e).encode()).hexdigest()):
+            print(message, file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    except Exception:
+        if not _first_to_claim("failed"):
+            _write_error_file(f"[rank {rank}] stopped because another rank failed first.")
+            raise SystemExit(1) from None
+        _write_error_file(f"[rank {rank}] " + traceback.format_exc())
+        print(f"[rank {rank}] failed:", file=sys.stderr, flush=True)
+        raise

@@ -36,26 +36,37 @@ def pair_logps(policy_logps, reference_logps, batch: PairBatch) -> PairLogps:
 
 @torch.no_grad()
 def evaluate_pairs(policy_logps, reference_logps, pairs: list[TokenizedPair], config, device,
-                   pad_token_id: int, batch_size: int | None = None) -> dict[str, float]:
-    """Mean loss, rewards, accuracy, margins and log-probs over `pairs`, plus mean lengths."""
+                   pad_token_id: int, batch_size: int | None = None, rank: int = 0,
+                   world_size: int = 1) -> dict[str, float]:
+    """Mean loss, rewards, accuracy, margins and log-probs over `pairs`, plus mean lengths.
+
+    With world_size > 1 every rank must call it: each scores every world_size-th pair and the
+    sums are reduced across ranks, so all ranks return the means over all of `pairs`.
+    """
     was_training = getattr(policy_logps, "training", False)
     if hasattr(policy_logps, "eval"):
         policy_logps.eval()
     batch_size = batch_size or config.train.eval_batch_size or config.train.batch_size
     metrics = StepMetrics(device)
-    chosen_tokens = rejected_tokens = 0.0
-    for start in range(0, len(pairs), batch_size):
-        batch = collate_pairs(pairs[start:start + batch_size], pad_token_id).to(device)
+    token_sums = torch.zeros(2, dtype=torch.float64, device=device)  # chosen, rejected
+    share = pairs[rank::world_size]
+    # Every rank runs as many forwards as the largest share (FSDP gathers weights inside each
+    # forward, with all ranks); a rank whose share ran out scores a stand-in and drops it.
+    for start in range(0, len(pairs[::world_size]), batch_size):
+        chunk = share[start:start + batch_size]
+        batch = collate_pairs(chunk or pairs[:1], pad_token_id).to(device)
         logps = pair_logps(policy_logps, reference_logps, batch)
-        metrics.add(preference_loss(logps, config.loss), logps, config.loss.beta)
-        chosen_tokens += float(logps.chosen_lengths.sum())
-        rejected_tokens += float(logps.rejected_lengths.sum())
+        if chunk:
+            metrics.add(preference_loss(logps, config.loss), logps, config.loss.beta)
+            token_sums += torch.stack([logps.chosen_lengths.sum(), logps.rejected_lengths.sum()]).double()
     if was_training:
         policy_logps.train()
     results = metrics.reduce()
+    if world_size > 1:
+        torch.distributed.all_reduce(token_sums)
     n = max(len(pairs), 1)
-    results["lengths/chosen"] = chosen_tokens / n
-    results["lengths/rejected"] = rejected_tokens / n
+    results["lengths/chosen"] = token_sums[0].item() / n
+    results["lengths/rejected"] = token_sums[1].item() / n
     return results
 
 

@@ -1,0 +1,192 @@
+"""Checkpoints of any run, one process or many: full weights written once, optimizer sharded.
+
+A checkpoint folder (written atomically by `checkpoint.save_checkpoint`: temp folder, manifest,
+rename) holds:
+  model.safetensors, config.json, tokenizer files  the full policy, loadable by from_pretrained;
+                        under fsdp gathered from every rank, written by rank 0 only
+  training_state.pt     step, data position, scheduler, RNG (and the optimizer under none/ddp,
+                        where every rank holds the same whole optimizer state)
+  optimizer/            under fsdp: the optimizer state as torch.distributed.checkpoint (DCP)
+                        shards, one file per rank plus `.metadata`. DCP reshards on load, so a
+                        checkpoint written by N processes resumes on M.
+
+Every rank first writes its DCP shard into a staging folder beside the checkpoint; rank 0 then
+fills the temp folder, moves the shards in and closes the checkpoint with its manifest. A
+killed save leaves only `*.tmp` folders, which are never resumed from. The output folder must
+be one file system that every node sees (as usual for multi-node training).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from torch import nn
+
+from preftune.checkpoint import load_model_weights, load_training_state, save_checkpoint
+from preftune.distributed import DistContext
+from preftune.errors import UserError
+
+OPTIMIZER_DIR = "optimizer"
+
+
+def run_shape(config, dist: DistContext) -> dict:
+    """What a resumed run must match: the global batch fixes the order in which data is read."""
+    return {"world_size": dist.world_size, "strategy": dist.strategy,
+            "global_batch": config.train.batch_size * config.train.grad_accum * dist.world_size}
+
+
+# ------------------------------------------------------------------------------ weights
+
+
+def full_state_dict(policy: nn.Module, dist: DistContext) -> dict | None:
+    """Under fsdp, the whole state dict on rank 0's CPU (a collective: every rank calls it);
+    None otherwise, as the model itself holds it."""
+    if not dist.sharded:
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def write_weights(policy: nn.Module, folder: Path, state: dict | None) -> None:
+    """HF-loadable safetensors (rank 0 only); `state` from `full_state_dict`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    policy.save_pretrained(folder, state_dict=state, safe_serialization=True)
+
+
+def save_policy(policy: nn.Module, folder: Path, dist: DistContext, tokenizer=None) -> None:
+    """Full, HF-loadable weights written once by rank 0. Every rank must call it."""
+    state = full_state_dict(policy, dist)
+    if dist.is_main:
+        write_weights(policy, Path(folder), state)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+    dist.barrier()
+
+
+def _with_tied_twins(policy: nn.Module, state: dict) -> dict:
+    """save_pretrained writes a tied weight once (say embed_tokens); the loader of a sharded
+    model wants every name, so the twin (lm_head) gets the same tensor."""
+    by_id: dict[int, list[str]] = {}
+    for name, param in policy.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(param), []).append(name)
+    for names in by_id.values():
+        present = [n for n in names if n in state]
+        for name in names:
+            if present and name not in state:
+                state[name] = state[present[0]]
+    return state
+
+
+def _load_weights_sharded(policy: nn.Module, folder: Path, dist: DistContext) -> None:
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    state: dict = {}
+    if dist.is_main:  # read once; the other ranks receive their shards by broadcast
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise UserError(f"checkpoint {folder} holds no .safetensors weights.")
+        for f in files:
+            state.update(load_file(str(f)))
+        state = _with_tied_twins(policy, state)
+    set_model_state_dict(policy, state, options=StateDictOptions(full_state_dict=True,
+                                                                 broadcast_from_rank0=True))
+
+
+# ------------------------------------------------------------------------------ optimizer
+
+
+def _save_sharded_optimizer(policy, optimizer, staging: Path, dist: DistContext) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    if dist.is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    dist.barrier()
+    dcp.save({"optimizer": get_optimizer_state_dict(policy, optimizer)}, checkpoint_id=str(staging))
+
+
+def _load_sharded_optimizer(policy, optimizer, path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    # The template holds this run's shards; DCP fills them from whatever layout was saved.
+    state = {"optimizer": get_optimizer_state_dict(policy, optimizer)}
+    dcp.load(state, checkpoint_id=str(path))
+    set_optimizer_state_dict(policy, optimizer, state["optimizer"])
+
+
+def _load_whole_optimizer_sharded(policy, optimizer, saved: dict) -> None:
+    """A none/ddp checkpoint (positional optimizer state) resumed under fsdp: name each entry
+    by its parameter, in the order the optimizer was built (trainable parameters), and shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = [n for n, p in policy.named_parameters() if p.requires_grad]
+    groups = [dict(g, params=[names[i] for i in g["params"]]) for g in saved["param_groups"]]
+    state = {names[i]: value for i, value in saved["state"].items()}
+    set_optimizer_state_dict(policy, optimizer, {"state": state, "param_groups": groups},
+                             options=StateDictOptions(full_state_dict=True))
+
+
+# ------------------------------------------------------------------------------ save / restore
+
+
+def save_training_checkpoint(folder: Path, step: int, policy, tokenizer, optimizer,
+                             training_state: dict, config, dist: DistContext) -> Path:
+    """Write one checkpoint; every rank calls it. `training_state` holds what train.py owns
+    (step, data position, scheduler, RNG); weights and optimizer are added here."""
+    folder = Path(folder)
+    full = full_state_dict(policy, dist)
+    staging = folder.with_name(folder.name + ".shards.tmp")
+    training_state = dict(training_state, distributed=run_shape(config, dist))
+    if dist.sharded:
+        _save_sharded_optimizer(policy, optimizer, staging, dist)
+        training_state["optimizer"] = None
+    else:
+        training_state["optimizer"] = optimizer.state_dict()
+    if dist.is_main:
+        def save_model(path: Path) -> None:
+            write_weights(policy, path, full)
+            tokenizer.save_pretrained(path)
+            if dist.sharded:
+                os.replace(staging, path / OPTIMIZER_DIR)
+
+        save_checkpoint(folder, step, save_model, training_state)
+    dist.barrier()
+    return folder
+
+
+def _check_shape(saved: dict, folder: Path, config, dist: DistContext) -> None:
+    before, now = saved.get("distributed"), run_shape(config, dist)
+    if before and before["global_batch"] != now["global_batch"]:
+        raise UserError(
+            f"checkpoint {folder} was written with {before['global_batch']} pairs per optimizer step "
+            f"({before['world_size']} processes); this run has {now['global_batch']} "
+            f"(train.batch_size x train.grad_accum x {dist.world_size} processes): set "
+            f"train.batch_size or train.grad_accum so the product is {before['global_batch']}.")
+
+
+def restore_training_checkpoint(folder: Path, policy, optimizer, config, dist: DistContext) -> dict:
+    """Load weights and optimizer into this run's (possibly sharded) model; every rank calls
+    it. Returns the saved training state for train.py (scheduler, step, RNG)."""
+    folder = Path(folder)
+    saved = load_training_state(folder)
+    _check_shape(saved, folder, config, dist)
+    if dist.sharded:
+        _load_weights_sharded(policy, folder, dist)
+    else:
+        load_model_weights(policy, folder)
+    if (folder / OPTIMIZER_DIR).is_dir():
+        _load_sharded_optimizer(policy, optimizer, folder / OPTIMIZER_DIR)
+    elif dist.sharded:
+        _load_whole_optimizer_sharded(policy, optimizer, saved["optimizer"])
+    else:
+        optimizer.load_state_dict(saved["optimizer"])
+    return saved
