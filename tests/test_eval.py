@@ -1,0 +1,329 @@
+"""`preftune eval pairs | generate | score-human` end to end on tiny models built in-process.
+
+The reward functions are files written by the tests. A "rigged" reward looks responses up in a
+table the test fills with texts it sampled itself, so the expected winner is known in advance.
+"""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from preftune.bradley_terry import win_rate
+from preftune.cli import app
+from preftune.data.io import load_pairs
+from preftune.data.tokenize import tokenize_pair
+from preftune.demo.tiny import save_tiny_model
+from preftune.eval_generate import compare_models
+from preftune.evaluate import write_eval_record
+from preftune.labeling.store import Store
+from preftune.logprobs import naive_completion_logps
+from preftune.records import read_records
+from preftune.report import load_evals
+from preftune.sampling import (
+    SamplingSettings, generate_token_ids, load_model_and_tokenizer, sample_pairs,
+)
+
+torch.set_num_threads(2)
+
+PROMPTS = ["The quick brown fox", "What is the best ice cream?", "A preference pair holds",
+           "hello"]
+MAX_NEW = 6
+GENERATE_KEYS = {  # docs/CONTRACTS.md, eval.json of kind "generate"
+    "kind", "model", "reference", "judge", "n_prompts", "win_rate", "win_rate_ci", "ties",
+    "mean_reward", "kl", "kl_se", "mean_length",
+}
+ROW_KEYS = {"pair_id", "prompt_index", "prompt", "responses", "order", "reward", "winner",
+            "logps", "kl", "length"}
+PAIRS_METRICS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                 "rewards/margins", "logps/chosen", "logps/rejected", "lengths/chosen",
+                 "lengths/rejected"}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {name: save_tiny_model(root / name, hidden_size=32, seed=seed)
+            for name, seed in (("ref", 0), ("pol", 1), ("pol2", 2))}
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def own_texts(models):
+    """What each model writes on PROMPTS with the evaluator's settings, sampled independently."""
+    texts = {}
+    for name, path in models.items():
+        model, tokenizer = load_model_and_tokenizer(str(path))
+        records = sample_pairs(model, tokenizer, PROMPTS, n=1, max_new_tokens=MAX_NEW, seed=0)
+        texts[name] = [r["responses"][0] for r in records]
+    for i in range(len(PROMPTS)):  # the rigged tests below mean something only if texts differ
+        assert len({texts[name][i] for name in texts}) == len(texts)
+    return texts
+
+
+def rigged_reward(tmp_path, scores: dict[str, float]) -> str:
+    """A reward file giving each listed text its score and every other text 0."""
+    (tmp_path / "favoured.json").write_text(json.dumps(scores), encoding="utf-8")
+    (tmp_path / "rigged.py").write_text(
+        "import json, pathlib\n"
+        "TABLE = json.loads((pathlib.Path(__file__).parent / 'favoured.json').read_text())\n"
+        "def reward(prompt: str, response: str) -> float:\n"
+        "    return float(TABLE.get(response, 0.0))\n"
+        "def length(prompt: str, response: str) -> float:\n"
+        "    return float(len(response))\n",
+        encoding="utf-8",
+    )
+    return f"reward:{tmp_path / 'rigged.py'}:reward"
+
+
+def invoke(args):
+    """Run `preftune eval ...`; a UserError ends it with status 2 and its sentence."""
+    result = CliRunner().invoke(app, ["eval", *map(str, args)])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def user_error(result) -> str:
+    assert result.exit_code == 2 and result.output.startswith("error:"), result.output
+    return result.output
+
+
+# ------------------------------------------------------------------ eval pairs
+
+
+def write_pairs(path):
+    rows = [
+        {"prompt": "The quick brown fox", "chosen": " jumps over the lazy dog.", "rejected": " is lazy."},
+        {"prompt": "What is the best ice cream?", "chosen": " Haagen-Dazs is rich.", "rejected": " Numbers."},
+        {"prompt": "hello,", "chosen": " how can I help you today?", "rejected": " no."},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_eval_pairs_policy_equal_to_reference_has_zero_margins(models, tmp_path):
+    data = write_pairs(tmp_path / "D_eval.jsonl")
+    result = invoke(["pairs", "--model", models["ref"], "--reference", models["ref"],
+                     "--data", data, "--beta", "0.1", "--out", tmp_path / "out"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert record["kind"] == "pairs" and record["n_pairs"] == 3
+    assert {f"eval/{k}" for k in PAIRS_METRICS} <= set(record)
+    assert record["eval/rewards/accuracies"] == 0.0  # chosen > rejected never holds at equality
+    assert record["eval/rewards/margins"] == 0.0
+    assert record["eval/rewards/chosen"] == 0.0
+    assert record["eval/loss"] == pytest.approx(math.log(2))  # DPO's loss at initialisation
+    assert record["eval/logps/chosen"] < 0 and record["eval/lengths/chosen"] > 1
+
+
+def test_eval_pairs_matches_a_direct_computation_and_reads_the_run_config(models, tmp_path):
+    """RUN/final without --reference/--beta takes both from RUN/config.yaml; the numbers equal
+    beta * (log pi - log ref) computed here with the naive full-vocabulary log-probs."""
+    run = tmp_path / "run"
+    shutil.copytree(models["pol"], run / "final")
+    config = {"model": {"path": str(models["ref"])}, "data": {"train": "x.jsonl"},
+              "loss": {"type": "sigmoid", "beta": 0.5}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    data = write_pairs(tmp_path / "D_eval.jsonl")
+    result = invoke(["pairs", "--model", run / "final", "--data", data])
+    assert result.exit_code == 0, result.output
+    record = json.loads((run / "final" / "eval.json").read_text())
+    assert record["beta"] == 0.5 and record["reference"] == str(models["ref"])
+
+    policy, tokenizer = load_model_and_tokenizer(str(models["pol"]))
+    reference, _ = load_model_and_tokenizer(str(models["ref"]))
+    chosen, margins = [], []
+    for pair in load_pairs(str(data)).pairs:
+        tokenized = tokenize_pair(pair, tokenizer)
+        rewards = []
+        for completion in (tokenized.chosen_ids, tokenized.rejected_ids):
+            ids = torch.tensor([tokenized.prompt_ids + completion])
+            mask = torch.tensor([[0] * len(tokenized.prompt_ids) + [1] * len(completion)])
+            with torch.no_grad():
+                pi = naive_completion_logps(policy, ids, torch.ones_like(ids), mask)[0]
+                ref = naive_completion_logps(reference, ids, torch.ones_like(ids), mask)[0]
+            rewards.append(0.5 * float(pi - ref))
+        chosen.append(rewards[0])
+        margins.append(rewards[0] - rewards[1])
+    assert record["eval/rewards/chosen"] == pytest.approx(sum(chosen) / 3, abs=1e-4)
+    assert record["eval/rewards/margins"] == pytest.approx(sum(margins) / 3, abs=1e-4)
+    assert record["eval/rewards/accuracies"] == sum(m > 0 for m in margins) / 3
+
+
+def test_eval_pairs_without_a_reference_is_a_user_error(models, tmp_path):
+    result = invoke(["pairs", "--model", models["pol"], "--data", write_pairs(tmp_path / "d.jsonl")])
+    assert "--reference" in user_error(result)
+
+
+# ------------------------------------------------------------------ eval generate
+
+
+def test_generate_policy_equal_to_reference_has_zero_kl_and_only_ties(models, prompts_file, tmp_path):
+    rigged_reward(tmp_path, {})
+    judge = f"reward:{tmp_path / 'rigged.py'}:length"
+    result = invoke(["generate", "--model", models["ref"], "--reference", models["ref"],
+                     "--prompts", prompts_file, "--judge", judge, "--max-new-tokens", MAX_NEW,
+                     "--out", tmp_path / "out"])
+    assert result.exit_code == 0, result.output
+    assert "win rate" in result.output and "KL(pi||ref)" in result.output
+    record = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert GENERATE_KEYS <= set(record)
+    assert record["kind"] == "generate" and record["n_prompts"] == len(PROMPTS)
+    assert record["kl"] == 0.0 and record["kl_se"] == 0.0
+    assert record["ties"] == len(PROMPTS) and record["win_rate"] == 0.5
+    assert record["mean_reward"]["policy"] == record["mean_reward"]["reference"] > 0
+    rows = read_records(tmp_path / "out" / "samples.jsonl")
+    assert len(rows) == len(PROMPTS)
+    for row, prompt in zip(rows, PROMPTS):
+        assert set(row) == ROW_KEYS and row["prompt"] == prompt
+        assert sorted(row["order"]) == ["policy", "reference"]
+        assert row["responses"]["policy"] == row["responses"]["reference"]  # same seeds
+        assert row["winner"] == "tie" and row["kl"] == 0.0
+        assert row["reward"]["policy"] == len(row["responses"]["policy"])
+        assert 1 <= row["length"]["policy"] <= MAX_NEW
+    assert record["mean_length"]["policy"] == sum(r["length"]["policy"] for r in rows) / len(rows)
+
+
+def test_generate_rigged_reward_gives_win_rate_one_and_exact_kl(models, prompts_file, tmp_path,
+                                                                own_texts):
+    judge = rigged_reward(tmp_path, {text: 1.0 for text in own_texts["pol"]})
+    result = invoke(["generate", "--model", models["pol"], "--reference", models["ref"],
+                     "--prompts", prompts_file, "--judge", judge, "--max-new-tokens", MAX_NEW])
+    assert result.exit_code == 0, result.output
+    record = json.loads((models["pol"] / "eval.json").read_text())  # beside the model
+    n = len(PROMPTS)
+    assert (record["win_rate"], record["wins"], record["ties"]) == (1.0, n, 0)
+    expected = win_rate(n, 0, n)
+    assert record["win_rate_ci"] == pytest.approx([expected.lower, expected.upper])
+    assert 0.4 < record["win_rate_ci"][0] < 0.6 and record["win_rate_ci"][1] == 1.0
+    assert record["mean_reward"] == {"policy": 1.0, "reference": 0.0}
+
+    # KL: log pi(y|x) - log ref(y|x) on the exact ids the policy sampled, row by row, unpadded.
+    rows = read_records(models["pol"] / "samples.jsonl")
+    policy, tokenizer = load_model_and_tokenizer(str(models["pol"]))
+    reference, _ = load_model_and_tokenizer(str(models["ref"]))
+    settings = SamplingSettings(temperature=1.0, max_new_tokens=MAX_NEW, seed=0, n=1)
+    prompt_ids, completions = generate_token_ids(policy, tokenizer, PROMPTS, range(n), settings)
+    log_ratios = []
+    for row, p, (c,) in zip(rows, prompt_ids, completions):
+        ids = torch.tensor([p + c])
+        mask = torch.tensor([[0] * len(p) + [1] * len(c)])
+        with torch.no_grad():
+            pi = float(naive_completion_logps(policy, ids, torch.ones_like(ids), mask)[0])
+            ref = float(naive_completion_logps(reference, ids, torch.ones_like(ids), mask)[0])
+        assert row["logps"]["policy"] == pytest.approx(pi, abs=1e-3)
+        assert row["logps"]["reference"] == pytest.approx(ref, abs=1e-3)
+        log_ratios.append(pi - ref)
+    mean = sum(log_ratios) / n
+    se = math.sqrt(sum((x - mean) ** 2 for x in log_ratios) / (n - 1) / n)
+    assert record["kl"] == pytest.approx(mean, abs=1e-3)
+    assert record["kl_se"] == pytest.approx(se, abs=1e-3)
+
+
+def test_leaderboard_orders_systems_by_a_rigged_reward(models, prompts_file, tmp_path, own_texts):
+    table = {**{t: 1.0 for t in own_texts["pol"]}, **{t: 2.0 for t in own_texts["pol2"]}}
+    judge = rigged_reward(tmp_path, table)
+    out = tmp_path / "out"
+    result = compare_models([models["pol"], models["pol2"]], models["ref"], prompts_file, judge,
+                            max_new_tokens=MAX_NEW, out=out, n_bootstrap=100)
+    order = [row["system"] for row in result["leaderboard"]["ratings"]]
+    assert order == ["pol2", "pol", "reference"]
+    ratings = {row["system"]: row for row in result["leaderboard"]["ratings"]}
+    assert ratings["reference"]["rating"] == 1000.0
+    assert ratings["pol2"]["wins"] == 2 * len(PROMPTS) and ratings["reference"]["losses"] == 2 * len(PROMPTS)
+    assert json.loads((out / "leaderboard.json").read_text())["anchor"] == "reference"
+    assert "pol2" in (out / "leaderboard.md").read_text()
+    for name in ("pol", "pol2"):
+        record = json.loads((out / name / "eval.json").read_text())
+        assert record["system"] == name and record["win_rate"] == 1.0
+        assert (out / name / "samples.jsonl").is_file()
+
+
+# ------------------------------------------------------------------ human judge
+
+
+def vote_as(store, annotator, rows, choose) -> int:
+    """Vote on every pair the labeling page would show `annotator`; returns the vote count."""
+    by_id = {row["pair_id"]: row for row in rows}
+    votes = 0
+    while (shown := store.next_pair(annotator)) is not None:
+        row = by_id[shown["pair_id"]]
+        side = "left" if shown["left"] == row["responses"]["policy"] else "right"
+        choice = choose(row, side)
+        store.record_vote(annotator, shown["pair_id"], choice, None, f"key-{votes:04d}")
+        votes += 1
+    return votes
+
+
+def test_human_judge_queues_blind_pairs_and_scores_the_votes(models, prompts_file, tmp_path):
+    db, out = tmp_path / "labels.db", tmp_path / "out"
+    result = invoke(["generate", "--model", models["pol"], "--reference", models["ref"],
+                     "--prompts", prompts_file, "--judge", "human", "--db", db,
+                     "--max-new-tokens", MAX_NEW, "--out", out])
+    assert result.exit_code == 0, result.output
+    assert "preftune label serve --db" in result.output and "preftune eval score-human" in result.output
+    pending = json.loads((out / "eval.json").read_text())
+    assert pending["status"] == "awaiting_votes" and pending["win_rate"] is None
+    assert pending["kl"] is not None
+
+    early = invoke(["score-human", out, "--db", db])
+    assert "no votes yet" in user_error(early)
+
+    rows = read_records(out / "samples.jsonl")
+    store = Store(db)
+    stored = store.pairs()
+    assert sorted(stored) == sorted(row["pair_id"] for row in rows)
+    for row in rows:  # the database holds the texts in the recorded order, and no system names
+        assert stored[row["pair_id"]]["responses"] == tuple(row["responses"][s] for s in row["order"])
+        assert "policy" not in row["pair_id"] and "reference" not in row["pair_id"]
+    token = store.add_annotator("alice")
+    alice = store.authenticate(token)
+    last = rows[-1]["pair_id"]
+    # Prefer the policy everywhere except one tie: win rate (n - 1 + 1/2) / n.
+    votes = vote_as(store, alice, rows, lambda row, side: "tie" if row["pair_id"] == last else side)
+    store.close()
+    assert votes == len(PROMPTS)
+
+    result = invoke(["score-human", out, "--db", db])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "eval.json").read_text())
+    n = len(PROMPTS)
+    assert record["status"] == "scored" and record["n_votes"] == n
+    assert (record["wins"], record["ties"], record["losses"]) == (n - 1, 1, 0)
+    assert record["win_rate"] == pytest.approx((n - 0.5) / n)
+    expected = win_rate(n - 0.5, 0, n)
+    assert record["win_rate_ci"] == pytest.approx([expected.lower, expected.upper])
+    scored = read_records(out / "samples.jsonl")
+    assert [r["winner"] for r in scored] == ["policy"] * (n - 1) + ["tie"]
+    assert all(r["votes"][0]["annotator"] == "alice" for r in scored)
+
+
+# ------------------------------------------------------------------ errors and eval.json
+
+
+def test_bad_judges_are_user_errors(models, prompts_file, tmp_path):
+    args = ["generate", "--model", models["pol"], "--reference", models["ref"],
+            "--prompts", prompts_file, "--max-new-tokens", 2, "--out", tmp_path]
+    result = invoke([*args, "--judge", "human"])
+    assert "--db" in user_error(result)
+    result = invoke([*args, "--judge", f"reward:{tmp_path / 'missing.py'}:f"])
+    assert "missing.py" in user_error(result)
+
+
+def test_eval_json_keeps_one_record_per_evaluation_and_the_report_reads_them(tmp_path):
+    write_eval_record(tmp_path, {"kind": "pairs", "reference": "r", "data": "d", "eval/loss": 1.0})
+    write_eval_record(tmp_path, {"kind": "generate", "reference": "r", "judge": "j", "kl": 1.0})
+    write_eval_record(tmp_path, {"kind": "generate", "reference": "r", "judge": "j", "kl": 2.0})
+    evals = load_evals([tmp_path / "eval.json"])
+    assert [(e["kind"], e.get("kl")) for e in evals] == [("pairs", None), ("generate", 2.0)]
