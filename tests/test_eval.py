@@ -25,7 +25,10 @@ from preftune.logprobs import naive_completion_logps
 from preftune.records import read_records
 from preftune.report import load_evals
 from preftune.sampling import (
-    SamplingSettings, generate_token_ids, load_model_and_tokenizer, sample_pairs,
+    SamplingSettings,
+    generate_token_ids,
+    load_model_and_tokenizer,
+    sample_pairs,
 )
 
 torch.set_num_threads(2)
