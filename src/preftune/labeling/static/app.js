@@ -81,6 +81,7 @@
       wrap.append(element("div", "content", String(message.content)));
       box.append(wrap);
     }
+    box.scrollTop = box.scrollHeight;  // the last turn is the one being answered
   }
 
   function renderProgress(progress) {
