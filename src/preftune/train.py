@@ -271,9 +271,12 @@ def train(config: Config, resume: str | bool | None = None) -> Path:
                 progress.update(state.step, metrics)
                 if config.train.eval_every and state.step % config.train.eval_every == 0:
                     run_eval(state.step)
-                if (config.train.save_every and state.step % config.train.save_every == 0) or stop.requested:
+                # A signal can reach the ranks during different steps; they must all stop after
+                # the same one, since the checkpoint they then write together is a collective.
+                stopping = ctx.all_reduce_sum(float(stop.requested)) > 0
+                if (config.train.save_every and state.step % config.train.save_every == 0) or stopping:
                     saved = save(state)
-                if stop.requested:
+                if stopping:
                     nproc = f" --nproc {dist.world_size}" if dist.world_size > 1 else ""
                     console.print(escape(f"stopped by signal after step {state.step}; checkpoint {saved}. "
                                          f"Resume with: preftune train {output_dir / 'config.yaml'} "
