@@ -179,13 +179,19 @@ def _read_text(path: Path) -> str:
 
 
 def _rows_from_jsonl(path: Path) -> Iterator[tuple[str, object]]:
-    text = _read_text(path)
+    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a BOM that Windows editors add
     # Split on "\n" alone: str.splitlines() also breaks at U+2028, U+0085 and other characters
     # that JSON strings may hold raw, which would cut valid rows apart and shift line numbers.
-    for lineno, line in enumerate(text.split("\n"), start=1):
+    # Each line is decoded on its own, so problems are reported in line order.
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        where = f"{path}, line {lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"{where}: not valid UTF-8; save the file as UTF-8.") from None
         if not line.strip():
             continue
-        yield f"{path}, line {lineno}", _parse_json(line, f"{path}, line {lineno}")
+        yield where, _parse_json(line, where)
 
 
 def _parse_json(text: str, where: str):
@@ -207,7 +213,7 @@ def _rows_from_json(path: Path) -> Iterator[tuple[str, object]]:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}, line {e.lineno}: malformed JSON ({e.msg}).") from None
-    except ValueError:  # RecursionError and the integer-digit limit carry no position
+    except (RecursionError, ValueError):  # deep nesting, the integer-digit limit: no position
         data = _parse_json(text, str(path))
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
@@ -222,14 +228,15 @@ def _rows_from_csv(path: Path) -> Iterator[tuple[str, object]]:
 
     # The default limit (128 KiB per field) refuses long responses that are perfectly valid.
     csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
-    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    # strict: a quoted field cut off by a truncated file is an error, not a shorter response.
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""), strict=True)
     while True:
         try:
             row = next(reader)
         except StopIteration:
             return
-        except csv.Error as e:
-            raise UserError(f"{path}, line {reader.line_num}: unreadable CSV ({e}).") from None
+        except csv.Error as e:  # DictReader's own line_num only moves on a good row
+            raise UserError(f"{path}, line {reader.reader.line_num}: unreadable CSV ({e}).") from None
         if None in row:
             raise UserError(f"{path}, line {reader.line_num}: more values than header columns.")
         yield f"{path}, line {reader.line_num}", {k: v for k, v in row.items() if v != "" or k != "prompt"}
