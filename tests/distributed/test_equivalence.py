@@ -1,0 +1,109 @@
+"""Two processes under torchrun (CPU, gloo) train exactly like one process with the same global
+batch: same per-step metrics, same evaluation, same final weights; and a sharded checkpoint
+resumes, on another number of processes, to the run that was never stopped."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from dist_helpers import (
+    assert_runs_match,
+    max_weight_difference,
+    metrics,
+    preftune_cmd,
+    run_command,
+    torchrun_cmd,
+    train_in_process,
+    write_config,
+)
+
+from preftune.checkpoint import is_complete, load_training_state
+
+DDP_TOLERANCE = 1e-5
+FSDP_TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def single_run(tiny_llama, tmp_path_factory):
+    """The reference run: one process, 4 steps of 8 pairs (4 per micro-batch x 2)."""
+    folder = tmp_path_factory.mktemp("single")
+    return train_in_process(write_config(folder, tiny_llama, nproc=1))
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tiny_llama, tmp_path_factory):
+    """FSDP2 over 2 processes, launched by torchrun itself, checkpointing at step 2."""
+    folder = tmp_path_factory.mktemp("fsdp")
+    config = write_config(folder, tiny_llama, nproc=2, distributed="fsdp", save_every=2)
+    result = run_command(torchrun_cmd(2, config))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return folder / "run", result
+
+
+def _printed_once(output: str, text: str) -> None:
+    assert output.count(text) == 1, f"{text!r} printed {output.count(text)} times:\n{output}"
+
+
+def test_ddp_two_processes_train_like_one(tiny_llama, single_run, tmp_path):
+    config = write_config(tmp_path, tiny_llama, nproc=2, distributed="ddp")
+    result = run_command(preftune_cmd(config, "--nproc", "2"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_runs_match(single_run, tmp_path / "run", DDP_TOLERANCE)
+    # The comparison means something only if training moved the weights well past it.
+    assert max_weight_difference(tiny_llama, single_run / "final") > 100 * DDP_TOLERANCE
+    for line in ("train pairs", "eval at step 4", "final policy:"):  # rank 0 alone prints
+        _printed_once(result.stdout, line)
+
+
+def test_fsdp_two_processes_train_like_one(single_run, fsdp_run):
+    run, result = fsdp_run
+    assert_runs_match(single_run, run, FSDP_TOLERANCE)
+    _printed_once(result.stdout, "final policy:")
+
+
+def test_fsdp_checkpoint_holds_full_weights_and_sharded_optimizer(fsdp_run, tiny_llama):
+    run, _ = fsdp_run
+    checkpoint = run / "checkpoints" / "step-000002"
+    assert is_complete(checkpoint)  # the manifest covers the optimizer shards too
+    shards = sorted(p.name for p in (checkpoint / "optimizer").iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    saved = load_training_state(checkpoint)
+    assert saved["optimizer"] is None
+    assert saved["distributed"] == {"world_size": 2, "strategy": "fsdp", "global_batch": 8}
+    assert not list((run / "checkpoints").glob("*.tmp"))
+    # The full weights load like any Hugging Face checkpoint.
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    assert sum(p.numel() for p in model.parameters()) == \
+        sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_llama).parameters())
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "none"])
+def test_fsdp_checkpoint_resumes_on_one_process(single_run, fsdp_run, tmp_path, tiny_llama, strategy):
+    """Written by 2 ranks, read by 1, sharded or not: DCP reshards the optimizer state."""
+    run, _ = fsdp_run
+    config = write_config(tmp_path, tiny_llama, nproc=1, distributed=strategy)
+    resumed = train_in_process(config, resume=str(run / "checkpoints" / "step-000002"))
+    assert_runs_match(single_run, resumed, FSDP_TOLERANCE, steps={3, 4})
+    assert sorted(metrics(resumed)[0]) == [3, 4]
+
+
+def test_resume_with_another_global_batch_is_refused(fsdp_run, tmp_path, tiny_llama):
+    from preftune.errors import UserError
+
+    run, _ = fsdp_run
+    config = write_config(tmp_path, tiny_llama, nproc=1, batch_size=2)  # 4 pairs per step, not 8
+    with pytest.raises(UserError, match="8 pairs per optimizer step"):
+        train_in_process(config, resume=str(run / "checkpoints" / "step-000002"))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (nccl)")
+def test_fsdp_bf16_on_two_gpus_trains_like_one(tiny_llama, tmp_path):
+    """Where GPUs are: FSDP2 with its bf16 mixed-precision policy against one bf16-autocast GPU."""
+    single = train_in_process(write_config(tmp_path / "one", tiny_llama, nproc=1),
+                              "model.autocast=bfloat16", "train.device=cuda")
+    config = write_config(tmp_path / "two", tiny_llama, nproc=2, distributed="fsdp")
+    result = run_command(torchrun_cmd(2, config, "model.autocast=bfloat16"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_runs_match(single, tmp_path / "two" / "run", tol=2e-2)
