@@ -5,8 +5,8 @@ import os
 import re
 
 import pytest
-
 from labeling_helpers import make_pairs, running_server
+
 from preftune.labeling.export import export
 from preftune.labeling.pairs import Pair
 from preftune.labeling.store import Store

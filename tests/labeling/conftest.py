@@ -1,7 +1,7 @@
 import pytest
+from labeling_helpers import make_pairs
 from starlette.testclient import TestClient
 
-from labeling_helpers import make_pairs
 from preftune.labeling.app import create_app
 from preftune.labeling.store import Store
 

@@ -32,9 +32,8 @@ def make_pairs(n: int, prefix: str = "p") -> list[Pair]:
 
 def write_pairs_file(path: Path, pairs: list[Pair]) -> Path:
     with open(path, "w", encoding="utf-8") as f:
-        for p in pairs:
-            f.write(json.dumps({"pair_id": p.pair_id, "prompt": p.prompt,
-                                "responses": list(p.responses)}) + "\n")
+        f.writelines(json.dumps({"pair_id": p.pair_id, "prompt": p.prompt,
+                                "responses": list(p.responses)}) + "\n" for p in pairs)
     return path
 
 

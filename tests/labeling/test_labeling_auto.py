@@ -5,8 +5,8 @@ import math
 import random
 
 import pytest
-
 from labeling_helpers import make_pairs, write_pairs_file
+
 from preftune.errors import UserError
 from preftune.labeling.auto import bt_probability, label_auto
 from preftune.labeling.pairs import Pair

@@ -3,9 +3,9 @@
 import json
 
 import pytest
+from labeling_helpers import make_pairs, write_pairs_file
 from typer.testing import CliRunner
 
-from labeling_helpers import make_pairs, write_pairs_file
 from preftune.errors import UserError
 from preftune.labeling.cli import app
 from preftune.labeling.store import Store

@@ -4,12 +4,17 @@ import json
 import sqlite3
 
 import pytest
-
 from labeling_helpers import make_pairs
+
 from preftune.errors import UserError
 from preftune.labeling.export import export, triplet_rows, write_jsonl_atomic
 from preftune.labeling.status import (
-    agreement, cohen_kappa, compute_status, fleiss_kappa, format_status, percent_agreement,
+    agreement,
+    cohen_kappa,
+    compute_status,
+    fleiss_kappa,
+    format_status,
+    percent_agreement,
 )
 from preftune.labeling.store import Store
 

@@ -4,9 +4,9 @@ import re
 import sqlite3
 
 import pytest
+from labeling_helpers import make_pairs
 from starlette.testclient import TestClient
 
-from labeling_helpers import make_pairs
 from preftune.errors import UserError
 from preftune.labeling.app import MAX_BODY, check_bind, create_app, is_loopback
 from preftune.labeling.store import Store

@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-
 from labeling_helpers import make_pairs, running_server
+
 from preftune.labeling.store import Store
 
 

@@ -104,9 +104,9 @@ class GuardMiddleware:
             await send(message)
 
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.loopback_hosts_only:
-            if not is_loopback(_host_without_port(headers.get("host", ""))):
-                return await _error(400, "unknown host.")(scope, receive, send_with_headers)
+        host = _host_without_port(headers.get("host", ""))
+        if self.loopback_hosts_only and not is_loopback(host):
+            return await _error(400, "unknown host.")(scope, receive, send_with_headers)
         declared = headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
             status = 413 if declared.isdigit() else 400

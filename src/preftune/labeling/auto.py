@@ -16,8 +16,8 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from preftune.errors import UserError
 from preftune.labeling.export import as_triplet

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -23,14 +22,14 @@ app = typer.Typer(
 @app.command()
 def serve(
     db: Path = typer.Option(..., help="SQLite labels database (created if missing)."),
-    pairs: Optional[Path] = typer.Option(None, help="pairs.jsonl to import before serving."),
+    pairs: Path | None = typer.Option(None, help="pairs.jsonl to import before serving."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default)."),
     port: int = typer.Option(8000, help="Port to listen on."),
     overlap: int = typer.Option(1, help="How many different annotators label each pair."),
     open_: bool = typer.Option(
         False, "--open", help="Anonymous voting without tokens (loopback addresses only)."
     ),
-    guidelines: Optional[Path] = typer.Option(None, help="Text file shown as the guidelines."),
+    guidelines: Path | None = typer.Option(None, help="Text file shown as the guidelines."),
 ) -> None:
     """Serve the annotator page until interrupted."""
     from preftune.labeling.app import serve as run_server

@@ -17,9 +17,9 @@ import json
 import os
 import tempfile
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable
 
 from preftune.errors import UserError
 from preftune.labeling.store import Store

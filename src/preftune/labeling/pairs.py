@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 from preftune.errors import UserError
 from preftune.records import read_records
 
-Prompt = Union[str, list]
+Prompt = str | list  # text, or a list of {role, content} messages
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,10 @@ import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from preftune.errors import UserError
 from preftune.labeling.pairs import Pair
