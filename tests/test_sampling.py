@@ -15,14 +15,22 @@ from preftune.sampling import (
 )
 from preftune.sampling_cli import app
 
-torch.set_num_threads(2)
-
 PROMPTS = [
     "The quick brown fox", "Hi", "What is the best ice cream? Haagen-Dazs is",
     "A preference pair holds", "Numbers like 12", "Direct preference optimization trains",
     "hello",
 ]
 SETTINGS = SamplingSettings(temperature=1.0, top_p=1.0, max_new_tokens=6, seed=0, n=2)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine OpenMP threads that wait
+    for each other make a 10 s test take minutes; restore the setting for other tests."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
