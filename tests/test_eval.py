@@ -14,10 +14,11 @@ import yaml
 from typer.testing import CliRunner
 
 from preftune.bradley_terry import win_rate
-from preftune.cli import app
 from preftune.data.io import load_pairs
 from preftune.data.tokenize import tokenize_pair
 from preftune.demo.tiny import save_tiny_model
+from preftune.errors import UserError
+from preftune.eval_cli import app
 from preftune.eval_generate import compare_models
 from preftune.evaluate import write_eval_record
 from preftune.labeling.store import Store
@@ -90,14 +91,21 @@ def rigged_reward(tmp_path, scores: dict[str, float]) -> str:
 
 
 def invoke(args):
-    """Run `preftune eval ...`; a UserError ends it with status 2 and its sentence."""
-    result = CliRunner().invoke(app, ["eval", *map(str, args)])
-    if result.exception and not isinstance(result.exception, SystemExit):
+    """Run `preftune eval ...` through the eval sub-app.
+
+    Importing `preftune.cli` here would wrap every sub-app's commands in place (its friendly
+    error printer), which changes what other test files see, so the sub-app is used directly.
+    """
+    result = CliRunner().invoke(app, [*map(str, args)])
+    if result.exception and not isinstance(result.exception, (SystemExit, UserError)):
         raise result.exception
     return result
 
 
 def user_error(result) -> str:
+    """The sentence of a UserError, raised (bare sub-app) or printed with status 2 (wrapped)."""
+    if isinstance(result.exception, UserError):
+        return str(result.exception)
     assert result.exit_code == 2 and result.output.startswith("error:"), result.output
     return result.output
 
@@ -151,8 +159,9 @@ def test_eval_pairs_matches_a_direct_computation_and_reads_the_run_config(models
         tokenized = tokenize_pair(pair, tokenizer)
         rewards = []
         for completion in (tokenized.chosen_ids, tokenized.rejected_ids):
-            ids = torch.tensor([tokenized.prompt_ids + completion])
-            mask = torch.tensor([[0] * len(tokenized.prompt_ids) + [1] * len(completion)])
+            ids = torch.tensor([tokenized.prompt_ids + completion], device=policy.device)
+            mask = torch.tensor([[0] * len(tokenized.prompt_ids) + [1] * len(completion)],
+                                device=policy.device)
             with torch.no_grad():
                 pi = naive_completion_logps(policy, ids, torch.ones_like(ids), mask)[0]
                 ref = naive_completion_logps(reference, ids, torch.ones_like(ids), mask)[0]
@@ -220,8 +229,8 @@ def test_generate_rigged_reward_gives_win_rate_one_and_exact_kl(models, prompts_
     prompt_ids, completions = generate_token_ids(policy, tokenizer, PROMPTS, range(n), settings)
     log_ratios = []
     for row, p, (c,) in zip(rows, prompt_ids, completions):
-        ids = torch.tensor([p + c])
-        mask = torch.tensor([[0] * len(p) + [1] * len(c)])
+        ids = torch.tensor([p + c], device=policy.device)
+        mask = torch.tensor([[0] * len(p) + [1] * len(c)], device=policy.device)
         with torch.no_grad():
             pi = float(naive_completion_logps(policy, ids, torch.ones_like(ids), mask)[0])
             ref = float(naive_completion_logps(reference, ids, torch.ones_like(ids), mask)[0])
