@@ -225,3 +225,15 @@ def test_a_local_reward_model_scores_prompt_plus_response(tmp_path):
     tokenizer.save_pretrained(tmp_path / "rm2")
     with pytest.raises(UserError, match="exactly one"):
         load_reward(str(tmp_path / "rm2"))
+
+
+def test_a_last_line_without_newline_is_kept_or_named(tmp_path):
+    from preftune.labeling.pairs import load_pairs
+
+    path = tmp_path / "pairs.jsonl"
+    row = '{"pair_id": "%s", "prompt": "p", "responses": ["x", "y"]}'
+    path.write_text(row % "a" + "\r\n" + row % "b")  # hand-written: CRLF, no final newline
+    assert [p.pair_id for p in load_pairs(path)] == ["a", "b"]
+    path.write_text(row % "a" + "\n" + (row % "b")[:20])
+    with pytest.raises(UserError, match="line 2: the last line is cut off"):
+        load_pairs(path)

@@ -7,6 +7,7 @@ responses; labeling uses the first two. A bad row is a `UserError` naming the fi
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +66,27 @@ def _record_line_numbers(path: Path) -> list[int]:
     return [n for n, raw in enumerate(complete.splitlines(), start=1) if raw.strip()]
 
 
+def _unterminated_last_record(path: Path) -> list[tuple[int, dict]]:
+    """`read_records` ignores a last line without a newline (the trace of a killed writer).
+    A pairs file may be written by hand, though: keep that line if it is a whole JSON object,
+    and say so if it is cut off, rather than dropping it silently."""
+    data = path.read_bytes()
+    tail = data[data.rfind(b"\n") + 1:]
+    if not tail.strip():
+        return []
+    lineno = data.count(b"\n") + 1
+    try:
+        record = json.loads(tail)
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(
+            f"{path}, line {lineno}: the last line is cut off (was `preftune sample` killed?); "
+            f"run it again to finish the file, or remove that line."
+        ) from None
+    if not isinstance(record, dict):
+        raise UserError(f"{path}, line {lineno}: expected a JSON object.")
+    return [(lineno, record)]
+
+
 def load_pairs(path: str | Path) -> list[Pair]:
     """All pairs of a pairs.jsonl file, in file order; duplicate pair ids are an error."""
     path = Path(path)
@@ -72,8 +94,9 @@ def load_pairs(path: str | Path) -> list[Pair]:
         raise UserError(f"{path}: no such file; pass the pairs.jsonl written by `preftune sample`.")
     pairs: list[Pair] = []
     seen: dict[str, int] = {}
-    records = read_records(path)
-    for lineno, record in zip(_record_line_numbers(path), records):
+    records = list(zip(_record_line_numbers(path), read_records(path)))
+    records += _unterminated_last_record(path)
+    for lineno, record in records:
         where = f"{path}, line {lineno}"
         pair = pair_from_record(record, where)
         if pair.pair_id in seen:
