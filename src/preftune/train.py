@@ -313,9 +313,7 @@ def _report_bad_step(console, state, metrics, step_indices, train_pairs, config,
                   f"Pairs: {escape(shown)}[/yellow]")
     if state.bad_steps <= config.train.max_bad_steps:
         return
-    # Summed over ranks, so every rank takes the same branch (the save is collective).
-    damaged = ctx.all_reduce_sum(sum(int(not torch.isfinite(w).all()) for w in ctx.trainable))
-    if not damaged:
+    if not _count_nonfinite(ctx.trainable, ctx.dist):
         where = f"stopped with checkpoint {save(state)}"
     else:  # saving would only preserve the damage; point at the last checkpoint before it
         last = latest_good_checkpoint(Path(config.train.output_dir))
@@ -326,10 +324,24 @@ def _report_bad_step(console, state, metrics, step_indices, train_pairs, config,
                     "Lower optim.lr or check the data and dtype.")
 
 
+def _count_nonfinite(params, dist) -> float:
+    """Parameters holding a NaN or inf, summed over ranks so that every rank takes the same
+    branch (what follows is a collective save); under fsdp each rank checks its own shards."""
+    local = sum(int(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
+                for p in params)
+    return dist.all_reduce_sum(local)
+
+
 def _save(output_dir, state, policy, tokenizer, optimizer, scheduler, config, dist) -> Path:
     from preftune.dist_checkpoint import save_training_checkpoint
 
     folder = output_dir / "checkpoints" / f"step-{state.step:06d}"
+    # A checkpoint of NaN/inf weights would be resumed from and poison every later step.
+    if _count_nonfinite(policy.parameters(), dist):
+        last = latest_good_checkpoint(output_dir)
+        raise UserError(f"the weights became non-finite by step {state.step} (an overflow: lower "
+                        f"optim.lr, or train in float32/bfloat16 rather than float16); nothing was "
+                        f"saved; the last good checkpoint is {last or 'none'}.")
     # Weights and optimizer state are added in the layout of the strategy (sharded under fsdp);
     # every rank takes part, rank 0 writes the manifest.
     training_state = {"state": asdict(state), "scheduler": scheduler.state_dict(), "rng": rng_state()}
