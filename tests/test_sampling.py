@@ -10,8 +10,13 @@ from preftune.demo.tiny import save_tiny_model
 from preftune.errors import UserError
 from preftune.records import read_records
 from preftune.sampling import (
-    SamplingSettings, encode_prompts, load_model_and_tokenizer, load_prompts, nucleus_probs,
-    sample_pairs, sample_to_file,
+    SamplingSettings,
+    encode_prompts,
+    load_model_and_tokenizer,
+    load_prompts,
+    nucleus_probs,
+    sample_pairs,
+    sample_to_file,
 )
 from preftune.sampling_cli import app
 

@@ -23,17 +23,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence, Union
 
 import torch
 
 from preftune.errors import UserError
 from preftune.records import append_records, read_records
 
-Message = dict  # {"role": str, "content": str}
-Prompt = Union[str, list]  # a text prompt, or a conversation (list of messages)
+Prompt = str | list[dict]  # a text, or a conversation: [{"role": ..., "content": ...}, ...]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -418,22 +418,14 @@ def sample_to_file(
     return done, written
 
 
-class _progress_bar:
-    """A rich progress bar over prompts, or a no-op when `enabled` is false."""
+@contextmanager
+def _progress_bar(enabled: bool, total: int, completed: int) -> Iterator[Callable[[int], None]]:
+    """Yields `advance(k)` for a rich progress bar over prompts, or a no-op when disabled."""
+    if not enabled:
+        yield lambda k: None
+        return
+    from rich.progress import Progress
 
-    def __init__(self, enabled: bool, total: int, completed: int):
-        self.enabled, self.total, self.completed = enabled, total, completed
-
-    def __enter__(self) -> Callable[[int], None]:
-        if not self.enabled:
-            return lambda k: None
-        from rich.progress import Progress
-
-        self._progress = Progress(transient=False)
-        self._progress.start()
-        task = self._progress.add_task("sampling", total=self.total, completed=self.completed)
-        return lambda k: self._progress.advance(task, k)
-
-    def __exit__(self, *exc) -> None:
-        if self.enabled:
-            self._progress.stop()
+    with Progress() as progress:
+        task = progress.add_task("sampling", total=total, completed=completed)
+        yield lambda k: progress.advance(task, k)

@@ -7,6 +7,7 @@ propagates to the top-level CLI, which prints its sentence and exits with status
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -18,22 +19,28 @@ app = typer.Typer(add_completion=False, no_args_is_help=True)
 
 @app.command("sample")
 def sample(
-    model: str = typer.Option(..., "--model", help="Model folder or hub id (pi_sft)."),
-    prompts: Path = typer.Option(
-        ..., "--prompts",
+    model: Annotated[str, typer.Option("--model", help="Model folder or hub id (pi_sft).")],
+    prompts: Annotated[Path, typer.Option(
+        "--prompts",
         help='Prompt file: .jsonl with {"prompt": text or chat messages} per line, '
         "or .txt with one prompt per line.",
-    ),
-    out: Path = typer.Option(..., "--out", help="pairs.jsonl to write or resume."),
-    n: int = typer.Option(2, "--n", help="Responses per prompt."),
-    temperature: float = typer.Option(1.0, "--temperature", help="0 means greedy."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass, in (0, 1]."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
-    batch_size: int = typer.Option(16, "--batch-size", help="Prompts per generate call."),
-    seed: int = typer.Option(0, "--seed", help="Prompt i's responses are seeded from (seed, i)."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16, float16 or auto."),
-    device: str = typer.Option("auto", "--device", help="cuda, cpu, ... (auto: cuda if present)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    )],
+    out: Annotated[Path, typer.Option("--out", help="pairs.jsonl to write or resume.")],
+    n: Annotated[int, typer.Option("--n", help="Responses per prompt.")] = 2,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 means greedy.")] = 1.0,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass, in (0, 1].")] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per generate call.")] = 16,
+    seed: Annotated[int, typer.Option(
+        "--seed", help="Prompt i's responses are seeded from (seed, i)."
+    )] = 0,
+    dtype: Annotated[str, typer.Option(
+        "--dtype", help="float32, bfloat16, float16 or auto."
+    )] = "float32",
+    device: Annotated[str, typer.Option(
+        "--device", help="cuda, cpu, ... (auto: cuda if present)."
+    )] = "auto",
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
     """Sample N responses per prompt from a model into pairs.jsonl (resumes an interrupted run)."""
     settings = SamplingSettings(

@@ -25,6 +25,8 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -170,25 +172,18 @@ def reward_spread(
     }
 
 
-class _maybe_progress:
-    """A rich progress bar over training steps showing the loss, or nothing."""
+@contextmanager
+def _maybe_progress(enabled: bool, total: int) -> Iterator[Callable[[float], None]]:
+    """Yields `advance(loss)` for a rich bar over training steps showing the loss, or a no-op."""
+    if not enabled:
+        yield lambda loss: None
+        return
+    from rich.progress import Progress, TextColumn
 
-    def __init__(self, enabled: bool, total: int):
-        self.enabled, self.total = enabled, total
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda loss: None
-        from rich.progress import Progress, TextColumn
-
-        self._bar = Progress(*Progress.get_default_columns(), TextColumn("loss {task.fields[loss]}"))
-        self._bar.start()
-        task = self._bar.add_task("training pi_sft", total=self.total, loss="-")
-        return lambda loss: self._bar.update(task, advance=1, loss=f"{loss:.3f}")
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self._bar.stop()
+    columns = (*Progress.get_default_columns(), TextColumn("loss {task.fields[loss]}"))
+    with Progress(*columns) as bar:
+        task = bar.add_task("training pi_sft", total=total, loss="-")
+        yield lambda loss: bar.update(task, advance=1, loss=f"{loss:.3f}")
 
 
 def main(argv: list[str] | None = None) -> None:

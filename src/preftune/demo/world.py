@@ -29,7 +29,7 @@ import math
 import random
 import re
 import zlib
-from typing import Sequence
+from collections.abc import Sequence
 
 # --- The latent reward's lexicon -----------------------------------------------------------
 
