@@ -1,0 +1,70 @@
+"""preftune and TRL's DPOTrainer on the same model, data, batch, loss and optimizer agree.
+
+Each step holds all four pairs, so the order in which either tool shuffles them does not matter,
+and the reference is a different model than the policy, so the first loss is not trivially ln 2.
+"""
+
+import json
+import math
+
+import pytest
+
+pytest.importorskip("trl")
+
+from conftest import PAIRS, write_jsonl  # noqa: E402
+
+from preftune.config import validate_config  # noqa: E402
+from preftune.train import train  # noqa: E402
+
+STEPS = 3
+
+
+def run_trl(policy_dir, reference_dir, tmp_path):
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    args = DPOConfig(
+        output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, gradient_accumulation_steps=1,
+        learning_rate=1e-3, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        max_grad_norm=1.0, max_steps=STEPS, logging_steps=1, beta=0.1, max_length=256,
+        gradient_checkpointing=False, use_cpu=True, report_to=[], save_strategy="no", seed=0,
+        bf16=False,  # TRL turns on bf16 autocast by default, on CPU too; compare float32 with float32
+    )
+    trainer = DPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(policy_dir),
+        ref_model=AutoModelForCausalLM.from_pretrained(reference_dir),
+        args=args, train_dataset=datasets.Dataset.from_list(PAIRS),
+        processing_class=AutoTokenizer.from_pretrained(policy_dir),
+    )
+    trainer.train()
+    return [h for h in trainer.state.log_history if "rewards/margins" in h]
+
+
+def run_preftune(policy_dir, reference_dir, tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    cfg = validate_config({
+        "model": {"path": str(policy_dir), "reference_path": str(reference_dir)},
+        "data": {"train": str(data), "max_length": 256},
+        "loss": {"type": "sigmoid", "beta": 0.1},
+        "optim": {"lr": 1e-3, "scheduler": "constant", "max_grad_norm": 1.0},
+        "train": {"batch_size": 4, "max_steps": STEPS, "output_dir": str(tmp_path / "pt"),
+                  "report": False, "progress": False},
+    })
+    train(cfg)
+    return [json.loads(line) for line in (tmp_path / "pt" / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_losses_and_logps_match_trl(tmp_path, tiny_model_factory):
+    policy_dir = tiny_model_factory("qwen2", seed=0)
+    reference_dir = tiny_model_factory("qwen2", seed=1)
+    ours = run_preftune(policy_dir, reference_dir, tmp_path)
+    theirs = run_trl(policy_dir, reference_dir, tmp_path)
+    assert len(ours) == len(theirs) == STEPS
+    assert not math.isclose(ours[0]["loss"], math.log(2), abs_tol=1e-3)
+    for step, (a, b) in enumerate(zip(ours, theirs), start=1):
+        for key in ("loss", "logps/chosen", "logps/rejected", "rewards/chosen", "rewards/margins",
+                    "rewards/accuracies"):
+            tol = 1e-5 if step == 1 else 1e-4  # later steps accumulate optimizer rounding
+            assert a[key] == pytest.approx(b[key], abs=tol, rel=tol), (step, key, a[key], b[key])
