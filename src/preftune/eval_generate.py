@@ -265,7 +265,7 @@ def output_folders(model_paths: Sequence[str], labels: Sequence[str], out) -> li
     return [Path(out) / label.replace("/", "__").replace(":", "_") for label in labels]
 
 
-def evaluate_generations(model_path, reference_path=None, prompts=None, judge: str = "", **kwargs) -> dict:
+def evaluate_generations(model_path, reference_path, prompts, judge: str, **kwargs) -> dict:
     """Evaluate one policy against its reference on generations; returns its eval.json record.
 
     Takes the keyword arguments of `compare_models`. Files: eval.json and samples.jsonl in
@@ -292,7 +292,7 @@ class _Job:
 
 
 def compare_models(
-    model_paths: Sequence, reference_path=None, prompts=None, judge: str = "", *,
+    model_paths: Sequence, reference_path, prompts, judge: str, *,
     n_prompts: int | None = None, max_new_tokens: int = 64, temperature: float = 1.0,
     top_p: float = 1.0, seed: int = 0, batch_size: int = 16, out=None, db=None,
     device: str = "auto", dtype: str = "float32", n_bootstrap: int = 1000,
@@ -303,7 +303,7 @@ def compare_models(
     prompts: a prompt file (.jsonl / .txt, as `preftune sample` reads) or a list of prompts.
     judge: `reward:MODULE:FUNCTION`, `reward:FILE.py:FUNCTION`, a reward-model folder or
         `human` (then `db` is the labeling database the pairs go to).
-    reference_path: default, the reference named by the run's config.yaml.
+    reference_path: None means the reference named by the run's config.yaml.
     Returns {"evals": [eval.json record per model], "leaderboard": dict or None,
     "leaderboard_text": the printed table or None, "folders": where each model's files went}.
     """
