@@ -175,8 +175,10 @@ def test_greedy_responses_are_the_new_tokens_cut_at_eos(model_and_tokenizer):
     if tokenizer.eos_token_id in generated:
         generated = generated[: generated.index(tokenizer.eos_token_id)]
     expected = tokenizer.decode(generated, skip_special_tokens=True)
+    config_before = model.generation_config.to_dict()
     record = sample_pairs(model, tokenizer, [prompt], temperature=0.0, max_new_tokens=6, n=2)[0]
     assert record["responses"] == [expected, expected]
+    assert model.generation_config.to_dict() == config_before  # sampling leaves it alone
     # A vanishing nucleus keeps only the top token: sampling becomes greedy too.
     nucleus = sample_pairs(model, tokenizer, [prompt], top_p=1e-6, max_new_tokens=6)[0]
     assert nucleus["responses"] == [expected, expected]

@@ -21,6 +21,7 @@ Records follow docs/CONTRACTS.md (pairs.jsonl).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Callable, Iterator, Sequence
@@ -263,7 +264,7 @@ def generate_token_ids(
         for index in prompt_indices for j in range(n)
     ]
     stop_ids = _stop_token_ids(model, tokenizer)
-    config = model.generation_config.__class__.from_dict(model.generation_config.to_dict())
+    config = copy.deepcopy(model.generation_config)  # the model's own stays untouched
     # Greedy over the one-hot scores of _PerRowSampler; the sampling knobs live in the sampler.
     config.update(
         do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None,
