@@ -232,11 +232,14 @@ def _first_to_claim(key: str) -> bool:
 
 
 def _write_error_file(message: str) -> None:
-    """torchrun's failure summary shows this text instead of '<N/A>'."""
+    """torchrun's failure summary shows `message` where it would show '<N/A>' or a traceback
+    (the layout is the one torch's own `record` writes)."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if path:
+        data = {"message": {"message": message, "extraInfo": {"py_callstack": message,
+                                                              "timestamp": str(int(time.time()))}}}
         with contextlib.suppress(OSError), open(path, "w") as f:
-            json.dump({"message": message, "timestamp": int(time.time())}, f)
+            json.dump(data, f)
 
 
 @contextlib.contextmanager
