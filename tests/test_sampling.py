@@ -249,3 +249,20 @@ def test_cli_samples_and_resumes(model_dir, tmp_path):
     assert again.exit_code == 0 and "nothing to do" in again.output
     missing = CliRunner().invoke(app, args[:2] + ["--prompts", str(tmp_path / "no.txt")] + args[4:])
     assert isinstance(missing.exception, UserError)
+
+
+def test_token_ids_are_the_ones_behind_the_text(model_and_tokenizer):
+    from preftune.sampling import generate_token_ids
+
+    model, tokenizer = model_and_tokenizer
+    prompts = ["Hi", "The quick brown fox"]
+    prompt_ids, rows = generate_token_ids(model, tokenizer, prompts, [0, 1], SETTINGS)
+    assert prompt_ids == [tokenizer(p)["input_ids"] for p in prompts]
+    records = sample_pairs(model, tokenizer, prompts, max_new_tokens=6)
+    eos = tokenizer.eos_token_id
+    for record, row in zip(records, rows):
+        assert len(row) == 2
+        for text, ids in zip(record["responses"], row):
+            assert eos not in ids[:-1] and len(ids) <= 6
+            kept = ids[:-1] if ids and ids[-1] == eos else ids
+            assert tokenizer.decode(kept, skip_special_tokens=True) == text
