@@ -1,12 +1,37 @@
-"""Fixtures for the reliability tests: one tiny model per session, built offline."""
+"""Fixtures for the reliability tests: one tiny model, one data file and one uninterrupted
+reference run per session, built offline."""
 
+import contextlib
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-from reliability_helpers import PAIRS, write_pairs
+from reliability_helpers import PAIRS, run_config, weights, write_pairs
+
+from preftune.config import validate_config
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Runs compared with single-threaded subprocesses must use one thread too (thread count
+    can change float sums); the deterministic flag a run sets is process-wide, so it is put back."""
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -18,19 +43,22 @@ def dropout_model(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2", texts=texts)
 
 
-@pytest.fixture
-def pairs_path(tmp_path):
-    return write_pairs(tmp_path / "pairs.jsonl")
+@pytest.fixture(scope="session")
+def pairs_path(tmp_path_factory):
+    return write_pairs(tmp_path_factory.mktemp("data") / "pairs.jsonl")
 
 
-@pytest.fixture
-def single_thread():
-    """In-process runs compared with single-threaded subprocesses must use one thread too; the
-    deterministic flag a run sets is process-wide, so it is put back afterwards."""
-    threads = torch.get_num_threads()
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory, dropout_model, pairs_path):
+    """Final weights of the standard run (reliability_helpers.run_config), never stopped and
+    never checkpointed: what every interrupted and resumed run must reproduce bit for bit."""
+    output_dir = tmp_path_factory.mktemp("uninterrupted")
+    raw = run_config(dropout_model, pairs_path, output_dir, train={"save_every": None})
+    with one_thread():
+        return weights(train_in_process(raw))
+
+
+def train_in_process(raw: dict, resume=None):
+    from preftune.train import train
+
+    return train(validate_config(raw), resume=resume)
