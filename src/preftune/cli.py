@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer.core import TyperGroup
 from rich.console import Console
 
 from preftune.errors import UserError
@@ -16,31 +16,22 @@ from preftune.errors import UserError
 err_console = Console(stderr=True)
 
 
-def _friendly(callback):
-    """Print a UserError as its one sentence and exit 2, instead of a traceback."""
+class FriendlyGroup(TyperGroup):
+    """The top-level command group: a UserError raised by any sub-command is printed as its one
+    sentence and the process exits 2, instead of a traceback. Sub-apps stay untouched, so their
+    own tests still see the exception."""
 
-    @functools.wraps(callback)
-    def run(*args, **kwargs):
+    def invoke(self, ctx):
         try:
-            return callback(*args, **kwargs)
+            return super().invoke(ctx)
         except UserError as e:
             err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
-    return run
 
-
-def _wrap_commands(typer_app: typer.Typer) -> None:
-    for command in typer_app.registered_commands:
-        if command.callback is not None and not hasattr(command.callback, "__wrapped__"):
-            command.callback = _friendly(command.callback)
-    for group in typer_app.registered_groups:
-        _wrap_commands(group.typer_instance)
-
-
-app = typer.Typer(help="Direct Preference Optimization: sample, label, train, evaluate, report.",
+app = typer.Typer(cls=FriendlyGroup, help="Direct Preference Optimization: sample, label, train, evaluate, report.",
                     no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-data_app = typer.Typer(help="Look at preference data before training on it.", no_args_is_help=True)
+data_app = typer.Typer(cls=FriendlyGroup, help="Look at preference data before training on it.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 
@@ -120,7 +111,6 @@ def _mount_subcommands() -> None:
 
 
 _mount_subcommands()
-_wrap_commands(app)
 
 
 def main() -> None:
