@@ -1,0 +1,63 @@
+"""A distributed run stopped by a signal and resumed ends where a run never stopped ends."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from dist_helpers import (
+    REPO,
+    assert_runs_match,
+    metrics,
+    preftune_cmd,
+    run_command,
+    train_in_process,
+    worker_env,
+    write_config,
+)
+
+from preftune.checkpoint import latest_good_checkpoint
+
+STEPS = 16
+
+
+def _wait_for_steps(run, count: int, proc, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before it could be stopped"
+        if (run / "metrics.jsonl").exists() and len(metrics(run)[0]) >= count:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no {count} steps logged in {timeout}s")
+
+
+@pytest.mark.slow  # about a minute: two 2-process launches and one single-process run
+def test_ddp_run_stopped_by_sigterm_resumes_like_a_run_never_stopped(tiny_llama, tmp_path):
+    single = train_in_process(write_config(tmp_path / "one", tiny_llama, nproc=1, max_steps=STEPS))
+    config = write_config(tmp_path / "two", tiny_llama, nproc=2, max_steps=STEPS)
+    run = tmp_path / "two" / "run"
+    # SIGTERM to the launcher, as a scheduler sends it: torchrun passes it to every worker.
+    proc = subprocess.Popen(preftune_cmd(config, "--nproc", "2"), cwd=REPO, env=worker_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _wait_for_steps(run, 2, proc)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    stopped_at = latest_good_checkpoint(run)
+    assert stopped_at is not None, out + err
+    assert out.count("stopped by signal") == 1, out + err
+    assert int(stopped_at.name.split("-")[1]) < STEPS
+    assert not (run / "final").exists()
+
+    result = run_command(preftune_cmd(config, "--resume", "--nproc", "2"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "resumed from" in result.stdout and stopped_at.name in result.stdout  # rich wraps lines
+    assert_runs_match(single, run, tol=1e-5)

@@ -1,0 +1,85 @@
+"""The small decisions behind distributed runs, checked in-process without torchrun."""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import pytest
+
+from preftune.dist_checkpoint import _check_shape, _with_tied_twins
+from preftune.distributed import DistContext, decoder_layers, resolve_strategy
+from preftune.errors import UserError
+from preftune.launch import describe_failures, torchrun_args, worker_args
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["/bin/preftune", "train", "c.yaml", "--nproc", "4", "optim.lr=1e-6"], ["c.yaml", "optim.lr=1e-6"]),
+    (["/bin/preftune", "train", "--nproc=2", "c.yaml", "--resume"], ["c.yaml", "--resume"]),
+    (["-m", "train", "train.yaml"], ["train.yaml"]),  # a config called train.yaml is no subcommand
+])
+def test_worker_args_drop_nproc_and_keep_the_rest(argv, expected):
+    assert worker_args(argv) == expected
+
+
+def test_torchrun_args_are_a_standalone_module_launch():
+    args = torchrun_args(3, ["preftune", "train", "c.yaml", "--nproc", "3"])
+    assert args == ["--standalone", "--nproc-per-node", "3", "-m", "preftune", "train", "c.yaml"]
+
+
+def test_failure_summary_names_failed_and_stopped_ranks():
+    def failure(code):
+        return types.SimpleNamespace(exitcode=code, signal_name=lambda: "SIGTERM")
+
+    line = describe_failures({1: failure(2), 0: failure(-15), 2: failure(2)}, 1, 4)
+    assert line == "ranks 1, 2 of 4 failed (exit code 2); rank 0 stopped with them."
+    assert describe_failures({0: failure(-15)}, 0, 2) == "rank 0 of 2 failed (signal SIGTERM)."
+
+
+@pytest.mark.parametrize(("requested", "world_size", "expected"), [
+    ("auto", 1, "none"), ("auto", 2, "ddp"), ("ddp", 1, "none"), ("ddp", 4, "ddp"),
+    ("fsdp", 1, "fsdp"), ("fsdp", 2, "fsdp"), ("none", 1, "none"),
+])
+def test_strategy_resolution(requested, world_size, expected):
+    assert resolve_strategy(requested, world_size) == expected
+
+
+def test_no_strategy_under_torchrun_is_a_user_error():
+    with pytest.raises(UserError, match="torchrun started 2 processes"):
+        resolve_strategy("none", 2)
+
+
+@pytest.mark.parametrize(("arch", "block"), [("llama", "LlamaDecoderLayer"), ("gpt2", "GPT2Block"),
+                                             ("qwen2", "Qwen2DecoderLayer")])
+def test_decoder_layers_are_the_repeated_blocks(arch, block):
+    from preftune.demo.tiny import build_model
+
+    layers = decoder_layers(build_model(arch, vocab_size=64, num_layers=3))
+    assert [type(m).__name__ for m in layers] == [block] * 3
+
+
+def test_tied_weights_get_their_twin_before_sharded_loading():
+    from preftune.demo.tiny import build_model
+
+    model = build_model("llama", vocab_size=64, tie_embeddings=True)
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # as saved
+    filled = _with_tied_twins(model, state)
+    assert filled["lm_head.weight"] is filled["model.embed_tokens.weight"]
+
+
+def _config(batch_size, grad_accum):
+    return types.SimpleNamespace(train=types.SimpleNamespace(batch_size=batch_size, grad_accum=grad_accum))
+
+
+def test_resume_with_the_same_global_batch_on_another_process_count_is_allowed():
+    saved = {"distributed": {"world_size": 2, "strategy": "fsdp", "global_batch": 16}}
+    _check_shape(saved, Path("ckpt"), _config(4, 1), DistContext(world_size=4, strategy="fsdp"))
+    with pytest.raises(UserError, match="so the product is 16"):
+        _check_shape(saved, Path("ckpt"), _config(4, 2), DistContext(world_size=4, strategy="fsdp"))
+
+
+def test_one_process_context_needs_no_process_group():
+    ctx = DistContext()
+    assert ctx.is_main and not ctx.active and not ctx.sharded
+    assert ctx.all_reduce_sum(2.5) == 2.5
+    ctx.barrier()  # nothing to wait for
