@@ -6,21 +6,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import json  # noqa: E402
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-PAIRS = [
-    {"prompt": "Question: What is the best ice cream?\nAnswer:", "chosen": " Haagen-Dazs is rich.",
-     "rejected": " GB"},
-    {"prompt": "Question: Name a fast animal.\nAnswer:", "chosen": " The cheetah.", "rejected": " A snail, I think."},
-    {"prompt": "Question: What is two plus two?\nAnswer:", "chosen": " Four.", "rejected": " Seven."},
-    {"prompt": "Question: What color is the sky?\nAnswer:", "chosen": " Blue on a clear day.",
-     "rejected": " Purple, probably."},
-]
+from preftune_test_data import PAIRS, write_jsonl  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -43,13 +34,6 @@ def tiny_model_factory(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_model_factory):
     return tiny_model_factory("llama")
-
-
-def write_jsonl(path, rows):
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    return path
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from preftune.data.schema import PreferencePair
 from preftune.data.tokenize import TokenizedPair, tokenize_pair, tokenize_pairs, truncate_pair
 from preftune.errors import UserError
 
-from conftest import PAIRS, write_jsonl
+from preftune_test_data import PAIRS, write_jsonl
 
 CONVERSATION = {
     "prompt": [{"role": "user", "content": "Name a fast animal."}],

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("trl")
 
-from conftest import PAIRS, write_jsonl  # noqa: E402
+from preftune_test_data import PAIRS, write_jsonl  # noqa: E402
 
 from preftune.config import validate_config  # noqa: E402
 from preftune.train import train  # noqa: E402
