@@ -8,9 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-from reliability_helpers import PAIRS, run_config, weights, write_pairs
-
-from preftune.config import validate_config
+from reliability_helpers import PAIRS, run_config, train_in_process, weights, write_pairs
 
 
 @contextlib.contextmanager
@@ -56,9 +54,3 @@ def uninterrupted(tmp_path_factory, dropout_model, pairs_path):
     raw = run_config(dropout_model, pairs_path, output_dir, train={"save_every": None})
     with one_thread():
         return weights(train_in_process(raw))
-
-
-def train_in_process(raw: dict, resume=None):
-    from preftune.train import train
-
-    return train(validate_config(raw), resume=resume)

@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from preftune.config import ModelConfig
+from preftune.config import ModelConfig, validate_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -48,6 +48,12 @@ def run_config(model: Path, data: Path, output_dir: Path, **sections) -> dict:
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
     return raw
+
+
+def train_in_process(raw: dict, resume=None) -> Path:
+    from preftune.train import train
+
+    return train(validate_config(raw), resume=resume)
 
 
 def write_config(path: Path, raw: dict) -> Path:
