@@ -80,14 +80,24 @@ def is_complete(folder: Path) -> bool:
 
 def save_checkpoint(folder: Path, step: int, save_model, training_state: dict) -> Path:
     """Write a checkpoint atomically. `save_model(path)` writes the weights and tokenizer."""
+    def fill(tmp: Path) -> None:
+        save_model(tmp)
+        torch.save(training_state, tmp / STATE_FILE)
+        write_manifest(tmp, step)
+
+    return write_folder_atomically(folder, fill, "the checkpoint")
+
+
+def write_folder_atomically(folder: Path, fill, what: str) -> Path:
+    """`fill(tmp)` writes the contents into a temporary folder beside `folder`, which is then
+    fsynced and renamed into place, so a kill leaves the old folder or the new one, never half
+    of one. A full disk is a UserError naming `what`, with the temporary folder removed."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        save_model(tmp)
-        torch.save(training_state, tmp / STATE_FILE)
-        write_manifest(tmp, step)
+        fill(tmp)
         _fsync_tree(tmp)
         if folder.exists():
             shutil.rmtree(folder)
@@ -97,7 +107,7 @@ def save_checkpoint(folder: Path, step: int, save_model, training_state: dict) -
         full = _out_of_space(e, tmp)
         shutil.rmtree(tmp, ignore_errors=True)  # a half-written folder only takes space
         if full:
-            raise UserError(f"out of disk space while saving the checkpoint {folder}; the earlier "
+            raise UserError(f"out of disk space while saving {what} {folder}; the earlier "
                             "checkpoints are intact; free some space and resume with --resume.") from None
         raise
     return folder

@@ -362,10 +362,19 @@ def _restore(folder: Path, policy, optimizer, scheduler, config, dist) -> TrainS
 
 
 def _save_final(output_dir: Path, policy, tokenizer, config, dist) -> Path:
-    from preftune.dist_checkpoint import save_policy
+    from preftune.checkpoint import write_folder_atomically
+    from preftune.dist_checkpoint import full_state_dict, write_weights
 
     final = output_dir / "final"
-    save_policy(policy, final, dist, tokenizer)  # every rank: under fsdp the weights are gathered
+    full = full_state_dict(policy, dist)  # every rank: under fsdp the weights are gathered
+    if dist.is_main:
+        def fill(tmp: Path) -> None:
+            write_weights(policy, tmp, full)
+            tokenizer.save_pretrained(tmp)
+
+        # Never a half-written final/ that from_pretrained would load or fail on.
+        write_folder_atomically(final, fill, "the final policy")
+    dist.barrier()
     return final
 
 

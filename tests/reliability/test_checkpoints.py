@@ -166,3 +166,23 @@ def test_disk_full_during_training_stops_cleanly_and_the_run_resumes_bit_identic
     assert is_complete(checkpoint_dir(run, 4))
     monkeypatch.setattr(checkpoint.torch, "save", real_save)  # space freed
     assert_bit_identical(weights(train(validate_config(raw), resume=True)), uninterrupted)
+
+
+def test_disk_full_while_writing_the_final_policy_leaves_no_half_folder(tmp_path, dropout_model, pairs_path,
+                                                                       uninterrupted, monkeypatch):
+    import preftune.dist_checkpoint as dist_checkpoint
+
+    raw = run_config(dropout_model, pairs_path, tmp_path / "run", train={"save_every": 6})
+    real_write = dist_checkpoint.write_weights
+
+    def full_disk_at_the_end(policy, folder, state):
+        real_write(policy, folder, state)  # the weights land, then the disk fills up
+        if folder.name == "final.tmp":
+            raise fail_like("safetensors")
+
+    monkeypatch.setattr(dist_checkpoint, "write_weights", full_disk_at_the_end)
+    with pytest.raises(UserError, match="out of disk space while saving the final policy"):
+        train(validate_config(raw))
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if "final" in p.name) == []
+    monkeypatch.setattr(dist_checkpoint, "write_weights", real_write)
+    assert_bit_identical(weights(train(validate_config(raw), resume=True)), uninterrupted)
