@@ -71,6 +71,7 @@ def write_manifest(folder: Path, step: int) -> None:
 
 def is_complete(folder: Path) -> bool:
     """True when every file listed in the manifest exists with its checksum."""
+    folder = Path(folder)  # a str would fail inside the try and read as "incomplete"
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
         return all(_sha256(folder / name) == digest for name, digest in manifest["files"].items())
