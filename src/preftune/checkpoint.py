@@ -75,7 +75,7 @@ def is_complete(folder: Path) -> bool:
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
         return all(_sha256(folder / name) == digest for name, digest in manifest["files"].items())
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # any damage at all
         return False
 
 

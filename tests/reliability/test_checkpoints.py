@@ -58,7 +58,7 @@ def test_a_broken_latest_checkpoint_is_passed_over_with_a_warning(tmp_path, dama
     elif damage == "file truncated":
         weights_file.write_bytes(weights_file.read_bytes()[:10])
     else:
-        (latest / "manifest.json").write_text('{"files": 7')
+        (latest / "manifest.json").write_text('{"files": ["model.safetensors"]}')
     (tmp_path / "checkpoints" / "step-000004.tmp").mkdir()  # an interrupted save, never a candidate
     with pytest.warns(UserWarning, match="step-000003 is incomplete or corrupt"):
         assert latest_good_checkpoint(tmp_path) == checkpoint_dir(tmp_path, 2)
