@@ -56,16 +56,6 @@ def write_weights(policy: nn.Module, folder: Path, state: dict | None) -> None:
     policy.save_pretrained(folder, state_dict=state, safe_serialization=True)
 
 
-def save_policy(policy: nn.Module, folder: Path, dist: DistContext, tokenizer=None) -> None:
-    """Full, HF-loadable weights written once by rank 0. Every rank must call it."""
-    state = full_state_dict(policy, dist)
-    if dist.is_main:
-        write_weights(policy, Path(folder), state)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
-    dist.barrier()
-
-
 def _with_tied_twins(policy: nn.Module, state: dict) -> dict:
     """save_pretrained writes a tied weight once (say embed_tokens); the loader of a sharded
     model wants every name, so the twin (lm_head) gets the same tensor."""

@@ -100,10 +100,13 @@ def setup_distributed(config) -> DistContext:
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not torch_dist.is_initialized():
+        # Naming the device binds nccl's communicator to it (and silences torch's guess).
+        device_id = device if device.type == "cuda" else None
         if world_size == 1:  # fsdp on one device: an in-memory store, no rendezvous needed
-            torch_dist.init_process_group(backend, store=torch_dist.HashStore(), rank=0, world_size=1)
+            torch_dist.init_process_group(backend, store=torch_dist.HashStore(), rank=0, world_size=1,
+                                          device_id=device_id)
         else:
-            torch_dist.init_process_group(backend)
+            torch_dist.init_process_group(backend, device_id=device_id)
     return DistContext(rank, world_size, local_rank, device, strategy)
 
 
