@@ -5,9 +5,14 @@ way builds logits for every position of every row, then a float32 log-softmax of
 at a 151,936-token vocabulary that is 0.57 GiB per 1,000 tokens, twice over, before gradients.
 
 Here the model runs up to its final hidden states; only the completion positions are kept, and
-they meet the LM head in chunks of `chunk_size` tokens. Under autograd each chunk is
-checkpointed: the forward keeps only the chunk's hidden states, and the backward recomputes
-that chunk's logits, so at most one chunk of logits exists at any time, forward or backward.
+they meet the LM head in chunks of `chunk_size` tokens, so at most one chunk of logits exists
+at any time, forward or backward. For a plain `nn.Linear` head, `LinearTokenLogps` (a custom
+autograd function) keeps only each token's logsumexp; its backward recomputes a chunk's logits
+and turns them into the gradients directly: d log p(t) / d logits = onehot(t) - softmax, so
+grad_hidden = g * (W[t] - softmax @ W) and grad_W = onehot^T (g h) - softmax^T (g h). That takes
+fewer passes over the (chunk, V) logits than autograd through log-softmax, and no (M, V)
+tensor is ever saved. Any other head (a LoRA-wrapped one, say) goes through
+`torch.utils.checkpoint` per chunk instead: same memory bound, autograd's own backward.
 `naive_completion_logps` is the plain computation the tests compare against.
 """
 
@@ -52,10 +57,130 @@ def _token_logps_of_chunk(hidden: torch.Tensor, lm_head: nn.Module, targets: tor
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would run a matmul in here (bf16 under bf16 autocast)."""
+    device_type = tensor.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return tensor.dtype
+
+
+def _chunk_logits(hidden, weight, bias) -> torch.Tensor:
+    logits = torch.mm(hidden, weight.t())  # (m, V) in the compute dtype
+    if bias is not None:
+        logits += bias
+    return logits.float()  # a no-op in float32; log-softmax in float32 under bf16
+
+
+# Below this size the logits of a whole micro-batch are kept from forward to backward instead of
+# recomputed: a recompute costs one more (M, H) x (H, V) matmul, about a third of the head's
+# work, which only pays when it saves real memory (a 1,016-token batch at V = 8,192: 33 MB).
+KEEP_LOGITS_MAX_BYTES = 256 * 2**20
+
+
+def _logsumexp_inplace(logits: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last dim, overwriting `logits`: no second (m, V) buffer."""
+    maxes = logits.amax(dim=-1, keepdim=True)  # (m, 1)
+    return logits.sub_(maxes).exp_().sum(dim=-1).log_().add_(maxes.squeeze(-1))
+
+
+class LinearTokenLogps(torch.autograd.Function):
+    """log softmax(hidden @ W^T + b)[targets], per row of hidden (M, H), `chunk_size` rows at a time.
+
+    Saves hidden, W and one logsumexp per row; the backward recomputes each chunk's logits once.
+    With `keep_logits` the whole (M, V) logits are computed as one chunk and saved instead, and
+    the backward turns them into the softmax in place (for batches too small to need chunking).
+    Matmuls run in the autocast dtype when autocast is on (as nn.Linear would), the softmax and
+    the gradient accumulators in float32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size: int, keep_logits: bool = False):
+        compute_dtype = _compute_dtype(hidden)
+        w = weight.to(compute_dtype)
+        b = bias.to(compute_dtype) if bias is not None else None
+        chunk_size = max(hidden.shape[0], 1) if keep_logits else chunk_size
+        logsumexp = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (M,)
+        token_logps = torch.empty_like(logsumexp)
+        logits = None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], chunk_size):
+                rows = slice(start, start + chunk_size)
+                logits = _chunk_logits(hidden[rows].to(compute_dtype), w, b)  # (m, V) float32
+                target_logits = logits.gather(1, targets[rows].unsqueeze(1)).squeeze(1)
+                logsumexp[rows] = torch.logsumexp(logits, -1) if keep_logits else _logsumexp_inplace(logits)
+                token_logps[rows] = target_logits - logsumexp[rows]
+                if not keep_logits:
+                    del logits  # before the next chunk's logits exist, not after
+        kept = logits if keep_logits and logits is not None else None
+        ctx.save_for_backward(hidden, weight, bias, targets, logsumexp, kept)
+        ctx.compute_dtype, ctx.chunk_size = compute_dtype, chunk_size
+        return token_logps
+
+    @staticmethod
+    def backward(ctx, grad_logps):  # grad_logps: (M,)
+        hidden, weight, bias, targets, logsumexp, kept = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        dtype = ctx.compute_dtype
+        w = weight.to(dtype)
+        b = bias.to(dtype) if bias is not None else None
+        grads = [torch.empty_like(hidden) if needs[0] else None,
+                 torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs[1] else None,
+                 torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if needs[2] else None]
+        grad_logps = grad_logps.float()
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], ctx.chunk_size):
+                rows = slice(start, start + ctx.chunk_size)
+                h = hidden[rows].to(dtype)  # (m, H)
+                # The saved logits are consumed in place: this graph cannot be backpropagated twice
+                # (autograd's version check says so if someone tries).
+                logits = kept if kept is not None else _chunk_logits(h, w, b)
+                probs = logits.sub_(logsumexp[rows].unsqueeze(1)).exp_()  # (m, V) softmax
+                _add_chunk_grads(grads, rows, h, w, probs, targets[rows], grad_logps[rows].unsqueeze(1), dtype)
+                del logits, probs  # before the next chunk's logits exist, not after
+        grad_hidden, grad_weight, grad_bias = grads
+        grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
+        grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None else None
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def _add_chunk_grads(grads, rows, h, w, probs, targets, g, dtype) -> None:
+    """One chunk's share of the gradients, with grad_logits = g * (onehot(t) - softmax).
+
+    h (m, H), probs (m, V) float32, targets (m,), g (m, 1). The onehot part is an index
+    operation, never an (m, V) tensor; the row scale g is applied on (m, H), not on (m, V).
+    """
+    grad_hidden, grad_weight, grad_bias = grads
+    probs_c = probs.to(dtype)
+    if grad_hidden is not None:
+        grad_hidden[rows] = (g * (w[targets].float() - torch.mm(probs_c, w).float())).to(grad_hidden.dtype)
+    if grad_weight is not None or grad_bias is not None:
+        scaled = g * h.float()  # (m, H)
+        if grad_weight is not None:
+            if dtype == torch.float32:  # accumulate in place: no (V, H) temporary
+                grad_weight.addmm_(probs_c.t(), scaled, alpha=-1.0)
+            else:
+                grad_weight -= torch.mm(probs_c.t(), scaled.to(dtype)).float()
+            grad_weight.index_add_(0, targets, scaled)
+        if grad_bias is not None:
+            grad_bias -= torch.mm(g.t(), probs).squeeze(0)
+            grad_bias.index_add_(0, targets, g.squeeze(1))
+
+
 def chunked_token_logps(
     hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor, chunk_size: int = 1024
 ) -> torch.Tensor:
     """log softmax(lm_head(hidden))[targets] for (M, H) hidden states, `chunk_size` rows at a time."""
+    if type(lm_head) is nn.Linear:  # exactly Linear: a subclass (LoRA, quantized) may change forward
+        keep_logits = hidden.shape[0] * lm_head.out_features * 4 <= KEEP_LOGITS_MAX_BYTES
+        return LinearTokenLogps.apply(hidden, lm_head.weight, lm_head.bias, targets, chunk_size, keep_logits)
+    return checkpointed_token_logps(hidden, lm_head, targets, chunk_size)
+
+
+def checkpointed_token_logps(
+    hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor, chunk_size: int = 1024
+) -> torch.Tensor:
+    """`chunked_token_logps` for any head module: autograd with one checkpoint per chunk."""
     pieces = []
     needs_grad = torch.is_grad_enabled() and (
         hidden.requires_grad or any(p.requires_grad for p in lm_head.parameters())
@@ -84,39 +209,74 @@ def final_hidden_states(model: nn.Module, input_ids, attention_mask, position_id
 def completion_logps(
     model: nn.Module,
     input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     completion_mask: torch.Tensor,
     chunk_size: int = 1024,
     position_ids: torch.Tensor | None = None,
+    sequence_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed completion log-probs per row (N,) and the number of tokens summed (N,).
+    """Summed completion log-probs per sequence (N,) and the number of tokens summed (N,).
 
-    Token t is predicted from position t - 1, so the mask of counted predictions is the
-    completion mask shifted left by one.
+    Padded batches hold one sequence per row. A packed batch (`sequence_ids` given, shape like
+    input_ids, values 0..N-1) holds several sequences per row, with `position_ids` restarting
+    at each and no attention mask, so the model keeps them apart.
     """
     if not supports_hidden_state_path(model):
-        return naive_completion_logps(model, input_ids, attention_mask, completion_mask, position_ids)
-    hidden = final_hidden_states(model, input_ids, attention_mask, position_ids)  # (N, T, H)
-    predicted = completion_mask[:, 1:].bool()  # (N, T-1)
-    rows = predicted.nonzero(as_tuple=True)[0]  # (M,) row of each counted token
-    h = hidden[:, :-1][predicted]  # (M, H): hidden states that predict completion tokens
-    targets = input_ids[:, 1:][predicted]  # (M,)
+        return naive_completion_logps(model, input_ids, attention_mask, completion_mask, position_ids,
+                                      sequence_ids)
+    hidden = final_hidden_states(model, input_ids, attention_mask, position_ids)  # (B, T, H)
     lm_head = unwrap_causal_lm(model).get_output_embeddings()
+    return logps_from_hidden(hidden, lm_head, input_ids, completion_mask, chunk_size, sequence_ids)
+
+
+def _counted_predictions(completion_mask, sequence_ids):
+    """(B, T-1) mask of the predictions that count, and the sequence each belongs to.
+
+    Token t is predicted from position t - 1, so the mask is the completion mask shifted left
+    by one. In a packed row, the first token of a sequence would be "predicted" by the last
+    token of the one before it; that prediction never counts.
+    """
+    predicted = completion_mask[:, 1:].bool()  # (B, T-1)
+    if sequence_ids is None:
+        owner = torch.arange(completion_mask.shape[0], device=completion_mask.device)
+        return predicted, owner.unsqueeze(1).expand_as(predicted)
+    predicted = predicted & (sequence_ids[:, 1:] == sequence_ids[:, :-1])
+    return predicted, sequence_ids[:, 1:]
+
+
+def logps_from_hidden(hidden, lm_head, input_ids, completion_mask, chunk_size: int = 1024,
+                      sequence_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LM-head stage of `completion_logps`: final hidden states (B, T, H) to per-sequence sums."""
+    predicted, owner = _counted_predictions(completion_mask, sequence_ids)
+    num_sequences = input_ids.shape[0] if sequence_ids is None else int(sequence_ids.max()) + 1
+    h = hidden[:, :-1][predicted]  # (M, H): only the hidden states that predict completion tokens
+    targets = input_ids[:, 1:][predicted]  # (M,)
     token_logps = chunked_token_logps(h, lm_head, targets, chunk_size)  # (M,)
-    sums = torch.zeros(input_ids.shape[0], dtype=token_logps.dtype, device=token_logps.device)
-    sums = sums.index_add(0, rows, token_logps)
-    return sums, predicted.sum(dim=1)
+    rows = owner[predicted]  # (M,) the sequence of each counted token
+    sums = torch.zeros(num_sequences, dtype=token_logps.dtype, device=token_logps.device)
+    counts = torch.zeros(num_sequences, dtype=torch.long, device=token_logps.device)
+    return sums.index_add(0, rows, token_logps), counts.index_add(0, rows, torch.ones_like(rows))
 
 
-def naive_completion_logps(model, input_ids, attention_mask, completion_mask, position_ids=None):
+def naive_completion_logps(model, input_ids, attention_mask, completion_mask, position_ids=None,
+                           sequence_ids=None):
     """The textbook computation: full logits, full log-softmax, gather, mask, sum."""
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
-    logits = model(**kwargs).logits[:, :-1].float()  # (N, T-1, V)
-    predicted = completion_mask[:, 1:].bool()
-    token_logps = torch.gather(F.log_softmax(logits, dim=-1), 2, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return (token_logps * predicted).sum(dim=1), predicted.sum(dim=1)
+    logits = model(**kwargs).logits  # (B, T, V)
+    return naive_logps_from_logits(logits, input_ids, completion_mask, sequence_ids)
+
+
+def naive_logps_from_logits(logits, input_ids, completion_mask, sequence_ids=None):
+    predicted, owner = _counted_predictions(completion_mask, sequence_ids)
+    log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
+    token_logps = torch.gather(log_probs, 2, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    num_sequences = input_ids.shape[0] if sequence_ids is None else int(sequence_ids.max()) + 1
+    sums = torch.zeros(num_sequences, dtype=token_logps.dtype, device=token_logps.device)
+    sums = sums.index_add(0, owner.reshape(-1), (token_logps * predicted).reshape(-1))
+    counts = torch.zeros(num_sequences, dtype=torch.long, device=logits.device)
+    return sums, counts.index_add(0, owner.reshape(-1), predicted.reshape(-1).long())
 
 
 class CompletionLogps(nn.Module):
@@ -131,6 +291,6 @@ class CompletionLogps(nn.Module):
         self.model = model
         self.chunk_size = chunk_size
 
-    def forward(self, input_ids, attention_mask, completion_mask, position_ids=None):
+    def forward(self, input_ids, attention_mask, completion_mask, position_ids=None, sequence_ids=None):
         return completion_logps(self.model, input_ids, attention_mask, completion_mask,
-                                self.chunk_size, position_ids)
+                                self.chunk_size, position_ids, sequence_ids)
