@@ -186,12 +186,18 @@ class ShardedReference:
 
 
 def shard_reference(reference_fn, config, dist: DistContext):
-    """Under fsdp a frozen-model reference is sharded like the policy; any other reference
-    (precomputed log-probs, none) is returned as it is."""
+    """Under fsdp a frozen-model reference is sharded like the policy; a reference without a
+    model (precomputed log-probs, none) is returned as it is."""
     from preftune.reference import FrozenModelReference
 
-    if dist.strategy != "fsdp" or not isinstance(reference_fn, FrozenModelReference):
+    if dist.strategy != "fsdp" or not hasattr(reference_fn, "model"):
         return reference_fn
+    if not isinstance(reference_fn, FrozenModelReference):
+        # LoRA's reference is the policy with its adapters off: a forward outside the policy's
+        # sharded root would meet sharded embeddings.
+        raise UserError("with train.distributed: fsdp, LoRA's reference (the policy with its adapters "
+                        "off) cannot run beside the sharded policy; set model.reference: precompute, "
+                        "or use train.distributed: ddp.")
     module = _shard(CompletionLogps(reference_fn.model, reference_fn.chunk_size), config, dist)
     return ShardedReference(module, reference_fn.autocast)
 
