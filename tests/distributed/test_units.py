@@ -83,3 +83,15 @@ def test_one_process_context_needs_no_process_group():
     assert ctx.is_main and not ctx.active and not ctx.sharded
     assert ctx.all_reduce_sum(2.5) == 2.5
     ctx.barrier()  # nothing to wait for
+
+
+def test_only_a_reference_that_runs_a_model_is_sharded():
+    from preftune.distributed import shard_reference
+    from preftune.reference import no_reference
+
+    fsdp = DistContext(world_size=2, strategy="fsdp")
+    assert shard_reference(no_reference, None, fsdp) is no_reference  # nothing to shard
+    adapters_off = types.SimpleNamespace(model=object())  # LoRA's: the policy itself, adapters off
+    assert shard_reference(adapters_off, None, DistContext(world_size=2, strategy="ddp")) is adapters_off
+    with pytest.raises(UserError, match="model.reference: precompute"):
+        shard_reference(adapters_off, None, fsdp)
