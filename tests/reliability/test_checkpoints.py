@@ -170,7 +170,7 @@ def test_disk_full_during_training_stops_cleanly_and_the_run_resumes_bit_identic
 
 def test_disk_full_while_writing_the_final_policy_leaves_no_half_folder(tmp_path, dropout_model, pairs_path,
                                                                        uninterrupted, monkeypatch):
-    import preftune.dist_checkpoint as dist_checkpoint
+    from preftune import dist_checkpoint
 
     raw = run_config(dropout_model, pairs_path, tmp_path / "run", train={"save_every": 6})
     real_write = dist_checkpoint.write_weights
