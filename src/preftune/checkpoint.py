@@ -184,6 +184,10 @@ def _step_of(folder: Path) -> int:
 
 def load_model_weights(model: torch.nn.Module, folder: Path) -> None:
     """Load safetensors weights from a checkpoint into an already-built model, in place."""
+    if hasattr(model, "peft_config"):  # a LoRA run's checkpoint holds the adapter only
+        from preftune.lora import load_adapter_weights
+
+        return load_adapter_weights(model, folder)
     from safetensors.torch import load_file
 
     files = sorted(Path(folder).glob("*.safetensors"))

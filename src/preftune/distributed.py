@@ -178,7 +178,8 @@ class ShardedReference:
     @torch.no_grad()
     def __call__(self, batch) -> torch.Tensor:
         with self.autocast():
-            logps, _ = self.module(batch.input_ids, batch.attention_mask, batch.completion_mask)
+            logps, _ = self.module(batch.input_ids, batch.model_attention_mask, batch.completion_mask,
+                                   batch.position_ids, batch.sequence_ids)
         # FSDP keeps the root's weights gathered after a forward, expecting a backward; the
         # reference has none, so free them now.
         self.module.reshard()

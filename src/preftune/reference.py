@@ -3,20 +3,39 @@
 `build_reference` returns a callable mapping a `PairBatch` to the reference's summed completion
 log-probs, shape (2B,), in the batch's row order. The variants:
 - copy: a frozen copy of the starting policy (or `model.reference_path`), run without grad;
+  with LoRA, the policy itself with its adapters disabled: no second copy of the weights;
+- precompute: one no-grad pass over the train (and eval) pairs before training, in large
+  length-sorted batches, cached on disk and looked up by `PairBatch.indices`; the reference
+  model is gone before the first step;
 - none: zeros, for reference-free losses.
 """
 
 from __future__ import annotations
 
+import gc
+import hashlib
+import os
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-from preftune.data.collate import PairBatch
+from preftune.data.collate import PairBatch, collate_pairs
+from preftune.data.tokenize import TokenizedPair
 from preftune.logprobs import completion_logps
 from preftune.modeling import make_reference
 
 ReferenceFn = Callable[[PairBatch], torch.Tensor]
+CACHE_DIR = "reference_logps"
+CACHE_FORMAT = 1  # bump when the meaning of a cached number changes
+
+
+def batch_logps(model, batch: PairBatch, chunk_size: int) -> torch.Tensor:
+    """Summed completion log-probs of a padded or packed batch, one per sequence (2B,)."""
+    logps, _ = completion_logps(model, batch.input_ids, batch.model_attention_mask, batch.completion_mask,
+                                chunk_size, batch.position_ids, batch.sequence_ids)
+    return logps
 
 
 class FrozenModelReference:
@@ -28,17 +47,178 @@ class FrozenModelReference:
     @torch.no_grad()
     def __call__(self, batch: PairBatch) -> torch.Tensor:
         with self.autocast():
-            logps, _ = completion_logps(self.model, batch.input_ids, batch.attention_mask,
-                                        batch.completion_mask, self.chunk_size)
-        return logps
+            return batch_logps(self.model, batch, self.chunk_size)
+
+
+@contextmanager
+def adapters_disabled(model):
+    """The PEFT model as its base model, for the length of the block."""
+    was_training = model.training
+    model.eval()  # LoRA dropout and any other dropout off, as for a frozen reference
+    try:
+        with model.disable_adapter():
+            yield model
+    finally:
+        model.train(was_training)
+
+
+class AdapterDisabledReference:
+    """LoRA: the reference is the policy with its adapters switched off, the same weights."""
+
+    def __init__(self, peft_model, chunk_size: int, autocast):
+        self.model = peft_model
+        self.chunk_size = chunk_size
+        self.autocast = autocast
+
+    @torch.no_grad()
+    def __call__(self, batch: PairBatch) -> torch.Tensor:
+        with adapters_disabled(self.model), self.autocast():
+            return batch_logps(self.model, batch, self.chunk_size)
 
 
 def no_reference(batch: PairBatch) -> torch.Tensor:
     return torch.zeros(batch.input_ids.shape[0], device=batch.input_ids.device)
 
 
-def build_reference(config, policy, autocast) -> ReferenceFn:
+# ------------------------------------------------------------------------------ precompute
+
+
+class PrecomputedReference:
+    """Cached log-probs looked up by pair index: `table[index] = (chosen, rejected)`."""
+
+    def __init__(self, indices: torch.Tensor, table: torch.Tensor, eval_reference=None):
+        self.row_of = {int(i): row for row, i in enumerate(indices.tolist())}
+        self.table = table  # (N, 2) float32
+        self.eval_reference = eval_reference  # the same for the evaluation pairs (or None)
+
+    def __call__(self, batch: PairBatch) -> torch.Tensor:
+        rows = torch.tensor([self.row_of[i] for i in batch.indices], dtype=torch.long)
+        pairs = self.table[rows]  # (B, 2)
+        return torch.cat([pairs[:, 0], pairs[:, 1]]).to(batch.input_ids.device)  # chosen rows first
+
+
+def _weights_fingerprint(path: str, update) -> None:
+    """The weight files' names, sizes, times and first and last MiB: changes when they do,
+    without reading gigabytes."""
+    folder = Path(os.path.expanduser(path))
+    update(str(folder.resolve() if folder.exists() else path))
+    if not folder.is_dir():
+        return
+    for file in sorted(folder.iterdir()):
+        if file.suffix not in (".safetensors", ".bin", ".pt", ".json") or not file.is_file():
+            continue
+        stat = file.stat()
+        update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}")
+        with open(file, "rb") as f:
+            update(f.read(1 << 20))
+            f.seek(max(0, stat.st_size - (1 << 20)))
+            update(f.read(1 << 20))
+
+
+def cache_key(config, pairs: list[TokenizedPair], split: str) -> str:
+    """A hash of the reference model (path and weight files), its numerics, and the token ids
+    of every pair (which hold every tokenization setting's effect)."""
+    digest = hashlib.blake2b(digest_size=16)
+
+    def update(value) -> None:
+        digest.update(value if isinstance(value, bytes) else str(value).encode())
+
+    model = config.model
+    update(f"format {CACHE_FORMAT} split {split} dtype {model.dtype} autocast {model.autocast} "
+           f"attn {model.attn_implementation}")
+    _weights_fingerprint(model.reference_path or model.path, update)
+    for pair in pairs:
+        update(f"{pair.index}|{pair.prompt_ids}|{pair.chosen_ids}|{pair.rejected_ids}")
+    return digest.hexdigest()
+
+
+@torch.inference_mode()
+def precompute_reference_logps(reference_fn: ReferenceFn, pairs: list[TokenizedPair], batch_size: int,
+                               pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass over `pairs`, longest first (batches of like lengths pad little):
+    (indices (N,), table (N, 2) of chosen and rejected log-probs)."""
+    ordered = sorted(pairs, key=lambda p: -p.length)
+    indices, rows = [], []
+    for start in range(0, len(ordered), batch_size):
+        chunk = ordered[start:start + batch_size]
+        batch = collate_pairs(chunk, pad_token_id).to(device)
+        logps = reference_fn(batch).float().cpu()  # (2B,)
+        rows.append(torch.stack([logps[:len(chunk)], logps[len(chunk):]], dim=1))
+        indices += [p.index for p in chunk]
+    table = torch.cat(rows) if rows else torch.zeros(0, 2)
+    return torch.tensor(indices, dtype=torch.long), table
+
+
+def cached_reference_table(config, reference_fn, pairs, split, pad_token_id, device, console, is_main):
+    """Load the split's table from OUTPUT/reference_logps/<key>.safetensors, or compute and save it."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(config.train.output_dir) / CACHE_DIR / f"{cache_key(config, pairs, split)}.safetensors"
+    if path.exists():
+        saved = load_file(str(path))
+        console.print(f"reference: {len(pairs)} {split} pairs' log-probs from the cache {path}")
+        return saved["indices"], saved["logps"], True
+    batch_size = 4 * max(config.train.batch_size, config.train.eval_batch_size or 0)
+    indices, table = precompute_reference_logps(reference_fn, pairs, batch_size, pad_token_id, device)
+    if is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"indices": indices, "logps": table}, str(tmp),
+                  metadata={"split": split, "pairs": str(len(pairs)), "model": config.model.path})
+        os.replace(tmp, path)  # a killed run never leaves half a cache behind
+    console.print(f"reference: {len(pairs)} {split} pairs' log-probs computed and cached in {path}")
+    return indices, table, False
+
+
+def _live_reference(config, policy, autocast, for_precompute: bool) -> ReferenceFn:
+    chunk = config.train.logprob_chunk_size
+    if config.model.lora is not None and not config.model.reference_path:
+        return AdapterDisabledReference(policy, chunk, autocast)
+    if for_precompute and not config.model.reference_path:
+        # Before the first step the policy is the reference: no copy needed for one pass.
+        return _EvalModeReference(policy, chunk, autocast)
+    return FrozenModelReference(make_reference(policy, config.model), chunk, autocast)
+
+
+class _EvalModeReference(FrozenModelReference):
+    @torch.no_grad()
+    def __call__(self, batch: PairBatch) -> torch.Tensor:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return super().__call__(batch)
+        finally:
+            self.model.train(was_training)
+
+
+def build_reference(config, policy, autocast, train_pairs=None, eval_pairs=None, pad_token_id=None,
+                    device=None, console=None, is_main: bool = True) -> ReferenceFn:
     if config.model.reference == "none" or config.loss.reference_free:
         return no_reference
-    return FrozenModelReference(make_reference(policy, config.model),
-                                config.train.logprob_chunk_size, autocast)
+    if config.model.reference != "precompute":
+        return _live_reference(config, policy, autocast, for_precompute=False)
+    if train_pairs is None:
+        raise ValueError("model.reference: precompute needs the training pairs")
+    from rich.console import Console
+
+    console = console or Console(quiet=True)
+    live = _live_reference(config, policy, autocast, for_precompute=True)
+    device = device or next(policy.parameters()).device
+    tables = {}
+    for split, pairs in (("train", train_pairs), ("eval", eval_pairs or [])):
+        if pairs:
+            indices, table, _ = cached_reference_table(config, live, pairs, split, pad_token_id, device,
+                                                       console, is_main)
+            tables[split] = (indices, table)
+    if isinstance(live, FrozenModelReference) and live.model is not policy:
+        del live.model  # a model loaded from reference_path: gone before training starts
+    del live
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    eval_reference = PrecomputedReference(*tables["eval"]) if "eval" in tables else None
+    return PrecomputedReference(*tables["train"], eval_reference=eval_reference)
+
+
+__all__ = ["build_reference", "precompute_reference_logps", "PrecomputedReference", "FrozenModelReference",
+           "AdapterDisabledReference", "adapters_disabled", "cache_key"]

@@ -17,6 +17,7 @@ import random
 import signal
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,7 @@ from preftune.losses import preference_loss
 from preftune.metrics import StepMetrics
 from preftune.modeling import disable_dropout, load_causal_lm, load_tokenizer, pick_device
 from preftune.optim import build_optimizer, build_scheduler
+from preftune.packing import choose_collate
 from preftune.progress import TrainProgress
 from preftune.reference import build_reference
 
@@ -112,7 +114,7 @@ def train_step(policy_logps, reference_logps, step_pairs: list[TokenizedPair], c
     by_index = {p.index: p for p in step_pairs}
     pairs_this_rank = sum(len(m) for m in local)
     for i, micro in enumerate(local):
-        batch = collate_pairs([by_index[j] for j in micro], ctx.pad_token_id).to(device)
+        batch = ctx.collate([by_index[j] for j in micro]).to(device)
         sync = ctx.no_sync() if i < len(local) - 1 else contextlib.nullcontext()
         with sync:
             with ctx.autocast():
@@ -144,6 +146,7 @@ class RunContext:
         self.rank, self.world_size = dist.rank, dist.world_size
         self.trainable = trainable
         self.pad_token_id = pad_token_id
+        self.collate = partial(collate_pairs, pad_token_id=pad_token_id)  # or pack_pairs: see train()
         self.wrapped = wrapped
         self.autocast = autocast_context(config, device)
         self.last_pair_ids: list = []
@@ -197,13 +200,21 @@ def train(config: Config, resume: str | bool | None = None) -> Path:
                             config.model.trust_remote_code).to(device)
     if config.model.disable_dropout:
         disable_dropout(policy)
+    if config.model.lora is not None:  # after disable_dropout: lora.dropout is the user's choice
+        from preftune.lora import apply_lora
+
+        policy = apply_lora(policy, config.model.lora)  # base frozen; the reference is the base
     if config.model.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy.config.use_cache = False
     train_pairs, eval_pairs = prepare_data(config, tokenizer, console)
     autocast = autocast_context(config, device)
     # Under fsdp a frozen reference is sharded like the policy, never whole on every rank.
-    reference_logps = shard_reference(build_reference(config, policy, autocast), config, dist)
+    reference_logps = shard_reference(
+        build_reference(config, policy, autocast, train_pairs, eval_pairs, tokenizer.pad_token_id, device,
+                        console, dist.is_main), config, dist)
+    # Precomputed log-probs are looked up by pair index, one table per split.
+    eval_reference_logps = getattr(reference_logps, "eval_reference", None) or reference_logps
 
     step_size = config.train.batch_size * config.train.grad_accum * dist.world_size
     lengths = [p.length for p in train_pairs]
@@ -218,6 +229,7 @@ def train(config: Config, resume: str | bool | None = None) -> Path:
     optimizer = build_optimizer(trainable, config.optim, device)
     scheduler = build_scheduler(optimizer, config.optim, total_steps)
     ctx = RunContext(config, device, dist, trainable, tokenizer.pad_token_id, wrapped)
+    ctx.collate = choose_collate(config, policy, tokenizer.pad_token_id, device, console)
 
     state = TrainState()
     checkpoint = resolve_resume(resume, output_dir)
@@ -234,7 +246,7 @@ def train(config: Config, resume: str | bool | None = None) -> Path:
     def run_eval(step: int) -> None:
         if eval_pairs:
             with autocast():
-                results = evaluate_pairs(policy_logps, reference_logps, eval_pairs, config, device,
+                results = evaluate_pairs(policy_logps, eval_reference_logps, eval_pairs, config, device,
                                          tokenizer.pad_token_id, rank=dist.rank, world_size=dist.world_size)
             logger.log({f"eval/{k}": v for k, v in results.items()}, step=step)
             console.print(f"eval at step {step}: loss {results['loss']:.4f}, "

@@ -21,18 +21,32 @@ class PairBatch:
     completion_mask: torch.Tensor  # (2B, T) 1 on completion tokens: the ones whose log-prob counts
     indices: list[int]  # data set position of each pair: the key of cached reference log-probs
     pair_ids: list  # the rows' pair_id values (None where absent), for logs of bad steps
+    # Packed batches (`pack_pairs`): all 2B sequences in one row (1, L), positions restarting
+    # at 0 for each, and the sequence (0..2B-1, chosen first) each token belongs to.
+    position_ids: torch.Tensor | None = None
+    sequence_ids: torch.Tensor | None = None
 
     @property
     def num_pairs(self) -> int:
         return len(self.indices)
 
     @property
+    def model_attention_mask(self) -> torch.Tensor | None:
+        """What the model gets: none for a packed row, which the position ids split into
+        sequences (transformers builds the block-diagonal mask from them)."""
+        return None if self.sequence_ids is not None else self.attention_mask
+
+    @property
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
     def to(self, device) -> "PairBatch":
+        def move(t):
+            return None if t is None else t.to(device)
+
         return PairBatch(self.input_ids.to(device), self.attention_mask.to(device),
-                         self.completion_mask.to(device), self.indices, self.pair_ids)
+                         self.completion_mask.to(device), self.indices, self.pair_ids,
+                         move(self.position_ids), move(self.sequence_ids))
 
 
 def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int, pad_to_multiple_of: int | None = None) -> PairBatch:
@@ -55,6 +69,23 @@ def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int, pad_to_multiple
         completion_mask[row, : len(seq)] = torch.tensor(flags, dtype=torch.long)
     return PairBatch(input_ids, attention_mask, completion_mask,
                      [p.index for p in pairs], [p.pair_id for p in pairs])
+
+
+def pack_pairs(pairs: list[TokenizedPair], pad_token_id: int = 0) -> PairBatch:
+    """Chosen then rejected sequences end to end in one (1, L) row: no padding at all."""
+    ids, completion, positions, owners = [], [], [], []
+    sequences = [pair.prompt_ids + getattr(pair, side) for side in ("chosen_ids", "rejected_ids")
+                 for pair in pairs]
+    prompts = [len(pair.prompt_ids) for pair in pairs] * 2
+    for number, (sequence, prompt) in enumerate(zip(sequences, prompts)):
+        ids += sequence
+        completion += [0] * prompt + [1] * (len(sequence) - prompt)
+        positions += range(len(sequence))
+        owners += [number] * len(sequence)
+    row = torch.tensor([ids], dtype=torch.long)
+    return PairBatch(row, torch.ones_like(row), torch.tensor([completion], dtype=torch.long),
+                     [p.index for p in pairs], [p.pair_id for p in pairs],
+                     torch.tensor([positions], dtype=torch.long), torch.tensor([owners], dtype=torch.long))
 
 
 def epoch_order(

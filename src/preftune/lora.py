@@ -1,0 +1,68 @@
+"""LoRA through PEFT: adapters on the policy, the base weights frozen and shared with the reference.
+
+With `model.lora`, the policy is a `peft.PeftModel`; the reference is the same model with its
+adapters disabled (reference.AdapterDisabledReference), so no second copy of the weights
+exists. Checkpoints and final/ hold the adapter (adapter_config.json +
+adapter_model.safetensors, loadable by `peft.PeftModel.from_pretrained`); `preftune export RUN
+--merge` folds it into the base weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch.nn as nn
+
+from preftune.errors import UserError
+
+
+def _peft():
+    try:
+        import peft
+    except ModuleNotFoundError:
+        raise UserError("model.lora needs the peft package: pip install 'preftune[lora]'.") from None
+    return peft
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+
+
+def apply_lora(model: nn.Module, lora_cfg) -> nn.Module:
+    """Wrap `model` with fresh LoRA adapters (B = 0, so the policy starts equal to the base)."""
+    peft = _peft()
+    config = peft.LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                             target_modules=lora_cfg.target_modules, task_type="CAUSAL_LM")
+    try:
+        return peft.get_peft_model(model, config)
+    except ValueError as e:
+        raise UserError(f"model.lora.target_modules: {str(e).splitlines()[0][:200]}") from None
+
+
+def load_adapter_weights(model: nn.Module, folder: Path) -> None:
+    """Load a saved adapter (checkpoint or final/) into an already-wrapped PEFT model."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / "adapter_model.safetensors"
+    if not path.exists():
+        raise UserError(f"checkpoint {folder} holds no adapter_model.safetensors, but model.lora is set; "
+                        "resume with the config the run was started with.")
+    result = _peft().set_peft_model_state_dict(model, load_file(str(path)))
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise UserError(f"checkpoint {folder}: the adapter does not match model.lora "
+                        f"(unexpected {unexpected[:3]}).")
+
+
+def merge_adapter(adapter_folder: Path, base_path: str, dtype: str, out: Path) -> Path:
+    """Base model + adapter -> one model folder that `from_pretrained` loads without peft."""
+    from preftune.modeling import load_causal_lm, load_tokenizer
+
+    base = load_causal_lm(base_path, dtype)
+    model = _peft().PeftModel.from_pretrained(base, str(adapter_folder))
+    merged = model.merge_and_unload()
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out, safe_serialization=True)
+    tokenizer_source = adapter_folder if (adapter_folder / "tokenizer_config.json").exists() else base_path
+    load_tokenizer(str(tokenizer_source)).save_pretrained(out)
+    return out

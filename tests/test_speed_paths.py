@@ -1,0 +1,235 @@
+"""The fast paths give the same training as the plain ones: precomputed reference log-probs,
+LoRA with the adapter-disabled reference, packed batches, bf16 autocast, fused AdamW, compile."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from preftune.config import validate_config
+from preftune.data.collate import collate_pairs, pack_pairs
+from preftune.data.tokenize import TokenizedPair
+from preftune.optim import build_optimizer
+from preftune.packing import packing_is_exact
+from preftune.train import train
+
+
+def make_config(tmp_path, model_path, data_path, out="run", **sections):
+    raw = {
+        "model": {"path": str(model_path)},
+        "data": {"train": str(data_path), "max_length": 64, "eval_fraction": 0.25},
+        "loss": {"type": "sigmoid", "beta": 0.1},
+        "optim": {"lr": 1e-3},
+        "train": {"batch_size": 4, "max_steps": 3, "eval_every": 3, "output_dir": str(tmp_path / out),
+                  "report": False, "progress": False, "seed": 0},
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return validate_config(raw)
+
+
+def read_metrics(run_dir, key="loss"):
+    lines = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [m for m in lines if key in m]
+
+
+def assert_same_curves(a, b, keys=("loss", "rewards/margins", "logps/chosen", "grad_norm"), tol=1e-5):
+    ma, mb = read_metrics(a), read_metrics(b)
+    assert len(ma) == len(mb) == 3
+    for x, y in zip(ma, mb):
+        for key in keys:
+            assert x[key] == pytest.approx(y[key], abs=tol), key
+    ea, eb = read_metrics(a, "eval/loss"), read_metrics(b, "eval/loss")
+    assert len(ea) == len(eb) == 1
+    assert ea[0]["eval/loss"] == pytest.approx(eb[0]["eval/loss"], abs=tol)
+
+
+# ------------------------------------------------------------------------------ precompute
+
+
+def test_precomputed_reference_trains_like_the_live_copy_and_caches(tmp_path, tiny_llama, pairs_file):
+    train(make_config(tmp_path, tiny_llama, pairs_file, "copy"))
+    pre = make_config(tmp_path, tiny_llama, pairs_file, "pre", model={"reference": "precompute"})
+    train(pre)
+    assert_same_curves(tmp_path / "copy", tmp_path / "pre")
+    assert read_metrics(tmp_path / "pre")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    cache = sorted((tmp_path / "pre" / "reference_logps").glob("*.safetensors"))
+    assert len(cache) == 2  # train and eval
+
+    # A second run with the same model and data reads the cache: same numbers, no new files.
+    stamps = [c.stat().st_mtime_ns for c in cache]
+    train(make_config(tmp_path, tiny_llama, pairs_file, "pre", model={"reference": "precompute"}))
+    assert [c.stat().st_mtime_ns for c in sorted(cache)] == stamps
+    assert len(list((tmp_path / "pre" / "reference_logps").glob("*.safetensors"))) == 2
+
+
+def test_precompute_cache_misses_when_tokenization_or_data_change(tmp_path, tiny_llama, pairs_file):
+    cfg = make_config(tmp_path, tiny_llama, pairs_file, "pre", model={"reference": "precompute"})
+    train(cfg)
+    folder = tmp_path / "pre" / "reference_logps"
+    first = set(folder.glob("*.safetensors"))
+    train(make_config(tmp_path, tiny_llama, pairs_file, "pre", model={"reference": "precompute"},
+                      data={"max_length": 24}))  # truncation changes the token ids
+    second = set(folder.glob("*.safetensors"))
+    assert len(second) == 4 and first < second
+    rows = [json.loads(line) for line in Path(pairs_file).read_text().splitlines()]
+    rows[0]["chosen"] += " and a new ending"
+    changed = tmp_path / "changed.jsonl"
+    changed.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train(make_config(tmp_path, tiny_llama, changed, "pre", model={"reference": "precompute"}))
+    assert len(set(folder.glob("*.safetensors")) - second) >= 1
+
+
+# ------------------------------------------------------------------------------ LoRA
+
+
+LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+
+
+def test_lora_starts_at_ln2_changes_only_adapters_and_exports(tmp_path, tiny_llama, pairs_file):
+    pytest.importorskip("peft")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from preftune.export_cli import export
+
+    cfg = make_config(tmp_path, tiny_llama, pairs_file, "lora", model={"lora": LORA},
+                      train={"save_every": 3})
+    train(cfg)
+    first = read_metrics(tmp_path / "lora")[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    final = tmp_path / "lora" / "final"
+    assert (final / "adapter_config.json").exists() and not (final / "model.safetensors").exists()
+    adapter = load_file(str(final / "adapter_model.safetensors"))
+    assert adapter and all("lora_" in name for name in adapter)
+    assert any(t.abs().sum() > 0 for n, t in adapter.items() if "lora_B" in n)  # B moved from 0
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), str(final))
+    base_state = base.state_dict()
+    for name, tensor in tuned.get_base_model().state_dict().items():
+        if "lora_" not in name:  # only adapters changed: every base weight is the original
+            plain = name.replace(".base_layer", "")
+            torch.testing.assert_close(tensor, base_state[plain], atol=0, rtol=0)
+
+    export(tmp_path / "lora", merge=True, out=tmp_path / "merged", base=None)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    ids = torch.tensor([[5, 9, 13, 17, 21, 25]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, tuned(ids).logits, atol=1e-5, rtol=1e-5)
+        assert (merged(ids).logits - base(ids).logits).abs().max() > 1e-6
+
+
+def test_lora_reference_is_the_base_model_and_resume_loads_the_adapter(tmp_path, tiny_llama, pairs_file):
+    pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from preftune.lora import apply_lora
+    from preftune.logprobs import completion_logps
+    from preftune.reference import AdapterDisabledReference
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_llama), validate_config(
+        {"model": {"path": "x", "lora": LORA}, "data": {"train": "x"}}).model.lora)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # adapters that really change the output
+    batch = collate_pairs([TokenizedPair([3, 4, 5], [6, 7], [8, 9, 10], index=0)], pad_token_id=0)
+    reference = AdapterDisabledReference(model, 64, _null)
+    expected, _ = completion_logps(base, batch.input_ids, batch.attention_mask, batch.completion_mask)
+    torch.testing.assert_close(reference(batch), expected, atol=1e-6, rtol=1e-6)
+    with torch.no_grad():
+        adapted, _ = completion_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask)
+    assert (adapted - expected).abs().max() > 1e-4
+
+    common = {"save_every": 2, "max_steps": 4, "eval_every": None}
+    train(make_config(tmp_path, tiny_llama, pairs_file, "whole", model={"lora": LORA}, train=common))
+    train(make_config(tmp_path, tiny_llama, pairs_file, "part", model={"lora": LORA},
+                      train={**common, "max_steps": 2}))
+    train(make_config(tmp_path, tiny_llama, pairs_file, "part", model={"lora": LORA}, train=common),
+          resume=True)
+    wa = load_file(str(tmp_path / "whole" / "final" / "adapter_model.safetensors"))
+    wb = load_file(str(tmp_path / "part" / "final" / "adapter_model.safetensors"))
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=1e-6, rtol=0)
+
+
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+# ------------------------------------------------------------------------------ packing
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_packing_is_exact_on_cpu_attention(tiny_model_factory, arch):
+    from transformers import AutoModelForCausalLM
+
+    for implementation in ("sdpa", "eager"):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_factory(arch), attn_implementation=implementation)
+        assert packing_is_exact(model, torch.device("cpu"), model.config.vocab_size), implementation
+
+
+def test_pack_pairs_layout():
+    pairs = [TokenizedPair([1, 2], [3], [4, 5], index=7), TokenizedPair([6], [7, 8], [9], index=9)]
+    batch = pack_pairs(pairs)
+    assert batch.input_ids.tolist() == [[1, 2, 3, 6, 7, 8, 1, 2, 4, 5, 6, 9]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 0, 1, 2, 0, 1, 2, 3, 0, 1]]
+    assert batch.sequence_ids.tolist() == [[0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 3, 3]]
+    assert batch.completion_mask.tolist() == [[0, 0, 1, 0, 1, 1, 0, 0, 1, 1, 0, 1]]
+    assert batch.model_attention_mask is None and batch.num_tokens == 12 and batch.indices == [7, 9]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_packed_training_equals_padded(tmp_path, tiny_model_factory, pairs_file, arch):
+    model = tiny_model_factory(arch)
+    train(make_config(tmp_path, model, pairs_file, "padded", data={"packing": "off"}))
+    train(make_config(tmp_path, model, pairs_file, "packed", data={"packing": "on"}))
+    assert_same_curves(tmp_path / "padded", tmp_path / "packed")
+
+
+# ------------------------------------------------------------------------------ precision, optimizer
+
+
+def test_bf16_autocast_trains_on_cpu_near_float32(tmp_path, tiny_llama, pairs_file):
+    train(make_config(tmp_path, tiny_llama, pairs_file, "fp32"))
+    train(make_config(tmp_path, tiny_llama, pairs_file, "bf16", model={"autocast": "bfloat16"}))
+    fp32, bf16 = read_metrics(tmp_path / "fp32"), read_metrics(tmp_path / "bf16")
+    assert bf16[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference, same numerics
+    for a, b in zip(fp32, bf16):
+        assert math.isfinite(b["loss"]) and b["loss"] == pytest.approx(a["loss"], abs=0.05)
+
+
+def test_gradient_checkpointing_gives_the_same_training(tmp_path, tiny_llama, pairs_file):
+    train(make_config(tmp_path, tiny_llama, pairs_file, "plain"))
+    train(make_config(tmp_path, tiny_llama, pairs_file, "ckpt", model={"gradient_checkpointing": True}))
+    assert_same_curves(tmp_path / "plain", tmp_path / "ckpt")
+
+
+def test_fused_adamw_is_the_default_on_cpu_and_matches_the_loop():
+    params = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(2)]
+    cfg = validate_config({"model": {"path": "x"}, "data": {"train": "x"}, "optim": {"lr": 0.1}}).optim
+    fused = build_optimizer(params, cfg, torch.device("cpu"))
+    assert fused.defaults["fused"] is True
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    plain = build_optimizer(twins, cfg.model_copy(update={"fused": False}), torch.device("cpu"))
+    for _ in range(3):
+        for group in (params, twins):
+            for p in group:
+                p.grad = torch.ones_like(p) * p.detach().sin()
+        fused.step()
+        plain.step()
+    for a, b in zip(params, twins):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_compile_trains_like_eager(tmp_path, tiny_llama, pairs_file):
+    train(make_config(tmp_path, tiny_llama, pairs_file, "eager"))
+    train(make_config(tmp_path, tiny_llama, pairs_file, "compiled", model={"compile": True}))
+    assert_same_curves(tmp_path / "eager", tmp_path / "compiled", tol=1e-4)
