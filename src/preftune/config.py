@@ -56,9 +56,10 @@ class DataConfig(Section):
     truncation: Literal["keep_end", "keep_start"] = "keep_end"
     # Sort pairs into length-grouped batches so little compute goes to padding.
     group_by_length: bool = True
-    # Pack a batch's sequences into one row with restarted position ids (models with
-    # flash/sdpa varlen support only); "auto" packs when the model supports it safely.
-    packing: Literal["auto", "on", "off"] = "off"
+    # Pack a micro-batch's sequences into one row with restarted position ids, when a check at
+    # start-up shows the model keeps them apart (preftune/packing.py). "auto" packs only with a
+    # variable-length kernel (flash-attention), where it is faster; "on" also with sdpa/eager.
+    packing: Literal["auto", "on", "off"] = "auto"
 
 
 class LossConfig(Section):
