@@ -107,11 +107,15 @@ class LinearTokenLogps(torch.autograd.Function):
             for start in range(0, hidden.shape[0], chunk_size):
                 rows = slice(start, start + chunk_size)
                 logits = _chunk_logits(hidden[rows].to(compute_dtype), w, b)  # (m, V) float32
+                if keep_logits:  # kept as log-softmax: the backward needs one exp_ pass, no sub
+                    logsumexp[rows] = torch.logsumexp(logits, -1)
+                    logits.sub_(logsumexp[rows].unsqueeze(1))
+                    token_logps[rows] = logits.gather(1, targets[rows].unsqueeze(1)).squeeze(1)
+                    continue
                 target_logits = logits.gather(1, targets[rows].unsqueeze(1)).squeeze(1)
-                logsumexp[rows] = torch.logsumexp(logits, -1) if keep_logits else _logsumexp_inplace(logits)
+                logsumexp[rows] = _logsumexp_inplace(logits)
                 token_logps[rows] = target_logits - logsumexp[rows]
-                if not keep_logits:
-                    del logits  # before the next chunk's logits exist, not after
+                del logits  # before the next chunk's logits exist, not after
         kept = logits if keep_logits and logits is not None else None
         ctx.save_for_backward(hidden, weight, bias, targets, logsumexp, kept)
         ctx.compute_dtype, ctx.chunk_size = compute_dtype, chunk_size
@@ -134,8 +138,11 @@ class LinearTokenLogps(torch.autograd.Function):
                 h = hidden[rows].to(dtype)  # (m, H)
                 # The saved logits are consumed in place: this graph cannot be backpropagated twice
                 # (autograd's version check says so if someone tries).
-                logits = kept if kept is not None else _chunk_logits(h, w, b)
-                probs = logits.sub_(logsumexp[rows].unsqueeze(1)).exp_()  # (m, V) softmax
+                if kept is not None:
+                    logits = kept  # the log-softmax, saved by the forward
+                else:
+                    logits = _chunk_logits(h, w, b).sub_(logsumexp[rows].unsqueeze(1))
+                probs = logits.exp_()  # (m, V) softmax
                 _add_chunk_grads(grads, rows, h, w, probs, targets[rows], grad_logps[rows].unsqueeze(1), dtype)
                 del logits, probs  # before the next chunk's logits exist, not after
         grad_hidden, grad_weight, grad_bias = grads
@@ -172,7 +179,8 @@ def chunked_token_logps(
 ) -> torch.Tensor:
     """log softmax(lm_head(hidden))[targets] for (M, H) hidden states, `chunk_size` rows at a time."""
     if type(lm_head) is nn.Linear:  # exactly Linear: a subclass (LoRA, quantized) may change forward
-        keep_logits = hidden.shape[0] * lm_head.out_features * 4 <= KEEP_LOGITS_MAX_BYTES
+        needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or lm_head.weight.requires_grad)
+        keep_logits = needs_grad and hidden.shape[0] * lm_head.out_features * 4 <= KEEP_LOGITS_MAX_BYTES
         return LinearTokenLogps.apply(hidden, lm_head.weight, lm_head.bias, targets, chunk_size, keep_logits)
     return checkpointed_token_logps(hidden, lm_head, targets, chunk_size)
 

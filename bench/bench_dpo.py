@@ -1,0 +1,397 @@
+"""preftune vs TRL's DPOTrainer: the same model shape, data, batch, precision and optimizer.
+
+    .venv/bin/python bench/bench_dpo.py                       # the CPU shape of BENCHMARKS.md
+    .venv/bin/python bench/bench_dpo.py --preset gpu-0.5b     # the Qwen2.5-0.5B shape, on CUDA
+
+Both trainers start from the same randomly initialised Qwen2-shaped model saved to a temporary
+folder, with a character-level tokenizer (one token per character), so synthetic pairs of
+exactly P prompt + R response tokens (EOS included) mean the same ids to both. Each measured
+configuration runs in its own subprocess (so peak RSS / CUDA memory belongs to it alone), and
+the configurations alternate round by round, so a noisy neighbour slows all of them alike.
+
+Per run: `warmup` optimizer steps, then `steps` measured ones. The time of the measured steps
+is end of step `warmup` to end of the last step, as wall clock, for both trainers. preftune's
+reference pre-pass (model.reference: precompute) runs before training over every pair of the
+run; its time is charged to the measured steps in proportion to their share of the pairs.
+Tokens are prompt + response tokens of the chosen and the rejected sequence of every pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PRESETS = {
+    # About 6M parameters: the CPU target of issue 6.
+    "cpu-6m": dict(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=1024, vocab=8192,
+                   tied=True, prompt_len=64, response_len=128, batch=4, warmup=2, steps=6,
+                   rounds=3, autocast="none"),
+    # Qwen2.5-0.5B's shape (494M parameters), bf16 autocast: the GPU target.
+    "gpu-0.5b": dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936,
+                     tied=True, prompt_len=256, response_len=512, batch=4, warmup=3, steps=10,
+                     rounds=1, autocast="bfloat16"),
+    # A seconds-long shape to check the script itself (tests, CPU dry runs of gpu.sh).
+    "smoke": dict(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64, vocab=512,
+                  tied=True, prompt_len=8, response_len=16, batch=2, warmup=1, steps=2,
+                  rounds=1, autocast="none"),
+}
+
+# name -> (trainer, options). "preftune" runs with its defaults: no flags beyond the shared ones.
+CONFIGS = {
+    "preftune": ("preftune", {"overrides": []}),
+    "preftune-precompute": ("preftune", {"overrides": ["model.reference=precompute"]}),
+    # The memory-lean setting: no second model, activations recomputed.
+    "preftune-lean": ("preftune", {"overrides": ["model.reference=precompute",
+                                                 "model.gradient_checkpointing=true"]}),
+    "preftune-compile": ("preftune", {"overrides": ["model.reference=precompute", "model.compile=true"]}),
+    "trl": ("trl", {"gradient_checkpointing": True}),  # TRL's default
+    "trl-no-ckpt": ("trl", {"gradient_checkpointing": False}),
+}
+LR, BETA, SEED = 1.0e-6, 0.1, 0
+
+
+# ------------------------------------------------------------------------------ the shared setup
+
+
+def char_tokenizer():
+    """A byte-level BPE tokenizer with no merges: every ASCII letter is exactly one token."""
+    from preftune.demo.tiny import train_tokenizer
+
+    # 256 byte symbols + 6 specials leave no room for a merge.
+    return train_tokenizer(["abc"], vocab_size=262)
+
+
+def write_model(folder: Path, shape: dict) -> None:
+    from preftune.demo.tiny import build_model, special_token_ids
+    from preftune.modeling import quiet_transformers
+
+    quiet_transformers()
+    tokenizer = char_tokenizer()
+    model = build_model("qwen2", vocab_size=shape["vocab"], hidden_size=shape["hidden"],
+                        num_layers=shape["layers"], num_heads=shape["heads"],
+                        num_kv_heads=shape["kv_heads"], intermediate_size=shape["intermediate"],
+                        max_positions=max(512, shape["prompt_len"] + shape["response_len"]),
+                        tie_embeddings=shape["tied"], seed=SEED,
+                        special_ids=special_token_ids(tokenizer))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def write_pairs(path: Path, shape: dict, num_pairs: int) -> None:
+    """Random lowercase letters: P prompt tokens, R - 1 response tokens (+ EOS = R)."""
+    import random
+
+    rng = random.Random(SEED)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+
+    def text(n):
+        return "".join(rng.choice(letters) for _ in range(n))
+
+    with open(path, "w") as f:
+        for _ in range(num_pairs):
+            row = {"prompt": text(shape["prompt_len"]), "chosen": text(shape["response_len"] - 1),
+                   "rejected": text(shape["response_len"] - 1)}
+            f.write(json.dumps(row) + "\n")
+
+
+# ------------------------------------------------------------------------------ the workers
+
+
+def peak_memory_bytes(device: str) -> int:
+    if device == "cuda":
+        import torch
+
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process: under a contended CPU it drifts far less than the wall clock."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def clock() -> tuple[float, float]:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # a step has ended when its kernels have, not when they were queued
+    return time.perf_counter(), cpu_seconds()
+
+
+def window(step_ends: list[tuple[float, float]], first: int, last: int) -> tuple[float, float]:
+    """(wall, cpu) seconds from the end of step `first` to the end of step `last` (0-based)."""
+    return (step_ends[last][0] - step_ends[first][0], step_ends[last][1] - step_ends[first][1])
+
+
+def run_preftune(workdir: Path, shape: dict, device: str, overrides: list[str]) -> dict:
+    import preftune.loggers
+    import preftune.reference
+    from preftune.config import load_config
+    from preftune.train import train
+
+    step_ends: list[tuple[float, float]] = []
+    losses: list[float] = []
+    original_log = preftune.loggers.MetricsLogger.log
+
+    def timed_log(self, metrics, step=None):
+        step_ends.append(clock())
+        losses.append(metrics.get("loss"))
+        return original_log(self, metrics, step=step)
+
+    prepass = {"seconds": 0.0, "cpu_seconds": 0.0}
+    original_precompute = getattr(preftune.reference, "precompute_reference_logps", None)
+    if original_precompute is not None:
+        def timed_precompute(*args, **kwargs):
+            started = clock()
+            result = original_precompute(*args, **kwargs)
+            ended = clock()
+            prepass["seconds"] += ended[0] - started[0]
+            prepass["cpu_seconds"] += ended[1] - started[1]
+            return result
+
+        preftune.reference.precompute_reference_logps = timed_precompute
+    preftune.loggers.MetricsLogger.log = timed_log
+    total = shape["warmup"] + shape["steps"]
+    config = load_config(None, [
+        f"model.path={workdir / 'model'}", f"model.autocast={shape['autocast']}",
+        f"data.train={workdir / 'pairs.jsonl'}", "data.max_length=null",
+        f"loss.beta={BETA}", f"optim.lr={LR}", "optim.scheduler=constant",
+        f"train.batch_size={shape['batch']}", f"train.max_steps={total}", f"train.seed={SEED}",
+        f"train.output_dir={workdir / 'out-preftune'}", f"train.device={device}",
+        "train.progress=false", "train.report=false", *overrides,
+    ])
+    shutil.rmtree(workdir / "out-preftune", ignore_errors=True)  # no reference cache from an earlier run
+    train(config)
+    wall, cpu = window(step_ends, shape["warmup"] - 1, total - 1)
+    pairs_share = shape["steps"] / total
+    return {"seconds": wall + prepass["seconds"] * pairs_share,
+            "cpu_seconds": cpu + prepass["cpu_seconds"] * pairs_share,
+            "prepass_seconds": prepass["seconds"], "losses": losses[:total]}
+
+
+def run_trl(workdir: Path, shape: dict, device: str, gradient_checkpointing: bool) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    step_ends: list[tuple[float, float]] = []
+    losses: list[float] = []
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            step_ends.append(clock())
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append(logs["loss"])
+
+    rows = [json.loads(line) for line in open(workdir / "pairs.jsonl")]
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
+    model = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype="float32")
+    total = shape["warmup"] + shape["steps"]
+    args = DPOConfig(
+        output_dir=str(workdir / "out-trl"), per_device_train_batch_size=shape["batch"],
+        gradient_accumulation_steps=1, max_steps=total, learning_rate=LR, beta=BETA,
+        lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none",
+        seed=SEED, max_length=None, gradient_checkpointing=gradient_checkpointing,
+        bf16=shape["autocast"] == "bfloat16", use_cpu=device == "cpu", disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=tokenizer, callbacks=[StepClock()])
+    trainer.train()
+    wall, cpu = window(step_ends, shape["warmup"] - 1, total - 1)
+    return {"seconds": wall, "cpu_seconds": cpu, "prepass_seconds": 0.0, "losses": losses[:total]}
+
+
+def worker(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    shape = json.loads(args.shape)
+    workdir = Path(args.workdir)
+    trainer, options = CONFIGS[args.worker]
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    rss_before = peak_memory_bytes("cpu")
+    if trainer == "preftune":
+        result = run_preftune(workdir, shape, args.device, options["overrides"] + args.preftune_overrides)
+    else:
+        result = run_trl(workdir, shape, args.device, **options)
+    tokens = shape["steps"] * shape["batch"] * 2 * (shape["prompt_len"] + shape["response_len"])
+    result.update(config=args.worker, tokens=tokens, tokens_per_second=tokens / result["seconds"],
+                  tokens_per_cpu_second=tokens / result["cpu_seconds"],
+                  step_seconds=result["seconds"] / shape["steps"],
+                  peak_memory_bytes=peak_memory_bytes(args.device),
+                  rss_at_start_bytes=rss_before)
+    Path(args.result).write_text(json.dumps(result))
+
+
+# ------------------------------------------------------------------------------ the orchestrator
+
+
+def count_parameters(workdir: Path) -> int:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(workdir / "model")
+    return sum(p.numel() for p in model.parameters())  # tied weights counted once
+
+
+def launch(name: str, workdir: Path, shape: dict, args) -> dict:
+    result_path = workdir / f"result-{name}.json"
+    command = [sys.executable, __file__, "--worker", name, "--workdir", str(workdir),
+               "--shape", json.dumps(shape), "--device", args.device, "--threads", str(args.threads),
+               "--result", str(result_path)]
+    for override in args.preftune_overrides:
+        command += ["--preftune-override", override]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "TRANSFORMERS_VERBOSITY": "error"}
+    completed = subprocess.run(command, env=env, capture_output=True, text=True)
+    if completed.returncode != 0:
+        sys.stderr.write(completed.stdout[-4000:] + completed.stderr[-8000:])
+        if not args.keep_going:
+            raise SystemExit(f"{name} failed (exit {completed.returncode})")
+        return {"config": name, "error": f"exit {completed.returncode}: {completed.stderr[-2000:]}"}
+    return json.loads(result_path.read_text())
+
+
+def summarise(runs: dict[str, list[dict]], shape: dict, params: int, args) -> dict:
+    summary = {}
+    for name, results in runs.items():
+        results = [r for r in results if "error" not in r]
+        if not results:
+            summary[name] = {"error": runs[name][0]["error"]}
+            continue
+        tps = [r["tokens_per_second"] for r in results]
+        summary[name] = {
+            "tokens_per_second": statistics.median(tps), "tokens_per_second_all": tps,
+            "tokens_per_cpu_second": statistics.median(r["tokens_per_cpu_second"] for r in results),
+            "step_seconds": statistics.median(r["step_seconds"] for r in results),
+            "peak_memory_gib": max(r["peak_memory_bytes"] for r in results) / 2**30,
+            "prepass_seconds": statistics.median(r["prepass_seconds"] for r in results),
+            "first_losses": results[0]["losses"][:3],
+        }
+        if args.device == "cuda":
+            # 6 N FLOPs per token for the policy's forward + backward, 2 N for the reference.
+            flops = 8 * params * summary[name]["tokens_per_second"]
+            summary[name]["mfu"] = flops / (args.peak_tflops * 1e12)
+    for base_name in ("preftune", "preftune-precompute"):
+        base = summary.get(base_name)
+        if not base:
+            continue
+        for name, s in summary.items():
+            if not name.startswith("preftune") and "error" not in s and "error" not in base:
+                base[f"speedup_vs_{name}"] = base["tokens_per_second"] / s["tokens_per_second"]
+                base[f"cpu_time_speedup_vs_{name}"] = base["tokens_per_cpu_second"] / s["tokens_per_cpu_second"]
+                base[f"memory_ratio_vs_{name}"] = base["peak_memory_gib"] / s["peak_memory_gib"]
+    return summary
+
+
+def print_table(summary: dict, device: str) -> None:
+    memory = "peak CUDA GiB" if device == "cuda" else "peak RSS GiB"
+    print(f"{'config':<21}{'tokens/s':>10}{'tok/cpu-s':>11}{'step s':>10}{memory:>15}{'prepass s':>11}")
+    for name, s in summary.items():
+        if "error" in s:
+            print(f"{name:<21}failed: {s['error'].splitlines()[-1] if s['error'].strip() else s['error']}")
+            continue
+        print(f"{name:<21}{s['tokens_per_second']:>10.0f}{s['tokens_per_cpu_second']:>11.0f}{s['step_seconds']:>10.3f}"
+              f"{s['peak_memory_gib']:>15.3f}{s['prepass_seconds']:>11.2f}"
+              + (f"   MFU {s['mfu']:.1%}" if "mfu" in s else ""))
+    for name, s in summary.items():
+        for key, value in s.items():
+            if key.startswith(("speedup", "cpu_time_speedup", "memory_ratio")):
+                print(f"{name} {key.replace('_', ' ')}: {value:.2f}x")
+
+
+def orchestrate(args) -> dict:
+    shape = dict(PRESETS[args.preset])
+    for key in ("warmup", "steps", "rounds", "batch"):
+        if getattr(args, key) is not None:
+            shape[key] = getattr(args, key)
+    if args.autocast:
+        shape["autocast"] = args.autocast
+    names = args.configs.split(",")
+    with tempfile.TemporaryDirectory(prefix="preftune-bench-") as tmp:
+        workdir = Path(tmp)
+        write_model(workdir / "model", shape)
+        write_pairs(workdir / "pairs.jsonl", shape, (shape["warmup"] + shape["steps"]) * shape["batch"])
+        params = count_parameters(workdir)
+        runs: dict[str, list[dict]] = {name: [] for name in names}
+        for round_index in range(shape["rounds"]):
+            order = names if round_index % 2 == 0 else list(reversed(names))
+            for name in order:
+                result = launch(name, workdir, shape, args)
+                runs[name].append(result)
+                if args.json:  # what has run so far survives a timeout of the whole script
+                    write_json(args.json, {"partial": True, "shape": shape, "runs": runs})
+                if "error" in result:
+                    print(f"round {round_index + 1}: {name}: failed", flush=True)
+                    continue
+                print(f"round {round_index + 1}: {name}: {result['tokens_per_second']:.0f} tokens/s, "
+                      f"{result['step_seconds']:.3f} s/step", flush=True)
+    summary = summarise(runs, shape, params, args)
+    print_table(summary, args.device)
+    return {"preset": args.preset, "shape": shape, "parameters": params, "device": args.device,
+            "device_name": device_name(args.device), "threads": args.threads,
+            "preftune_overrides": args.preftune_overrides, "date": time.strftime("%Y-%m-%d %H:%M"),
+            "machine": platform.processor() or platform.machine(), "results": summary, "runs": runs}
+
+
+def write_json(path: str, report: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=1))
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="cpu-6m", choices=sorted(PRESETS))
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--configs", default="preftune,trl,trl-no-ckpt",
+                        help=f"comma-separated, from: {', '.join(CONFIGS)}")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per run (1: steadiest on a shared CPU)")
+    parser.add_argument("--warmup", type=int)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--autocast", choices=["none", "bfloat16"])
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak, for MFU")
+    parser.add_argument("--preftune-override", dest="preftune_overrides", action="append", default=[],
+                        help="extra key=value for preftune (e.g. model.reference=copy)")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--keep-going", action="store_true", help="record a failed run and go on")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    parser.add_argument("--shape", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    report = orchestrate(args)
+    if args.json:
+        write_json(args.json, report)
+        print(f"results: {args.json}")
+
+
+if __name__ == "__main__":
+    main()
