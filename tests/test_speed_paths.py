@@ -188,9 +188,46 @@ def test_pack_pairs_layout():
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_packed_training_equals_padded(tmp_path, tiny_model_factory, pairs_file, arch):
     model = tiny_model_factory(arch)
-    train(make_config(tmp_path, model, pairs_file, "padded", data={"packing": "off"}))
+    train(make_config(tmp_path, model, pairs_file, "padded", data={"packing": "off", "share_prompt": False}))
     train(make_config(tmp_path, model, pairs_file, "packed", data={"packing": "on"}))
     assert_same_curves(tmp_path / "padded", tmp_path / "packed")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_prompt_shared_logps_and_gradients_equal_padded(tiny_model_factory, arch):
+    from transformers import AutoModelForCausalLM
+
+    from preftune.data.shared_prompt import collate_shared_prompt
+    from preftune.logprobs import completion_logps, shared_prompt_logps
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_factory(arch)).eval()
+    pairs = [TokenizedPair([5, 6, 7], [8, 9, 10, 11], [12], index=0),
+             TokenizedPair([13, 14, 15, 16, 17, 18], [19], [20, 21, 22, 23, 24], index=1),
+             TokenizedPair([25], [26, 27], [28, 29], index=2)]
+    batch = collate_shared_prompt(pairs, pad_token_id=0)
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 2.0])
+    results = []
+    for shared in (None, batch.shared):
+        model.zero_grad(set_to_none=True)
+        if shared is None:
+            sums, counts = completion_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask)
+        else:
+            sums, counts = shared_prompt_logps(model, shared, chunk_size=3)
+        (sums * weights).sum().backward()
+        results.append((sums.detach(), counts, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (padded, padded_counts, padded_grads), (shared, shared_counts, shared_grads) = results
+    torch.testing.assert_close(shared, padded, atol=1e-5, rtol=1e-5)
+    assert shared_counts.tolist() == padded_counts.tolist() == [4, 1, 2, 1, 5, 2]
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_prompt_shared_training_equals_padded(tmp_path, tiny_model_factory, pairs_file, arch):
+    model = tiny_model_factory(arch)
+    train(make_config(tmp_path, model, pairs_file, "padded", data={"share_prompt": False}))
+    train(make_config(tmp_path, model, pairs_file, "shared", data={"share_prompt": True}))
+    assert_same_curves(tmp_path / "padded", tmp_path / "shared")
 
 
 # ------------------------------------------------------------------------------ precision, optimizer

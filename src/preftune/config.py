@@ -60,6 +60,9 @@ class DataConfig(Section):
     # start-up shows the model keeps them apart (preftune/packing.py). "auto" packs only with a
     # variable-length kernel (flash-attention), where it is faster; "on" also with sdpa/eager.
     packing: Literal["auto", "on", "off"] = "auto"
+    # Run each pair's prompt through the model once, not once per response (exact; checked at
+    # start-up; off under gradient checkpointing, compile and fsdp).
+    share_prompt: bool = True
 
 
 class LossConfig(Section):

@@ -266,6 +266,38 @@ def logps_from_hidden(hidden, lm_head, input_ids, completion_mask, chunk_size: i
     return sums.index_add(0, rows, token_logps), counts.index_add(0, rows, torch.ones_like(rows))
 
 
+def shared_prompt_logps(model, shared, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """`completion_logps` of a prompt-shared batch (data/shared_prompt.py): (2B,) sums and
+    counts, chosen sequences first, as from the padded layout."""
+    lm = unwrap_causal_lm(model)
+    decoder = getattr(lm, lm.base_model_prefix)
+    first = decoder(input_ids=shared.first_ids, attention_mask=shared.first_mask, use_cache=True)
+    cache = first.past_key_values
+    surplus = shared.first_ids.shape[1] - shared.prompt_width
+    if surplus > 0:
+        cache.crop(-surplus)  # keep the keys and values of the prompt positions only
+    second = decoder(input_ids=shared.second_ids, attention_mask=shared.second_mask,
+                     position_ids=shared.second_positions, past_key_values=cache, use_cache=True)
+    h_first, h_second = first.last_hidden_state, second.last_hidden_state  # (B, T1, H) (B, T2, H)
+    b = shared.first_ids.shape[0]
+    rows = torch.arange(b, device=h_first.device)
+    chosen = shared.chosen_mask[:, 1:].bool()  # (B, T1-1): positions predicting a chosen token
+    rejected_rest = shared.second_mask[:, shared.prompt_width + 1:].bool()  # (B, T2-1)
+    hidden = torch.cat([
+        h_first[:, :-1][chosen],
+        h_first[rows, shared.prompt_lengths - 1],  # the prompt's end predicts the first rejected token
+        h_second[:, :-1][rejected_rest],
+    ])  # (M, H)
+    targets = torch.cat([shared.first_ids[:, 1:][chosen], shared.second_ids[:, 0],
+                         shared.second_ids[:, 1:][rejected_rest]])
+    owner = torch.cat([rows.unsqueeze(1).expand_as(chosen)[chosen], rows + b,
+                       (rows + b).unsqueeze(1).expand_as(rejected_rest)[rejected_rest]])
+    token_logps = chunked_token_logps(hidden, lm.get_output_embeddings(), targets, chunk_size)
+    sums = torch.zeros(2 * b, dtype=token_logps.dtype, device=token_logps.device)
+    counts = torch.zeros(2 * b, dtype=torch.long, device=token_logps.device)
+    return sums.index_add(0, owner, token_logps), counts.index_add(0, owner, torch.ones_like(owner))
+
+
 def naive_completion_logps(model, input_ids, attention_mask, completion_mask, position_ids=None,
                            sequence_ids=None):
     """The textbook computation: full logits, full log-softmax, gather, mask, sum."""
@@ -299,6 +331,9 @@ class CompletionLogps(nn.Module):
         self.model = model
         self.chunk_size = chunk_size
 
-    def forward(self, input_ids, attention_mask, completion_mask, position_ids=None, sequence_ids=None):
+    def forward(self, input_ids, attention_mask, completion_mask, position_ids=None, sequence_ids=None,
+                shared=None):
+        if shared is not None:
+            return shared_prompt_logps(self.model, shared, self.chunk_size)
         return completion_logps(self.model, input_ids, attention_mask, completion_mask,
                                 self.chunk_size, position_ids, sequence_ids)

@@ -1,4 +1,7 @@
-"""Padding-free packing: when it is safe, and when it is worth it.
+"""Batch layouts beyond plain padding: packing and prompt sharing, when safe and worth it.
+
+Prompt sharing (data/shared_prompt.py, `data.share_prompt`, on by default) runs each pair's
+prompt once; it is used whenever a start-up check shows it exact for the model. Packing:
 
 A packed micro-batch puts its 2B sequences end to end in one row, with position ids that
 restart at 0 for each and no attention mask (data.collate.pack_pairs). transformers 5 then
@@ -23,8 +26,9 @@ from functools import partial
 import torch
 
 from preftune.data.collate import collate_pairs, pack_pairs
+from preftune.data.shared_prompt import collate_shared_prompt
 from preftune.data.tokenize import TokenizedPair
-from preftune.logprobs import completion_logps, unwrap_causal_lm
+from preftune.logprobs import completion_logps, shared_prompt_logps, unwrap_causal_lm
 
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn",
                     "kernels-community/flash-attn3", "kernels-community/vllm-flash-attn3")
@@ -56,21 +60,56 @@ def packing_is_exact(model, device, vocab_size: int, tolerance: float = 1e-4) ->
     return bool(((got.float() - expected.float()).abs().max() / scale) <= tolerance)
 
 
-def choose_collate(config, model, pad_token_id: int, device, console=None):
-    """The function turning a micro-batch's pairs into a PairBatch: packed or padded."""
-    padded = partial(collate_pairs, pad_token_id=pad_token_id)
+@torch.no_grad()
+def prompt_sharing_is_exact(model, device, vocab_size: int, tolerance: float = 1e-4) -> bool:
+    """Two pairs with prompts of different lengths, prompt-shared and padded: same log-probs?"""
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, max(2, vocab_size), (20,), generator=generator).tolist()
+    probe = [TokenizedPair(ids[:3], ids[3:7], ids[7:9], index=0),
+             TokenizedPair(ids[9:14], ids[14:15], ids[15:20], index=1)]
+    was_training = model.training
+    model.eval()
+    try:
+        batch = collate_shared_prompt(probe, pad_token_id=0).to(device)
+        expected, _ = completion_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask)
+        got, _ = shared_prompt_logps(model, batch.shared)
+    except (RuntimeError, ValueError, TypeError, AttributeError):  # no cache support, say
+        return False
+    finally:
+        model.train(was_training)
+    scale = expected.abs().max().clamp(min=1.0)
+    return bool(((got.float() - expected.float()).abs().max() / scale) <= tolerance)
+
+
+def _packed_collate(config, model, pad_token_id: int, device, console):
+    """pack_pairs when data.packing asks for it and the model keeps packed rows apart, else None."""
     mode = config.data.packing
-    if mode == "off":
-        return padded
     implementation = attention_implementation(model)
-    if mode == "auto" and implementation not in VARLEN_ATTENTION:
-        return padded  # exact but not faster without a variable-length kernel: see above
-    vocab = unwrap_causal_lm(model).config.vocab_size
-    if not packing_is_exact(model, device, vocab):
+    if mode == "off" or (mode == "auto" and implementation not in VARLEN_ATTENTION):
+        return None  # (auto) exact but not faster without a variable-length kernel: see above
+    if not packing_is_exact(model, device, unwrap_causal_lm(model).config.vocab_size):
         warnings.warn(f"data.packing: {type(unwrap_causal_lm(model)).__name__} with attention "
-                      f"{implementation!r} does not keep packed sequences apart; training on padded "
-                      "batches instead.", stacklevel=2)
-        return padded
+                      f"{implementation!r} does not keep packed sequences apart; not packing.", stacklevel=3)
+        return None
     if console is not None:
         console.print(f"data: packing each micro-batch into one row (attention {implementation})")
-    return lambda pairs: pack_pairs(pairs, pad_token_id)
+    return partial(pack_pairs, pad_token_id=pad_token_id)
+
+
+def choose_collate(config, model, pad_token_id: int, device, console=None, sharded: bool = False):
+    """The function turning a micro-batch's pairs into a PairBatch: packed, prompt-shared or
+    padded. Prompt sharing runs the decoder twice per forward with a key/value cache, which
+    gradient checkpointing (transformers turns the cache off), compile and FSDP (one gather per
+    forward) do not take; it is skipped there, as for models that fail the start-up check."""
+    packed = _packed_collate(config, model, pad_token_id, device, console)
+    if packed is not None:
+        return packed
+    padded = partial(collate_pairs, pad_token_id=pad_token_id)
+    model_cfg = config.model
+    if not config.data.share_prompt or model_cfg.gradient_checkpointing or model_cfg.compile or sharded:
+        return padded
+    if not prompt_sharing_is_exact(model, device, unwrap_causal_lm(model).config.vocab_size):
+        return padded
+    if console is not None:
+        console.print("data: each pair's prompt runs through the model once (data.share_prompt)")
+    return partial(collate_shared_prompt, pad_token_id=pad_token_id)

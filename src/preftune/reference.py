@@ -23,7 +23,7 @@ import torch
 
 from preftune.data.collate import PairBatch, collate_pairs
 from preftune.data.tokenize import TokenizedPair
-from preftune.logprobs import completion_logps
+from preftune.logprobs import completion_logps, shared_prompt_logps
 from preftune.modeling import make_reference
 
 ReferenceFn = Callable[[PairBatch], torch.Tensor]
@@ -32,7 +32,9 @@ CACHE_FORMAT = 1  # bump when the meaning of a cached number changes
 
 
 def batch_logps(model, batch: PairBatch, chunk_size: int) -> torch.Tensor:
-    """Summed completion log-probs of a padded or packed batch, one per sequence (2B,)."""
+    """Summed completion log-probs of a padded, packed or prompt-shared batch, one per sequence (2B,)."""
+    if batch.shared is not None:
+        return shared_prompt_logps(model, batch.shared, chunk_size)[0]
     logps, _ = completion_logps(model, batch.input_ids, batch.model_attention_mask, batch.completion_mask,
                                 chunk_size, batch.position_ids, batch.sequence_ids)
     return logps

@@ -229,7 +229,8 @@ def train(config: Config, resume: str | bool | None = None) -> Path:
     optimizer = build_optimizer(trainable, config.optim, device)
     scheduler = build_scheduler(optimizer, config.optim, total_steps)
     ctx = RunContext(config, device, dist, trainable, tokenizer.pad_token_id, wrapped)
-    ctx.collate = choose_collate(config, policy, tokenizer.pad_token_id, device, console)
+    ctx.collate = choose_collate(config, policy, tokenizer.pad_token_id, device, console,
+                                 sharded=dist.strategy == "fsdp")
 
     state = TrainState()
     checkpoint = resolve_resume(resume, output_dir)

@@ -25,6 +25,9 @@ class PairBatch:
     # at 0 for each, and the sequence (0..2B-1, chosen first) each token belongs to.
     position_ids: torch.Tensor | None = None
     sequence_ids: torch.Tensor | None = None
+    # Prompt-shared layout (data/shared_prompt.py): each prompt runs through the model once.
+    # The padded tensors above stay, for token counts and for code that reads rows.
+    shared: object | None = None
 
     @property
     def num_pairs(self) -> int:
@@ -46,7 +49,8 @@ class PairBatch:
 
         return PairBatch(self.input_ids.to(device), self.attention_mask.to(device),
                          self.completion_mask.to(device), self.indices, self.pair_ids,
-                         move(self.position_ids), move(self.sequence_ids))
+                         move(self.position_ids), move(self.sequence_ids),
+                         self.shared.to(device) if self.shared is not None else None)
 
 
 def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int, pad_to_multiple_of: int | None = None) -> PairBatch:
