@@ -1,0 +1,329 @@
+"""`preftune demo`: the whole DPO loop offline, a miniature of the paper's sentiment experiment.
+
+Rafailov et al. (2023, section 6.1) fine-tune GPT-2 on IMDb reviews, let a sentiment classifier
+stand in for people, and show that DPO reaches higher reward than other methods at the same
+KL(pi || pi_sft). This module strings preftune's own pieces together on the synthetic review
+world of `preftune.demo.world`, each step being the library call behind one CLI command:
+
+1. world: training and held-out review openings (prompts) written to the output folder;
+2. pi_sft: a tokenizer and a small Llama-style model trained from scratch (`demo.pretrain`);
+3. `preftune sample`: two continuations per training prompt from pi_sft -> pairs.jsonl;
+4. `preftune label auto --bt-sample`: the latent reward picks through Bradley-Terry -> D.jsonl
+   (or people in the browser, `demo.human`);
+5. `preftune train`: DPO at several betas against a frozen pi_sft, and Preferred-FT (plain
+   fine-tuning on the chosen responses, no reference) as the baseline;
+6. `preftune eval generate`: every model against pi_sft on held-out prompts, judged by the
+   latent reward: mean reward, win rate, KL(pi || pi_sft), length;
+7. the summary (demo.json) and report (report.html), written by `demo.summary`.
+
+Every step writes its outputs into the output folder and is skipped on a rerun when they are
+complete, so an interrupted demo continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from preftune.demo import world
+from preftune.demo.pretrain import FULL, QUICK, PretrainConfig
+from preftune.errors import UserError
+
+REWARD_SPEC = "preftune.demo.world:sentiment_rewards"
+JUDGE_SPEC = f"reward:{REWARD_SPEC}"
+Echo = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class DemoSizes:
+    """Sizes and hyper-parameters of one demo run; `FULL_SIZES` and `QUICK_SIZES` are presets."""
+
+    pretrain: PretrainConfig = FULL
+    train_prompts: int = 512  # one sampled pair each: |D|
+    heldout_prompts: int = 256  # evaluation prompts (the held-out openings, repeated)
+    max_new_tokens: int = 48
+    sample_batch_size: int = 64
+    betas: tuple[float, ...] = (0.05, 0.1, 0.5)
+    dpo_lr: float = 1e-4
+    sft_lr: float = 1e-4
+    epochs: int = 2
+    batch_size: int = 32
+    max_length: int = 128
+    seed: int = 0
+
+
+FULL_SIZES = DemoSizes()
+QUICK_SIZES = replace(
+    FULL_SIZES, pretrain=QUICK, train_prompts=128, heldout_prompts=64, max_new_tokens=32,
+    betas=(0.1,), batch_size=16,
+)
+
+
+@dataclass
+class DemoPaths:
+    """Where every artefact of a demo lives, below one output folder."""
+
+    out: Path
+
+    def __post_init__(self):
+        self.out = Path(self.out)
+
+    pi_sft = property(lambda self: self.out / "pi_sft")
+    train_prompts = property(lambda self: self.out / "prompts_train.jsonl")
+    heldout_prompts = property(lambda self: self.out / "prompts_heldout.jsonl")
+    pairs = property(lambda self: self.out / "pairs.jsonl")
+    dataset = property(lambda self: self.out / "D.jsonl")
+    labels_db = property(lambda self: self.out / "labels.sqlite")
+    runs = property(lambda self: self.out / "runs")
+    summary = property(lambda self: self.out / "demo.json")
+    report = property(lambda self: self.out / "report.html")
+
+
+@dataclass
+class Run:
+    """One trained model of the demo: DPO at one beta, or the Preferred-FT baseline."""
+
+    name: str
+    method: str  # "DPO" or "Preferred-FT", the report's grouping
+    beta: float | None
+    folder: Path
+    seconds: float | None = None
+
+    @property
+    def final(self) -> Path:
+        return self.folder / "final"
+
+
+def planned_runs(paths: DemoPaths, betas: tuple[float, ...]) -> list[Run]:
+    runs = [Run(f"dpo-beta{b:g}", "DPO", b, paths.runs / f"dpo-beta{b:g}") for b in betas]
+    return runs + [Run("preferred-ft", "Preferred-FT", None, paths.runs / "preferred-ft")]
+
+
+@dataclass
+class StepTimer:
+    """Prints each numbered step as it starts and how long it took; keeps the times."""
+
+    echo: Echo
+    total: int = 7
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def run(self, number: int, key: str, title: str, fn: Callable[[], str | None]):
+        self.echo(f"\n[{number}/{self.total}] {title}")
+        start = time.perf_counter()
+        note = fn()
+        self.seconds[key] = round(time.perf_counter() - start, 2)
+        self.echo(f"      {note + ', ' if note else ''}{self.seconds[key]:.1f} s")
+
+
+# ------------------------------------------------------------------ steps 1-4: data
+
+
+def write_prompts(paths: DemoPaths, sizes: DemoSizes) -> str:
+    """Step 1: the world's training and held-out openings as prompt files (`preftune sample`'s)."""
+    paths.out.mkdir(parents=True, exist_ok=True)
+    for path, n, split in ((paths.train_prompts, sizes.train_prompts, "train"),
+                           (paths.heldout_prompts, sizes.heldout_prompts, "heldout")):
+        lines = [json.dumps({"prompt": p}) + "\n" for p in world.make_prompts(n, split, sizes.seed)]
+        path.write_text("".join(lines), encoding="utf-8")
+    return (f"{sizes.train_prompts} training prompts from {len(world.review_openings('train'))} "
+            f"openings, {sizes.heldout_prompts} evaluation prompts from "
+            f"{len(world.review_openings('heldout'))} held-out openings")
+
+
+def pi_sft_is_complete(folder: Path) -> bool:
+    """pretrain.json is written last, after the weights and tokenizer."""
+    return (folder / "pretrain.json").is_file() and (folder / "config.json").is_file()
+
+
+def train_pi_sft(paths: DemoPaths, sizes: DemoSizes, progress: bool) -> str:
+    """Step 2: tokenizer and pi_sft from scratch, unless a complete one is already there."""
+    from preftune.demo.pretrain import pretrain_sft
+
+    if pi_sft_is_complete(paths.pi_sft):
+        saved = json.loads((paths.pi_sft / "pretrain.json").read_text())
+        if saved.get("config") != asdict(sizes.pretrain):
+            raise UserError(f"{paths.pi_sft} was trained with other settings than this demo's "
+                            "(a --quick run in a full-size folder, or another --seed); choose "
+                            "another --out or delete that folder.")
+        return f"kept the pi_sft already in {paths.pi_sft}"
+    summary = pretrain_sft(paths.pi_sft, sizes.pretrain, progress=progress)
+    return (f"{summary['parameters'] / 1e6:.2f}M parameters, final loss "
+            f"{summary['final_loss']:.3f}")
+
+
+def sample_pairs_step(paths: DemoPaths, sizes: DemoSizes, progress: bool) -> str:
+    """Step 3: `preftune sample` of two continuations per training prompt (resumes)."""
+    from preftune.sampling import SamplingSettings, sample_to_file
+
+    settings = SamplingSettings(temperature=1.0, top_p=1.0, max_new_tokens=sizes.max_new_tokens,
+                                seed=sizes.seed, n=2)
+    kept, written = sample_to_file(str(paths.pi_sft), paths.train_prompts, paths.pairs, settings,
+                                   batch_size=sizes.sample_batch_size, progress=progress)
+    return f"{written} pairs sampled, {kept} kept from before -> {paths.pairs}"
+
+
+def label_pairs_step(paths: DemoPaths, sizes: DemoSizes, progress: bool) -> str:
+    """Step 4: `preftune label auto --bt-sample` with the latent sentiment reward (resumes)."""
+    from preftune.labeling.auto import label_auto
+
+    stats = label_auto(paths.pairs, REWARD_SPEC, paths.dataset, mode="bt-sample",
+                       seed=sizes.seed, show_progress=progress)
+    rows = [json.loads(line) for line in paths.dataset.read_text().splitlines() if line.strip()]
+    agree = sum((r["r1"] > r["r2"]) == (r["chosen_index"] == 0) for r in rows) / max(1, len(rows))
+    return (f"{len(rows)} preferences in {paths.dataset} ({stats.get('written', 0)} new); "
+            f"{agree:.0%} of them chose the higher-reward response")
+
+
+# ------------------------------------------------------------------ step 5: training
+
+
+def training_config(run: Run, paths: DemoPaths, sizes: DemoSizes, progress: bool) -> dict:
+    """The `preftune train` config of one run, as a dict (saved as the run's config.yaml)."""
+    dpo = run.method == "DPO"
+    return {
+        # DPO's reference is pi_sft; its log-probs are computed once, before the first step.
+        "model": {"path": str(paths.pi_sft), "reference": "precompute" if dpo else "none"},
+        "data": {"train": str(paths.dataset), "max_length": sizes.max_length},
+        "loss": {"type": "sigmoid", "beta": run.beta} if dpo else {"type": "sft"},
+        "optim": {"lr": sizes.dpo_lr if dpo else sizes.sft_lr, "scheduler": "cosine",
+                  "warmup_steps": 2},
+        "train": {"batch_size": sizes.batch_size, "epochs": sizes.epochs, "seed": sizes.seed,
+                  "output_dir": str(run.folder), "progress": progress, "report": True},
+    }
+
+
+def train_run(run: Run, paths: DemoPaths, sizes: DemoSizes, progress: bool) -> str:
+    """`preftune train` for one run, unless its final policy already exists."""
+    from preftune.config import validate_config
+    from preftune.train import train
+
+    if run.final.is_dir():  # written atomically by train: present means complete
+        return f"{run.name}: kept {run.final}"
+    config = validate_config(training_config(run, paths, sizes, progress), f"demo run {run.name}")
+    start = time.perf_counter()
+    train(config)
+    run.seconds = round(time.perf_counter() - start, 2)
+    return f"{run.name}: {run.seconds:.1f} s"
+
+
+def share_reference_cache(runs: list[Run]) -> None:
+    """The DPO runs share pi_sft and D, hence the reference log-probs: copy the first run's
+    cache (keyed by model weights and token ids, so a stale one is never used) to the others."""
+    from preftune.reference import CACHE_DIR
+
+    caches = [r.folder / CACHE_DIR for r in runs if r.method == "DPO"]
+    source = next((c for c in caches if c.is_dir()), None)
+    for target in caches:
+        if source is not None and not target.exists():
+            shutil.copytree(source, target)
+
+
+def train_all(runs: list[Run], paths: DemoPaths, sizes: DemoSizes, echo: Echo,
+              progress: bool) -> str:
+    """Step 5: DPO at every beta, then Preferred-FT."""
+    for run in runs:
+        share_reference_cache(runs)
+        echo(f"      {train_run(run, paths, sizes, progress)}")
+    return f"{len(runs)} models in {paths.runs}"
+
+
+# ------------------------------------------------------------------ step 6: evaluation
+
+
+def eval_path(run: Run) -> Path:
+    return run.final / "eval.json"
+
+
+def generation_eval(run: Run, paths: DemoPaths) -> dict | None:
+    """The run's eval.json record against pi_sft with the demo's judge, if there is one."""
+    from preftune.evaluate import read_eval_records
+
+    for record in read_eval_records(eval_path(run)):
+        if (record.get("kind") == "generate" and record.get("judge") == JUDGE_SPEC
+                and record.get("reference") == str(paths.pi_sft)):
+            return record
+    return None
+
+
+def evaluate_all(runs: list[Run], paths: DemoPaths, sizes: DemoSizes, echo: Echo) -> str:
+    """Step 6: `preftune eval generate` of every model against pi_sft on held-out prompts.
+
+    Samples at temperature 1 and top-p 1, so the KL estimate is KL(pi || pi_sft) itself. Each
+    model's eval.json and samples.jsonl go into its final/ folder; the leaderboard of all of
+    them into runs/.
+    """
+    from preftune.eval_generate import compare_models
+
+    if all(generation_eval(r, paths) for r in runs):
+        return "kept the evaluations already there"
+    result = compare_models(
+        [str(r.final) for r in runs], str(paths.pi_sft), paths.heldout_prompts, JUDGE_SPEC,
+        max_new_tokens=sizes.max_new_tokens, temperature=1.0, top_p=1.0, seed=sizes.seed + 1,
+        batch_size=sizes.sample_batch_size, echo=lambda m: echo(f"      {m}"),
+    )
+    # Refresh each run's own report so that it shows its evaluation beside its curves.
+    from preftune.report import write_report
+
+    for run in runs:
+        write_report(run.folder)
+    return f"{len(result['evals'])} models on {sizes.heldout_prompts} held-out prompts"
+
+
+# ------------------------------------------------------------------ the whole demo
+
+
+@dataclass
+class HumanLabeling:
+    """`--human`: step 4 by people in the browser (see `preftune.demo.human`)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    target: int = 64  # stop waiting once this many pairs carry a vote
+    wait_for_enter: bool = True  # also stop when the researcher presses Enter
+
+
+def run_demo(out: str | Path, sizes: DemoSizes = FULL_SIZES, echo: Echo = print,
+             progress: bool = True, human: HumanLabeling | None = None,
+             command: str = "preftune demo") -> dict:
+    """Run (or finish) the seven steps into `out`; returns the demo summary (demo.json)."""
+    from preftune.demo.summary import write_summary
+
+    paths = DemoPaths(out)
+    runs = planned_runs(paths, sizes.betas)
+    timer = StepTimer(echo)
+    start = time.perf_counter()
+    timer.run(1, "world", "Synthetic movie-review world: review openings as prompts, latent "
+              "sentiment reward r*", lambda: write_prompts(paths, sizes))
+    timer.run(2, "pi_sft", f"Tokenizer and pi_sft from scratch -> {paths.pi_sft}",
+              lambda: train_pi_sft(paths, sizes, progress))
+    timer.run(3, "sample", "preftune sample: two continuations per training prompt from pi_sft",
+              lambda: sample_pairs_step(paths, sizes, progress))
+    if human is None:
+        timer.run(4, "label", "preftune label auto --bt-sample: r* picks through Bradley-Terry",
+                  lambda: label_pairs_step(paths, sizes, progress))
+    else:
+        from preftune.demo.human import label_with_people
+
+        timer.run(4, "label", "preftune label serve: you pick the better continuation",
+                  lambda: label_with_people(paths.pairs, paths.labels_db, paths.dataset, human, echo,
+                                            min_pairs=sizes.batch_size))
+    timer.run(5, "train", f"preftune train: DPO at beta {', '.join(f'{b:g}' for b in sizes.betas)}"
+              " against pi_sft, and Preferred-FT", lambda: train_all(runs, paths, sizes, echo, progress))
+    timer.run(6, "eval", "preftune eval generate: every model against pi_sft on held-out prompts",
+              lambda: evaluate_all(runs, paths, sizes, echo))
+    summary: dict = {}
+
+    def summarize() -> str:
+        seconds = dict(timer.seconds, total=round(time.perf_counter() - start, 2))
+        summary.update(write_summary(paths, sizes, runs, seconds, command))
+        return f"{paths.summary} and {paths.report}"
+
+    timer.run(7, "summary", "Summary and report", summarize)
+    summary["seconds"] = dict(timer.seconds, total=round(time.perf_counter() - start, 2))
+    paths.summary.write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n",
+                             encoding="utf-8")
+    return summary

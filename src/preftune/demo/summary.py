@@ -1,0 +1,210 @@
+"""Step 7 of `preftune demo`: the results table, the checks of the result, demo.json, report.html.
+
+demo.json holds (the documented keys, which tests check):
+- `results`: one row per model, pi_sft first: `model`, `method` ("pi_sft", "DPO",
+  "Preferred-FT"), `beta` (DPO only), `mean_reward`, `mean_reward_se`, `win_rate`,
+  `win_rate_ci` (95% Wilson; null for pi_sft, which is the opponent), `kl`, `kl_se` (nats per
+  response, KL(pi || pi_sft)), `mean_length` (tokens), `n_prompts`, `folder`;
+- `checks`: the claims the demo makes, each `{"claim", "holds"}`;
+- `examples`: held-out prompts with pi_sft's and a DPO model's continuation and their rewards;
+- `sizes` (the settings used), `seconds` (per step and `total`), `report`, `artefacts`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from itertools import pairwise
+from pathlib import Path
+
+from preftune.demo.pipeline import DemoPaths, DemoSizes, Run, generation_eval
+from preftune.errors import UserError
+from preftune.records import read_records
+
+SUMMARY_KEYS = ("results", "checks", "examples", "sizes", "seconds", "report", "artefacts")
+WIN_RATE_TARGET = 0.75
+Z95 = 1.959964  # two-sided 95% normal quantile, for the reward intervals
+
+
+def _interval(mean: float, se: float | None) -> tuple[float, float]:
+    half = Z95 * (se or 0.0)
+    return mean - half, mean + half
+
+
+def model_evals(runs: list[Run], paths: DemoPaths) -> list[dict]:
+    """Each run's eval.json record, tagged for the report's plots (method, beta, label)."""
+    evals = []
+    for run in runs:
+        record = generation_eval(run, paths)
+        if record is None:
+            raise UserError(f"{run.final}: no evaluation against {paths.pi_sft}; rerun the demo "
+                            "to finish step 6.")
+        record = dict(record, method=run.method, label=run.name)
+        if run.beta is None:
+            record.pop("beta", None)  # the sft loss has no beta; the config's default is noise
+        evals.append(record)
+    return evals
+
+
+def result_rows(runs: list[Run], evals: list[dict]) -> list[dict]:
+    """The results table: pi_sft (the reference every model was compared with), then each model."""
+    first = evals[0]
+    rows = [{
+        "model": "pi_sft", "method": "pi_sft", "beta": None,
+        "mean_reward": first["mean_reward"]["reference"],
+        "mean_reward_se": first["mean_reward_se"]["reference"],
+        "win_rate": None, "win_rate_ci": None, "kl": 0.0, "kl_se": 0.0,
+        "mean_length": first["mean_length"]["reference"], "n_prompts": first["n_prompts"],
+        "folder": first["reference"],
+    }]
+    for run, ev in zip(runs, evals):
+        rows.append({
+            "model": run.name, "method": run.method, "beta": run.beta,
+            "mean_reward": ev["mean_reward"]["policy"],
+            "mean_reward_se": ev["mean_reward_se"]["policy"],
+            "win_rate": ev["win_rate"], "win_rate_ci": ev["win_rate_ci"],
+            "kl": ev["kl"], "kl_se": ev["kl_se"], "mean_length": ev["mean_length"]["policy"],
+            "n_prompts": ev["n_prompts"], "folder": str(run.folder),
+        })
+    return rows
+
+
+def result_checks(rows: list[dict]) -> list[dict]:
+    """The claims of the issue, checked on the numbers (the paper's claims in miniature)."""
+    pi_sft = rows[0]
+    dpo = [r for r in rows if r["method"] == "DPO"]
+    baselines = [r for r in rows if r["method"] == "Preferred-FT"]
+    sft_upper = _interval(pi_sft["mean_reward"], pi_sft["mean_reward_se"])[1]
+    origin = (0.0, pi_sft["mean_reward"])
+    checks = [
+        {"claim": f"every DPO run wins against pi_sft on at least {WIN_RATE_TARGET:.0%} of "
+                  "held-out prompts",
+         "holds": bool(dpo) and all(r["win_rate"] >= WIN_RATE_TARGET for r in dpo)},
+        {"claim": "every DPO run's mean reward is above pi_sft's, 95% intervals not overlapping",
+         "holds": bool(dpo) and all(
+             _interval(r["mean_reward"], r["mean_reward_se"])[0] > sft_upper for r in dpo)},
+    ]
+    for base in baselines:
+        checks.append({
+            "claim": f"at {base['model']}'s KL, DPO's reward-KL line (pi_sft and the betas' "
+                     f"points joined) is at least as high as {base['model']}'s mean reward",
+            "holds": bool(dpo) and dpo_reward_at(dpo, base["kl"], origin) >= base["mean_reward"],
+        })
+    return checks
+
+
+def dpo_reward_at(dpo: list[dict], kl: float, origin: tuple[float, float] | None = None) -> float:
+    """DPO's mean reward at a given KL, read off its reward-KL line.
+
+    Between two betas' points the line is straight: mixing the two policies (sampling from one
+    or the other at random) reaches that reward with at most that KL, KL being convex. `origin`
+    is pi_sft's point (KL 0), the limit of DPO as beta grows, so below the smallest DPO KL the
+    line runs from pi_sft. Beyond the largest KL the best DPO reward holds: it was reached with
+    less KL than asked for.
+    """
+    points = sorted([(r["kl"], r["mean_reward"]) for r in dpo] + ([origin] if origin else []))
+    if not points:
+        return -math.inf
+    if kl <= points[0][0]:
+        return points[0][1]
+    for (k0, r0), (k1, r1) in pairwise(points):
+        if k0 <= kl <= k1:
+            return r0 + (r1 - r0) * (kl - k0) / (k1 - k0) if k1 > k0 else max(r0, r1)
+    return max(r for _, r in points)
+
+
+def examples(runs: list[Run], rows: list[dict], n: int = 4) -> list[dict]:
+    """The first held-out prompts, pi_sft's continuation beside the best DPO model's."""
+    dpo = [(row, run) for row, run in zip(rows[1:], runs) if run.method == "DPO"]
+    if not dpo:
+        return []
+    row, run = max(dpo, key=lambda pair: pair[0]["mean_reward"])
+    out = []
+    for sample in read_records(run.final / "samples.jsonl")[:n]:
+        out.append({
+            "prompt": sample["prompt"], "model": row["model"],
+            "pi_sft": sample["responses"]["reference"], "pi_sft_reward": sample["reward"]["reference"],
+            "dpo": sample["responses"]["policy"], "dpo_reward": sample["reward"]["policy"],
+        })
+    return out
+
+
+def write_summary(paths: DemoPaths, sizes: DemoSizes, runs: list[Run], seconds: dict,
+                  command: str) -> dict:
+    """demo.json (keys in the module docstring) and report.html; returns the summary."""
+    from dataclasses import asdict
+
+    from preftune.demo.demo_report import write_demo_report
+
+    evals = model_evals(runs, paths)
+    rows = result_rows(runs, evals)
+    summary = {
+        "command": command, "results": rows, "checks": result_checks(rows),
+        "examples": examples(runs, rows), "sizes": asdict(sizes), "seconds": seconds,
+        "report": str(paths.report),
+        "artefacts": {
+            "pi_sft": str(paths.pi_sft), "prompts": [str(paths.train_prompts),
+                                                     str(paths.heldout_prompts)],
+            "pairs": str(paths.pairs), "D": str(paths.dataset),
+            "runs": {run.name: str(run.folder) for run in runs},
+            "evals": {run.name: str(run.final / "eval.json") for run in runs},
+            "samples": {run.name: str(run.final / "samples.jsonl") for run in runs},
+        },
+    }
+    write_demo_report(paths, runs, evals, summary)
+    paths.summary.write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n",
+                             encoding="utf-8")
+    return summary
+
+
+# ------------------------------------------------------------------ printing
+
+
+def format_row(row: dict) -> list[str]:
+    """One results row as the strings of the printed (and README) table."""
+    wr = row["win_rate"]
+    win = "–" if wr is None else f"{wr:.1%} [{row['win_rate_ci'][0]:.1%}, {row['win_rate_ci'][1]:.1%}]"
+    se = row["mean_reward_se"] or 0.0
+    return [
+        row["model"], "–" if row["beta"] is None else f"{row['beta']:g}",
+        f"{row['mean_reward']:+.2f} ± {se:.2f}", win,
+        f"{row['kl']:.2f} ± {row['kl_se'] or 0.0:.2f}", f"{row['mean_length']:.1f}",
+    ]
+
+
+TABLE_HEADER = ["model", "beta", "mean reward ± se", "win rate vs pi_sft [95% CI]",
+                "KL(pi||pi_sft) ± se", "mean length"]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The results as a Markdown table, ready for the README."""
+    lines = ["| " + " | ".join(TABLE_HEADER) + " |", "|" + " --- |" * len(TABLE_HEADER)]
+    lines += ["| " + " | ".join(format_row(r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def print_summary(summary: dict, console) -> None:
+    """The results table, the checks, sample continuations side by side, the report's path."""
+    from rich.table import Table
+
+    table = Table(title=f"Held-out prompts: {summary['results'][0]['n_prompts']}, judge: the "
+                        "latent sentiment reward r*")
+    for i, name in enumerate(TABLE_HEADER):
+        table.add_column(name, justify="left" if i == 0 else "right")
+    for row in summary["results"]:
+        table.add_row(*format_row(row))
+    console.print(table)
+    for check in summary["checks"]:
+        mark = "[green]yes[/green]" if check["holds"] else "[red]NO[/red]"
+        console.print(f"  {mark}  {check['claim']}", highlight=False)
+    if summary["examples"]:
+        model = summary["examples"][0]["model"]
+        samples = Table(title=f"Sample continuations: pi_sft (before) and {model} (after)",
+                        show_lines=True)
+        for name in ("prompt", "pi_sft", model):
+            samples.add_column(name, ratio=1 if name == "prompt" else 2)
+        for ex in summary["examples"]:
+            samples.add_row(ex["prompt"], f"{ex['pi_sft']}\n[dim]r* = {ex['pi_sft_reward']:+.2f}[/dim]",
+                            f"{ex['dpo']}\n[dim]r* = {ex['dpo_reward']:+.2f}[/dim]")
+        console.print(samples)
+    console.print(f"report: {summary['report']}\nsummary: {Path(summary['report']).parent / 'demo.json'}")
