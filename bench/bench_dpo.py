@@ -33,17 +33,17 @@ from pathlib import Path
 
 PRESETS = {
     # About 6M parameters: the CPU target of issue 6.
-    "cpu-6m": dict(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=1024, vocab=8192,
-                   tied=True, prompt_len=64, response_len=128, batch=4, warmup=2, steps=6,
-                   rounds=3, autocast="none"),
+    "cpu-6m": {"hidden": 256, "layers": 4, "heads": 4, "kv_heads": 2, "intermediate": 1024,
+               "vocab": 8192, "tied": True, "prompt_len": 64, "response_len": 128, "batch": 4,
+               "warmup": 2, "steps": 6, "rounds": 3, "autocast": "none"},
     # Qwen2.5-0.5B's shape (494M parameters), bf16 autocast: the GPU target.
-    "gpu-0.5b": dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936,
-                     tied=True, prompt_len=256, response_len=512, batch=4, warmup=3, steps=10,
-                     rounds=1, autocast="bfloat16"),
+    "gpu-0.5b": {"hidden": 896, "layers": 24, "heads": 14, "kv_heads": 2, "intermediate": 4864,
+                 "vocab": 151936, "tied": True, "prompt_len": 256, "response_len": 512, "batch": 4,
+                 "warmup": 3, "steps": 10, "rounds": 1, "autocast": "bfloat16"},
     # A seconds-long shape to check the script itself (tests, CPU dry runs of gpu.sh).
-    "smoke": dict(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64, vocab=512,
-                  tied=True, prompt_len=8, response_len=16, batch=2, warmup=1, steps=2,
-                  rounds=1, autocast="none"),
+    "smoke": {"hidden": 32, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 64, "vocab": 512,
+              "tied": True, "prompt_len": 8, "response_len": 16, "batch": 2, "warmup": 1, "steps": 2,
+              "rounds": 1, "autocast": "none"},
 }
 
 # name -> (trainer, options). "preftune" runs with its defaults: no flags beyond the shared ones.
@@ -196,7 +196,7 @@ def run_trl(workdir: Path, shape: dict, device: str, gradient_checkpointing: boo
             if logs and "loss" in logs:
                 losses.append(logs["loss"])
 
-    rows = [json.loads(line) for line in open(workdir / "pairs.jsonl")]
+    rows = [json.loads(line) for line in (workdir / "pairs.jsonl").read_text().splitlines()]
     tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
     model = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype="float32")
     total = shape["warmup"] + shape["steps"]
@@ -257,7 +257,7 @@ def launch(name: str, workdir: Path, shape: dict, args) -> dict:
         command += ["--preftune-override", override]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "TRANSFORMERS_VERBOSITY": "error"}
-    completed = subprocess.run(command, env=env, capture_output=True, text=True)
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if completed.returncode != 0:
         sys.stderr.write(completed.stdout[-4000:] + completed.stderr[-8000:])
         if not args.keep_going:
@@ -286,9 +286,8 @@ def summarise(runs: dict[str, list[dict]], shape: dict, params: int, args) -> di
             # 6 N FLOPs per token for the policy's forward + backward, 2 N for the reference.
             flops = 8 * params * summary[name]["tokens_per_second"]
             summary[name]["mfu"] = flops / (args.peak_tflops * 1e12)
-    for base_name in ("preftune", "preftune-precompute"):
-        base = summary.get(base_name)
-        if not base:
+    for base_name, base in summary.items():
+        if not base_name.startswith("preftune"):
             continue
         for name, s in summary.items():
             if not name.startswith("preftune") and "error" not in s and "error" not in base:
@@ -315,7 +314,7 @@ def print_table(summary: dict, device: str) -> None:
 
 
 def orchestrate(args) -> dict:
-    shape = dict(PRESETS[args.preset])
+    shape = {**PRESETS[args.preset]}
     for key in ("warmup", "steps", "rounds", "batch"):
         if getattr(args, key) is not None:
             shape[key] = getattr(args, key)

@@ -3,7 +3,8 @@
 # only torch, transformers, peft and accelerate: trl, datasets and the dependencies of theirs
 # such a machine lacks. pyarrow's wheel (55 MB) is slimmed to what datasets uses (no Flight,
 # S3, headers, Cython sources or C++ tests), so the folder stays under the 64 MiB a device run
-# can carry. Wheels are for this machine's Python (cp311); gpu.sh says so if the GPU's differs.
+# can carry. pandas 2.2 (not 3) because it runs on numpy 1.x as well as 2.x. Wheels are for
+# this machine's Python (cp311); gpu.sh says so if the GPU's differs.
 #   bash bench/fetch_wheels.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +13,7 @@ WHEELS=bench/wheels
 mkdir -p "$WHEELS"
 "$PY" -m pip download --no-deps -q -d "$WHEELS" \
   trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 xxhash==4.1.0 \
-  pyarrow==26.0.1 pandas==3.1.1 python-dateutil==4.0.0 tzdata==2026.6
+  pyarrow==26.0.1 pandas==2.2.3 pytz==2026.6 python-dateutil==4.0.0 tzdata==2026.6
 "$PY" bench/slim_wheel.py "$WHEELS"/pyarrow-26.0.1-*.whl \
   'pyarrow/libarrow_flight.so*' 'pyarrow/_flight.*' 'pyarrow/libarrow_python_flight.so*' \
   'pyarrow/libarrow_s3.so*' 'pyarrow/_s3fs.*' 'pyarrow/include/*' 'pyarrow/src/*' 'pyarrow/tests/*' \

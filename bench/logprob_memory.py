@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=1024)
     parser.add_argument("--json")
     args = parser.parse_args()
-    shape = dict(batch=args.batch, length=args.length, hidden=args.hidden, vocab=args.vocab)
+    shape = {"batch": args.batch, "length": args.length, "hidden": args.hidden, "vocab": args.vocab}
     naive = stage_peak_bytes("naive", **shape, fake=True)
     chunked = stage_peak_bytes("chunked", **shape, chunk_size=args.chunk_size)
     result = {**shape, "chunk_size": args.chunk_size, "naive_peak_gib": naive / 2**30,

@@ -8,16 +8,19 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 from preftune.demo.tiny import build_model
 from preftune.logprobs import (
-    LinearTokenLogps, checkpointed_token_logps, chunked_token_logps,
-    completion_logps, naive_completion_logps,
+    LinearTokenLogps,
+    checkpointed_token_logps,
+    chunked_token_logps,
+    completion_logps,
+    naive_completion_logps,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from logprob_memory import stage_peak_bytes  # noqa: E402
+from logprob_memory import stage_peak_bytes
 
 VOCAB = 97
 
@@ -136,7 +139,7 @@ def test_kept_logits_cannot_be_backpropagated_twice_silently():
 
 def test_small_batches_keep_logits_large_ones_recompute(monkeypatch):
     """The policy: keep the (M, V) logits only while they fit KEEP_LOGITS_MAX_BYTES."""
-    import preftune.logprobs as logprobs
+    from preftune import logprobs
 
     monkeypatch.setattr(logprobs, "KEEP_LOGITS_MAX_BYTES", 4 * 1000 * 10)  # 10 rows of V = 1000
     head = nn.Linear(4, 1000, bias=False)
@@ -191,7 +194,7 @@ def test_packed_sequences_sum_per_sequence():
 
 
 def test_memory_meter_counts_the_same_with_fake_and_real_tensors():
-    shape = dict(batch=2, length=64, hidden=8, vocab=1000)
+    shape = {"batch": 2, "length": 64, "hidden": 8, "vocab": 1000}
     assert stage_peak_bytes("naive", **shape, fake=True) == stage_peak_bytes("naive", **shape)
     # naive keeps at least the logits, the log-softmax and its gradient: 3 x (B, T, V) float32
     assert stage_peak_bytes("naive", **shape) >= 3 * 2 * 63 * 1000 * 4
@@ -199,7 +202,7 @@ def test_memory_meter_counts_the_same_with_fake_and_real_tensors():
 
 def test_chunked_stage_peak_is_a_fraction_of_naive_at_qwen_vocabulary():
     """Vocabulary 151,936, 8 sequences: the chunked peak is at most 25% of the naive one."""
-    shape = dict(batch=8, length=256, hidden=8, vocab=151936)
+    shape = {"batch": 8, "length": 256, "hidden": 8, "vocab": 151936}
     naive = stage_peak_bytes("naive", **shape, fake=True)
     chunked = stage_peak_bytes("chunked", **shape, chunk_size=1024)
     assert chunked <= 0.25 * naive, (chunked / 2**30, naive / 2**30)
@@ -208,7 +211,7 @@ def test_chunked_stage_peak_is_a_fraction_of_naive_at_qwen_vocabulary():
 @pytest.mark.slow
 def test_chunked_stage_peak_at_full_size():
     """The issue's size, 8 x 2,048 tokens (about 45 s: the chunked side runs for real)."""
-    shape = dict(batch=8, length=2048, hidden=8, vocab=151936)
+    shape = {"batch": 8, "length": 2048, "hidden": 8, "vocab": 151936}
     naive = stage_peak_bytes("naive", **shape, fake=True)
     chunked = stage_peak_bytes("chunked", **shape, chunk_size=1024)
     assert chunked <= 0.25 * naive, (chunked / 2**30, naive / 2**30)

@@ -19,8 +19,8 @@ tensor is ever saved. Any other head (a LoRA-wrapped one, say) goes through
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
@@ -102,7 +102,7 @@ class LinearTokenLogps(torch.autograd.Function):
         chunk_size = max(hidden.shape[0], 1) if keep_logits else chunk_size
         logsumexp = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (M,)
         token_logps = torch.empty_like(logsumexp)
-        logits = None
+        kept = None
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk_size):
                 rows = slice(start, start + chunk_size)
@@ -111,12 +111,12 @@ class LinearTokenLogps(torch.autograd.Function):
                     logsumexp[rows] = torch.logsumexp(logits, -1)
                     logits.sub_(logsumexp[rows].unsqueeze(1))
                     token_logps[rows] = logits.gather(1, targets[rows].unsqueeze(1)).squeeze(1)
+                    kept = logits
                     continue
                 target_logits = logits.gather(1, targets[rows].unsqueeze(1)).squeeze(1)
                 logsumexp[rows] = _logsumexp_inplace(logits)
                 token_logps[rows] = target_logits - logsumexp[rows]
                 del logits  # before the next chunk's logits exist, not after
-        kept = logits if keep_logits and logits is not None else None
         ctx.save_for_backward(hidden, weight, bias, targets, logsumexp, kept)
         ctx.compute_dtype, ctx.chunk_size = compute_dtype, chunk_size
         return token_logps

@@ -15,15 +15,16 @@ from __future__ import annotations
 import gc
 import hashlib
 import os
+from collections.abc import Callable
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from preftune.data.collate import PairBatch, collate_pairs
 from preftune.data.tokenize import TokenizedPair
-from preftune.logprobs import completion_logps, shared_prompt_logps
+from preftune.logprobs import completion_logps, shared_prompt_logps, unwrap_causal_lm
 from preftune.modeling import make_reference
 
 ReferenceFn = Callable[[PairBatch], torch.Tensor]
@@ -136,14 +137,14 @@ def cache_key(config, pairs: list[TokenizedPair], split: str) -> str:
 
 @torch.inference_mode()
 def precompute_reference_logps(reference_fn: ReferenceFn, pairs: list[TokenizedPair], batch_size: int,
-                               pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+                               collate, device) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass over `pairs`, longest first (batches of like lengths pad little):
-    (indices (N,), table (N, 2) of chosen and rejected log-probs)."""
+    (indices (N,), table (N, 2) of chosen and rejected log-probs). `collate(pairs)` makes a batch."""
     ordered = sorted(pairs, key=lambda p: -p.length)
     indices, rows = [], []
     for start in range(0, len(ordered), batch_size):
         chunk = ordered[start:start + batch_size]
-        batch = collate_pairs(chunk, pad_token_id).to(device)
+        batch = collate(chunk).to(device)
         logps = reference_fn(batch).float().cpu()  # (2B,)
         rows.append(torch.stack([logps[:len(chunk)], logps[len(chunk):]], dim=1))
         indices += [p.index for p in chunk]
@@ -151,7 +152,7 @@ def precompute_reference_logps(reference_fn: ReferenceFn, pairs: list[TokenizedP
     return torch.tensor(indices, dtype=torch.long), table
 
 
-def cached_reference_table(config, reference_fn, pairs, split, pad_token_id, device, console, is_main):
+def cached_reference_table(config, reference_fn, pairs, split, collate, device, console, is_main):
     """Load the split's table from OUTPUT/reference_logps/<key>.safetensors, or compute and save it."""
     from safetensors.torch import load_file, save_file
 
@@ -161,7 +162,7 @@ def cached_reference_table(config, reference_fn, pairs, split, pad_token_id, dev
         console.print(f"reference: {len(pairs)} {split} pairs' log-probs from the cache {path}")
         return saved["indices"], saved["logps"], True
     batch_size = 4 * max(config.train.batch_size, config.train.eval_batch_size or 0)
-    indices, table = precompute_reference_logps(reference_fn, pairs, batch_size, pad_token_id, device)
+    indices, table = precompute_reference_logps(reference_fn, pairs, batch_size, collate, device)
     if is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -193,6 +194,17 @@ class _EvalModeReference(FrozenModelReference):
             self.model.train(was_training)
 
 
+def _precompute_collate(config, model, pad_token_id, device):
+    """Prompt-shared batches when the model passes the check (no grad: no checkpointing issue)."""
+    from preftune.data.shared_prompt import collate_shared_prompt
+    from preftune.packing import prompt_sharing_is_exact
+
+    vocab = unwrap_causal_lm(model).config.vocab_size
+    if config.data.share_prompt and prompt_sharing_is_exact(model, device, vocab):
+        return partial(collate_shared_prompt, pad_token_id=pad_token_id)
+    return partial(collate_pairs, pad_token_id=pad_token_id)
+
+
 def build_reference(config, policy, autocast, train_pairs=None, eval_pairs=None, pad_token_id=None,
                     device=None, console=None, is_main: bool = True) -> ReferenceFn:
     if config.model.reference == "none" or config.loss.reference_free:
@@ -206,10 +218,11 @@ def build_reference(config, policy, autocast, train_pairs=None, eval_pairs=None,
     console = console or Console(quiet=True)
     live = _live_reference(config, policy, autocast, for_precompute=True)
     device = device or next(policy.parameters()).device
+    collate = _precompute_collate(config, live.model, pad_token_id, device)
     tables = {}
     for split, pairs in (("train", train_pairs), ("eval", eval_pairs or [])):
         if pairs:
-            indices, table, _ = cached_reference_table(config, live, pairs, split, pad_token_id, device,
+            indices, table, _ = cached_reference_table(config, live, pairs, split, collate, device,
                                                        console, is_main)
             tables[split] = (indices, table)
     if isinstance(live, FrozenModelReference) and live.model is not policy:
@@ -222,5 +235,12 @@ def build_reference(config, policy, autocast, train_pairs=None, eval_pairs=None,
     return PrecomputedReference(*tables["train"], eval_reference=eval_reference)
 
 
-__all__ = ["build_reference", "precompute_reference_logps", "PrecomputedReference", "FrozenModelReference",
-           "AdapterDisabledReference", "adapters_disabled", "cache_key"]
+__all__ = [
+    "AdapterDisabledReference",
+    "FrozenModelReference",
+    "PrecomputedReference",
+    "adapters_disabled",
+    "build_reference",
+    "cache_key",
+    "precompute_reference_logps",
+]
