@@ -127,8 +127,8 @@ def test_lora_reference_is_the_base_model_and_resume_loads_the_adapter(tmp_path,
     pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
-    from preftune.lora import apply_lora
     from preftune.logprobs import completion_logps
+    from preftune.lora import apply_lora
     from preftune.reference import AdapterDisabledReference
 
     base = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 import yaml
@@ -38,8 +37,8 @@ def _run_config(adapter: Path) -> dict:
 def export(
     run: Path = typer.Argument(..., help="Run folder (train.output_dir), its final/, or a checkpoint."),
     merge: bool = typer.Option(False, "--merge", help="Fold the LoRA adapter into the base weights."),
-    out: Optional[Path] = typer.Option(None, help="Where to write the model (default: RUN/merged)."),
-    base: Optional[str] = typer.Option(None, help="Base model (default: the run's model.path)."),
+    out: Path | None = typer.Option(None, help="Where to write the model (default: RUN/merged)."),
+    base: str | None = typer.Option(None, help="Base model (default: the run's model.path)."),
 ):
     """Write a LoRA run's policy as a plain model folder that from_pretrained loads."""
     if not merge:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch.nn as nn
+from torch import nn
 
 from preftune.errors import UserError
 

@@ -39,7 +39,7 @@ class SharedPrompt:
     def prompt_width(self) -> int:
         return self.second_mask.shape[1] - self.second_ids.shape[1]  # P: the cache is cut to this
 
-    def to(self, device) -> "SharedPrompt":
+    def to(self, device) -> SharedPrompt:
         return SharedPrompt(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
