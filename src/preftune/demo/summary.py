@@ -195,7 +195,7 @@ def print_summary(summary: dict, console) -> None:
         table.add_row(*format_row(row))
     console.print(table)
     for check in summary["checks"]:
-        mark = "[green]yes[/green]" if check["holds"] else "[red]NO[/red]"
+        mark = "[green]yes[/green]" if check["holds"] else "[red] NO[/red]"
         console.print(f"  {mark}  {check['claim']}", highlight=False)
     if summary["examples"]:
         model = summary["examples"][0]["model"]

@@ -1,0 +1,200 @@
+"""`preftune demo` at --quick size end to end, its resume, its checks, and the --human flow over HTTP."""
+
+import json
+import re
+import shutil
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from preftune.cli import app
+from preftune.demo import world
+from preftune.demo.cli import parse_betas
+from preftune.demo.pipeline import QUICK_SIZES, DemoPaths, HumanLabeling, planned_runs, run_demo
+from preftune.demo.summary import SUMMARY_KEYS, dpo_reward_at, result_checks
+from preftune.errors import UserError
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The demo's default (--threads 1); restore the process setting for other tests."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    """One `preftune demo --quick` run, shared by the tests that read its outputs."""
+    out = tmp_path_factory.mktemp("demo") / "out"
+    started = time.perf_counter()
+    result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out, result.output, time.perf_counter() - started
+
+
+def test_quick_demo_shows_dpo_beats_pi_sft(quick_demo):
+    out, _, _ = quick_demo
+    summary = json.loads((out / "demo.json").read_text())
+    assert set(SUMMARY_KEYS) <= set(summary)
+    pi_sft, *models = summary["results"]
+    assert pi_sft["method"] == "pi_sft" and pi_sft["kl"] == 0.0
+    dpo = [r for r in models if r["method"] == "DPO"]
+    assert [r["beta"] for r in dpo] == list(QUICK_SIZES.betas)
+    assert [r["method"] for r in models][-1] == "Preferred-FT"
+    for row in dpo:
+        assert row["mean_reward"] > pi_sft["mean_reward"]
+        assert row["win_rate"] > 0.5
+        assert row["kl"] > 0
+        assert row["n_prompts"] == QUICK_SIZES.heldout_prompts
+    assert {c["claim"] for c in summary["checks"]} and all(
+        isinstance(c["holds"], bool) for c in summary["checks"])
+    for example in summary["examples"]:  # the stored rewards are the latent reward's
+        assert example["dpo_reward"] == pytest.approx(
+            world.sentiment_reward(example["prompt"], example["dpo"]))
+
+
+def test_quick_demo_keeps_every_artefact(quick_demo):
+    out, _, _ = quick_demo
+    paths = DemoPaths(out)
+    for path in (paths.pi_sft / "config.json", paths.pi_sft / "pretrain.json", paths.pairs,
+                 paths.dataset, paths.train_prompts, paths.heldout_prompts, paths.report,
+                 out / "plots" / "reward_kl.png", out / "plots" / "win_rates.png"):
+        assert path.is_file(), path
+    assert len(paths.pairs.read_text().splitlines()) == QUICK_SIZES.train_prompts
+    rows = [json.loads(line) for line in paths.dataset.read_text().splitlines()]
+    assert rows and all({"prompt", "chosen", "rejected", "r1", "r2", "p"} <= set(r) for r in rows)
+    for run in planned_runs(paths, QUICK_SIZES.betas):
+        for name in ("metrics.jsonl", "config.yaml", "report.html", "final/eval.json",
+                     "final/samples.jsonl"):
+            assert (run.folder / name).is_file(), run.folder / name
+        samples = [json.loads(line) for line in (run.final / "samples.jsonl").read_text().splitlines()]
+        assert len(samples) == QUICK_SIZES.heldout_prompts
+    html = paths.report.read_text()
+    assert "plots/reward_kl.png" in html and "dpo-beta0.1" in html and "_loss.png" in html
+
+
+def test_quick_demo_prints_steps_table_examples_and_report(quick_demo):
+    out, output, _ = quick_demo
+    for step in range(1, 8):
+        assert f"[{step}/7]" in output
+    assert re.search(r"\d+\.\d s", output), "each step says how long it took"
+    assert "pi_sft" in output and "dpo-beta0.1" in output and "preferred-ft" in output
+    assert "Sample continuations" in output
+    assert f"report: {out / 'report.html'}" in output.replace("\n", "")
+
+
+def test_rerun_resumes_without_redoing_any_step(quick_demo):
+    out, _, first_seconds = quick_demo
+    before = json.loads((out / "demo.json").read_text())["results"]
+    started = time.perf_counter()
+    result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "kept the pi_sft already" in result.output
+    assert "0 pairs sampled" in result.output
+    assert "kept the evaluations already there" in result.output
+    assert json.loads((out / "demo.json").read_text())["results"] == before
+    assert time.perf_counter() - started < first_seconds / 2
+
+
+def test_full_size_folder_refuses_a_quick_pi_sft(quick_demo, tmp_path):
+    out, _, _ = quick_demo
+    shutil.copytree(out / "pi_sft", tmp_path / "pi_sft")
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--betas", "0.1"])
+    assert result.exit_code == 2 and "trained with other settings" in result.output
+
+
+def test_parse_betas():
+    assert parse_betas("0.05,0.1, 0.5") == (0.05, 0.1, 0.5)
+    assert parse_betas("0.1,0.1") == (0.1,)
+    for bad in ("", "0", "-1", "abc", "0.1,nan", "inf"):
+        with pytest.raises(UserError):
+            parse_betas(bad)
+
+
+def test_dpo_reward_at_interpolates_between_betas():
+    dpo = [{"kl": 2.0, "mean_reward": 1.0}, {"kl": 6.0, "mean_reward": 3.0}]
+    assert dpo_reward_at(dpo, 4.0) == pytest.approx(2.0)  # half way from (2, 1) to (6, 3)
+    assert dpo_reward_at(dpo, 9.0) == 3.0  # beyond every DPO run's KL: the best DPO reward
+    # below the smallest DPO KL: on the line from pi_sft (KL 0, reward 0) to the first run
+    assert dpo_reward_at(dpo, 1.0, origin=(0.0, 0.0)) == pytest.approx(0.5)
+
+
+def test_checks_fail_when_dpo_loses():
+    pi_sft = {"model": "pi_sft", "method": "pi_sft", "mean_reward": 0.0, "mean_reward_se": 0.1,
+              "kl": 0.0}
+    dpo = {"model": "dpo", "method": "DPO", "mean_reward": 0.1, "mean_reward_se": 0.1,
+           "win_rate": 0.6, "kl": 1.0}
+    pft = {"model": "preferred-ft", "method": "Preferred-FT", "mean_reward": 0.5, "kl": 1.0}
+    assert [c["holds"] for c in result_checks([pi_sft, dpo, pft])] == [False, False, False]
+    dpo.update(mean_reward=2.0, win_rate=0.8)
+    assert [c["holds"] for c in result_checks([pi_sft, dpo, pft])] == [True, True, True]
+
+
+# ------------------------------------------------------------------ --human
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _vote_as_the_latent_reward(link: str, n: int) -> int:
+    """Log in through the printed link and pick the higher-r* side of `n` pairs, over HTTP."""
+    base = link.split("/login")[0]
+    votes = 0
+    with httpx.Client(base_url=base, timeout=10, follow_redirects=True) as client:
+        assert client.get(link.removeprefix(base)).status_code == 200  # redirect to the page
+        while votes < n:
+            pair = client.get("/api/next").json()["pair"]
+            left, right = (world.sentiment_reward(pair["prompt"], pair[side])
+                           for side in ("left", "right"))
+            response = client.post("/api/vote", json={
+                "pair_id": pair["pair_id"], "choice": "left" if left >= right else "right",
+                "key": f"vote-{votes:06d}"})
+            assert response.json()["saved"] is True
+            votes += 1
+    return votes
+
+
+def test_human_demo_labels_over_http_then_trains_and_evaluates(quick_demo, tmp_path):
+    out, _, _ = quick_demo
+    shutil.copytree(out / "pi_sft", tmp_path / "pi_sft")  # step 2 is kept; the rest runs
+    lines: list[str] = []
+    settings = HumanLabeling(port=_free_port(), target=QUICK_SIZES.batch_size, wait_for_enter=False)
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["summary"] = run_demo(tmp_path, QUICK_SIZES, echo=lines.append, progress=False,
+                                         human=settings)
+        except BaseException as e:  # reported by the assertion below
+            result["error"] = e
+
+    demo = threading.Thread(target=run, daemon=True)
+    demo.start()
+    deadline = time.monotonic() + 120
+    while not any("/login?token=" in line for line in lines):
+        assert demo.is_alive() and time.monotonic() < deadline, (result, lines)
+        time.sleep(0.1)
+    link = next(re.search(r"http://\S+/login\?token=\S+", line).group(0)
+                for line in lines if "/login?token=" in line)
+    _vote_as_the_latent_reward(link, settings.target)
+    demo.join(timeout=180)
+    assert not demo.is_alive() and "error" not in result, result.get("error")
+    rows = [json.loads(line) for line in (tmp_path / "D.jsonl").read_text().splitlines()]
+    assert len(rows) == settings.target and all(r["votes"] == 1 for r in rows)
+    for row in rows:  # the exported preference is the one voted for
+        assert (world.sentiment_reward(row["prompt"], row["chosen"])
+                >= world.sentiment_reward(row["prompt"], row["rejected"]))
+    assert (tmp_path / "labels.sqlite").is_file() and (tmp_path / "report.html").is_file()
+    assert result["summary"]["results"][1]["n_prompts"] == QUICK_SIZES.heldout_prompts
+    with pytest.raises(httpx.TransportError):  # the server stopped once the votes were in
+        httpx.get(link.split("/login")[0] + "/healthz", timeout=2)
