@@ -237,3 +237,14 @@ def test_a_last_line_without_newline_is_kept_or_named(tmp_path):
     path.write_text(row % "a" + "\n" + (row % "b")[:20])
     with pytest.raises(UserError, match="line 2: the last line is cut off"):
         load_pairs(path)
+
+
+@pytest.mark.parametrize("mode", ["argmax", "bt-sample"])
+def test_pairs_with_an_empty_response_are_skipped_and_counted(tmp_path, rewards_file, mode):
+    pairs = [Pair("empty", "p", ("an answer", "")), Pair("blank", "p", ("  \n", "an answer")),
+             Pair("kept", "p", ("a long answer", "short"))]
+    out = tmp_path / "D.jsonl"
+    stats = label_auto(write_pairs_file(tmp_path / "pairs.jsonl", pairs), "my_rewards:length",
+                       out, mode=mode, show_progress=False)
+    assert stats["written"] == 1 and stats["empty_skipped"] == 2
+    assert [r["pair_id"] for r in read_jsonl(out)] == ["kept"]

@@ -164,3 +164,16 @@ def test_status_of_two_annotators(tmp_path):
     text = format_status(status, "two.sqlite")
     assert "cohen kappa 0.636" in text and "33.3% of 6" in text
     store.close()
+
+
+def test_pairs_with_an_empty_response_are_left_out_of_d(tmp_path):
+    from preftune.labeling.pairs import Pair
+
+    store = Store(tmp_path / "votes.sqlite")
+    store.add_pairs([Pair("empty", "p", ("an answer", "")), Pair("full", "p", ("one", "two"))])
+    who = store.authenticate(store.add_annotator("a"))
+    cast(store, who, "empty", 0), cast(store, who, "full", 1)
+    rows, report = triplet_rows(store, "majority")
+    store.close()
+    assert [r["pair_id"] for r in rows] == ["full"]
+    assert report["left_out"] == {"empty response": 1}

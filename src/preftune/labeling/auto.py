@@ -3,7 +3,8 @@
 The Bradley-Terry model gives p(y1 > y2 | x) = exp(r1) / (exp(r1) + exp(r2)) = sigmoid(r1 - r2).
 `bt-sample` draws the winner with that probability, as the DPO paper's synthetic experiments do;
 `argmax` takes the higher reward, and a pair whose rewards are exactly equal is counted and
-skipped (no preference to learn from it).
+skipped (no preference to learn from it). A pair with an empty response is counted and skipped
+in both modes, since training refuses empty responses.
 
 The run is crash-safe and resumable: rows are appended and fsynced per batch, and a rerun reads
 what is on disk (cutting a partial last line) and labels only the pairs not yet written. The
@@ -69,6 +70,10 @@ def _label_batch(batch: list[Pair], values: list[float], mode: str, seed: int, s
                 f"the reward function returned {r1} and {r2} for pair {pair.pair_id!r}; "
                 f"rewards must be finite numbers."
             )
+        if not all(text.strip() for text in pair.responses[:2]):
+            # `preftune train` refuses empty responses; a sampler may still write one.
+            stats["empty_skipped"] += 1
+            continue
         p = bt_probability(r1, r2)
         if mode == "argmax":
             if r1 == r2:

@@ -137,6 +137,8 @@ def auto(
     mode = "argmax" if argmax else "bt-sample"
     stats = label_auto(pairs, reward, out, mode=mode, seed=seed, batch_size=batch_size)
     ties = f", {stats['ties_skipped']} ties skipped" if stats.get("ties_skipped") else ""
+    if stats.get("empty_skipped"):
+        ties += f", {stats['empty_skipped']} pairs with an empty response skipped"
     typer.echo(
         f"{out}: wrote {stats.get('written', 0)} rows ({mode}), "
         f"{stats['resumed_from']} were already there{ties}"

@@ -111,6 +111,9 @@ def triplet_rows(store: Store, policy: str) -> tuple[list[dict], dict]:
         if not pair_votes:
             left_out["unlabelled"] += 1
             continue
+        if not all(text.strip() for text in pair["responses"]):  # training refuses these
+            left_out["empty response"] += 1
+            continue
         outcomes = [vote_outcome(v["choice"], v["left_index"]) for v in pair_votes]
         decision = decide(outcomes, policy)
         if isinstance(decision, str):
