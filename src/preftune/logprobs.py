@@ -166,8 +166,8 @@ def _add_chunk_grads(grads, rows, h, w, probs, targets, g, dtype) -> None:
         if grad_weight is not None:
             if dtype == torch.float32:  # accumulate in place: no (V, H) temporary
                 grad_weight.addmm_(probs_c.t(), scaled, alpha=-1.0)
-            else:
-                grad_weight -= torch.mm(probs_c.t(), scaled.to(dtype)).float()
+            else:  # the bf16 product is promoted inside sub_: no float32 (V, H) copy of it
+                grad_weight.sub_(torch.mm(probs_c.t(), scaled.to(dtype)))
             grad_weight.index_add_(0, targets, scaled)
         if grad_bias is not None:
             grad_bias -= torch.mm(g.t(), probs).squeeze(0)
