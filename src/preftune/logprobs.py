@@ -18,6 +18,8 @@ tensor is ever saved. Any other head (a LoRA-wrapped one, say) goes through
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -272,12 +274,13 @@ def shared_prompt_logps(model, shared, chunk_size: int = 1024) -> tuple[torch.Te
     lm = unwrap_causal_lm(model)
     decoder = getattr(lm, lm.base_model_prefix)
     first = decoder(input_ids=shared.first_ids, attention_mask=shared.first_mask, use_cache=True)
-    cache = first.past_key_values
+    cache = getattr(first, "cache", None) or first.past_key_values  # transformers 5.24 renamed it
     surplus = shared.first_ids.shape[1] - shared.prompt_width
     if surplus > 0:
         cache.crop(-surplus)  # keep the keys and values of the prompt positions only
+    cache_kwarg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
     second = decoder(input_ids=shared.second_ids, attention_mask=shared.second_mask,
-                     position_ids=shared.second_positions, past_key_values=cache, use_cache=True)
+                     position_ids=shared.second_positions, use_cache=True, **{cache_kwarg: cache})
     h_first, h_second = first.last_hidden_state, second.last_hidden_state  # (B, T1, H) (B, T2, H)
     b = shared.first_ids.shape[0]
     rows = torch.arange(b, device=h_first.device)
