@@ -175,7 +175,7 @@ def test_human_demo_labels_over_http_then_trains_and_evaluates(quick_demo, tmp_p
         try:
             result["summary"] = run_demo(tmp_path, QUICK_SIZES, echo=lines.append, progress=False,
                                          human=settings)
-        except BaseException as e:  # reported by the assertion below
+        except Exception as e:  # noqa: BLE001 - any failure in the thread is reported below
             result["error"] = e
 
     demo = threading.Thread(target=run, daemon=True)
@@ -198,3 +198,40 @@ def test_human_demo_labels_over_http_then_trains_and_evaluates(quick_demo, tmp_p
     assert result["summary"]["results"][1]["n_prompts"] == QUICK_SIZES.heldout_prompts
     with pytest.raises(httpx.TransportError):  # the server stopped once the votes were in
         httpx.get(link.split("/login")[0] + "/healthz", timeout=2)
+
+
+def test_too_few_human_preferences_stop_the_demo_and_keep_the_votes(quick_demo, tmp_path):
+    from preftune.demo.human import label_with_people
+
+    out, _, _ = quick_demo
+    settings = HumanLabeling(port=_free_port(), target=2, wait_for_enter=False)
+    lines: list[str] = []
+    errors: list[Exception] = []
+
+    def label() -> None:
+        try:
+            label_with_people(out / "pairs.jsonl", tmp_path / "labels.sqlite", tmp_path / "D.jsonl",
+                              settings, echo=lines.append, min_pairs=5)
+        except UserError as e:
+            errors.append(e)
+
+    worker = threading.Thread(target=label, daemon=True)
+    worker.start()
+    deadline = time.monotonic() + 60
+    while not any("/login?token=" in line for line in lines):
+        assert worker.is_alive() and time.monotonic() < deadline, lines
+        time.sleep(0.05)
+    link = re.search(r"http://\S+/login\?token=\S+", "\n".join(lines)).group(0)
+    _vote_as_the_latent_reward(link, 2)
+    worker.join(timeout=30)
+    assert errors and "only 2 pairs have a preference" in str(errors[0])
+    assert not (tmp_path / "D.jsonl").exists()  # a rerun serves the pairs again
+    assert (tmp_path / "labels.sqlite").is_file()
+
+
+def test_human_labeling_refuses_addresses_other_machines_reach(tmp_path):
+    from preftune.demo.human import label_with_people
+
+    with pytest.raises(UserError, match="this machine only"):
+        label_with_people(tmp_path / "pairs.jsonl", tmp_path / "labels.sqlite",
+                          tmp_path / "D.jsonl", HumanLabeling(host="0.0.0.0"))

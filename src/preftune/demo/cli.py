@@ -63,6 +63,8 @@ def demo(
         raise UserError(f"--threads must be at least 1, got {threads}.")
     torch.set_num_threads(threads)
     console = Console()
+    if not console.is_terminal:  # a log file: rich's 80 columns would wrap every table row
+        console = Console(width=120)
     sizes = demo_sizes(quick, seed, betas)
     labeling = HumanLabeling(host=host, port=port, target=target) if human else None
     command = "preftune " + shlex.join(["demo", *sys.argv[2:]]) if sys.argv[1:2] == ["demo"] \

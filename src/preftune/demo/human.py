@@ -84,23 +84,26 @@ def _check_existing(out: Path) -> bool:
 
 
 def label_with_people(pairs_path: str | Path, db_path: str | Path, out: str | Path, settings,
-                      echo=print, min_pairs: int = 1, stop: threading.Event | None = None) -> str:
+                      echo=print, min_pairs: int = 1) -> str:
     """Serve the pairs for labeling, wait for votes, export D.jsonl; returns a one-line note.
 
-    settings: a `pipeline.HumanLabeling` (host, port, target, wait_for_enter). `stop` lets a
-    caller end the wait from another thread.
+    settings: a `pipeline.HumanLabeling` (host, port, target, wait_for_enter). min_pairs: the
+    fewest preferences training can use (one optimizer step).
     """
-    from preftune.labeling.app import check_bind, create_app
+    from preftune.labeling.app import create_app, is_loopback
     from preftune.labeling.export import export
     from preftune.labeling.pairs import load_pairs
     from preftune.labeling.store import Store
 
+    if not is_loopback(settings.host):
+        raise UserError(f"--host {settings.host}: the demo serves its labeling page on this "
+                        "machine only (127.0.0.1); for annotators elsewhere use `preftune label "
+                        "serve` with personal links, then `preftune label export`.")
     out = Path(out)
     if _check_existing(out):
         return f"kept the people's labels already in {out}"
     store = Store(db_path)
     try:
-        check_bind(settings.host, False, store)
         store.add_pairs(load_pairs(pairs_path))
         token = store.add_annotator(ANNOTATOR, reissue=True)  # a fresh link each run
         server, thread = _start_server(create_app(store), settings.host, settings.port)
@@ -109,7 +112,7 @@ def label_with_people(pairs_path: str | Path, db_path: str | Path, out: str | Pa
              f"      http://{shown}:{settings.port}/login?token={token}")
         echo(f"      the demo continues after {settings.target} pairs"
              + (", or when you press Enter" if settings.wait_for_enter else ""))
-        stop = stop or threading.Event()
+        stop = threading.Event()
         if settings.wait_for_enter:
             pressed = _enter_pressed()
             threading.Thread(target=lambda: (pressed.wait(), stop.set()), daemon=True).start()
@@ -122,6 +125,7 @@ def label_with_people(pairs_path: str | Path, db_path: str | Path, out: str | Pa
         store.close()
     report = export(db_path, out, policy="majority")
     if report["exported"] < min_pairs:
+        out.unlink()  # not a finished D: a rerun must serve the pairs again, not keep this
         raise UserError(f"only {report['exported']} pairs have a preference (ties, skips and "
                         f"'both bad' do not count); training needs at least {min_pairs}. Rerun "
                         f"the same command to label more: the votes are kept in {db_path}.")

@@ -180,7 +180,9 @@ def label_pairs_step(paths: DemoPaths, sizes: DemoSizes, progress: bool) -> str:
                        seed=sizes.seed, show_progress=progress)
     rows = [json.loads(line) for line in paths.dataset.read_text().splitlines() if line.strip()]
     agree = sum((r["r1"] > r["r2"]) == (r["chosen_index"] == 0) for r in rows) / max(1, len(rows))
-    return (f"{len(rows)} preferences in {paths.dataset} ({stats.get('written', 0)} new); "
+    empty = f", {stats['empty_skipped']} pairs with an empty response left out" \
+        if stats.get("empty_skipped") else ""
+    return (f"{len(rows)} preferences in {paths.dataset} ({stats.get('written', 0)} new{empty}); "
             f"{agree:.0%} of them chose the higher-reward response")
 
 
@@ -263,17 +265,17 @@ def evaluate_all(runs: list[Run], paths: DemoPaths, sizes: DemoSizes, echo: Echo
     them into runs/.
     """
     from preftune.eval_generate import compare_models
+    from preftune.report import write_report
 
     if all(generation_eval(r, paths) for r in runs):
         return "kept the evaluations already there"
+    # seed + 1: evaluation samples draw from another random stream than step 3's pairs.
     result = compare_models(
         [str(r.final) for r in runs], str(paths.pi_sft), paths.heldout_prompts, JUDGE_SPEC,
         max_new_tokens=sizes.max_new_tokens, temperature=1.0, top_p=1.0, seed=sizes.seed + 1,
         batch_size=sizes.sample_batch_size, echo=lambda m: echo(f"      {m}"),
     )
     # Refresh each run's own report so that it shows its evaluation beside its curves.
-    from preftune.report import write_report
-
     for run in runs:
         write_report(run.folder)
     return f"{len(result['evals'])} models on {sizes.heldout_prompts} held-out prompts"

@@ -7,7 +7,8 @@ demo.json holds (the documented keys, which tests check):
   response, KL(pi || pi_sft)), `mean_length` (tokens), `n_prompts`, `folder`;
 - `checks`: the claims the demo makes, each `{"claim", "holds"}`;
 - `examples`: held-out prompts with pi_sft's and a DPO model's continuation and their rewards;
-- `sizes` (the settings used), `seconds` (per step and `total`), `report`, `artefacts`.
+- `command` (as typed), `sizes` (the settings used), `seconds` (per step and `total`),
+  `report` (report.html's path), `artefacts` (where each file went).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from preftune.demo.pipeline import DemoPaths, DemoSizes, Run, generation_eval
 from preftune.errors import UserError
 from preftune.records import read_records
 
-SUMMARY_KEYS = ("results", "checks", "examples", "sizes", "seconds", "report", "artefacts")
+SUMMARY_KEYS = ("results", "checks", "examples", "command", "sizes", "seconds", "report",
+                "artefacts")
 WIN_RATE_TARGET = 0.75
 Z95 = 1.959964  # two-sided 95% normal quantile, for the reward intervals
 
@@ -85,10 +87,12 @@ def result_checks(rows: list[dict]) -> list[dict]:
              _interval(r["mean_reward"], r["mean_reward_se"])[0] > sft_upper for r in dpo)},
     ]
     for base in baselines:
+        dpo_there = dpo_reward_at(dpo, base["kl"], origin)
         checks.append({
-            "claim": f"at {base['model']}'s KL, DPO's reward-KL line (pi_sft and the betas' "
-                     f"points joined) is at least as high as {base['model']}'s mean reward",
-            "holds": bool(dpo) and dpo_reward_at(dpo, base["kl"], origin) >= base["mean_reward"],
+            "claim": f"at {base['model']}'s KL ({base['kl']:.2f}), DPO's reward-KL line "
+                     f"(pi_sft and the betas' points joined) gives {dpo_there:+.2f}, at least "
+                     f"{base['model']}'s {base['mean_reward']:+.2f}",
+            "holds": bool(dpo) and dpo_there >= base["mean_reward"],
         })
     return checks
 
