@@ -15,6 +15,16 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 from preftune_test_data import PAIRS, write_jsonl  # noqa: E402
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a busy machine OpenMP threads that wait
+    for each other make a 10 s test take minutes; restore the setting for other tests."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_factory(tmp_path_factory):
     """tiny_model_factory(arch, **kwargs) -> folder with a saved random model and tokenizer."""

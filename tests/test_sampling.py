@@ -28,14 +28,7 @@ PROMPTS = [
 SETTINGS = SamplingSettings(temperature=1.0, top_p=1.0, max_new_tokens=6, seed=0, n=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine OpenMP threads that wait
-    for each other make a 10 s test take minutes; restore the setting for other tests."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

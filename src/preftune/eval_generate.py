@@ -29,9 +29,9 @@ import torch
 
 from preftune.bradley_terry import Outcome, fit_ratings, mean_with_se, win_rate
 from preftune.errors import UserError
-from preftune.evaluate import reference_of_run, run_config, write_eval_record, write_json_atomic
-from preftune.labeling.export import write_jsonl_atomic
+from preftune.evaluate import reference_of_run, run_config, write_eval_record
 from preftune.logprobs import completion_logps
+from preftune.records import write_json_atomic, write_jsonl_atomic
 from preftune.rewards import load_reward
 from preftune.sampling import (
     SamplingSettings,

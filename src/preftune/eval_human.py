@@ -23,10 +23,10 @@ from preftune.bradley_terry import Outcome, fit_ratings, win_rate
 from preftune.errors import UserError
 from preftune.eval_generate import REFERENCE, leaderboard_folder, save_leaderboard
 from preftune.evaluate import read_eval_records, write_eval_record
-from preftune.labeling.export import vote_outcome, write_jsonl_atomic
+from preftune.labeling.export import vote_outcome
 from preftune.labeling.pairs import Pair
 from preftune.labeling.store import Store
-from preftune.records import read_records
+from preftune.records import read_records, write_jsonl_atomic
 
 VOTE_SCORES = {"policy": 1.0, "tie": 0.5, "reference": 0.0}
 

@@ -7,8 +7,6 @@ metrics.jsonl and the output of `preftune eval pairs` mean the same thing.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from preftune.data.tokenize import TokenizedPair
 from preftune.errors import UserError
 from preftune.losses import PairLogps, preference_loss
 from preftune.metrics import StepMetrics
+from preftune.records import write_json_atomic
 
 
 def pair_logps(policy_logps, reference_logps, batch: PairBatch) -> PairLogps:
@@ -206,18 +205,3 @@ def write_eval_record(folder: Path, record: dict) -> Path:
     payload = records[0] if len(records) == 1 else {"evals": records}
     write_json_atomic(path, payload)
     return path
-
-
-def write_json_atomic(path: Path, payload) -> None:
-    """Write JSON beside `path`, fsync, rename: a crash leaves the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

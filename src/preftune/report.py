@@ -11,7 +11,6 @@ never changes the plotting backend or state of the process that calls it.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -87,18 +86,13 @@ def find_eval_files(run_dir: str | Path) -> list[Path]:
 
 def load_evals(paths: Iterable[str | Path]) -> list[dict]:
     """Read eval.json files. A file may also hold a list of evals, or {"evals": [...]}."""
+    from preftune.evaluate import read_eval_records
+
     evals = []
     for path in map(Path, paths):
         if not path.is_file():
             raise UserError(f"{path}: no such evaluation file; check the path.")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}, line {e.lineno}: not valid JSON ({e.msg}).") from None
-        items = data.get("evals", [data]) if isinstance(data, dict) else data
-        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
-            raise UserError(f"{path}: expected an eval.json object or a list of them.")
-        evals += [{"_source": str(path), **item} for item in items]
+        evals += [{"_source": str(path), **item} for item in read_eval_records(path)]
     return evals
 
 

@@ -3,21 +3,13 @@
 import json
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from preftune.demo import world
 from preftune.demo.pretrain import QUICK, learning_rate_at, pretrain_sft, reward_spread
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine OpenMP threads that wait
-    for each other make a 10 s test take minutes; restore the setting for other tests."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_quick_pi_sft_samples_have_a_wide_reward_spread(tmp_path):

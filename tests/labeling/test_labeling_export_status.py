@@ -7,7 +7,7 @@ import pytest
 from labeling_helpers import make_pairs
 
 from preftune.errors import UserError
-from preftune.labeling.export import export, triplet_rows, write_jsonl_atomic
+from preftune.labeling.export import export, triplet_rows
 from preftune.labeling.status import (
     agreement,
     cohen_kappa,
@@ -17,6 +17,7 @@ from preftune.labeling.status import (
     percent_agreement,
 )
 from preftune.labeling.store import Store
+from preftune.records import write_jsonl_atomic
 
 CHOICE_FOR = {"tie": "tie", "both_bad": "both_bad", "skip": "skip"}
 

@@ -13,16 +13,13 @@ outcome is a tie, both-bad, no majority / disagreement, or only skips are counte
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections import Counter, defaultdict
-from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 
 from preftune.errors import UserError
 from preftune.labeling.store import Store
+from preftune.records import write_jsonl_atomic
 
 POLICIES = ("majority", "unanimous")
 
@@ -56,35 +53,6 @@ def as_triplet(pair_id: str, pair: dict, winner: int) -> dict:
         chosen = [{"role": "assistant", "content": chosen}]
         rejected = [{"role": "assistant", "content": rejected}]
     return {"prompt": pair["prompt"], "chosen": chosen, "rejected": rejected, "pair_id": pair_id}
-
-
-def write_jsonl_atomic(path: str | Path, rows: Iterable[dict]) -> int:
-    """Write rows to a temporary file beside `path`, fsync, then rename over it.
-
-    A crash leaves either the old file or the new one, never half of one.
-    """
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise UserError(f"{path}: the folder {path.parent} does not exist; create it first.")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    count = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                count += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-    return count
 
 
 def _votes_by_pair(votes: list[dict]) -> dict[str, list[dict]]:
