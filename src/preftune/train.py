@@ -29,7 +29,7 @@ from preftune.checkpoint import (
     latest_good_checkpoint, prune_checkpoints, resolve_resume, rng_state, set_rng_state,
 )
 from preftune.config import Config, dump_config
-from preftune.data.collate import PairBatch, collate_pairs, epoch_order, micro_batches
+from preftune.data.collate import collate_pairs, epoch_order, micro_batches
 from preftune.data.io import load_pairs
 from preftune.data.tokenize import TokenizedPair, tokenize_pairs
 from preftune.distributed import grad_norm_value
@@ -75,12 +75,10 @@ def prepare_data(config: Config, tokenizer, console: Console):
     """Load, split and tokenize; print what was kept, skipped and truncated, and why."""
     data = config.data
     sources = [data.train] if isinstance(data.train, str) else data.train
-    train_pairs, skipped = [], {}
+    train_pairs = []
     for source in sources:
         loaded = load_pairs(source, data.split)
         train_pairs += loaded.pairs
-        for reason, n in loaded.skipped.items():
-            skipped[reason] = skipped.get(reason, 0) + n
         console.print(f"data: {loaded.rows_read} rows read from {source}, {len(loaded.pairs)} kept, "
                       f"skipped: {_describe_counts(loaded.skipped)}")
     eval_pairs = []
@@ -125,7 +123,6 @@ def train_step(policy_logps, reference_logps, step_pairs: list[TokenizedPair], c
             (losses.sum() / pairs_this_rank).backward()
         metrics.add(losses, logps, config.loss.beta)
         tokens += batch.num_tokens
-        ctx.last_pair_ids = batch.pair_ids
     result = metrics.reduce()
     max_norm = config.optim.max_grad_norm or math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(ctx.trainable, max_norm)
@@ -145,11 +142,9 @@ class RunContext:
         self.config, self.device, self.dist = config, device, dist
         self.rank, self.world_size = dist.rank, dist.world_size
         self.trainable = trainable
-        self.pad_token_id = pad_token_id
         self.collate = partial(collate_pairs, pad_token_id=pad_token_id)  # or pack_pairs: see train()
         self.wrapped = wrapped
         self.autocast = autocast_context(config, device)
-        self.last_pair_ids: list = []
 
     def no_sync(self):
         return self.wrapped.no_sync() if hasattr(self.wrapped, "no_sync") else contextlib.nullcontext()
@@ -391,4 +386,4 @@ def _save_final(output_dir: Path, policy, tokenizer, config, dist) -> Path:
     return final
 
 
-__all__ = ["train", "train_step", "prepare_data", "TrainState", "latest_good_checkpoint", "PairBatch"]
+__all__ = ["train", "train_step", "prepare_data", "TrainState"]
