@@ -194,3 +194,23 @@ def test_micro_batches_split_a_step_across_ranks():
     step = list(range(8))
     assert micro_batches(step, 0, 1, 4) == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert micro_batches(step, 1, 2, 2) == [[1, 3], [5, 7]]
+
+
+def test_data_inspect_reports_counts_lengths_and_an_example(tmp_path, tiny_llama):
+    from typer.testing import CliRunner
+
+    from preftune.cli import app
+
+    rows = PAIRS + [{"prompt": "p", "chosen": "same", "rejected": "same"},
+                    {"prompt": "word " * 80, "chosen": " yes", "rejected": " no"}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    result = CliRunner().invoke(app, ["data", "inspect", str(path), "--model", str(tiny_llama),
+                                      "--max-length", "64"])
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())  # rich wraps lines at the terminal width
+    assert f"{len(rows)} rows, {len(rows) - 1} usable" in out
+    assert "skipped 1: chosen == rejected" in out
+    assert "1 prompt longer than data.max_length" in out
+    for title in ("prompt length", "chosen length", "rejected length", "total length"):
+        assert title in out
+    assert "[chosen]" in out and "[rejected]" in out
