@@ -150,3 +150,15 @@ def test_cli_user_errors_are_one_sentence(tmp_path, tiny_llama, pairs_file):
 def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     assert cfg.model.path and cfg.data.train
+
+
+def test_python_api_takes_a_config_a_dict_or_a_yaml_path(tmp_path, tiny_llama, pairs_file):
+    import preftune
+
+    cfg = make_config(tmp_path, tiny_llama, pairs_file, "api", train={"max_steps": 1})
+    assert preftune.train(cfg) == tmp_path / "api" / "final"
+    yaml_path = tmp_path / "api" / "config.yaml"
+    raw = load_config(yaml_path).model_dump(mode="json")
+    raw["train"]["output_dir"] = str(tmp_path / "api-dict")
+    assert preftune.train(raw) == tmp_path / "api-dict" / "final"
+    assert preftune.train(yaml_path, resume=False).exists()

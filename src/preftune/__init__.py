@@ -8,3 +8,12 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # `import preftune; preftune.train(config)` without loading torch at `import preftune`.
+    if name == "train":
+        import importlib
+
+        return importlib.import_module("preftune.train")
+    raise AttributeError(f"module 'preftune' has no attribute {name!r}")

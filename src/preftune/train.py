@@ -15,7 +15,9 @@ import contextlib
 import math
 import random
 import signal
+import sys
 import time
+import types
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -178,9 +180,18 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def train(config: Config, resume: str | bool | None = None) -> Path:
-    """Run DPO training as configured; returns the folder of the final policy."""
+def train(config: Config | dict | str | Path, resume: str | bool | None = None) -> Path:
+    """Run DPO training as configured; returns the folder of the final policy.
+
+    `config` is a `Config`, a dict of sections, or the path of a YAML file.
+    """
+    from preftune.config import load_config, validate_config
     from preftune.distributed import setup_distributed, shard_reference, wrap_policy
+
+    if isinstance(config, (str, Path)):
+        config = load_config(config)
+    elif isinstance(config, dict):
+        config = validate_config(config)
 
     dist = setup_distributed(config)
     console = Console(quiet=not dist.is_main)
@@ -387,3 +398,14 @@ def _save_final(output_dir: Path, policy, tokenizer, config, dist) -> Path:
 
 
 __all__ = ["train", "train_step", "prepare_data", "TrainState"]
+
+
+class _CallableModule(types.ModuleType):
+    """`preftune.train(config)` reads as the issue and the README write it, while
+    `from preftune.train import train_step` keeps working: the module calls its `train`."""
+
+    def __call__(self, config, resume=None):
+        return train(config, resume)
+
+
+sys.modules[__name__].__class__ = _CallableModule
