@@ -34,7 +34,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests
 
 bench: $(STAMP)
-	$(PY) bench/bench_cpu.py
+	$(PY) bench/bench_dpo.py --configs preftune,preftune-precompute,trl,trl-no-ckpt --rounds 5 --json bench/results/cpu-6m.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
