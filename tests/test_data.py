@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from preftune_test_data import PAIRS, write_jsonl
 
 from preftune.config import DataConfig
 from preftune.data.collate import collate_pairs, epoch_order, micro_batches
@@ -10,8 +11,6 @@ from preftune.data.io import load_pairs
 from preftune.data.schema import PreferencePair
 from preftune.data.tokenize import TokenizedPair, tokenize_pair, tokenize_pairs, truncate_pair
 from preftune.errors import UserError
-
-from preftune_test_data import PAIRS, write_jsonl
 
 CONVERSATION = {
     "prompt": [{"role": "user", "content": "Name a fast animal."}],

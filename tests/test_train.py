@@ -115,8 +115,8 @@ def test_dpo_learns_the_preference(tmp_path, tiny_llama, pairs_file):
 
 
 def test_cli_train_end_to_end(tmp_path, tiny_llama, pairs_file):
-    from typer.testing import CliRunner
     from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
 
     from preftune.cli import app
 

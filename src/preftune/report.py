@@ -75,7 +75,8 @@ def load_metrics(path: str | Path) -> RunMetrics:
             evals[step] = {**evals.get(step, {}), **record}
         if any(not k.startswith("eval/") and k not in ("step", "epoch") for k in record):
             train[step] = record
-    by_step = lambda rows: [rows[s] for s in sorted(rows)]
+    def by_step(rows):
+        return [rows[s] for s in sorted(rows)]
     return RunMetrics(by_step(train), by_step(evals), path)
 
 

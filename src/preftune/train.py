@@ -28,7 +28,11 @@ from rich.console import Console
 from rich.markup import escape
 
 from preftune.checkpoint import (
-    latest_good_checkpoint, prune_checkpoints, resolve_resume, rng_state, set_rng_state,
+    latest_good_checkpoint,
+    prune_checkpoints,
+    resolve_resume,
+    rng_state,
+    set_rng_state,
 )
 from preftune.config import Config, dump_config
 from preftune.data.collate import collate_pairs, epoch_order, micro_batches

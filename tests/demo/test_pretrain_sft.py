@@ -8,7 +8,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from preftune.demo import world
 from preftune.demo.pretrain import QUICK, learning_rate_at, pretrain_sft, reward_spread
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
