@@ -1,6 +1,7 @@
 """Data shared by the top-level tests (a plain module: conftest.py names clash across folders)."""
 
 import json
+from pathlib import Path
 
 PAIRS = [
     {"prompt": "Question: What is the best ice cream?\nAnswer:", "chosen": " Haagen-Dazs is rich.",
@@ -17,3 +18,26 @@ def write_jsonl(path, rows):
         for row in rows:
             f.write(json.dumps(row) + "\n")
     return path
+
+
+def make_config(tmp_path, model_path, data_path, out="run", **sections):
+    """A small, fast training config; `sections` update its sections key by key."""
+    from preftune.config import validate_config
+
+    raw = {
+        "model": {"path": str(model_path)},
+        "data": {"train": str(data_path), "max_length": 64},
+        "loss": {"type": "sigmoid", "beta": 0.1},
+        "optim": {"lr": 1e-3},
+        "train": {"batch_size": 4, "grad_accum": 1, "max_steps": 2, "output_dir": str(tmp_path / out),
+                  "report": False, "progress": False, "seed": 0},
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return validate_config(raw)
+
+
+def read_metrics(run_dir, key="loss"):
+    """The metrics.jsonl lines of a run that carry `key` (train lines by default)."""
+    lines = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [m for m in lines if key in m]

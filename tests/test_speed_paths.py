@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from preftune_test_data import make_config as shared_make_config
+from preftune_test_data import read_metrics
 from safetensors.torch import load_file
 
 from preftune.config import validate_config
@@ -18,22 +20,10 @@ from preftune.train import train
 
 
 def make_config(tmp_path, model_path, data_path, out="run", **sections):
-    raw = {
-        "model": {"path": str(model_path)},
-        "data": {"train": str(data_path), "max_length": 64, "eval_fraction": 0.25},
-        "loss": {"type": "sigmoid", "beta": 0.1},
-        "optim": {"lr": 1e-3},
-        "train": {"batch_size": 4, "max_steps": 3, "eval_every": 3, "output_dir": str(tmp_path / out),
-                  "report": False, "progress": False, "seed": 0},
-    }
-    for section, values in sections.items():
-        raw.setdefault(section, {}).update(values)
-    return validate_config(raw)
-
-
-def read_metrics(run_dir, key="loss"):
-    lines = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [m for m in lines if key in m]
+    """The shared small config, with an eval split and three steps, so eval curves compare too."""
+    data = {"eval_fraction": 0.25, **sections.pop("data", {})}
+    steps = {"max_steps": 3, "eval_every": 3, **sections.pop("train", {})}
+    return shared_make_config(tmp_path, model_path, data_path, out, data=data, train=steps, **sections)
 
 
 def assert_same_curves(a, b, keys=("loss", "rewards/margins", "logps/chosen", "grad_norm"), tol=1e-5):

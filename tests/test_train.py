@@ -7,29 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from preftune_test_data import make_config, read_metrics
 from safetensors.torch import load_file
 
-from preftune.config import load_config, validate_config
+from preftune.config import load_config
 from preftune.train import train
-
-
-def make_config(tmp_path, model, data, out="run", **sections):
-    raw = {
-        "model": {"path": str(model)},
-        "data": {"train": str(data), "max_length": 64},
-        "loss": {"type": "sigmoid", "beta": 0.1},
-        "optim": {"lr": 1e-3},
-        "train": {"batch_size": 4, "grad_accum": 1, "max_steps": 2, "output_dir": str(tmp_path / out),
-                  "report": False, "progress": False, "seed": 0},
-    }
-    for section, values in sections.items():
-        raw.setdefault(section, {}).update(values)
-    return validate_config(raw)
-
-
-def read_metrics(run_dir):
-    lines = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [m for m in lines if "loss" in m]
 
 
 def final_weights(run_dir):
