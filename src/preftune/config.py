@@ -41,6 +41,10 @@ class ModelConfig(Section):
     gradient_checkpointing: bool = False
     disable_dropout: bool = True
     compile: bool = False
+    # torch.compile's mode: "reduce-overhead" also records CUDA graphs, one per distinct batch
+    # shape (so it suits fixed-length batches), which removes the per-kernel launch cost that
+    # bounds small models on fast GPUs; "max-autotune" searches kernel configurations.
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     attn_implementation: str | None = None
     trust_remote_code: bool = False
     lora: LoraConfig | None = None
@@ -61,8 +65,11 @@ class DataConfig(Section):
     # variable-length kernel (flash-attention), where it is faster; "on" also with sdpa/eager.
     packing: Literal["auto", "on", "off"] = "auto"
     # Run each pair's prompt through the model once, not once per response (exact; checked at
-    # start-up; off under gradient checkpointing, compile and fsdp).
-    share_prompt: bool = True
+    # start-up; off under gradient checkpointing, compile and fsdp). It saves compute but runs
+    # the decoder twice per forward, twice the kernel launches: "auto" shares on CPU, where
+    # compute is the cost, and not on GPUs, where a step is often bound by launches
+    # (bench/host_ops.py counts them).
+    share_prompt: bool | Literal["auto"] = "auto"
 
 
 class LossConfig(Section):

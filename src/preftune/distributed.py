@@ -164,7 +164,7 @@ def wrap_policy(policy, config, dist: DistContext):
         # tie evaluation forwards to lock-step across ranks.
         module = DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)
     if config.model.compile:
-        module = torch.compile(module)
+        module = torch.compile(module, mode=config.model.compile_mode)
     return module, module
 
 
@@ -179,7 +179,7 @@ class ShardedReference:
     def __call__(self, batch) -> torch.Tensor:
         with self.autocast():
             logps, _ = self.module(batch.input_ids, batch.model_attention_mask, batch.completion_mask,
-                                   batch.position_ids, batch.sequence_ids)
+                                   batch.position_ids, batch.sequence_ids, counted=batch.counted)
         # FSDP keeps the root's weights gathered after a forward, expecting a backward; the
         # reference has none, so free them now.
         self.module.reshard()
@@ -203,11 +203,9 @@ def shard_reference(reference_fn, config, dist: DistContext):
     return ShardedReference(module, reference_fn.autocast)
 
 
-def grad_norm_value(norm) -> float:
-    """A float from clip_grad_norm_'s result, which is a DTensor when the grads are sharded."""
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    return float(norm)
+def full_tensor(norm: torch.Tensor) -> torch.Tensor:
+    """clip_grad_norm_'s result as a plain tensor: it is a DTensor when the grads are sharded."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 # ------------------------------------------------------------------------------ failures

@@ -24,7 +24,7 @@ from preftune.records import write_json_atomic
 def pair_logps(policy_logps, reference_logps, batch: PairBatch) -> PairLogps:
     """Policy (with grad) and reference (without) log-probs of a concatenated pair batch."""
     logps, lengths = policy_logps(batch.input_ids, batch.model_attention_mask, batch.completion_mask,
-                                  batch.position_ids, batch.sequence_ids, batch.shared)
+                                  batch.position_ids, batch.sequence_ids, batch.shared, batch.counted)
     reference = reference_logps(batch).to(logps.dtype)  # (2B,)
     b = batch.num_pairs
     return PairLogps(

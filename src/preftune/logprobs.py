@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from preftune.data.collate import CountedTokens, counted_tokens
+
 
 def unwrap_causal_lm(model: nn.Module) -> nn.Module:
     """The transformers *ForCausalLM under DDP / torch.compile / PEFT wrappers."""
@@ -224,28 +226,26 @@ def completion_logps(
     chunk_size: int = 1024,
     position_ids: torch.Tensor | None = None,
     sequence_ids: torch.Tensor | None = None,
+    counted: CountedTokens | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probs per sequence (N,) and the number of tokens summed (N,).
 
     Padded batches hold one sequence per row. A packed batch (`sequence_ids` given, shape like
     input_ids, values 0..N-1) holds several sequences per row, with `position_ids` restarting
-    at each and no attention mask, so the model keeps them apart.
+    at each and no attention mask, so the model keeps them apart. `counted` (from the host,
+    see data.collate.counted_tokens) saves working out the counted positions on the device.
     """
     if not supports_hidden_state_path(model):
         return naive_completion_logps(model, input_ids, attention_mask, completion_mask, position_ids,
                                       sequence_ids)
     hidden = final_hidden_states(model, input_ids, attention_mask, position_ids)  # (B, T, H)
     lm_head = unwrap_causal_lm(model).get_output_embeddings()
-    return logps_from_hidden(hidden, lm_head, input_ids, completion_mask, chunk_size, sequence_ids)
+    return logps_from_hidden(hidden, lm_head, input_ids, completion_mask, chunk_size, sequence_ids, counted)
 
 
 def _counted_predictions(completion_mask, sequence_ids):
-    """(B, T-1) mask of the predictions that count, and the sequence each belongs to.
-
-    Token t is predicted from position t - 1, so the mask is the completion mask shifted left
-    by one. In a packed row, the first token of a sequence would be "predicted" by the last
-    token of the one before it; that prediction never counts.
-    """
+    """(B, T-1) mask of the predictions that count, and the sequence each belongs to: the mask
+    form of data.collate.counted_tokens, for the naive computation."""
     predicted = completion_mask[:, 1:].bool()  # (B, T-1)
     if sequence_ids is None:
         owner = torch.arange(completion_mask.shape[0], device=completion_mask.device)
@@ -255,17 +255,18 @@ def _counted_predictions(completion_mask, sequence_ids):
 
 
 def logps_from_hidden(hidden, lm_head, input_ids, completion_mask, chunk_size: int = 1024,
-                      sequence_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
+                      sequence_ids=None, counted: CountedTokens | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The LM-head stage of `completion_logps`: final hidden states (B, T, H) to per-sequence sums."""
-    predicted, owner = _counted_predictions(completion_mask, sequence_ids)
-    num_sequences = input_ids.shape[0] if sequence_ids is None else int(sequence_ids.max()) + 1
-    h = hidden[:, :-1][predicted]  # (M, H): only the hidden states that predict completion tokens
-    targets = input_ids[:, 1:][predicted]  # (M,)
+    if counted is None:  # worked out here; on a GPU that waits for the device (a nonzero)
+        counted = counted_tokens(completion_mask, sequence_ids)
+    # Only the hidden states that predict completion tokens, and the tokens they predict.
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, counted.index)  # (M, H)
+    targets = input_ids.reshape(-1).index_select(0, counted.index + 1)  # (M,): the token at t + 1
     token_logps = chunked_token_logps(h, lm_head, targets, chunk_size)  # (M,)
-    rows = owner[predicted]  # (M,) the sequence of each counted token
-    sums = torch.zeros(num_sequences, dtype=token_logps.dtype, device=token_logps.device)
-    counts = torch.zeros(num_sequences, dtype=torch.long, device=token_logps.device)
-    return sums.index_add(0, rows, token_logps), counts.index_add(0, rows, torch.ones_like(rows))
+    sums = torch.zeros(counted.num_sequences, dtype=token_logps.dtype, device=token_logps.device)
+    counts = torch.zeros(counted.num_sequences, dtype=torch.long, device=token_logps.device)
+    return (sums.index_add(0, counted.owner, token_logps),
+            counts.index_add(0, counted.owner, torch.ones_like(counted.owner)))
 
 
 def shared_prompt_logps(model, shared, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
@@ -335,8 +336,8 @@ class CompletionLogps(nn.Module):
         self.chunk_size = chunk_size
 
     def forward(self, input_ids, attention_mask, completion_mask, position_ids=None, sequence_ids=None,
-                shared=None):
+                shared=None, counted=None):
         if shared is not None:
             return shared_prompt_logps(self.model, shared, self.chunk_size)
         return completion_logps(self.model, input_ids, attention_mask, completion_mask,
-                                self.chunk_size, position_ids, sequence_ids)
+                                self.chunk_size, position_ids, sequence_ids, counted)

@@ -36,10 +36,18 @@ class StepMetrics:
         ]).double()  # (K + 1, B)
         self.sums += columns.sum(dim=1)
 
-    def reduce(self) -> dict[str, float]:
-        """Means over every pair seen, across all ranks when distributed."""
+    def reduce(self, extra: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+        """Means over every pair seen, across all ranks when distributed, plus the `extra`
+        scalars (the gradient norm, say) as they are.
+
+        Everything comes to the host in one copy: each read of a GPU value makes the host wait
+        for the device, so a step reads once, at its end.
+        """
         sums = self.sums.clone()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(sums)
-        count = max(sums[-1].item(), 1.0)
-        return {key: sums[i].item() / count for i, key in enumerate(PAIR_KEYS)}
+        extra = extra or {}
+        values = torch.cat([sums, *(v.detach().reshape(1).to(sums) for v in extra.values())]).tolist()
+        count = max(values[len(PAIR_KEYS)], 1.0)
+        means = {key: values[i] / count for i, key in enumerate(PAIR_KEYS)}
+        return means | dict(zip(extra, values[len(PAIR_KEYS) + 1:]))

@@ -1,7 +1,7 @@
 """Batch layouts beyond plain padding: packing and prompt sharing, when safe and worth it.
 
-Prompt sharing (data/shared_prompt.py, `data.share_prompt`, on by default) runs each pair's
-prompt once; it is used whenever a start-up check shows it exact for the model. Packing:
+Prompt sharing (data/shared_prompt.py, `data.share_prompt`, on by default on CPU) runs each
+pair's prompt once; it is used whenever a start-up check shows it exact for the model. Packing:
 
 A packed micro-batch puts its 2B sequences end to end in one row, with position ids that
 restart at 0 for each and no attention mask (data.collate.pack_pairs). transformers 5 then
@@ -96,6 +96,12 @@ def _packed_collate(config, model, pad_token_id: int, device, console):
     return partial(pack_pairs, pad_token_id=pad_token_id)
 
 
+def prompt_sharing_wanted(config, device) -> bool:
+    """data.share_prompt, with "auto" resolved: on CPU yes, elsewhere no (see config.py)."""
+    share = config.data.share_prompt
+    return torch.device(device).type == "cpu" if share == "auto" else bool(share)
+
+
 def choose_collate(config, model, pad_token_id: int, device, console=None, sharded: bool = False):
     """The function turning a micro-batch's pairs into a PairBatch: packed, prompt-shared or
     padded. Prompt sharing runs the decoder twice per forward with a key/value cache, which
@@ -106,7 +112,8 @@ def choose_collate(config, model, pad_token_id: int, device, console=None, shard
         return packed
     padded = partial(collate_pairs, pad_token_id=pad_token_id)
     model_cfg = config.model
-    if not config.data.share_prompt or model_cfg.gradient_checkpointing or model_cfg.compile or sharded:
+    if (not prompt_sharing_wanted(config, device) or model_cfg.gradient_checkpointing or model_cfg.compile
+            or sharded):
         return padded
     if not prompt_sharing_is_exact(model, device, unwrap_causal_lm(model).config.vocab_size):
         return padded

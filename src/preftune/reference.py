@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from preftune.data.collate import PairBatch, collate_pairs
+from preftune.data.collate import PairBatch, collate_pairs, to_device
 from preftune.data.tokenize import TokenizedPair
 from preftune.logprobs import completion_logps, shared_prompt_logps, unwrap_causal_lm
 from preftune.modeling import make_reference
@@ -37,7 +37,7 @@ def batch_logps(model, batch: PairBatch, chunk_size: int) -> torch.Tensor:
     if batch.shared is not None:
         return shared_prompt_logps(model, batch.shared, chunk_size)[0]
     logps, _ = completion_logps(model, batch.input_ids, batch.model_attention_mask, batch.completion_mask,
-                                chunk_size, batch.position_ids, batch.sequence_ids)
+                                chunk_size, batch.position_ids, batch.sequence_ids, batch.counted)
     return logps
 
 
@@ -97,7 +97,7 @@ class PrecomputedReference:
     def __call__(self, batch: PairBatch) -> torch.Tensor:
         rows = torch.tensor([self.row_of[i] for i in batch.indices], dtype=torch.long)
         pairs = self.table[rows]  # (B, 2)
-        return torch.cat([pairs[:, 0], pairs[:, 1]]).to(batch.input_ids.device)  # chosen rows first
+        return to_device(torch.cat([pairs[:, 0], pairs[:, 1]]), batch.input_ids.device)  # chosen rows first
 
 
 def _weights_fingerprint(path: str, update) -> None:
@@ -197,10 +197,10 @@ class _EvalModeReference(FrozenModelReference):
 def _precompute_collate(config, model, pad_token_id, device):
     """Prompt-shared batches when the model passes the check (no grad: no checkpointing issue)."""
     from preftune.data.shared_prompt import collate_shared_prompt
-    from preftune.packing import prompt_sharing_is_exact
+    from preftune.packing import prompt_sharing_is_exact, prompt_sharing_wanted
 
     vocab = unwrap_causal_lm(model).config.vocab_size
-    if config.data.share_prompt and prompt_sharing_is_exact(model, device, vocab):
+    if prompt_sharing_wanted(config, device) and prompt_sharing_is_exact(model, device, vocab):
         return partial(collate_shared_prompt, pad_token_id=pad_token_id)
     return partial(collate_pairs, pad_token_id=pad_token_id)
 

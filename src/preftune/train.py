@@ -38,7 +38,7 @@ from preftune.config import Config, dump_config
 from preftune.data.collate import collate_pairs, epoch_order, micro_batches
 from preftune.data.io import load_pairs
 from preftune.data.tokenize import TokenizedPair, tokenize_pairs
-from preftune.distributed import grad_norm_value
+from preftune.distributed import full_tensor
 from preftune.errors import UserError
 from preftune.evaluate import evaluate_pairs, pair_logps
 from preftune.losses import preference_loss
@@ -129,10 +129,9 @@ def train_step(policy_logps, reference_logps, step_pairs: list[TokenizedPair], c
             (losses.sum() / pairs_this_rank).backward()
         metrics.add(losses, logps, config.loss.beta)
         tokens += batch.num_tokens
-    result = metrics.reduce()
     max_norm = config.optim.max_grad_norm or math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(ctx.trainable, max_norm)
-    result["grad_norm"] = grad_norm_value(grad_norm)
+    grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(ctx.trainable, max_norm))
+    result = metrics.reduce(extra={"grad_norm": grad_norm})  # the step's one wait for the device
     result["_tokens"] = ctx.all_reduce_sum(tokens)
     finite = math.isfinite(result["loss"]) and math.isfinite(result["grad_norm"])
     return result, finite

@@ -14,6 +14,55 @@ import torch
 from preftune.data.tokenize import TokenizedPair
 
 
+def to_device(tensor: torch.Tensor | None, device) -> torch.Tensor | None:
+    """A host tensor on `device`, without making the host wait for the GPU.
+
+    A plain `.to("cuda")` from pageable memory synchronises: the host stops until every kernel
+    queued so far has run, and cannot queue the next ones meanwhile. From pinned memory the
+    copy is queued like a kernel (the caching host allocator keeps the buffer until it is done).
+    """
+    if tensor is None:
+        return None
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+@dataclass
+class CountedTokens:
+    """Which positions' predictions count, as indices worked out on the host.
+
+    `index` holds flat positions b * T + t of the (B, T) grid whose hidden state predicts a
+    counted token (the token at t + 1); `owner` the sequence each belongs to. Selecting with
+    them is a gather of known size, where a boolean mask would make the host wait for the GPU
+    to learn how many rows it selects (and would break a torch.compile graph in two).
+    """
+
+    index: torch.Tensor  # (M,) long
+    owner: torch.Tensor  # (M,) long
+    num_sequences: int
+
+    def to(self, device) -> "CountedTokens":
+        return CountedTokens(to_device(self.index, device), to_device(self.owner, device), self.num_sequences)
+
+
+def counted_tokens(completion_mask: torch.Tensor, sequence_ids: torch.Tensor | None = None) -> CountedTokens:
+    """Token t is predicted from position t - 1, so a position counts when the next token is a
+    completion token. In a packed row, the first token of a sequence would be "predicted" by the
+    last token of the one before it; that prediction never counts."""
+    rows, width = completion_mask.shape
+    predicted = completion_mask[:, 1:].bool()  # (B, T-1)
+    if sequence_ids is not None:
+        predicted &= sequence_ids[:, 1:] == sequence_ids[:, :-1]
+    b, t = predicted.nonzero(as_tuple=True)
+    index = b * width + t
+    if sequence_ids is None:
+        return CountedTokens(index, b, rows)
+    owner = sequence_ids[:, 1:][predicted]
+    return CountedTokens(index, owner, int(sequence_ids.max()) + 1 if sequence_ids.numel() else 0)
+
+
 @dataclass
 class PairBatch:
     input_ids: torch.Tensor  # (2B, T): B chosen rows, then B rejected rows
@@ -28,6 +77,9 @@ class PairBatch:
     # Prompt-shared layout (data/shared_prompt.py): each prompt runs through the model once.
     # The padded tensors above stay, for token counts and for code that reads rows.
     shared: object | None = None
+    # Worked out on the host by `to()`, so that nothing in a step waits for the GPU to say them.
+    counted: CountedTokens | None = None
+    host_num_tokens: int | None = None
 
     @property
     def num_pairs(self) -> int:
@@ -41,16 +93,21 @@ class PairBatch:
 
     @property
     def num_tokens(self) -> int:
+        if self.host_num_tokens is not None:
+            return self.host_num_tokens
         return int(self.attention_mask.sum())
 
     def to(self, device) -> "PairBatch":
-        def move(t):
-            return None if t is None else t.to(device)
-
-        return PairBatch(self.input_ids.to(device), self.attention_mask.to(device),
-                         self.completion_mask.to(device), self.indices, self.pair_ids,
-                         move(self.position_ids), move(self.sequence_ids),
-                         self.shared.to(device) if self.shared is not None else None)
+        on_host = self.input_ids.device.type == "cpu"
+        counted = self.counted
+        if counted is None and on_host and self.shared is None:
+            counted = counted_tokens(self.completion_mask, self.sequence_ids)
+        return PairBatch(to_device(self.input_ids, device), to_device(self.attention_mask, device),
+                         to_device(self.completion_mask, device), self.indices, self.pair_ids,
+                         to_device(self.position_ids, device), to_device(self.sequence_ids, device),
+                         self.shared.to(device) if self.shared is not None else None,
+                         counted.to(device) if counted is not None else None,
+                         self.num_tokens if on_host else self.host_num_tokens)
 
 
 def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int, pad_to_multiple_of: int | None = None) -> PairBatch:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from preftune.data.collate import PairBatch, collate_pairs
+from preftune.data.collate import PairBatch, collate_pairs, to_device
 from preftune.data.tokenize import TokenizedPair
 
 
@@ -40,7 +40,7 @@ class SharedPrompt:
         return self.second_mask.shape[1] - self.second_ids.shape[1]  # P: the cache is cut to this
 
     def to(self, device) -> SharedPrompt:
-        return SharedPrompt(*(getattr(self, f.name).to(device) for f in fields(self)))
+        return SharedPrompt(*(to_device(getattr(self, f.name), device) for f in fields(self)))
 
 
 def _padded(rows: list[list[int]], width: int, value: int = 0) -> torch.Tensor:
