@@ -40,6 +40,11 @@ PRESETS = {
     "gpu-0.5b": {"hidden": 896, "layers": 24, "heads": 14, "kv_heads": 2, "intermediate": 4864,
                  "vocab": 151936, "tied": True, "prompt_len": 256, "response_len": 512, "batch": 4,
                  "warmup": 3, "steps": 10, "rounds": 1, "autocast": "bfloat16"},
+    # The 0.5B shape's structure (24 layers, 14 + 2 heads) at tiny widths: a step's time is then
+    # the host's share of the work (Python, dispatch, launches), what a fast GPU leaves exposed.
+    "host-0.5b": {"hidden": 112, "layers": 24, "heads": 14, "kv_heads": 2, "intermediate": 192,
+                  "vocab": 1024, "tied": True, "prompt_len": 16, "response_len": 32, "batch": 4,
+                  "warmup": 3, "steps": 10, "rounds": 3, "autocast": "bfloat16"},
     # A seconds-long shape to check the script itself (tests, CPU dry runs of gpu.sh).
     "smoke": {"hidden": 32, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 64, "vocab": 512,
               "tied": True, "prompt_len": 8, "response_len": 16, "batch": 2, "warmup": 1, "steps": 2,
@@ -54,6 +59,12 @@ CONFIGS = {
     "preftune-lean": ("preftune", {"overrides": ["model.reference=precompute",
                                                  "model.gradient_checkpointing=true"]}),
     "preftune-compile": ("preftune", {"overrides": ["model.reference=precompute", "model.compile=true"]}),
+    "preftune-lean-compile": ("preftune", {"overrides": ["model.reference=precompute", "model.compile=true",
+                                                         "model.gradient_checkpointing=true"]}),
+    # CUDA graphs over the compiled step (fixed-length pairs give one batch shape).
+    "preftune-lean-graphs": ("preftune", {"overrides": ["model.reference=precompute", "model.compile=true",
+                                                        "model.gradient_checkpointing=true",
+                                                        "model.compile_mode=reduce-overhead"]}),
     "trl": ("trl", {"gradient_checkpointing": True}),  # TRL's default
     "trl-no-ckpt": ("trl", {"gradient_checkpointing": False}),
 }
@@ -263,7 +274,10 @@ def launch(name: str, workdir: Path, shape: dict, args) -> dict:
         if not args.keep_going:
             raise SystemExit(f"{name} failed (exit {completed.returncode})")
         return {"config": name, "error": f"exit {completed.returncode}: {completed.stderr[-2000:]}"}
-    return json.loads(result_path.read_text())
+    result = json.loads(result_path.read_text())
+    # What the run said on the way (a "skipping cudagraphs" hint, a recompile) stays with it.
+    result["stderr_tail"] = completed.stderr[-3000:]
+    return result
 
 
 def summarise(runs: dict[str, list[dict]], shape: dict, params: int, args) -> dict:

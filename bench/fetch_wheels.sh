@@ -4,7 +4,9 @@
 # such a machine lacks. pyarrow's wheel (55 MB) is slimmed to what datasets uses (no Flight,
 # S3, headers, Cython sources or C++ tests), so the folder stays under the 64 MiB a device run
 # can carry. pandas 2.2 (not 3) because it runs on numpy 1.x as well as 2.x. Wheels are for
-# this machine's Python (cp311); gpu.sh says so if the GPU's differs.
+# this machine's Python (cp311). bench/wheels-gpu/ gets the same for the device tool's GPU
+# machines (Python 3.12, no pydantic, trl or datasets; pyarrow, pandas and xxhash present):
+# gpu.sh takes the folder whose wheels fit the Python it runs.
 #   bash bench/fetch_wheels.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,3 +21,9 @@ mkdir -p "$WHEELS"
   'pyarrow/libarrow_s3.so*' 'pyarrow/_s3fs.*' 'pyarrow/include/*' 'pyarrow/src/*' 'pyarrow/tests/*' \
   'pyarrow/_pyarrow_cpp_tests.*' 'pyarrow/*.pxd' 'pyarrow/*.pyx' 'pyarrow/*.pxi' 'pyarrow/includes/*'
 du -sh "$WHEELS"
+GPU_WHEELS=bench/wheels-gpu
+mkdir -p "$GPU_WHEELS"
+"$PY" -m pip download --no-deps -q -d "$GPU_WHEELS" --only-binary=:all: --python-version 3.12 \
+  --platform manylinux2014_x86_64 trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 \
+  pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0
+du -sh "$GPU_WHEELS"

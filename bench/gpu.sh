@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # preftune vs TRL's DPOTrainer on one GPU: the Qwen2.5-0.5B shape (random init), bf16 autocast,
 # 4 pairs of 256 + 512 tokens per step. Needs only torch (CUDA), transformers, peft and
-# accelerate; trl, datasets and their missing dependencies are installed from bench/wheels/
-# (bash bench/fetch_wheels.sh fills it; carry it to the machine if it is not in the tree).
+# accelerate; trl, datasets, pydantic and their missing dependencies are installed from
+# bench/wheels-gpu/ (bash bench/fetch_wheels.sh fills it; it is git-ignored, so pass it to the
+# device tool in `carry`).
 # No network. About 4-5 minutes on an H100. Results: $OUT/gpu_bench.json (+ the log).
 #
 #   bash bench/gpu.sh                         # on the GPU machine
@@ -16,6 +17,8 @@ PY=${PYTHON:-python3}
 if [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && [ -n "${GPU_BENCH_SMOKE:-}" ]; then PY=.venv/bin/python; fi
 LOG="$OUT/gpu_bench.log"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# Why CUDA graphs were skipped, if they were, and recompiles: kept in each run's stderr_tail.
+export TORCH_LOGS="${TORCH_LOGS:-perf_hints,recompiles}"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 
 {
@@ -27,13 +30,17 @@ print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.c
 EOF
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
-  # trl and datasets from the wheels, only where missing; a failure leaves preftune's numbers.
-  if ! "$PY" -c "import trl, datasets" 2>/dev/null; then
-    if ls bench/wheels/*.whl >/dev/null 2>&1; then
-      "$PY" -m pip install --quiet --no-index --find-links bench/wheels trl==1.16.0 datasets==5.2.0 \
-        || echo "!! installing trl/datasets from bench/wheels failed (wheels are for cp311); TRL runs will fail"
+  # trl, datasets and pydantic from carried wheels, only where missing: bench/wheels-gpu for
+  # the device tool's Python 3.12 machines, bench/wheels for this project's cp311 venv.
+  # A failure leaves the runs that do not need what failed.
+  if ! "$PY" -c "import trl, datasets, pydantic" 2>/dev/null; then
+    WHEELS=bench/wheels
+    if [ "$("$PY" -c 'import sys; print(sys.version_info[:2] >= (3, 12))')" = True ]; then WHEELS=bench/wheels-gpu; fi
+    if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+      "$PY" -m pip install --quiet --no-index --no-deps "$WHEELS"/*.whl \
+        || echo "!! installing from $WHEELS failed; TRL runs (or preftune's) will fail"
     else
-      echo "!! bench/wheels is empty: run bash bench/fetch_wheels.sh where there is network, carry bench/wheels"
+      echo "!! $WHEELS is empty: run bash bench/fetch_wheels.sh where there is network, and carry $WHEELS"
     fi
   fi
   "$PY" -c "import pydantic, rich, yaml, preftune.train" \
@@ -43,7 +50,7 @@ EOF
     ARGS=(--preset smoke --device cpu --configs "${GPU_BENCH_CONFIGS:-preftune,preftune-lean,trl}")
   else
     ARGS=(--preset gpu-0.5b --device cuda --threads 8
-          --configs "${GPU_BENCH_CONFIGS:-preftune,preftune-precompute,preftune-lean,trl}")
+          --configs "${GPU_BENCH_CONFIGS:-trl,preftune-lean-graphs,preftune,preftune-lean-compile}")
   fi
   timeout "${GPU_BENCH_TIMEOUT:-340}" "$PY" bench/bench_dpo.py "${ARGS[@]}" --keep-going \
     --json "$OUT/gpu_bench.json"
