@@ -12,7 +12,9 @@ the configurations alternate round by round, so a noisy neighbour slows all of t
 Per run: `warmup` optimizer steps, then `steps` measured ones. The time of the measured steps
 is end of step `warmup` to end of the last step, as wall clock, for both trainers. preftune's
 reference pre-pass (model.reference: precompute) runs before training over every pair of the
-run; its time is charged to the measured steps in proportion to their share of the pairs.
+run; its steady cost per pair (its first batch, the process's first CUDA kernels, left out as
+the warm-up steps are) is charged for every pair the measured steps train on, and its whole
+time is reported beside (`prepass_seconds`).
 Tokens are prompt + response tokens of the chosen and the rejected sequence of every pair.
 """
 
@@ -160,12 +162,18 @@ def run_preftune(workdir: Path, shape: dict, device: str, overrides: list[str]) 
         losses.append(metrics.get("loss"))
         return original_log(self, metrics, step=step)
 
-    prepass = {"seconds": 0.0, "cpu_seconds": 0.0}
+    prepass = {"seconds": 0.0, "cpu_seconds": 0.0, "batch_ends": [], "batch_pairs": []}
     original_precompute = getattr(preftune.reference, "precompute_reference_logps", None)
     if original_precompute is not None:
-        def timed_precompute(*args, **kwargs):
+        def timed_precompute(reference_fn, pairs, batch_size, collate, device):
+            def timed_reference(batch):
+                result = reference_fn(batch)
+                prepass["batch_ends"].append(clock())  # waits for the batch's kernels on CUDA
+                prepass["batch_pairs"].append(batch.num_pairs)
+                return result
+
             started = clock()
-            result = original_precompute(*args, **kwargs)
+            result = original_precompute(timed_reference, pairs, batch_size, collate, device)
             ended = clock()
             prepass["seconds"] += ended[0] - started[0]
             prepass["cpu_seconds"] += ended[1] - started[1]
@@ -185,10 +193,26 @@ def run_preftune(workdir: Path, shape: dict, device: str, overrides: list[str]) 
     shutil.rmtree(workdir / "out-preftune", ignore_errors=True)  # no reference cache from an earlier run
     train(config)
     wall, cpu = window(step_ends, shape["warmup"] - 1, total - 1)
-    pairs_share = shape["steps"] / total
-    return {"seconds": wall + prepass["seconds"] * pairs_share,
-            "cpu_seconds": cpu + prepass["cpu_seconds"] * pairs_share,
-            "prepass_seconds": prepass["seconds"], "losses": losses[:total]}
+    charged = prepass_charge(prepass, shape["steps"] * shape["batch"], shape["steps"] / total)
+    return {"seconds": wall + charged[0], "cpu_seconds": cpu + charged[1],
+            "prepass_seconds": prepass["seconds"], "prepass_charged_seconds": charged[0],
+            "losses": losses[:total]}
+
+
+def prepass_charge(prepass: dict, measured_pairs: int, share: float) -> tuple[float, float]:
+    """(wall, cpu) seconds of the reference pre-pass charged to the measured steps.
+
+    Like the warm-up steps excluded from both trainers' times, the pre-pass's first batch (the
+    process's first CUDA kernels, cuBLAS set-up) is left out: the later batches give its
+    steady cost per pair, charged for every pair the measured steps train on. With a single
+    batch there is nothing steady to measure, and the whole pass is charged by share of pairs.
+    """
+    ends, sizes = prepass["batch_ends"], prepass["batch_pairs"]
+    if len(ends) < 2:
+        return prepass["seconds"] * share, prepass["cpu_seconds"] * share
+    pairs = sum(sizes[1:])
+    return ((ends[-1][0] - ends[0][0]) / pairs * measured_pairs,
+            (ends[-1][1] - ends[0][1]) / pairs * measured_pairs)
 
 
 def run_trl(workdir: Path, shape: dict, device: str, gradient_checkpointing: bool) -> dict:
@@ -294,6 +318,7 @@ def summarise(runs: dict[str, list[dict]], shape: dict, params: int, args) -> di
             "step_seconds": statistics.median(r["step_seconds"] for r in results),
             "peak_memory_gib": max(r["peak_memory_bytes"] for r in results) / 2**30,
             "prepass_seconds": statistics.median(r["prepass_seconds"] for r in results),
+            "prepass_charged_seconds": statistics.median(r.get("prepass_charged_seconds", 0.0) for r in results),
             "first_losses": results[0]["losses"][:3],
         }
         if args.device == "cuda":
@@ -313,13 +338,14 @@ def summarise(runs: dict[str, list[dict]], shape: dict, params: int, args) -> di
 
 def print_table(summary: dict, device: str) -> None:
     memory = "peak CUDA GiB" if device == "cuda" else "peak RSS GiB"
-    print(f"{'config':<21}{'tokens/s':>10}{'tok/cpu-s':>11}{'step s':>10}{memory:>15}{'prepass s':>11}")
+    print(f"{'config':<21}{'tokens/s':>10}{'tok/cpu-s':>11}{'step s':>10}{memory:>15}{'prepass s':>11}"
+          f"{'charged s':>11}")
     for name, s in summary.items():
         if "error" in s:
             print(f"{name:<21}failed: {s['error'].splitlines()[-1] if s['error'].strip() else s['error']}")
             continue
         print(f"{name:<21}{s['tokens_per_second']:>10.0f}{s['tokens_per_cpu_second']:>11.0f}{s['step_seconds']:>10.3f}"
-              f"{s['peak_memory_gib']:>15.3f}{s['prepass_seconds']:>11.2f}"
+              f"{s['peak_memory_gib']:>15.3f}{s['prepass_seconds']:>11.2f}{s['prepass_charged_seconds']:>11.2f}"
               + (f"   MFU {s['mfu']:.1%}" if "mfu" in s else ""))
     for name, s in summary.items():
         for key, value in s.items():

@@ -120,6 +120,9 @@ def train_step(policy_logps, reference_logps, step_pairs: list[TokenizedPair], c
     for i, micro in enumerate(local):
         batch = ctx.collate([by_index[j] for j in micro]).to(device)
         sync = ctx.no_sync() if i < len(local) - 1 else contextlib.nullcontext()
+        if config.model.compile and config.model.compile_mode == "reduce-overhead":
+            # The last micro-batch's graph outputs are spent: its CUDA graphs may replay over them.
+            torch.compiler.cudagraph_mark_step_begin()
         with sync:
             with ctx.autocast():
                 logps = pair_logps(policy_logps, reference_logps, batch)
