@@ -101,3 +101,13 @@ def test_share_prompt_auto_is_on_for_cpu_and_off_for_gpus(tmp_path):
     assert prompt_sharing_wanted(forced, torch.device("cuda"))
     off = make_config(tmp_path, "model", "pairs.jsonl", data={"share_prompt": False})
     assert not prompt_sharing_wanted(off, "cpu")
+
+
+def test_cuda_graphs_refuse_gradient_accumulation(tmp_path):
+    from preftune.errors import UserError
+
+    with pytest.raises(UserError, match="grad_accum: 1"):
+        make_config(tmp_path, "model", "pairs.jsonl", model={"compile": True, "compile_mode": "reduce-overhead"},
+                    train={"grad_accum": 2})
+    make_config(tmp_path, "model", "pairs.jsonl", model={"compile": True, "compile_mode": "reduce-overhead"})
+    make_config(tmp_path, "model", "pairs.jsonl", model={"compile": True}, train={"grad_accum": 2})

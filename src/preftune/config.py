@@ -162,6 +162,18 @@ class Config(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _cuda_graphs_need_one_micro_batch(self):
+        # A CUDA graph's outputs live in its own memory and are overwritten by its next replay;
+        # gradients accumulated over micro-batches would be summed into that memory (known to
+        # give wrong gradients: pytorch/pytorch#96693), so each step must be one backward.
+        if self.model.compile and self.model.compile_mode == "reduce-overhead" and self.train.grad_accum > 1:
+            raise ValueError(
+                "model.compile_mode 'reduce-overhead' (CUDA graphs) needs train.grad_accum: 1; "
+                "raise train.batch_size instead, or use compile_mode 'default'"
+            )
+        return self
+
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
