@@ -50,7 +50,7 @@ EOF
     ARGS=(--preset smoke --device cpu --configs "${GPU_BENCH_CONFIGS:-preftune,preftune-lean,trl}")
   else
     ARGS=(--preset gpu-0.5b --device cuda --threads 8
-          --configs "${GPU_BENCH_CONFIGS:-trl,preftune-lean-graphs,preftune,preftune-lean-compile}")
+          --configs "${GPU_BENCH_CONFIGS:-trl,preftune-lean-compile,preftune-lean-graphs,preftune}")
   fi
   timeout "${GPU_BENCH_TIMEOUT:-340}" "$PY" bench/bench_dpo.py "${ARGS[@]}" --keep-going \
     --json "$OUT/gpu_bench.json"
