@@ -145,10 +145,10 @@ def precompute_reference_logps(reference_fn: ReferenceFn, pairs: list[TokenizedP
     for start in range(0, len(ordered), batch_size):
         chunk = ordered[start:start + batch_size]
         batch = collate(chunk).to(device)
-        logps = reference_fn(batch).float().cpu()  # (2B,)
+        logps = reference_fn(batch).float()  # (2B,), left on the device: the host goes on queueing
         rows.append(torch.stack([logps[:len(chunk)], logps[len(chunk):]], dim=1))
         indices += [p.index for p in chunk]
-    table = torch.cat(rows) if rows else torch.zeros(0, 2)
+    table = torch.cat(rows).cpu() if rows else torch.zeros(0, 2)  # one copy back, at the end
     return torch.tensor(indices, dtype=torch.long), table
 
 
