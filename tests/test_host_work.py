@@ -111,3 +111,20 @@ def test_cuda_graphs_refuse_gradient_accumulation(tmp_path):
                     train={"grad_accum": 2})
     make_config(tmp_path, "model", "pairs.jsonl", model={"compile": True, "compile_mode": "reduce-overhead"})
     make_config(tmp_path, "model", "pairs.jsonl", model={"compile": True}, train={"grad_accum": 2})
+
+
+def test_step_metrics_carry_tokens_and_extras_in_one_reduction():
+    from preftune.losses import PairLogps
+    from preftune.metrics import StepMetrics
+
+    logps = PairLogps(policy_chosen_logps=torch.tensor([-1.0, -2.0]), policy_rejected_logps=torch.tensor([-3.0, -1.0]),
+                      reference_chosen_logps=torch.zeros(2), reference_rejected_logps=torch.zeros(2),
+                      chosen_lengths=torch.ones(2), rejected_lengths=torch.ones(2))
+    metrics = StepMetrics("cpu")
+    metrics.add(torch.tensor([0.5, 1.5]), logps, beta=1.0)
+    metrics.add_tokens(30)
+    metrics.add_tokens(12)
+    result = metrics.reduce(extra={"grad_norm": torch.tensor(2.5)})
+    assert result["loss"] == 1.0 and result["rewards/accuracies"] == 0.5
+    assert result["_tokens"] == 42 and result["grad_norm"] == 2.5
+    assert "_tokens" not in StepMetrics("cpu").reduce()  # evaluation counts no tokens

@@ -20,7 +20,14 @@ class StepMetrics:
     """Sums of per-pair values over one optimizer step (or one evaluation pass)."""
 
     def __init__(self, device):
-        self.sums = torch.zeros(len(PAIR_KEYS) + 1, dtype=torch.float64, device=device)
+        # Per-pair sums, then the number of pairs, then the tokens seen (see add_tokens).
+        self.sums = torch.zeros(len(PAIR_KEYS) + 2, dtype=torch.float64, device=device)
+        self.counts_tokens = False
+
+    def add_tokens(self, n: int) -> None:
+        """Tokens of a micro-batch, summed over ranks with the rest (no all-reduce of its own)."""
+        self.sums[-1] += n  # a host number into a device slot: no wait
+        self.counts_tokens = True
 
     def add(self, per_pair_loss: torch.Tensor, logps: PairLogps, beta: float) -> None:
         chosen, rejected = implicit_rewards(logps, beta)
@@ -34,7 +41,7 @@ class StepMetrics:
             logps.policy_rejected_logps.detach(),
             torch.ones_like(chosen),
         ]).double()  # (K + 1, B)
-        self.sums += columns.sum(dim=1)
+        self.sums[:-1] += columns.sum(dim=1)
 
     def reduce(self, extra: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
         """Means over every pair seen, across all ranks when distributed, plus the `extra`
@@ -48,6 +55,9 @@ class StepMetrics:
             dist.all_reduce(sums)
         extra = extra or {}
         values = torch.cat([sums, *(v.detach().reshape(1).to(sums) for v in extra.values())]).tolist()
-        count = max(values[len(PAIR_KEYS)], 1.0)
+        k = len(PAIR_KEYS)
+        count = max(values[k], 1.0)
         means = {key: values[i] / count for i, key in enumerate(PAIR_KEYS)}
-        return means | dict(zip(extra, values[len(PAIR_KEYS) + 1:]))
+        if self.counts_tokens:
+            means["_tokens"] = values[k + 1]
+        return means | dict(zip(extra, values[k + 2:]))

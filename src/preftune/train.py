@@ -113,7 +113,6 @@ def train_step(policy_logps, reference_logps, step_pairs: list[TokenizedPair], c
     gradients are finite. The optimizer itself is stepped by the caller."""
     config, device = ctx.config, ctx.device
     metrics = StepMetrics(device)
-    tokens = 0
     local = micro_batches([p.index for p in step_pairs], ctx.rank, ctx.world_size, config.train.batch_size)
     by_index = {p.index: p for p in step_pairs}
     pairs_this_rank = sum(len(m) for m in local)
@@ -131,11 +130,11 @@ def train_step(policy_logps, reference_logps, step_pairs: list[TokenizedPair], c
             # pairs give exactly the gradient of one batch of k * n pairs.
             (losses.sum() / pairs_this_rank).backward()
         metrics.add(losses, logps, config.loss.beta)
-        tokens += batch.num_tokens
+        metrics.add_tokens(batch.num_tokens)
     max_norm = config.optim.max_grad_norm or math.inf
     grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(ctx.trainable, max_norm))
-    result = metrics.reduce(extra={"grad_norm": grad_norm})  # the step's one wait for the device
-    result["_tokens"] = ctx.all_reduce_sum(tokens)
+    # The step's one wait for the device; "_tokens" comes summed over ranks with the metrics.
+    result = metrics.reduce(extra={"grad_norm": grad_norm})
     finite = math.isfinite(result["loss"]) and math.isfinite(result["grad_norm"])
     return result, finite
 
