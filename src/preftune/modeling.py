@@ -78,6 +78,16 @@ def disable_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each layer's activations in the backward. transformers 5.24 renamed the method
+    (the old name warns, and goes in v6); older 5.x releases have only the old one."""
+    kwargs = {"use_reentrant": False}  # the re-entrant variant drops gradients of frozen inputs
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def freeze(model: nn.Module) -> nn.Module:
     """Eval mode (dropout off), no gradients: the reference never changes."""
     model.eval()

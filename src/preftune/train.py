@@ -43,7 +43,13 @@ from preftune.errors import UserError
 from preftune.evaluate import evaluate_pairs, pair_logps
 from preftune.losses import preference_loss
 from preftune.metrics import StepMetrics
-from preftune.modeling import disable_dropout, load_causal_lm, load_tokenizer, pick_device
+from preftune.modeling import (
+    disable_dropout,
+    enable_activation_checkpointing,
+    load_causal_lm,
+    load_tokenizer,
+    pick_device,
+)
 from preftune.optim import build_optimizer, build_scheduler
 from preftune.packing import choose_collate
 from preftune.progress import TrainProgress
@@ -216,7 +222,7 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None) 
 
         policy = apply_lora(policy, config.model.lora)  # base frozen; the reference is the base
     if config.model.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(policy)
     policy.config.use_cache = False
     train_pairs, eval_pairs = prepare_data(config, tokenizer, console)
     autocast = autocast_context(config, device)
