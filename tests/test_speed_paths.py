@@ -232,6 +232,34 @@ def test_bf16_autocast_trains_on_cpu_near_float32(tmp_path, tiny_llama, pairs_fi
         assert math.isfinite(b["loss"]) and b["loss"] == pytest.approx(a["loss"], abs=0.05)
 
 
+@pytest.mark.parametrize("arch, tied", [("llama", False), ("qwen2", True)])
+def test_bf16_reference_copy_gives_the_float32_copys_logps(tiny_model_factory, arch, tied):
+    import contextlib
+    import copy
+
+    from preftune.logprobs import completion_logps
+    from preftune.modeling import load_causal_lm
+    from preftune.reference import FrozenModelReference, compact_reference
+
+    model = load_causal_lm(str(tiny_model_factory(arch, tie_embeddings=tied)), "float32")
+    config = validate_config({"model": {"path": "m", "autocast": "bfloat16"}, "data": {"train": "d"}})
+    compact = compact_reference(FrozenModelReference(copy.deepcopy(model), 64, contextlib.nullcontext), config).model
+    ids = torch.randint(3, 200, (4, 24), generator=torch.Generator().manual_seed(0))
+    mask, completion = torch.ones_like(ids), torch.zeros_like(ids)
+    completion[:, 10:] = 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, _ = completion_logps(model, ids, mask, completion)
+        got, _ = completion_logps(compact, ids, mask, completion)
+    assert torch.equal(got, expected)
+    # Linear weights are bf16 now; norms, embeddings (and a head tied to them) float32.
+    dtypes = {name: p.dtype for name, p in compact.named_parameters()}
+    assert dtypes["model.layers.0.mlp.down_proj.weight"] == torch.bfloat16
+    assert dtypes["model.embed_tokens.weight"] == dtypes["model.norm.weight"] == torch.float32
+    assert (compact.lm_head.weight.dtype == torch.float32) == tied
+    size = sum(p.numel() * p.element_size() for p in compact.parameters())
+    assert size < 0.75 * sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def test_gradient_checkpointing_gives_the_same_training(tmp_path, tiny_llama, pairs_file):
     train(make_config(tmp_path, tiny_llama, pairs_file, "plain"))
     train(make_config(tmp_path, tiny_llama, pairs_file, "ckpt", model={"gradient_checkpointing": True}))

@@ -53,6 +53,26 @@ class FrozenModelReference:
             return batch_logps(self.model, batch, self.chunk_size)
 
 
+def compact_reference(reference_fn: ReferenceFn, config) -> ReferenceFn:
+    """Under bf16 autocast, a frozen copy's linear layers are stored in bf16: half the memory
+    of their float32 weights, and no cast of them in every forward.
+
+    Exact: autocast runs every `nn.Linear` in bf16, casting its float32 weight and bias to
+    bf16 first, which is the rounding done here once. Everything autocast keeps in float32
+    stays so: norms, embeddings, and a head that shares its weight with the embedding. Not
+    under FSDP, which gathers one dtype per layer.
+    """
+    if (not isinstance(reference_fn, FrozenModelReference) or config.model.autocast != "bfloat16"
+            or config.model.dtype != "float32"):
+        return reference_fn
+    model = reference_fn.model
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    for module in model.modules():
+        if type(module) is torch.nn.Linear and id(module.weight) not in embeddings:
+            module.to(torch.bfloat16)
+    return reference_fn
+
+
 @contextmanager
 def adapters_disabled(model):
     """The PEFT model as its base model, for the length of the block."""

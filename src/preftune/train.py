@@ -53,7 +53,7 @@ from preftune.modeling import (
 from preftune.optim import build_optimizer, build_scheduler
 from preftune.packing import choose_collate
 from preftune.progress import TrainProgress
-from preftune.reference import build_reference
+from preftune.reference import build_reference, compact_reference
 
 
 @dataclass
@@ -226,10 +226,12 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None) 
     policy.config.use_cache = False
     train_pairs, eval_pairs = prepare_data(config, tokenizer, console)
     autocast = autocast_context(config, device)
+    reference_logps = build_reference(config, policy, autocast, train_pairs, eval_pairs, tokenizer.pad_token_id,
+                                      device, console, dist.is_main)
+    if dist.strategy != "fsdp":
+        reference_logps = compact_reference(reference_logps, config)
     # Under fsdp a frozen reference is sharded like the policy, never whole on every rank.
-    reference_logps = shard_reference(
-        build_reference(config, policy, autocast, train_pairs, eval_pairs, tokenizer.pad_token_id, device,
-                        console, dist.is_main), config, dist)
+    reference_logps = shard_reference(reference_logps, config, dist)
     # Precomputed log-probs are looked up by pair index, one table per split.
     eval_reference_logps = getattr(reference_logps, "eval_reference", None) or reference_logps
 
