@@ -25,5 +25,6 @@ GPU_WHEELS=bench/wheels-gpu
 mkdir -p "$GPU_WHEELS"
 "$PY" -m pip download --no-deps -q -d "$GPU_WHEELS" --only-binary=:all: --python-version 3.12 \
   --platform manylinux2014_x86_64 trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 \
-  pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
+  pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+  pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pygments==2.21.0  # for tests/gpu
 du -sh "$GPU_WHEELS"

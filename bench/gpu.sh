@@ -9,6 +9,7 @@
 #   bash bench/gpu.sh                         # on the GPU machine
 #   GPU_BENCH_SMOKE=1 bash bench/gpu.sh       # a seconds-long dry run on CPU, tiny shape
 #   GPU_BENCH_CONFIGS=preftune,trl bash bench/gpu.sh
+#   GPU_BENCH_TESTS=1 bash bench/gpu.sh       # then pytest tests/gpu (about 3 minutes more)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu-bench}
@@ -33,7 +34,7 @@ EOF
   # trl, datasets and pydantic from carried wheels, only where missing: bench/wheels-gpu for
   # the device tool's Python 3.12 machines, bench/wheels for this project's cp311 venv.
   # A failure leaves the runs that do not need what failed.
-  if ! "$PY" -c "import trl, datasets, pydantic" 2>/dev/null; then
+  if ! "$PY" -c "import trl, datasets, pydantic, pytest" 2>/dev/null; then
     WHEELS=bench/wheels
     if [ "$("$PY" -c 'import sys; print(sys.version_info[:2] >= (3, 12))')" = True ]; then WHEELS=bench/wheels-gpu; fi
     if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
@@ -55,5 +56,11 @@ EOF
   timeout "${GPU_BENCH_TIMEOUT:-340}" "$PY" bench/bench_dpo.py "${ARGS[@]}" --keep-going \
     --json "$OUT/gpu_bench.json"
   echo "== exit $? at $(date -u +%FT%TZ)"
+  if [ -n "${GPU_BENCH_TESTS:-}" ]; then
+    # The CUDA-only tests (device waits per step, CUDA graphs vs eager, bf16 + fused AdamW).
+    timeout "${GPU_TESTS_TIMEOUT:-180}" "$PY" -m pytest -q -s -p no:cacheprovider tests/gpu \
+      --junitxml "$OUT/gpu_tests.xml"
+    echo "== tests exit $? at $(date -u +%FT%TZ)"
+  fi
 } 2>&1 | tee "$LOG"
 test -s "$OUT/gpu_bench.json"
