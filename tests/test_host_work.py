@@ -14,9 +14,8 @@ from preftune_test_data import make_config, read_metrics
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import preftune.data.collate as collate_module
-from preftune.data.collate import collate_pairs, counted_tokens, pack_pairs
+from preftune.data.collate import collate_pairs, counted_mask, counted_tokens, pack_pairs
 from preftune.data.tokenize import TokenizedPair
-from preftune.logprobs import _counted_predictions
 from preftune.packing import prompt_sharing_wanted
 from preftune.train import train
 
@@ -50,7 +49,7 @@ def _pairs(n=3):
 def test_counted_tokens_select_what_the_mask_selects(layout):
     batch = collate_pairs(_pairs(), pad_token_id=0) if layout == "padded" else pack_pairs(_pairs())
     counted = counted_tokens(batch.completion_mask, batch.sequence_ids)
-    predicted, owner = _counted_predictions(batch.completion_mask, batch.sequence_ids)
+    predicted, owner = counted_mask(batch.completion_mask, batch.sequence_ids)
     width = batch.input_ids.shape[1]
     grid = torch.arange(batch.input_ids.numel()).reshape(batch.input_ids.shape)[:, :-1]
     assert counted.index.tolist() == grid[predicted].tolist()

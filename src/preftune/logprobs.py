@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from preftune.data.collate import CountedTokens, counted_tokens
+from preftune.data.collate import CountedTokens, counted_mask, counted_tokens
 
 
 def unwrap_causal_lm(model: nn.Module) -> nn.Module:
@@ -243,17 +243,6 @@ def completion_logps(
     return logps_from_hidden(hidden, lm_head, input_ids, completion_mask, chunk_size, sequence_ids, counted)
 
 
-def _counted_predictions(completion_mask, sequence_ids):
-    """(B, T-1) mask of the predictions that count, and the sequence each belongs to: the mask
-    form of data.collate.counted_tokens, for the naive computation."""
-    predicted = completion_mask[:, 1:].bool()  # (B, T-1)
-    if sequence_ids is None:
-        owner = torch.arange(completion_mask.shape[0], device=completion_mask.device)
-        return predicted, owner.unsqueeze(1).expand_as(predicted)
-    predicted = predicted & (sequence_ids[:, 1:] == sequence_ids[:, :-1])
-    return predicted, sequence_ids[:, 1:]
-
-
 def logps_from_hidden(hidden, lm_head, input_ids, completion_mask, chunk_size: int = 1024,
                       sequence_ids=None, counted: CountedTokens | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The LM-head stage of `completion_logps`: final hidden states (B, T, H) to per-sequence sums."""
@@ -313,7 +302,7 @@ def naive_completion_logps(model, input_ids, attention_mask, completion_mask, po
 
 
 def naive_logps_from_logits(logits, input_ids, completion_mask, sequence_ids=None):
-    predicted, owner = _counted_predictions(completion_mask, sequence_ids)
+    predicted, owner = counted_mask(completion_mask, sequence_ids)
     log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
     token_logps = torch.gather(log_probs, 2, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     num_sequences = input_ids.shape[0] if sequence_ids is None else int(sequence_ids.max()) + 1

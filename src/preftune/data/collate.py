@@ -47,20 +47,29 @@ class CountedTokens:
         return CountedTokens(to_device(self.index, device), to_device(self.owner, device), self.num_sequences)
 
 
-def counted_tokens(completion_mask: torch.Tensor, sequence_ids: torch.Tensor | None = None) -> CountedTokens:
-    """Token t is predicted from position t - 1, so a position counts when the next token is a
+def counted_mask(completion_mask: torch.Tensor, sequence_ids: torch.Tensor | None = None):
+    """(B, T-1) mask of the positions whose prediction counts, and the sequence each belongs to.
+
+    Token t is predicted from position t - 1, so a position counts when the next token is a
     completion token. In a packed row, the first token of a sequence would be "predicted" by the
-    last token of the one before it; that prediction never counts."""
-    rows, width = completion_mask.shape
+    last token of the one before it; that prediction never counts.
+    """
     predicted = completion_mask[:, 1:].bool()  # (B, T-1)
-    if sequence_ids is not None:
-        predicted &= sequence_ids[:, 1:] == sequence_ids[:, :-1]
-    b, t = predicted.nonzero(as_tuple=True)
-    index = b * width + t
     if sequence_ids is None:
-        return CountedTokens(index, b, rows)
-    owner = sequence_ids[:, 1:][predicted]
-    return CountedTokens(index, owner, int(sequence_ids.max()) + 1 if sequence_ids.numel() else 0)
+        owner = torch.arange(completion_mask.shape[0], device=completion_mask.device)
+        return predicted, owner.unsqueeze(1).expand_as(predicted)
+    return predicted & (sequence_ids[:, 1:] == sequence_ids[:, :-1]), sequence_ids[:, 1:]
+
+
+def counted_tokens(completion_mask: torch.Tensor, sequence_ids: torch.Tensor | None = None) -> CountedTokens:
+    """`counted_mask` as flat indices into the (B, T) grid, for a gather of known size."""
+    predicted, owner = counted_mask(completion_mask, sequence_ids)
+    b, t = predicted.nonzero(as_tuple=True)
+    if sequence_ids is None:
+        num_sequences = completion_mask.shape[0]
+    else:
+        num_sequences = int(sequence_ids.max()) + 1 if sequence_ids.numel() else 0
+    return CountedTokens(b * completion_mask.shape[1] + t, owner[predicted], num_sequences)
 
 
 @dataclass
