@@ -62,7 +62,8 @@ def compact_reference(reference_fn: ReferenceFn, config) -> ReferenceFn:
     stays so: norms, embeddings, and a head that shares its weight with the embedding. Not
     under FSDP, which gathers one dtype per layer.
     """
-    if (not isinstance(reference_fn, FrozenModelReference) or config.model.autocast != "bfloat16"
+    # Exactly a frozen copy: _EvalModeReference, a subclass, runs the policy itself.
+    if (type(reference_fn) is not FrozenModelReference or config.model.autocast != "bfloat16"
             or config.model.dtype != "float32"):
         return reference_fn
     model = reference_fn.model
