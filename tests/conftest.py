@@ -12,17 +12,15 @@ import torch  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-from preftune_test_data import PAIRS, write_jsonl  # noqa: E402
+from preftune_test_data import PAIRS, torch_threads, write_jsonl  # noqa: E402
 
 
 @pytest.fixture
 def one_torch_thread():
     """Tiny models gain nothing from threads, and on a busy machine OpenMP threads that wait
     for each other make a 10 s test take minutes; restore the setting for other tests."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")

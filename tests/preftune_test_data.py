@@ -1,5 +1,6 @@
 """Data shared by the top-level tests (a plain module: conftest.py names clash across folders)."""
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -11,6 +12,19 @@ PAIRS = [
     {"prompt": "Question: What color is the sky?\nAnswer:", "chosen": " Blue on a clear day.",
      "rejected": " Purple, probably."},
 ]
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Torch on `n` threads for the block, the process setting restored after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def write_jsonl(path, rows):

@@ -9,7 +9,7 @@ import time
 
 import httpx
 import pytest
-import torch
+from preftune_test_data import torch_threads
 from typer.testing import CliRunner
 
 from preftune.cli import app
@@ -23,10 +23,8 @@ from preftune.errors import UserError
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """The demo's default (--threads 1); restore the process setting for other tests."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
+from preftune_test_data import torch_threads
 from reliability_helpers import PAIRS, run_config, train_in_process, weights, write_pairs
 
 
@@ -15,14 +16,12 @@ from reliability_helpers import PAIRS, run_config, train_in_process, weights, wr
 def one_thread():
     """Runs compared with single-threaded subprocesses must use one thread too (thread count
     can change float sums); the deterministic flag a run sets is process-wide, so it is put back."""
-    threads = torch.get_num_threads()
     deterministic = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.set_num_threads(1)
     try:
-        yield
+        with torch_threads(1):
+            yield
     finally:
-        torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
