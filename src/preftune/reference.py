@@ -66,12 +66,16 @@ def compact_reference(reference_fn: ReferenceFn, config) -> ReferenceFn:
     if (type(reference_fn) is not FrozenModelReference or config.model.autocast != "bfloat16"
             or config.model.dtype != "float32"):
         return reference_fn
-    model = reference_fn.model
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    for module in model.modules():
-        if type(module) is torch.nn.Linear and id(module.weight) not in embeddings:
-            module.to(torch.bfloat16)
+    for module in compactable_linears(reference_fn.model):
+        module.to(torch.bfloat16)
     return reference_fn
+
+
+def compactable_linears(model) -> list[torch.nn.Linear]:
+    """The layers compact_reference stores in bf16: every plain nn.Linear except a head that
+    shares its weight with an embedding (a lookup, which autocast leaves in float32)."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    return [m for m in model.modules() if type(m) is torch.nn.Linear and id(m.weight) not in embeddings]
 
 
 @contextmanager
