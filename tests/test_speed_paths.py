@@ -299,6 +299,17 @@ def test_compile_trains_like_eager_in_one_graph(tmp_path, tiny_llama, pairs_file
 
 
 @pytest.mark.slow
+def test_compile_with_lora_trains_like_eager_in_one_graph(tmp_path, tiny_llama, pairs_file):
+    from torch._dynamo.utils import counters
+
+    train(make_config(tmp_path, tiny_llama, pairs_file, "eager", model={"lora": LORA}))
+    counters.clear()
+    train(make_config(tmp_path, tiny_llama, pairs_file, "compiled", model={"lora": LORA, "compile": True}))
+    assert_same_curves(tmp_path / "eager", tmp_path / "compiled", tol=1e-4)
+    assert dict(counters["graph_break"]) == {}
+
+
+@pytest.mark.slow
 def test_compile_modes_are_passed_through(tmp_path, tiny_llama, pairs_file):
     # On CPU "reduce-overhead" compiles as "default" does (CUDA graphs need CUDA); what is
     # checked here is that the option reaches torch.compile and the run trains the same.
