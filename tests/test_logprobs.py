@@ -12,6 +12,9 @@ from torch import nn
 
 from preftune.demo.tiny import build_model
 from preftune.logprobs import (
+    HIDDEN_GRAD,
+    KEEP_LOGITS,
+    RECOMPUTE,
     LinearTokenLogps,
     checkpointed_token_logps,
     chunked_token_logps,
@@ -56,9 +59,12 @@ def test_chunked_equals_naive_values_and_gradients(arch, tied, chunk_size):
     torch.manual_seed(0)
     model = build_model(arch, vocab_size=VOCAB, hidden_size=32, num_layers=2, tie_embeddings=tied)
     model.eval()  # no dropout: both sides must see the same network
+    _assert_chunked_equals_naive(model, chunk_size)
+
+
+def _assert_chunked_equals_naive(model, chunk_size):
     batch = _batch()
     weights = torch.tensor([1.0, -2.0, 0.5, 3.0])  # distinct per-row gradients, like DPO's
-
     naive = _run(naive_completion_logps, model, batch, weights)
     chunked = _run(lambda m, *b: completion_logps(m, *b, chunk_size=chunk_size), model, batch, weights)
 
@@ -67,6 +73,16 @@ def test_chunked_equals_naive_values_and_gradients(arch, tied, chunk_size):
     assert naive[2].keys() == chunked[2].keys() and len(naive[2]) > 10
     for name in naive[2]:
         torch.testing.assert_close(chunked[2][name], naive[2][name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("chunk_size", [5, 1024])
+def test_frozen_lm_head_model_gets_the_naive_gradients(chunk_size):
+    """As under LoRA: the head takes no gradient, the decoder below it gets the naive ones."""
+    torch.manual_seed(0)
+    model = build_model("qwen2", vocab_size=VOCAB, hidden_size=32, num_layers=2, tie_embeddings=False)
+    model.eval()
+    model.lm_head.requires_grad_(False)
+    _assert_chunked_equals_naive(model, chunk_size)
 
 
 def _head_case(bias: bool, seed=0, rows=37, hidden=16, vocab=53):
@@ -87,15 +103,16 @@ def _head_grads(fn, h, head, targets, upstream):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("chunk_size,keep_logits", [(8, False), (37, False), (1000, False), (8, True)])
-def test_linear_function_gradients_of_hidden_weight_and_bias(bias, chunk_size, keep_logits):
+@pytest.mark.parametrize("chunk_size,strategy", [(8, RECOMPUTE), (37, RECOMPUTE), (1000, RECOMPUTE),
+                                                 (8, KEEP_LOGITS)])
+def test_linear_function_gradients_of_hidden_weight_and_bias(bias, chunk_size, strategy):
     h, head, targets, upstream = _head_case(bias)
 
     def naive():
         return torch.log_softmax(head(h), -1).gather(1, targets[:, None]).squeeze(1)
 
     expected = _head_grads(naive, h, head, targets, upstream)
-    got = _head_grads(lambda: LinearTokenLogps.apply(h, head.weight, head.bias, targets, chunk_size, keep_logits),
+    got = _head_grads(lambda: LinearTokenLogps.apply(h, head.weight, head.bias, targets, chunk_size, strategy),
                       h, head, targets, upstream)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -109,7 +126,7 @@ def test_function_passes_gradcheck_in_float64():
     t = torch.randint(0, 9, (6,), generator=g)
 
     def f(h, w, b):  # the float32 softmax inside bounds the precision; gradcheck with loose tolerance
-        return LinearTokenLogps.apply(h, w, b, t, 4, False)
+        return LinearTokenLogps.apply(h, w, b, t, 4, RECOMPUTE)
 
     assert torch.autograd.gradcheck(f, (h, w, b), eps=1e-3, atol=1e-3, rtol=1e-3)
 
@@ -131,7 +148,7 @@ def test_other_heads_take_the_checkpointed_path_with_equal_results():
 
 def test_kept_logits_cannot_be_backpropagated_twice_silently():
     h, head, targets, _ = _head_case(bias=False)
-    out = LinearTokenLogps.apply(h, head.weight, None, targets, 8, True)
+    out = LinearTokenLogps.apply(h, head.weight, None, targets, 8, KEEP_LOGITS)
     out.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError):
         out.sum().backward()
@@ -148,7 +165,77 @@ def test_small_batches_keep_logits_large_ones_recompute(monkeypatch):
     monkeypatch.setattr(LinearTokenLogps, "apply", lambda *args: seen.append(args[-1]) or original(*args))
     for rows in (10, 11):
         chunked_token_logps(torch.randn(rows, 4), head, torch.zeros(rows, dtype=torch.long), 64)
-    assert seen == [True, False]
+    assert seen == [KEEP_LOGITS, RECOMPUTE]
+
+
+def _frozen_head_case(bias: bool, vocab: int = 53):
+    h, head, targets, upstream = _head_case(bias, vocab=vocab)
+    head.requires_grad_(False)  # as under LoRA, which leaves lm_head alone
+    return h, head, targets, upstream
+
+
+def _backward_matmuls(out: torch.Tensor, upstream: torch.Tensor) -> int:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMatmuls(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.matmul):
+                CountMatmuls.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with CountMatmuls():
+        (out * upstream).sum().backward()
+    return CountMatmuls.count
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("chunk_size", [8, 1000])
+def test_frozen_head_gradient_is_worked_out_in_forward(bias, chunk_size):
+    """A frozen head (LoRA) needs only grad_hidden: equal to naive, and no matmul in the backward."""
+    h, head, targets, upstream = _frozen_head_case(bias)
+    assert chunked_token_logps(h, head, targets, chunk_size).grad_fn is not None
+
+    def naive():
+        return torch.log_softmax(head(h), -1).gather(1, targets[:, None]).squeeze(1)
+
+    expected = _head_grads(naive, h, head, targets, upstream)
+    got = _head_grads(lambda: chunked_token_logps(h, head, targets, chunk_size), h, head, targets, upstream)
+    assert len(got) == len(expected) == 2 + int(bias) + 1 and got[2] is None and expected[2] is None
+    for a, b in zip(got[:2], expected[:2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    h.grad = None
+    assert _backward_matmuls(chunked_token_logps(h, head, targets, chunk_size), upstream) == 0
+    assert _backward_matmuls(LinearTokenLogps.apply(h, head.weight, head.bias, targets, chunk_size, RECOMPUTE),
+                             upstream) > 0  # the counter sees the recomputing backward's matmuls
+
+
+def test_saving_strategy_follows_what_needs_a_gradient(monkeypatch):
+    from preftune import logprobs
+
+    h, head, _, _ = _head_case(bias=True)
+    assert logprobs.saving_strategy(h, head) == KEEP_LOGITS
+    monkeypatch.setattr(logprobs, "KEEP_LOGITS_MAX_BYTES", 0)
+    assert logprobs.saving_strategy(h, head) == RECOMPUTE
+    head.weight.requires_grad_(False)
+    assert logprobs.saving_strategy(h, head) == RECOMPUTE  # the bias still trains
+    head.bias.requires_grad_(False)
+    assert logprobs.saving_strategy(h, head) == HIDDEN_GRAD
+    with torch.no_grad():
+        assert logprobs.saving_strategy(h, head) == RECOMPUTE  # nothing to save at all
+    assert logprobs.saving_strategy(h.detach(), head) == RECOMPUTE
+
+
+def test_frozen_head_under_bf16_autocast_matches_naive():
+    h, head, targets, upstream = _frozen_head_case(bias=False, vocab=300)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = _head_grads(lambda: torch.log_softmax(head(h).float(), -1).gather(1, targets[:, None]).squeeze(1),
+                               h, head, targets, upstream)
+        got = _head_grads(lambda: chunked_token_logps(h, head, targets, 16), h, head, targets, upstream)
+    for a, b in zip(got[:2], expected[:2]):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
 
 
 def test_bf16_autocast_matches_naive_under_autocast():
@@ -156,7 +243,7 @@ def test_bf16_autocast_matches_naive_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = _head_grads(lambda: torch.log_softmax(head(h).float(), -1).gather(1, targets[:, None]).squeeze(1),
                                h, head, targets, upstream)
-        got = _head_grads(lambda: LinearTokenLogps.apply(h, head.weight, head.bias, targets, 16, False),
+        got = _head_grads(lambda: LinearTokenLogps.apply(h, head.weight, head.bias, targets, 16, RECOMPUTE),
                           h, head, targets, upstream)
     for a, b in zip(got, expected):
         assert a.dtype == b.dtype

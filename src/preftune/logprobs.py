@@ -11,7 +11,9 @@ autograd function) keeps only each token's logsumexp; its backward recomputes a 
 and turns them into the gradients directly: d log p(t) / d logits = onehot(t) - softmax, so
 grad_hidden = g * (W[t] - softmax @ W) and grad_W = onehot^T (g h) - softmax^T (g h). That takes
 fewer passes over the (chunk, V) logits than autograd through log-softmax, and no (M, V)
-tensor is ever saved. Any other head (a LoRA-wrapped one, say) goes through
+tensor is ever saved. A frozen head (LoRA leaves it untouched) needs only grad_hidden, whose
+direction W[t] - softmax @ W does not depend on g: the forward works it out while the softmax is
+at hand and keeps that (M, H), so the backward is one multiplication, no logits at all. Any other head (a LoRA-wrapped one, say) goes through
 `torch.utils.checkpoint` per chunk instead: same memory bound, autograd's own backward.
 `naive_completion_logps` is the plain computation the tests compare against.
 """
@@ -88,29 +90,66 @@ def _logsumexp_inplace(logits: torch.Tensor) -> torch.Tensor:
     return logits.sub_(maxes).exp_().sum(dim=-1).log_().add_(maxes.squeeze(-1))
 
 
+# What LinearTokenLogps keeps from forward to backward.
+RECOMPUTE = "recompute"  # one logsumexp per row; the backward recomputes each chunk's logits
+KEEP_LOGITS = "keep_logits"  # the whole (M, V) log-softmax, for batches too small to chunk
+HIDDEN_GRAD = "hidden_grad"  # frozen head: d log p / d hidden per row (M, H), worked out in forward
+
+
+def saving_strategy(hidden: torch.Tensor, head: nn.Linear) -> str:
+    """Which of the three a call of LinearTokenLogps should use (the cheapest that fits)."""
+    head_trains = head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad)
+    if torch.is_grad_enabled() and hidden.requires_grad and not head_trains:
+        return HIDDEN_GRAD  # never more memory than hidden itself, and no matmul in the backward
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or head_trains)
+    if needs_grad and hidden.shape[0] * head.out_features * 4 <= KEEP_LOGITS_MAX_BYTES:
+        return KEEP_LOGITS
+    return RECOMPUTE
+
+
+def _softmax_inplace(logits: torch.Tensor) -> torch.Tensor:
+    """Turns `logits` (m, V) into their softmax in place; returns their logsumexp (m,)."""
+    maxes = logits.amax(dim=-1, keepdim=True)  # (m, 1)
+    sums = logits.sub_(maxes).exp_().sum(dim=-1, keepdim=True)  # (m, 1)
+    logits.div_(sums)
+    return (sums.log_() + maxes).squeeze(-1)
+
+
 class LinearTokenLogps(torch.autograd.Function):
     """log softmax(hidden @ W^T + b)[targets], per row of hidden (M, H), `chunk_size` rows at a time.
 
-    Saves hidden, W and one logsumexp per row; the backward recomputes each chunk's logits once.
-    With `keep_logits` the whole (M, V) logits are computed as one chunk and saved instead, and
-    the backward turns them into the softmax in place (for batches too small to need chunking).
+    `strategy` says what the forward saves for the backward (see `saving_strategy`):
+    RECOMPUTE saves hidden, W and one logsumexp per row, and the backward recomputes each
+    chunk's logits once. KEEP_LOGITS computes the whole (M, V) logits as one chunk and saves
+    them as log-softmax; the backward turns them into the softmax in place. HIDDEN_GRAD (W and b
+    frozen) saves d log p(t) / d hidden = W[t] - softmax @ W per row; the backward scales it.
     Matmuls run in the autocast dtype when autocast is on (as nn.Linear would), the softmax and
     the gradient accumulators in float32.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size: int, keep_logits: bool = False):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size: int, strategy: str = RECOMPUTE):
         compute_dtype = _compute_dtype(hidden)
         w = weight.to(compute_dtype)
         b = bias.to(compute_dtype) if bias is not None else None
+        keep_logits = strategy == KEEP_LOGITS
         chunk_size = max(hidden.shape[0], 1) if keep_logits else chunk_size
         logsumexp = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (M,)
         token_logps = torch.empty_like(logsumexp)
         kept = None
+        if strategy == HIDDEN_GRAD:
+            kept = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)  # (M, H)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk_size):
                 rows = slice(start, start + chunk_size)
                 logits = _chunk_logits(hidden[rows].to(compute_dtype), w, b)  # (m, V) float32
+                if strategy == HIDDEN_GRAD:
+                    token_logps[rows] = logits.gather(1, targets[rows].unsqueeze(1)).squeeze(1)
+                    logsumexp[rows] = _softmax_inplace(logits)
+                    token_logps[rows] -= logsumexp[rows]
+                    kept[rows] = w[targets[rows]].float() - torch.mm(logits.to(compute_dtype), w).float()
+                    del logits
+                    continue
                 if keep_logits:  # kept as log-softmax: the backward needs one exp_ pass, no sub
                     logsumexp[rows] = torch.logsumexp(logits, -1)
                     logits.sub_(logsumexp[rows].unsqueeze(1))
@@ -122,12 +161,14 @@ class LinearTokenLogps(torch.autograd.Function):
                 token_logps[rows] = target_logits - logsumexp[rows]
                 del logits  # before the next chunk's logits exist, not after
         ctx.save_for_backward(hidden, weight, bias, targets, logsumexp, kept)
-        ctx.compute_dtype, ctx.chunk_size = compute_dtype, chunk_size
+        ctx.compute_dtype, ctx.chunk_size, ctx.strategy = compute_dtype, chunk_size, strategy
         return token_logps
 
     @staticmethod
     def backward(ctx, grad_logps):  # grad_logps: (M,)
         hidden, weight, bias, targets, logsumexp, kept = ctx.saved_tensors
+        if ctx.strategy == HIDDEN_GRAD:  # kept: d log p / d hidden (M, H); W and b take no gradient
+            return (grad_logps.float().unsqueeze(1) * kept).to(hidden.dtype), None, None, None, None, None
         needs = ctx.needs_input_grad[:3]
         dtype = ctx.compute_dtype
         w = weight.to(dtype)
@@ -183,9 +224,8 @@ def chunked_token_logps(
 ) -> torch.Tensor:
     """log softmax(lm_head(hidden))[targets] for (M, H) hidden states, `chunk_size` rows at a time."""
     if type(lm_head) is nn.Linear:  # exactly Linear: a subclass (LoRA, quantized) may change forward
-        needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or lm_head.weight.requires_grad)
-        keep_logits = needs_grad and hidden.shape[0] * lm_head.out_features * 4 <= KEEP_LOGITS_MAX_BYTES
-        return LinearTokenLogps.apply(hidden, lm_head.weight, lm_head.bias, targets, chunk_size, keep_logits)
+        strategy = saving_strategy(hidden, lm_head)
+        return LinearTokenLogps.apply(hidden, lm_head.weight, lm_head.bias, targets, chunk_size, strategy)
     return checkpointed_token_logps(hidden, lm_head, targets, chunk_size)
 
 
