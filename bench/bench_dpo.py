@@ -53,6 +53,9 @@ PRESETS = {
               "rounds": 1, "autocast": "none"},
 }
 
+# The adapters of the LoRA configurations: PEFT's common choice of every linear layer but the head.
+LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
+
 # name -> (trainer, options). "preftune" runs with its defaults: no flags beyond the shared ones.
 CONFIGS = {
     "preftune": ("preftune", {"overrides": []}),
@@ -69,6 +72,10 @@ CONFIGS = {
                                                         "model.compile_mode=reduce-overhead"]}),
     "trl": ("trl", {"gradient_checkpointing": True}),  # TRL's default
     "trl-no-ckpt": ("trl", {"gradient_checkpointing": False}),
+    # LoRA on both sides: the same adapters, and the reference is the base model with them off.
+    "preftune-lora": ("preftune", {"overrides": [f"model.lora.{k}={v}" for k, v in LORA.items()]}),
+    "trl-lora": ("trl", {"gradient_checkpointing": True, "lora": True}),  # TRL's default checkpointing
+    "trl-lora-no-ckpt": ("trl", {"gradient_checkpointing": False, "lora": True}),
 }
 LR, BETA, SEED = 1.0e-6, 0.1, 0
 
@@ -215,7 +222,7 @@ def prepass_charge(prepass: dict, measured_pairs: int, share: float) -> tuple[fl
             (ends[-1][1] - ends[0][1]) / pairs * measured_pairs)
 
 
-def run_trl(workdir: Path, shape: dict, device: str, gradient_checkpointing: bool) -> dict:
+def run_trl(workdir: Path, shape: dict, device: str, gradient_checkpointing: bool, lora: bool = False) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -243,8 +250,14 @@ def run_trl(workdir: Path, shape: dict, device: str, gradient_checkpointing: boo
         bf16=shape["autocast"] == "bfloat16", use_cpu=device == "cpu", disable_tqdm=True,
         dataloader_num_workers=0,
     )
+    peft_config = None
+    if lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                                 target_modules=LORA["target_modules"], task_type="CAUSAL_LM")
     trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                         processing_class=tokenizer, callbacks=[StepClock()])
+                         processing_class=tokenizer, callbacks=[StepClock()], peft_config=peft_config)
     trainer.train()
     wall, cpu = window(step_ends, shape["warmup"] - 1, total - 1)
     return {"seconds": wall, "cpu_seconds": cpu, "prepass_seconds": 0.0, "losses": losses[:total]}
