@@ -83,7 +83,9 @@ def make_tiny_model(
 ):
     """Build a tiny random model and tokenizer for smoke tests, offline."""
     from preftune.demo.tiny import save_tiny_model
+    from preftune.modeling import quiet_transformers
 
+    quiet_transformers()  # no "Writing model shards" bar for a one-file model
     texts = [line for line in Path("examples/tiny_prefs.jsonl").read_text().splitlines()] \
         if Path("examples/tiny_prefs.jsonl").exists() else None
     kwargs = {"texts": texts} if texts else {}

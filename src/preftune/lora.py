@@ -9,6 +9,7 @@ adapter_model.safetensors, loadable by `peft.PeftModel.from_pretrained`); `preft
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from torch import nn
@@ -21,6 +22,8 @@ def _peft():
         import peft
     except ModuleNotFoundError:
         raise UserError("model.lora needs the peft package: pip install 'preftune[lora]'.") from None
+    # PEFT reads an attribute that transformers 5 renamed; the warning is neither ours nor the user's.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     return peft
 
 
