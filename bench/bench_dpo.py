@@ -154,7 +154,60 @@ def window(step_ends: list[tuple[float, float]], first: int, last: int) -> tuple
     return (step_ends[last][0] - step_ends[first][0], step_ends[last][1] - step_ends[first][1])
 
 
-def run_preftune(workdir: Path, shape: dict, device: str, overrides: list[str]) -> dict:
+class MeasuredStepsProfiler:
+    """torch.profiler over the measured steps only (`--profile DIR`): where a step's time goes.
+
+    Started at the end of the last warm-up step, stopped at the end of the last measured one.
+    It writes profile-CONFIG.txt (the operators and kernels with the most device time, then
+    host time) and profile-CONFIG.json: kernels launched per step, the device's busy time
+    per step (the sum of kernel times: one stream, so they do not overlap) and the wall time
+    per step. Busy time well under wall time means the step waits on the host (launches,
+    Python), not on the GPU. Profiling slows the host, so its run's speed is not a result.
+    """
+
+    def __init__(self, folder: str | None, config: str, warmup: int, total: int):
+        self.folder, self.config, self.warmup, self.total = folder, config, warmup, total
+        self.profiler, self.started = None, 0.0
+
+    def step_ended(self, steps_ended: int) -> None:
+        if self.folder is None:
+            return
+        if steps_ended == self.warmup:
+            import torch
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.profiler = profile(activities=activities)
+            self.profiler.start()
+            self.started = time.perf_counter()
+        elif steps_ended == self.total and self.profiler is not None:
+            self.profiler.stop()
+            try:
+                self.write(time.perf_counter() - self.started)
+            except Exception as error:  # a profiler quirk must not cost the run its result
+                Path(self.folder, f"profile-{self.config}.json").write_text(json.dumps({"error": repr(error)}))
+
+    def write(self, wall: float) -> None:
+        from torch.autograd import DeviceType
+
+        steps = self.total - self.warmup
+        kernels = [e for e in self.profiler.events() if e.device_type == DeviceType.CUDA]
+        busy = sum(e.device_time_total for e in kernels) / 1e6  # microseconds -> seconds
+        summary = {"config": self.config, "steps": steps, "wall_seconds_per_step": wall / steps,
+                   "kernels_per_step": len(kernels) / steps, "device_busy_seconds_per_step": busy / steps,
+                   "device_busy_fraction": busy / wall if wall else 0.0}
+        folder = Path(self.folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"profile-{self.config}.json").write_text(json.dumps(summary, indent=1))
+        averages = self.profiler.key_averages()
+        tables = [averages.table(sort_by=key, row_limit=40)
+                  for key in (["self_device_time_total"] if kernels else []) + ["self_cpu_time_total"]]
+        (folder / f"profile-{self.config}.txt").write_text(json.dumps(summary, indent=1) + "\n\n"
+                                                            + "\n\n".join(tables))
+
+
+def run_preftune(workdir: Path, shape: dict, device: str, overrides: list[str],
+                 profiler: MeasuredStepsProfiler) -> dict:
     import preftune.loggers
     import preftune.reference
     from preftune.config import load_config
@@ -166,6 +219,7 @@ def run_preftune(workdir: Path, shape: dict, device: str, overrides: list[str]) 
 
     def timed_log(self, metrics, step=None):
         step_ends.append(clock())
+        profiler.step_ended(len(step_ends))
         losses.append(metrics.get("loss"))
         return original_log(self, metrics, step=step)
 
@@ -222,7 +276,8 @@ def prepass_charge(prepass: dict, measured_pairs: int, share: float) -> tuple[fl
             (ends[-1][1] - ends[0][1]) / pairs * measured_pairs)
 
 
-def run_trl(workdir: Path, shape: dict, device: str, gradient_checkpointing: bool, lora: bool = False) -> dict:
+def run_trl(workdir: Path, shape: dict, device: str, profiler: MeasuredStepsProfiler,
+            gradient_checkpointing: bool, lora: bool = False) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -233,6 +288,7 @@ def run_trl(workdir: Path, shape: dict, device: str, gradient_checkpointing: boo
     class StepClock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             step_ends.append(clock())
+            profiler.step_ended(len(step_ends))
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
@@ -273,10 +329,12 @@ def worker(args) -> None:
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     rss_before = peak_memory_bytes("cpu")
+    profiler = MeasuredStepsProfiler(args.profile, args.worker, shape["warmup"], shape["warmup"] + shape["steps"])
     if trainer == "preftune":
-        result = run_preftune(workdir, shape, args.device, options["overrides"] + args.preftune_overrides)
+        result = run_preftune(workdir, shape, args.device, options["overrides"] + args.preftune_overrides,
+                              profiler)
     else:
-        result = run_trl(workdir, shape, args.device, **options)
+        result = run_trl(workdir, shape, args.device, profiler, **options)
     tokens = shape["steps"] * shape["batch"] * 2 * (shape["prompt_len"] + shape["response_len"])
     result.update(config=args.worker, tokens=tokens, tokens_per_second=tokens / result["seconds"],
                   tokens_per_cpu_second=tokens / result["cpu_seconds"],
@@ -303,6 +361,8 @@ def launch(name: str, workdir: Path, shape: dict, args) -> dict:
                "--result", str(result_path)]
     for override in args.preftune_overrides:
         command += ["--preftune-override", override]
+    if args.profile:
+        command += ["--profile", str(Path(args.profile).resolve())]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "TRANSFORMERS_VERBOSITY": "error"}
     completed = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -431,6 +491,8 @@ def main() -> None:
                         help="extra key=value for preftune (e.g. model.reference=copy)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--keep-going", action="store_true", help="record a failed run and go on")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="profile each run's measured steps into DIR (its speed is then not a result)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)

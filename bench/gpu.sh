@@ -10,6 +10,8 @@
 #   GPU_BENCH_SMOKE=1 bash bench/gpu.sh       # a seconds-long dry run on CPU, tiny shape
 #   GPU_BENCH_CONFIGS=preftune,trl bash bench/gpu.sh
 #   GPU_BENCH_TESTS=1 bash bench/gpu.sh       # then pytest tests/gpu (about 3 minutes more)
+#   GPU_BENCH_PROFILE=1 bash bench/gpu.sh     # then profile lean + compile and TRL's measured
+#                                             # steps: $OUT/profiles/ (kernels, device busy time)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu-bench}
@@ -56,6 +58,15 @@ EOF
   timeout "${GPU_BENCH_TIMEOUT:-340}" "$PY" bench/bench_dpo.py "${ARGS[@]}" --keep-going \
     --json "$OUT/gpu_bench.json"
   echo "== exit $? at $(date -u +%FT%TZ)"
+  if [ -n "${GPU_BENCH_PROFILE:-}" ]; then
+    # Where a step's time goes: kernels per step and the device's busy share of the wall time.
+    PROFILE_ARGS=("${ARGS[@]}")
+    PROFILE_ARGS[${#PROFILE_ARGS[@]}-1]="${GPU_BENCH_PROFILE_CONFIGS:-preftune-lean-compile,trl}"
+    timeout "${GPU_PROFILE_TIMEOUT:-240}" "$PY" bench/bench_dpo.py "${PROFILE_ARGS[@]}" --rounds 1 \
+      --keep-going --profile "$OUT/profiles" --json "$OUT/gpu_profile_runs.json"
+    echo "== profile exit $? at $(date -u +%FT%TZ)"
+    cat "$OUT"/profiles/profile-*.json 2>/dev/null; echo
+  fi
   if [ -n "${GPU_BENCH_TESTS:-}" ]; then
     # The CUDA-only tests (device waits per step, CUDA graphs vs eager, bf16 + fused AdamW).
     timeout "${GPU_TESTS_TIMEOUT:-180}" "$PY" -m pytest -q -s -p no:cacheprovider tests/gpu \
