@@ -8,6 +8,7 @@ import pytest
 import torch
 from dist_helpers import (
     assert_runs_match,
+    final_weights,
     max_weight_difference,
     metrics,
     preftune_cmd,
@@ -53,6 +54,21 @@ def test_ddp_two_processes_train_like_one(tiny_llama, single_run, tmp_path):
     assert max_weight_difference(tiny_llama, single_run / "final") > 100 * DDP_TOLERANCE
     for line in ("train pairs", "eval at step 4", "final policy:"):  # rank 0 alone prints
         _printed_once(result.stdout, line)
+
+
+def test_ddp_with_lora_trains_like_one_process(tiny_llama, tmp_path):
+    """LoRA under DDP: the frozen base and head take no gradient, the adapters are averaged."""
+    pytest.importorskip("peft")
+    lora = ("model.lora.r=4", "model.lora.alpha=8")
+    single = train_in_process(write_config(tmp_path / "single", tiny_llama, nproc=1), *lora)
+    config = write_config(tmp_path / "ddp", tiny_llama, nproc=2, distributed="ddp")
+    result = run_command(preftune_cmd(config, "--nproc", "2", *lora))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "ddp" / "run" / "final" / "adapter_model.safetensors").exists()
+    assert_runs_match(single, tmp_path / "ddp" / "run", DDP_TOLERANCE)
+    # lora_B starts at zero: the comparison means something only if training moved it well past.
+    moved = max(t.abs().max().item() for n, t in final_weights(single / "final").items() if "lora_B" in n)
+    assert moved > 100 * DDP_TOLERANCE
 
 
 def test_fsdp_two_processes_train_like_one(single_run, fsdp_run):
