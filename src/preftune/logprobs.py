@@ -143,21 +143,15 @@ class LinearTokenLogps(torch.autograd.Function):
             for start in range(0, hidden.shape[0], chunk_size):
                 rows = slice(start, start + chunk_size)
                 logits = _chunk_logits(hidden[rows].to(compute_dtype), w, b)  # (m, V) float32
+                target_logits = logits.gather(1, targets[rows].unsqueeze(1)).squeeze(1)  # (m,)
                 if strategy == HIDDEN_GRAD:
-                    token_logps[rows] = logits.gather(1, targets[rows].unsqueeze(1)).squeeze(1)
                     logsumexp[rows] = _softmax_inplace(logits)
-                    token_logps[rows] -= logsumexp[rows]
                     kept[rows] = w[targets[rows]].float() - torch.mm(logits.to(compute_dtype), w).float()
-                    del logits
-                    continue
-                if keep_logits:  # kept as log-softmax: the backward needs one exp_ pass, no sub
+                elif keep_logits:  # kept as log-softmax: the backward needs one exp_ pass, no sub
                     logsumexp[rows] = torch.logsumexp(logits, -1)
-                    logits.sub_(logsumexp[rows].unsqueeze(1))
-                    token_logps[rows] = logits.gather(1, targets[rows].unsqueeze(1)).squeeze(1)
-                    kept = logits
-                    continue
-                target_logits = logits.gather(1, targets[rows].unsqueeze(1)).squeeze(1)
-                logsumexp[rows] = _logsumexp_inplace(logits)
+                    kept = logits.sub_(logsumexp[rows].unsqueeze(1))
+                else:
+                    logsumexp[rows] = _logsumexp_inplace(logits)
                 token_logps[rows] = target_logits - logsumexp[rows]
                 del logits  # before the next chunk's logits exist, not after
         ctx.save_for_backward(hidden, weight, bias, targets, logsumexp, kept)
