@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench bench-lora clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_dpo.py --configs preftune,preftune-precompute,trl,trl-no-ckpt --rounds 5 --json bench/results/cpu-6m.json
+
+bench-lora: $(STAMP)
+	$(PY) bench/bench_dpo.py --configs preftune-lora,trl-lora,trl-lora-no-ckpt --rounds 5 --json bench/results/cpu-6m-lora.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
