@@ -100,7 +100,7 @@ def saving_strategy(hidden: torch.Tensor, head: nn.Linear) -> str:
     """Which of the three a call of LinearTokenLogps should use (the cheapest that fits)."""
     head_trains = head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad)
     if torch.is_grad_enabled() and hidden.requires_grad and not head_trains:
-        return HIDDEN_GRAD  # never more memory than hidden itself, and no matmul in the backward
+        return HIDDEN_GRAD  # (M, H) float32, far less than one chunk of logits; no backward matmul
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or head_trains)
     if needs_grad and hidden.shape[0] * head.out_features * 4 <= KEEP_LOGITS_MAX_BYTES:
         return KEEP_LOGITS
