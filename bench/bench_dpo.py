@@ -276,6 +276,14 @@ def prepass_charge(prepass: dict, measured_pairs: int, share: float) -> tuple[fl
             (ends[-1][1] - ends[0][1]) / pairs * measured_pairs)
 
 
+def trl_peft_config():
+    """`LORA` as the PEFT config TRL takes (preftune takes the same as model.lora overrides)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                      target_modules=LORA["target_modules"], task_type="CAUSAL_LM")
+
+
 def run_trl(workdir: Path, shape: dict, device: str, profiler: MeasuredStepsProfiler,
             gradient_checkpointing: bool, lora: bool = False) -> dict:
     from datasets import Dataset
@@ -306,14 +314,9 @@ def run_trl(workdir: Path, shape: dict, device: str, profiler: MeasuredStepsProf
         bf16=shape["autocast"] == "bfloat16", use_cpu=device == "cpu", disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    peft_config = None
-    if lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                                 target_modules=LORA["target_modules"], task_type="CAUSAL_LM")
     trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                         processing_class=tokenizer, callbacks=[StepClock()], peft_config=peft_config)
+                         processing_class=tokenizer, callbacks=[StepClock()],
+                         peft_config=trl_peft_config() if lora else None)
     trainer.train()
     wall, cpu = window(step_ends, shape["warmup"] - 1, total - 1)
     return {"seconds": wall, "cpu_seconds": cpu, "prepass_seconds": 0.0, "losses": losses[:total]}

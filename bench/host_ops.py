@@ -231,7 +231,7 @@ def count_preftune(workdir: Path, overrides: list[str], counter) -> dict:
     return counter.result(SHAPE["warmup"])
 
 
-def count_trl(workdir: Path, gradient_checkpointing: bool, counter) -> dict:
+def count_trl(workdir: Path, gradient_checkpointing: bool, counter, lora: bool = False) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -249,7 +249,8 @@ def count_trl(workdir: Path, gradient_checkpointing: bool, counter) -> dict:
                      gradient_checkpointing=gradient_checkpointing, disable_tqdm=True,
                      optim="adamw_torch_fused", dataloader_num_workers=0)
     trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                         processing_class=tokenizer, callbacks=[Snapshot()])
+                         processing_class=tokenizer, callbacks=[Snapshot()],
+                         peft_config=bench_dpo.trl_peft_config() if lora else None)
     trainer.data_collator = counter.paused_in(trainer.data_collator)
     with counter.active():
         trainer.train()
@@ -285,7 +286,8 @@ def main() -> None:
             if trainer == "preftune":
                 results[name] = count_preftune(workdir, overrides, counter)
             else:
-                results[name] = count_trl(workdir, options["gradient_checkpointing"], counter)
+                results[name] = count_trl(workdir, options["gradient_checkpointing"], counter,
+                                          options.get("lora", False))
             r = results[name]
             syncs = f"{r['syncs_per_step']:>6.0f} syncs/step {r['syncs_by_op_per_step']}" if "syncs_per_step" in r else ""
             print(f"{name:<24} {r['launches_per_step']:>8.0f} launches/step ({method}) {syncs}", flush=True)

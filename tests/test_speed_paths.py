@@ -260,6 +260,39 @@ def test_bf16_reference_copy_gives_the_float32_copys_logps(tiny_model_factory, a
     assert size < 0.75 * sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+@pytest.mark.parametrize("arch, tied", [("llama", False), ("qwen2", True)])
+def test_lora_base_in_bf16_under_autocast_trains_exactly_like_float32(tmp_path, tiny_model_factory, pairs_file,
+                                                                      monkeypatch, arch, tied):
+    """LoRA's frozen base linears stored in bf16 give the same bits as autocast's own casts."""
+    pytest.importorskip("peft")
+    import preftune.lora
+
+    model = tiny_model_factory(arch, tie_embeddings=tied)
+    sections = {"model": {"lora": LORA, "autocast": "bfloat16"}}
+    seen = []
+    original = preftune.lora.compact_frozen_base
+
+    def spy(policy, config):
+        seen.append(original(policy, config))
+        dtypes = {name: p.dtype for name, p in policy.named_parameters()}
+        seen.append(dtypes)
+
+    monkeypatch.setattr(preftune.lora, "compact_frozen_base", spy)
+    train(make_config(tmp_path, model, pairs_file, "compact", **sections))
+    monkeypatch.setattr(preftune.lora, "compact_frozen_base", lambda policy, config: 0)
+    train(make_config(tmp_path, model, pairs_file, "float32", **sections))
+
+    assert_same_curves(tmp_path / "compact", tmp_path / "float32", tol=0.0)
+    a = load_file(str(tmp_path / "compact" / "final" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "float32" / "final" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    compacted, dtypes = seen
+    base = {n: d for n, d in dtypes.items() if "lora_" not in n}
+    assert compacted > 0 and sum(d == torch.bfloat16 for d in base.values()) > 0
+    assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n)  # adapters train in float32
+    assert all(d == torch.float32 for n, d in base.items() if "norm" in n or "embed" in n)
+
+
 def test_gradient_checkpointing_gives_the_same_training(tmp_path, tiny_llama, pairs_file):
     train(make_config(tmp_path, tiny_llama, pairs_file, "plain"))
     train(make_config(tmp_path, tiny_llama, pairs_file, "ckpt", model={"gradient_checkpointing": True}))

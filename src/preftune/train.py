@@ -250,6 +250,13 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None) 
     ctx = RunContext(config, device, dist, trainable, tokenizer.pad_token_id, wrapped)
     ctx.collate = choose_collate(config, policy, tokenizer.pad_token_id, device, console,
                                  sharded=dist.strategy == "fsdp")
+    if config.model.lora is not None and dist.strategy != "fsdp":
+        from preftune.lora import compact_frozen_base
+
+        compacted = compact_frozen_base(policy, config)  # after choose_collate's checks, run in float32
+        if compacted:
+            console.print(f"model: the frozen base's {compacted} linear layers held in bf16 "
+                          "(exact under bf16 autocast, half their memory)")
 
     state = TrainState()
     checkpoint = resolve_resume(resume, output_dir)
