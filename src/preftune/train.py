@@ -255,8 +255,7 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None) 
 
         compacted = compact_frozen_base(policy, config)  # after choose_collate's checks, run in float32
         if compacted:
-            console.print(f"model: the frozen base's {compacted} linear layers held in bf16 "
-                          "(exact under bf16 autocast, half their memory)")
+            console.print(f"model: {compacted} frozen linear layers held in bf16 (exact under autocast)")
 
     state = TrainState()
     checkpoint = resolve_resume(resume, output_dir)

@@ -84,7 +84,7 @@ def test_ddp_with_lora_under_bf16_autocast(tiny_llama, tmp_path):
     or without that), and Adam turns such noise in near-zero gradients into lr-sized weight
     differences, so the curves are compared, not the weights."""
     single, ddp, printed = _lora_runs(tiny_llama, tmp_path, "model.autocast=bfloat16")
-    _printed_once(printed, "linear layers held in bf16")
+    _printed_once(printed, "frozen linear layers held in bf16")
     (train_a, eval_a), (train_b, eval_b) = metrics(single), metrics(ddp)
     assert_same_rows(train_a, train_b, STEP_KEYS, 1e-3)
     assert_same_rows(eval_a, eval_b, ["eval/loss", "eval/rewards/margins"], 1e-3)
