@@ -13,8 +13,9 @@ grad_hidden = g * (W[t] - softmax @ W) and grad_W = onehot^T (g h) - softmax^T (
 fewer passes over the (chunk, V) logits than autograd through log-softmax, and no (M, V)
 tensor is ever saved. A frozen head (LoRA leaves it untouched) needs only grad_hidden, whose
 direction W[t] - softmax @ W does not depend on g: the forward works it out while the softmax is
-at hand and keeps that (M, H), so the backward is one multiplication, no logits at all. Any other head (a LoRA-wrapped one, say) goes through
-`torch.utils.checkpoint` per chunk instead: same memory bound, autograd's own backward.
+at hand and keeps that (M, H), so the backward is one multiplication, no logits at all. Any
+other head (a LoRA-wrapped one, say) goes through `torch.utils.checkpoint` per chunk instead:
+same memory bound, autograd's own backward.
 `naive_completion_logps` is the plain computation the tests compare against.
 """
 
