@@ -1,5 +1,5 @@
 """Memory of frozen weights under bf16 autocast: a frozen reference copy
-(reference.compact_reference) or LoRA's frozen base (lora.compact_frozen_base), float32 as
+or LoRA's frozen base (reference.compact_frozen_linears), float32 as
 loaded and with their linear layers in bf16 as preftune keeps them, at the Qwen2.5-0.5B and
 Qwen2.5-7B shapes.
 
@@ -24,7 +24,7 @@ SHAPES = {
 def main() -> None:
     for name, shape in SHAPES.items():
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(Qwen2Config(**shape))
+            model = AutoModelForCausalLM.from_config(Qwen2Config(**shape)).requires_grad_(False)
         linear = sum(p.numel() for m in compactable_linears(model) for p in m.parameters())
         total = sum(p.numel() for p in model.parameters())
         print(f"{name}: parameters {total / 1e6:.1f}M, of them in bf16-stored linears {linear / 1e6:.1f}M; "

@@ -238,12 +238,13 @@ def test_bf16_reference_copy_gives_the_float32_copys_logps(tiny_model_factory, a
     import copy
 
     from preftune.logprobs import completion_logps
-    from preftune.modeling import load_causal_lm
+    from preftune.modeling import freeze, load_causal_lm
     from preftune.reference import FrozenModelReference, compact_reference
 
     model = load_causal_lm(str(tiny_model_factory(arch, tie_embeddings=tied)), "float32")
     config = validate_config({"model": {"path": "m", "autocast": "bfloat16"}, "data": {"train": "d"}})
-    compact = compact_reference(FrozenModelReference(copy.deepcopy(model), 64, contextlib.nullcontext), config).model
+    frozen_copy = freeze(copy.deepcopy(model))  # as modeling.make_reference makes it
+    compact = compact_reference(FrozenModelReference(frozen_copy, 64, contextlib.nullcontext), config).model
     ids = torch.randint(3, 200, (4, 24), generator=torch.Generator().manual_seed(0))
     mask, completion = torch.ones_like(ids), torch.zeros_like(ids)
     completion[:, 10:] = 1
@@ -265,21 +266,21 @@ def test_lora_base_in_bf16_under_autocast_trains_exactly_like_float32(tmp_path, 
                                                                       monkeypatch, arch, tied):
     """LoRA's frozen base linears stored in bf16 give the same bits as autocast's own casts."""
     pytest.importorskip("peft")
-    import preftune.lora
+    import preftune.train
 
     model = tiny_model_factory(arch, tie_embeddings=tied)
     sections = {"model": {"lora": LORA, "autocast": "bfloat16"}}
     seen = []
-    original = preftune.lora.compact_frozen_base
+    original = preftune.train.compact_frozen_linears
 
     def spy(policy, config):
         seen.append(original(policy, config))
-        dtypes = {name: p.dtype for name, p in policy.named_parameters()}
-        seen.append(dtypes)
+        seen.append({name: p.dtype for name, p in policy.named_parameters()})
+        return seen[0]
 
-    monkeypatch.setattr(preftune.lora, "compact_frozen_base", spy)
+    monkeypatch.setattr(preftune.train, "compact_frozen_linears", spy)
     train(make_config(tmp_path, model, pairs_file, "compact", **sections))
-    monkeypatch.setattr(preftune.lora, "compact_frozen_base", lambda policy, config: 0)
+    monkeypatch.setattr(preftune.train, "compact_frozen_linears", lambda policy, config: 0)
     train(make_config(tmp_path, model, pairs_file, "float32", **sections))
 
     assert_same_curves(tmp_path / "compact", tmp_path / "float32", tol=0.0)

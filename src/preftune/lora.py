@@ -12,7 +12,6 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from preftune.errors import UserError
@@ -41,26 +40,6 @@ def apply_lora(model: nn.Module, lora_cfg) -> nn.Module:
         return peft.get_peft_model(model, config)
     except ValueError as e:
         raise UserError(f"model.lora.target_modules: {str(e).splitlines()[0][:200]}") from None
-
-
-def compact_frozen_base(model: nn.Module, config) -> int:
-    """Under bf16 autocast, the frozen base's linear layers are stored in bf16; returns how many.
-
-    Exact, for the reason reference.compact_reference gives: autocast runs every nn.Linear in
-    bf16 and would round the float32 weights to bf16 in each forward, the policy's and the
-    reference's (the same layers, adapters off); here that rounding happens once. It halves
-    those weights' memory and drops their casts. Adapters, norms, embeddings and a head tied to
-    the embedding stay float32. Call it after anything that runs the model outside autocast
-    (the start-up checks of packing and prompt sharing).
-    """
-    from preftune.reference import compactable_linears
-
-    if config.model.lora is None or config.model.autocast != "bfloat16" or config.model.dtype != "float32":
-        return 0
-    frozen = [m for m in compactable_linears(model) if not any(p.requires_grad for p in m.parameters())]
-    for module in frozen:
-        module.to(torch.bfloat16)
-    return len(frozen)
 
 
 def load_adapter_weights(model: nn.Module, folder: Path) -> None:

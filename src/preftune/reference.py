@@ -54,28 +54,38 @@ class FrozenModelReference:
 
 
 def compact_reference(reference_fn: ReferenceFn, config) -> ReferenceFn:
-    """Under bf16 autocast, a frozen copy's linear layers are stored in bf16: half the memory
-    of their float32 weights, and no cast of them in every forward.
-
-    Exact: autocast runs every `nn.Linear` in bf16, casting its float32 weight and bias to
-    bf16 first, which is the rounding done here once. Everything autocast keeps in float32
-    stays so: norms, embeddings, and a head that shares its weight with the embedding. Not
-    under FSDP, which gathers one dtype per layer.
-    """
+    """A frozen copy's linear layers held in bf16 under bf16 autocast (`compact_frozen_linears`)."""
     # Exactly a frozen copy: _EvalModeReference, a subclass, runs the policy itself.
-    if (type(reference_fn) is not FrozenModelReference or config.model.autocast != "bfloat16"
-            or config.model.dtype != "float32"):
-        return reference_fn
-    for module in compactable_linears(reference_fn.model):
-        module.to(torch.bfloat16)
+    if type(reference_fn) is FrozenModelReference:
+        compact_frozen_linears(reference_fn.model, config)
     return reference_fn
 
 
+def compact_frozen_linears(model, config) -> int:
+    """Under bf16 autocast over float32 weights, the frozen linear layers are stored in bf16
+    (a frozen reference copy's, LoRA's base): half their memory, and no cast of them in every
+    forward. Returns how many.
+
+    Exact: autocast runs every `nn.Linear` in bf16, casting its float32 weight and bias to
+    bf16 first, which is the rounding done here once. Everything autocast keeps in float32
+    stays so: norms, embeddings, and a head that shares its weight with the embedding; so do
+    layers that train (adapters). Not under FSDP, which gathers one dtype per layer. Call it
+    after anything that runs the model outside autocast (choose_collate's start-up checks).
+    """
+    if config.model.autocast != "bfloat16" or config.model.dtype != "float32":
+        return 0
+    layers = compactable_linears(model)
+    for module in layers:
+        module.to(torch.bfloat16)
+    return len(layers)
+
+
 def compactable_linears(model) -> list[torch.nn.Linear]:
-    """The layers compact_reference stores in bf16: every plain nn.Linear except a head that
-    shares its weight with an embedding (a lookup, which autocast leaves in float32)."""
+    """The layers compact_frozen_linears stores in bf16: every plain, frozen nn.Linear except a
+    head that shares its weight with an embedding (a lookup, which autocast leaves in float32)."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    return [m for m in model.modules() if type(m) is torch.nn.Linear and id(m.weight) not in embeddings]
+    return [m for m in model.modules() if type(m) is torch.nn.Linear and id(m.weight) not in embeddings
+            and not any(p.requires_grad for p in m.parameters())]
 
 
 @contextmanager

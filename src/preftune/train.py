@@ -53,7 +53,7 @@ from preftune.modeling import (
 from preftune.optim import build_optimizer, build_scheduler
 from preftune.packing import choose_collate
 from preftune.progress import TrainProgress
-from preftune.reference import build_reference, compact_reference
+from preftune.reference import build_reference, compact_frozen_linears, compact_reference
 
 
 @dataclass
@@ -250,10 +250,8 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None) 
     ctx = RunContext(config, device, dist, trainable, tokenizer.pad_token_id, wrapped)
     ctx.collate = choose_collate(config, policy, tokenizer.pad_token_id, device, console,
                                  sharded=dist.strategy == "fsdp")
-    if config.model.lora is not None and dist.strategy != "fsdp":
-        from preftune.lora import compact_frozen_base
-
-        compacted = compact_frozen_base(policy, config)  # after choose_collate's checks, run in float32
+    if dist.strategy != "fsdp":  # LoRA's frozen base; after choose_collate's checks, run in float32
+        compacted = compact_frozen_linears(policy, config)
         if compacted:
             console.print(f"model: {compacted} frozen linear layers held in bf16 (exact under autocast)")
 
