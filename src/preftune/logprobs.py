@@ -287,10 +287,14 @@ def logps_from_hidden(hidden, lm_head, input_ids, completion_mask, chunk_size: i
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, counted.index)  # (M, H)
     targets = input_ids.reshape(-1).index_select(0, counted.index + 1)  # (M,): the token at t + 1
     token_logps = chunked_token_logps(h, lm_head, targets, chunk_size)  # (M,)
-    sums = torch.zeros(counted.num_sequences, dtype=token_logps.dtype, device=token_logps.device)
-    counts = torch.zeros(counted.num_sequences, dtype=torch.long, device=token_logps.device)
-    return (sums.index_add(0, counted.owner, token_logps),
-            counts.index_add(0, counted.owner, torch.ones_like(counted.owner)))
+    return per_sequence_sums(token_logps, counted.owner, counted.num_sequences)
+
+
+def per_sequence_sums(token_logps, owner, num_sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token log-probs (M,) summed per sequence (N,), and how many tokens each sum holds (N,)."""
+    sums = torch.zeros(num_sequences, dtype=token_logps.dtype, device=token_logps.device)
+    counts = torch.zeros(num_sequences, dtype=torch.long, device=token_logps.device)
+    return sums.index_add(0, owner, token_logps), counts.index_add(0, owner, torch.ones_like(owner))
 
 
 def shared_prompt_logps(model, shared, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
@@ -321,9 +325,7 @@ def shared_prompt_logps(model, shared, chunk_size: int = 1024) -> tuple[torch.Te
     owner = torch.cat([rows.unsqueeze(1).expand_as(chosen)[chosen], rows + b,
                        (rows + b).unsqueeze(1).expand_as(rejected_rest)[rejected_rest]])
     token_logps = chunked_token_logps(hidden, lm.get_output_embeddings(), targets, chunk_size)
-    sums = torch.zeros(2 * b, dtype=token_logps.dtype, device=token_logps.device)
-    counts = torch.zeros(2 * b, dtype=torch.long, device=token_logps.device)
-    return sums.index_add(0, owner, token_logps), counts.index_add(0, owner, torch.ones_like(owner))
+    return per_sequence_sums(token_logps, owner, 2 * b)
 
 
 def naive_completion_logps(model, input_ids, attention_mask, completion_mask, position_ids=None,
