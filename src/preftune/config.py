@@ -6,6 +6,7 @@ Unknown keys and bad values fail with one sentence that names the dotted key.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -70,6 +71,23 @@ class DataConfig(Section):
     # compute is the cost, and not on GPUs, where a step is often bound by launches
     # (bench/host_ops.py counts them).
     share_prompt: bool | Literal["auto"] = "auto"
+
+    @field_validator("packing", mode="before")
+    @classmethod
+    def _packing_from_yaml_boolean(cls, value):
+        # YAML 1.1 reads an unquoted `on` / `off` (the documented values) as true / false.
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return value
+
+    @model_validator(mode="after")
+    def _one_source_of_eval_pairs(self):
+        if self.eval is not None and self.eval_fraction > 0:
+            raise ValueError(
+                "data.eval and data.eval_fraction are both set; keep data.eval to evaluate on its "
+                "pairs, or remove it to hold out data.eval_fraction of the training pairs"
+            )
+        return self
 
 
 class LossConfig(Section):
@@ -210,15 +228,35 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def _known_keys_hint(loc: tuple) -> str:
+    """'; did you mean ...; the keys of <section> are ...' for an unknown key at `loc`."""
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if isinstance(part, str) else None
+        # The section's class: the field's type, or the model branch of `X | None`.
+        candidates = [field.annotation, *getattr(field.annotation, "__args__", ())] if field else []
+        sections = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not sections:
+            return ""
+        model = sections[0]
+    names = list(model.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.5)
+    section = ".".join(str(p) for p in loc[:-1]) or "the config"
+    guess = f" (did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?)" if close else ""
+    return f"{guess}; the keys of {section} are {', '.join(names)}"
+
+
 def _describe(error: dict) -> str:
     key = ".".join(str(p) for p in error["loc"])
-    if not key:  # a check across keys; its message names them
-        return error["msg"]
+    message = error["msg"].removeprefix("Value error, ")
+    if not key or (error["type"] == "value_error" and key in Config.model_fields):
+        # A check across keys (of the config or of one section); its message names them.
+        return message
     if error["type"] == "extra_forbidden":
-        return f"unknown key {key!r}: check its spelling against configs/example_tiny.yaml"
+        return f"unknown key {key!r}{_known_keys_hint(error['loc'])}"
     if error["type"] == "missing":
         return f"missing required key {key!r}"
-    return f"key {key!r}: {error['msg']}"
+    return f"key {key!r}: {message}"
 
 
 def validate_config(raw: dict, source: str = "config") -> Config:

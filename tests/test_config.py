@@ -1,0 +1,50 @@
+"""What `load_config` makes of what users actually type: YAML's booleans, typos, keys that clash."""
+
+from __future__ import annotations
+
+import pytest
+
+from preftune.config import load_config
+from preftune.errors import UserError
+
+REQUIRED = ["model.path=some/model", "data.train=pairs.jsonl"]
+
+
+@pytest.mark.parametrize("written, expected", [("on", "on"), ("off", "off"), ("'off'", "off"),
+                                               ("true", "on"), ("false", "off"), ("auto", "auto")])
+def test_packing_on_and_off_unquoted(tmp_path, written, expected):
+    # YAML 1.1 reads a bare on / off as a boolean; the documented values must work as typed.
+    path = tmp_path / "config.yaml"
+    path.write_text(f"model: {{path: m}}\ndata: {{train: t.jsonl, packing: {written}}}\n")
+    assert load_config(path).data.packing == expected
+    assert load_config(None, REQUIRED + [f"data.packing={written}"]).data.packing == expected
+
+
+def test_an_unknown_key_gets_the_close_match_and_the_section_keys():
+    with pytest.raises(UserError) as caught:
+        load_config(None, REQUIRED + ["model.refrence=copy"])
+    message = str(caught.value)
+    assert "unknown key 'model.refrence' (did you mean 'model.reference'?)" in message
+    assert "the keys of model are path, reference_path, reference," in message
+
+
+def test_an_unknown_key_with_nothing_close_lists_the_section_keys():
+    with pytest.raises(UserError) as caught:
+        load_config(None, REQUIRED + ["optim.learning_rate=1e-6"])
+    message = str(caught.value)
+    assert "did you mean" not in message
+    assert "unknown key 'optim.learning_rate'; the keys of optim are name, lr," in message
+
+
+def test_an_unknown_key_inside_an_optional_section():
+    with pytest.raises(UserError, match=r"unknown key 'model.lora.rank'; the keys of model.lora are r, alpha"):
+        load_config(None, REQUIRED + ["model.lora.r=8", "model.lora.rank=8"])
+
+
+def test_eval_file_and_eval_fraction_together_are_refused():
+    # Silently ignoring one of them would evaluate on other pairs than the user meant.
+    with pytest.raises(UserError) as caught:
+        load_config(None, REQUIRED + ["data.eval=held_out.jsonl", "data.eval_fraction=0.1"])
+    assert str(caught.value) == ("overrides: data.eval and data.eval_fraction are both set; keep data.eval to "
+                                 "evaluate on its pairs, or remove it to hold out data.eval_fraction of the "
+                                 "training pairs.")
