@@ -184,9 +184,25 @@ def test_epoch_order_is_seeded_and_covers_every_pair_once():
     assert first == epoch_order(lengths, 8, seed=0, epoch=0, group_by_length=True)
     assert first != epoch_order(lengths, 8, seed=0, epoch=1, group_by_length=True)
     flat = [i for step in first for i in step]
-    assert len(flat) == len(set(flat)) == 96  # 12 full steps; the last 4 pairs wait for next epoch
+    assert len(flat) == len(set(flat)) == 96  # 12 full steps; 4 pairs, drawn at random, sit out
     spread = sum(max(lengths[i] for i in s) - min(lengths[i] for i in s) for s in first) / len(first)
     assert spread < 30  # grouped: far below the ~80 of random steps
+
+
+@pytest.mark.parametrize("group_by_length", [True, False])
+def test_the_pairs_left_out_of_an_epoch_change_every_epoch_and_are_not_the_shortest(group_by_length):
+    # 40 pairs in steps of 16: 8 sit out each epoch. Grouping by length must not make them the
+    # 8 shortest every time, or those pairs would never be trained on.
+    lengths = [10 + (7 * i) % 190 for i in range(40)]
+    left_out = []
+    for epoch in range(6):
+        seen = {i for step in epoch_order(lengths, 16, seed=0, epoch=epoch, group_by_length=group_by_length)
+                for i in step}
+        assert len(seen) == 32
+        left_out.append(set(range(40)) - seen)
+    assert len({frozenset(s) for s in left_out}) == 6
+    assert set().union(*left_out) != set(sorted(range(40), key=lambda i: lengths[i])[:8])
+    assert len(set().union(*left_out)) > 20  # over 6 epochs, most pairs sit out at some point
 
 
 def test_micro_batches_split_a_step_across_ranks():

@@ -167,17 +167,20 @@ def epoch_order(
     how a step is split into micro-batches or ranks (step_size = pairs per optimizer step).
     With `group_by_length`, shuffled pools of 32 steps are sorted by length before being cut
     into steps, and the steps are shuffled again: batches of similar lengths waste little
-    compute on padding, while the order stays random. A last incomplete step is dropped
-    (it would change the effective batch size).
+    compute on padding, while the order stays random. The len(lengths) % step_size pairs that
+    would make an incomplete last step (it would change the effective batch size) are left out
+    of the epoch; they are drawn at random each epoch, before any grouping, so neither the
+    shortest pairs nor any others are left out every time.
     """
     rng = random.Random(seed * 100_003 + epoch)
     order = list(range(len(lengths)))
     rng.shuffle(order)
+    order = order[:len(order) - len(order) % step_size]
     if group_by_length:
         pool = step_size * 32
         order = [i for start in range(0, len(order), pool)
                  for i in sorted(order[start:start + pool], key=lambda j: -lengths[j])]
-    steps = [order[i:i + step_size] for i in range(0, len(order) - step_size + 1, step_size)]
+    steps = [order[i:i + step_size] for i in range(0, len(order), step_size)]
     if group_by_length:
         rng.shuffle(steps)
     return steps
