@@ -61,6 +61,14 @@ def read_records(path: str | Path, repair: bool = False) -> list[dict]:
     return records
 
 
+def record_line_numbers(path: str | Path) -> list[int]:
+    """The line number of each record `read_records` returns (it skips blank lines and a partial
+    last line), so that a message about a record can name its line in the file."""
+    data = Path(path).read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    return [n for n, raw in enumerate(complete.splitlines(), start=1) if raw.strip()]
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write `text` to a temporary file beside `path`, fsync, rename over it, fsync the folder.
 

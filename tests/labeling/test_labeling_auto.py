@@ -131,10 +131,12 @@ def test_bt_sample_matches_the_bradley_terry_probabilities(tmp_path):
 def test_bt_sample_is_seeded_and_resumes_after_a_crash(tmp_path):
     pairs, reward = random_reward_pairs(200)
     pairs_file = write_pairs_file(tmp_path / "pairs.jsonl", pairs)
+    # The killed run's reward is a different function object: name it as the same reward.
+    named = {"show_progress": False, "reward_name": "gauss"}
     full = tmp_path / "full.jsonl"
-    label_auto(pairs_file, reward, full, seed=3, batch_size=16, show_progress=False)
+    label_auto(pairs_file, reward, full, seed=3, batch_size=16, **named)
     other_seed = tmp_path / "other.jsonl"
-    label_auto(pairs_file, reward, other_seed, seed=4, batch_size=16, show_progress=False)
+    label_auto(pairs_file, reward, other_seed, seed=4, batch_size=16, **named)
     assert full.read_bytes() != other_seed.read_bytes()
 
     calls = 0
@@ -148,15 +150,14 @@ def test_bt_sample_is_seeded_and_resumes_after_a_crash(tmp_path):
 
     resumed = tmp_path / "resumed.jsonl"
     with pytest.raises(KeyboardInterrupt):
-        label_auto(pairs_file, dies_on_fourth_batch, resumed, seed=3, batch_size=16,
-                   show_progress=False)
+        label_auto(pairs_file, dies_on_fourth_batch, resumed, seed=3, batch_size=16, **named)
     assert len(read_jsonl(resumed)) == 48
     with open(resumed, "ab") as f:  # and a kill in the middle of a write
         f.write(b'{"prompt": "half a li')
-    stats = label_auto(pairs_file, reward, resumed, seed=3, batch_size=50, show_progress=False)
+    stats = label_auto(pairs_file, reward, resumed, seed=3, batch_size=50, **named)
     assert stats["resumed_from"] == 48 and stats["written"] == 152
     assert resumed.read_bytes() == full.read_bytes()
-    again = label_auto(pairs_file, reward, resumed, seed=3, show_progress=False)
+    again = label_auto(pairs_file, reward, resumed, seed=3, **named)
     assert again.get("written", 0) == 0, "a finished run writes nothing more"
 
 
@@ -247,4 +248,76 @@ def test_pairs_with_an_empty_response_are_skipped_and_counted(tmp_path, rewards_
     stats = label_auto(write_pairs_file(tmp_path / "pairs.jsonl", pairs), "my_rewards:length",
                        out, mode=mode, show_progress=False)
     assert stats["written"] == 1 and stats["empty_skipped"] == 2
+    assert [r["pair_id"] for r in read_jsonl(out)] == ["kept"]
+
+
+def test_resume_refuses_another_pairs_file_with_the_same_pair_ids(tmp_path, rewards_file):
+    # `preftune sample` numbers every file p000000, p000001, ...: ids alone cannot tell files apart.
+    pairs_a = write_pairs_file(tmp_path / "a.jsonl", [
+        Pair("p000000", "Tell me about cats", ("cats purr", "cats nap")),
+        Pair("p000001", "Tell me about dogs", ("dogs bark", "dogs run"))])
+    pairs_b = write_pairs_file(tmp_path / "b.jsonl", [
+        Pair("p000000", "What is rain", ("water falling", "wet")),
+        Pair("p000001", "What is snow", ("cold", "frozen rain")),
+        Pair("p000002", "What is hail", ("ice", "balls of ice"))])
+    out = tmp_path / "D.jsonl"
+    label_auto(pairs_a, "my_rewards:length", out, show_progress=False)
+    before = out.read_bytes()
+    with pytest.raises(UserError, match=r"D.jsonl, line 1: the prompt or responses of pair "
+                                        r"'p000000' differ.*another --out"):
+        label_auto(pairs_b, "my_rewards:length", out, show_progress=False)
+    assert out.read_bytes() == before, "a refused run leaves the file as it was"
+    # The same prompt with other responses (a resample) is another pair too.
+    resampled = write_pairs_file(tmp_path / "a2.jsonl", [
+        Pair("p000000", "Tell me about cats", ("cats purr", "cats nap")),
+        Pair("p000001", "Tell me about dogs", ("dogs bark", "dogs sleep"))])
+    with pytest.raises(UserError, match="line 2: the prompt or responses of pair 'p000001'"):
+        label_auto(resampled, "my_rewards:length", out, show_progress=False)
+
+
+def test_resume_refuses_another_reward(tmp_path, rewards_file):
+    pairs_file = write_pairs_file(tmp_path / "pairs.jsonl", make_pairs(4))
+    out = tmp_path / "D.jsonl"
+    label_auto(pairs_file, "my_rewards:length", out, show_progress=False)
+    assert {r["reward"] for r in read_jsonl(out)} == {"my_rewards:length"}
+    with pytest.raises(UserError, match=r"D.jsonl, line 1: written by another job "
+                                        r"\(reward='my_rewards:length'.*another --out"):
+        label_auto(pairs_file, "my_rewards:batched", out, show_progress=False)
+    with pytest.raises(UserError, match="another job"):
+        label_auto(pairs_file, lambda p, r: [0.0] * len(r), out, show_progress=False)
+    again = label_auto(pairs_file, "my_rewards:length", out, show_progress=False)
+    assert again["resumed_from"] == 4 and again.get("written", 0) == 0
+
+
+def test_resume_refuses_rows_that_do_not_name_their_reward(tmp_path, rewards_file):
+    pairs_file = write_pairs_file(tmp_path / "pairs.jsonl", make_pairs(3))
+    out = tmp_path / "D.jsonl"
+    label_auto(pairs_file, "my_rewards:length", out, show_progress=False)
+    rows = read_jsonl(out)
+    del rows[1]["reward"]  # as an older preftune wrote them
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(UserError, match=r"D.jsonl, line 2: .*does not record which reward"):
+        label_auto(pairs_file, "my_rewards:length", out, show_progress=False)
+
+
+def test_resume_refuses_a_pair_labeled_twice(tmp_path, rewards_file):
+    pairs_file = write_pairs_file(tmp_path / "pairs.jsonl", make_pairs(2))
+    out = tmp_path / "D.jsonl"
+    label_auto(pairs_file, "my_rewards:length", out, show_progress=False)
+    first = out.read_text().splitlines()[0]
+    with open(out, "a") as f:
+        f.write("\n" + first + "\n")  # a blank line, then line 1 again
+    with pytest.raises(UserError, match="line 4: pair 'p00000' was already labeled on line 1"):
+        label_auto(pairs_file, "my_rewards:length", out, show_progress=False)
+
+
+@pytest.mark.parametrize("mode", ["argmax", "bt-sample"])
+def test_pairs_with_identical_responses_are_skipped_and_counted(tmp_path, rewards_file, mode):
+    # Greedy decoding writes such pairs; bt-sample would turn them into chosen == rejected rows.
+    pairs = [Pair("same", "p", ("one answer", "one answer")),
+             Pair("kept", "p", ("a long answer", "short"))]
+    out = tmp_path / "D.jsonl"
+    stats = label_auto(write_pairs_file(tmp_path / "pairs.jsonl", pairs), "my_rewards:length",
+                       out, mode=mode, show_progress=False)
+    assert stats["written"] == 1 and stats["identical_skipped"] == 1
     assert [r["pair_id"] for r in read_jsonl(out)] == ["kept"]

@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from preftune.errors import UserError
 from preftune.labeling.cli import app
+from preftune.labeling.pairs import Pair
 from preftune.labeling.store import Store
 
 runner = CliRunner()
@@ -76,3 +77,23 @@ def test_auto_command(tmp_path):
                     "--out", out, "--seed", "1")
     assert "wrote 5 rows (bt-sample)" in result.output
     assert all(json.loads(line)["p"] == pytest.approx(0.5) for line in out.read_text().splitlines())
+
+
+def test_auto_command_counts_identical_pairs_and_refuses_another_pairs_file(tmp_path):
+    (tmp_path / "lenreward.py").write_text(
+        "def score(prompt, response):\n    return len(response.split()) / 5\n")
+    reward = f"{tmp_path / 'lenreward.py'}:score"
+    pairs = make_pairs(3)
+    pairs[1] = Pair(pairs[1].pair_id, pairs[1].prompt, ("same", "same"))
+    first = write_pairs_file(tmp_path / "first.jsonl", pairs)
+    out = tmp_path / "D.jsonl"
+    result = invoke("auto", "--pairs", first, "--reward", reward, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "wrote 2 rows (bt-sample)" in result.output
+    assert "1 pairs with identical responses skipped" in result.output
+    # Another pairs file that reuses the same pair ids must not count as already labeled.
+    other = write_pairs_file(tmp_path / "other.jsonl",
+                             [Pair(p.pair_id, "another prompt", p.responses) for p in pairs])
+    result = invoke("auto", "--pairs", other, "--reward", reward, "--out", out)
+    assert isinstance(result.exception, UserError)
+    assert f"{out}, line 1" in str(result.exception)

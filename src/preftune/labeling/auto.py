@@ -3,13 +3,15 @@
 The Bradley-Terry model gives p(y1 > y2 | x) = exp(r1) / (exp(r1) + exp(r2)) = sigmoid(r1 - r2).
 `bt-sample` draws the winner with that probability, as the DPO paper's synthetic experiments do;
 `argmax` takes the higher reward, and a pair whose rewards are exactly equal is counted and
-skipped (no preference to learn from it). A pair with an empty response is counted and skipped
-in both modes, since training refuses empty responses.
+skipped (no preference to learn from it). In both modes a pair with an empty response is
+counted and skipped, since training refuses empty responses, and so is a pair whose two
+responses are the same text (greedy decoding gives those), since neither can be preferred.
 
 The run is crash-safe and resumable: rows are appended and fsynced per batch, and a rerun reads
-what is on disk (cutting a partial last line) and labels only the pairs not yet written. The
-draw for a pair uses a generator seeded by (seed, pair_id), so a resumed run writes exactly the
-rows an uninterrupted one would.
+what is on disk (cutting a partial last line) and labels only the pairs not yet written. It
+resumes only a file written by the same job: every row must hold the same prompt and responses
+as its pair and carry the same reward spec, mode and seed. The draw for a pair uses a generator
+seeded by (seed, pair_id), so a resumed run writes exactly the rows an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 from preftune.errors import UserError
 from preftune.labeling.export import as_triplet
 from preftune.labeling.pairs import Pair, load_pairs
-from preftune.records import append_records, read_records
+from preftune.records import append_records, read_records, record_line_numbers
 
 MODES = ("bt-sample", "argmax")
 
@@ -42,26 +44,68 @@ def pair_draw(seed: int, pair_id: str) -> float:
     return random.Random(f"{seed}:{pair_id}").random()
 
 
-def _already_written(out: Path, pair_ids: set[str], mode: str, seed: int) -> set[str]:
-    """Pair ids already in `out`, after cutting a partial last line; refuse mixed runs."""
-    done = set()
-    for lineno, row in enumerate(read_records(out, repair=True), start=1):
-        if row.get("label") != mode or row.get("seed") != seed:
+def _already_written(out: Path, pairs: dict[str, Pair], job: dict) -> set[str]:
+    """Pair ids already labeled in `out` (after cutting a partial last line) by this very job.
+
+    `preftune sample` numbers every pairs file p000000, p000001, ..., so a pair id alone does
+    not tell two pairs files apart: a row counts as done only if it holds the same prompt and
+    responses as the pair it names, and was labeled with the same reward, mode and seed
+    (`job`). Anything else would mix two jobs in one file or skip pairs never labeled, so it is
+    refused instead.
+    """
+    records = read_records(out, repair=True)
+    if not records:
+        return set()
+    done: dict[str, int] = {}
+    for lineno, row in zip(record_line_numbers(out), records):
+        where = f"{out}, line {lineno}"
+        if "reward" not in row:
             raise UserError(
-                f"{out}: row {lineno} was written with label={row.get('label')!r} "
-                f"seed={row.get('seed')!r}, not {mode!r} seed={seed}; rerun with the same "
-                f"settings to resume, or choose another --out."
+                f"{where}: this row does not record which reward labeled it (written by an older "
+                f"preftune), so resuming could mix rewards; choose another --out, or delete "
+                f"{out} to label again."
             )
-        if row.get("pair_id") not in pair_ids:
+        found = {key: row.get(key) for key in job}
+        if found != job:
+            written = " ".join(f"{k}={v!r}" for k, v in found.items())
+            wanted = " ".join(f"{k}={v!r}" for k, v in job.items())
             raise UserError(
-                f"{out}: row {lineno} has pair_id {row.get('pair_id')!r}, which the pairs file "
-                f"does not hold; choose another --out for a different pairs file."
+                f"{where}: written by another job ({written}, not {wanted}); rerun with the same "
+                f"settings to resume, or choose another --out (or delete {out})."
             )
-        done.add(row["pair_id"])
-    return done
+        pair_id = row.get("pair_id")
+        pair = pairs.get(pair_id)
+        if pair is None:
+            raise UserError(
+                f"{where}: pair_id {pair_id!r} is not in the pairs file, so this file labels "
+                f"another pairs file; choose another --out (or delete {out})."
+            )
+        if not _row_labels_pair(row, pair):
+            raise UserError(
+                f"{where}: the prompt or responses of pair {pair_id!r} differ from the pairs file's "
+                f"(another pairs file with the same pair ids?); choose another --out for a "
+                f"different pairs file (or delete {out})."
+            )
+        if pair_id in done:
+            raise UserError(
+                f"{where}: pair {pair_id!r} was already labeled on line {done[pair_id]}; a pair "
+                f"must appear once, so remove one of the two lines."
+            )
+        done[pair_id] = lineno
+    return set(done)
 
 
-def _label_batch(batch: list[Pair], values: list[float], mode: str, seed: int, stats: Counter):
+def _row_labels_pair(row: dict, pair: Pair) -> bool:
+    """Whether `row` is the D.jsonl row that labeling `pair` with its `chosen_index` gives."""
+    winner = row.get("chosen_index")
+    if type(winner) is not int or winner not in (0, 1):
+        return False
+    expected = as_triplet(pair.pair_id, {"prompt": pair.prompt, "responses": pair.responses},
+                          winner)
+    return all(row.get(key) == value for key, value in expected.items())
+
+
+def _label_batch(batch: list[Pair], values: list[float], job: dict, stats: Counter):
     rows = []
     for i, pair in enumerate(batch):
         r1, r2 = values[2 * i], values[2 * i + 1]
@@ -74,17 +118,21 @@ def _label_batch(batch: list[Pair], values: list[float], mode: str, seed: int, s
             # `preftune train` refuses empty responses; a sampler may still write one.
             stats["empty_skipped"] += 1
             continue
+        if pair.responses[0] == pair.responses[1]:
+            # Nothing to prefer: bt-sample would write a coin flip with chosen == rejected.
+            stats["identical_skipped"] += 1
+            continue
         p = bt_probability(r1, r2)
-        if mode == "argmax":
+        if job["label"] == "argmax":
             if r1 == r2:
                 stats["ties_skipped"] += 1
                 continue
             winner = 0 if r1 > r2 else 1
         else:
-            winner = 0 if pair_draw(seed, pair.pair_id) < p else 1
+            winner = 0 if pair_draw(job["seed"], pair.pair_id) < p else 1
         row = as_triplet(pair.pair_id, {"prompt": pair.prompt, "responses": pair.responses},
                          winner)
-        row.update(r1=r1, r2=r2, p=p, chosen_index=winner, label=mode, seed=seed)
+        row.update(r1=r1, r2=r2, p=p, chosen_index=winner, **job)
         rows.append(row)
     return rows
 
@@ -97,8 +145,13 @@ def label_auto(
     seed: int = 0,
     batch_size: int = 32,
     show_progress: bool = True,
+    reward_name: str | None = None,
 ) -> dict:
-    """Label every pair of `pairs_path` not yet in `out`; returns counts for the summary."""
+    """Label every pair of `pairs_path` not yet in `out`; returns counts for the summary.
+
+    Each row records the reward as `reward`: the spec when `reward` is one, otherwise
+    `reward_name`, or the function's module and name. A resumed run must use the same.
+    """
     from preftune.rewards import load_reward
 
     if mode not in MODES:
@@ -107,7 +160,10 @@ def label_auto(
         raise UserError(f"--batch-size must be at least 1, got {batch_size}.")
     out = Path(out)
     pairs = load_pairs(pairs_path)
-    done = _already_written(out, {p.pair_id for p in pairs}, mode, seed)
+    if reward_name is None:
+        reward_name = reward if isinstance(reward, str) else _function_name(reward)
+    job = {"reward": reward_name, "label": mode, "seed": seed}
+    done = _already_written(out, {p.pair_id: p for p in pairs}, job)
     todo = [p for p in pairs if p.pair_id not in done]
     reward_fn = load_reward(reward) if isinstance(reward, str) else reward
     stats = Counter(pairs=len(pairs), resumed_from=len(done))
@@ -122,9 +178,14 @@ def label_auto(
                     f"the reward function returned {len(values)} values for {len(responses)} "
                     f"responses; it must return one per response."
                 )
-            stats["written"] += append_records(out, _label_batch(batch, values, mode, seed, stats))
+            stats["written"] += append_records(out, _label_batch(batch, values, job, stats))
             advance(len(batch))
     return dict(stats)
+
+
+def _function_name(fn: Callable) -> str:
+    module = getattr(fn, "__module__", None) or "?"
+    return f"{module}:{getattr(fn, '__qualname__', type(fn).__qualname__)}"
 
 
 class _progress:

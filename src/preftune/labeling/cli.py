@@ -139,6 +139,8 @@ def auto(
     ties = f", {stats['ties_skipped']} ties skipped" if stats.get("ties_skipped") else ""
     if stats.get("empty_skipped"):
         ties += f", {stats['empty_skipped']} pairs with an empty response skipped"
+    if stats.get("identical_skipped"):
+        ties += f", {stats['identical_skipped']} pairs with identical responses skipped"
     typer.echo(
         f"{out}: wrote {stats.get('written', 0)} rows ({mode}), "
         f"{stats['resumed_from']} were already there{ties}"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from preftune.errors import UserError
-from preftune.records import read_records
+from preftune.records import read_records, record_line_numbers
 
 Prompt = str | list  # text, or a list of {role, content} messages
 
@@ -59,13 +59,6 @@ def pair_from_record(record: dict, where: str) -> Pair:
     return Pair(pair_id=pair_id, prompt=prompt, responses=(responses[0], responses[1]))
 
 
-def _record_line_numbers(path: Path) -> list[int]:
-    """Line numbers of the records `read_records` returns (it skips blank lines and a partial tail)."""
-    data = path.read_bytes()
-    complete = data[: data.rfind(b"\n") + 1]
-    return [n for n, raw in enumerate(complete.splitlines(), start=1) if raw.strip()]
-
-
 def _unterminated_last_record(path: Path) -> list[tuple[int, dict]]:
     """`read_records` ignores a last line without a newline (the trace of a killed writer).
     A pairs file may be written by hand, though: keep that line if it is a whole JSON object,
@@ -94,7 +87,7 @@ def load_pairs(path: str | Path) -> list[Pair]:
         raise UserError(f"{path}: no such file; pass the pairs.jsonl written by `preftune sample`.")
     pairs: list[Pair] = []
     seen: dict[str, int] = {}
-    records = list(zip(_record_line_numbers(path), read_records(path)))
+    records = list(zip(record_line_numbers(path), read_records(path)))
     records += _unterminated_last_record(path)
     for lineno, record in records:
         where = f"{path}, line {lineno}"
