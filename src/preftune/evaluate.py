@@ -75,13 +75,22 @@ def evaluate_pairs(policy_logps, reference_logps, pairs: list[TokenizedPair], co
 REFERENCE_FREE_LOSSES = ("simpo", "sft")
 
 
+# Written by `preftune export` beside the merged weights: the adapter, the base and the run's config.
+EXPORT_RECORD = "preftune_export.yaml"
+
+
 def run_config(model_path: str | Path) -> dict:
     """The config.yaml of the `preftune train` run that saved `model_path`, or {}.
 
-    A run writes RUN/config.yaml, RUN/final and RUN/checkpoints/step-N; from the config the
-    evaluator takes the defaults a user would otherwise have to repeat (beta, loss, reference).
+    A run writes RUN/config.yaml, RUN/final and RUN/checkpoints/step-N, and `preftune export`
+    copies the config into the merged model's folder; from the config the evaluator takes the
+    defaults a user would otherwise have to repeat (beta, loss, max_length, reference).
     """
     folder = Path(model_path)
+    if (folder / EXPORT_RECORD).is_file():  # a merged model written by `preftune export`
+        record = yaml.safe_load((folder / EXPORT_RECORD).read_text(encoding="utf-8")) or {}
+        config = record.get("run_config") if isinstance(record, dict) else None
+        return config if isinstance(config, dict) else {}
     candidates = [folder.parent / "config.yaml"] if folder.name == "final" else []
     if folder.parent.name == "checkpoints":
         candidates.append(folder.parent.parent / "config.yaml")

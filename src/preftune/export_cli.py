@@ -25,19 +25,29 @@ def _adapter_folder(run: Path) -> Path:
                     "(train.output_dir), its final/ or one of its checkpoints.")
 
 
+def _run_folder(adapter: Path) -> Path:
+    """The run an adapter belongs to: the parent of final/, two levels above a checkpoint."""
+    return adapter.parent.parent if adapter.parent.name == "checkpoints" else adapter.parent
+
+
 def _run_config(adapter: Path) -> dict:
-    """The run's config.yaml (beside final/ or two levels above a checkpoint), if found."""
-    for candidate in (adapter.parent / "config.yaml", adapter.parent.parent / "config.yaml"):
-        if candidate.exists():
-            return yaml.safe_load(candidate.read_text()) or {}
-    return {}
+    """The run's config.yaml, if found."""
+    candidate = _run_folder(adapter) / "config.yaml"
+    return (yaml.safe_load(candidate.read_text()) or {}) if candidate.exists() else {}
+
+
+def _default_target(adapter: Path) -> Path:
+    """RUN/merged for final/, RUN/merged-step-000300 for a checkpoint: never inside checkpoints/."""
+    run = _run_folder(adapter)
+    return run / ("merged" if adapter.parent.name != "checkpoints" else f"merged-{adapter.name}")
 
 
 @app.command("export")
 def export(
     run: Path = typer.Argument(..., help="Run folder (train.output_dir), its final/, or a checkpoint."),
     merge: bool = typer.Option(False, "--merge", help="Fold the LoRA adapter into the base weights."),
-    out: Path | None = typer.Option(None, help="Where to write the model (default: RUN/merged)."),
+    out: Path | None = typer.Option(None, help="Where to write the model (default: RUN/merged, or "
+                                    "RUN/merged-step-N for a checkpoint). An earlier export there is replaced."),
     base: str | None = typer.Option(None, help="Base model (default: the run's model.path)."),
 ):
     """Write a LoRA run's policy as a plain model folder that from_pretrained loads."""
@@ -45,13 +55,23 @@ def export(
         raise UserError("preftune export writes a merged model; add --merge (the adapter itself "
                         "is in RUN/final already, loadable by peft).")
     adapter = _adapter_folder(run)
-    model_cfg = _run_config(adapter).get("model", {})
+    run_cfg = _run_config(adapter)
+    model_cfg = run_cfg.get("model", {})
     base_path = base or model_cfg.get("path") or \
         json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if not base_path:
         raise UserError(f"{adapter}: cannot tell the base model; pass --base.")
+    from preftune.evaluate import EXPORT_RECORD
     from preftune.lora import merge_adapter
 
-    target = out or (run if adapter == run / "final" else adapter.parent) / "merged"
-    written = merge_adapter(adapter, base_path, model_cfg.get("dtype", "float32"), Path(target))
+    target = Path(out) if out is not None else _default_target(adapter)
+    # An export replaces an earlier export, and nothing else (not a base model given as --out).
+    if target.exists() and any(target.iterdir()) and not (target / EXPORT_RECORD).exists():
+        raise UserError(f"--out {target} already exists and is not a model preftune exported; "
+                        "choose another --out, or remove it first.")
+    # What `preftune eval` reads to evaluate the merged model with the run's own settings
+    # (beta, loss, max_length; the base as reference), as it does for RUN/final.
+    record = {"adapter": str(adapter.resolve()), "base": base_path, "run_config": run_cfg}
+    written = merge_adapter(adapter, base_path, model_cfg.get("dtype", "float32"), target,
+                            extra_files={EXPORT_RECORD: yaml.safe_dump(record, sort_keys=False)})
     typer.echo(f"merged model: {written}")

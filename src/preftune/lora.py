@@ -57,15 +57,23 @@ def load_adapter_weights(model: nn.Module, folder: Path) -> None:
                         f"(unexpected {unexpected[:3]}).")
 
 
-def merge_adapter(adapter_folder: Path, base_path: str, dtype: str, out: Path) -> Path:
-    """Base model + adapter -> one model folder that `from_pretrained` loads without peft."""
+def merge_adapter(adapter_folder: Path, base_path: str, dtype: str, out: Path,
+                  extra_files: dict[str, str] | None = None) -> Path:
+    """Base model + adapter -> one model folder that `from_pretrained` loads without peft,
+    written whole or not at all (an earlier folder at `out` is replaced only at the end)."""
+    from preftune.checkpoint import write_folder_atomically
     from preftune.modeling import load_causal_lm, load_tokenizer
 
     base = load_causal_lm(base_path, dtype)
     model = _peft().PeftModel.from_pretrained(base, str(adapter_folder))
     merged = model.merge_and_unload()
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out, safe_serialization=True)
     tokenizer_source = adapter_folder if (adapter_folder / "tokenizer_config.json").exists() else base_path
-    load_tokenizer(str(tokenizer_source)).save_pretrained(out)
-    return out
+    tokenizer = load_tokenizer(str(tokenizer_source))
+
+    def fill(tmp: Path) -> None:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+
+    return write_folder_atomically(out, fill, "the merged model")

@@ -1,0 +1,68 @@
+"""`preftune export RUN --merge`: where the merged model goes, what it replaces, and that
+`preftune eval` evaluates it with the run's own settings, as it does the adapter in RUN/final."""
+
+from __future__ import annotations
+
+import pytest
+from preftune_test_data import PAIRS, make_config, write_jsonl
+
+from preftune.errors import UserError
+from preftune.evaluate import EXPORT_RECORD, evaluate_pairs_file, run_config
+from preftune.train import train
+
+pytest.importorskip("peft")
+
+LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", [dict(r) for r in PAIRS for _ in range(4)])
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_llama, pairs_file):
+    folder = tmp_path_factory.mktemp("export")
+    # max_length 24 (not the evaluator's default of 1024) truncates some pairs: an evaluation
+    # that missed the run's settings would give other numbers.
+    train(make_config(folder, tiny_llama, pairs_file, "run", model={"lora": LORA},
+                      data={"max_length": 24}, optim={"lr": 1e-2}, train={"max_steps": 2, "save_every": 1}))
+    return folder / "run"
+
+
+def test_merged_model_is_evaluated_with_the_runs_settings(lora_run, pairs_file, tmp_path):
+    from preftune.export_cli import export
+
+    export(lora_run, merge=True, out=None, base=None)
+    merged = lora_run / "merged"
+    assert (merged / EXPORT_RECORD).is_file()
+    assert run_config(merged) == run_config(lora_run / "final")
+    on_adapter = evaluate_pairs_file(str(lora_run / "final"), str(pairs_file), None, out=tmp_path / "a")
+    on_merged = evaluate_pairs_file(str(merged), str(pairs_file), None, out=tmp_path / "m")
+    for key in ("eval/loss", "eval/rewards/margins", "eval/lengths/chosen"):
+        assert on_merged[key] == pytest.approx(on_adapter[key], abs=1e-5), key
+
+
+def test_a_checkpoint_exports_beside_the_run_not_into_checkpoints(lora_run):
+    from preftune.export_cli import export
+
+    export(lora_run / "checkpoints" / "step-000001", merge=True, out=None, base=None)
+    assert (lora_run / "merged-step-000001" / "config.json").is_file()
+    assert not (lora_run / "checkpoints" / "merged").exists()
+
+
+def test_an_export_replaces_an_earlier_export_and_nothing_else(lora_run, tmp_path):
+    from preftune.export_cli import export
+
+    target = tmp_path / "merged"
+    export(lora_run, merge=True, out=target, base=None)
+    (target / "eval.json").write_text("{}")  # from an evaluation of the earlier export
+    export(lora_run, merge=True, out=target, base=None)
+    assert not (target / "eval.json").exists() and (target / "model.safetensors").is_file()
+
+    base_like = tmp_path / "base"
+    base_like.mkdir()
+    (base_like / "config.json").write_text("{}")
+    with pytest.raises(UserError, match=r"--out .*base already exists and is not a model preftune exported"):
+        export(lora_run, merge=True, out=base_like, base=None)
+    assert [p.name for p in base_like.iterdir()] == ["config.json"]
