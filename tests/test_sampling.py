@@ -169,8 +169,8 @@ def test_greedy_responses_are_the_new_tokens_cut_at_eos(model_and_tokenizer):
         generated = generated[: generated.index(tokenizer.eos_token_id)]
     expected = tokenizer.decode(generated, skip_special_tokens=True)
     config_before = model.generation_config.to_dict()
-    record = sample_pairs(model, tokenizer, [prompt], temperature=0.0, max_new_tokens=6, n=2)[0]
-    assert record["responses"] == [expected, expected]
+    record = sample_pairs(model, tokenizer, [prompt], temperature=0.0, max_new_tokens=6, n=1)[0]
+    assert record["responses"] == [expected]
     assert model.generation_config.to_dict() == config_before  # sampling leaves it alone
     # A vanishing nucleus keeps only the top token: sampling becomes greedy too.
     nucleus = sample_pairs(model, tokenizer, [prompt], top_p=1e-6, max_new_tokens=6)[0]
@@ -226,6 +226,10 @@ def test_bad_settings_are_user_errors():
         SamplingSettings(top_p=0.0)
     with pytest.raises(UserError, match="--n"):
         SamplingSettings(n=0)
+    # Greedy decoding cannot give two different responses: pairs would have chosen == rejected.
+    with pytest.raises(UserError, match=r"--temperature 0 .* same response 2 times.*--n 1"):
+        SamplingSettings(temperature=0.0, n=2)
+    assert SamplingSettings(temperature=0.0, n=1).n == 1
 
 
 def test_cli_samples_and_resumes(model_dir, tmp_path):
@@ -259,3 +263,40 @@ def test_token_ids_are_the_ones_behind_the_text(model_and_tokenizer):
             assert eos not in ids[:-1] and len(ids) <= 6
             kept = ids[:-1] if ids and ids[-1] == eos else ids
             assert tokenizer.decode(kept, skip_special_tokens=True) == text
+
+
+def test_cli_refuses_greedy_pairs_before_loading_anything(model_dir, tmp_path):
+    prompts = write_txt(tmp_path / "p.txt", PROMPTS[:2])
+    out = tmp_path / "pairs.jsonl"
+    result = CliRunner().invoke(app, ["--model", str(model_dir), "--prompts", str(prompts),
+                                      "--out", str(out), "--temperature", "0", "--no-progress"])
+    assert isinstance(result.exception, UserError)
+    assert "set --temperature above 0" in str(result.exception)
+    assert not out.exists()
+
+
+@pytest.fixture
+def transformers_bars_on():
+    """transformers' bar switch is process-wide and other tests turn it off: start from on."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()
+    yield
+    if not before:
+        hf_logging.disable_progress_bar()
+
+
+@pytest.mark.usefixtures("transformers_bars_on")
+def test_no_progress_means_no_transformers_bars_either(model_dir, tmp_path):
+    from transformers.utils import logging as hf_logging
+
+    prompts = write_txt(tmp_path / "p.txt", PROMPTS[:2])
+    args = ["--model", str(model_dir), "--prompts", str(prompts), "--max-new-tokens", "2"]
+    quiet = CliRunner().invoke(app, args + ["--out", str(tmp_path / "quiet.jsonl"), "--no-progress"])
+    assert quiet.exit_code == 0, quiet.output
+    assert "Loading weights" not in quiet.output and "%" not in quiet.output
+    assert hf_logging.is_progress_bar_enabled(), "the global switch is put back"
+    # The check above means something: with progress on, transformers' bar does show.
+    loud = CliRunner().invoke(app, args + ["--out", str(tmp_path / "loud.jsonl")])
+    assert loud.exit_code == 0 and "Loading weights" in loud.output

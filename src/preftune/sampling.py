@@ -43,7 +43,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class SamplingSettings:
     """How responses are drawn; stored verbatim as the record's `sampling` field.
 
-    `temperature=0` means greedy decoding. Only temperature and nucleus (top-p) filtering shape
+    `temperature=0` means greedy decoding, which gives one response per prompt (`n=1`). Only temperature and nucleus (top-p) filtering shape
     the distribution: no top-k, so `top_p=1` samples from the model's full distribution.
     """
 
@@ -58,6 +58,13 @@ class SamplingSettings:
             raise UserError(f"--n must be at least 1, got {self.n}.")
         if self.temperature < 0:
             raise UserError(f"--temperature must be 0 (greedy) or positive, got {self.temperature}.")
+        if self.temperature == 0 and self.n > 1:
+            # Greedy decoding is deterministic: all n responses would be the same text, pairs
+            # with nothing to prefer.
+            raise UserError(
+                f"--temperature 0 (greedy) writes the same response {self.n} times per prompt; "
+                f"set --temperature above 0 (e.g. 1.0) for different responses, or --n 1."
+            )
         if not 0 < self.top_p <= 1:
             raise UserError(f"--top-p must be in (0, 1], got {self.top_p}.")
         if self.max_new_tokens < 1:
@@ -405,7 +412,8 @@ def sample_to_file(
     if done == len(prompts):
         return done, 0
     out.parent.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_model_and_tokenizer(str(model_path), dtype, device)
+    with _transformers_bars(progress):
+        model, tokenizer = load_model_and_tokenizer(str(model_path), dtype, device)
     batches = iter_pair_batches(
         model, tokenizer, prompts, settings, batch_size, start=done, model_name=str(model_path)
     )
@@ -430,3 +438,21 @@ def _progress_bar(enabled: bool, total: int, completed: int) -> Iterator[Callabl
     with Progress() as progress:
         task = progress.add_task("sampling", total=total, completed=completed)
         yield lambda k: progress.advance(task, k)
+
+
+@contextmanager
+def _transformers_bars(enabled: bool) -> Iterator[None]:
+    """transformers draws bars of its own ("Loading weights"); without progress, show none.
+
+    The switch is global to transformers, so it is put back afterwards for other callers.
+    """
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
