@@ -136,6 +136,18 @@ def test_eval_pairs_policy_equal_to_reference_has_zero_margins(models, tmp_path)
     assert record["eval/rewards/chosen"] == 0.0
     assert record["eval/loss"] == pytest.approx(math.log(2))  # DPO's loss at initialisation
     assert record["eval/logps/chosen"] < 0 and record["eval/lengths/chosen"] > 1
+    assert record["truncated"] == 0 and record["skipped"] == {}
+
+
+def test_eval_pairs_counts_truncated_pairs_apart_from_skipped_ones(models, tmp_path):
+    # Truncated pairs are evaluated, cut to --max-length; calling them skipped misleads.
+    data = write_pairs(tmp_path / "D_eval.jsonl")
+    result = invoke(["pairs", "--model", models["ref"], "--reference", models["ref"], "--data", data,
+                     "--max-length", "12", "--out", tmp_path / "out"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert record["truncated"] > 0 and "truncated" not in record["skipped"]
+    assert record["n_pairs"] + sum(record["skipped"].values()) == 3
 
 
 def test_eval_pairs_matches_a_direct_computation_and_reads_the_run_config(models, tmp_path):

@@ -171,7 +171,9 @@ def evaluate_pairs_file(
     record = {
         "kind": "pairs", "model": str(model_path),
         "reference": str(reference_path) if reference_path else None, "data": str(data),
-        "n_pairs": len(pairs), "skipped": dict(loaded.skipped + counts),
+        # Truncated pairs are evaluated (cut to max_length); skipped ones are not.
+        "n_pairs": len(pairs), "truncated": counts.pop("truncated", 0),
+        "skipped": dict(loaded.skipped + counts),
         "loss_type": config.loss.type, "beta": config.loss.beta,
         **{f"eval/{key}": value for key, value in results.items()},
     }
