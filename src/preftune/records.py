@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
+import stat
 from pathlib import Path
 from typing import Iterable
 
@@ -77,7 +78,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     path = Path(path)
     if not path.parent.is_dir():
         raise UserError(f"{path}: the folder {path.parent} does not exist; create it first.")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_temp_beside(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -92,6 +93,31 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
+
+
+def _create_temp_beside(path: Path) -> tuple[int, str]:
+    """A new, empty temporary file in `path`'s folder with the permissions `open(path, "w")`
+    would give: an existing `path`'s own, else 0666 less the umask.
+
+    `tempfile.mkstemp` makes its files 0600, which suits secrets but hid eval.json, samples.jsonl
+    and D.jsonl from the group and others, unlike every other output. Letting `os.open` apply
+    the umask avoids reading it, which (through `os.umask`) would briefly change it for every
+    thread of the process.
+    """
+    try:
+        keep_mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        keep_mode = None
+    while True:
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue  # a name already taken: draw another
+    if keep_mode is not None:
+        os.fchmod(fd, keep_mode)
+    return fd, tmp
 
 
 def write_jsonl_atomic(path: str | Path, rows: Iterable[dict]) -> int:
