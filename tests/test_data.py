@@ -91,6 +91,16 @@ def test_malformed_json_names_the_line(tmp_path):
         load_pairs(str(path))
 
 
+def test_a_csv_row_spanning_lines_is_named_by_all_of_them(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text('prompt,chosen,rejected\n"Write a poem",fine,bad\n"Two\nlines",,"also\nbad"\n')
+    with pytest.raises(UserError, match=r"d.csv, lines 3-5: .*chosen"):
+        load_pairs(str(path))
+    path.write_text('prompt,chosen,rejected\nx,good,bad,extra\n')
+    with pytest.raises(UserError, match=r"d.csv, line 2: more values than header columns"):
+        load_pairs(str(path))
+
+
 def test_identical_responses_are_skipped_and_counted(tmp_path):
     rows = PAIRS + [{"prompt": "p", "chosen": "same", "rejected": "same"}]
     loaded = load_pairs(str(write_jsonl(tmp_path / "d.jsonl", rows)))

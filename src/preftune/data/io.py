@@ -232,14 +232,18 @@ def _rows_from_csv(path: Path) -> Iterator[tuple[str, object]]:
     reader = csv.DictReader(io.StringIO(_read_text(path), newline=""), strict=True)
     while True:
         try:
+            _ = reader.fieldnames  # reads the header, if not yet read, so line_num counts past it
+            first = reader.line_num + 1  # a quoted field may span lines: name them all
             row = next(reader)
         except StopIteration:
             return
         except csv.Error as e:  # DictReader's own line_num only moves on a good row
             raise UserError(f"{path}, line {reader.reader.line_num}: unreadable CSV ({e}).") from None
+        last = reader.line_num
+        where = f"{path}, line {last}" if first == last else f"{path}, lines {first}-{last}"
         if None in row:
-            raise UserError(f"{path}, line {reader.line_num}: more values than header columns.")
-        yield f"{path}, line {reader.line_num}", {k: v for k, v in row.items() if v != "" or k != "prompt"}
+            raise UserError(f"{where}: more values than header columns.")
+        yield where, {k: v for k, v in row.items() if v != "" or k != "prompt"}
 
 
 def _rows_from_parquet(path: Path) -> Iterator[tuple[str, object]]:
