@@ -26,13 +26,43 @@ def _is_local(path: str) -> bool:
     return os.path.isdir(path) or path.startswith((".", "/", "~"))
 
 
+_ANNOUNCED: set[str] = set()
+
+
+def _announce_hub_lookup(path: str) -> None:
+    """Say once, before it starts, that a name is going to the Hub: offline, huggingface_hub
+    retries for the best part of a minute before it fails, and a mistyped local folder looks
+    exactly like that."""
+    import sys
+
+    if os.path.isdir(os.path.expanduser(path)) or path in _ANNOUNCED or os.environ.get("HF_HUB_OFFLINE"):
+        return
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(path, "config.json"), str):
+            return  # in the local cache: nothing to fetch
+    except Exception:  # not a valid repo id: the loader's own error will say so
+        return
+    _ANNOUNCED.add(path)
+    print(f"{path!r} is not a folder under {os.getcwd()}; looking it up on the Hugging Face Hub "
+          "(HF_HUB_OFFLINE=1 makes that fail at once when offline).", file=sys.stderr)
+
+
+def _load_error(what: str, path: str, error: Exception) -> UserError:
+    remote = "" if os.path.isdir(os.path.expanduser(path)) else \
+        f" ({path!r} is not a folder under {os.getcwd()}, so it was looked up on the Hugging Face Hub)"
+    return UserError(f"could not load {what} from {path!r}{remote}: {str(error).splitlines()[0][:200]}")
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    _announce_hub_lookup(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise UserError(f"could not load a tokenizer from {path!r}: {str(e).splitlines()[0][:200]}") from None
+        raise _load_error("a tokenizer", path, e) from None
     if tokenizer.pad_token_id is None:
         # Padding positions never count in a log-prob, so any id will do; EOS is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token
@@ -51,10 +81,11 @@ def load_causal_lm(path: str, dtype: str = "float32", attn_implementation: str |
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     quiet_transformers()
+    _announce_hub_lookup(path)
     try:
         return AutoModelForCausalLM.from_pretrained(os.path.expanduser(path), **kwargs)
     except (OSError, ValueError) as e:
-        raise UserError(f"could not load a causal LM from {path!r}: {str(e).splitlines()[0][:200]}") from None
+        raise _load_error("a causal LM", path, e) from None
 
 
 def quiet_transformers() -> None:

@@ -1,0 +1,43 @@
+"""A model name that is not a local folder: what the user is told, and when."""
+
+from __future__ import annotations
+
+import pytest
+
+from preftune.errors import UserError
+from preftune.modeling import load_causal_lm, load_tokenizer
+
+
+def test_a_name_that_is_no_folder_says_it_went_to_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # HF_HUB_OFFLINE=1 here (conftest): the lookup fails at once
+    with pytest.raises(UserError) as caught:
+        load_tokenizer("tiny-model")
+    assert (f"could not load a tokenizer from 'tiny-model' ('tiny-model' is not a folder under {tmp_path}, "
+            "so it was looked up on the Hugging Face Hub)") in str(caught.value)
+
+
+def test_a_hub_lookup_is_announced_once_before_it_starts(tmp_path, monkeypatch, capsys):
+    # Offline, huggingface_hub retries for most of a minute: the user must know why at once.
+    import transformers
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+
+    said_before_loading = []
+
+    def unreachable(*args, **kwargs):
+        said_before_loading.append(capsys.readouterr().err.count("looking it up on the Hugging Face Hub"))
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", unreachable)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", unreachable)
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        with pytest.raises(UserError, match="couldn't connect"):
+            load_tokenizer("someone/no-such-model-7")
+    with pytest.raises(UserError, match="could not load a causal LM from 'someone/no-such-model-7'"):
+        load_causal_lm("someone/no-such-model-7")
+    with pytest.raises(UserError):
+        load_causal_lm("someone/no-such-model-8")
+    # Said before the first load of each name, and only once per name.
+    assert said_before_loading == [1, 0, 0, 1]
