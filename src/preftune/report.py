@@ -380,7 +380,7 @@ def write_report(run_dir: str | Path, eval_paths: Iterable[str | Path] = (),
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise UserError(f"{run_dir}: no such run folder; pass the --out folder of `preftune train`.")
+        raise UserError(f"{run_dir}: no such run folder; pass the run folder `preftune train` wrote (its train.output_dir).")
     _check_smoothing(smoothing)  # before any work, so a typo costs nothing
     out = Path(output_dir) if output_dir else run_dir
     (out / PLOT_DIR).mkdir(parents=True, exist_ok=True)
@@ -395,7 +395,7 @@ def write_report(run_dir: str | Path, eval_paths: Iterable[str | Path] = (),
         notes.append(f"No metrics.jsonl in {run_dir}: training curves are left out.")
     else:
         raise UserError(f"{run_dir}: neither metrics.jsonl nor any eval.json found; point "
-                        "`preftune report` at the output folder of `preftune train`.")
+                        "`preftune report` at the run folder `preftune train` wrote (its train.output_dir).")
     figures = _training_figures(metrics, out, smoothing, notes) if metrics else []
     figures += _eval_figures(all_evals, out, notes)
     config = load_config(run_dir)

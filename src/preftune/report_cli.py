@@ -18,7 +18,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True)
 
 @app.command("report")
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="Output folder of `preftune train`.")],
+    run_dir: Annotated[Path, typer.Argument(help="Run folder of `preftune train` (its train.output_dir).")],
     eval_files: Annotated[list[Path] | None, typer.Option(
         "--eval", help="More eval.json files (or JSON lists of evaluations) to include; "
         "repeatable. Every eval.json below RUN_DIR is included anyway.",
