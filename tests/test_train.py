@@ -144,3 +144,35 @@ def test_python_api_takes_a_config_a_dict_or_a_yaml_path(tmp_path, tiny_llama, p
     raw["train"]["output_dir"] = str(tmp_path / "api-dict")
     assert preftune.train(raw) == tmp_path / "api-dict" / "final"
     assert preftune.train(yaml_path, resume=False).exists()
+
+
+def test_no_pair_left_after_tokenization_names_the_cause_and_the_setting(tmp_path, tiny_llama, pairs_file):
+    from preftune.errors import UserError
+
+    cfg = make_config(tmp_path, tiny_llama, pairs_file, data={"max_length": 4})
+    with pytest.raises(UserError) as caught:
+        train(cfg)
+    message = str(caught.value)
+    assert message.startswith("no training pairs are left of the 16 rows read: 16 dropped by tokenization "
+                              "(16 prompt longer than data.max_length)")
+    assert "raise data.max_length (now 4)" in message and "batch_size" not in message
+    assert not (tmp_path / "run").exists()  # nothing written for a run that cannot start
+
+
+def test_a_few_pairs_short_of_one_step_still_advise_a_smaller_batch(tmp_path, tiny_llama, pairs_file):
+    from preftune.errors import UserError
+
+    with pytest.raises(UserError, match="16 training pairs are fewer than one optimizer step .* lower "
+                                        "train.batch_size"):
+        train(make_config(tmp_path, tiny_llama, pairs_file, train={"batch_size": 32}))
+
+
+def test_eval_sources_report_rows_read_kept_and_skipped(tmp_path, tiny_llama, pairs_file, capsys):
+    from preftune_test_data import PAIRS, write_jsonl
+
+    same = {"prompt": "Q?", "chosen": " yes", "rejected": " yes"}
+    eval_file = write_jsonl(tmp_path / "eval.jsonl", [*PAIRS, same])
+    train(make_config(tmp_path, tiny_llama, pairs_file, data={"eval": str(eval_file)}))
+    out = "".join(capsys.readouterr().out.split())  # rich wraps long lines anywhere
+    assert f"data:5rowsreadfrom{eval_file}(eval),4kept,skipped:1chosen==rejected" in out
+    assert f"data:16rowsreadfrom{pairs_file}(train),16kept,skipped:none" in out

@@ -18,6 +18,7 @@ import signal
 import sys
 import time
 import types
+from collections import Counter
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -83,20 +84,27 @@ def _describe_counts(counts) -> str:
     return ", ".join(f"{n} {why}" for why, n in counts.items()) or "none"
 
 
+def _load_sources(sources: str | list[str], split: str, name: str, console: Console):
+    """Read every source of the train or eval data, printing for each what was read, kept and
+    skipped, and why; returns the pairs and the skip counts of all sources together."""
+    pairs, skipped = [], Counter()
+    for source in [sources] if isinstance(sources, str) else sources:
+        loaded = load_pairs(source, split)
+        pairs += loaded.pairs
+        skipped.update(loaded.skipped)
+        console.print(escape(f"data: {loaded.rows_read} rows read from {source} ({name}), "
+                             f"{len(loaded.pairs)} kept, skipped: {_describe_counts(loaded.skipped)}"))
+    return pairs, skipped
+
+
 def prepare_data(config: Config, tokenizer, console: Console):
     """Load, split and tokenize; print what was kept, skipped and truncated, and why."""
     data = config.data
-    sources = [data.train] if isinstance(data.train, str) else data.train
-    train_pairs = []
-    for source in sources:
-        loaded = load_pairs(source, data.split)
-        train_pairs += loaded.pairs
-        console.print(f"data: {loaded.rows_read} rows read from {source}, {len(loaded.pairs)} kept, "
-                      f"skipped: {_describe_counts(loaded.skipped)}")
-    eval_pairs = []
+    train_pairs, train_skipped = _load_sources(data.train, data.split, "train", console)
+    rows_read = len(train_pairs) + sum(train_skipped.values())
+    eval_pairs, held_out = [], 0
     if data.eval:
-        for source in [data.eval] if isinstance(data.eval, str) else data.eval:
-            eval_pairs += load_pairs(source, data.split).pairs
+        eval_pairs, _ = _load_sources(data.eval, data.split, "eval", console)
     elif data.eval_fraction > 0:
         order = list(range(len(train_pairs)))
         random.Random(config.train.seed).shuffle(order)
@@ -104,11 +112,35 @@ def prepare_data(config: Config, tokenizer, console: Console):
         eval_set = set(order[:n_eval])
         eval_pairs = [p for i, p in enumerate(train_pairs) if i in eval_set]
         train_pairs = [p for i, p in enumerate(train_pairs) if i not in eval_set]
+        held_out = len(eval_pairs)
     train_tok, train_counts = tokenize_pairs(train_pairs, tokenizer, data)
     eval_tok, eval_counts = tokenize_pairs(eval_pairs, tokenizer, data)
     console.print(f"data: {len(train_tok)} train pairs, {len(eval_tok)} eval pairs; "
                   f"tokenization: train {_describe_counts(train_counts)}; eval {_describe_counts(eval_counts)}")
+    if not train_tok:
+        raise UserError(_no_pairs_left(rows_read, train_skipped, held_out, train_counts, data))
     return train_tok, eval_tok
+
+
+def _no_pairs_left(rows_read: int, skipped: Counter, held_out: int, token_counts: Counter, data) -> str:
+    """Why no training pair is left, from the counts printed before, and which setting to change."""
+    # "truncated" pairs are kept; every other tokenization outcome drops the pair.
+    dropped = Counter({why: n for why, n in token_counts.items() if why != "truncated"})
+    causes, advice = [], []
+    if skipped:
+        causes.append(f"{sum(skipped.values())} skipped when read ({_describe_counts(skipped)})")
+        advice.append("fix the skipped rows in the data")
+    if held_out:
+        causes.append(f"{held_out} held out for evaluation by data.eval_fraction")
+        advice.append("lower data.eval_fraction")
+    if dropped:
+        causes.append(f"{sum(dropped.values())} dropped by tokenization ({_describe_counts(dropped)})")
+        if "prompt longer than data.max_length" in dropped:
+            advice.append(f"raise data.max_length (now {data.max_length}) above the prompts' token length")
+        if set(dropped) - {"prompt longer than data.max_length"}:
+            advice.append("check the dropped rows with `preftune data inspect`")
+    return (f"no training pairs are left of the {rows_read} rows read: {', '.join(causes)}; "
+            f"{' or '.join(advice)}.")
 
 
 # ------------------------------------------------------------------------------ one step
