@@ -143,7 +143,8 @@ def test_python_api_takes_a_config_a_dict_or_a_yaml_path(tmp_path, tiny_llama, p
     raw = load_config(yaml_path).model_dump(mode="json")
     raw["train"]["output_dir"] = str(tmp_path / "api-dict")
     assert preftune.train(raw) == tmp_path / "api-dict" / "final"
-    assert preftune.train(yaml_path, resume=False).exists()
+    # Into the folder of the first run again: starting over there has to be asked for.
+    assert preftune.train(yaml_path, resume=False, overwrite=True).exists()
 
 
 def test_no_pair_left_after_tokenization_names_the_cause_and_the_setting(tmp_path, tiny_llama, pairs_file):

@@ -211,6 +211,34 @@ def load_training_state(folder: Path) -> dict:
     return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
 
 
+# What a run leaves in train.output_dir: train's records, the report, the logger backends'
+# folders, and what `preftune eval` and `export` write from its policies. A new run in the same
+# folder would mix with them. Not listed: config.yaml, which every run rewrites, and the
+# reference log-prob cache (reference_logps/), keyed by content and so still valid for a new run.
+RUN_ENTRIES = ("metrics.jsonl", "checkpoints", "final", "final.tmp", "report.html", "plots",
+               "tensorboard", "wandb", "merged", "leaderboard.json", "leaderboard.md")
+
+
+def earlier_run_entries(output_dir: Path) -> list[str]:
+    """The names in RUN_ENTRIES present in `output_dir`: empty when no run was there."""
+    return [name for name in RUN_ENTRIES if (Path(output_dir) / name).exists()]
+
+
+def remove_earlier_run(output_dir: Path) -> tuple[list[str], list[str]]:
+    """Delete an earlier run's entries (RUN_ENTRIES) from `output_dir`, for a run that starts
+    over there; returns (removed, left): the names deleted and the other names still there."""
+    output_dir = Path(output_dir)
+    removed = earlier_run_entries(output_dir)
+    for name in removed:
+        path = output_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    left = sorted(p.name for p in output_dir.iterdir()) if output_dir.is_dir() else []
+    return removed, left
+
+
 def resolve_resume(resume: str | bool | None, output_dir: Path) -> Path | None:
     """`--resume` alone means the newest good checkpoint of this run; a path means that one."""
     if not resume:

@@ -41,6 +41,8 @@ def train(
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. optim.lr=5e-7"),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest good checkpoint."),
     resume_from: Optional[Path] = typer.Option(None, help="Continue from this checkpoint folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete the run already in train.output_dir "
+                                   "(metrics, checkpoints, final policy, report) and start over."),
     nproc: int = typer.Option(1, help="Processes on this node (launches torchrun)."),
 ):
     """Train a policy with DPO (or another preference loss) against a frozen reference."""
@@ -55,7 +57,7 @@ def train(
             raise typer.Exit(launch_torchrun(nproc, sys.argv))
         from preftune.train import train as run_training
 
-        run_training(cfg, resume=str(resume_from) if resume_from else resume)
+        run_training(cfg, resume=str(resume_from) if resume_from else resume, overwrite=overwrite)
 
 
 @data_app.command("inspect")

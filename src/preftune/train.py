@@ -29,8 +29,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from preftune.checkpoint import (
+    earlier_run_entries,
     latest_good_checkpoint,
     prune_checkpoints,
+    remove_earlier_run,
     resolve_resume,
     rng_state,
     set_rng_state,
@@ -223,10 +225,14 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def train(config: Config | dict | str | Path, resume: str | bool | None = None) -> Path:
+def train(config: Config | dict | str | Path, resume: str | bool | None = None,
+          overwrite: bool = False) -> Path:
     """Run DPO training as configured; returns the folder of the final policy.
 
-    `config` is a `Config`, a dict of sections, or the path of a YAML file.
+    `config` is a `Config`, a dict of sections, or the path of a YAML file. `resume`: True for
+    the newest good checkpoint in train.output_dir, or a checkpoint folder. An output_dir that
+    already holds a run is refused unless the run resumes it, or `overwrite` is True: then the
+    earlier run's files are deleted before the first step (its reference log-prob cache is kept).
     """
     from preftune.config import load_config, validate_config
     from preftune.distributed import setup_distributed, shard_reference, wrap_policy
@@ -239,6 +245,9 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None) 
     dist = setup_distributed(config)
     console = Console(quiet=not dist.is_main)
     output_dir = Path(config.train.output_dir)
+    # Checked before the model loads, so a refusal costs nothing; deleted only once everything
+    # else has been checked, so a bad config or data set never costs the earlier run.
+    start_over = _check_output_dir(output_dir, resume, overwrite, dist)
     device = dist.device or pick_device(config.train.device)
     seed_everything(config.train.seed)
     if config.train.deterministic:
@@ -292,6 +301,8 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None) 
     if checkpoint is not None:
         state = _restore(checkpoint, policy, optimizer, scheduler, config, dist)
         console.print(f"resumed from {checkpoint} at step {state.step}")
+    if start_over:
+        _start_over(output_dir, console, dist)
     if dist.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         dump_config(config, output_dir / "config.yaml")
@@ -369,6 +380,37 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None) 
 
 
 # ------------------------------------------------------------------------------ helpers
+
+
+def _check_output_dir(output_dir: Path, resume, overwrite: bool, dist) -> bool:
+    """Refuse to start a fresh run in a folder that holds one (their metrics, checkpoints and
+    final policy would mix); True when `overwrite` is to delete the earlier run. Rank 0 looks
+    and every rank follows its answer, so all of them raise, or go on, together."""
+    if resume and overwrite:
+        raise UserError(f"--resume continues the run in {output_dir} and --overwrite deletes it; "
+                        "pass one of them, not both.")
+    if resume:
+        return False
+    found = earlier_run_entries(output_dir)
+    if not dist.all_reduce_sum(float(bool(found)) if dist.is_main else 0.0):
+        return False
+    if overwrite:
+        return True
+    shown = ", ".join(found) if found else "an earlier run's files"
+    raise UserError(f"train.output_dir {output_dir} already holds a run ({shown}); resume it with "
+                    "--resume, choose another train.output_dir, or pass --overwrite to delete it "
+                    "and start over.")
+
+
+def _start_over(output_dir: Path, console, dist) -> None:
+    """--overwrite: rank 0 deletes the earlier run, the others wait until it is gone."""
+    if dist.is_main:
+        removed, left = remove_earlier_run(output_dir)
+        left = [name for name in left if name != "config.yaml"]  # rewritten by this run next
+        kept = f"; kept: {', '.join(left)}" if left else ""
+        console.print(escape(f"overwrite: deleted the earlier run's {', '.join(removed)} "
+                             f"in {output_dir}{kept}"))
+    dist.barrier()
 
 
 def _report_bad_step(console, state, metrics, step_indices, train_pairs, config, save, ctx) -> None:
@@ -453,8 +495,8 @@ class _CallableModule(types.ModuleType):
     """`preftune.train(config)` reads as the issue and the README write it, while
     `from preftune.train import train_step` keeps working: the module calls its `train`."""
 
-    def __call__(self, config, resume=None):
-        return train(config, resume)
+    def __call__(self, config, resume=None, overwrite=False):
+        return train(config, resume, overwrite)
 
 
 sys.modules[__name__].__class__ = _CallableModule
