@@ -1,5 +1,7 @@
-"""The run folder (train.output_dir): a fresh run never mixes with an earlier one there."""
+"""The run folder (train.output_dir): a fresh run never mixes with an earlier one there, and the
+config.yaml a run saves works from any directory."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ from typer.testing import CliRunner
 from preftune.checkpoint import list_checkpoints
 from preftune.cli import app
 from preftune.errors import UserError
-from preftune.train import _check_output_dir, _start_over, train
+from preftune.train import _check_output_dir, _start_over, _with_absolute_paths, train
 
 
 def squash(text: str) -> str:
@@ -131,6 +133,61 @@ def test_every_rank_follows_rank_0_and_only_rank_0_deletes(tmp_path):
     other = FakeDist(is_main=False, rank0_saw=True)
     _start_over(held, console=None, dist=other)
     assert (held / "metrics.jsonl").exists() and other.barriers == 1  # waited, deleted nothing
+
+
+# ------------------------------------------------------------------------------ paths in config.yaml
+
+
+def test_saved_config_holds_absolute_local_paths_and_leaves_hub_ids(tmp_path, monkeypatch):
+    from preftune.config import validate_config
+
+    monkeypatch.chdir(tmp_path)
+    Path("model").mkdir()
+    Path("a.jsonl").write_text("")
+    cfg = validate_config({"model": {"path": "model", "reference_path": "org/hub-model"},
+                           "data": {"train": ["a.jsonl", "org/hub-data"], "eval": "a.jsonl"},
+                           "train": {"output_dir": "runs/x"}})
+    saved = _with_absolute_paths(cfg)
+    assert saved.model.path == str(tmp_path / "model")
+    assert saved.model.reference_path == "org/hub-model"
+    assert saved.data.train == [str(tmp_path / "a.jsonl"), "org/hub-data"]
+    assert saved.data.eval == str(tmp_path / "a.jsonl")
+    assert saved.train.output_dir == str(tmp_path / "runs" / "x")
+    assert cfg.model.path == "model"  # the run itself keeps what the user typed
+
+
+def test_a_run_trained_with_relative_paths_is_used_from_another_directory(tmp_path, tiny_llama, pairs_file,
+                                                                          monkeypatch, one_torch_thread):
+    pytest.importorskip("peft")
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    here.mkdir()
+    elsewhere.mkdir()
+    shutil.copytree(tiny_llama, here / "tiny")
+    shutil.copy(pairs_file, here / "train.jsonl")
+    shutil.copy(pairs_file, here / "eval.jsonl")
+    (here / "c.yaml").write_text(
+        "model: {path: tiny}\n"
+        "data: {train: train.jsonl, eval: eval.jsonl, max_length: 64}\n"
+        "train: {batch_size: 4, max_steps: 2, save_every: 1, output_dir: runs/full, progress: false,"
+        " report: false}\n")
+    monkeypatch.chdir(here)
+    assert cli("train", "c.yaml").exit_code == 0
+    lora = ["train.output_dir=runs/lora", "model.lora.r=4", "model.lora.target_modules=[q_proj,v_proj]"]
+    assert cli("train", "c.yaml", *lora).exit_code == 0
+
+    monkeypatch.chdir(elsewhere)  # HF_HUB_OFFLINE=1 (conftest): a relative 'tiny' would fail
+    full, lora_run = here / "runs" / "full", here / "runs" / "lora"
+    # The reference comes from RUN/config.yaml's model.path.
+    result = cli("eval", "pairs", "--model", full / "final", "--data", here / "eval.jsonl",
+                 "--out", elsewhere / "ev")
+    assert result.exit_code == 0, result.output
+    result = cli("train", full / "config.yaml", "--resume", "train.max_steps=3")
+    assert result.exit_code == 0, result.output
+    assert [m["step"] for m in read_metrics(full)] == [1, 2, 3]
+    assert not (elsewhere / "runs").exists()  # resumed in the run's folder, not a new one here
+    result = cli("export", lora_run, "--merge")  # the base is the run's model.path
+    assert result.exit_code == 0, result.output
+    assert (lora_run / "merged" / "config.json").exists()
 
 
 # ------------------------------------------------------------------------------ report wording

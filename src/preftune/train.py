@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import signal
 import sys
@@ -305,7 +306,7 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
         _start_over(output_dir, console, dist)
     if dist.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(config, output_dir / "config.yaml")
+        dump_config(_with_absolute_paths(config), output_dir / "config.yaml")
 
     def save(step_state: TrainState) -> Path:
         return _save(output_dir, step_state, policy, tokenizer, optimizer, scheduler, config, dist)
@@ -411,6 +412,23 @@ def _start_over(output_dir: Path, console, dist) -> None:
         console.print(escape(f"overwrite: deleted the earlier run's {', '.join(removed)} "
                              f"in {output_dir}{kept}"))
     dist.barrier()
+
+
+def _with_absolute_paths(config: Config) -> Config:
+    """A copy of the config for the run's config.yaml whose local paths are absolute, so that
+    `preftune export`, `eval` and `train --resume` find the model, data and run from any
+    directory. A name that exists nowhere here (a Hub id) is left as it is."""
+    def absolute(value):
+        if isinstance(value, list):
+            return [absolute(v) for v in value]
+        return os.path.abspath(value) if value and Path(value).exists() else value
+
+    model = config.model.model_copy(update={"path": absolute(config.model.path),
+                                            "reference_path": absolute(config.model.reference_path)})
+    data = config.data.model_copy(update={"train": absolute(config.data.train),
+                                          "eval": absolute(config.data.eval)})
+    train = config.train.model_copy(update={"output_dir": os.path.abspath(config.train.output_dir)})
+    return config.model_copy(update={"model": model, "data": data, "train": train})
 
 
 def _report_bad_step(console, state, metrics, step_indices, train_pairs, config, save, ctx) -> None:
