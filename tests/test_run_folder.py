@@ -61,6 +61,7 @@ def test_overwrite_starts_over_keeping_only_the_reference_cache(tmp_path, run_co
     run = tmp_path / "run"
     assert cli("train", run_config).exit_code == 0
     (run / "notes.txt").write_text("mine")
+    (run / "merged-step-000002").mkdir()  # `preftune export` of one of its checkpoints
     cache = sorted((run / "reference_logps").glob("*.safetensors"))
     result = cli("train", run_config, "--overwrite", "train.max_steps=2", "train.save_every=1",
                  "optim.lr=1e-5")
@@ -73,6 +74,7 @@ def test_overwrite_starts_over_keeping_only_the_reference_cache(tmp_path, run_co
     assert [c.name for c in list_checkpoints(run)] == ["step-000001", "step-000002"]
     assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["lr"] == 1e-5
     assert "report.html" in {p.name for p in run.iterdir()}
+    assert not (run / "merged-step-000002").exists()
     # --resume now continues the new run (its last step, 2), not the deleted step-000004.
     result = cli("train", run / "config.yaml", "--resume", "train.max_steps=3")
     assert result.exit_code == 0, result.output

@@ -215,13 +215,17 @@ def load_training_state(folder: Path) -> dict:
 # folders, and what `preftune eval` and `export` write from its policies. A new run in the same
 # folder would mix with them. Not listed: config.yaml, which every run rewrites, and the
 # reference log-prob cache (reference_logps/), keyed by content and so still valid for a new run.
+# Glob patterns: `preftune export` writes merged/ for final/ and merged-step-N/ for a checkpoint.
 RUN_ENTRIES = ("metrics.jsonl", "checkpoints", "final", "final.tmp", "report.html", "plots",
-               "tensorboard", "wandb", "merged", "leaderboard.json", "leaderboard.md")
+               "tensorboard", "wandb", "merged", "merged-step-*", "leaderboard.json", "leaderboard.md")
 
 
 def earlier_run_entries(output_dir: Path) -> list[str]:
-    """The names in RUN_ENTRIES present in `output_dir`: empty when no run was there."""
-    return [name for name in RUN_ENTRIES if (Path(output_dir) / name).exists()]
+    """The names matching RUN_ENTRIES in `output_dir`: empty when no run was there."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    return [path.name for pattern in RUN_ENTRIES for path in sorted(output_dir.glob(pattern))]
 
 
 def remove_earlier_run(output_dir: Path) -> tuple[list[str], list[str]]:
