@@ -51,7 +51,7 @@ def test_precomputed_reference_trains_like_the_live_copy_and_caches(tmp_path, ti
 
     # A second run with the same model and data reads the cache: same numbers, no new files.
     stamps = [c.stat().st_mtime_ns for c in cache]
-    train(make_config(tmp_path, tiny_llama, pairs_file, "pre", model={"reference": "precompute"}))
+    train(make_config(tmp_path, tiny_llama, pairs_file, "pre", model={"reference": "precompute"}), overwrite=True)
     assert [c.stat().st_mtime_ns for c in sorted(cache)] == stamps
     assert len(list((tmp_path / "pre" / "reference_logps").glob("*.safetensors"))) == 2
 
@@ -62,14 +62,14 @@ def test_precompute_cache_misses_when_tokenization_or_data_change(tmp_path, tiny
     folder = tmp_path / "pre" / "reference_logps"
     first = set(folder.glob("*.safetensors"))
     train(make_config(tmp_path, tiny_llama, pairs_file, "pre", model={"reference": "precompute"},
-                      data={"max_length": 24}))  # truncation changes the token ids
+                      data={"max_length": 24}), overwrite=True)  # truncation changes the token ids
     second = set(folder.glob("*.safetensors"))
     assert len(second) == 4 and first < second
     rows = [json.loads(line) for line in Path(pairs_file).read_text().splitlines()]
     rows[0]["chosen"] += " and a new ending"
     changed = tmp_path / "changed.jsonl"
     changed.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    train(make_config(tmp_path, tiny_llama, changed, "pre", model={"reference": "precompute"}))
+    train(make_config(tmp_path, tiny_llama, changed, "pre", model={"reference": "precompute"}), overwrite=True)
     assert len(set(folder.glob("*.safetensors")) - second) >= 1
 
 

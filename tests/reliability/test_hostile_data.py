@@ -231,11 +231,12 @@ def test_csv_loads_or_names_the_line(rows, deco):
     out = io.StringIO(newline="")
     writer = csv.writer(out, quoting=csv.QUOTE_ALL, lineterminator=newline)
     writer.writerow(["prompt", "chosen", "rejected"])
-    starts, end_lines = [], []  # each record's first character and its last line
+    starts, first_lines, end_lines = [], [], []  # each record's first character, first and last line
     for row in rows:
         starts.append(len(out.getvalue()))
+        first_lines.append(out.getvalue().count("\n") + 1)
         writer.writerow(row.value)
-        end_lines.append(out.getvalue().count("\n"))  # csv names a record by its last line
+        end_lines.append(out.getvalue().count("\n"))
     text = out.getvalue()
     for row in rows:  # the loader's view of a row, for comparing kept text
         row.value = dict(zip(["prompt", "chosen", "rejected"], row.value, strict=False))
@@ -246,8 +247,9 @@ def test_csv_loads_or_names_the_line(rows, deco):
     # reported before an earlier broken row. Any of those lines is a right answer.
     first_cut_line = (end_lines[-2] if len(rows) > 1 else 1) + 1
     cut_lines = tuple(f"line {n}" for n in range(first_cut_line, end_lines[-1] + 1)) if truncated else ()
-    if bad is not None:
-        expected = (f"line {end_lines[bad]}", *cut_lines)
+    if bad is not None:  # a record is named by all the lines it spans
+        first, last = first_lines[bad], end_lines[bad]
+        expected = (f"line {last}" if first == last else f"lines {first}-{last}", *cut_lines)
     elif truncated:
         expected = cut_lines
     else:

@@ -213,7 +213,9 @@ def train_run(run: Run, paths: DemoPaths, sizes: DemoSizes, progress: bool) -> s
         return f"{run.name}: kept {run.final}"
     config = validate_config(training_config(run, paths, sizes, progress), f"demo run {run.name}")
     start = time.perf_counter()
-    train(config)
+    # No final/ means an earlier demo was stopped during this run: start it over (the shared
+    # reference cache in its folder is kept).
+    train(config, overwrite=True)
     run.seconds = round(time.perf_counter() - start, 2)
     return f"{run.name}: {run.seconds:.1f} s"
 
