@@ -168,6 +168,19 @@ def test_a_few_pairs_short_of_one_step_still_advise_a_smaller_batch(tmp_path, ti
         train(make_config(tmp_path, tiny_llama, pairs_file, train={"batch_size": 32}))
 
 
+def test_what_the_run_leaves_out_or_risks_is_said(tmp_path, tiny_llama, pairs_file, capsys):
+    from preftune_test_data import write_jsonl
+
+    long_prompt = {"prompt": "word " * 200, "chosen": " yes", "rejected": " no"}
+    eval_file = write_jsonl(tmp_path / "eval.jsonl", [long_prompt, long_prompt | {"chosen": " sure"}])
+    train(make_config(tmp_path, tiny_llama, pairs_file, model={"dtype": "float16"},
+                      data={"eval": str(eval_file)}, train={"batch_size": 5, "max_steps": 1}))
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert "1 of the 16 train pairs sit out each epoch (too few for another step of 5)" in out
+    assert "none of the 2 eval pairs is left after tokenization (2 prompt longer than data.max_length)" in out
+    assert "model.dtype float16 trains the float16 weights themselves, without loss scaling" in out
+
+
 def test_eval_sources_report_rows_read_kept_and_skipped(tmp_path, tiny_llama, pairs_file, capsys):
     from preftune_test_data import PAIRS, write_jsonl
 

@@ -122,6 +122,10 @@ def prepare_data(config: Config, tokenizer, console: Console):
                   f"tokenization: train {_describe_counts(train_counts)}; eval {_describe_counts(eval_counts)}")
     if not train_tok:
         raise UserError(_no_pairs_left(rows_read, train_skipped, held_out, train_counts, data))
+    if eval_pairs and not eval_tok:
+        console.print(f"[yellow]data: none of the {len(eval_pairs)} eval pairs is left after tokenization "
+                      f"({_describe_counts(eval_counts)}), so no evaluation will run; check data.max_length "
+                      f"(now {data.max_length}).[/yellow]")
     return train_tok, eval_tok
 
 
@@ -254,6 +258,12 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
     if config.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
+    if config.model.dtype == "float16":
+        # Not mixed precision: the weights and AdamW's moments themselves in float16, with no
+        # loss scaling. Updates under ~6e-8 vanish and activations overflow past 65,504.
+        console.print("[yellow]model.dtype float16 trains the float16 weights themselves, without loss "
+                      "scaling: small updates vanish and large activations overflow. Prefer model.dtype: "
+                      "bfloat16, or float32 with model.autocast: bfloat16.[/yellow]")
     tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code)
     policy = load_causal_lm(config.model.path, config.model.dtype, config.model.attn_implementation,
                             config.model.trust_remote_code).to(device)
@@ -284,6 +294,9 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
         raise UserError(f"{len(train_pairs)} training pairs are fewer than one optimizer step "
                         f"({step_size} = batch_size x grad_accum x processes); lower train.batch_size.")
     total_steps = config.train.max_steps or config.train.epochs * steps_per_epoch
+    if len(train_pairs) % step_size:
+        console.print(f"data: {len(train_pairs) % step_size} of the {len(train_pairs)} train pairs sit out "
+                      f"each epoch (too few for another step of {step_size}); drawn anew each epoch")
 
     policy_logps, wrapped = wrap_policy(policy, config, dist)
     trainable = [p for p in policy.parameters() if p.requires_grad]
