@@ -41,3 +41,29 @@ def test_a_hub_lookup_is_announced_once_before_it_starts(tmp_path, monkeypatch, 
         load_causal_lm("someone/no-such-model-8")
     # Said before the first load of each name, and only once per name.
     assert said_before_loading == [1, 0, 0, 1]
+
+
+def test_make_tiny_model_is_the_same_from_any_folder(tmp_path, monkeypatch):
+    # It once trained its tokenizer on ./examples/tiny_prefs.jsonl when that existed.
+    from typer.testing import CliRunner
+
+    from preftune.cli import app
+
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "examples").mkdir(parents=True)
+    (elsewhere / "examples" / "tiny_prefs.jsonl").write_text('{"prompt": "zebra quagga okapi"}\n' * 50)
+    built = []
+    for cwd in (tmp_path, elsewhere):
+        monkeypatch.chdir(cwd)
+        result = CliRunner().invoke(app, ["make-tiny-model", str(tmp_path / f"model-{len(built)}")])
+        assert result.exit_code == 0, result.output
+        built.append((tmp_path / f"model-{len(built)}" / "tokenizer.json").read_text())
+    assert built[0] == built[1]
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("zebra quagga okapi\n" * 50)
+    result = CliRunner().invoke(app, ["make-tiny-model", str(tmp_path / "own"), "--texts", str(corpus)])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "own" / "tokenizer.json").read_text() != built[0]
+    result = CliRunner().invoke(app, ["make-tiny-model", str(tmp_path / "x"), "--texts", str(tmp_path / "nope")])
+    assert result.exit_code == 2 and "--texts" in result.output and "does not exist" in result.output

@@ -82,15 +82,19 @@ def make_tiny_model(
     folder: Path = typer.Argument(..., help="Where to write the model and tokenizer."),
     arch: str = typer.Option("llama", help="llama, qwen2 or gpt2"),
     seed: int = typer.Option(0),
+    texts: Optional[Path] = typer.Option(
+        None, help="A text file whose lines train the tokenizer (default: a small built-in corpus)."),
 ):
     """Build a tiny random model and tokenizer for smoke tests, offline."""
     from preftune.demo.tiny import save_tiny_model
     from preftune.modeling import quiet_transformers
 
     quiet_transformers()  # no "Writing model shards" bar for a one-file model
-    texts = [line for line in Path("examples/tiny_prefs.jsonl").read_text().splitlines()] \
-        if Path("examples/tiny_prefs.jsonl").exists() else None
-    kwargs = {"texts": texts} if texts else {}
+    kwargs = {}
+    if texts is not None:  # byte-level BPE tokenizes any text; a corpus only shapes its merges
+        if not texts.is_file():
+            raise UserError(f"--texts {texts} does not exist; pass a text file, or leave --texts out.")
+        kwargs["texts"] = [line for line in texts.read_text(encoding="utf-8").splitlines() if line.strip()]
     print(save_tiny_model(folder, arch, seed=seed, **kwargs))
 
 
