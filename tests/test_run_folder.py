@@ -1,6 +1,7 @@
 """The run folder (train.output_dir): a fresh run never mixes with an earlier one there, and the
 config.yaml a run saves works from any directory."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -190,6 +191,12 @@ def test_a_run_trained_with_relative_paths_is_used_from_another_directory(tmp_pa
     result = cli("export", lora_run, "--merge")  # the base is the run's model.path
     assert result.exit_code == 0, result.output
     assert (lora_run / "merged" / "config.json").exists()
+    # PEFT users load the adapter on its own: its base must not depend on the directory either.
+    from peft import AutoPeftModelForCausalLM
+
+    adapter_config = json.loads((lora_run / "final" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(here / "tiny")
+    AutoPeftModelForCausalLM.from_pretrained(lora_run / "final")
 
 
 # ------------------------------------------------------------------------------ report wording

@@ -82,8 +82,12 @@ def load_causal_lm(path: str, dtype: str = "float32", attn_implementation: str |
         kwargs["attn_implementation"] = attn_implementation
     quiet_transformers()
     _announce_hub_lookup(path)
+    source = os.path.expanduser(path)
+    # A local folder by its absolute path: the model remembers it (config._name_or_path), and
+    # PEFT writes it into every adapter_config.json as the base to load from any directory.
+    source = os.path.abspath(source) if os.path.isdir(source) else source
     try:
-        return AutoModelForCausalLM.from_pretrained(os.path.expanduser(path), **kwargs)
+        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
         raise _load_error("a causal LM", path, e) from None
 
