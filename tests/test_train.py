@@ -176,7 +176,7 @@ def test_what_the_run_leaves_out_or_risks_is_said(tmp_path, tiny_llama, pairs_fi
     train(make_config(tmp_path, tiny_llama, pairs_file, model={"dtype": "float16"},
                       data={"eval": str(eval_file)}, train={"batch_size": 5, "max_steps": 1}))
     out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
-    assert "1 of the 16 train pairs sit out each epoch (too few for another step of 5)" in out
+    assert "1 of the 16 training pairs sit out each epoch (too few for another step of 5)" in out
     assert "none of the 2 eval pairs is left after tokenization (2 prompt longer than data.max_length)" in out
     assert "model.dtype float16 trains the float16 weights themselves, without loss scaling" in out
 

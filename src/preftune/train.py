@@ -295,7 +295,7 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
                         f"({step_size} = batch_size x grad_accum x processes); lower train.batch_size.")
     total_steps = config.train.max_steps or config.train.epochs * steps_per_epoch
     if len(train_pairs) % step_size:
-        console.print(f"data: {len(train_pairs) % step_size} of the {len(train_pairs)} train pairs sit out "
+        console.print(f"data: {len(train_pairs) % step_size} of the {len(train_pairs)} training pairs sit out "
                       f"each epoch (too few for another step of {step_size}); drawn anew each epoch")
 
     policy_logps, wrapped = wrap_policy(policy, config, dist)
