@@ -43,8 +43,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class SamplingSettings:
     """How responses are drawn; stored verbatim as the record's `sampling` field.
 
-    `temperature=0` means greedy decoding, which gives one response per prompt (`n=1`). Only temperature and nucleus (top-p) filtering shape
-    the distribution: no top-k, so `top_p=1` samples from the model's full distribution.
+    `temperature=0` means greedy decoding, which gives one response per prompt (`n=1`). Only
+    temperature and nucleus (top-p) filtering shape the distribution: no top-k, so `top_p=1`
+    samples from the model's full distribution.
     """
 
     temperature: float = 1.0
