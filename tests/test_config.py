@@ -48,3 +48,15 @@ def test_eval_file_and_eval_fraction_together_are_refused():
     assert str(caught.value) == ("overrides: data.eval and data.eval_fraction are both set; keep data.eval to "
                                  "evaluate on its pairs, or remove it to hold out data.eval_fraction of the "
                                  "training pairs.")
+
+
+def test_an_error_is_printed_as_text_not_as_markup(tmp_path):
+    # rich would drop `[lora]` from an install hint, and raise on an unmatched `[/b]`.
+    from typer.testing import CliRunner
+
+    from preftune.cli import app
+
+    missing = tmp_path / "runs[/b]" / "config[lora].yaml"
+    result = CliRunner().invoke(app, ["train", str(missing)])
+    assert result.exit_code == 2, result.output
+    assert f"config file {missing} does not exist." in result.output

@@ -9,6 +9,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from preftune.errors import UserError
@@ -25,7 +26,9 @@ class FriendlyGroup(TyperGroup):
         try:
             return super().invoke(ctx)
         except UserError as e:
-            err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            # The message is text, not markup: `pip install 'preftune[lora]'` and a path with
+            # brackets must print as they are (an unmatched `[/b]` would even raise).
+            err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
 
