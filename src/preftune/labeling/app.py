@@ -151,7 +151,7 @@ async def _json_body(request: Request) -> dict:
         raise Rejected(415, "send the request body as application/json.")
     try:
         data = json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: [[[[...]]]] nested too deep
         raise Rejected(400, "the request body is not valid JSON.") from None
     if not isinstance(data, dict):
         raise Rejected(400, "the request body must be a JSON object.")
