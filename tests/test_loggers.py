@@ -73,6 +73,37 @@ def test_tensorboard_events_hold_the_scalars(tmp_path):
     assert (tmp_path / "metrics.jsonl").exists()
 
 
+def test_a_resumed_run_shows_each_step_once_in_tensorboard(tmp_path):
+    # Stopped after step 5 with its last checkpoint at step 4: the resumed run logs 5 again.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with MetricsLogger(tmp_path, ["tensorboard"], run_name="r") as lg:
+        for step in range(1, 6):
+            lg.log({"loss": 1.0}, step=step)
+    with MetricsLogger(tmp_path, ["tensorboard"], run_name="r", start_step=4) as lg:
+        for step in range(5, 8):
+            lg.log({"loss": 2.0}, step=step)
+    events = EventAccumulator(str(tmp_path / "tensorboard" / "r"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == \
+        [(1, 1.0), (2, 1.0), (3, 1.0), (4, 1.0), (5, 2.0), (6, 2.0), (7, 2.0)]
+
+
+def test_a_backend_that_cannot_start_leaves_no_metrics_file(tmp_path, monkeypatch):
+    # Otherwise the folder looks like a run, and the retry is refused as if one were there.
+    pytest.importorskip("wandb")
+    import wandb
+
+    def not_logged_in(**kwargs):
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr(wandb, "init", not_logged_in)
+    with pytest.raises(UserError, match=r"wandb: No API key configured.*WANDB_MODE=offline"):
+        MetricsLogger(tmp_path / "run", ["jsonl", "tensorboard", "wandb"])
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not (tmp_path / "run" / "tensorboard").exists()
+
+
 @pytest.mark.parametrize(
     "backend, module", [("tensorboard", "torch.utils.tensorboard"), ("wandb", "wandb")]
 )

@@ -55,6 +55,7 @@ class MetricsLogger:
         config_dict: dict | None = None,
         enabled: bool = True,
         wandb_project: str | None = None,
+        start_step: int = 0,
     ):
         backends = list(backends)
         unknown = [b for b in backends if b not in BACKENDS]
@@ -70,13 +71,15 @@ class MetricsLogger:
         if not enabled:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        # Held open for the whole run (closed by close()), not one open per step.
-        self._file = open(self.output_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
         config_dict = config_dict or {}
-        if "tensorboard" in backends:
-            self._tensorboard = _open_tensorboard(self.output_dir, run_name, config_dict)
+        # The backends that can fail (not installed, not logged in) open first: a run that
+        # cannot start must not leave a metrics.jsonl that makes its folder look like a run.
         if "wandb" in backends:
             self._wandb_run = _open_wandb(self.output_dir, run_name, config_dict, wandb_project)
+        if "tensorboard" in backends:
+            self._tensorboard = _open_tensorboard(self.output_dir, run_name, config_dict, start_step)
+        # Held open for the whole run (closed by close()), not one open per step.
+        self._file = open(self.output_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
 
     @property
     def path(self) -> Path:
@@ -122,7 +125,7 @@ class MetricsLogger:
         self.close()
 
 
-def _open_tensorboard(output_dir: Path, run_name: str | None, config_dict: dict):
+def _open_tensorboard(output_dir: Path, run_name: str | None, config_dict: dict, start_step: int):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
@@ -130,8 +133,11 @@ def _open_tensorboard(output_dir: Path, run_name: str | None, config_dict: dict)
             "logger backend 'tensorboard' is chosen but the tensorboard package is not "
             "installed; run `pip install 'preftune[tensorboard]'` or remove it from the backends."
         ) from None
-    writer = SummaryWriter(log_dir=str(output_dir / "tensorboard" / (run_name or "run")))
-    if config_dict:
+    # A resumed run (start_step > 0) purges the steps logged after its checkpoint by the run
+    # it continues, so TensorBoard shows each step once, as metrics.jsonl's reader does.
+    writer = SummaryWriter(log_dir=str(output_dir / "tensorboard" / (run_name or "run")),
+                           purge_step=start_step + 1 if start_step else None)
+    if config_dict and not start_step:
         # TensorBoard's text plugin renders markdown; a fenced block keeps the layout.
         text = "```\n" + json.dumps(config_dict, indent=2, default=str) + "\n```"
         writer.add_text("config", text, global_step=0)
@@ -149,4 +155,11 @@ def _open_wandb(output_dir: Path, run_name: str | None, config_dict: dict, proje
     # wandb reads WANDB_MODE (online / offline / disabled) itself; an explicit project would
     # override WANDB_PROJECT, so the environment decides unless the caller named one.
     project = project or os.environ.get("WANDB_PROJECT", "preftune")
-    return wandb.init(project=project, name=run_name, config=config_dict, dir=str(output_dir))
+    try:
+        return wandb.init(project=project, name=run_name, config=config_dict, dir=str(output_dir))
+    except wandb.errors.UsageError as e:  # not logged in, say
+        raise UserError(f"wandb: {str(e).splitlines()[0]} (or set WANDB_MODE=offline to log locally and "
+                        "`wandb sync` later).") from None
+    except wandb.errors.CommError as e:  # no network, or the server did not answer in time
+        raise UserError(f"wandb could not reach its server ({str(e).splitlines()[0][:200]}); set "
+                        "WANDB_MODE=offline to log locally and `wandb sync` later.") from None

@@ -336,7 +336,8 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
     from preftune.loggers import MetricsLogger
 
     logger = MetricsLogger(output_dir, config.train.loggers, run_name=output_dir.name,
-                           config_dict=config.model_dump(mode="json"), enabled=dist.is_main)
+                           config_dict=config.model_dump(mode="json"), enabled=dist.is_main,
+                           start_step=state.step)
     progress = TrainProgress(total_steps, state.step, enabled=dist.is_main and config.train.progress)
     with StopRequest() as stop, logger, progress:
         while state.step < total_steps:
