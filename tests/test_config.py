@@ -60,3 +60,12 @@ def test_an_error_is_printed_as_text_not_as_markup(tmp_path):
     result = CliRunner().invoke(app, ["train", str(missing)])
     assert result.exit_code == 2, result.output
     assert f"config file {missing} does not exist." in result.output
+
+
+def test_eval_on_the_training_data_and_split_is_refused_and_eval_split_picks_another():
+    same = REQUIRED + ["data.eval=pairs.jsonl"]
+    with pytest.raises(UserError, match=r"data.eval names the same data as data.train, and the same split "
+                                        r"\('train'\), so evaluation would run on training pairs"):
+        load_config(None, same)
+    assert load_config(None, same + ["data.eval_split=test"]).data.eval_split == "test"
+    assert load_config(None, REQUIRED + ["data.eval=other.jsonl"]).data.eval_split is None

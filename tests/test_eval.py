@@ -139,6 +139,20 @@ def test_eval_pairs_policy_equal_to_reference_has_zero_margins(models, tmp_path)
     assert record["truncated"] == 0 and record["skipped"] == {}
 
 
+def test_eval_pairs_reads_the_split_asked_for_and_keeps_one_record_per_split(models, tmp_path):
+    import datasets
+
+    rows = [json.loads(line) for line in write_pairs(tmp_path / "D.jsonl").read_text().splitlines()]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
+                          "test": datasets.Dataset.from_list(rows[:2])}).save_to_disk(str(tmp_path / "dd"))
+    for split, n_pairs in (("test", 2), ("train", 3)):
+        result = invoke(["pairs", "--model", models["ref"], "--reference", models["ref"],
+                         "--data", tmp_path / "dd", "--split", split, "--out", tmp_path / "out"])
+        assert result.exit_code == 0, result.output
+    records = json.loads((tmp_path / "out" / "eval.json").read_text())["evals"]
+    assert [(r["split"], r["n_pairs"]) for r in records] == [("test", 2), ("train", 3)]
+
+
 def test_eval_pairs_counts_truncated_pairs_apart_from_skipped_ones(models, tmp_path):
     # Truncated pairs are evaluated, cut to --max-length; calling them skipped misleads.
     data = write_pairs(tmp_path / "D_eval.jsonl")

@@ -181,6 +181,20 @@ def test_what_the_run_leaves_out_or_risks_is_said(tmp_path, tiny_llama, pairs_fi
     assert "model.dtype float16 trains the float16 weights themselves, without loss scaling" in out
 
 
+def test_eval_split_reads_the_held_out_split_of_the_training_data_set(tmp_path, tiny_llama, capsys):
+    import datasets
+    from preftune_test_data import PAIRS
+
+    rows = [dict(r) for r in PAIRS for _ in range(4)]
+    folder = tmp_path / "dd"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
+                          "test": datasets.Dataset.from_list(PAIRS[:3])}).save_to_disk(str(folder))
+    train(make_config(tmp_path, tiny_llama, folder, data={"eval": str(folder), "eval_split": "test"},
+                      train={"max_steps": 1}))
+    out = "".join(capsys.readouterr().out.split())
+    assert f"data:16rowsreadfrom{folder}(train)" in out and f"data:3rowsreadfrom{folder}(eval)" in out
+
+
 def test_eval_sources_report_rows_read_kept_and_skipped(tmp_path, tiny_llama, pairs_file, capsys):
     from preftune_test_data import PAIRS, write_jsonl
 

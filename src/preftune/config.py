@@ -56,6 +56,9 @@ class DataConfig(Section):
     eval: str | list[str] | None = None
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     split: str = "train"  # the split to read when `train` is a hub id or a DatasetDict folder
+    # The split to read for `eval` (default: `split`): UltraFeedback's test_prefs, say, when
+    # `eval` names the same data set as `train`.
+    eval_split: str | None = None
     max_length: int | None = Field(1024, gt=1)
     max_prompt_length: int | None = Field(None, gt=0)
     truncation: Literal["keep_end", "keep_start"] = "keep_end"
@@ -79,6 +82,20 @@ class DataConfig(Section):
         if isinstance(value, bool):
             return "on" if value else "off"
         return value
+
+    @model_validator(mode="after")
+    def _eval_is_not_the_training_data(self):
+        def as_list(sources):
+            return [sources] if isinstance(sources, str) else list(sources or [])
+
+        if as_list(self.eval) and as_list(self.eval) == as_list(self.train) \
+                and (self.eval_split or self.split) == self.split:
+            raise ValueError(
+                f"data.eval names the same data as data.train, and the same split ({self.split!r}), "
+                "so evaluation would run on training pairs; set data.eval_split (e.g. test), or "
+                "remove data.eval and hold out data.eval_fraction instead"
+            )
+        return self
 
     @model_validator(mode="after")
     def _one_source_of_eval_pairs(self):

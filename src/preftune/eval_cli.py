@@ -29,6 +29,7 @@ def _fmt(value, se=None, digits: int = 3) -> str:
 def pairs(
     model: str = typer.Option(..., "--model", help="Policy folder, e.g. RUN/final."),
     data: str = typer.Option(..., "--data", help="Held-out pairs (prompt/chosen/rejected), e.g. D_eval.jsonl."),
+    split: str = typer.Option("train", help="The split to read when --data is a hub id or a DatasetDict folder."),
     reference: str | None = typer.Option(
         None, "--reference", help="Reference model folder (default: the one in RUN/config.yaml)."),
     beta: float | None = typer.Option(None, help="beta of the implicit reward (default: the run's, else 0.1)."),
@@ -44,7 +45,7 @@ def pairs(
 
     record = evaluate_pairs_file(model, data, reference, beta=beta, loss=loss,
                                  batch_size=batch_size, max_length=max_length, out=out,
-                                 device=device, dtype=dtype)
+                                 device=device, dtype=dtype, split=split)
     typer.echo(f"{record['n_pairs']} pairs, beta {record['beta']:g}, loss {record['loss_type']}:")
     for key in ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen",
                 "rewards/rejected", "logps/chosen", "logps/rejected", "lengths/chosen",

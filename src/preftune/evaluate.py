@@ -133,7 +133,7 @@ def evaluate_pairs_file(
     model_path: str | Path, data: str | Path, reference_path: str | Path | None = None, *,
     beta: float | None = None, loss: str | None = None, batch_size: int = 8,
     max_length: int | None = None, out: str | Path | None = None, device: str = "auto",
-    dtype: str = "float32",
+    dtype: str = "float32", split: str = "train",
 ) -> dict:
     """Implicit-reward accuracy, margins, log-probs and lengths of a model on held-out pairs.
 
@@ -157,7 +157,7 @@ def evaluate_pairs_file(
                         "pass --reference with the model the policy was trained against.")
     torch_device = pick_device(device)
     tokenizer = load_tokenizer(str(model_path))
-    loaded = load_pairs(str(data))
+    loaded = load_pairs(str(data), split)
     pairs, counts = tokenize_pairs(loaded.pairs, tokenizer, config.data)
     if not pairs:
         raise UserError(f"{data}: no pair is left after tokenization ({dict(counts)}); "
@@ -170,7 +170,7 @@ def evaluate_pairs_file(
                              torch_device, tokenizer.pad_token_id, batch_size)
     record = {
         "kind": "pairs", "model": str(model_path),
-        "reference": str(reference_path) if reference_path else None, "data": str(data),
+        "reference": str(reference_path) if reference_path else None, "data": str(data), "split": split,
         # Truncated pairs are evaluated (cut to max_length); skipped ones are not.
         "n_pairs": len(pairs), "truncated": counts.pop("truncated", 0),
         "skipped": dict(loaded.skipped + counts),
@@ -186,7 +186,8 @@ def evaluate_pairs_file(
 
 def _same_evaluation(a: dict, b: dict) -> bool:
     keys = ("kind", "reference", "judge", "data")
-    return all(a.get(k) == b.get(k) for k in keys)
+    # Records written before `split` was recorded read the train split.
+    return all(a.get(k) == b.get(k) for k in keys) and a.get("split", "train") == b.get("split", "train")
 
 
 def read_eval_records(path: str | Path) -> list[dict]:

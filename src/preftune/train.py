@@ -107,7 +107,7 @@ def prepare_data(config: Config, tokenizer, console: Console):
     rows_read = len(train_pairs) + sum(train_skipped.values())
     eval_pairs, held_out = [], 0
     if data.eval:
-        eval_pairs, _ = _load_sources(data.eval, data.split, "eval", console)
+        eval_pairs, _ = _load_sources(data.eval, data.eval_split or data.split, "eval", console)
     elif data.eval_fraction > 0:
         order = list(range(len(train_pairs)))
         random.Random(config.train.seed).shuffle(order)
