@@ -291,7 +291,8 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
     lengths = [p.length for p in train_pairs]
     steps_per_epoch = len(train_pairs) // step_size
     if steps_per_epoch == 0:
-        raise UserError(f"{len(train_pairs)} training pairs are fewer than one optimizer step "
+        raise UserError(f"{len(train_pairs)} training pair{'s are' if len(train_pairs) != 1 else ' is'} "
+                        f"fewer than one optimizer step "
                         f"({step_size} = batch_size x grad_accum x processes); lower train.batch_size.")
     total_steps = config.train.max_steps or config.train.epochs * steps_per_epoch
     if len(train_pairs) % step_size:
@@ -374,7 +375,7 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
                     nproc = f" --nproc {dist.world_size}" if dist.world_size > 1 else ""
                     console.print(escape(f"stopped by signal after step {state.step}; checkpoint {saved}. "
                                          f"Resume with: preftune train {output_dir / 'config.yaml'} "
-                                         f"--resume{nproc}"))
+                                         f"--resume{nproc}"), soft_wrap=True)  # a command to copy whole
                     dist.shutdown()
                     return saved
                 if state.step >= total_steps:

@@ -45,7 +45,7 @@ def demo(
     human: bool = typer.Option(False, "--human", help="Label the pairs yourself in the browser."),
     seed: int = typer.Option(0, help="Seed of the world, the models, sampling and labels."),
     betas: str | None = typer.Option(
-        None, help="DPO betas, comma-separated (default: 0.05,0.1,0.5; --quick: 0.1)."),
+        None, help="DPO betas, comma-separated (default: 0.1,0.5,1; --quick: 0.1)."),
     threads: int = typer.Option(
         1, help="torch CPU threads; 1 is fastest for these tiny models and on a shared machine."),
     host: str = typer.Option("127.0.0.1", help="--human: address of the labeling server."),
