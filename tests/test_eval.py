@@ -347,6 +347,34 @@ def test_human_judge_queues_blind_pairs_and_scores_the_votes(models, prompts_fil
     assert all(r["votes"][0]["annotator"] == "alice" for r in scored)
 
 
+def test_a_reward_evaluation_beside_a_queued_human_one_keeps_its_samples(models, prompts_file, tmp_path):
+    # One folder holds several evaluations; each has its own samples file, and a rerun reuses it.
+    db, out = tmp_path / "labels.db", tmp_path / "out"
+    common = ["generate", "--model", models["pol"], "--reference", models["ref"], "--prompts", prompts_file,
+              "--max-new-tokens", MAX_NEW, "--out", out]
+    assert invoke([*common, "--judge", "human", "--db", db]).exit_code == 0
+    rigged_reward(tmp_path, {})
+    length_judge = f"reward:{tmp_path / 'rigged.py'}:length"
+    for _ in range(2):
+        result = invoke([*common, "--judge", length_judge])
+        assert result.exit_code == 0, result.output
+    records = {r["judge"]: r for r in json.loads((out / "eval.json").read_text())["evals"]}
+    assert {j: r["samples"] for j, r in records.items()} == {"human": "samples.jsonl",
+                                                             length_judge: "samples-2.jsonl"}
+    assert sorted(p.name for p in out.glob("samples*.jsonl")) == ["samples-2.jsonl", "samples.jsonl"]
+
+    rows = read_records(out / "samples.jsonl")
+    store = Store(db)
+    alice = store.authenticate(store.add_annotator("alice"))
+    assert vote_as(store, alice, rows, lambda row, side: side) == len(PROMPTS)
+    store.close()
+    result = invoke(["score-human", out, "--db", db])
+    assert result.exit_code == 0, result.output
+    records = {r["judge"]: r for r in json.loads((out / "eval.json").read_text())["evals"]}
+    assert records["human"]["status"] == "scored" and records["human"]["wins"] == len(PROMPTS)
+    assert "win_rate" in records[length_judge]
+
+
 # ------------------------------------------------------------------ errors and eval.json
 
 

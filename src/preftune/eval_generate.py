@@ -29,7 +29,14 @@ import torch
 
 from preftune.bradley_terry import Outcome, fit_ratings, mean_with_se, win_rate
 from preftune.errors import UserError
-from preftune.evaluate import reference_of_run, run_config, write_eval_record
+from preftune.evaluate import (
+    read_eval_records,
+    recorded_path,
+    reference_of_run,
+    run_config,
+    same_evaluation,
+    write_eval_record,
+)
 from preftune.logprobs import completion_logps
 from preftune.records import write_json_atomic, write_jsonl_atomic
 from preftune.rewards import load_reward
@@ -203,8 +210,8 @@ def summarize(rows: list[dict], policy: Samples, reference: Samples, judge: Judg
     kl = mean_with_se([r["kl"] for r in rows])
     lengths = {who: mean_with_se([r["length"][who] for r in rows]) for who in ("policy", "reference")}
     record = {
-        "kind": "generate", "model": policy.path, "reference": reference.path,
-        "judge": judge.spec, "n_prompts": len(rows), "prompts": prompts_source,
+        "kind": "generate", "model": policy.path, "reference": recorded_path(reference.path),
+        "judge": judge.spec, "n_prompts": len(rows), "prompts": recorded_path(prompts_source),
         "sampling": {k: v for k, v in settings.to_dict().items() if k != "n"},
         "win_rate": None, "win_rate_ci": None, "wins": None, "ties": None, "losses": None,
         "mean_reward": {"policy": None, "reference": None},
@@ -367,9 +374,29 @@ def _evaluate_policy(job: _Job, path: str, label: str, folder: Path) -> tuple[di
 
         record.update(queue_for_humans(job.db, rows, record))
     folder.mkdir(parents=True, exist_ok=True)
-    write_jsonl_atomic(folder / "samples.jsonl", rows)
+    record["samples"] = samples_file_name(folder, record)
+    write_jsonl_atomic(folder / record["samples"], rows)
     write_eval_record(folder, record)
     return record, policy
+
+
+def samples_file_name(folder: Path, record: dict) -> str:
+    """The samples file of `record` in `folder`: the one its earlier run wrote (a rerun replaces
+    both), else samples.jsonl, else the first samples-N.jsonl no other evaluation there uses.
+
+    One folder holds several evaluations (judges, prompt sets); sharing one samples file, a
+    reward-judged run would overwrite the rows a human-judged one queued for votes.
+    """
+    taken = set()
+    for earlier in read_eval_records(folder / "eval.json"):
+        if same_evaluation(earlier, record) and earlier.get("samples"):
+            return earlier["samples"]
+        taken.add(earlier.get("samples"))
+    name, n = "samples.jsonl", 1
+    while name in taken:
+        n += 1
+        name = f"samples-{n}.jsonl"
+    return name
 
 
 # ------------------------------------------------------------------ leaderboard

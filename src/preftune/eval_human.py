@@ -82,18 +82,22 @@ def _preferred(vote: dict, order: list[str]) -> str | None:
 
 
 def _locate(target) -> tuple[Path, Path]:
-    """(folder, samples.jsonl) from a folder written by `eval generate` or its samples file."""
+    """(folder, samples file) from a folder written by `eval generate --judge human` (the file
+    its human-judged record names) or from that samples file itself."""
     path = Path(target)
-    samples = path / "samples.jsonl" if path.is_dir() else path
+    samples = path / _pending_record(path).get("samples", "samples.jsonl") if path.is_dir() else path
     if not samples.is_file():
         raise UserError(f"{samples}: no such file; pass the folder (or samples.jsonl) that "
                         "`preftune eval generate --judge human` wrote.")
     return samples.parent, samples
 
 
-def _pending_record(folder: Path) -> dict:
+def _pending_record(folder: Path, samples_name: str | None = None) -> dict:
+    """The human-judged generation record in `folder`'s eval.json (the one whose samples file
+    is `samples_name`, when given: a folder may hold several evaluations)."""
     for record in read_eval_records(folder / "eval.json"):
-        if record.get("kind") == "generate" and record.get("judge") == "human":
+        if record.get("kind") == "generate" and record.get("judge") == "human" and \
+                samples_name in (None, record.get("samples", "samples.jsonl")):
             return record
     raise UserError(f"{folder / 'eval.json'}: holds no human-judged generation evaluation; "
                     "run `preftune eval generate --judge human` into that folder first.")
@@ -123,7 +127,7 @@ def score_rows(rows: list[dict], votes_by_pair: dict[str, list[dict]]) -> tuple[
 
 def score_one(folder: Path, samples: Path, votes_by_pair: dict, db) -> tuple[dict, list[dict]]:
     """Score one evaluation folder; rewrites its samples.jsonl and eval.json."""
-    record = dict(_pending_record(folder))
+    record = dict(_pending_record(folder, samples.name))
     rows = read_records(samples)
     scores, n_votes = score_rows(rows, votes_by_pair)
     if not scores:

@@ -7,6 +7,7 @@ metrics.jsonl and the output of `preftune eval pairs` mean the same thing.
 from __future__ import annotations
 
 import json
+import os
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -170,7 +171,7 @@ def evaluate_pairs_file(
                              torch_device, tokenizer.pad_token_id, batch_size)
     record = {
         "kind": "pairs", "model": str(model_path),
-        "reference": str(reference_path) if reference_path else None, "data": str(data), "split": split,
+        "reference": recorded_path(reference_path), "data": recorded_path(data), "split": split,
         # Truncated pairs are evaluated (cut to max_length); skipped ones are not.
         "n_pairs": len(pairs), "truncated": counts.pop("truncated", 0),
         "skipped": dict(loaded.skipped + counts),
@@ -184,8 +185,17 @@ def evaluate_pairs_file(
 # ------------------------------------------------------------------ eval.json
 
 
-def _same_evaluation(a: dict, b: dict) -> bool:
-    keys = ("kind", "reference", "judge", "data")
+def recorded_path(path) -> str | None:
+    """A path as eval.json records it: absolute when it exists here (so that the same model or
+    file, named from another directory, is the same evaluation), else as given (a Hub id)."""
+    if path is None:
+        return None
+    return os.path.abspath(path) if Path(path).exists() else str(path)
+
+
+def same_evaluation(a: dict, b: dict) -> bool:
+    """Whether two eval.json records are the same evaluation (a rerun replaces the earlier)."""
+    keys = ("kind", "reference", "judge", "data", "prompts")
     # Records written before `split` was recorded read the train split.
     return all(a.get(k) == b.get(k) for k in keys) and a.get("split", "train") == b.get("split", "train")
 
@@ -213,7 +223,7 @@ def write_eval_record(folder: Path, record: dict) -> Path:
     """
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "eval.json"
-    records = [r for r in read_eval_records(path) if not _same_evaluation(r, record)] + [record]
+    records = [r for r in read_eval_records(path) if not same_evaluation(r, record)] + [record]
     payload = records[0] if len(records) == 1 else {"evals": records}
     write_json_atomic(path, payload)
     return path
