@@ -248,6 +248,30 @@ def test_cli_samples_and_resumes(model_dir, tmp_path):
     assert isinstance(missing.exception, UserError)
 
 
+def test_id_prefix_keeps_two_batches_apart_in_one_labeling_database(model_dir, tmp_path):
+    from preftune.labeling.pairs import load_pairs as load_labeling_pairs
+    from preftune.labeling.store import Store
+
+    args = ["--model", str(model_dir), "--max-new-tokens", "4", "--no-progress"]
+    for name, prompts, prefix in (("a", PROMPTS[:2], "p"), ("b", PROMPTS[2:4], "b2-")):
+        path = write_txt(tmp_path / f"{name}.txt", prompts)
+        result = CliRunner().invoke(app, [*args, "--prompts", str(path), "--out", str(tmp_path / f"{name}.jsonl"),
+                                          "--id-prefix", prefix])
+        assert result.exit_code == 0, result.output
+    assert [r["pair_id"] for r in read_records(tmp_path / "b.jsonl")] == ["b2-000000", "b2-000001"]
+    store = Store(tmp_path / "labels.db")
+    for name in ("a", "b"):
+        store.add_pairs(load_labeling_pairs(tmp_path / f"{name}.jsonl"))
+    assert sorted(store.pairs()) == ["b2-000000", "b2-000001", "p000000", "p000001"]
+    store.close()
+    # Resuming with another prefix would mix two id schemes in one file.
+    again = CliRunner().invoke(app, [*args, "--prompts", str(tmp_path / "b.txt"), "--out", str(tmp_path / "b.jsonl")])
+    assert isinstance(again.exception, UserError) and "--id-prefix" in str(again.exception)
+    bad = CliRunner().invoke(app, [*args, "--prompts", str(tmp_path / "b.txt"), "--out", str(tmp_path / "c.jsonl"),
+                                   "--id-prefix", "a b"])
+    assert isinstance(bad.exception, UserError) and "--id-prefix 'a b'" in str(bad.exception)
+
+
 def test_token_ids_are_the_ones_behind_the_text(model_and_tokenizer):
     from preftune.sampling import generate_token_ids
 

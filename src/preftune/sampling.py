@@ -305,13 +305,15 @@ def _decode_until_stop(tokenizer, token_ids: list[int], stop_ids: list[int]) -> 
     )
 
 
-def pair_id(prompt_index: int) -> str:
-    return f"p{prompt_index:06d}"
+def pair_id(prompt_index: int, prefix: str = "p") -> str:
+    """p000017 for prompt 17; another `prefix` keeps the ids of another batch of prompts apart
+    when both go into one labeling database or one D.jsonl."""
+    return f"{prefix}{prompt_index:06d}"
 
 
 def iter_pair_batches(
     model, tokenizer, prompts: Sequence[Prompt], settings: SamplingSettings,
-    batch_size: int = 16, start: int = 0, model_name: str | None = None,
+    batch_size: int = 16, start: int = 0, model_name: str | None = None, id_prefix: str = "p",
 ) -> Iterator[list[dict]]:
     """Yield pairs.jsonl records batch by batch for `prompts[start:]`.
 
@@ -328,7 +330,7 @@ def iter_pair_batches(
         responses = generate_responses(model, tokenizer, prompts[index:end], indices, settings)
         yield [
             {
-                "pair_id": pair_id(i), "prompt": prompts[i], "responses": texts,
+                "pair_id": pair_id(i, id_prefix), "prompt": prompts[i], "responses": texts,
                 "model": model_name, "sampling": settings.to_dict(),
             }
             for i, texts in zip(indices, responses)
@@ -377,7 +379,7 @@ def load_model_and_tokenizer(path: str, dtype: str = "float32", device: str = "a
 
 def resume_position(
     out: Path, records: list[dict], prompts: Sequence[Prompt], settings: SamplingSettings,
-    model_name: str,
+    model_name: str, id_prefix: str = "p",
 ) -> int:
     """How many prompts `out` already holds, after checking it belongs to this very job."""
     if len(records) > len(prompts):
@@ -386,12 +388,12 @@ def resume_position(
             "choose another --out."
         )
     for i, record in enumerate(records):
-        expected = (pair_id(i), prompts[i], settings.to_dict(), model_name)
+        expected = (pair_id(i, id_prefix), prompts[i], settings.to_dict(), model_name)
         found = tuple(record.get(k) for k in ("pair_id", "prompt", "sampling", "model"))
         if found != expected:
             raise UserError(
-                f"{out}, line {i + 1}: written by another job (different prompts, model or "
-                "sampling settings); choose another --out or rerun with the same arguments."
+                f"{out}, line {i + 1}: written by another job (different prompts, model, "
+                "sampling settings or --id-prefix); choose another --out or rerun with the same arguments."
             )
     return len(records)
 
@@ -400,7 +402,7 @@ def sample_to_file(
     model_path: str, prompts_path: str | Path, out: str | Path,
     settings: SamplingSettings = SamplingSettings(), batch_size: int = 16,
     dtype: str = "float32", device: str = "auto", progress: bool = True,
-    on_batch: Callable[[int], None] | None = None,
+    on_batch: Callable[[int], None] | None = None, id_prefix: str = "p",
 ) -> tuple[int, int]:
     """Sample pairs for every prompt of `prompts_path` into `out`, resuming what is there.
 
@@ -409,14 +411,17 @@ def sample_to_file(
     """
     out = Path(out)
     prompts = load_prompts(prompts_path)
-    done = resume_position(out, read_records(out, repair=True), prompts, settings, str(model_path))
+    if not id_prefix or not all(c.isalnum() or c in "-_." for c in id_prefix):
+        raise UserError(f"--id-prefix {id_prefix!r}: use letters, digits, '-', '_' or '.' (e.g. batch2-).")
+    done = resume_position(out, read_records(out, repair=True), prompts, settings, str(model_path), id_prefix)
     if done == len(prompts):
         return done, 0
     out.parent.mkdir(parents=True, exist_ok=True)
     with _transformers_bars(progress):
         model, tokenizer = load_model_and_tokenizer(str(model_path), dtype, device)
     batches = iter_pair_batches(
-        model, tokenizer, prompts, settings, batch_size, start=done, model_name=str(model_path)
+        model, tokenizer, prompts, settings, batch_size, start=done, model_name=str(model_path),
+        id_prefix=id_prefix,
     )
     written = 0
     with _progress_bar(progress, total=len(prompts), completed=done) as advance:

@@ -41,6 +41,10 @@ def sample(
         "--device", help="cuda, cpu, ... (auto: cuda if present)."
     )] = "auto",
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    id_prefix: Annotated[str, typer.Option(
+        "--id-prefix", help="Pair ids are PREFIX000000, PREFIX000001, ...: give each batch of prompts "
+        "its own prefix when several go into one labeling database or D.jsonl."
+    )] = "p",
 ) -> None:
     """Sample N responses per prompt from a model into pairs.jsonl (resumes an interrupted run)."""
     settings = SamplingSettings(
@@ -48,7 +52,7 @@ def sample(
     )
     done, written = sample_to_file(
         model, prompts, out, settings, batch_size=batch_size, dtype=dtype, device=device,
-        progress=progress,
+        progress=progress, id_prefix=id_prefix,
     )
     console = Console(stderr=True)
     if written == 0:
