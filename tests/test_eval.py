@@ -384,7 +384,8 @@ def test_bad_judges_are_user_errors(models, prompts_file, tmp_path):
     result = invoke([*args, "--judge", "human"])
     assert "--db" in user_error(result)
     result = invoke([*args, "--judge", f"reward:{tmp_path / 'missing.py'}:f"])
-    assert "missing.py" in user_error(result)
+    message = user_error(result)
+    assert "missing.py" in message and "--reward" not in message  # eval's option is --judge
 
 
 def test_eval_json_keeps_one_record_per_evaluation_and_the_report_reads_them(tmp_path):

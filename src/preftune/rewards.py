@@ -28,26 +28,26 @@ RewardFn = Callable[[Sequence, Sequence[str]], list]
 def load_reward(spec: str, batch_size: int = 8, device: str | None = None) -> RewardFn:
     """Resolve `spec` into a batched reward function; a bad spec is a `UserError`."""
     if not isinstance(spec, str) or not spec.strip():
-        raise UserError("--reward is empty; pass MODULE:FUNCTION, FILE.py:FUNCTION or a folder.")
+        raise UserError("the reward is empty; pass MODULE:FUNCTION, FILE.py:FUNCTION or a folder.")
     if Path(spec).is_dir():
         return _reward_model(Path(spec), batch_size, device)
     target, sep, name = spec.rpartition(":")
     if not sep or not target or not name:
         raise UserError(
-            f"--reward {spec!r} is neither a folder nor MODULE:FUNCTION; write it as "
+            f"reward {spec!r} is neither a folder nor MODULE:FUNCTION; write it as "
             f"my_module:my_reward or path/to/file.py:my_reward."
         )
     module = _import_file(target, spec) if target.endswith(".py") else _import_module(target, spec)
     fn = getattr(module, name, None)
     if not callable(fn):
-        raise UserError(f"--reward {spec!r}: {target} has no function named {name!r}.")
+        raise UserError(f"reward {spec!r}: {target} has no function named {name!r}.")
     return _batched(fn, spec)
 
 
 def _import_file(path: str, spec: str):
     file = Path(path)
     if not file.is_file():
-        raise UserError(f"--reward {spec!r}: the file {path} does not exist.")
+        raise UserError(f"reward {spec!r}: the file {path} does not exist.")
     module_name = f"_preftune_reward_{abs(hash(str(file.resolve())))}"
     module_spec = importlib.util.spec_from_file_location(module_name, file)
     module = importlib.util.module_from_spec(module_spec)
@@ -70,7 +70,7 @@ def _import_module(name: str, spec: str):
         # `--reward my_rewards:score` to find ./my_rewards.py as `python -m` would.
         sys.path.insert(0, os.getcwd())
     raise UserError(
-        f"--reward {spec!r}: no module named {name!r} on sys.path or in the current folder."
+        f"reward {spec!r}: no module named {name!r} on sys.path or in the current folder."
     )
 
 
@@ -120,7 +120,7 @@ def _batched(fn: Callable, spec: str) -> RewardFn:
 def _as_floats(values: list, expected: int, spec: str) -> list[float]:
     if len(values) != expected:
         raise UserError(
-            f"--reward {spec!r} returned {len(values)} values for {expected} responses; "
+            f"reward {spec!r} returned {len(values)} values for {expected} responses; "
             f"it must return one number per response."
         )
     out = []
@@ -129,7 +129,7 @@ def _as_floats(values: list, expected: int, spec: str) -> list[float]:
             out.append(float(value))
         except (TypeError, ValueError):
             raise UserError(
-                f"--reward {spec!r} returned {value!r}, which is not a number."
+                f"reward {spec!r} returned {value!r}, which is not a number."
             ) from None
     return out
 
@@ -153,11 +153,11 @@ def _reward_model(folder: Path, batch_size: int, device: str | None) -> RewardFn
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as e:
         raise UserError(
-            f"--reward {folder}: not a loadable sequence classifier ({str(e).splitlines()[0]})."
+            f"reward {folder}: not a loadable sequence classifier ({str(e).splitlines()[0]})."
         ) from None
     if model.config.num_labels != 1:
         raise UserError(
-            f"--reward {folder}: the classifier has {model.config.num_labels} outputs; a reward "
+            f"reward {folder}: the classifier has {model.config.num_labels} outputs; a reward "
             f"model must have exactly one (num_labels=1)."
         )
     if tokenizer.pad_token is None:
