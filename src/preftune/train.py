@@ -248,7 +248,8 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
         config = validate_config(config)
 
     dist = setup_distributed(config)
-    console = Console(quiet=not dist.is_main)
+    # Lines unwrapped: a log file keeps each message (and a path or command in it) whole.
+    console = Console(quiet=not dist.is_main, soft_wrap=True)
     output_dir = Path(config.train.output_dir)
     # Checked before the model loads, so a refusal costs nothing; deleted only once everything
     # else has been checked, so a bad config or data set never costs the earlier run.
