@@ -62,6 +62,10 @@ def test_cli_mistakes_are_user_errors(tmp_path):
     for args in cases:
         result = invoke(*args)
         assert isinstance(result.exception, UserError), (args, result.output)
+    # Serving a database that does not exist, with nothing to put in it, creates no empty file.
+    result = invoke("serve", "--db", tmp_path / "new.sqlite")
+    assert isinstance(result.exception, UserError) and "pass --pairs" in str(result.exception)
+    assert not (tmp_path / "new.sqlite").exists()
 
 
 def test_auto_command(tmp_path):
@@ -73,6 +77,9 @@ def test_auto_command(tmp_path):
                     "--out", out, "--argmax")
     assert result.exit_code == 0, result.output
     assert "wrote 0 rows" in result.output and "5 ties skipped" in result.output
+    again = invoke("auto", "--pairs", pairs, "--reward", f"{tmp_path / 'lenreward.py'}:score",
+                   "--out", out, "--argmax", "--no-progress")
+    assert again.exit_code == 0 and "labeling pairs" not in again.output, again.output
     result = invoke("auto", "--pairs", pairs, "--reward", f"{tmp_path / 'lenreward.py'}:score",
                     "--out", out, "--seed", "1")
     assert "wrote 5 rows (bt-sample)" in result.output

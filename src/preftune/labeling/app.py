@@ -309,6 +309,9 @@ def serve(
 
     from preftune.labeling.pairs import load_pairs
 
+    if pairs is None and not Path(db).exists():  # refused before Store would create an empty one
+        raise UserError(f"{db} does not exist and no --pairs were given; pass --pairs pairs.jsonl "
+                        "to create it.")
     store = Store(db, overlap=overlap)
     try:
         check_bind(host, open_mode, store)

@@ -167,7 +167,7 @@ def label_auto(
     todo = [p for p in pairs if p.pair_id not in done]
     reward_fn = load_reward(reward) if isinstance(reward, str) else reward
     stats = Counter(pairs=len(pairs), resumed_from=len(done))
-    with _progress(show_progress, len(todo)) as advance:
+    with _progress(show_progress and bool(todo), len(todo)) as advance:  # no 0% bar for nothing to do
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
             prompts = [p.prompt for p in batch for _ in range(2)]

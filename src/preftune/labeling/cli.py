@@ -128,6 +128,7 @@ def auto(
     argmax: bool = typer.Option(False, "--argmax", help="The higher reward wins."),
     seed: int = typer.Option(0, help="Seed of the Bradley-Terry draws."),
     batch_size: int = typer.Option(32, help="Pairs scored per call of the reward function."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Label pairs with a reward function through the Bradley-Terry model."""
     from preftune.labeling.auto import label_auto
@@ -135,7 +136,8 @@ def auto(
     if bt_sample and argmax:
         raise UserError("pass either --bt-sample or --argmax, not both.")
     mode = "argmax" if argmax else "bt-sample"
-    stats = label_auto(pairs, reward, out, mode=mode, seed=seed, batch_size=batch_size)
+    stats = label_auto(pairs, reward, out, mode=mode, seed=seed, batch_size=batch_size,
+                       show_progress=progress)
     ties = f", {stats['ties_skipped']} ties skipped" if stats.get("ties_skipped") else ""
     if stats.get("empty_skipped"):
         ties += f", {stats['empty_skipped']} pairs with an empty response skipped"
