@@ -194,3 +194,16 @@ def test_report_command(tmp_path):
     # Mistakes reach the top-level CLI as UserError, which prints them and exits 2.
     result = CliRunner().invoke(app, [str(tmp_path / "missing")])
     assert isinstance(result.exception, UserError)
+
+
+def test_evaluations_table_names_the_judge_and_data_and_waiting_votes(tmp_path):
+    # Rows of one model judged differently, or on other prompts, must not read the same.
+    human = {**generate_eval(0.1, 1.0, 1.0, 0.7), "judge": "human", "status": "awaiting_votes",
+             "win_rate": None, "win_rate_ci": None, "prompts": "/data/prompts/held_out.txt"}
+    reward = {**generate_eval(0.1, 1.0, 1.0, 0.7), "judge": "reward:/home/me/rm.py:score"}
+    pairs = {"kind": "pairs", "model": "runs/b0.1/final", "data": "/data/dd", "split": "test",
+             "eval/rewards/accuracies": 0.8}
+    (tmp_path / "eval.json").write_text(json.dumps({"evals": [human, reward, pairs]}))
+    html = write_report(tmp_path).read_text()
+    assert "<td>human on held_out.txt</td>" in html and "<td>awaiting votes</td>" in html
+    assert "<td>reward:rm.py:score</td>" in html and "<td>pairs of dd (test)</td>" in html

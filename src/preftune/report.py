@@ -12,6 +12,7 @@ never changes the plotting backend or state of the process that calls it.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -495,18 +496,31 @@ def _config_table(config: dict):
     return ("Config highlights", ["key", "value"], rows)
 
 
+def _judged_on(ev: dict) -> str:
+    """What an evaluation judged with, and on what: 'reward:rm.py:score on prompts.txt'."""
+    def short(path) -> str:  # directories dropped: the table names, the JSON has full paths
+        return re.sub(r"[^:]*/", "", str(path))
+
+    if ev.get("kind") == "pairs":
+        split = f" ({ev['split']})" if ev.get("split") not in (None, "train") else ""
+        return f"pairs of {short(ev.get('data'))}{split}"
+    prompts = f" on {short(ev['prompts'])}" if ev.get("prompts") else ""
+    return f"{short(ev.get('judge') or '–')}{prompts}"
+
+
 def _evals_table(evals: list[dict]):
-    header = ["model", "kind", "prompts", "win rate [95% CI]", "mean reward (policy / ref)",
-              "KL ± se (nats)", "accuracy", "mean length (policy / ref)"]
+    header = ["model", "kind", "judge and data", "prompts", "win rate [95% CI]",
+              "mean reward (policy / ref)", "KL ± se (nats)", "accuracy", "mean length (policy / ref)"]
     rows = []
     for ev in evals:
         wr = _win_rate_with_ci(ev)
         reward = f"{_fmt(_policy_reward(ev))} / {_fmt(_policy_reward(ev, 'reference'))}"
         kl = f"{_fmt(ev.get('kl'))} ± {_fmt(ev.get('kl_se'))}" if _is_number(ev.get("kl")) else "–"
         lengths = ev.get("mean_length") or {}
+        waiting = ev.get("status") == "awaiting_votes"
         rows.append([
-            eval_label(ev), _fmt(ev.get("kind")), _fmt(ev.get("n_prompts")),
-            f"{wr[0]:.3f} [{wr[1]:.3f}, {wr[2]:.3f}]" if wr else "–",
+            eval_label(ev), _fmt(ev.get("kind")), _judged_on(ev), _fmt(ev.get("n_prompts")),
+            f"{wr[0]:.3f} [{wr[1]:.3f}, {wr[2]:.3f}]" if wr else "awaiting votes" if waiting else "–",
             reward if _policy_reward(ev) is not None else "–", kl,
             _fmt(ev.get("eval/rewards/accuracies")),
             f"{_fmt(lengths.get('policy'))} / {_fmt(lengths.get('reference'))}" if lengths else "–",
