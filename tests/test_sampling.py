@@ -324,3 +324,18 @@ def test_no_progress_means_no_transformers_bars_either(model_dir, tmp_path):
     # The check above means something: with progress on, transformers' bar does show.
     loud = CliRunner().invoke(app, args + ["--out", str(tmp_path / "loud.jsonl")])
     assert loud.exit_code == 0 and "Loading weights" in loud.output
+
+
+def test_resume_knows_the_model_folder_however_it_is_named(tmp_path, monkeypatch):
+    # Records name a local model by its absolute path; files from before hold it as typed.
+    from preftune.sampling import resume_position
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m").mkdir()
+    settings = SamplingSettings()
+    for written in (str(tmp_path / "m"), "m"):
+        records = [{"pair_id": "p000000", "prompt": "Hi", "sampling": settings.to_dict(), "model": written}]
+        assert resume_position(tmp_path / "out.jsonl", records, ["Hi", "Yo"], settings, "m") == 1
+    records[0]["model"] = "another-model"
+    with pytest.raises(UserError, match="written by another job"):
+        resume_position(tmp_path / "out.jsonl", records, ["Hi", "Yo"], settings, "m")

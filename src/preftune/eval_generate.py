@@ -31,14 +31,13 @@ from preftune.bradley_terry import Outcome, fit_ratings, mean_with_se, win_rate
 from preftune.errors import UserError
 from preftune.evaluate import (
     read_eval_records,
-    recorded_path,
     reference_of_run,
     run_config,
     same_evaluation,
     write_eval_record,
 )
 from preftune.logprobs import completion_logps
-from preftune.records import write_json_atomic, write_jsonl_atomic
+from preftune.records import recorded_path, write_json_atomic, write_jsonl_atomic
 from preftune.rewards import load_reward
 from preftune.sampling import (
     SamplingSettings,

@@ -7,7 +7,6 @@ metrics.jsonl and the output of `preftune eval pairs` mean the same thing.
 from __future__ import annotations
 
 import json
-import os
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from preftune.data.tokenize import TokenizedPair
 from preftune.errors import UserError
 from preftune.losses import PairLogps, preference_loss
 from preftune.metrics import StepMetrics
-from preftune.records import write_json_atomic
+from preftune.records import recorded_path, write_json_atomic
 
 
 def pair_logps(policy_logps, reference_logps, batch: PairBatch) -> PairLogps:
@@ -183,14 +182,6 @@ def evaluate_pairs_file(
 
 
 # ------------------------------------------------------------------ eval.json
-
-
-def recorded_path(path) -> str | None:
-    """A path as eval.json records it: absolute when it exists here (so that the same model or
-    file, named from another directory, is the same evaluation), else as given (a Hub id)."""
-    if path is None:
-        return None
-    return os.path.abspath(path) if Path(path).exists() else str(path)
 
 
 def same_evaluation(a: dict, b: dict) -> bool:

@@ -62,6 +62,15 @@ def read_records(path: str | Path, repair: bool = False) -> list[dict]:
     return records
 
 
+def recorded_path(path) -> str | None:
+    """A path as a record (eval.json, pairs.jsonl) holds it: absolute when it exists here, so
+    that the same model or file named from another directory reads the same; else as given
+    (a Hub id)."""
+    if path is None:
+        return None
+    return os.path.abspath(path) if Path(path).exists() else str(path)
+
+
 def record_line_numbers(path: str | Path) -> list[int]:
     """The line number of each record `read_records` returns (it skips blank lines and a partial
     last line), so that a message about a record can name its line in the file."""

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from preftune.errors import UserError
-from preftune.records import append_records, read_records
+from preftune.records import append_records, read_records, recorded_path
 
 Prompt = str | list[dict]  # a text, or a conversation: [{"role": ..., "content": ...}, ...]
 
@@ -382,15 +382,17 @@ def resume_position(
     model_name: str, id_prefix: str = "p",
 ) -> int:
     """How many prompts `out` already holds, after checking it belongs to this very job."""
+    model_names = {model_name, recorded_path(model_name)}
     if len(records) > len(prompts):
         raise UserError(
             f"{out} holds {len(records)} records but the prompt file only {len(prompts)}; "
             "choose another --out."
         )
     for i, record in enumerate(records):
-        expected = (pair_id(i, id_prefix), prompts[i], settings.to_dict(), model_name)
-        found = tuple(record.get(k) for k in ("pair_id", "prompt", "sampling", "model"))
-        if found != expected:
+        expected = (pair_id(i, id_prefix), prompts[i], settings.to_dict())
+        found = tuple(record.get(k) for k in ("pair_id", "prompt", "sampling"))
+        # The model as recorded (an absolute path for a local folder) or as typed (older files).
+        if found != expected or record.get("model") not in model_names:
             raise UserError(
                 f"{out}, line {i + 1}: written by another job (different prompts, model, "
                 "sampling settings or --id-prefix); choose another --out or rerun with the same arguments."
@@ -420,7 +422,8 @@ def sample_to_file(
     with _transformers_bars(progress):
         model, tokenizer = load_model_and_tokenizer(str(model_path), dtype, device)
     batches = iter_pair_batches(
-        model, tokenizer, prompts, settings, batch_size, start=done, model_name=str(model_path),
+        model, tokenizer, prompts, settings, batch_size, start=done,
+        model_name=recorded_path(model_path),  # the same folder from any directory reads the same
         id_prefix=id_prefix,
     )
     written = 0

@@ -251,10 +251,13 @@ def eval_path(run: Run) -> Path:
 def generation_eval(run: Run, paths: DemoPaths) -> dict | None:
     """The run's eval.json record against pi_sft with the demo's judge, if there is one."""
     from preftune.evaluate import read_eval_records
+    from preftune.records import recorded_path
 
+    # eval.json holds the reference as an absolute path (older demos: as it was typed).
+    pi_sft = {str(paths.pi_sft), recorded_path(paths.pi_sft)}
     for record in read_eval_records(eval_path(run)):
         if (record.get("kind") == "generate" and record.get("judge") == JUDGE_SPEC
-                and record.get("reference") == str(paths.pi_sft)):
+                and record.get("reference") in pi_sft):
             return record
     return None
 
