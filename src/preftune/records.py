@@ -66,8 +66,8 @@ def recorded_path(path) -> str | None:
     """A path as a record (eval.json, pairs.jsonl) holds it: absolute when it exists here, so
     that the same model or file named from another directory reads the same; else as given
     (a Hub id)."""
-    if path is None:
-        return None
+    if not path:  # None, or "" (which Path would read as the current folder)
+        return path
     return os.path.abspath(path) if Path(path).exists() else str(path)
 
 

@@ -57,6 +57,7 @@ from preftune.modeling import (
 from preftune.optim import build_optimizer, build_scheduler
 from preftune.packing import choose_collate
 from preftune.progress import TrainProgress
+from preftune.records import recorded_path
 from preftune.reference import build_reference, compact_frozen_linears, compact_reference
 
 
@@ -435,9 +436,7 @@ def _with_absolute_paths(config: Config) -> Config:
     `preftune export`, `eval` and `train --resume` find the model, data and run from any
     directory. A name that exists nowhere here (a Hub id) is left as it is."""
     def absolute(value):
-        if isinstance(value, list):
-            return [absolute(v) for v in value]
-        return os.path.abspath(value) if value and Path(value).exists() else value
+        return [recorded_path(v) for v in value] if isinstance(value, list) else recorded_path(value)
 
     model = config.model.model_copy(update={"path": absolute(config.model.path),
                                             "reference_path": absolute(config.model.reference_path)})
