@@ -30,12 +30,6 @@ def _run_folder(adapter: Path) -> Path:
     return adapter.parent.parent if adapter.parent.name == "checkpoints" else adapter.parent
 
 
-def _run_config(adapter: Path) -> dict:
-    """The run's config.yaml, if found."""
-    candidate = _run_folder(adapter) / "config.yaml"
-    return (yaml.safe_load(candidate.read_text()) or {}) if candidate.exists() else {}
-
-
 def _default_target(adapter: Path) -> Path:
     """RUN/merged for final/, RUN/merged-step-000300 for a checkpoint: never inside checkpoints/."""
     run = _run_folder(adapter)
@@ -55,15 +49,15 @@ def export(
         raise UserError("preftune export writes a merged model; add --merge (the adapter itself "
                         "is in RUN/final already, loadable by peft).")
     adapter = _adapter_folder(run)
-    run_cfg = _run_config(adapter)
+    from preftune.evaluate import EXPORT_RECORD, run_config
+    from preftune.lora import merge_adapter
+
+    run_cfg = run_config(adapter)  # beside final/, or two levels above a checkpoint
     model_cfg = run_cfg.get("model", {})
     base_path = base or model_cfg.get("path") or \
         json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if not base_path:
         raise UserError(f"{adapter}: cannot tell the base model; pass --base.")
-    from preftune.evaluate import EXPORT_RECORD
-    from preftune.lora import merge_adapter
-
     target = Path(out) if out is not None else _default_target(adapter)
     # An export replaces an earlier export, and nothing else (not a base model given as --out).
     if target.exists() and any(target.iterdir()) and not (target / EXPORT_RECORD).exists():
