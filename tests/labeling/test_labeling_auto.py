@@ -240,14 +240,19 @@ def test_a_last_line_without_newline_is_kept_or_named(tmp_path):
         load_pairs(path)
 
 
+# Empty responses: training refuses them. Identical ones (greedy decoding writes them): neither
+# can be preferred, and bt-sample would turn them into chosen == rejected rows.
+@pytest.mark.parametrize("skipped, counter", [
+    ([Pair("empty", "p", ("an answer", "")), Pair("blank", "p", ("  \n", "an answer"))], "empty_skipped"),
+    ([Pair("same", "p", ("one answer", "one answer"))], "identical_skipped"),
+])
 @pytest.mark.parametrize("mode", ["argmax", "bt-sample"])
-def test_pairs_with_an_empty_response_are_skipped_and_counted(tmp_path, rewards_file, mode):
-    pairs = [Pair("empty", "p", ("an answer", "")), Pair("blank", "p", ("  \n", "an answer")),
-             Pair("kept", "p", ("a long answer", "short"))]
+def test_pairs_that_cannot_be_labeled_are_skipped_and_counted(tmp_path, rewards_file, mode, skipped, counter):
+    pairs = [*skipped, Pair("kept", "p", ("a long answer", "short"))]
     out = tmp_path / "D.jsonl"
     stats = label_auto(write_pairs_file(tmp_path / "pairs.jsonl", pairs), "my_rewards:length",
                        out, mode=mode, show_progress=False)
-    assert stats["written"] == 1 and stats["empty_skipped"] == 2
+    assert stats["written"] == 1 and stats[counter] == len(skipped)
     assert [r["pair_id"] for r in read_jsonl(out)] == ["kept"]
 
 
@@ -311,13 +316,3 @@ def test_resume_refuses_a_pair_labeled_twice(tmp_path, rewards_file):
         label_auto(pairs_file, "my_rewards:length", out, show_progress=False)
 
 
-@pytest.mark.parametrize("mode", ["argmax", "bt-sample"])
-def test_pairs_with_identical_responses_are_skipped_and_counted(tmp_path, rewards_file, mode):
-    # Greedy decoding writes such pairs; bt-sample would turn them into chosen == rejected rows.
-    pairs = [Pair("same", "p", ("one answer", "one answer")),
-             Pair("kept", "p", ("a long answer", "short"))]
-    out = tmp_path / "D.jsonl"
-    stats = label_auto(write_pairs_file(tmp_path / "pairs.jsonl", pairs), "my_rewards:length",
-                       out, mode=mode, show_progress=False)
-    assert stats["written"] == 1 and stats["identical_skipped"] == 1
-    assert [r["pair_id"] for r in read_jsonl(out)] == ["kept"]
