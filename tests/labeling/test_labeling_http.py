@@ -304,3 +304,40 @@ def test_public_address_needs_tokens(tmp_path):
     store.add_annotator("dana")
     check_bind("0.0.0.0", open_mode=False, store=store)
     store.close()
+
+
+def test_what_the_page_needs_to_recover_without_a_reload(store, alice):
+    """The 409s tell a stale page apart from a lost answer, and undo gives the reason back."""
+    _, client = alice
+    pair_id = client.get("/api/next").json()["pair"]["pair_id"]
+    assert vote(client, pair_id, "left", key="first-try", reason="clearer").status_code == 200
+    # The answer to the first try was lost; the retry carries the same key but another choice.
+    retry = vote(client, pair_id, "right", key="first-try").json()
+    assert retry["already_saved"] is True and retry["choice"] == "left", "the stored choice"
+    # Another tab of the same annotator still shows the pair, with its own key.
+    other_tab = vote(client, pair_id, "tie", key="other-tab").json()
+    assert other_tab["stale"] is True and "already_saved" not in other_tab
+    not_mine = vote(client, "p00005", "tie", key="not-mine").json()
+    assert not_mine["stale"] is True
+    undone = client.post("/api/undo", json={}).json()["undone"]
+    assert undone == {"vote_id": 1, "pair_id": pair_id, "choice": "left", "reason": "clearer"}
+
+
+def test_next_says_how_many_pairs_others_hold(tmp_path):
+    store = Store(tmp_path / "w.sqlite", overlap=1)
+    store.add_pairs(make_pairs(3))
+    clients = {}
+    for name in ["a", "b"]:
+        clients[name] = TestClient(create_app(store))
+        clients[name].cookies.set("preftune_token", store.add_annotator(name))
+    held = clients["b"].get("/api/next").json()["pair"]["pair_id"]  # b looks at one, no vote
+    for i in range(2):
+        shown = clients["a"].get("/api/next").json()
+        assert shown["waiting"] == 0
+        assert vote(clients["a"], shown["pair"]["pair_id"], key=f"a-vote-{i}").status_code == 200
+    finished = clients["a"].get("/api/next").json()
+    assert finished["pair"] is None and finished["waiting"] == 1
+    assert finished["progress"] == {"done": 2, "remaining": 0, "total": 2}
+    assert vote(clients["b"], held, key="b-vote-0").status_code == 200
+    assert clients["a"].get("/api/next").json()["waiting"] == 0, "nothing left anywhere"
+    store.close()

@@ -232,9 +232,15 @@ def create_app(store: Store, open_mode: bool = False, guidelines: str | None = N
     async def next_pair(request: Request, who: Annotator) -> Response:
         pair = await run_in_threadpool(store.next_pair, who)
         progress = await run_in_threadpool(store.progress, who)
-        if pair is None:  # what is left is reserved by others or needs no more votes
+        waiting = 0
+        if pair is None:
+            # Without an open assignment of theirs, every pair counted in `remaining` is one this
+            # annotator has not answered and cannot get now: others hold all its slots. The page
+            # says how many, since such pairs come back if their holders leave them.
+            waiting = progress["remaining"]
             progress.update(remaining=0, total=progress["done"])
-        return JSONResponse({"pair": pair, "progress": progress, "annotator": who.name})
+        return JSONResponse({"pair": pair, "progress": progress, "annotator": who.name,
+                             "waiting": waiting})
 
     async def vote(request: Request, who: Annotator) -> Response:
         pair_id, choice, reason, key = _vote_fields(await _json_body(request))

@@ -435,22 +435,28 @@ class Store:
             raise Rejected(422, f"choice must be one of {', '.join(CHOICES)}.")
         with self._write() as db:
             replay = db.execute(
-                "SELECT id FROM votes WHERE annotator_id = ? AND idempotency_key = ?",
+                "SELECT id, choice FROM votes WHERE annotator_id = ? AND idempotency_key = ?",
                 (annotator.id, key),
             ).fetchone()
             if replay is not None:
+                # `choice` is the stored one: a retry may carry another choice than the first
+                # try, whose answer was lost; the page must confirm what was really saved.
                 raise Rejected(409, "this vote was already saved.", already_saved=True,
-                               vote_id=replay["id"])
+                               vote_id=replay["id"], choice=replay["choice"])
             if db.execute("SELECT 1 FROM pairs WHERE pair_id = ?", (pair_id,)).fetchone() is None:
                 raise Rejected(404, "unknown pair id.")
             assignment = db.execute(
                 "SELECT left_index, state FROM assignments WHERE pair_id = ? AND annotator_id = ?",
                 (pair_id, annotator.id),
             ).fetchone()
+            # `stale`: the page shows a pair that is no longer this annotator's to answer (voted
+            # in another tab, or another annotator signed in in this browser); it loads the next.
             if assignment is None:
-                raise Rejected(409, "this pair was not given to you; load the next pair.")
+                raise Rejected(409, "this pair was not given to you; load the next pair.",
+                               stale=True)
             if assignment["state"] != "open":
-                raise Rejected(409, "you already voted on this pair; undo that vote to change it.")
+                raise Rejected(409, "you already voted on this pair; undo that vote to change it.",
+                               stale=True)
             now = time.time()
             cur = db.execute(
                 "INSERT INTO votes (pair_id, annotator_id, choice, left_index, reason, "
@@ -464,7 +470,8 @@ class Store:
     def undo(self, annotator: Annotator, vote_id: int | None = None) -> dict:
         """Withdraw the annotator's latest live vote (or `vote_id`); the pair comes back to them."""
         with self._write() as db:
-            sql = "SELECT id, pair_id, choice FROM votes WHERE annotator_id = ? AND undone_at IS NULL"
+            sql = ("SELECT id, pair_id, choice, reason FROM votes WHERE annotator_id = ? AND "
+                   "undone_at IS NULL")
             args: tuple = (annotator.id,)
             if vote_id is not None:
                 sql, args = sql + " AND id = ?", (annotator.id, vote_id)
@@ -475,7 +482,8 @@ class Store:
             db.execute("UPDATE votes SET undone_at = ? WHERE id = ?", (now, vote["id"]))
             filled_delta = 0 if vote["choice"] == "skip" else -1
             self._set_state(db, vote["pair_id"], annotator.id, "open", now, filled_delta)
-        return {"vote_id": vote["id"], "pair_id": vote["pair_id"], "choice": vote["choice"]}
+        return {"vote_id": vote["id"], "pair_id": vote["pair_id"], "choice": vote["choice"],
+                "reason": vote["reason"]}
 
     def _set_state(self, db, pair_id: str, annotator_id: int, state: str, now: float, delta: int):
         db.execute(
