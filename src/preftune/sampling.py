@@ -153,11 +153,14 @@ def encode_prompts(tokenizer, prompts: Sequence[Prompt]) -> tuple[torch.Tensor, 
     """Tokenize and LEFT-pad prompts, so that every row's next token sits in the last column.
 
     Rendered chat prompts already hold their special tokens, so the tokenizer adds none to them.
+    Text prompts get the tokenizer's special tokens as in training (`encode_text`: one BOS even
+    when the text starts with its own), less an EOS the tokenizer appends: a prompt is not over.
     Returns `input_ids` and `attention_mask`, both (B, T).
     """
     pad_id = _pad_token_id(tokenizer)
     ids = [
-        tokenizer(render_prompt(tokenizer, p), add_special_tokens=isinstance(p, str))["input_ids"]
+        _encode_text_prompt(tokenizer, p) if isinstance(p, str)
+        else tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"]
         for p in prompts
     ]
     if any(len(row) == 0 for row in ids):
@@ -169,6 +172,16 @@ def encode_prompts(tokenizer, prompts: Sequence[Prompt]) -> tuple[torch.Tensor, 
         input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
         attention_mask[i, width - len(row):] = 1
     return input_ids, attention_mask
+
+
+def _encode_text_prompt(tokenizer, prompt: str) -> list[int]:
+    from preftune.data.tokenize import encode_text
+
+    ids = encode_text(tokenizer, prompt)
+    eos, eos_text = tokenizer.eos_token_id, tokenizer.eos_token
+    if eos is not None and len(ids) > 1 and ids[-1] == eos and not (eos_text and prompt.endswith(eos_text)):
+        ids = ids[:-1]  # appended by a tokenizer that closes every text (add_eos_token)
+    return ids
 
 
 def _pad_token_id(tokenizer) -> int:

@@ -1,7 +1,11 @@
 """Turning a preference pair into token ids, the way other DPO tools do, so curves compare.
 
 Standard text: prompt ids = tokenize(prompt); each completion's ids are the part of
-tokenize(prompt + completion) after the prefix it shares with the prompt ids, then EOS.
+tokenize(prompt + completion) after the prefix it shares with the prompt ids, then EOS (not a
+second one when the completion text already ends with the EOS token, as TRL does). A text that
+already starts with the BOS token (a chat template rendered to a string) keeps that one BOS:
+a tokenizer that adds BOS itself would otherwise put a second in front (TRL keeps both); the
+same for a text ending with EOS and a tokenizer that appends EOS.
 Conversational: the same, with the text rendered by the tokenizer's chat template (the prompt
 with its generation prompt); the template closes the turn, so no EOS is added.
 
@@ -48,8 +52,19 @@ def _common_prefix_length(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _encode_text(tokenizer, text: str) -> list[int]:
-    return tokenizer(text)["input_ids"]
+def encode_text(tokenizer, text: str) -> list[int]:
+    """tokenizer(text) with its special tokens, but one BOS (EOS) where the text starts (ends)
+    with its own and the tokenizer adds another."""
+    ids = tokenizer(text)["input_ids"]
+    bos, bos_text = tokenizer.bos_token_id, tokenizer.bos_token
+    if (bos is not None and bos_text and ids[:2] == [bos, bos] and text.startswith(bos_text)
+            and not text.startswith(bos_text * 2)):
+        ids = ids[1:]
+    eos, eos_text = tokenizer.eos_token_id, tokenizer.eos_token
+    if (eos is not None and eos_text and len(ids) > 2 and ids[-2:] == [eos, eos] and text.endswith(eos_text)
+            and not text.endswith(eos_text * 2)):
+        ids = ids[:-1]
+    return ids
 
 
 def _encode_chat(tokenizer, messages: list, generation_prompt: bool) -> list[int]:
@@ -62,6 +77,11 @@ def _encode_chat(tokenizer, messages: list, generation_prompt: bool) -> list[int
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def _ending_with(ids: list[int], eos: list[int]) -> list[int]:
+    """The completion closed with EOS, unless its text (or the tokenizer) already closed it."""
+    return ids if eos and ids[-len(eos):] == eos else ids + eos
+
+
 def tokenize_pair(pair: PreferencePair, tokenizer, index: int = 0) -> TokenizedPair:
     if pair.conversational:
         prompt_ids = _encode_chat(tokenizer, pair.prompt, generation_prompt=True)
@@ -69,9 +89,9 @@ def tokenize_pair(pair: PreferencePair, tokenizer, index: int = 0) -> TokenizedP
         full_rejected = _encode_chat(tokenizer, pair.prompt + pair.rejected, generation_prompt=False)
         eos: list[int] = []
     else:
-        prompt_ids = _encode_text(tokenizer, pair.prompt)
-        full_chosen = _encode_text(tokenizer, pair.prompt + pair.chosen)
-        full_rejected = _encode_text(tokenizer, pair.prompt + pair.rejected)
+        prompt_ids = encode_text(tokenizer, pair.prompt)
+        full_chosen = encode_text(tokenizer, pair.prompt + pair.chosen)
+        full_rejected = encode_text(tokenizer, pair.prompt + pair.rejected)
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     shared = min(
         _common_prefix_length(prompt_ids, full_chosen),
@@ -79,8 +99,8 @@ def tokenize_pair(pair: PreferencePair, tokenizer, index: int = 0) -> TokenizedP
     )
     return TokenizedPair(
         prompt_ids=prompt_ids[:shared],
-        chosen_ids=full_chosen[shared:] + eos,
-        rejected_ids=full_rejected[shared:] + eos,
+        chosen_ids=_ending_with(full_chosen[shared:], eos),
+        rejected_ids=_ending_with(full_rejected[shared:], eos),
         index=index,
         pair_id=pair.pair_id,
         origin=pair.origin,
