@@ -128,3 +128,222 @@ def test_left_right_order_is_balanced(page, tmp_path):
     store.close()
     assert left_votes == n // 2
 
+
+
+def stored_votes(db):
+    store = Store(db)
+    votes = [(v["pair_id"], v["choice"]) for v in store.live_votes()]
+    store.close()
+    return votes
+
+
+def test_a_stopped_server_is_said_and_no_vote_is_lost_or_doubled(page, tmp_path):
+    from playwright.sync_api import expect
+
+    db = tmp_path / "labels.sqlite"
+    token = prepare(db, make_pairs(3))
+    banner = page.locator("#banner")
+    with running_server(db) as (url, proc):
+        page.goto(f"{url}/login?token={token}")
+        wait_progress(page, 0, 3)
+        first, _ = shown_pair_index(page)
+        proc.terminate()
+        proc.wait()
+        page.keyboard.press("1")
+        expect(banner).to_contain_text("vote is NOT saved: the server cannot be reached")
+        assert not page.locator("#card-left.picked").count(), "no card looks chosen"
+        wait_progress(page, 0, 3)
+    port = int(url.rsplit(":", 1)[1])
+    with running_server(db, port=port):
+        expect(banner).to_have_text("The server is back: vote again to save this pair.")
+        page.keyboard.press("1")
+        wait_progress(page, 1, 2)
+        expect(banner).to_be_hidden()
+        second, _ = shown_pair_index(page)
+
+        # The vote reaches the server but its answer is lost: the page says "not saved", the
+        # annotator presses another key, and the page confirms what was really stored.
+        lost = []
+
+        def lose_the_answer(route):
+            if not lost:
+                lost.append(route.fetch().status)
+            route.abort()
+
+        page.route("**/api/vote", lose_the_answer)
+        page.keyboard.press("t")
+        expect(banner).to_contain_text("NOT saved")
+        page.unroute("**/api/vote")
+        page.keyboard.press("b")
+        expect(page.locator("#toast")).to_have_text("Saved: Tie")
+        wait_progress(page, 2, 1)
+    assert lost == [200]
+    assert stored_votes(db) == [(f"p{first:05d}", "left"), (f"p{second:05d}", "tie")]
+
+
+def test_two_tabs_and_a_second_sign_in_in_one_browser(page, tmp_path):
+    from playwright.sync_api import expect
+
+    db = tmp_path / "labels.sqlite"
+    token = prepare(db, make_pairs(4))
+    store = Store(db)
+    ada = store.add_annotator("ada")
+    store.close()
+    with running_server(db) as (url, _):
+        page.goto(f"{url}/login?token={token}")
+        wait_progress(page, 0, 4)
+        tab = page.context.new_page()
+        tab.goto(url)
+        wait_progress(tab, 0, 4)
+        shown, _ = shown_pair_index(page)
+        assert shown_pair_index(tab)[0] == shown, "one open pair, shown in both tabs"
+        page.keyboard.press("1")
+        wait_progress(page, 1, 3)
+        tab.keyboard.press("2")  # too late: this pair is answered
+        expect(tab.locator("#toast")).to_contain_text("already answered")
+        wait_progress(tab, 1, 3)
+        assert shown_pair_index(tab)[0] != shown, "the stale tab moved on by itself"
+
+        # Ada opens her link in this browser: the cookie, so the identity, is now hers.
+        tab.goto(f"{url}/login?token={ada}")
+        expect(tab.locator("#annotator")).to_have_text("ada")
+        page.keyboard.press("t")
+        expect(page.locator("#banner")).to_contain_text("now votes as ada, not grace")
+        expect(page.locator("#annotator")).to_have_text("ada")
+    assert stored_votes(db) == [(f"p{shown:05d}", "left")]
+
+
+def test_keyboard_only_focus_typing_and_undo(page, tmp_path):
+    from playwright.sync_api import expect
+
+    db = tmp_path / "labels.sqlite"
+    token = prepare(db, make_pairs(3))
+    with running_server(db) as (url, _):
+        page.goto(f"{url}/login?token={token}")
+        wait_progress(page, 0, 3)
+        tie = page.get_by_role("button", name=re.compile("^Tie"))
+        while not tie.evaluate("b => b === document.activeElement"):
+            page.keyboard.press("Tab")
+        # The focus ring: at least 3:1 against the page behind it (WCAG 1.4.11).
+        ring = tie.evaluate("b => getComputedStyle(b).outlineColor")
+        behind = page.evaluate("getComputedStyle(document.documentElement).backgroundColor")
+        assert contrast(ring, behind) >= 3, (ring, behind)
+        page.keyboard.press("Enter")
+        wait_progress(page, 1, 2)
+        assert tie.evaluate("b => b === document.activeElement"), "focus stays on the button"
+
+        first, _ = shown_pair_index(page)
+        page.locator("#reason").press_sequentially("1 2 tbsu g: none of these is a key")
+        page.keyboard.press("Escape")
+        wait_progress(page, 1, 2)
+        expect(page.locator("#guidelines")).to_be_hidden()
+        page.keyboard.press("2")
+        wait_progress(page, 2, 1)
+        page.keyboard.press("u")
+        expect(page.locator("#toast")).to_have_text("Undone: your “Right is better” on this "
+                                                   "pair; vote again.")
+        wait_progress(page, 1, 2)
+        assert shown_pair_index(page)[0] == first
+        expect(page.locator("#reason")).to_have_value("1 2 tbsu g: none of these is a key")
+        page.keyboard.press("u")  # a second undo goes one vote further back
+        expect(page.locator("#toast")).to_contain_text("your “Tie”")
+        wait_progress(page, 0, 3)
+    assert stored_votes(db) == []
+
+
+def contrast(first, second):
+    """WCAG contrast ratio of two computed CSS colours (rgb()/rgba(), alpha ignored)."""
+    def luminance(css):
+        channels = [int(c) / 255 for c in re.findall(r"[\d.]+", css)[:3]]
+        linear = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+        return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+    high, low = sorted([luminance(first), luminance(second)], reverse=True)
+    return (high + 0.05) / (low + 0.05)
+
+
+ODD = [
+    Pair("long", "Write at length.", (
+        "\n\n".join(f"Paragraph {i}. " + "A sentence of some length. " * 30 for i in range(40)),
+        "x" * 6000)),
+    Pair("rtl", "Greet me in Arabic.", ("مرحبا بك. هذه جملة عربية طويلة. " * 200, "   \n\t ")),
+    Pair("same", "Say hi.", ("hi", "hi")),
+]
+
+
+@pytest.mark.parametrize("width, height", [(1280, 860), (390, 844)])
+def test_long_and_odd_responses_stay_readable(browser, tmp_path, width, height):
+    from playwright.sync_api import expect
+
+    db = tmp_path / "labels.sqlite"
+    token = prepare(db, ODD)
+    context = browser.new_context(viewport={"width": width, "height": height})
+    page = context.new_page()
+    page.set_default_timeout(10_000)
+    no_sideways_scroll = ("document.documentElement.scrollWidth <= "
+                          "document.documentElement.clientWidth")
+    try:
+        with running_server(db) as (url, _):
+            page.goto(f"{url}/login?token={token}")
+            wait_progress(page, 0, 3)
+            assert page.evaluate(no_sideways_scroll), "6,000 unbroken characters wrap"
+            for button in page.locator("header button, .controls button").all():
+                box = button.bounding_box()
+                assert 0 <= box["x"] and box["x"] + box["width"] <= width, button.text_content()
+            page.mouse.wheel(0, 3000)  # read to the end of the page, then vote
+            page.wait_for_timeout(300)
+            assert page.evaluate("window.scrollY") > 0
+            page.get_by_role("button", name=re.compile("Skip")).click()
+            wait_progress(page, 1, 2)
+            assert page.evaluate("window.scrollY") == 0, "the next pair starts at its prompt"
+            expect(page.locator("#prompt")).to_have_text("Greet me in Arabic.")
+            blank = page.locator(".response-text.blank")
+            expect(blank).to_have_text("(this response is only whitespace)")
+            arabic = page.locator(".response-text:not(.blank)")
+            # Right to left text sits against the right edge of its box.
+            gap = arabic.evaluate("""el => {
+                const range = document.createRange(); range.selectNodeContents(el);
+                return el.getBoundingClientRect().right - range.getBoundingClientRect().right; }""")
+            assert gap < 2, gap
+            assert page.evaluate(no_sideways_scroll)
+            expect(page.locator("#identical")).to_be_hidden()
+            page.keyboard.press("s")
+            wait_progress(page, 2, 1)
+            expect(page.locator("#identical")).to_be_visible()
+    finally:
+        context.close()
+
+
+def test_the_end_offers_undo_and_says_what_others_hold(page, tmp_path):
+    from playwright.sync_api import expect
+
+    from preftune.labeling.status import status
+
+    db = tmp_path / "labels.sqlite"
+    token = prepare(db, make_pairs(3))
+    store = Store(db)
+    bob = store.add_annotator("bob")
+    store.close()
+    with running_server(db) as (url, _):
+        other = page.context.browser.new_context().new_page()
+        other.goto(f"{url}/login?token={bob}")  # bob looks at a pair and leaves it open
+        wait_progress(other, 0, 3)
+        page.goto(f"{url}/login?token={token}")
+        for done in range(2):
+            wait_progress(page, done, 3 - done)
+            page.keyboard.press("1")
+        wait_progress(page, 2, 0)
+        expect(page.locator("#finished")).to_be_visible()
+        expect(page.locator("#waiting")).to_contain_text("1 more pair is being labelled by "
+                                                          "another annotator")
+        page.get_by_role("button", name=re.compile("Undo last vote")).click()
+        wait_progress(page, 1, 2)  # "left" counts the pair bob holds too
+        page.keyboard.press("2")
+        wait_progress(page, 2, 0)
+        other.keyboard.press("1")
+        wait_progress(other, 1, 0)
+        page.get_by_role("button", name="Check for new pairs").click()
+        expect(page.locator("#toast")).to_have_text("Still nothing new for you.")
+        expect(page.locator("#waiting")).to_be_hidden()
+        other.context.close()
+    shown = {a["name"]: a["votes"] for a in status(db)["annotators"]}
+    assert shown == {"grace": 2, "bob": 1}, "`label status` agrees with the page"

@@ -44,9 +44,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(db: Path, *args: str, startup_timeout: float = 20.0):
-    """Run `label serve` in a subprocess on 127.0.0.1 and a free port; yields (url, process)."""
-    port = free_port()
+def running_server(db: Path, *args: str, startup_timeout: float = 20.0, port: int | None = None):
+    """Run `label serve` in a subprocess on 127.0.0.1 and `port` (by default a free one);
+    yields (url, process). Pass the port of a stopped server to restart it at the same address."""
+    port = port or free_port()
     log_path = Path(str(db) + f".server-{port}.log")
     cmd = [sys.executable, "-m", "preftune.labeling.cli", "serve", "--db", str(db),
            "--host", "127.0.0.1", "--port", str(port), *args]

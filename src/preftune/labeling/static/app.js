@@ -7,9 +7,12 @@
   const KEYS = { "1": "left", "2": "right", t: "tie", b: "both_bad", s: "skip" };
   const LABELS = { left: "Left is better", right: "Right is better", tie: "Tie",
                    both_bad: "Both bad", skip: "Skip" };
+  const HEALTH_POLL_MS = 2000;
   let current = null;  // { pair_id, key }: the pair on screen and the id of its vote
-  let busy = false;    // one request at a time, so a held-down key votes once
+  let busy = false;    // one request at a time, so a double click or a held key votes once
+  let annotator = null;  // the name this page was opened as
   let toastTimer = null;
+  let healthTimer = null;
 
   // A random vote id made once per pair shown, reused on retries, so the server stores the
   // vote once. getRandomValues also works on plain-http pages, unlike randomUUID.
@@ -40,6 +43,7 @@
         return await call(path, body);
       } catch (e) {
         if (attempt >= 3) throw e;
+        if (attempt === 0) showBanner("The server does not answer; trying again…");
         await new Promise((r) => setTimeout(r, 400 * 2 ** attempt));
       }
     }
@@ -51,7 +55,48 @@
     el.classList.toggle("error", Boolean(isError));
     el.classList.add("show");
     clearTimeout(toastTimer);
-    toastTimer = setTimeout(() => el.classList.remove("show"), isError ? 4000 : 1200);
+    toastTimer = setTimeout(() => el.classList.remove("show"), isError ? 6000 : 1500);
+  }
+
+  // The banner holds what stays true until the annotator acts: the server is unreachable,
+  // a vote is not saved, the browser signed in as someone else. Toasts fade; this does not.
+  function showBanner(text) {
+    $("banner").textContent = text;
+    $("banner").hidden = false;
+  }
+
+  function clearBanner() {
+    $("banner").hidden = true;
+    $("banner").textContent = "";
+  }
+
+  // The server cannot be reached: say so until it answers /healthz again, then either say
+  // `backText` or run `whenBack` (which clears the banner).
+  function serverDown(text, backText, whenBack) {
+    showBanner(text);
+    clearInterval(healthTimer);
+    healthTimer = setInterval(async () => {
+      try {
+        if (!(await fetch("/healthz", { cache: "no-store" })).ok) return;
+      } catch (e) {
+        return;
+      }
+      clearInterval(healthTimer);
+      healthTimer = null;
+      if (whenBack) {
+        clearBanner();
+        await whenBack();
+      } else {
+        showBanner(backText);
+      }
+    }, HEALTH_POLL_MS);
+  }
+
+  function serverUp() {
+    clearInterval(healthTimer);
+    healthTimer = null;
+    const sticky = $("banner").dataset.sticky;
+    if (sticky) showBanner(sticky); else clearBanner();
   }
 
   function showOnly(id) {
@@ -84,6 +129,19 @@
     box.scrollTop = box.scrollHeight;  // the last turn is the one being answered
   }
 
+  // A response that is empty or only whitespace would look like a page still loading.
+  function renderResponse(box, text) {
+    const blank = !text.trim();
+    box.classList.toggle("blank", blank);
+    if (blank) {
+      box.replaceChildren(element("span", "blank-note",
+        text ? "(this response is only whitespace)" : "(this response is empty)"));
+    } else {
+      box.textContent = text;
+    }
+    box.scrollTop = 0;
+  }
+
   function renderProgress(progress) {
     const { done, remaining, total } = progress;
     const percent = total ? Math.round((100 * done) / total) : 100;
@@ -93,35 +151,84 @@
   }
 
   function renderPair(pair) {
+    const samePair = current && current.pair_id === pair.pair_id;
     current = { pair_id: pair.pair_id, key: newKey() };
     renderPrompt(pair.prompt);
-    $("left").textContent = pair.left;
-    $("right").textContent = pair.right;
-    $("left").scrollTop = 0;
-    $("right").scrollTop = 0;
+    renderResponse($("left"), pair.left);
+    renderResponse($("right"), pair.right);
+    $("identical").hidden = pair.left !== pair.right;
     $("reason").value = "";
-    for (const card of ["card-left", "card-right"]) $(card).classList.remove("picked");
+    unpick();
     showOnly("task");
+    // A new pair starts at its prompt, not where the last one was scrolled to.
+    if (!samePair) window.scrollTo(0, 0);
   }
 
+  function renderFinished(waiting) {
+    current = null;
+    const note = $("waiting");
+    note.hidden = !waiting;
+    note.textContent = waiting === 1
+      ? "1 more pair is being labelled by another annotator right now; it comes back to you " +
+        "if it is left unanswered, so check again in a while."
+      : `${waiting} more pairs are being labelled by other annotators right now; those left ` +
+        "unanswered come back to you, so check again in a while.";
+    showOnly("finished");
+  }
+
+  function noticeSignIn(name) {
+    if (annotator !== null && name !== annotator) {
+      const shown = (n) => (n === "(open)" ? "the anonymous annotator" : n);
+      showBanner(`This page now votes as ${shown(name)}, not ${shown(annotator)}: another ` +
+                 "login link was opened in this browser; open your own link again to vote as " +
+                 "yourself.");
+      $("banner").dataset.sticky = $("banner").textContent;
+    }
+    annotator = name;
+    $("annotator").textContent = name === "(open)" ? "" : name;
+  }
+
+  // Show the annotator's next pair (or the end); false when that failed, with the reason shown.
   async function loadNext() {
-    const { ok, data } = await callWithRetry("/api/next");
-    if (!ok) return;
-    $("annotator").textContent = data.annotator === "(open)" ? "" : data.annotator;
+    let result;
+    try {
+      result = await callWithRetry("/api/next");
+    } catch (e) {
+      current = null;
+      serverDown("The server cannot be reached, so the next pair cannot be loaded; this page " +
+                 "loads it as soon as the server is back.", null, loadNext);
+      return false;
+    }
+    const { ok, status, data } = result;
+    if (!ok) {
+      if (status !== 401) {
+        showBanner(`The next pair could not be loaded (${data.error || "error " + status}); ` +
+                   "reload the page to try again.");
+      }
+      return false;
+    }
+    serverUp();
+    noticeSignIn(data.annotator);
     renderProgress(data.progress);
     if (data.pair) {
       renderPair(data.pair);
     } else {
-      current = null;
-      showOnly("finished");
+      renderFinished(data.waiting || 0);
     }
+    return true;
   }
 
   function setBusy(value) {
     busy = value;
-    for (const button of document.querySelectorAll("button.choice, #undo")) {
-      button.disabled = value;
+    // aria-disabled, not disabled: a disabled button loses keyboard focus, and a keyboard
+    // user would be thrown back to the top of the page after every vote.
+    for (const button of document.querySelectorAll("button.choice, #undo, #finished-undo")) {
+      button.setAttribute("aria-disabled", String(value));
     }
+  }
+
+  function unpick() {
+    for (const card of ["card-left", "card-right"]) $(card).classList.remove("picked");
   }
 
   function flash(choice) {
@@ -140,15 +247,31 @@
     const reason = $("reason").value.trim();
     if (reason) body.reason = reason;
     try {
-      const { ok, data } = await callWithRetry("/api/vote", body);
-      if (ok || data.already_saved) {
-        toast("Saved: " + LABELS[choice]);
-        await loadNext();
-      } else if (data.error) {
-        toast("Not saved: " + data.error, true);
+      let result;
+      try {
+        result = await callWithRetry("/api/vote", body);
+      } catch (e) {
+        unpick();
+        serverDown("Your vote is NOT saved: the server cannot be reached. Vote again once it " +
+                   "is back (it is stored once, however often you press).",
+                   "The server is back: vote again to save this pair.");
+        return;
       }
-    } catch (e) {
-      toast("Not saved: the server cannot be reached. Try again.", true);
+      const { ok, data } = result;
+      if (ok || data.already_saved) {
+        serverUp();
+        // After a lost answer the stored choice may differ from this retry's: name the stored.
+        toast("Saved: " + LABELS[data.choice || choice]);
+        await loadNext();
+      } else if (data.stale) {
+        serverUp();
+        toast("Not saved: this pair was already answered (in another tab?); here is your " +
+              "next pair.", true);
+        await loadNext();
+      } else if (result.status !== 401) {
+        unpick();
+        toast("Not saved: " + (data.error || `the server answered ${result.status}.`), true);
+      }
     } finally {
       setBusy(false);
     }
@@ -158,15 +281,36 @@
     if (busy) return;
     setBusy(true);
     try {
-      const { ok, data } = await call("/api/undo", {});
-      if (ok) {
-        toast("Undone (" + LABELS[data.undone.choice] + "): vote again");
-        await loadNext();
-      } else if (data.error) {
-        toast(data.error, true);
+      let result;
+      try {
+        result = await call("/api/undo", {});
+      } catch (e) {
+        serverDown("Nothing was undone: the server cannot be reached. Press u again once it " +
+                   "is back.", "The server is back: press u again to undo.");
+        return;
       }
-    } catch (e) {
-      toast("The server cannot be reached. Try again.", true);
+      const { ok, status, data } = result;
+      if (ok) {
+        serverUp();
+        const undone = data.undone;
+        toast(`Undone: your “${LABELS[undone.choice]}” on this pair; vote again.`);
+        if (await loadNext() && current && current.pair_id === undone.pair_id && undone.reason) {
+          $("reason").value = undone.reason;
+        }
+      } else if (status !== 401) {
+        toast(data.error || `Nothing was undone: the server answered ${status}.`, true);
+      }
+    } finally {
+      setBusy(false);
+    }
+  }
+
+  async function checkAgain() {
+    if (busy) return;
+    setBusy(true);
+    try {
+      await loadNext();
+      if (!current && $("banner").hidden) toast("Still nothing new for you.");
     } finally {
       setBusy(false);
     }
@@ -180,9 +324,11 @@
 
   function onKey(event) {
     if (event.ctrlKey || event.metaKey || event.altKey || event.repeat) return;
-    const typing = event.target instanceof HTMLTextAreaElement;
+    const target = event.target;
+    const typing = target instanceof Element &&
+      target.closest("textarea, input, select, [contenteditable]") !== null;
     if (typing) {
-      if (event.key === "Escape") event.target.blur();
+      if (event.key === "Escape") target.blur();
       return;
     }
     const key = event.key.toLowerCase();
@@ -202,10 +348,16 @@
       button.addEventListener("click", () => vote(button.dataset.choice));
     }
     $("undo").addEventListener("click", undo);
+    $("finished-undo").addEventListener("click", undo);
+    $("check-again").addEventListener("click", checkAgain);
     $("guidelines-toggle").addEventListener("click", toggleGuidelines);
     document.addEventListener("keydown", onKey);
-    const guidelines = await call("/api/guidelines");
-    if (guidelines.ok) $("guidelines-text").textContent = guidelines.data.text;
+    try {
+      const guidelines = await call("/api/guidelines");
+      if (guidelines.ok) $("guidelines-text").textContent = guidelines.data.text;
+    } catch (e) {
+      // loadNext says that the server cannot be reached.
+    }
     await loadNext();
   }
 
