@@ -222,8 +222,12 @@ def test_keyboard_only_focus_typing_and_undo(page, tmp_path):
         page.goto(f"{url}/login?token={token}")
         wait_progress(page, 0, 3)
         tie = page.get_by_role("button", name=re.compile("^Tie"))
+        visited = []
         while not tie.evaluate("b => b === document.activeElement"):
             page.keyboard.press("Tab")
+            visited.append(page.evaluate("document.activeElement.id"))
+        # Long texts scroll inside their boxes: Tab stops there so that arrows can scroll them.
+        assert {"prompt", "left", "right"} <= set(visited), visited
         # The focus ring: at least 3:1 against the page behind it (WCAG 1.4.11).
         ring = tie.evaluate("b => getComputedStyle(b).outlineColor")
         behind = page.evaluate("getComputedStyle(document.documentElement).backgroundColor")

@@ -200,6 +200,7 @@
       return false;
     }
     const { ok, status, data } = result;
+    serverUp();  // it answered, even if with an error
     if (!ok) {
       if (status !== 401) {
         showBanner(`The next pair could not be loaded (${data.error || "error " + status}); ` +
@@ -207,7 +208,6 @@
       }
       return false;
     }
-    serverUp();
     noticeSignIn(data.annotator);
     renderProgress(data.progress);
     if (data.pair) {
@@ -258,13 +258,12 @@
         return;
       }
       const { ok, data } = result;
+      serverUp();
       if (ok || data.already_saved) {
-        serverUp();
         // After a lost answer the stored choice may differ from this retry's: name the stored.
         toast("Saved: " + LABELS[data.choice || choice]);
         await loadNext();
       } else if (data.stale) {
-        serverUp();
         toast("Not saved: this pair was already answered (in another tab?); here is your " +
               "next pair.", true);
         await loadNext();
@@ -290,8 +289,8 @@
         return;
       }
       const { ok, status, data } = result;
+      serverUp();
       if (ok) {
-        serverUp();
         const undone = data.undone;
         toast(`Undone: your “${LABELS[undone.choice]}” on this pair; vote again.`);
         if (await loadNext() && current && current.pair_id === undone.pair_id && undone.reason) {
