@@ -1,6 +1,8 @@
 """Every data format, every bad-row case, and the tokenization rules."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 from preftune_test_data import PAIRS, write_jsonl
@@ -38,6 +40,65 @@ def test_jsonl_json_csv_parquet_and_saved_dataset_load_the_same_pairs(tmp_path):
         assert [(p.prompt, p.chosen, p.rejected) for p in loaded.pairs] == expected, name
 
 
+@pytest.mark.parametrize("suffix", [".jsonl.gz", ".json.bz2", ".csv.xz"])
+def test_compressed_files_load_and_a_damaged_one_is_named(tmp_path, suffix):
+    import bz2
+    import gzip
+    import lzma
+
+    import datasets
+
+    compress = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}[Path(suffix).suffix]
+    plain = tmp_path / ("d" + suffix.rsplit(".", 1)[0])
+    if plain.suffix == ".csv":
+        datasets.Dataset.from_list(PAIRS).to_csv(str(plain), index=False)
+    elif plain.suffix == ".json":
+        plain.write_text(json.dumps(PAIRS))
+    else:
+        write_jsonl(plain, PAIRS)
+    packed = tmp_path / ("d" + suffix)
+    packed.write_bytes(compress(plain.read_bytes()))
+    loaded = load_pairs(str(packed))
+    assert [(p.prompt, p.chosen, p.rejected) for p in loaded.pairs] == [
+        (r["prompt"], r["chosen"], r["rejected"]) for r in PAIRS]
+    packed.write_bytes(packed.read_bytes()[:-8])
+    with pytest.raises(UserError, match=rf"d{re.escape(suffix)}: not a readable"):
+        load_pairs(str(packed))
+
+
+def test_a_folder_of_data_files_like_a_hub_download_is_read_by_split(tmp_path, monkeypatch):
+    # A data set downloaded from the Hub: parquet shards named by split, no save_to_disk files.
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")  # stays without a copy
+    rows = [dict(r, score_chosen=8.0) for r in PAIRS]
+    (tmp_path / "snap" / "data").mkdir(parents=True)
+    (tmp_path / "snap" / "README.md").write_text("---\nlicense: mit\n---\n")
+    for name, part in (("train-00000-of-00002", rows[:2]), ("train-00001-of-00002", rows[2:]),
+                       ("test-00000-of-00001", rows[:1])):
+        datasets.Dataset.from_list(part).to_parquet(str(tmp_path / "snap" / "data" / f"{name}.parquet"))
+    train = load_pairs(str(tmp_path / "snap"))
+    assert [p.chosen for p in train.pairs] == [r["chosen"] for r in PAIRS]
+    assert train.pairs[0].metadata == {"score_chosen": 8.0}
+    assert [p.chosen for p in load_pairs(str(tmp_path / "snap"), "test").pairs] == [PAIRS[0]["chosen"]]
+    with pytest.raises(UserError, match=r"snap has no split 'validation', only 'train', 'test'; choose one"):
+        load_pairs(str(tmp_path / "snap"), "validation")
+    assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").rglob("*.arrow"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"empty is a folder neither written by datasets.save_to_disk nor"):
+        load_pairs(str(tmp_path / "empty"))
+
+
+def test_a_missing_split_of_a_saved_dataset_dict_names_the_ones_there(tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_list(PAIRS)
+    datasets.DatasetDict({"train_prefs": ds, "test_prefs": ds}).save_to_disk(str(tmp_path / "dd"))
+    assert len(load_pairs(str(tmp_path / "dd"), "test_prefs").pairs) == len(PAIRS)
+    with pytest.raises(UserError, match=r"dd has no split 'train', only 'train_prefs', 'test_prefs'; choose one"):
+        load_pairs(str(tmp_path / "dd"))
+
+
 def test_hub_id_offline_fails_with_one_sentence(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match="could not load the hub data set 'nobody/no-such-set'"):
@@ -62,6 +123,38 @@ def test_conversational_explicit_and_implicit(tmp_path):
     for pair in loaded:
         assert pair.conversational
         assert pair.prompt == CONVERSATION["prompt"] and pair.chosen == CONVERSATION["chosen"]
+
+
+QUESTION = {"role": "user", "content": "What is 2+2?"}
+ULTRAFEEDBACK = {  # HuggingFaceH4/ultrafeedback_binarized: the prompt as text AND inside the conversations
+    "prompt": "What is 2+2?", "prompt_id": "abc",
+    "chosen": [QUESTION, {"role": "assistant", "content": "4"}],
+    "rejected": [QUESTION, {"role": "assistant", "content": "5"}],
+    "messages": [QUESTION, {"role": "assistant", "content": "4"}], "score_chosen": 8.0, "score_rejected": 3.0,
+}
+
+
+@pytest.mark.parametrize("row, prompt, chosen, rejected", [
+    (ULTRAFEEDBACK, [QUESTION], [{"role": "assistant", "content": "4"}], [{"role": "assistant", "content": "5"}]),
+    # the replies alone beside a text prompt: the text is the user's message
+    ({"prompt": "What is 2+2?", "chosen": [{"role": "assistant", "content": "4"}],
+      "rejected": [{"role": "assistant", "content": "5"}]},
+     [QUESTION], [{"role": "assistant", "content": "4"}], [{"role": "assistant", "content": "5"}]),
+    # Anthropic HH: whole dialogues as text, the prompt implicit
+    ({"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: 2+2?\n\nAssistant: Four.",
+      "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: 2+2?\n\nAssistant: No idea."},
+     "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: 2+2?\n\nAssistant:", " Four.", " No idea."),
+])
+def test_hub_layouts_become_prompt_chosen_rejected(tmp_path, row, prompt, chosen, rejected):
+    pair = load_pairs(str(write_jsonl(tmp_path / "d.jsonl", [row]))).pairs[0]
+    assert (pair.prompt, pair.chosen, pair.rejected) == (prompt, chosen, rejected)
+    assert set(pair.metadata) == set(row) - {"prompt", "chosen", "rejected"}  # kept, never trained on
+
+
+def test_a_text_prompt_that_the_conversations_do_not_hold_is_refused(tmp_path):
+    row = dict(ULTRAFEEDBACK, prompt="Something else entirely")
+    with pytest.raises(UserError, match=r"d.jsonl, line 1: field 'prompt' is text found in none of the messages"):
+        load_pairs(str(write_jsonl(tmp_path / "d.jsonl", [row])))
 
 
 # ------------------------------------------------------------------ bad rows

@@ -20,6 +20,8 @@ from preftune.data.schema import PreferencePair
 from preftune.errors import UserError
 
 FILE_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet"}
+# Compressed text files (d.jsonl.gz, as Hub data sets often ship them): the suffix before names the format.
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}
 
 
 @dataclass
@@ -40,7 +42,7 @@ def load_pairs(spec: str, split: str = "train") -> LoadResult:
         rows = _rows_from_saved_dataset(path, split)
     elif path.is_file():
         rows = _rows_from_file(path)
-    elif path.suffix.lower() in FILE_SUFFIXES or spec.startswith((".", "/", "~")):
+    elif _format_suffix(path) in FILE_SUFFIXES or spec.startswith((".", "/", "~")):
         raise UserError(f"data file {spec} does not exist; check data.train / data.eval.")
     else:
         rows = _rows_from_hub(spec, split)
@@ -75,7 +77,9 @@ def parse_row(row: object, where: str) -> PreferencePair:
     check(chosen, where, "chosen")
     check(rejected, where, "rejected")
     prompt = row.get("prompt")
-    if prompt is None and chosen == rejected:
+    if conversational and isinstance(prompt, str) and chosen != rejected:
+        prompt, chosen, rejected = _conversations_with_text_prompt(prompt, chosen, rejected, where)
+    elif (prompt is None or conversational and isinstance(prompt, str)) and chosen == rejected:
         prompt = [] if conversational else ""  # skipped by the caller, counted as a duplicate
     elif prompt is None:
         prompt, chosen, rejected = _split_implicit_prompt(chosen, rejected, where)
@@ -123,6 +127,21 @@ def _check_messages(value, where: str, name: str, allow_empty: bool = False) -> 
         _check_encodable(message["content"], where, f"{name}[{i}].content")
 
 
+def _conversations_with_text_prompt(prompt: str, chosen: list, rejected: list, where: str):
+    """A text prompt beside message lists. UltraFeedback-binarized's layout: chosen and rejected
+    are whole conversations that hold the prompt, which is then their shared leading messages;
+    or they hold only the replies, and the text is the user's message."""
+    if chosen and rejected and chosen[0] == rejected[0]:
+        shared, chosen, rejected = _split_implicit_prompt(chosen, rejected, where)
+        if not any(m["content"].strip() == prompt.strip() for m in shared):
+            raise UserError(f"{where}: field 'prompt' is text found in none of the messages that chosen "
+                            "and rejected share; make it the list of prompt messages, or drop it to take "
+                            "the shared messages as the prompt.")
+        return shared, chosen, rejected
+    _check_text(prompt, where, "prompt")
+    return [{"role": "user", "content": prompt}], chosen, rejected
+
+
 def _split_implicit_prompt(chosen, rejected, where: str):
     """The prompt is what chosen and rejected share; the responses are what follows."""
     if isinstance(chosen, list):
@@ -155,31 +174,58 @@ def _split_implicit_prompt(chosen, rejected, where: str):
 # ---------------------------------------------------------------------------- sources
 
 
+def _format_suffix(path: Path) -> str:
+    """.jsonl for d.jsonl and for d.jsonl.gz."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if len(suffixes) > 1 and suffixes[-1] in COMPRESSIONS:
+        return suffixes[-2]
+    return suffixes[-1] if suffixes else ""
+
+
 def _rows_from_file(path: Path) -> Iterator[tuple[str, object]]:
-    suffix = path.suffix.lower()
+    suffix = _format_suffix(path)
     if suffix == ".jsonl":
         return _rows_from_jsonl(path)
     if suffix == ".json":
         return _rows_from_json(path)
     if suffix == ".csv":
         return _rows_from_csv(path)
-    if suffix == ".parquet":
+    if suffix == ".parquet" and path.suffix.lower() == ".parquet":
         return _rows_from_parquet(path)
-    raise UserError(f"{path}: unknown file type {suffix or '(none)'}; "
-                    "use .jsonl, .json, .csv, .parquet or a datasets folder.")
+    raise UserError(f"{path}: unknown file type {''.join(path.suffixes[-2:]) or '(none)'}; "
+                    "use .jsonl, .json, .csv (each may be compressed: .gz, .bz2, .xz), .parquet "
+                    "or a data set folder.")
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes, decompressed when its name ends in .gz, .bz2 or .xz."""
+    compression = COMPRESSIONS.get(path.suffix.lower())
+    if compression is None:
+        return path.read_bytes()
+    import bz2
+    import gzip
+    import lzma
+
+    module = {"gzip": gzip, "bz2": bz2, "lzma": lzma}[compression]
+    try:
+        return module.decompress(path.read_bytes())
+    except (OSError, EOFError, ValueError, lzma.LZMAError) as e:  # a damaged or truncated file
+        raise UserError(f"{path}: not a readable {path.suffix} file ({e}); check the download "
+                        "or decompress it yourself.") from None
 
 
 def _read_text(path: Path) -> str:
+    data = _read_bytes(path)
     try:
         # utf-8-sig drops a byte-order mark that editors on Windows like to add.
-        return path.read_bytes().decode("utf-8-sig")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        line = data[: e.start].count(b"\n") + 1
         raise UserError(f"{path}, line {line}: not valid UTF-8; save the file as UTF-8.") from None
 
 
 def _rows_from_jsonl(path: Path) -> Iterator[tuple[str, object]]:
-    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a BOM that Windows editors add
+    data = _read_bytes(path).removeprefix(b"\xef\xbb\xbf")  # a BOM that Windows editors add
     # Split on "\n" alone: str.splitlines() also breaks at U+2028, U+0085 and other characters
     # that JSON strings may hold raw, which would cut valid rows apart and shift line numbers.
     # Each line is decoded on its own, so problems are reported in line order.
@@ -257,19 +303,50 @@ def _rows_from_parquet(path: Path) -> Iterator[tuple[str, object]]:
         yield f"{path}, row {i}", row
 
 
+def _no_such_split(source, split: str, splits) -> UserError:
+    names = ", ".join(repr(name) for name in splits)
+    return UserError(f"{source} has no split {split!r}, only {names}; choose one of them (data.split, "
+                     "data.eval_split for data.eval, or --split).")
+
+
 def _rows_from_saved_dataset(path: Path, split: str) -> Iterator[tuple[str, object]]:
     import datasets
 
+    if not ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        # Not written by save_to_disk: a folder of data files, like a data set downloaded from
+        # the Hub (data/train-00000-of-00002.parquet, ...), read as `load_dataset` reads it.
+        yield from _rows_from_data_folder(path, split)
+        return
     try:
         ds = datasets.load_from_disk(str(path))
     except FileNotFoundError:
         raise UserError(f"{path} is a folder but not one written by datasets.save_to_disk.") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise UserError(f"{path} has splits {sorted(ds)}, not {split!r}; set data.split.")
+            raise _no_such_split(path, split, ds)
         ds = ds[split]
     for i, row in enumerate(ds):
         yield f"{path}, row {i}", row
+
+
+def _rows_from_data_folder(path: Path, split: str) -> Iterator[tuple[str, object]]:
+    """Data files in a folder, split by their names (train-*.parquet, test.jsonl.gz, ...) or by
+    the folder's README.md, streamed: nothing is copied into the datasets cache."""
+    import datasets
+
+    try:
+        splits = datasets.get_dataset_split_names(str(path))
+        if split not in splits:
+            raise _no_such_split(path, split, splits)
+        ds = datasets.load_dataset(str(path), split=split, streaming=True)
+    except UserError:
+        raise
+    except Exception as e:  # no data files, several configs, unreadable files: datasets says which
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise UserError(f"{path} is a folder neither written by datasets.save_to_disk nor readable as "
+                        f"data files ({reason}); point data.train / data.eval at a file or such a folder.") from None
+    for i, row in enumerate(ds):
+        yield f"{path} ({split}), row {i}", row
 
 
 def _rows_from_hub(spec: str, split: str) -> Iterator[tuple[str, object]]:
