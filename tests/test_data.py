@@ -105,6 +105,18 @@ def test_hub_id_offline_fails_with_one_sentence(monkeypatch):
         load_pairs("nobody/no-such-set")
 
 
+def test_a_missing_split_of_a_hub_data_set_is_not_blamed_on_the_network(monkeypatch):
+    import datasets
+
+    def no_such_split(spec, split=None, **kwargs):
+        raise ValueError(f'Unknown split "{split}". Should be one of [\'train_prefs\', \'test_prefs\'].')
+
+    monkeypatch.setattr(datasets, "load_dataset", no_such_split)
+    with pytest.raises(UserError, match=r"hub data set 'someone/prefs' has no split 'train' \(Unknown split") as info:
+        load_pairs("someone/prefs")
+    assert "train_prefs" in str(info.value) and "network" not in str(info.value)
+
+
 def test_missing_local_file_is_named(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_pairs(str(tmp_path / "nope.jsonl"))

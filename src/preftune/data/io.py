@@ -356,6 +356,9 @@ def _rows_from_hub(spec: str, split: str) -> Iterator[tuple[str, object]]:
         ds = datasets.load_dataset(spec, split=split)
     except Exception as e:  # offline, unknown id, or gated: all end the same way for the user
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        if isinstance(e, ValueError) and "split" in reason.lower():  # 'Unknown split "x". Should be one of [...]'
+            raise UserError(f"the hub data set {spec!r} has no split {split!r} ({reason}); choose one of them "
+                            "(data.split, data.eval_split for data.eval, or --split).") from None
         raise UserError(f"could not load the hub data set {spec!r} (split {split!r}): {reason}; "
                         "check the id and the network, or pass a local file.") from None
     for i, row in enumerate(ds):
