@@ -2,6 +2,12 @@
 
 Each step holds all four pairs, so the order in which either tool shuffles them does not matter,
 and the reference is a different model than the policy, so the first loss is not trivially ln 2.
+
+Where the two differ on purpose, no test compares them: the `sft` loss (averaged per sequence
+here, as in the RPO paper; over all chosen tokens of the micro-batch in TRL), truncation of prompts
+longer than half of `max_length` (preftune shortens the prompt first, TRL's keep_start cuts the
+completion), and an implicit text prompt whose responses part mid-word (preftune cuts the prompt
+back to the word boundary, TRL at the differing character).
 """
 
 import json
@@ -14,6 +20,7 @@ pytest.importorskip("trl")
 from preftune_test_data import PAIRS, write_jsonl  # noqa: E402
 
 from preftune.config import validate_config  # noqa: E402
+from preftune.demo.tiny import EOS  # noqa: E402
 from preftune.train import train  # noqa: E402
 
 STEPS = 3
@@ -23,15 +30,23 @@ SEED = 0  # both tools seed with it before wrapping LoRA adapters
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
 
 
-def run_trl(policy_dir, reference_dir, tmp_path, lora=None, lr=1e-3):
+def run_trl(policy_dir, reference_dir, tmp_path, lora=None, lr=1e-3, rows=PAIRS, loss=None, batch_size=4,
+            grad_accum=1, max_length=256, precompute=False, adam_eps=1e-8, max_grad_norm=1.0):
+    """`loss` holds preftune's loss keys (type, weights, beta, label_smoothing); TRL's names differ."""
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
+    loss = {"type": "sigmoid", "beta": 0.1, **(loss or {})}
+    types = [loss["type"]] if isinstance(loss["type"], str) else list(loss["type"])
     args = DPOConfig(
-        output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, gradient_accumulation_steps=1,
+        output_dir=str(tmp_path / "trl"), per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum,
         learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        max_grad_norm=1.0, max_steps=STEPS, logging_steps=1, beta=0.1, max_length=256,
+        adam_epsilon=adam_eps, max_grad_norm=max_grad_norm or 0.0,  # 0: no clipping
+        max_steps=STEPS, logging_steps=1, beta=loss["beta"], max_length=max_length,
+        loss_type=types, loss_weights=loss.get("weights"), label_smoothing=loss.get("label_smoothing", 0.0),
+        precompute_ref_log_probs=precompute,
         gradient_checkpointing=False, use_cpu=True, report_to=[], save_strategy="no", seed=SEED,
         bf16=False,  # TRL turns on bf16 autocast by default, on CPU too; compare float32 with float32
     )
@@ -44,33 +59,39 @@ def run_trl(policy_dir, reference_dir, tmp_path, lora=None, lr=1e-3):
     trainer = DPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(policy_dir),
         ref_model=AutoModelForCausalLM.from_pretrained(reference_dir) if reference_dir else None,
-        args=args, train_dataset=datasets.Dataset.from_list(PAIRS),
+        args=args, train_dataset=datasets.Dataset.from_list(rows),
         processing_class=AutoTokenizer.from_pretrained(policy_dir), peft_config=peft_config,
     )
     trainer.train()
     return [h for h in trainer.state.log_history if "rewards/margins" in h]
 
 
-def run_preftune(policy_dir, reference_dir, tmp_path, lora=None, lr=1e-3):
-    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
-    model = {"path": str(policy_dir)}
+def run_preftune(policy_dir, reference_dir, tmp_path, lora=None, lr=1e-3, rows=PAIRS, loss=None, batch_size=4,
+                 grad_accum=1, max_length=256, reference="copy", data=None, adam_eps=1e-8, max_grad_norm=1.0):
+    data_cfg = data
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    model = {"path": str(policy_dir), "reference": reference}
     if reference_dir:
         model["reference_path"] = str(reference_dir)
     if lora:
         model["lora"] = lora
     cfg = validate_config({
         "model": model,
-        "data": {"train": str(data), "max_length": 256},
-        "loss": {"type": "sigmoid", "beta": 0.1},
-        "optim": {"lr": lr, "scheduler": "constant", "max_grad_norm": 1.0},
-        "train": {"batch_size": 4, "max_steps": STEPS, "output_dir": str(tmp_path / "pt"),
-                  "report": False, "progress": False, "seed": SEED},
+        "data": {"train": str(data), "max_length": max_length, **(data_cfg or {})},
+        "loss": {"type": "sigmoid", "beta": 0.1, **(loss or {})},
+        "optim": {"lr": lr, "eps": adam_eps, "scheduler": "constant", "max_grad_norm": max_grad_norm},
+        "train": {"batch_size": batch_size, "grad_accum": grad_accum, "max_steps": STEPS,
+                  "output_dir": str(tmp_path / "pt"), "report": False, "progress": False, "seed": SEED},
     })
     train(cfg)
     return [json.loads(line) for line in (tmp_path / "pt" / "metrics.jsonl").read_text().splitlines()]
 
 
 KEYS = ("loss", "logps/chosen", "logps/rejected", "rewards/chosen", "rewards/margins", "rewards/accuracies")
+
+
+def largest_gap(ours, theirs):
+    return max(abs(a[k] - b[k]) for a, b in zip(ours, theirs) for k in KEYS)
 
 
 def assert_steps_match(ours, theirs):
@@ -90,9 +111,8 @@ def test_losses_and_logps_match_trl(tmp_path, tiny_model_factory):
     assert not math.isclose(ours[0]["loss"], math.log(2), abs_tol=1e-3)
     assert_steps_match(ours, theirs)
     # The numbers the README quotes: `pytest -s tests/test_trl_parity.py` prints them.
-    gap = max(abs(a[k] - b[k]) for a, b in zip(ours, theirs) for k in KEYS)
     print(f"\nfirst loss preftune {ours[0]['loss']:.7f} TRL {theirs[0]['loss']:.7f}; "
-          f"largest difference over {STEPS} steps: {gap:.1e}")
+          f"largest difference over {STEPS} steps: {largest_gap(ours, theirs):.1e}")
 
 
 @pytest.mark.slow
@@ -107,6 +127,119 @@ def test_lora_matches_trl(tmp_path, tiny_model_factory):
     assert ours[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # B = 0: policy = reference
     assert ours[-1]["loss"] < 0.6  # the adapters learned something: later steps test them
     assert_steps_match(ours, theirs)
-    gap = max(abs(a[k] - b[k]) for a, b in zip(ours, theirs) for k in KEYS)
     print(f"\nLoRA: last loss preftune {ours[-1]['loss']:.7f} TRL {theirs[-1]['loss']:.7f}; "
-          f"largest difference over {STEPS} steps: {gap:.1e}")
+          f"largest difference over {STEPS} steps: {largest_gap(ours, theirs):.1e}")
+
+
+# Pairs whose chosen and rejected lengths differ a lot (5 against 28 tokens, say) and whose prompts
+# do too (2 to 46 tokens): the chosen and rejected halves of a batch are padded differently, and
+# per-token averages (ipo, sigmoid_norm) weigh the two responses differently.
+UNEVEN = [
+    {"prompt": "Q: Hi?\nA:", "chosen": " A preference pair holds a prompt, a chosen answer and a rejected "
+     "answer, all as plain text.", "rejected": " No."},
+    {"prompt": "Question: Direct preference optimization trains a policy against what, exactly, in the "
+     "usual setup?\nAnswer:", "chosen": " 12.",
+     "rejected": " The quick brown fox jumps over the lazy dog, and then it jumps again over the lazy dog."},
+    {"prompt": "Numbers?", "chosen": " 12, 345 and 6789 appear in text too; so do commas, colons: and dashes -.",
+     "rejected": " Seven hundred"},
+    {"prompt": "Question: What is the best ice cream, in your own opinion?\nAnswer:", "chosen": " Haagen-Dazs.",
+     "rejected": " GB"},
+]
+
+# Cut at max_length 20 with prompts of at most 10 tokens (2 to 10): there both tools keep the prompt
+# and cut each sequence's end, the one truncation rule they share (assert_truncation_is_shared checks it).
+TRUNCATED_AT = 20
+TRUNCATED = [
+    UNEVEN[0], UNEVEN[2],
+    {"prompt": "Sum?", "chosen": " Four, of course.",
+     "rejected": " Numbers like 12, 345 and 6789 appear in text too; so do commas."},
+    {"prompt": "What color is the sky?", "chosen": " Blue on a clear day, and grey when it rains.",
+     "rejected": " Purple."},
+]
+
+
+def conversation(question, chosen, rejected, system=None):
+    prompt = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    return {"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}]}
+
+
+CONVERSATIONS = [  # rendered with the tiny tokenizer's chat template
+    conversation("What is the best ice cream?", "Haagen-Dazs is rich.", "GB"),
+    conversation("Name a fast animal.", "The cheetah.", "A snail, I think.", system="Be brief."),
+    conversation("Hi.", "Hello, how can I help you today?", "No."),
+    conversation("What color is the sky?", "Blue on a clear day.", "Purple, probably."),
+]
+# The same, the prompt left implicit: the messages chosen and rejected share.
+IMPLICIT_CONVERSATIONS = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]}
+                          for r in CONVERSATIONS]
+
+# TRL 1.16's `sigmoid` ignores label_smoothing, so preftune's conservative DPO (cDPO) is checked
+# through an identity: with S(h) = -log sigmoid(beta h), which satisfies S(-h) = S(h) + beta h,
+#   cDPO_eps   = (1 - eps) S(h) + eps S(-h)                    = S(h) + eps beta h
+#   robust_eps = ((1 - eps) S(h) - eps S(-h)) / (1 - 2 eps)   = S(h) - eps beta h / (1 - 2 eps)
+# so cDPO_eps = (2 - 2 eps) sigmoid - (1 - 2 eps) robust_eps: a weighted loss TRL runs.
+EPS = 0.2
+CDPO = {"type": "sigmoid", "label_smoothing": EPS}
+CDPO_AS_TRL = {"type": ["sigmoid", "robust"], "weights": [2 - 2 * EPS, -(1 - 2 * EPS)], "label_smoothing": EPS}
+
+# Each case: keyword arguments for both runs, then extra ones for preftune's and for TRL's.
+CASES = {
+    # 1. the losses both implement with the same meaning
+    "cdpo": ({"rows": UNEVEN}, {"loss": CDPO}, {"loss": CDPO_AS_TRL}),
+    "robust": ({"rows": UNEVEN, "loss": {"type": "robust", "label_smoothing": EPS}}, {}, {}),
+    "hinge": ({"rows": UNEVEN, "loss": {"type": "hinge"}}, {}, {}),
+    # preftune's default ipo_length_normalize: TRL averages IPO's log-ratios per token
+    "ipo": ({"rows": UNEVEN, "loss": {"type": "ipo"}}, {}, {}),
+    "sigmoid_norm": ({"rows": UNEVEN, "loss": {"type": "sigmoid_norm"}}, {}, {}),
+    "sigmoid+ipo weighted": ({"rows": UNEVEN, "loss": {"type": ["sigmoid", "ipo"], "weights": [0.7, 0.3]}},
+                             {}, {}),
+    # 2. conversational data and a chat template
+    "conversational": ({"rows": CONVERSATIONS}, {}, {}),
+    "conversational, implicit prompt": ({"rows": IMPLICIT_CONVERSATIONS}, {}, {}),
+    # 3. chosen and rejected of quite different lengths, in each of preftune's batch layouts:
+    # prompt shared (the default on CPU), padded (on GPUs), packed into one row
+    "uneven lengths": ({"rows": UNEVEN}, {"data": {"share_prompt": True}}, {}),
+    "uneven lengths, padded": ({"rows": UNEVEN}, {"data": {"share_prompt": False}}, {}),
+    "uneven lengths, packed": ({"rows": UNEVEN}, {"data": {"share_prompt": False, "packing": "on"}}, {}),
+    # 4. truncation where both tools truncate alike
+    "truncation": ({"rows": TRUNCATED, "max_length": TRUNCATED_AT}, {}, {}),
+    # 5. two micro-batches of two pairs per step on both sides. Adam with a large eps and no
+    # clipping: its step then follows the gradient's scale, so a step that scales its gradient by
+    # the number of micro-batches (dividing each by its own pairs) shows.
+    "gradient accumulation": ({"rows": UNEVEN, "batch_size": 2, "grad_accum": 2, "adam_eps": 1.0,
+                               "max_grad_norm": None, "lr": 1e-2}, {}, {}),
+    # 6. reference log-probs computed before training against TRL's live reference
+    "precomputed reference": ({"rows": UNEVEN}, {"reference": "precompute"}, {}),
+    # Text responses that already end with the EOS token's text: neither appends a second EOS.
+    "responses ending in EOS": ({"rows": [dict(r, chosen=r["chosen"] + EOS) for r in PAIRS]}, {}, {}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("error:data.packing")  # the packed case must pack, not fall back
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_trl(case, tmp_path, tiny_model_factory):
+    both, ours_only, theirs_only = CASES[case]
+    policy_dir = tiny_model_factory("qwen2", seed=0)
+    reference_dir = tiny_model_factory("qwen2", seed=1)
+    if "max_length" in both:
+        assert_truncation_is_shared(policy_dir, both["rows"], both["max_length"])
+    ours = run_preftune(policy_dir, reference_dir, tmp_path, **both, **ours_only)
+    theirs = run_trl(policy_dir, reference_dir, tmp_path, **both, **theirs_only)
+    assert_steps_match(ours, theirs)
+    print(f"\n{case}: largest difference over {STEPS} steps: {largest_gap(ours, theirs):.1e}")
+
+
+def assert_truncation_is_shared(policy_dir, rows, max_length):
+    """Some pairs are cut, and every prompt fits in preftune's prompt budget (half of max_length),
+    so preftune, like TRL's keep_start, cuts completions and never the prompt."""
+    from transformers import AutoTokenizer
+
+    from preftune.data.schema import PreferencePair
+    from preftune.data.tokenize import tokenize_pair
+
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    pairs = [tokenize_pair(PreferencePair(r["prompt"], r["chosen"], r["rejected"]), tokenizer) for r in rows]
+    assert sum(p.length > max_length for p in pairs) >= 3
+    assert all(len(p.prompt_ids) <= max_length // 2 for p in pairs)
