@@ -290,6 +290,9 @@ def test_long_and_odd_responses_stay_readable(browser, tmp_path, width, height):
             page.goto(f"{url}/login?token={token}")
             wait_progress(page, 0, 3)
             assert page.evaluate(no_sideways_scroll), "6,000 unbroken characters wrap"
+            stacked = width < 860  # then "left" is the top card, and its heading says so
+            expect(page.locator("#card-left h2")).to_have_text(
+                "LEFT (TOP) 1" if stacked else "LEFT 1", use_inner_text=True)
             for button in page.locator("header button, .controls button").all():
                 box = button.bounding_box()
                 assert 0 <= box["x"] and box["x"] + box["width"] <= width, button.text_content()
