@@ -38,6 +38,17 @@ def test_sigmoid_with_label_smoothing_is_cdpo():
     assert value("sigmoid", beta=0.1, label_smoothing=0.1) == pytest.approx(expected, abs=1e-12)
 
 
+@pytest.mark.parametrize("eps", [0.1, 0.3])
+def test_cdpo_is_plain_dpo_and_robust_dpo_weighted(eps):
+    """The identity tests/test_trl_parity.py checks cDPO with (TRL's sigmoid has no label
+    smoothing): since -log sigmoid(-z) = -log sigmoid(z) + z, both are DPO plus a multiple of beta h,
+    and cDPO_eps = (2 - 2 eps) DPO - (1 - 2 eps) rDPO_eps."""
+    combined = (2 - 2 * eps) * value("sigmoid", beta=0.1) - (1 - 2 * eps) * value("robust", beta=0.1,
+                                                                                  label_smoothing=eps)
+    assert value("sigmoid", beta=0.1, label_smoothing=eps) == pytest.approx(combined, abs=1e-12)
+    assert value("sigmoid", beta=0.1, label_smoothing=eps) == pytest.approx(0.598139 + eps * 0.2, abs=1e-6)
+
+
 def test_robust():
     # ((1-e) * -logsig(0.2) + e * logsig(-0.2)) / (1 - 2e) = (0.9*0.598139 - 0.1*0.798139)/0.8
     expected = (0.9 * 0.5981388693 - 0.1 * 0.7981388693) / 0.8
