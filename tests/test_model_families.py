@@ -8,6 +8,7 @@ of every text and their chat templates write one too, some fine-tunes append EOS
 from __future__ import annotations
 
 import pytest
+import torch
 import transformers
 
 from preftune.data.schema import PreferencePair
@@ -18,9 +19,9 @@ from preftune.sampling import encode_prompts
 MISTRAL_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
                     "{{ '[INST] ' + m['content'] + ' [/INST]' }}{% else %}{{ ' ' + m['content'] + eos_token }}"
                     "{% endif %}{% endfor %}")
-GEMMA_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ '<start_of_turn>' + m['role'] + '\n' + m['content'] "
-                  "+ '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}"
-                  "{% endif %}")
+GEMMA_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' "
+                  "else m['role']) + '\n' + m['content'] + '<end_of_turn>\n' }}{% endfor %}"
+                  "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
 
 # kind: (special tokens, named specials, BOS/EOS the tokenizer adds itself, chat template)
 TOKENIZERS = {
@@ -101,3 +102,132 @@ def test_a_sampling_prompt_does_not_end_with_the_eos_a_tokenizer_appends(tokeniz
     assert tokenizer("Question: sky?")["input_ids"][-1] == tokenizer.eos_token_id
     ids, _ = encode_prompts(tokenizer, ["Question: sky?"])
     assert ids[0, 0] == tokenizer.bos_token_id and ids[0, -1] != tokenizer.eos_token_id
+
+
+# ------------------------------------------------------------------ families end to end
+
+# family: (config class, tokenizer kind, tied embeddings, extra config)
+FAMILIES = {
+    "gpt2": ("GPT2Config", "gpt2", True, {}),
+    "mistral": ("MistralConfig", "llama", False, {"sliding_window": None}),
+    "phi3": ("Phi3Config", "llama", False, {}),
+    "gemma2": ("Gemma2Config", "gemma", True, {"head_dim": 8}),
+}
+
+
+def family_model(family: str, tokenizer, seed: int = 0):
+    config_class, _, tied, extra = FAMILIES[family]
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    if family == "gpt2":
+        config = transformers.GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4,
+                                         n_positions=128, tie_word_embeddings=tied, **ids)
+    else:
+        config = getattr(transformers, config_class)(
+            vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
+            tie_word_embeddings=tied, **ids, **extra)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return transformers.AutoModelForCausalLM.from_config(config)
+
+
+@pytest.fixture(scope="module")
+def family_folder(tmp_path_factory):
+    """family -> a folder holding a saved random model and its Hub-like tokenizer (unmodified:
+    GPT-2's and Mistral's have no pad token)."""
+    made = {}
+
+    def make(family):
+        if family not in made:
+            tokenizer = family_tokenizer(FAMILIES[family][1])
+            folder = tmp_path_factory.mktemp(family)
+            family_model(family, tokenizer).save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            made[family] = folder
+        return made[family]
+
+    return make
+
+
+def test_packed_and_prompt_shared_logps_equal_padded_on_other_families(tokenizers):
+    from preftune.data.collate import collate_pairs, pack_pairs
+    from preftune.data.shared_prompt import collate_shared_prompt
+    from preftune.logprobs import completion_logps, shared_prompt_logps
+
+    texts = [PreferencePair("Question: What is the best ice cream?\nAnswer:", " Haagen-Dazs.", " GB"),
+             PreferencePair("The quick brown fox", " jumps over the lazy dog.", " sleeps.")]
+    for family, (_, kind, _, _) in FAMILIES.items():
+        tokenizer = tokenizers[kind]
+        model = family_model(family, tokenizer).eval()
+        pairs = [tokenize_pair(p, tokenizer, i) for i, p in enumerate(texts)]
+        padded = collate_pairs(pairs, tokenizer.pad_token_id)
+        expected, _ = completion_logps(model, padded.input_ids, padded.attention_mask, padded.completion_mask)
+        packed = pack_pairs(pairs)
+        got, _ = completion_logps(model, packed.input_ids, None, packed.completion_mask,
+                                  position_ids=packed.position_ids, sequence_ids=packed.sequence_ids)
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5, msg=f"{family} packed")
+        shared, _ = shared_prompt_logps(model, collate_shared_prompt(pairs, tokenizer.pad_token_id).shared)
+        torch.testing.assert_close(shared, expected, atol=1e-4, rtol=1e-5, msg=f"{family} prompt-shared")
+
+
+def test_packing_is_refused_with_a_warning_for_a_model_that_mixes_packed_rows(tokenizers):
+    # OPT takes no position ids from the caller: packed sequences would attend to each other.
+    from preftune.config import validate_config
+    from preftune.data.collate import collate_pairs
+    from preftune.packing import choose_collate
+
+    config = transformers.OPTConfig(vocab_size=320, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                    ffn_dim=64, word_embed_proj_dim=32)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    cfg = validate_config({"model": {"path": "x"}, "data": {"train": "x", "packing": "on", "share_prompt": False}})
+    with pytest.warns(UserWarning, match="OPTForCausalLM with attention .* does not keep packed sequences apart"):
+        collate = choose_collate(cfg, model, 0, torch.device("cpu"))
+    assert collate.func is collate_pairs
+
+
+@pytest.mark.parametrize("family, layout", [("gpt2", "text"), ("mistral", "rendered"), ("gemma2", "messages")])
+def test_train_eval_and_sample_a_family_as_downloaded(tmp_path, family_folder, one_torch_thread, family, layout):
+    import math
+
+    from preftune_test_data import PAIRS, make_config, read_metrics, write_jsonl
+
+    from preftune.data.io import load_pairs
+    from preftune.evaluate import evaluate_pairs_file
+    from preftune.sampling import load_model_and_tokenizer, sample_pairs
+    from preftune.train import train
+
+    folder = family_folder(family)
+    original = transformers.AutoTokenizer.from_pretrained(folder)
+    rows = PAIRS if layout == "text" else [
+        {"prompt": [{"role": "user", "content": r["prompt"]}], "chosen": [{"role": "assistant", "content": r["chosen"]}],
+         "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in PAIRS]
+    if layout == "rendered":  # prompts stored as text already rendered by the chat template, BOS and all
+        rows = [{"prompt": original.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True),
+                 "chosen": r["chosen"][0]["content"], "rejected": r["rejected"][0]["content"]} for r in rows]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    train(make_config(tmp_path, folder, data, train={"max_steps": 1}))
+    assert read_metrics(tmp_path / "run")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+    # The vocabulary and the embeddings are the user's: a missing pad token is EOS, not a new token.
+    final = tmp_path / "run" / "final"
+    model, tokenizer = load_model_and_tokenizer(str(final), device="cpu")
+    assert len(tokenizer) == len(original) == model.get_input_embeddings().num_embeddings
+    assert tokenizer.pad_token_id == (original.pad_token_id if original.pad_token else original.eos_token_id)
+
+    # Evaluation tokenizes as training did: one BOS at most, one EOS closing each text completion.
+    original.pad_token = original.pad_token or original.eos_token
+    expected = [tokenize_pair(p, original) for p in load_pairs(str(data)).pairs]
+    for pair in expected:
+        assert pair.prompt_ids.count(original.bos_token_id) == (family != "gpt2")
+        assert pair.chosen_ids.count(original.eos_token_id) == (layout != "messages")  # templates close turns
+    record = evaluate_pairs_file(final, data, device="cpu")
+    assert record["n_pairs"] == len(PAIRS)
+    assert record["eval/lengths/chosen"] == pytest.approx(sum(len(p.chosen_ids) for p in expected) / len(expected))
+
+    # Sampling renders the same prompt ids (chat prompts with their one BOS) and stops at EOS.
+    prompts = [r["prompt"] for r in rows[:2]]
+    records = sample_pairs(model, tokenizer, prompts, n=2, max_new_tokens=4, seed=0)
+    assert [len(r["responses"]) for r in records] == [2, 2]
+    ids, _ = encode_prompts(tokenizer, prompts[:1])
+    assert ids[0].tolist() == expected[0].prompt_ids
