@@ -241,12 +241,28 @@ def test_standard_tokenization_matches_the_common_rule(tokenizer):
 
 
 def test_prompt_merging_into_completion_keeps_a_shared_prompt(tokenizer):
-    # "ab" + "cd" may merge across the boundary; chosen and rejected still share prompt ids.
-    pair = PreferencePair("The mov", "ie was good", "ing truck")
+    # " bro" + "wn" merge into " brown" across the boundary; chosen and rejected still share
+    # prompt ids, which stop before the merged token, and each completion starts with it.
+    pair = PreferencePair("The quick bro", "wn fox", "wn dog")
     tok = tokenize_pair(pair, tokenizer)
+    assert tok.prompt_ids == tokenizer(pair.prompt)["input_ids"][:-2]  # the case is really exercised
+    assert tokenizer.decode(tok.chosen_ids) == " brown fox<|eos|>"
     for completion in (pair.chosen, pair.rejected):
         full = tokenizer(pair.prompt + completion)["input_ids"]
         assert full[: len(tok.prompt_ids)] == tok.prompt_ids
+
+
+def test_a_prompt_end_merging_into_the_completion_is_warned_about_not_dropped(tokenizer):
+    import warnings
+
+    merging = PreferencePair("The quick bro", "wn fox", "wn dog", origin="d.jsonl, line 1")
+    clean = PreferencePair("Question: sky?\nAnswer:", " Blue.", " Red.")
+    with pytest.warns(UserWarning, match=r"1 of 2 pairs: the tokenized prompt is not where .*\(d.jsonl, line 1\)"):
+        kept, counts = tokenize_pairs([merging, clean], tokenizer, DataConfig(train="x"))
+    assert len(kept) == 2 and not counts  # kept, as TRL keeps them
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tokenize_pairs([clean], tokenizer, DataConfig(train="x"))
 
 
 def test_conversational_tokenization_uses_the_chat_template(tokenizer):

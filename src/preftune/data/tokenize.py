@@ -11,11 +11,12 @@ with its generation prompt); the template closes the turn, so no EOS is added.
 
 When the tokenized prompt is not a prefix of prompt + completion (tokens merging across the
 boundary), both completions start where the shorter shared prefix ends, so chosen and rejected
-always share the same prompt ids.
+always share the same prompt ids; `tokenize_pairs` warns how many pairs that happened to.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 
@@ -83,6 +84,12 @@ def _ending_with(ids: list[int], eos: list[int]) -> list[int]:
 
 
 def tokenize_pair(pair: PreferencePair, tokenizer, index: int = 0) -> TokenizedPair:
+    return _tokenize_pair(pair, tokenizer, index)[0]
+
+
+def _tokenize_pair(pair: PreferencePair, tokenizer, index: int) -> tuple[TokenizedPair, list[int]]:
+    """The pair's ids, and the end of the tokenized prompt that prompt + completion does not
+    share (tokens merging across the boundary, a template rendering the prompt differently)."""
     if pair.conversational:
         prompt_ids = _encode_chat(tokenizer, pair.prompt, generation_prompt=True)
         full_chosen = _encode_chat(tokenizer, pair.prompt + pair.chosen, generation_prompt=False)
@@ -104,7 +111,7 @@ def tokenize_pair(pair: PreferencePair, tokenizer, index: int = 0) -> TokenizedP
         index=index,
         pair_id=pair.pair_id,
         origin=pair.origin,
-    )
+    ), prompt_ids[shared:]
 
 
 def truncate_pair(
@@ -138,8 +145,12 @@ def truncate_pair(
 def tokenize_pairs(pairs: list[PreferencePair], tokenizer, data_cfg) -> tuple[list[TokenizedPair], Counter]:
     """Tokenize and truncate a data set; the Counter says how many rows were cut or dropped."""
     kept, counts = [], Counter()
+    diverged, example = 0, None
     for index, pair in enumerate(pairs):
-        tokenized = tokenize_pair(pair, tokenizer, index)
+        tokenized, cut = _tokenize_pair(pair, tokenizer, index)
+        if cut:
+            diverged += 1
+            example = example or (pair.origin, tokenizer.decode(cut))
         if not tokenized.chosen_ids or not tokenized.rejected_ids:
             counts["empty completion after tokenization"] += 1
             continue
@@ -150,4 +161,12 @@ def tokenize_pairs(pairs: list[PreferencePair], tokenizer, data_cfg) -> tuple[li
             counts[status] += 1
         if tokenized is not None:
             kept.append(tokenized)
+    if diverged:
+        # The pairs are kept (TRL's rule, and its warning): the prompt's end is trained on as
+        # the start of both completions, a context the model does not see when it generates.
+        warnings.warn(f"{diverged} of {len(pairs)} pairs: the tokenized prompt is not where prompt + "
+                      "completion starts (tokens merging across the boundary, or a chat template "
+                      f"rendering the prompt differently), so {example[1]!r} at the end of the prompt "
+                      f"({example[0] or 'first such pair'}) counts as the start of the completions; end "
+                      "prompts on a token boundary, e.g. no trailing space.", stacklevel=2)
     return kept, counts
