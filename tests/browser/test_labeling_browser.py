@@ -150,12 +150,15 @@ def test_a_stopped_server_is_said_and_no_vote_is_lost_or_doubled(page, tmp_path)
         proc.terminate()
         proc.wait()
         page.keyboard.press("1")
-        expect(banner).to_contain_text("vote is NOT saved: the server cannot be reached")
+        # Four tries over about 3 s, then the banner; generous timeouts for a loaded machine.
+        expect(banner).to_contain_text("vote is NOT saved: the server cannot be reached",
+                                       timeout=15_000)
         assert not page.locator("#card-left.picked").count(), "no card looks chosen"
         wait_progress(page, 0, 3)
     port = int(url.rsplit(":", 1)[1])
     with running_server(db, port=port):
-        expect(banner).to_have_text("The server is back: vote again to save this pair.")
+        expect(banner).to_have_text("The server is back: vote again to save this pair.",
+                                    timeout=15_000)
         page.keyboard.press("1")
         wait_progress(page, 1, 2)
         expect(banner).to_be_hidden()
@@ -172,7 +175,7 @@ def test_a_stopped_server_is_said_and_no_vote_is_lost_or_doubled(page, tmp_path)
 
         page.route("**/api/vote", lose_the_answer)
         page.keyboard.press("t")
-        expect(banner).to_contain_text("NOT saved")
+        expect(banner).to_contain_text("NOT saved", timeout=15_000)
         page.unroute("**/api/vote")
         page.keyboard.press("b")
         expect(page.locator("#toast")).to_have_text("Saved: Tie")
