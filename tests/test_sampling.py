@@ -232,6 +232,20 @@ def test_bad_settings_are_user_errors():
     assert SamplingSettings(temperature=0.0, n=1).n == 1
 
 
+@pytest.mark.parametrize("broken", ["no files", "unknown architecture"])
+def test_a_folder_without_a_loadable_model_is_one_sentence(model_dir, tmp_path, broken):
+    import shutil
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    if broken == "unknown architecture":
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(model_dir / name, folder / name)
+        (folder / "config.json").write_text('{"model_type": "no_such_architecture"}')
+    with pytest.raises(UserError, match=r"model: cannot load a model and tokenizer from it \(\S"):
+        load_model_and_tokenizer(str(folder), device="cpu")
+
+
 def test_cli_samples_and_resumes(model_dir, tmp_path):
     prompts = write_txt(tmp_path / "p.txt", PROMPTS[:3])
     out = tmp_path / "pairs.jsonl"

@@ -385,8 +385,9 @@ def load_model_and_tokenizer(path: str, dtype: str = "float32", device: str = "a
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype="auto" if dtype == "auto" else DTYPES[dtype]
         )
-    except OSError as e:
-        raise UserError(f"{path}: cannot load a model and tokenizer from it ({e}).") from None
+    except (OSError, ValueError) as e:  # no such folder, an unknown architecture, no usable tokenizer
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: cannot load a model and tokenizer from it ({reason}).") from None
     return model.to(device).eval(), tokenizer
 
 
