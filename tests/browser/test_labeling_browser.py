@@ -252,6 +252,18 @@ def test_keyboard_only_focus_typing_and_undo(page, tmp_path):
         wait_progress(page, 1, 2)
         assert shown_pair_index(page)[0] == first
         expect(page.locator("#reason")).to_have_value("1 2 tbsu g: none of these is a key")
+        # A pasted reason over the server's 2,000 characters is neither cut nor sent.
+        long_reason = "Ünïcode reason. " * 130
+        page.locator("#reason").fill(long_reason)
+        expect(page.locator("#reason-limit")).to_contain_text("2079 characters long")
+        page.keyboard.press("Escape")
+        page.keyboard.press("1")
+        expect(page.locator("#toast")).to_contain_text("Not saved: The reason is 2079 characters")
+        expect(page.locator("#reason")).to_have_value(long_reason)
+        wait_progress(page, 1, 2)
+        page.locator("#reason").fill("short again")
+        expect(page.locator("#reason-limit")).to_be_hidden()
+        page.keyboard.press("Escape")
         page.keyboard.press("u")  # a second undo goes one vote further back
         expect(page.locator("#toast")).to_contain_text("your “Tie”")
         wait_progress(page, 0, 3)

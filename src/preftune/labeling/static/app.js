@@ -8,6 +8,7 @@
   const LABELS = { left: "Left is better", right: "Right is better", tie: "Tie",
                    both_bad: "Both bad", skip: "Skip" };
   const HEALTH_POLL_MS = 2000;
+  const MAX_REASON = 2000;  // characters, as the server counts them (code points)
   let current = null;  // { pair_id, key }: the pair on screen and the id of its vote
   let busy = false;    // one request at a time, so a double click or a held key votes once
   let annotator = null;  // the name this page was opened as
@@ -158,6 +159,7 @@
     renderResponse($("right"), pair.right);
     $("identical").hidden = pair.left !== pair.right;
     $("reason").value = "";
+    showReasonLimit();
     unpick();
     showOnly("task");
     // A new pair starts at its prompt, not where the last one was scrolled to.
@@ -239,8 +241,26 @@
     setTimeout(() => button && button.classList.remove("flash"), 250);
   }
 
+  // The reason's length problem in one sentence, or "" when it fits.
+  function reasonProblem() {
+    const length = [...$("reason").value.trim()].length;
+    return length > MAX_REASON
+      ? `The reason is ${length} characters long; shorten it to ${MAX_REASON} to save the vote.`
+      : "";
+  }
+
+  function showReasonLimit() {
+    const problem = reasonProblem();
+    $("reason-limit").textContent = problem;
+    $("reason-limit").hidden = !problem;
+  }
+
   async function vote(choice) {
     if (busy || !current) return;
+    if (reasonProblem()) {
+      toast("Not saved: " + reasonProblem(), true);
+      return;
+    }
     setBusy(true);
     flash(choice);
     const body = { pair_id: current.pair_id, choice, key: current.key };
@@ -295,6 +315,7 @@
         toast(`Undone: your “${LABELS[undone.choice]}” on this pair; vote again.`);
         if (await loadNext() && current && current.pair_id === undone.pair_id && undone.reason) {
           $("reason").value = undone.reason;
+          showReasonLimit();
         }
       } else if (status !== 401) {
         toast(data.error || `Nothing was undone: the server answered ${status}.`, true);
@@ -349,6 +370,7 @@
     $("undo").addEventListener("click", undo);
     $("finished-undo").addEventListener("click", undo);
     $("check-again").addEventListener("click", checkAgain);
+    $("reason").addEventListener("input", showReasonLimit);
     $("guidelines-toggle").addEventListener("click", toggleGuidelines);
     document.addEventListener("keydown", onKey);
     try {
