@@ -154,6 +154,7 @@ def test_packed_and_prompt_shared_logps_equal_padded_on_other_families(tokenizer
     from preftune.data.collate import collate_pairs, pack_pairs
     from preftune.data.shared_prompt import collate_shared_prompt
     from preftune.logprobs import completion_logps, shared_prompt_logps
+    from preftune.packing import prompt_sharing_is_exact
 
     texts = [PreferencePair("Question: What is the best ice cream?\nAnswer:", " Haagen-Dazs.", " GB"),
              PreferencePair("The quick brown fox", " jumps over the lazy dog.", " sleeps.")]
@@ -167,8 +168,33 @@ def test_packed_and_prompt_shared_logps_equal_padded_on_other_families(tokenizer
         got, _ = completion_logps(model, packed.input_ids, None, packed.completion_mask,
                                   position_ids=packed.position_ids, sequence_ids=packed.sequence_ids)
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5, msg=f"{family} packed")
-        shared, _ = shared_prompt_logps(model, collate_shared_prompt(pairs, tokenizer.pad_token_id).shared)
-        torch.testing.assert_close(shared, expected, atol=1e-4, rtol=1e-5, msg=f"{family} prompt-shared")
+        if prompt_sharing_is_exact(model, torch.device("cpu"), model.config.vocab_size):
+            shared, _ = shared_prompt_logps(model, collate_shared_prompt(pairs, tokenizer.pad_token_id).shared)
+            torch.testing.assert_close(shared, expected, atol=1e-4, rtol=1e-5, msg=f"{family} prompt-shared")
+        else:
+            assert family == "gemma2"  # soft-capped logits: see the next test
+
+
+def test_prompt_sharing_is_refused_for_soft_capped_logits_even_when_they_are_small(tokenizers):
+    # Gemma 2 soft-caps its logits (30 tanh(x / 30)); the shared layout applies the bare LM head.
+    # At random initialisation the logits are tiny, the cap changes them by less than the
+    # probe's tolerance, and only knowing the model refuses the layout; with a trained model's
+    # logits the two differ by far more.
+    from preftune.data.collate import collate_pairs
+    from preftune.data.shared_prompt import collate_shared_prompt
+    from preftune.logprobs import completion_logps, shared_prompt_logps
+    from preftune.packing import prompt_sharing_is_exact
+
+    tokenizer = tokenizers["gemma"]
+    model = family_model("gemma2", tokenizer).eval()
+    assert not prompt_sharing_is_exact(model, torch.device("cpu"), model.config.vocab_size)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(200.0)  # logits of a trained model's size
+    pairs = [tokenize_pair(PreferencePair("The quick brown", " fox.", " dog."), tokenizer)]
+    padded = collate_pairs(pairs, tokenizer.pad_token_id)
+    expected, _ = completion_logps(model, padded.input_ids, padded.attention_mask, padded.completion_mask)
+    shared, _ = shared_prompt_logps(model, collate_shared_prompt(pairs, tokenizer.pad_token_id).shared)
+    assert (shared - expected).abs().max() > 1.0
 
 
 def test_packing_is_refused_with_a_warning_for_a_model_that_mixes_packed_rows(tokenizers):

@@ -28,7 +28,12 @@ import torch
 from preftune.data.collate import collate_pairs, pack_pairs
 from preftune.data.shared_prompt import collate_shared_prompt
 from preftune.data.tokenize import TokenizedPair
-from preftune.logprobs import completion_logps, shared_prompt_logps, unwrap_causal_lm
+from preftune.logprobs import (
+    completion_logps,
+    shared_prompt_logps,
+    supports_hidden_state_path,
+    unwrap_causal_lm,
+)
 
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn",
                     "kernels-community/flash-attn3", "kernels-community/vllm-flash-attn3")
@@ -62,7 +67,13 @@ def packing_is_exact(model, device, vocab_size: int, tolerance: float = 1e-4) ->
 
 @torch.no_grad()
 def prompt_sharing_is_exact(model, device, vocab_size: int, tolerance: float = 1e-4) -> bool:
-    """Two pairs with prompts of different lengths, prompt-shared and padded: same log-probs?"""
+    """Two pairs with prompts of different lengths, prompt-shared and padded: same log-probs?
+
+    The shared layout applies the bare LM head to hidden states, so a model whose logits are
+    post-processed (Gemma 2's soft-capping) is refused outright: with small logits, as in a
+    freshly initialised model, the probe below could not tell the difference."""
+    if not supports_hidden_state_path(model):
+        return False
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(1, max(2, vocab_size), (20,), generator=generator).tolist()
     probe = [TokenizedPair(ids[:3], ids[3:7], ids[7:9], index=0),
