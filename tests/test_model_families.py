@@ -14,6 +14,7 @@ import transformers
 from preftune.data.schema import PreferencePair
 from preftune.data.tokenize import tokenize_pair
 from preftune.demo.tiny import DEFAULT_CORPUS
+from preftune.errors import UserError
 from preftune.sampling import encode_prompts
 
 MISTRAL_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
@@ -257,3 +258,21 @@ def test_train_eval_and_sample_a_family_as_downloaded(tmp_path, family_folder, o
     assert [len(r["responses"]) for r in records] == [2, 2]
     ids, _ = encode_prompts(tokenizer, prompts[:1])
     assert ids[0].tolist() == expected[0].prompt_ids
+
+
+def test_a_chat_template_that_refuses_a_conversation_names_the_row_or_prompt(tokenizers):
+    # Gemma's and Mistral's templates raise on a system turn or turns that do not alternate.
+    import copy
+
+    tokenizer = copy.deepcopy(tokenizers["gemma"])
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                               "{{ raise_exception('System role not supported') }}{% endif %}"
+                               "{{ m['content'] }}{% endfor %}")
+    system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sky?"}]
+    pair = PreferencePair(system, [{"role": "assistant", "content": "Blue."}],
+                          [{"role": "assistant", "content": "Red."}], origin="d.jsonl, line 3")
+    with pytest.raises(UserError, match=r"^d.jsonl, line 3: the tokenizer's chat template refuses these "
+                                        r"messages \(roles: system, user\): System role not supported;"):
+        tokenize_pair(pair, tokenizer)
+    with pytest.raises(UserError, match=r"^prompt 7 \(counting from 0.*System role not supported"):
+        encode_prompts(tokenizer, ["Sky?", system], indices=[6, 7])

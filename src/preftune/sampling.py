@@ -137,8 +137,10 @@ def _is_message(m) -> bool:
     )
 
 
-def render_prompt(tokenizer, prompt: Prompt) -> str:
+def render_prompt(tokenizer, prompt: Prompt, where: str = "a chat prompt") -> str:
     """A conversation goes through the chat template with its generation prompt; text is kept."""
+    from preftune.data.tokenize import render_chat
+
     if isinstance(prompt, str):
         return prompt
     if not getattr(tokenizer, "chat_template", None):
@@ -146,22 +148,26 @@ def render_prompt(tokenizer, prompt: Prompt) -> str:
             "a prompt is a list of chat messages but the tokenizer has no chat template; "
             "use text prompts or a tokenizer that defines one."
         )
-    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return render_chat(tokenizer, prompt, True, where)
 
 
-def encode_prompts(tokenizer, prompts: Sequence[Prompt]) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_prompts(tokenizer, prompts: Sequence[Prompt],
+                   indices: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokenize and LEFT-pad prompts, so that every row's next token sits in the last column.
 
     Rendered chat prompts already hold their special tokens, so the tokenizer adds none to them.
     Text prompts get the tokenizer's special tokens as in training (`encode_text`: one BOS even
     when the text starts with its own), less an EOS the tokenizer appends: a prompt is not over.
+    `indices` (the prompts' positions in their file) name a prompt the chat template refuses.
     Returns `input_ids` and `attention_mask`, both (B, T).
     """
     pad_id = _pad_token_id(tokenizer)
+    indices = range(len(prompts)) if indices is None else indices
     ids = [
         _encode_text_prompt(tokenizer, p) if isinstance(p, str)
-        else tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"]
-        for p in prompts
+        else tokenizer(render_prompt(tokenizer, p, f"prompt {i} (counting from 0, as its pair id does)"),
+                       add_special_tokens=False)["input_ids"]
+        for i, p in zip(indices, prompts)
     ]
     if any(len(row) == 0 for row in ids):
         raise UserError("a prompt tokenizes to no tokens; remove empty prompts.")
@@ -276,7 +282,7 @@ def generate_token_ids(
     """
     from transformers import LogitsProcessorList
 
-    input_ids, attention_mask = encode_prompts(tokenizer, prompts)  # (B, T)
+    input_ids, attention_mask = encode_prompts(tokenizer, prompts, prompt_indices)  # (B, T)
     n = settings.n
     input_ids = input_ids.repeat_interleave(n, dim=0).to(model.device)  # (B*n, T)
     attention_mask = attention_mask.repeat_interleave(n, dim=0).to(model.device)  # (B*n, T)

@@ -68,14 +68,26 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return ids
 
 
-def _encode_chat(tokenizer, messages: list, generation_prompt: bool) -> list[int]:
+def _encode_chat(tokenizer, messages: list, generation_prompt: bool, origin: str = "") -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("the data is conversational but the tokenizer has no chat template; "
                         "use a tokenizer with one or convert the rows to prompt/chosen/rejected text.")
-    text = tokenizer.apply_chat_template(messages, tokenize=False,
-                                         add_generation_prompt=generation_prompt)
+    text = render_chat(tokenizer, messages, generation_prompt, origin or "a conversational row")
     # The rendered template already holds its special tokens (BOS and the like).
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def render_chat(tokenizer, messages: list, generation_prompt: bool, where: str) -> str:
+    """The chat template's text; a template that refuses the messages (a system turn Gemma does
+    not take, turns that do not alternate) is one sentence naming `where`."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except TemplateError as e:
+        roles = ", ".join(str(m.get("role")) for m in messages)
+        raise UserError(f"{where}: the tokenizer's chat template refuses these messages (roles: {roles}): "
+                        f"{e}; change the messages or use another chat template.") from None
 
 
 def _ending_with(ids: list[int], eos: list[int]) -> list[int]:
@@ -91,9 +103,9 @@ def _tokenize_pair(pair: PreferencePair, tokenizer, index: int) -> tuple[Tokeniz
     """The pair's ids, and the end of the tokenized prompt that prompt + completion does not
     share (tokens merging across the boundary, a template rendering the prompt differently)."""
     if pair.conversational:
-        prompt_ids = _encode_chat(tokenizer, pair.prompt, generation_prompt=True)
-        full_chosen = _encode_chat(tokenizer, pair.prompt + pair.chosen, generation_prompt=False)
-        full_rejected = _encode_chat(tokenizer, pair.prompt + pair.rejected, generation_prompt=False)
+        prompt_ids = _encode_chat(tokenizer, pair.prompt, True, pair.origin)
+        full_chosen = _encode_chat(tokenizer, pair.prompt + pair.chosen, False, pair.origin)
+        full_rejected = _encode_chat(tokenizer, pair.prompt + pair.rejected, False, pair.origin)
         eos: list[int] = []
     else:
         prompt_ids = encode_text(tokenizer, pair.prompt)
