@@ -201,3 +201,31 @@ def test_mean_with_se():
     assert math.isnan(mean_with_se([3.0]).se)
     with pytest.raises(ValueError):
         mean_with_se([])
+
+
+@pytest.mark.parametrize(
+    "outcomes, open_systems",
+    [
+        # Undefeated (or winless) against the anchor: every resample is as one-sided as the data,
+        # so a percentile interval would collapse onto the prior-driven point.
+        ([("A", "ref")] * 16, {"A"}),
+        ([("ref", "A")] * 16, {"A"}),
+        # B never won against ref's side, A never lost to it: both unbounded.
+        ([("A", "ref")] * 5 + [("ref", "B")] * 5 + [("A", "B")] * 3, {"A", "B"}),
+        # A beat ref every time but lost to B, which lost to ref: bounded both ways.
+        ([("A", "ref")] * 16 + [("B", "ref")] * 9 + [("ref", "B")] * 7 + [("B", "A")], set()),
+        # A tie gives a point to each side, so it bounds the gap.
+        ([("A", "ref")] * 16 + [("ref", "A", True)], set()),
+    ],
+)
+def test_ratings_the_data_leave_unbounded_get_open_intervals(outcomes, open_systems):
+    board = fit_ratings(outcomes, anchor="ref", n_bootstrap=100)
+    for row in board.ratings:
+        if row.system in open_systems:
+            assert (row.lower, row.upper) == (-math.inf, math.inf), row
+        else:
+            assert math.isfinite(row.lower) and math.isfinite(row.upper), row
+    as_json = json.loads(json.dumps(board.to_dict(), allow_nan=False))  # strict JSON
+    for row in as_json["ratings"]:
+        assert (row["ci"] == [None, None]) == (row["system"] in open_systems)
+    assert ("unbounded" in board.to_markdown()) == bool(open_systems)

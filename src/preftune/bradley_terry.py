@@ -278,7 +278,8 @@ class Leaderboard:
 
     Ratings are `anchor_rating + scale * (r - r_anchor)`, with r in natural units (log-odds), so
     the anchor sits exactly at `anchor_rating` and its interval has zero width: every interval is
-    the uncertainty of a system *relative to the anchor*.
+    the uncertainty of a system *relative to the anchor*. An interval of (-inf, inf) (null in
+    `to_dict`) marks a rating the data leave unbounded, fitted finite by the prior alone.
     """
 
     ratings: list[Rating]
@@ -311,7 +312,8 @@ class Leaderboard:
             "n_bootstrap": self.n_bootstrap,
             "prior_strength": self.prior_strength,
             "ratings": [
-                {"system": str(r.system), "rating": r.rating, "ci": [r.lower, r.upper],
+                {"system": str(r.system), "rating": r.rating,
+                 "ci": [_finite_or_none(r.lower), _finite_or_none(r.upper)],
                  "wins": r.wins, "losses": r.losses, "ties": r.ties}
                 for r in self.ratings
             ],
@@ -321,7 +323,7 @@ class Leaderboard:
         pct = f"{round(self.confidence * 100)}% CI"
         header = ["rank", "system", "rating", pct, "wins", "losses", "ties", "games"]
         rows = [
-            [str(rank), str(r.system), f"{r.rating:.0f}", f"{r.lower:.0f} to {r.upper:.0f}",
+            [str(rank), str(r.system), f"{r.rating:.0f}", _interval_text(r),
              str(r.wins), str(r.losses), str(r.ties), str(r.games)]
             for rank, r in enumerate(self.ratings, start=1)
         ]
@@ -346,14 +348,29 @@ class Leaderboard:
         return "\n".join(lines) + "\n" + self._footnote()
 
     def _footnote(self) -> str:
-        return (
+        text = (
             f"Bradley-Terry ratings from {self.n_comparisons} comparisons (ties count half); "
             f"{self.anchor} fixed at {self.anchor_rating:.0f}; 400 points = 10:1 odds; "
             f"intervals from {self.n_bootstrap} bootstrap resamples of the comparisons."
         )
+        if any(math.isinf(r.lower) or math.isinf(r.upper) for r in self.ratings):
+            text += (" 'unbounded': the system never lost (or never won) against the rest, so "
+                     "the data put no bound on its rating and the prior alone keeps it finite.")
+        return text
 
     def __str__(self) -> str:
         return self.to_text()
+
+
+def _finite_or_none(x: float) -> float | None:
+    """JSON has no infinity: an unbounded side of an interval is written as null."""
+    return float(x) if math.isfinite(x) else None
+
+
+def _interval_text(r: Rating) -> str:
+    if math.isinf(r.lower) or math.isinf(r.upper):
+        return "unbounded"
+    return f"{r.lower:.0f} to {r.upper:.0f}"
 
 
 def fit_ratings(
@@ -376,6 +393,8 @@ def fit_ratings(
     scale: points per natural unit of rating; the default 400 / ln 10 is the Elo convention.
     n_bootstrap: resamples of the comparisons (with replacement, seeded by `seed`) behind the
         percentile intervals; 0 skips them and reports the point estimate as both bounds.
+        Either way a rating the data leave unbounded (its system never lost, or never won,
+        against the anchor's side of the comparisons) gets the interval (-inf, inf).
     prior_strength: a Gaussian prior N(0, 1 / prior_strength) on each rating in natural units,
         i.e. a ridge on the log-likelihood. Without it a system that never lost would get an
         infinite rating; the default 0.01 (standard deviation 10 natural units, about 1700
@@ -405,6 +424,11 @@ def fit_ratings(
         draws = _bootstrap(counts, kind_scores, kind_games, k, n_bootstrap, seed, prior_strength)
         tail = (1.0 - confidence) / 2.0 * 100.0
         lower, upper = np.percentile(to_points(draws), [tail, 100.0 - tail], axis=0)
+    # Where the data leave a rating unbounded (a system that never lost, or never won, against
+    # the anchor's side), every resample is as one-sided as the data: the bootstrap's interval
+    # collapses onto the prior-driven point, which would claim a certainty the data lack.
+    open_ended = ~_bounded_by_data(scores[0], index[anchor])
+    lower[open_ended], upper[open_ended] = -math.inf, math.inf
     rows = [
         Rating(s, float(point[n]), float(lower[n]), float(upper[n]), *_record(outcomes, s))
         for n, s in enumerate(systems)
@@ -429,6 +453,21 @@ def _system_list(outcomes: list[Outcome], systems: Sequence[Hashable] | None) ->
     if len(systems) < 2:
         raise UserError(f"ratings need comparisons between at least two systems, got {systems}.")
     return systems
+
+
+def _bounded_by_data(scores: np.ndarray, anchor: int) -> np.ndarray:
+    """Per system, whether the likelihood bounds its rating relative to the anchor on both sides.
+
+    scores: (k, k) points S[i, j] that i took from j. A point i took from j bounds r_j - r_i from
+    above, and bounds chain along paths, so r_s - r_anchor is bounded below when s reaches the
+    anchor through such points and above when the anchor reaches s. Otherwise the maximum
+    likelihood estimate is infinite and only the prior keeps the fitted rating finite.
+    """
+    k = scores.shape[0]
+    reach = (scores > 0) | np.eye(k, dtype=bool)
+    for via in range(k):  # transitive closure (Warshall)
+        reach |= reach[:, [via]] & reach[[via], :]
+    return reach[:, anchor] & reach[anchor, :]
 
 
 def _record(outcomes: list[Outcome], system: Hashable) -> tuple[int, int, int]:
