@@ -99,6 +99,15 @@ def test_a_missing_split_of_a_saved_dataset_dict_names_the_ones_there(tmp_path):
         load_pairs(str(tmp_path / "dd"))
 
 
+def test_json_lines_under_a_json_name_are_read_line_by_line(tmp_path):
+    # Hub data sets often name JSON Lines files train.json; datasets reads them, so do we.
+    path = write_jsonl(tmp_path / "train.json", PAIRS)
+    assert [p.chosen for p in load_pairs(str(path)).pairs] == [r["chosen"] for r in PAIRS]
+    path.write_text(json.dumps(PAIRS[0]) + "\n" + '{"prompt": "x", "chosen": \n')
+    with pytest.raises(UserError, match=r"train.json, line 2: malformed JSON"):
+        load_pairs(str(path))
+
+
 def test_hub_id_offline_fails_with_one_sentence(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match="could not load the hub data set 'nobody/no-such-set'"):

@@ -258,6 +258,10 @@ def _rows_from_json(path: Path) -> Iterator[tuple[str, object]]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
+        if e.msg == "Extra data" and text.lstrip().startswith("{"):
+            # One object per line under a .json name, as many Hub data sets ship them.
+            yield from _rows_from_jsonl(path)
+            return
         raise UserError(f"{path}, line {e.lineno}: malformed JSON ({e.msg}).") from None
     except (RecursionError, ValueError):  # deep nesting, the integer-digit limit: no position
         data = _parse_json(text, str(path))
