@@ -207,3 +207,31 @@ def test_evaluations_table_names_the_judge_and_data_and_waiting_votes(tmp_path):
     html = write_report(tmp_path).read_text()
     assert "<td>human on held_out.txt</td>" in html and "<td>awaiting votes</td>" in html
     assert "<td>reward:rm.py:score</td>" in html and "<td>pairs of dd (test)</td>" in html
+
+
+def test_reward_kl_frontier_never_mixes_judges_references_or_sampling(tmp_path, monkeypatch):
+    # Rewards of two judges have different units, KL to two references or under two sampling
+    # settings measure different things: each setting gets its own reward-KL figure.
+    import preftune.report as report
+
+    plotted = []
+    draw = report.plot_frontier
+    monkeypatch.setattr(report, "plot_frontier",
+                        lambda evals, path, **kw: plotted.append(evals) or draw(evals, path, **kw))
+    sampling = {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 64}
+    evals = [{**generate_eval(beta, kl, r, w), "sampling": {**sampling, "seed": beta}}
+             for beta, kl, r, w in [(0.1, 6.0, 1.5, 0.8), (0.5, 2.0, 0.8, 0.65)]]
+    evals += [{**evals[0], "judge": "reward:/rm/other.py:score", "mean_reward": {"policy": 40.0}},
+              {**evals[1], "reference": "another-sft"},
+              {**evals[1], "sampling": {**sampling, "temperature": 0.7}, "kl_note": "samples were "
+               "drawn at temperature 0.7 and top-p 1.0, not from the policy itself"}]
+    (tmp_path / "eval.json").write_text(json.dumps({"evals": evals}))
+    html = write_report(tmp_path).read_text()
+    assert [[(e["judge"], e["reference"], e["sampling"]["temperature"]) for e in group]
+            for group in plotted] == [
+        [("reward:tests:length", "sft", 1.0)] * 2, [("reward:/rm/other.py:score", "sft", 1.0)],
+        [("reward:tests:length", "another-sft", 1.0)], [("reward:tests:length", "sft", 0.7)]]
+    for name in ("reward_kl.png", "reward_kl-2.png", "reward_kl-3.png", "reward_kl-4.png"):
+        assert f'src="plots/{name}"' in html
+    assert "Judge reward:other.py:score, reference sft." in html
+    assert "Not KL(π ‖ π_ref) here: samples were drawn at temperature 0.7" in html

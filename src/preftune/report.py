@@ -441,13 +441,35 @@ def _training_figures(metrics: RunMetrics, out: Path, smoothing: float, notes: l
     return figures
 
 
+def frontier_setting(ev: dict) -> tuple:
+    """What must match for two evaluations to share reward-KL axes: the judge (its reward's
+    units), the reference (KL to what), the prompts and how responses were sampled."""
+    sampling = {k: v for k, v in (ev.get("sampling") or {}).items() if k != "seed"}
+    return (str(ev.get("judge")), str(ev.get("reference")), str(ev.get("prompts")),
+            tuple(sorted((k, str(v)) for k, v in sampling.items())))
+
+
 def _eval_figures(evals: list[dict], out: Path, notes: list[str]):
     figures = []
-    if any(_is_number(ev.get("kl")) and _policy_reward(ev) is not None for ev in evals):
-        plot_frontier(evals, out / PLOT_DIR / "reward_kl.png")
-        figures.append((f"{PLOT_DIR}/reward_kl.png", "Reward vs KL",
+    points = [ev for ev in evals if _is_number(ev.get("kl")) and _policy_reward(ev) is not None]
+    settings: dict[tuple, list[dict]] = {}
+    for ev in points:
+        settings.setdefault(frontier_setting(ev), []).append(ev)
+    # One figure per setting: rewards of two judges have different units, and KL to two
+    # references (or under two sampling settings) measure different things.
+    for n, members in enumerate(settings.values(), start=1):
+        name = "reward_kl.png" if n == 1 else f"reward_kl-{n}.png"
+        first = members[0]
+        where = (f" Judge {_judged_on(first)}, reference {first.get('reference') or '–'}."
+                 if len(settings) > 1 else "")
+        caveat = next((f" Not KL(π ‖ π_ref) here: {ev['kl_note']}" for ev in members
+                       if ev.get("kl_note")), "")
+        title = "Reward vs KL" if len(settings) == 1 else f"Reward vs KL ({n} of {len(settings)})"
+        plot_frontier(members, out / PLOT_DIR / name)
+        figures.append((f"{PLOT_DIR}/{name}", title,
                         ("Mean reward of sampled responses against their KL divergence from the "
-                         "reference; up and to the left is better. Bars: ±1 standard error.")))
+                         "reference; up and to the left is better. Bars: ±1 standard error."
+                         + where + caveat)))
     if any(_win_rate_with_ci(ev) for ev in evals):
         plot_win_rates(evals, out / PLOT_DIR / "win_rates.png")
         figures.append((f"{PLOT_DIR}/win_rates.png", "Win rates",
