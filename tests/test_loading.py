@@ -67,3 +67,21 @@ def test_make_tiny_model_is_the_same_from_any_folder(tmp_path, monkeypatch):
     assert (tmp_path / "own" / "tokenizer.json").read_text() != built[0]
     result = CliRunner().invoke(app, ["make-tiny-model", str(tmp_path / "x"), "--texts", str(tmp_path / "nope")])
     assert result.exit_code == 2 and "--texts" in result.output and "does not exist" in result.output
+
+
+def test_a_pad_token_added_without_resizing_the_model_is_refused_at_load(tmp_path, tiny_llama):
+    # The half-done recipe: tokenizer.add_special_tokens({"pad_token": "[PAD]"}), model not
+    # resized. Padding with that id would stop the first forward with an IndexError.
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama, folder)
+    assert load_tokenizer(str(folder)).pad_token == "<|pad|>"  # in the vocabulary: fine
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    tokenizer.save_pretrained(folder)
+    with pytest.raises(UserError, match=r"has pad token '\[PAD\]' with id (\d+), outside the model's \1-token "
+                                        r"vocabulary .*resize_token_embeddings"):
+        load_tokenizer(str(folder))

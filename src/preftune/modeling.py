@@ -64,11 +64,36 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     except (OSError, ValueError) as e:
         raise _load_error("a tokenizer", path, e) from None
     if tokenizer.pad_token_id is None:
-        # Padding positions never count in a log-prob, so any id will do; EOS is the usual choice.
+        # Padding positions never count in a log-prob, so any id will do; EOS is the usual choice
+        # (TRL's too). No token is added: the vocabulary stays the model's.
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.eos_token_id is None:
         raise UserError(f"the tokenizer at {path!r} has no EOS token; set one in its tokenizer_config.json.")
+    _check_special_ids_fit(tokenizer, path)
     return tokenizer
+
+
+def _check_special_ids_fit(tokenizer, path: str) -> None:
+    """A pad token added to the tokenizer without resizing the model's embeddings (a common
+    recipe, half done) would stop the first forward with an index error; say so at load."""
+    import json
+
+    config_file = os.path.join(os.path.expanduser(path), "config.json")
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return  # a hub id, or a tokenizer without its model: nothing to compare with
+    vocab_size = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    if not isinstance(vocab_size, int):
+        return
+    for name in ("pad", "eos", "bos"):
+        token_id = getattr(tokenizer, f"{name}_token_id")
+        if token_id is not None and token_id >= vocab_size:
+            raise UserError(f"the tokenizer at {path!r} has {name} token {getattr(tokenizer, f'{name}_token')!r} "
+                            f"with id {token_id}, outside the model's {vocab_size}-token vocabulary (added "
+                            "without resizing the embeddings); remove it from the tokenizer files, or resize the "
+                            "model's embeddings with resize_token_embeddings and save it again.")
 
 
 def load_causal_lm(path: str, dtype: str = "float32", attn_implementation: str | None = None,
