@@ -232,7 +232,7 @@ def test_bad_settings_are_user_errors():
     assert SamplingSettings(temperature=0.0, n=1).n == 1
 
 
-@pytest.mark.parametrize("broken", ["no files", "unknown architecture"])
+@pytest.mark.parametrize("broken", ["no files", "unknown architecture", "pad token past the embeddings"])
 def test_a_folder_without_a_loadable_model_is_one_sentence(model_dir, tmp_path, broken):
     import shutil
 
@@ -242,7 +242,16 @@ def test_a_folder_without_a_loadable_model_is_one_sentence(model_dir, tmp_path, 
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(model_dir / name, folder / name)
         (folder / "config.json").write_text('{"model_type": "no_such_architecture"}')
-    with pytest.raises(UserError, match=r"model: cannot load a model and tokenizer from it \(\S"):
+    message = r"model: cannot load a model and tokenizer from it \(\S"
+    if broken == "pad token past the embeddings":
+        from transformers import AutoTokenizer
+
+        shutil.copytree(model_dir, folder, dirs_exist_ok=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+        tokenizer.save_pretrained(folder)
+        message = r"model'? has pad token '\[PAD\]' with id \d+, outside the model's"
+    with pytest.raises(UserError, match=message):
         load_model_and_tokenizer(str(folder), device="cpu")
 
 

@@ -69,11 +69,11 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.eos_token_id is None:
         raise UserError(f"the tokenizer at {path!r} has no EOS token; set one in its tokenizer_config.json.")
-    _check_special_ids_fit(tokenizer, path)
+    check_special_ids_fit(tokenizer, path)
     return tokenizer
 
 
-def _check_special_ids_fit(tokenizer, path: str) -> None:
+def check_special_ids_fit(tokenizer, path: str) -> None:
     """A pad token added to the tokenizer without resizing the model's embeddings (a common
     recipe, half done) would stop the first forward with an index error; say so at load."""
     import json

@@ -382,6 +382,8 @@ def load_model_and_tokenizer(path: str, dtype: str = "float32", device: str = "a
     """Load a causal LM and its tokenizer for generation, in eval mode on `device`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from preftune.modeling import check_special_ids_fit
+
     if dtype != "auto" and dtype not in DTYPES:
         raise UserError(f"--dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}.")
     if device == "auto":
@@ -394,6 +396,7 @@ def load_model_and_tokenizer(path: str, dtype: str = "float32", device: str = "a
     except (OSError, ValueError) as e:  # no such folder, an unknown architecture, no usable tokenizer
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: cannot load a model and tokenizer from it ({reason}).") from None
+    check_special_ids_fit(tokenizer, path)  # a pad id past the embeddings would fail in generate
     return model.to(device).eval(), tokenizer
 
 
