@@ -229,3 +229,28 @@ def test_ratings_the_data_leave_unbounded_get_open_intervals(outcomes, open_syst
     for row in as_json["ratings"]:
         assert (row["ci"] == [None, None]) == (row["system"] in open_systems)
     assert ("unbounded" in board.to_markdown()) == bool(open_systems)
+
+
+def test_bootstrap_resamples_whole_groups_when_comparisons_are_not_independent():
+    # Each prompt's outcome copied four times (four annotators who always agree, say) is one
+    # prompt's worth of evidence: resampling the prompts gives the single copy's interval, while
+    # resampling comparisons one by one would halve it.
+    once = simulate(np.random.default_rng(4), [1000.0, 1100.0], n_per_pair=60)
+    copies = [o for o in once for _ in range(4)]
+    prompts = [n for n in range(len(once)) for _ in range(4)]
+
+    def width(outcomes, groups=None):
+        row = fit_ratings(outcomes, systems=[0, 1], anchor=0, n_bootstrap=400, seed=1,
+                          groups=groups)[1]
+        return row.upper - row.lower
+
+    single = width(once)
+    assert width(copies, prompts) == pytest.approx(single, rel=0.15)
+    assert width(copies) < 0.7 * single
+    board = fit_ratings(copies, n_bootstrap=10, groups=prompts)
+    assert board.to_dict()["resampled"] == "groups of comparisons (prompts)"
+    assert "resamples of the groups of comparisons (prompts)" in board.to_text()
+    with pytest.raises(ValueError, match="groups"):
+        fit_ratings(copies, groups=prompts[1:])
+    with pytest.raises(UserError, match="no comparisons"):
+        fit_ratings([], systems=["A", "B"])

@@ -304,7 +304,10 @@ def test_leaderboard_orders_systems_by_a_rigged_reward(models, prompts_file, tmp
     ratings = {row["system"]: row for row in result["leaderboard"]["ratings"]}
     assert ratings["reference"]["rating"] == 1000.0
     assert ratings["pol2"]["wins"] == 2 * len(PROMPTS) and ratings["reference"]["losses"] == 2 * len(PROMPTS)
-    assert json.loads((out / "leaderboard.json").read_text())["anchor"] == "reference"
+    saved = json.loads((out / "leaderboard.json").read_text())
+    assert saved["anchor"] == "reference"
+    # Comparisons on one prompt share the reference's response: the bootstrap resamples prompts.
+    assert saved["resampled"] == "groups of comparisons (prompts)"
     assert "pol2" in (out / "leaderboard.md").read_text()
     for name in ("pol", "pol2"):
         record = json.loads((out / name / "eval.json").read_text())
@@ -369,6 +372,34 @@ def test_human_judge_queues_blind_pairs_and_scores_the_votes(models, prompts_fil
     scored = read_records(out / "samples.jsonl")
     assert [r["winner"] for r in scored] == ["policy"] * (n - 1) + ["tie"]
     assert all(r["votes"][0]["annotator"] == "alice" for r in scored)
+
+
+def test_human_votes_of_several_annotators_and_models(models, prompts_file, tmp_path):
+    # Two annotators per pair: a pair's score is the mean of its votes, the win rate the mean
+    # over pairs (n pairs, not 2n votes), and the leaderboard resamples prompts, not votes.
+    db, out = tmp_path / "labels.db", tmp_path / "out"
+    compare_models([models["pol"], models["pol2"]], models["ref"], prompts_file, "human",
+                   max_new_tokens=MAX_NEW, out=out, db=db)
+    rows = read_records(out / "pol" / "samples.jsonl") + read_records(out / "pol2" / "samples.jsonl")
+    pol2_ids = {r["pair_id"] for r in read_records(out / "pol2" / "samples.jsonl")}
+    store = Store(db, overlap=2)  # every pair to two annotators
+    for name, prefers_pol2 in (("alice", True), ("bob", False)):
+        who = store.authenticate(store.add_annotator(name))
+        other = {"left": "right", "right": "left"}
+        vote_as(store, who, rows, lambda row, side: side if prefers_pol2 or row["pair_id"]
+                not in pol2_ids else other[side])
+    store.close()
+    result = invoke(["score-human", out / "pol", out / "pol2", "--db", db, "--out", out,
+                     "--n-bootstrap", 50])
+    assert result.exit_code == 0, result.output
+    n = len(PROMPTS)
+    pol = json.loads((out / "pol" / "eval.json").read_text())
+    pol2 = json.loads((out / "pol2" / "eval.json").read_text())
+    assert (pol["win_rate"], pol["wins"], pol["n_votes"], pol["n_prompts"]) == (1.0, n, 2 * n, n)
+    assert (pol2["win_rate"], pol2["ties"], pol2["n_votes"]) == (0.5, n, 2 * n)
+    assert pol2["win_rate_ci"] == pytest.approx(list(win_rate(n / 2, 0, n)[1:]))
+    board = json.loads((out / "leaderboard.json").read_text())
+    assert board["resampled"] == "groups of comparisons (prompts)" and board["n_comparisons"] == 4 * n
 
 
 def test_a_reward_evaluation_beside_a_queued_human_one_keeps_its_samples(models, prompts_file, tmp_path):

@@ -145,20 +145,27 @@ def _as_outcome(item: Any, index: int) -> Outcome:
     )
 
 
-def _categories(outcomes: Sequence[Outcome], index: dict) -> tuple[np.ndarray, np.ndarray]:
+def _categories(outcomes: Sequence[Outcome], index: dict,
+                groups: Sequence[Hashable] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Collapse outcomes into distinct (i, j, tie) kinds and how often each occurred.
 
     Resampling comparisons with replacement is then a multinomial draw over kinds, which costs
-    the same however many comparisons there are.
+    the same however many comparisons there are. With `groups` (one key per outcome) the counts
+    are per group, (G, kinds), so that whole groups can be resampled.
     """
-    counts: dict[tuple[int, int, bool], int] = {}
-    for o in outcomes:
+    kind_of: dict[tuple[int, int, bool], int] = {}
+    group_of: dict[Hashable, int] = {}
+    cells: list[tuple[int, int]] = []
+    for n, o in enumerate(outcomes):
         i, j = index[o.winner], index[o.loser]
         if o.tie and i > j:
             i, j = j, i  # a tie has no direction: one kind for both orders
-        counts[(i, j, o.tie)] = counts.get((i, j, o.tie), 0) + 1
-    kinds = np.array([(i, j, int(t)) for (i, j, t) in counts], dtype=int)
-    return kinds, np.array(list(counts.values()), dtype=float)
+        kind = kind_of.setdefault((i, j, o.tie), len(kind_of))
+        cells.append((group_of.setdefault(groups[n] if groups is not None else 0, len(group_of)), kind))
+    counts = np.zeros((len(group_of), len(kind_of)))
+    np.add.at(counts, tuple(np.array(cells, dtype=int).T), 1.0)
+    kinds = np.array([(i, j, int(t)) for (i, j, t) in kind_of], dtype=int)
+    return kinds, counts if groups is not None else counts[0]
 
 
 def _score_matrices(kinds: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -290,6 +297,7 @@ class Leaderboard:
     n_comparisons: int
     n_bootstrap: int
     prior_strength: float
+    resampled: str = "comparisons"  # what the bootstrap resamples (see fit_ratings' groups)
 
     def __getitem__(self, system: Hashable) -> Rating:
         for row in self.ratings:
@@ -311,6 +319,7 @@ class Leaderboard:
             "n_comparisons": self.n_comparisons,
             "n_bootstrap": self.n_bootstrap,
             "prior_strength": self.prior_strength,
+            "resampled": self.resampled,
             "ratings": [
                 {"system": str(r.system), "rating": r.rating,
                  "ci": [_finite_or_none(r.lower), _finite_or_none(r.upper)],
@@ -351,7 +360,7 @@ class Leaderboard:
         text = (
             f"Bradley-Terry ratings from {self.n_comparisons} comparisons (ties count half); "
             f"{self.anchor} fixed at {self.anchor_rating:.0f}; 400 points = 10:1 odds; "
-            f"intervals from {self.n_bootstrap} bootstrap resamples of the comparisons."
+            f"intervals from {self.n_bootstrap} bootstrap resamples of the {self.resampled}."
         )
         if any(math.isinf(r.lower) or math.isinf(r.upper) for r in self.ratings):
             text += (" 'unbounded': the system never lost (or never won) against the rest, so "
@@ -383,6 +392,7 @@ def fit_ratings(
     confidence: float = 0.95,
     seed: int = 0,
     prior_strength: float = 0.01,
+    groups: Sequence[Hashable] | None = None,
 ) -> Leaderboard:
     """Fit Bradley-Terry ratings to pairwise outcomes; return a leaderboard with intervals.
 
@@ -399,17 +409,28 @@ def fit_ratings(
         i.e. a ridge on the log-likelihood. Without it a system that never lost would get an
         infinite rating; the default 0.01 (standard deviation 10 natural units, about 1700
         points) moves ratings by well under a point once each pair has a few dozen comparisons.
+    groups: one key per outcome naming the unit the bootstrap resamples, e.g. the prompt when
+        every system answered every prompt: comparisons on one prompt share responses (and a
+        judge's view of that prompt), so they are not independent, and resampling them one by
+        one gives intervals too narrow. Default: each comparison is its own unit.
     """
     if prior_strength <= 0:
         raise ValueError("prior_strength must be positive: it keeps undefeated systems finite")
     outcomes = [_as_outcome(item, n) for n, item in enumerate(outcomes)]
     systems = _system_list(outcomes, systems)
+    if not outcomes:
+        raise UserError(f"there are no comparisons between {systems} to fit ratings to.")
     anchor = systems[0] if anchor is None else anchor
     if anchor not in systems:
         raise UserError(f"anchor {anchor!r} is not among the rated systems {systems}.")
     index = {s: n for n, s in enumerate(systems)}
     k = len(systems)
-    kinds, counts = _categories(outcomes, index)
+    if groups is not None:
+        groups = list(groups)
+        if len(groups) != len(outcomes):
+            raise ValueError(f"groups has {len(groups)} keys for {len(outcomes)} outcomes")
+    kinds, group_counts = _categories(outcomes, index, groups)
+    counts = group_counts.sum(axis=0) if groups is not None else group_counts
     kind_scores, kind_games = _score_matrices(kinds, k)
     games = (counts @ kind_games).reshape(k, k)
     _check_connected(games, systems)
@@ -421,7 +442,8 @@ def fit_ratings(
     point = to_points(_fit_natural(scores, games[None], prior_strength))[0]
     lower, upper = point.copy(), point.copy()
     if n_bootstrap > 0:
-        draws = _bootstrap(counts, kind_scores, kind_games, k, n_bootstrap, seed, prior_strength)
+        draws = _bootstrap(group_counts, kind_scores, kind_games, k, n_bootstrap, seed,
+                           prior_strength)
         tail = (1.0 - confidence) / 2.0 * 100.0
         lower, upper = np.percentile(to_points(draws), [tail, 100.0 - tail], axis=0)
     # Where the data leave a rating unbounded (a system that never lost, or never won, against
@@ -435,7 +457,8 @@ def fit_ratings(
     ]
     rows.sort(key=lambda r: -r.rating)
     return Leaderboard(rows, anchor, anchor_rating, scale, confidence, len(outcomes),
-                       n_bootstrap, prior_strength)
+                       n_bootstrap, prior_strength,
+                       "comparisons" if groups is None else "groups of comparisons (prompts)")
 
 
 def _system_list(outcomes: list[Outcome], systems: Sequence[Hashable] | None) -> list:
@@ -478,10 +501,16 @@ def _record(outcomes: list[Outcome], system: Hashable) -> tuple[int, int, int]:
 
 
 def _bootstrap(counts, kind_scores, kind_games, k, n_bootstrap, seed, prior_strength):
-    """Ratings (natural units) refitted on `n_bootstrap` resamples of the comparisons."""
+    """Ratings (natural units) refitted on `n_bootstrap` resamples of the comparisons: of single
+    comparisons when `counts` is (kinds,), of whole groups when it is (groups, kinds)."""
     rng = np.random.default_rng(seed)
-    total = int(counts.sum())
-    resampled = rng.multinomial(total, counts / total, size=n_bootstrap).astype(float)
+    if counts.ndim == 2:
+        n_groups = counts.shape[0]
+        times = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=n_bootstrap)
+        resampled = times.astype(float) @ counts  # (B, kinds)
+    else:
+        total = int(counts.sum())
+        resampled = rng.multinomial(total, counts / total, size=n_bootstrap).astype(float)
     fits = []
     # Batches bound the memory of the (B, k, k) arrays when there are many systems.
     batch = max(1, 2_000_000 // (k * k))

@@ -439,7 +439,7 @@ def samples_file_name(folder: Path, record: dict) -> str:
 
 
 def reward_outcomes(systems: Sequence[Samples]) -> list[Outcome]:
-    """Every pair of systems compared on every prompt: the higher reward wins."""
+    """Every pair of systems compared on every prompt, prompt by prompt: the higher reward wins."""
     outcomes = []
     for i in range(len(systems[0].texts)):
         for a in range(len(systems)):
@@ -453,9 +453,15 @@ def reward_outcomes(systems: Sequence[Samples]) -> list[Outcome]:
 
 
 def reward_leaderboard(systems: Sequence[Samples], n_bootstrap: int = 1000, seed: int = 0):
-    """Bradley-Terry ratings of all systems, the reference fixed at 1000."""
+    """Bradley-Terry ratings of all systems, the reference fixed at 1000.
+
+    The bootstrap resamples prompts, not single comparisons: the comparisons on one prompt share
+    its responses (the reference's in every one against it), so they are not independent.
+    """
+    n_pairs = len(systems) * (len(systems) - 1) // 2
+    prompts = [i for i in range(len(systems[0].texts)) for _ in range(n_pairs)]
     return fit_ratings(reward_outcomes(systems), systems=[s.label for s in systems],
-                       anchor=REFERENCE, n_bootstrap=n_bootstrap, seed=seed)
+                       anchor=REFERENCE, n_bootstrap=n_bootstrap, seed=seed, groups=prompts)
 
 
 def leaderboard_folder(model_paths: Sequence[str], out) -> Path:

@@ -162,7 +162,7 @@ def score_human(db, targets: Sequence, out=None, n_bootstrap: int = 1000, seed: 
     votes_by_pair: dict[str, list[dict]] = defaultdict(list)
     for vote in votes:
         votes_by_pair[vote["pair_id"]].append(vote)
-    evals, outcomes = [], []
+    evals, outcomes, prompts = [], [], []
     for target in targets:
         folder, samples = _locate(target)
         record, rows = score_one(folder, samples, votes_by_pair, db)
@@ -174,11 +174,16 @@ def score_human(db, targets: Sequence, out=None, n_bootstrap: int = 1000, seed: 
                     outcomes.append(Outcome(system, REFERENCE))
                 elif vote["preferred"] is not None:
                     outcomes.append(Outcome(REFERENCE, system, vote["preferred"] == "tie"))
+                else:
+                    continue
+                # Votes on one prompt (several annotators, several models against one
+                # reference answer) are not independent: the bootstrap resamples prompts.
+                prompts.append(json.dumps(row["prompt"], sort_keys=True))
     leaderboard = None
     if len(evals) > 1:
         systems = [REFERENCE] + [r.get("system") or r["model"] for r in evals]
         board = fit_ratings(outcomes, systems=systems, anchor=REFERENCE,
-                            n_bootstrap=n_bootstrap, seed=seed)
+                            n_bootstrap=n_bootstrap, seed=seed, groups=prompts)
         folders = [_locate(target)[0] for target in targets]
         save_leaderboard(board, leaderboard_folder(folders, out))
         leaderboard = board
