@@ -185,6 +185,14 @@ def test_wilson_interval_by_hand():
     assert 0.65 < lower < 0.75 and upper == 1.0
 
 
+@pytest.mark.parametrize("n", [10, 256, 1000])
+def test_wilson_bounds_at_zero_and_all_wins_are_exact(n):
+    # Rounding left 1 - 1e-16 at 256 of 256 and 3e-17 at 0 of 10, which print as 1.000 / 0.000
+    # but fail an equality a reader of eval.json would rightly expect to hold.
+    assert win_rate(n, 0, n).upper == 1.0 and win_rate(0, 0, n).lower == 0.0
+    assert win_rate(n, 0, n).lower == pytest.approx(n / (n + 1.959963984540054**2))
+
+
 def test_win_rate_rejects_impossible_counts():
     with pytest.raises(ValueError):
         win_rate(0, 0, 0)

@@ -104,7 +104,10 @@ def win_rate(wins: float, ties: float, n: int, confidence: float = 0.95) -> WinR
     denom = 1.0 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return WinRate(p, max(0.0, centre - half), min(1.0, centre + half))
+    # At 0 of n (n of n) the bound is exactly 0 (1); rounding could leave 1e-17 or 1 - 1e-16.
+    lower = 0.0 if p == 0.0 else max(0.0, centre - half)
+    upper = 1.0 if p == 1.0 else min(1.0, centre + half)
+    return WinRate(p, lower, upper)
 
 
 def mean_with_se(values: Any) -> MeanSE:
