@@ -449,3 +449,9 @@ def test_eval_json_keeps_one_record_per_evaluation_and_the_report_reads_them(tmp
     write_eval_record(tmp_path, {"kind": "generate", "reference": "r", "judge": "j", "kl": 2.0})
     evals = load_evals([tmp_path / "eval.json"])
     assert [(e["kind"], e.get("kl")) for e in evals] == [("pairs", None), ("generate", 2.0)]
+    # Another temperature is another evaluation (a sweep keeps every point); another seed a rerun.
+    for temperature, seed, kl in ((1.0, 0, 3.0), (0.5, 0, 4.0), (0.5, 1, 5.0)):
+        write_eval_record(tmp_path, {"kind": "generate", "reference": "r", "judge": "j", "kl": kl,
+                                     "sampling": {"temperature": temperature, "seed": seed}})
+    evals = load_evals([tmp_path / "eval.json"])
+    assert [e.get("kl") for e in evals] == [None, 2.0, 3.0, 5.0]

@@ -185,10 +185,19 @@ def evaluate_pairs_file(
 
 
 def same_evaluation(a: dict, b: dict) -> bool:
-    """Whether two eval.json records are the same evaluation (a rerun replaces the earlier)."""
+    """Whether two eval.json records are the same evaluation (a rerun replaces the earlier).
+
+    Generations drawn otherwise (another temperature, top-p or max_new_tokens, as in a sweep
+    of win rate against temperature) are another evaluation; another seed is a rerun.
+    """
     keys = ("kind", "reference", "judge", "data", "prompts")
+
+    def drawn(record: dict) -> dict:
+        return {k: v for k, v in (record.get("sampling") or {}).items() if k != "seed"}
+
     # Records written before `split` was recorded read the train split.
-    return all(a.get(k) == b.get(k) for k in keys) and a.get("split", "train") == b.get("split", "train")
+    return (all(a.get(k) == b.get(k) for k in keys) and drawn(a) == drawn(b)
+            and a.get("split", "train") == b.get("split", "train"))
 
 
 def read_eval_records(path: str | Path) -> list[dict]:
