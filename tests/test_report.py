@@ -203,8 +203,10 @@ def test_evaluations_table_names_the_judge_and_data_and_waiting_votes(tmp_path):
     reward = {**generate_eval(0.1, 1.0, 1.0, 0.7), "judge": "reward:/home/me/rm.py:score"}
     pairs = {"kind": "pairs", "model": "runs/b0.1/final", "data": "/data/dd", "split": "test",
              "eval/rewards/accuracies": 0.8}
-    (tmp_path / "eval.json").write_text(json.dumps({"evals": [human, reward, pairs]}))
+    cooler = {**reward, "sampling": {"temperature": 0.5, "top_p": 1.0, "seed": 0}}
+    (tmp_path / "eval.json").write_text(json.dumps({"evals": [human, reward, pairs, cooler]}))
     html = write_report(tmp_path).read_text()
+    assert "<td>reward:rm.py:score at temperature 0.5, top-p 1</td>" in html
     assert "<td>human on held_out.txt</td>" in html and "<td>awaiting votes</td>" in html
     assert "<td>reward:rm.py:score</td>" in html and "<td>pairs of dd (test)</td>" in html
 

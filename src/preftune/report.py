@@ -527,7 +527,11 @@ def _judged_on(ev: dict) -> str:
         split = f" ({ev['split']})" if ev.get("split") not in (None, "train") else ""
         return f"pairs of {short(ev.get('data'))}{split}"
     prompts = f" on {short(ev['prompts'])}" if ev.get("prompts") else ""
-    return f"{short(ev.get('judge') or '–')}{prompts}"
+    sampling = ev.get("sampling") or {}
+    drawn = ""  # a temperature sweep of one model has one row per temperature
+    if sampling.get("temperature", 1.0) != 1.0 or sampling.get("top_p", 1.0) != 1.0:
+        drawn = f" at temperature {sampling.get('temperature', 1.0):g}, top-p {sampling.get('top_p', 1.0):g}"
+    return f"{short(ev.get('judge') or '–')}{prompts}{drawn}"
 
 
 def _evals_table(evals: list[dict]):
