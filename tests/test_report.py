@@ -14,6 +14,7 @@ from preftune.report import (
     load_metrics,
     plot_frontier,
     plot_win_rates,
+    win_rate_labels,
     write_report,
 )
 
@@ -237,3 +238,11 @@ def test_reward_kl_frontier_never_mixes_judges_references_or_sampling(tmp_path, 
         assert f'src="plots/{name}"' in html
     assert "Judge reward:other.py:score, reference sft." in html
     assert "Not KL(π ‖ π_ref) here: samples were drawn at temperature 0.7" in html
+
+
+def test_win_rate_rows_of_one_model_judged_twice_are_told_apart():
+    reward = generate_eval(0.1, 1.0, 1.0, 0.7)
+    human = {**reward, "judge": "human", "prompts": "/data/held_out.txt"}
+    other = generate_eval(0.5, 1.0, 1.0, 0.7)
+    assert win_rate_labels([reward, human, other]) == [
+        "DPO β=0.1 (reward:tests:length)", "DPO β=0.1 (human on held_out.txt)", "DPO β=0.5"]

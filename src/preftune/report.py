@@ -325,9 +325,16 @@ def _win_rate_with_ci(ev: dict):
     return rate, rate, rate
 
 
+def win_rate_labels(evals: Sequence[dict]) -> list[str]:
+    """`eval_label`s, with the judge and data added where one model has several rows."""
+    labels = [eval_label(ev) for ev in evals]
+    return [f"{label} ({_judged_on(ev)})" if labels.count(label) > 1 else label
+            for label, ev in zip(labels, evals)]
+
+
 def plot_win_rates(evals: Sequence[dict], path: str | Path) -> Path:
     """Each model's win rate against its reference, with its 95% interval."""
-    rows = [(eval_label(ev), _win_rate_with_ci(ev)) for ev in evals]
+    rows = list(zip(win_rate_labels(evals), map(_win_rate_with_ci, evals)))
     rows = [(label, r) for label, r in rows if r is not None]
     if not rows:
         raise UserError("no evaluation has a 'win_rate'; run `preftune eval generate` first.")
