@@ -20,6 +20,7 @@ from preftune.logprobs import (
     chunked_token_logps,
     completion_logps,
     naive_completion_logps,
+    supports_hidden_state_path,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -302,3 +303,34 @@ def test_chunked_stage_peak_at_full_size():
     naive = stage_peak_bytes("naive", **shape, fake=True)
     chunked = stage_peak_bytes("chunked", **shape, chunk_size=1024)
     assert chunked <= 0.25 * naive, (chunked / 2**30, naive / 2**30)
+
+
+def _post_processing_model(family: str):
+    """Tiny random models whose logits are not the bare LM head of the final hidden states."""
+    import transformers
+
+    torch.manual_seed(0)
+    small = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, intermediate_size=64)
+    if family == "granite":  # logits divided by config.logits_scaling
+        config = transformers.GraniteConfig(**small, logits_scaling=4.0)
+    elif family == "falcon_h1":  # logits multiplied by config.lm_head_multiplier
+        config = transformers.FalconH1Config(**small, lm_head_multiplier=3.0, mamba_d_ssm=32,
+                                             mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8)
+    else:  # gemma2: soft-capping, invisible on small random logits, so refused by name
+        config = transformers.Gemma2Config(**small, head_dim=8, final_logit_softcapping=30.0)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("family", ["granite", "falcon_h1", "gemma2"])
+def test_models_that_post_process_their_logits_take_the_naive_path(family):
+    """Granite divides the logits, FalconH1 multiplies them, Gemma 2 soft-caps them: the
+    chunked LM head alone would give other log-probs, so these models must not take it."""
+    model = _post_processing_model(family)
+    assert not supports_hidden_state_path(model)
+    _assert_chunked_equals_naive(model, chunk_size=5)
+
+
+def test_plain_models_keep_the_chunked_path():
+    model = build_model("qwen2", vocab_size=VOCAB, hidden_size=32, num_layers=2)
+    assert supports_hidden_state_path(model)

@@ -47,16 +47,46 @@ def unwrap_causal_lm(model: nn.Module) -> nn.Module:
 def supports_hidden_state_path(model: nn.Module) -> bool:
     """Models whose logits are exactly lm_head(final hidden states).
 
-    Some families post-process logits (soft-capping in Gemma 2, a logit scale in Cohere); for
-    them the chunked path would be wrong, so they take the naive path.
+    Several families post-process them: Gemma 2 soft-caps, Cohere multiplies by a logit scale,
+    Granite divides by `logits_scaling`, FalconH1 multiplies by `lm_head_multiplier`, MiniCPM
+    scales the hidden states first. For them the chunked path would give other log-probs, so
+    they take the naive one. Rather than a list of every family's knob, the model's own logits
+    are compared with the bare head's once (see `_head_gives_the_logits`); the verdict is kept on
+    the model, so it is decided eagerly, before any torch.compile traces the caller.
     """
     lm = unwrap_causal_lm(model)
+    verdict = getattr(lm, "_preftune_head_gives_logits", None)
+    if verdict is None:
+        verdict = _head_gives_the_logits(lm)
+        lm._preftune_head_gives_logits = verdict
+    return verdict
+
+
+@torch.no_grad()
+def _head_gives_the_logits(lm: nn.Module) -> bool:
     config = getattr(lm, "config", None)
-    if config is None or lm.get_output_embeddings() is None:
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    if config is None or head is None or not hasattr(lm, getattr(lm, "base_model_prefix", "")):
         return False
-    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+    # Soft-capping is refused by name: on a freshly initialised model the logits are too small
+    # for tanh to bend them visibly, so the comparison below would pass it.
+    if getattr(config, "final_logit_softcapping", None):
         return False
-    return hasattr(lm, lm.base_model_prefix)
+    first = next(lm.parameters())
+    ids = torch.arange(8, device=first.device).remainder(head.weight.shape[0]).unsqueeze(0)
+    was_training = lm.training
+    lm.eval()  # no dropout: both sides must see the same network
+    try:
+        expected = lm(input_ids=ids, use_cache=False).logits.float()
+        hidden = getattr(lm, lm.base_model_prefix)(input_ids=ids, use_cache=False).last_hidden_state
+        got = head(hidden).float()
+    except (RuntimeError, ValueError, TypeError):  # a model that cannot run this probe: be safe
+        return False
+    finally:
+        lm.train(was_training)
+    # Relative: a scale of 1.001 is caught; the two sides run the same matmul, so they agree
+    # to rounding otherwise.
+    return bool((got - expected).abs().max() <= 1e-4 * expected.abs().max().clamp(min=1e-6))
 
 
 def _token_logps_of_chunk(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor) -> torch.Tensor:
@@ -360,6 +390,9 @@ class CompletionLogps(nn.Module):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        # Which path the log-probs take is decided here, while the model is whole and unwrapped:
+        # not later inside a torch.compile trace or after FSDP has sharded it.
+        supports_hidden_state_path(model)
 
     def forward(self, input_ids, attention_mask, completion_mask, position_ids=None, sequence_ids=None,
                 shared=None, counted=None):
