@@ -99,6 +99,22 @@ def test_a_missing_split_of_a_saved_dataset_dict_names_the_ones_there(tmp_path):
         load_pairs(str(tmp_path / "dd"))
 
 
+@pytest.mark.parametrize("saved", [False, True])
+def test_a_split_named_for_data_without_splits_is_refused_not_ignored(tmp_path, saved):
+    """`data.eval_split: test` on one file would otherwise evaluate on the whole file: the
+    training data, if that is what the file holds."""
+    import datasets
+
+    source = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    if saved:  # a single Dataset written by save_to_disk has no splits either
+        datasets.Dataset.from_list(PAIRS).save_to_disk(str(tmp_path / "one"))
+        source = tmp_path / "one"
+    assert len(load_pairs(str(source)).pairs) == len(PAIRS)  # the default split reads it all
+    with pytest.raises(UserError, match=r"has no splits, so split 'test' cannot be chosen from it; "
+                                        r"remove the split"):
+        load_pairs(str(source), "test")
+
+
 def test_json_lines_under_a_json_name_are_read_line_by_line(tmp_path):
     # Hub data sets often name JSON Lines files train.json; datasets reads them, so do we.
     path = write_jsonl(tmp_path / "train.json", PAIRS)

@@ -41,6 +41,7 @@ def load_pairs(spec: str, split: str = "train") -> LoadResult:
     if path.is_dir():
         rows = _rows_from_saved_dataset(path, split)
     elif path.is_file():
+        _refuse_a_split(spec, split)
         rows = _rows_from_file(path)
     elif _format_suffix(path) in FILE_SUFFIXES or spec.startswith((".", "/", "~")):
         raise UserError(f"data file {spec} does not exist; check data.train / data.eval.")
@@ -307,6 +308,15 @@ def _rows_from_parquet(path: Path) -> Iterator[tuple[str, object]]:
         yield f"{path}, row {i}", row
 
 
+def _refuse_a_split(source, split: str) -> None:
+    """A file, or a single saved Dataset, is read whole. A split other than the default asked of
+    it would be ignored, and `data.eval_split: test` on the training file would then evaluate on
+    training pairs, so it is refused."""
+    if split != "train":
+        raise UserError(f"{source} has no splits, so split {split!r} cannot be chosen from it; remove "
+                        "the split (data.split, data.eval_split or --split) or name the file holding it.")
+
+
 def _no_such_split(source, split: str, splits) -> UserError:
     names = ", ".join(repr(name) for name in splits)
     return UserError(f"{source} has no split {split!r}, only {names}; choose one of them (data.split, "
@@ -329,6 +339,8 @@ def _rows_from_saved_dataset(path: Path, split: str) -> Iterator[tuple[str, obje
         if split not in ds:
             raise _no_such_split(path, split, ds)
         ds = ds[split]
+    else:
+        _refuse_a_split(path, split)
     for i, row in enumerate(ds):
         yield f"{path}, row {i}", row
 
