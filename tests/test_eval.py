@@ -269,28 +269,43 @@ def test_generate_rigged_reward_gives_win_rate_one_and_exact_kl(models, prompts_
     assert record["kl_se"] == pytest.approx(se, abs=1e-3)
 
 
-@pytest.mark.parametrize("generation_config, temperature, note", [
-    ({}, 1.0, None),
-    # The sampler draws from what the model's own logits processors leave, so a repetition
-    # penalty in generation_config.json means the samples are not from the policy itself.
-    ({"repetition_penalty": 1.3}, 1.0, "repetition_penalty=1.3"),
-    ({"no_repeat_ngram_size": 2}, 0.7, "temperature 0.7 and top-p 1.0 and with the policy's "
-                                        "generation config applying no_repeat_ngram_size=2"),
-])
-def test_generate_says_when_kl_is_not_kl_of_the_policy(models, prompts_file, tmp_path,
-                                                       generation_config, temperature, note):
+def _policy_with_generation_config(models, tmp_path, generation_config):
     policy = tmp_path / "pol"
     shutil.copytree(models["pol"], policy)
     path = policy / "generation_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **generation_config}))
+    return policy
+
+
+@pytest.mark.parametrize("generation_config", [{"repetition_penalty": 1e4}, {"no_repeat_ngram_size": 1}])
+def test_generate_samples_the_policy_itself_whatever_its_generation_config(
+        models, prompts_file, tmp_path, generation_config):
+    """A repetition penalty in generation_config.json (Qwen2.5-Instruct ships one) would make
+    the samples not the policy's, and 'kl' not KL(pi || ref): sampling sets it aside, and says so."""
     rigged_reward(tmp_path, {})
-    record = compare_models([policy], models["ref"], prompts_file,
+    judge = f"reward:{tmp_path / 'rigged.py'}:length"
+    plain = compare_models([models["pol"]], models["ref"], prompts_file, judge, max_new_tokens=8,
+                           out=tmp_path / "plain")["evals"][0]
+    policy = _policy_with_generation_config(models, tmp_path, generation_config)
+    name = next(iter(generation_config))
+    with pytest.warns(UserWarning, match=rf"sampling sets aside {name}="):
+        shaped = compare_models([policy], models["ref"], prompts_file, judge, max_new_tokens=8,
+                                out=tmp_path / "shaped")["evals"][0]
+    assert "kl_note" not in shaped and shaped["kl"] == pytest.approx(plain["kl"], abs=1e-6)
+
+    def responses(out):
+        return [row["responses"]["policy"] for row in read_records(tmp_path / out / "samples.jsonl")]
+
+    assert responses("shaped") == responses("plain")
+
+
+def test_generate_says_when_kl_is_not_kl_of_the_policy(models, prompts_file, tmp_path):
+    rigged_reward(tmp_path, {})
+    record = compare_models([models["pol"]], models["ref"], prompts_file,
                             f"reward:{tmp_path / 'rigged.py'}:length", max_new_tokens=2,
-                            temperature=temperature, out=tmp_path / "out")["evals"][0]
-    if note is None:
-        assert "kl_note" not in record
-    else:
-        assert note in record["kl_note"] and "not KL(pi || ref)" in record["kl_note"]
+                            temperature=0.7, out=tmp_path / "out")["evals"][0]
+    assert record["kl_note"].startswith("samples were drawn at temperature 0.7 and top-p 1.0")
+    assert "not KL(pi || ref)" in record["kl_note"]
 
 
 def test_leaderboard_orders_systems_by_a_rigged_reward(models, prompts_file, tmp_path, own_texts):

@@ -11,8 +11,8 @@ For every prompt x the policy pi and the reference pi_ref each write one respons
 * the sequence-level KL(pi || ref) = E_{y ~ pi}[log pi(y|x) - log ref(y|x)] is estimated by the
   mean of that log-ratio over the policy's own samples, scored on the exact token ids sampled,
   with its standard error. It is unbiased only for samples drawn from pi itself (temperature 1,
-  top-p 1, and no logits processor from the model's generation config, such as a repetition
-  penalty, which sampling keeps); eval.json says so otherwise.
+  top-p 1; sampling sets aside the model's own generation-config processors, such as a
+  repetition penalty); eval.json says so otherwise.
 
 With several models, every pair of systems (the reference included) is compared on every
 prompt by the reward, and a Bradley-Terry leaderboard anchored at the reference is fitted.
@@ -204,38 +204,9 @@ def win_summary(winners: Sequence[str]) -> dict:
             "ties": ties, "losses": len(winners) - wins - ties}
 
 
-# Settings of a generation config that `generate` turns into logits processors even when it
-# decodes greedily, as sampling does (its own sampler draws from what they leave): with any of
-# them the policy's samples do not come from pi. Each maps to its neutral value(s).
-DISTRIBUTION_CHANGING = {
-    "repetition_penalty": (None, 1.0), "encoder_repetition_penalty": (None, 1.0),
-    "no_repeat_ngram_size": (None, 0), "encoder_no_repeat_ngram_size": (None, 0),
-    "bad_words_ids": (None,), "sequence_bias": (None,), "min_length": (None, 0),
-    "forced_bos_token_id": (None,), "forced_eos_token_id": (None,),
-    "exponential_decay_length_penalty": (None,), "suppress_tokens": (None,),
-    "begin_suppress_tokens": (None,), "guidance_scale": (None, 1.0),
-    "watermarking_config": (None,),
-}
-
-
-def distribution_changes(model) -> list[str]:
-    """`name=value` for each setting of the model's generation config that reshapes what it samples."""
-    config = getattr(model, "generation_config", None)
-    changes = []
-    for name, neutral in DISTRIBUTION_CHANGING.items():
-        value = getattr(config, name, None)
-        if not any(value is n or value == n for n in neutral):
-            changes.append(f"{name}={value}")
-    return changes
-
-
 def summarize(rows: list[dict], policy: Samples, reference: Samples, judge: Judge,
-              settings: SamplingSettings, prompts_source: str | None,
-              policy_changes: Sequence[str] = ()) -> dict:
-    """The eval.json record of one policy (docs/CONTRACTS.md), from its samples.jsonl rows.
-
-    policy_changes: `distribution_changes` of the policy, which make 'kl' not KL(pi || ref).
-    """
+              settings: SamplingSettings, prompts_source: str | None) -> dict:
+    """The eval.json record of one policy (docs/CONTRACTS.md), from its samples.jsonl rows."""
     kl = mean_with_se([r["kl"] for r in rows])
     lengths = {who: mean_with_se([r["length"][who] for r in rows]) for who in ("policy", "reference")}
     record = {
@@ -251,15 +222,10 @@ def summarize(rows: list[dict], policy: Samples, reference: Samples, judge: Judg
         "mean_length_se": {who: _number(m.se) for who, m in lengths.items()},
         "samples": "samples.jsonl",
     }
-    causes = []
     if settings.temperature != 1.0 or settings.top_p != 1.0:
-        causes.append(f"at temperature {settings.temperature} and top-p {settings.top_p}")
-    if policy_changes:
-        causes.append(f"with the policy's generation config applying {', '.join(policy_changes)}")
-    if causes:
-        record["kl_note"] = (f"samples were drawn {' and '.join(causes)}, not from the policy "
-                             "itself, so 'kl' is the mean log-ratio under that distribution, "
-                             "not KL(pi || ref).")
+        record["kl_note"] = (f"samples were drawn at temperature {settings.temperature} and top-p "
+                             f"{settings.top_p}, not from the policy itself, so 'kl' is the mean "
+                             "log-ratio under that distribution, not KL(pi || ref).")
     beta = (run_config(policy.path).get("loss") or {}).get("beta")
     if beta is not None:
         record["beta"] = beta  # the report labels and groups reward-KL points by beta
@@ -393,7 +359,6 @@ def _evaluate_policy(job: _Job, path: str, label: str, folder: Path) -> tuple[di
     model, tokenizer = load_model_and_tokenizer(path, job.dtype, job.device)
     _check_same_vocabulary(tokenizer, job.reference_tokenizer, path, job.reference.path)
     policy = sample_system(model, tokenizer, job.prompts, job.settings, job.batch_size, label, path)
-    changes = distribution_changes(model)
     score(job.judge, job.prompts, policy)
     pad = job.reference_tokenizer.pad_token_id or 0  # padded positions are masked out anyway
     policy_logps = sequence_logps(model, policy.prompt_ids, policy.completion_ids, pad, job.batch_size)
@@ -402,8 +367,7 @@ def _evaluate_policy(job: _Job, path: str, label: str, folder: Path) -> tuple[di
                                      policy.completion_ids, pad, job.batch_size)
     rows = comparison_rows(job.prompts, policy, job.reference, policy_logps, reference_logps,
                            job.settings.seed)
-    record = summarize(rows, policy, job.reference, job.judge, job.settings, job.source,
-                       changes)
+    record = summarize(rows, policy, job.reference, job.judge, job.settings, job.source)
     record["system"] = label
     if job.judge.kind == "human":
         from preftune.eval_human import queue_for_humans

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -248,6 +249,32 @@ def nucleus_probs(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.zeros_like(probs).scatter_(1, order, sorted_probs)
 
 
+# Settings of a model's generation config that `generate` turns into logits processors even
+# when it decodes greedily, as `generate_token_ids` runs it: each would reshape the distribution
+# the sampler draws from (Qwen2.5-Instruct ships repetition_penalty 1.05), so samples would not
+# come from the model, and a KL estimated from them would not be KL(pi || ref). Sampling resets
+# them; each maps to the values that already mean "off".
+MODEL_PROCESSOR_SETTINGS = {
+    "repetition_penalty": (None, 1.0), "encoder_repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0), "encoder_no_repeat_ngram_size": (None, 0),
+    "bad_words_ids": (None,), "sequence_bias": (None,), "min_length": (None, 0),
+    "forced_bos_token_id": (None,), "forced_eos_token_id": (None,),
+    "exponential_decay_length_penalty": (None,), "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,), "guidance_scale": (None, 1.0),
+    "watermarking_config": (None,),
+}
+
+
+def set_aside_settings(generation_config) -> list[str]:
+    """`name=value` for each setting of MODEL_PROCESSOR_SETTINGS that is on in the config."""
+    changes = []
+    for name, off in MODEL_PROCESSOR_SETTINGS.items():
+        value = getattr(generation_config, name, None)
+        if not any(value is o or value == o for o in off):
+            changes.append(f"{name}={value}")
+    return changes
+
+
 def _stop_token_ids(model, tokenizer) -> list[int]:
     eos = getattr(model.generation_config, "eos_token_id", None)
     if eos is None:
@@ -292,18 +319,32 @@ def generate_token_ids(
     ]
     stop_ids = _stop_token_ids(model, tokenizer)
     config = copy.deepcopy(model.generation_config)  # the model's own stays untouched
+    set_aside = set_aside_settings(config)
+    if set_aside:  # said once per model and settings (warnings are shown once per message)
+        warnings.warn(f"{getattr(model, 'name_or_path', 'the model')}: sampling sets aside "
+                      f"{', '.join(set_aside)} from its generation config, so that responses "
+                      "come from the model itself; only temperature and top-p shape them.",
+                      stacklevel=2)
     # Greedy over the one-hot scores of _PerRowSampler; the sampling knobs live in the sampler.
     config.update(
         do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None,
         max_new_tokens=settings.max_new_tokens, min_new_tokens=None, max_length=None,
         pad_token_id=_pad_token_id(tokenizer), eos_token_id=stop_ids or None,
+        **dict.fromkeys(MODEL_PROCESSOR_SETTINGS),
     )
-    output = model.generate(
-        input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-        logits_processor=LogitsProcessorList(
-            [_PerRowSampler(generators, settings.temperature, settings.top_p)]
-        ),
-    )  # (B*n, T + new)
+    # `generate` fills every unset (None) value of the config it is given from the model's own
+    # generation config, which would bring the settings just reset back: for the call, the
+    # model's own is this one.
+    own_config, model.generation_config = model.generation_config, config
+    try:
+        output = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+            logits_processor=LogitsProcessorList(
+                [_PerRowSampler(generators, settings.temperature, settings.top_p)]
+            ),
+        )  # (B*n, T + new)
+    finally:
+        model.generation_config = own_config
     new_tokens = [_cut_after_stop(row, stop_ids) for row in output[:, input_ids.shape[1]:].tolist()]
     prompt_ids = [row[mask.bool()].tolist() for row, mask in zip(input_ids[::n], attention_mask[::n])]
     return prompt_ids, [new_tokens[i * n:(i + 1) * n] for i in range(len(prompts))]
