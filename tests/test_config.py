@@ -30,10 +30,22 @@ def test_an_unknown_key_gets_the_close_match_and_the_section_keys():
 
 def test_an_unknown_key_with_nothing_close_lists_the_section_keys():
     with pytest.raises(UserError) as caught:
-        load_config(None, REQUIRED + ["optim.learning_rate=1e-6"])
+        load_config(None, REQUIRED + ["optim.nesterov=true"])
     message = str(caught.value)
     assert "did you mean" not in message
-    assert "unknown key 'optim.learning_rate'; the keys of optim are name, lr," in message
+    assert "unknown key 'optim.nesterov'; the keys of optim are name, lr," in message
+
+
+@pytest.mark.parametrize("key, where", [
+    ("optim.learning_rate=1e-6", "unknown key 'optim.learning_rate' (TRL's name: preftune's is optim.lr)"),
+    ("per_device_train_batch_size=4", "unknown key 'per_device_train_batch_size' (TRL's name: "
+                                      "preftune's is train.batch_size); the keys of the config are model,"),
+    ("train.rpo_alpha=1", "preftune's is loss.type: [sigmoid, sft] with loss.weights: [1, alpha])"),
+])
+def test_a_trl_key_is_told_its_preftune_name(key, where):
+    with pytest.raises(UserError) as caught:
+        load_config(None, REQUIRED + [key])
+    assert where in str(caught.value)
 
 
 def test_an_unknown_key_inside_an_optional_section():

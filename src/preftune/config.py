@@ -245,6 +245,33 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+# TRL's DPOConfig / TrainingArguments names that users carry over, and where preftune keeps the
+# same setting: an unknown key with one of these names is told its preftune name.
+TRL_NAMES = {
+    "model_name_or_path": "model.path", "ref_model": "model.reference_path",
+    "precompute_ref_log_probs": "model.reference: precompute",
+    "gradient_checkpointing": "model.gradient_checkpointing", "bf16": "model.autocast: bfloat16",
+    "torch_compile": "model.compile", "disable_dropout": "model.disable_dropout",
+    "use_peft": "model.lora", "lora_r": "model.lora.r", "lora_alpha": "model.lora.alpha",
+    "lora_dropout": "model.lora.dropout", "lora_target_modules": "model.lora.target_modules",
+    "dataset_name": "data.train", "max_length": "data.max_length",
+    "max_prompt_length": "data.max_prompt_length", "truncation_mode": "data.truncation",
+    "padding_free": "data.packing", "beta": "loss.beta", "loss_type": "loss.type",
+    "loss_weights": "loss.weights", "label_smoothing": "loss.label_smoothing",
+    "reference_free": "loss.reference_free", "simpo_gamma": "loss.simpo_gamma",
+    "rpo_alpha": "loss.type: [sigmoid, sft] with loss.weights: [1, alpha]",
+    "learning_rate": "optim.lr", "lr_scheduler_type": "optim.scheduler", "optim": "optim.name",
+    "warmup_steps": "optim.warmup_steps", "weight_decay": "optim.weight_decay",
+    "max_grad_norm": "optim.max_grad_norm", "adam_beta1": "optim.betas", "adam_beta2": "optim.betas",
+    "adam_epsilon": "optim.eps", "per_device_train_batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum", "num_train_epochs": "train.epochs",
+    "max_steps": "train.max_steps", "seed": "train.seed", "output_dir": "train.output_dir",
+    "eval_steps": "train.eval_every", "per_device_eval_batch_size": "train.eval_batch_size",
+    "save_steps": "train.save_every", "save_total_limit": "train.keep_checkpoints",
+    "report_to": "train.loggers",
+}
+
+
 def _known_keys_hint(loc: tuple) -> str:
     """'; did you mean ...; the keys of <section> are ...' for an unknown key at `loc`."""
     model: type[BaseModel] = Config
@@ -260,6 +287,8 @@ def _known_keys_hint(loc: tuple) -> str:
     close = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.5)
     section = ".".join(str(p) for p in loc[:-1]) or "the config"
     guess = f" (did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?)" if close else ""
+    if str(loc[-1]) in TRL_NAMES:
+        guess = f" (TRL's name: preftune's is {TRL_NAMES[str(loc[-1])]})"
     return f"{guess}; the keys of {section} are {', '.join(names)}"
 
 
