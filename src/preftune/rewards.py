@@ -106,7 +106,8 @@ def _batched(fn: Callable, spec: str) -> RewardFn:
                 probe = fn(list(prompts[:1]), list(responses[:1]))
             except (TypeError, AttributeError):  # a per-pair function choking on lists
                 probe = None
-            batched = isinstance(probe, (list, tuple)) or hasattr(probe, "shape")
+            # A NumPy or torch scalar has a shape too, an empty one: one number, not a batch.
+            batched = isinstance(probe, (list, tuple)) or len(getattr(probe, "shape", ())) > 0
             mode = "batch" if batched else "pair"
         if mode == "batch":
             values = list(fn(list(prompts), list(responses)))

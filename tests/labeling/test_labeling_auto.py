@@ -22,6 +22,10 @@ def batched(prompts, responses):
 def unannotated(prompt, response):
     return response.count("a")
 
+def numpy_scalar(prompt, response):  # unannotated, answering with a 0-d NumPy number
+    import numpy
+    return numpy.float64(len(response))
+
 def wrong_length(prompts, responses):
     return [1.0]
 
@@ -60,6 +64,7 @@ def test_load_reward_specs(rewards_file):
     for spec in [f"{rewards_file}:length", "my_rewards:length", "my_rewards:batched"]:
         assert load_reward(spec)(prompts, responses) == [3.0, 1.0]
     assert load_reward("my_rewards:unannotated")(prompts, ["banana", "kiwi"]) == [3.0, 0.0]
+    assert load_reward("my_rewards:numpy_scalar")(prompts, responses) == [3.0, 1.0]  # one number: per pair
     assert load_reward("my_rewards:length")([], []) == []
 
 
