@@ -42,9 +42,11 @@ class MetricsLogger:
     wandb_project: the W&B project (default: $WANDB_PROJECT, else "preftune").
     enabled: False on every rank but 0 of a distributed run: nothing is created or written.
 
-    `metrics.jsonl` is opened for appending, so a resumed run continues the same file; the
-    report keeps the last line for a repeated step. Each line is flushed when written, so a
-    killed run leaves every logged step readable.
+    `metrics.jsonl` is opened for appending, so a resumed run continues the same file. A run
+    resumed from step `start_step` first drops the lines of later steps (logged by the run it
+    continues after its checkpoint, and about to be logged again) and a line cut short by a
+    kill, so each step is there once, as in TensorBoard. Each line is flushed when written,
+    so a killed run leaves every logged step readable.
     """
 
     def __init__(
@@ -78,6 +80,8 @@ class MetricsLogger:
             self._wandb_run = _open_wandb(self.output_dir, run_name, config_dict, wandb_project)
         if "tensorboard" in backends:
             self._tensorboard = _open_tensorboard(self.output_dir, run_name, config_dict, start_step)
+        if start_step:
+            _drop_records_after(self.output_dir / METRICS_FILE, start_step)
         # Held open for the whole run (closed by close()), not one open per step.
         self._file = open(self.output_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
 
@@ -123,6 +127,27 @@ class MetricsLogger:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _drop_records_after(path: Path, step: int) -> None:
+    """Rewrite `path` (atomically) without the records of steps after `step` and without a
+    partial last line; lines without a numeric step are kept."""
+    from preftune.records import read_records
+
+    if not path.exists():
+        return
+    records = read_records(path, repair=True)
+    kept = [r for r in records
+            if not isinstance(r.get("step"), (int, float)) or isinstance(r.get("step"), bool)
+            or r["step"] <= step]
+    if len(kept) == len(records):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # a kill now leaves the old file or the new one
 
 
 def _open_tensorboard(output_dir: Path, run_name: str | None, config_dict: dict, start_step: int):
