@@ -139,7 +139,8 @@ def save_training_checkpoint(folder: Path, step: int, policy, tokenizer, optimiz
     folder = Path(folder)
     full = full_state_dict(policy, dist)
     staging = folder.with_name(folder.name + ".shards.tmp")
-    training_state = dict(training_state, distributed=run_shape(config, dist))
+    training_state = dict(training_state, distributed=run_shape(config, dist),
+                          config=config.model_dump(mode="json"))
     if dist.sharded:
         _save_sharded_optimizer(policy, optimizer, staging, dist)
         training_state["optimizer"] = None
@@ -167,12 +168,47 @@ def _check_shape(saved: dict, folder: Path, config, dist: DistContext) -> None:
             f"train.batch_size or train.grad_accum so the product is {before['global_batch']}.")
 
 
+# Keys that fix what a run computes: its data order, loss, optimizer and schedule. A resume must
+# keep them; else the resumed run is another run, and config.yaml, rewritten at the resume,
+# would describe neither. (optim.lr, betas, eps and weight_decay would not even take effect:
+# the saved optimizer and scheduler state carry the old values.) Every other key may change:
+# paths (data moved), eval, saving, logging, devices, batch layout (with the global batch kept,
+# checked above), train.epochs / max_steps (to extend a run).
+FIXED_AT_RESUME = {
+    "model": ("reference", "lora", "disable_dropout"),
+    "data": ("split", "eval_fraction", "max_length", "max_prompt_length", "truncation",
+             "group_by_length"),
+    "loss": None,  # every key
+    "optim": ("name", "lr", "weight_decay", "betas", "eps", "scheduler", "warmup_steps", "max_grad_norm"),
+    "train": ("seed",),
+}
+
+
+def _check_fixed_keys(saved: dict, folder: Path, config) -> None:
+    before, now = saved.get("config"), config.model_dump(mode="json")
+    if not before:  # written before checkpoints held their config
+        return
+    changed = []
+    for section, keys in FIXED_AT_RESUME.items():
+        old, new = before.get(section, {}), now.get(section, {})
+        for key in keys or sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                changed.append(f"{section}.{key} {old.get(key)!r} (now {new.get(key)!r})")
+    if changed:
+        raise UserError(
+            f"checkpoint {folder} was written with {', '.join(changed)}; a resumed run must keep "
+            f"the settings that fix its data order, loss, optimizer and schedule, so set "
+            f"{'it' if len(changed) == 1 else 'them'} back (the run's config.yaml holds them), or start "
+            f"a new run in another train.output_dir.")
+
+
 def restore_training_checkpoint(folder: Path, policy, optimizer, config, dist: DistContext) -> dict:
     """Load weights and optimizer into this run's (possibly sharded) model; every rank calls
     it. Returns the saved training state for train.py (scheduler, step, RNG)."""
     folder = Path(folder)
     saved = load_training_state(folder)
     _check_shape(saved, folder, config, dist)
+    _check_fixed_keys(saved, folder, config)
     if dist.sharded:
         _load_weights_sharded(policy, folder, dist)
     else:
