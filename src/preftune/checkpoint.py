@@ -250,7 +250,10 @@ def resolve_resume(resume: str | bool | None, output_dir: Path) -> Path | None:
     if resume is True or resume == "latest":
         found = latest_good_checkpoint(output_dir)
         if found is None:
-            raise UserError(f"--resume: no complete checkpoint under {output_dir}/checkpoints.")
+            # A run killed before its first checkpoint: nothing to resume, but its metrics make
+            # a plain start refuse the folder, so say the way out.
+            raise UserError(f"--resume: no complete checkpoint under {output_dir}/checkpoints, so the run "
+                            "there cannot be resumed; start it again with --overwrite instead of --resume.")
         return found
     folder = Path(resume)
     if not is_complete(folder):
