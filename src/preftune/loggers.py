@@ -45,8 +45,9 @@ class MetricsLogger:
     `metrics.jsonl` is opened for appending, so a resumed run continues the same file. A run
     resumed from step `start_step` first drops the lines of later steps (logged by the run it
     continues after its checkpoint, and about to be logged again) and a line cut short by a
-    kill, so each step is there once, as in TensorBoard. Each line is flushed when written,
-    so a killed run leaves every logged step readable.
+    kill, so each step is there once, as in TensorBoard; with `redo_eval_at_start` (a run
+    resumed at its last step, which evaluates again) also the eval lines of `start_step`.
+    Each line is flushed when written, so a killed run leaves every logged step readable.
     """
 
     def __init__(
@@ -58,6 +59,7 @@ class MetricsLogger:
         enabled: bool = True,
         wandb_project: str | None = None,
         start_step: int = 0,
+        redo_eval_at_start: bool = False,
     ):
         backends = list(backends)
         unknown = [b for b in backends if b not in BACKENDS]
@@ -81,7 +83,7 @@ class MetricsLogger:
         if "tensorboard" in backends:
             self._tensorboard = _open_tensorboard(self.output_dir, run_name, config_dict, start_step)
         if start_step:
-            _drop_records_after(self.output_dir / METRICS_FILE, start_step)
+            _drop_records_after(self.output_dir / METRICS_FILE, start_step, redo_eval_at_start)
         # Held open for the whole run (closed by close()), not one open per step.
         self._file = open(self.output_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
 
@@ -129,17 +131,22 @@ class MetricsLogger:
         self.close()
 
 
-def _drop_records_after(path: Path, step: int) -> None:
-    """Rewrite `path` (atomically) without the records of steps after `step` and without a
-    partial last line; lines without a numeric step are kept."""
+def _drop_records_after(path: Path, step: int, evals_at_step: bool = False) -> None:
+    """Rewrite `path` (atomically) without the records of steps after `step` (and the eval
+    records of `step` itself when `evals_at_step`) and without a partial last line; lines
+    without a numeric step are kept."""
     from preftune.records import read_records
 
     if not path.exists():
         return
     records = read_records(path, repair=True)
-    kept = [r for r in records
-            if not isinstance(r.get("step"), (int, float)) or isinstance(r.get("step"), bool)
-            or r["step"] <= step]
+    def stays(record: dict) -> bool:
+        at = record.get("step")
+        if not isinstance(at, (int, float)) or isinstance(at, bool) or at < step:
+            return True
+        return at == step and not (evals_at_step and any(k.startswith("eval/") for k in record))
+
+    kept = [r for r in records if stays(r)]
     if len(kept) == len(records):
         return
     tmp = path.with_name(path.name + ".tmp")

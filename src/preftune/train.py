@@ -338,9 +338,12 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
 
     from preftune.loggers import MetricsLogger
 
+    # Resumed at its last step (killed while writing final/), the run evaluates there again.
+    redo_final_eval = checkpoint is not None and state.step >= total_steps and \
+        (not config.train.eval_every or state.step % config.train.eval_every)
     logger = MetricsLogger(output_dir, config.train.loggers, run_name=output_dir.name,
                            config_dict=config.model_dump(mode="json"), enabled=dist.is_main,
-                           start_step=state.step)
+                           start_step=state.step, redo_eval_at_start=bool(redo_final_eval))
     progress = TrainProgress(total_steps, state.step, enabled=dist.is_main and config.train.progress)
     with StopRequest() as stop, logger, progress:
         while state.step < total_steps:

@@ -88,6 +88,18 @@ def test_a_resumed_logger_drops_later_steps_and_a_line_cut_by_a_kill(tmp_path):
                                  {"step": 3, "loss": 0.5}, {"note": "x"}, {"step": 4, "loss": 0.25}]
 
 
+def test_a_run_resumed_at_its_last_step_logs_its_final_eval_once(tmp_path, dropout_model, pairs_path):
+    """Killed while writing final/, after the last checkpoint and the final eval: the resume
+    evaluates again, and that eval replaces the first attempt's line instead of joining it."""
+    raw = run_config(dropout_model, pairs_path, tmp_path / "run", train={"save_every": 2, "max_steps": 2})
+    raw["data"]["eval"] = str(write_pairs(tmp_path / "eval.jsonl", PAIRS[:4]))
+    train_in_process(raw)
+    shutil.rmtree(tmp_path / "run" / "final")  # as a kill during its write leaves it
+    train_in_process(raw, resume=True)
+    assert [(r["step"], "eval/loss" in r) for r in records(tmp_path / "run")] == \
+        [(1, False), (2, False), (2, True)]
+
+
 # ------------------------------------------------------------------------------ changed config
 
 
