@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from preftune.errors import UserError
+from preftune.logprobs import supports_hidden_state_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -112,9 +113,14 @@ def load_causal_lm(path: str, dtype: str = "float32", attn_implementation: str |
     # PEFT writes it into every adapter_config.json as the base to load from any directory.
     source = os.path.abspath(source) if os.path.isdir(source) else source
     try:
-        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
         raise _load_error("a causal LM", path, e) from None
+    # Which path its log-probs take (the chunked LM head or the model's own logits) is decided
+    # now, on the whole model: not inside a training step (it reads a value from the device),
+    # a torch.compile trace, or after FSDP has sharded it. Copies of the model keep the verdict.
+    supports_hidden_state_path(model)
+    return model
 
 
 def quiet_transformers() -> None:
