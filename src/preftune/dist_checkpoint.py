@@ -173,9 +173,10 @@ def _check_shape(saved: dict, folder: Path, config, dist: DistContext) -> None:
 # would describe neither. (optim.lr, betas, eps and weight_decay would not even take effect:
 # the saved optimizer and scheduler state carry the old values.) Every other key may change:
 # paths (data moved), eval, saving, logging, devices, batch layout (with the global batch kept,
-# checked above), train.epochs / max_steps (to extend a run).
+# checked above), train.epochs / max_steps (to extend a run), model.reference (copy and
+# precompute give the same log-probs of the same starting model).
 FIXED_AT_RESUME = {
-    "model": ("reference", "lora", "disable_dropout"),
+    "model": ("lora", "disable_dropout"),
     "data": ("split", "eval_fraction", "max_length", "max_prompt_length", "truncation",
              "group_by_length"),
     "loss": None,  # every key

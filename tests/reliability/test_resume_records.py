@@ -118,9 +118,12 @@ def two_step_run(tmp_path_factory, dropout_model, pairs_path):
     ("loss", {"beta": 0.2}, "loss.beta"),
     ("train", {"seed": 1}, "train.seed"),  # another data order
     ("data", {"group_by_length": False}, "data.group_by_length"),
+    ("model", {"lora": {"r": 4}}, "model.lora None (now {"),
     ("train", {"max_steps": 3, "eval_every": 1, "save_every": 3}, None),  # extend; other saving
     ("train", {"max_steps": 3, "batch_size": 2, "grad_accum": 2}, None),  # the same global batch
-], ids=["lr", "weight_decay", "beta", "seed", "group_by_length", "max_steps", "micro-batches"])
+    ("model", {"reference": "precompute"}, None),  # the same reference log-probs
+], ids=["lr", "weight_decay", "beta", "seed", "group_by_length", "lora", "max_steps", "micro-batches",
+        "precompute"])
 def test_a_resume_that_changes_what_the_run_computes_is_refused(tmp_path, two_step_run, section, values,
                                                                 refused):
     stopped, raw = two_step_run
@@ -131,7 +134,7 @@ def test_a_resume_that_changes_what_the_run_computes_is_refused(tmp_path, two_st
     changed[section].update(values)
     if refused is None:
         train_in_process(changed, resume=True)
-        assert train_steps(output_dir) == [1, 2, 3]
+        assert train_steps(output_dir) == list(range(1, changed["train"]["max_steps"] + 1))
         return
     config_before = (output_dir / "config.yaml").read_text()
     with pytest.raises(UserError, match="was written with") as caught:
