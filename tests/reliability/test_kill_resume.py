@@ -10,6 +10,7 @@ all restored exactly.
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 import time
@@ -17,14 +18,17 @@ from pathlib import Path
 
 import pytest
 from reliability_helpers import (
+    PAIRS,
     assert_bit_identical,
     checkpoint_dir,
     finish,
     run_config,
     start_training,
+    train_in_process,
     wait_until,
     weights,
     write_config,
+    write_pairs,
 )
 
 TOTAL_STEPS = 12  # 24 pairs / 4 per step x 2 epochs
@@ -105,3 +109,51 @@ def test_repeated_sigkills_at_many_points_then_resume_is_bit_identical(tmp_path,
     assert [o for _, o in outcomes].count("killed") >= 3, outcomes
     resume_to_the_end(config, log)
     assert_bit_identical(weights(output_dir / "final"), uninterrupted)
+
+
+@pytest.mark.slow
+def test_lora_precompute_accumulation_and_packing_resume_bit_identical(tmp_path, dropout_model):
+    """The settings users combine: LoRA adapters (with dropout) over a precomputed reference,
+    micro-batches of 2 accumulated to steps of 4, packed rows, three epochs of 25 pairs (one
+    sits out each epoch, drawn anew). SIGKILL between checkpoints, then SIGTERM: the final
+    adapter, the metrics and the reference cache equal a run never stopped."""
+    pytest.importorskip("peft")
+    pairs = write_pairs(tmp_path / "pairs.jsonl", [*PAIRS, dict(PAIRS[0], pair_id="p24", prompt="Hi?\nAnswer:")])
+
+    def config(name: str) -> dict:
+        raw = run_config(dropout_model, pairs, tmp_path / name,
+                         train={"batch_size": 2, "grad_accum": 2, "epochs": 3, "save_every": 4})
+        raw["model"].update(reference="precompute", lora={"r": 4, "dropout": 0.1})
+        raw["data"]["packing"] = "on"
+        return raw
+
+    whole = train_in_process(dict(config("whole"), train={**config("whole")["train"], "save_every": None}))
+    output_dir = tmp_path / "killed"
+    path = write_config(tmp_path / "killed.yaml", config("killed"))
+    log = tmp_path / "killed.log"
+    assert kill_when(path, lambda: logged_steps(output_dir) >= 6, log, resume=False) == "killed"
+    proc = start_training(path, "--resume", log=log)
+    try:
+        assert wait_until(lambda: logged_steps(output_dir) >= 11, proc), log.read_text()[-2000:]
+        proc.send_signal(signal.SIGTERM)
+    finally:
+        assert finish(proc) == 0, log.read_text()[-2000:]
+    resume_to_the_end(path, log)
+    text = log.read_text()
+    assert "packing each micro-batch" in text and text.count("log-probs from the cache") == 2
+    assert_bit_identical(weights(output_dir / "final"), weights(whole))
+    assert metrics_without_speed(output_dir) == metrics_without_speed(tmp_path / "whole")
+    caches = [sorted(p.name for p in (d / "reference_logps").iterdir()) for d in (output_dir, tmp_path / "whole")]
+    assert caches[0] == caches[1] and len(caches[0]) == 1
+
+
+def logged_steps(output_dir: Path) -> int:
+    try:
+        return sum('"grad_norm"' in line for line in (output_dir / "metrics.jsonl").read_text().splitlines())
+    except FileNotFoundError:
+        return 0
+
+
+def metrics_without_speed(output_dir: Path) -> list[dict]:
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_second"} for line in lines]
