@@ -192,8 +192,9 @@ def _check_fixed_keys(saved: dict, folder: Path, config) -> None:
     changed = []
     for section, keys in FIXED_AT_RESUME.items():
         old, new = before.get(section, {}), now.get(section, {})
-        for key in keys or sorted(set(old) | set(new)):
-            if old.get(key) != new.get(key):
+        # Keys known to both: a key that a later preftune adds (or drops) is no change.
+        for key in keys or sorted(old):
+            if key in old and key in new and old[key] != new[key]:
                 changed.append(f"{section}.{key} {old.get(key)!r} (now {new.get(key)!r})")
     if changed:
         raise UserError(

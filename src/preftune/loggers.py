@@ -140,6 +140,7 @@ def _drop_records_after(path: Path, step: int, evals_at_step: bool = False) -> N
     if not path.exists():
         return
     records = read_records(path, repair=True)
+
     def stays(record: dict) -> bool:
         at = record.get("step")
         if not isinstance(at, (int, float)) or isinstance(at, bool) or at < step:

@@ -142,3 +142,23 @@ def test_a_resume_that_changes_what_the_run_computes_is_refused(tmp_path, two_st
     message = str(caught.value)
     assert refused in message and "set it back" in message and message.count(". ") == 0
     assert (output_dir / "config.yaml").read_text() == config_before  # still the run's settings
+
+
+def test_a_key_the_checkpoint_does_not_know_is_no_change(tmp_path, two_step_run):
+    """A checkpoint written before a version that added a loss or optim key still resumes."""
+    import torch
+
+    from preftune.checkpoint import STATE_FILE, load_training_state, write_manifest
+
+    stopped, raw = two_step_run
+    output_dir = tmp_path / "run"
+    shutil.copytree(stopped, output_dir)
+    folder = checkpoint_dir(output_dir, 2)
+    saved = load_training_state(folder)
+    del saved["config"]["loss"]["rdpo_alpha"], saved["config"]["optim"]["max_grad_norm"]
+    torch.save(saved, folder / STATE_FILE)
+    (folder / "manifest.json").unlink()
+    write_manifest(folder, 2)
+    train_in_process(dict(raw, train={**raw["train"], "output_dir": str(output_dir), "max_steps": 3}),
+                     resume=True)
+    assert train_steps(output_dir) == [1, 2, 3]
