@@ -467,7 +467,8 @@ def _report_bad_step(console, state, metrics, step_indices, train_pairs, config,
                  f"good one is {last or 'none'}")
     raise UserError(f"{state.bad_steps} steps had a non-finite loss or gradient "
                     f"(train.max_bad_steps is {config.train.max_bad_steps}); {where}. "
-                    "Lower optim.lr or check the data and dtype.")
+                    "Check the data and dtype, or lower optim.lr and start a new run (another "
+                    "train.output_dir): a resumed run keeps the optimizer settings it was started with.")
 
 
 def _count_nonfinite(params, dist) -> float:
