@@ -67,6 +67,7 @@ class TrainState:
     epoch: int = 0
     step_in_epoch: int = 0  # data position: steps of this epoch already consumed
     bad_steps: int = 0
+    total_steps: int = 0  # the run's length when saved (0 in checkpoints older than this field)
 
 
 def seed_everything(seed: int) -> None:
@@ -318,6 +319,12 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
     if checkpoint is not None:
         state = _restore(checkpoint, policy, optimizer, scheduler, config, dist)
         console.print(f"resumed from {checkpoint} at step {state.step}")
+        if state.total_steps and state.total_steps != total_steps:
+            schedule = (f"; the {config.optim.scheduler} schedule's remaining learning rates follow "
+                        "the new length" if config.optim.scheduler != "constant" else "")
+            console.print(f"resume: the run is now {total_steps} steps long, not {state.total_steps} "
+                          f"(train.epochs or max_steps changed){schedule}")
+    state.total_steps = total_steps
     if start_over:
         _start_over(output_dir, console, dist)
     if dist.is_main:

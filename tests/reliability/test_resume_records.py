@@ -125,7 +125,7 @@ def two_step_run(tmp_path_factory, dropout_model, pairs_path):
 ], ids=["lr", "weight_decay", "beta", "seed", "group_by_length", "lora", "max_steps", "micro-batches",
         "precompute"])
 def test_a_resume_that_changes_what_the_run_computes_is_refused(tmp_path, two_step_run, section, values,
-                                                                refused):
+                                                                refused, capsys):
     stopped, raw = two_step_run
     output_dir = tmp_path / "run"
     shutil.copytree(stopped, output_dir)
@@ -135,6 +135,9 @@ def test_a_resume_that_changes_what_the_run_computes_is_refused(tmp_path, two_st
     if refused is None:
         train_in_process(changed, resume=True)
         assert train_steps(output_dir) == list(range(1, changed["train"]["max_steps"] + 1))
+        # A changed length is said: a schedule other than constant now ends elsewhere.
+        said = " ".join(capsys.readouterr().out.split())
+        assert ("the run is now 3 steps long, not 2" in said) == ("max_steps" in values)
         return
     config_before = (output_dir / "config.yaml").read_text()
     with pytest.raises(UserError, match="was written with") as caught:
