@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import random
@@ -19,6 +20,7 @@ import signal
 import sys
 import time
 import types
+from array import array
 from collections import Counter
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -68,6 +70,17 @@ class TrainState:
     step_in_epoch: int = 0  # data position: steps of this epoch already consumed
     bad_steps: int = 0
     total_steps: int = 0  # the run's length when saved (0 in checkpoints older than this field)
+    data: str = ""  # data_fingerprint of the training pairs ("" in older checkpoints)
+
+
+def data_fingerprint(pairs: list[TokenizedPair]) -> str:
+    """'<N> pairs <hash of their token ids, in order>': the data position a checkpoint saves
+    means nothing on other data, so a resume checks it (about 0.5 s per 20M tokens)."""
+    digest = hashlib.blake2b(digest_size=12)
+    for pair in pairs:
+        for ids in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids):
+            digest.update(array("q", ids).tobytes() + b"|")
+    return f"{len(pairs)} pairs {digest.hexdigest()}"
 
 
 def seed_everything(seed: int) -> None:
@@ -324,7 +337,13 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
                         "the new length" if config.optim.scheduler != "constant" else "")
             console.print(f"resume: the run is now {total_steps} steps long, not {state.total_steps} "
                           f"(train.epochs or max_steps changed){schedule}")
-    state.total_steps = total_steps
+    data = data_fingerprint(train_pairs)
+    if state.data and state.data != data:
+        raise UserError(f"checkpoint {checkpoint} was written for other training data ({state.data.split()[0]} "
+                        f"pairs, now {data.split()[0]}, or the same number with other tokens); its data "
+                        "position means nothing on these, so restore the data the run started with or "
+                        "start a new run in another train.output_dir.")
+    state.total_steps, state.data = total_steps, data
     if start_over:
         _start_over(output_dir, console, dist)
     if dist.is_main:

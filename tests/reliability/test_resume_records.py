@@ -147,6 +147,27 @@ def test_a_resume_that_changes_what_the_run_computes_is_refused(tmp_path, two_st
     assert (output_dir / "config.yaml").read_text() == config_before  # still the run's settings
 
 
+@pytest.mark.parametrize("edit, refused", [
+    (lambda rows: rows, None),  # the same pairs in a file elsewhere: data may move
+    (lambda rows: rows[:-1], "other training data (24 pairs, now 23"),
+    (lambda rows: [dict(rows[0], chosen=rows[0]["chosen"] + " more"), *rows[1:]], "the same number with"),
+], ids=["moved", "fewer", "edited"])
+def test_a_resume_on_other_training_data_is_refused(tmp_path, two_step_run, edit, refused):
+    stopped, raw = two_step_run
+    output_dir = tmp_path / "run"
+    shutil.copytree(stopped, output_dir)
+    changed = json.loads(json.dumps(raw))
+    changed["train"]["output_dir"] = str(output_dir)
+    changed["data"]["train"] = str(write_pairs(tmp_path / "moved.jsonl", edit(list(PAIRS))))
+    if refused is None:
+        train_in_process(changed, resume=True)
+        assert train_steps(output_dir) == [1, 2]
+        return
+    with pytest.raises(UserError, match="restore the data the run started with") as caught:
+        train_in_process(changed, resume=True)
+    assert refused in str(caught.value)
+
+
 def test_a_key_the_checkpoint_does_not_know_is_no_change(tmp_path, two_step_run):
     """A checkpoint written before a version that added a loss or optim key still resumes."""
     import torch
