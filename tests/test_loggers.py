@@ -120,3 +120,15 @@ def test_wandb_offline_run(tmp_path, monkeypatch):
     with MetricsLogger(tmp_path, ["wandb"], run_name="offline", config_dict={"beta": 0.1}) as lg:
         lg.log({"loss": 0.69}, step=1)
     assert list((tmp_path / "wandb").glob("offline-run-*")), "no offline run folder written"
+
+
+def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    ids = []
+    for start_step in (0, 2, 0):  # a run, its resume, then a fresh start in the folder
+        with MetricsLogger(tmp_path, ["wandb"], run_name="r", start_step=start_step) as lg:
+            ids.append(lg._wandb_run.id)
+            lg.log({"loss": 0.6}, step=start_step + 1)
+    assert ids[1] == ids[0] and ids[2] != ids[0]

@@ -79,7 +79,8 @@ class MetricsLogger:
         # The backends that can fail (not installed, not logged in) open first: a run that
         # cannot start must not leave a metrics.jsonl that makes its folder look like a run.
         if "wandb" in backends:
-            self._wandb_run = _open_wandb(self.output_dir, run_name, config_dict, wandb_project)
+            self._wandb_run = _open_wandb(self.output_dir, run_name, config_dict, wandb_project,
+                                          resumed=bool(start_step))
         if "tensorboard" in backends:
             self._tensorboard = _open_tensorboard(self.output_dir, run_name, config_dict, start_step)
         if start_step:
@@ -177,7 +178,12 @@ def _open_tensorboard(output_dir: Path, run_name: str | None, config_dict: dict,
     return writer
 
 
-def _open_wandb(output_dir: Path, run_name: str | None, config_dict: dict, project: str | None):
+# The W&B run of a run folder, kept beside wandb's own files: a resumed run continues it.
+WANDB_RUN_ID = Path("wandb") / "preftune-run-id"
+
+
+def _open_wandb(output_dir: Path, run_name: str | None, config_dict: dict, project: str | None,
+                resumed: bool = False):
     try:
         import wandb
     except ImportError:
@@ -188,11 +194,19 @@ def _open_wandb(output_dir: Path, run_name: str | None, config_dict: dict, proje
     # wandb reads WANDB_MODE (online / offline / disabled) itself; an explicit project would
     # override WANDB_PROJECT, so the environment decides unless the caller named one.
     project = project or os.environ.get("WANDB_PROJECT", "preftune")
+    id_file = output_dir / WANDB_RUN_ID
+    # A resume continues the run's W&B run, not a new one per launch. W&B keeps what it already
+    # has for the steps redone after the checkpoint (it ignores a step below its last one).
+    run_id = id_file.read_text().strip() if resumed and id_file.is_file() else None
     try:
-        return wandb.init(project=project, name=run_name, config=config_dict, dir=str(output_dir))
+        run = wandb.init(project=project, name=run_name, config=config_dict, dir=str(output_dir),
+                         id=run_id, resume="allow" if run_id else None)
     except wandb.errors.UsageError as e:  # not logged in, say
         raise UserError(f"wandb: {str(e).splitlines()[0]} (or set WANDB_MODE=offline to log locally and "
                         "`wandb sync` later).") from None
     except wandb.errors.CommError as e:  # no network, or the server did not answer in time
         raise UserError(f"wandb could not reach its server ({str(e).splitlines()[0][:200]}); set "
                         "WANDB_MODE=offline to log locally and `wandb sync` later.") from None
+    id_file.parent.mkdir(parents=True, exist_ok=True)
+    id_file.write_text(run.id)
+    return run
