@@ -22,6 +22,14 @@ def prepare(db, pairs):
     return token
 
 
+def add_annotator(db, name):
+    """A second annotator's login token."""
+    store = Store(db)
+    token = store.add_annotator(name)
+    store.close()
+    return token
+
+
 def shown_pair_index(page):
     """Which pair is on screen, and whether its first response is on the left."""
     left = page.locator("#left").text_content()
@@ -196,9 +204,7 @@ def test_two_tabs_and_a_second_sign_in_in_one_browser(page, tmp_path):
 
     db = tmp_path / "labels.sqlite"
     token = prepare(db, make_pairs(4))
-    store = Store(db)
-    ada = store.add_annotator("ada")
-    store.close()
+    ada = add_annotator(db, "ada")
     with running_server(db) as (url, _):
         page.goto(f"{url}/login?token={token}")
         wait_progress(page, 0, 4)
@@ -349,9 +355,7 @@ def test_the_end_offers_undo_and_says_what_others_hold(page, tmp_path):
 
     db = tmp_path / "labels.sqlite"
     token = prepare(db, make_pairs(3))
-    store = Store(db)
-    bob = store.add_annotator("bob")
-    store.close()
+    bob = add_annotator(db, "bob")
     with running_server(db) as (url, _):
         other = page.context.browser.new_context().new_page()
         other.goto(f"{url}/login?token={bob}")  # bob looks at a pair and leaves it open
