@@ -1,5 +1,6 @@
 """`preftune demo` at --quick size end to end, its resume, its checks, and the --human flow over HTTP."""
 
+import dataclasses
 import json
 import os
 import re
@@ -244,3 +245,186 @@ def test_human_labeling_refuses_addresses_other_machines_reach(tmp_path):
     with pytest.raises(UserError, match="this machine only"):
         label_with_people(tmp_path / "pairs.jsonl", tmp_path / "labels.sqlite",
                           tmp_path / "D.jsonl", HumanLabeling(host="0.0.0.0"))
+
+
+# ------------------------------------------------------------------ options, folder, stops
+
+
+def _with_pi_sft(source, target):
+    """An earlier demo's folder stopped after step 2 (pairs record pi_sft's path, so they are
+    sampled again here, in a second)."""
+    shutil.copytree(source / "pi_sft", target / "pi_sft")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--out", "a-file"], "is a file"),
+    (["--out", "other"], "already holds other files (notes.txt) and no earlier demo"),
+    (["--seed", "-1"], "--seed must be between 0 and"),
+    (["--seed", str(2**32)], "--seed must be between 0 and"),
+    (["--target", "100"], "--target only applies to --human"),
+    (["--human", "--target", "3"], "--target must be at least 16"),
+    (["--human", "--port", "70000"], "--port must be between 1 and 65535"),
+])
+def test_bad_options_are_one_sentence_before_any_work(tmp_path, args, message):
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        result = CliRunner().invoke(app, ["demo", "--quick", "--out", "new", *args])
+    finally:
+        os.chdir(cwd)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "new").exists() and not (tmp_path / "other" / "pi_sft").exists()
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_demo_json_paths_are_absolute_and_print_as_typed(quick_demo):
+    out, output, _ = quick_demo  # --out was the relative "out"
+    summary = json.loads((out / "demo.json").read_text())
+    artefacts = summary["artefacts"]
+    paths = [summary["report"], artefacts["pi_sft"], artefacts["pairs"], artefacts["D"],
+             *artefacts["prompts"], *artefacts["runs"].values(), *artefacts["evals"].values(),
+             *artefacts["samples"].values(), *(row["folder"] for row in summary["results"])]
+    assert all(os.path.isabs(p) and os.path.exists(p) for p in paths), paths
+    assert "report: out/report.html" in output.replace("\n", "")
+
+
+def test_stopped_training_resumes_from_its_checkpoint(quick_demo, tmp_path, monkeypatch):
+    """SIGTERM during a DPO run: the demo stops there (exit 130, one message), keeps the run's
+    checkpoint, and the same command resumes it; the result is the uninterrupted demo's."""
+    import signal
+
+    import preftune.train
+
+    out, _, _ = quick_demo
+    _with_pi_sft(out, tmp_path)
+    real_step, calls = preftune.train.train_step, []
+
+    def step_then_terminate(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # train finishes this step and checkpoints
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(preftune.train, "train_step", step_then_terminate)
+    command = ["demo", "--quick", "--out", str(tmp_path)]
+    stopped = CliRunner().invoke(app, command)
+    assert stopped.exit_code == 130, stopped.output
+    assert "stopped during step 5/7" in stopped.output and "Run the same command again" in stopped.output
+    run = planned_runs(DemoPaths(tmp_path), QUICK_SIZES.betas)[0]
+    assert (run.folder / "checkpoints" / "step-000003").is_dir() and not run.final.exists()
+    assert not (tmp_path / "runs" / "preferred-ft").exists()  # the stop stopped the demo
+
+    monkeypatch.setattr(preftune.train, "train_step", real_step)
+    resumed = CliRunner().invoke(app, command)
+    assert resumed.exit_code == 0, resumed.output
+    assert "Continuing the demo in" in resumed.output
+    assert f"{run.name}: " in resumed.output and "resumed from step-000003" in resumed.output
+    final = run.final / "model.safetensors"
+    assert final.read_bytes() == (out / "runs" / run.name / "final" / "model.safetensors").read_bytes()
+
+    def numbers(folder):
+        return [{k: v for k, v in row.items() if k != "folder"}
+                for row in json.loads((folder / "demo.json").read_text())["results"]]
+
+    assert numbers(tmp_path) == numbers(out)
+
+
+def test_ctrl_c_outside_training_says_where_it_stopped(quick_demo, tmp_path, monkeypatch):
+    import preftune.demo.pipeline as pipeline
+
+    out, _, _ = quick_demo
+    _with_pi_sft(out, tmp_path)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "label_pairs_step", interrupted)
+    result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path)])
+    assert result.exit_code == 130, result.output
+    assert "stopped during step 4/7" in result.output
+    assert "Run the same command again to continue: preftune demo" in result.output
+    assert len((tmp_path / "pairs.jsonl").read_text().splitlines()) == QUICK_SIZES.train_prompts
+    assert not (tmp_path / "D.jsonl").exists()  # step 3 is kept, step 4 never ran
+
+
+def test_sigterm_outside_training_stops_with_the_same_message(quick_demo, tmp_path):
+    """A real SIGTERM in another process (without the fix it would end it without a word)."""
+    import subprocess
+    import sys
+
+    out, _, _ = quick_demo
+    _with_pi_sft(out, tmp_path)
+    script = ("import os, signal, sys, time\n"
+              "import preftune.demo.pipeline as p\n"
+              "def terminated(*a, **k):\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    time.sleep(30)\n"
+              "p.sample_pairs_step = terminated\n"
+              "from preftune.cli import main\n"
+              f"sys.argv = ['preftune', 'demo', '--quick', '--out', {str(tmp_path)!r}]\n"
+              "main()\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130, done.stdout + done.stderr
+    assert "stopped during step 3/7" in done.stdout
+
+
+def test_other_seed_is_refused_before_the_prompt_files_change(quick_demo, tmp_path):
+    out, _, _ = quick_demo
+    _with_pi_sft(out, tmp_path)
+    for name in ("prompts_train.jsonl", "prompts_heldout.jsonl"):
+        shutil.copy2(out / name, tmp_path / name)
+    result = CliRunner().invoke(app, ["demo", "--quick", "--seed", "1", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "trained with other settings" in result.output
+    for name in ("prompts_train.jsonl", "prompts_heldout.jsonl"):
+        assert (tmp_path / name).read_bytes() == (out / name).read_bytes()
+
+
+def test_votes_of_a_human_demo_are_not_relabelled_by_machine(quick_demo, tmp_path):
+    out, _, _ = quick_demo
+    _with_pi_sft(out, tmp_path)
+    rows = [dict(json.loads(line), votes=1) for line in (out / "D.jsonl").read_text().splitlines()]
+    (tmp_path / "D.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert "holds your votes from a `preftune demo --human` run; add --human" in result.output
+
+
+def test_a_run_report_older_than_its_evaluation_is_refreshed(quick_demo, tmp_path):
+    from preftune.demo.pipeline import refresh_run_reports
+
+    out, _, _ = quick_demo
+    run = planned_runs(DemoPaths(out), QUICK_SIZES.betas)[0]
+    copy = dataclasses.replace(run, folder=tmp_path / run.name)
+    shutil.copytree(run.folder, copy.folder, ignore=shutil.ignore_patterns("reference_logps"))
+    (copy.folder / "report.html").write_text("<p>written before the evaluation</p>")
+    os.utime(copy.folder / "report.html", ns=(0, 0))
+    assert refresh_run_reports([copy]) == [copy.name]
+    assert "Win rates" in (copy.folder / "report.html").read_text()
+    assert refresh_run_reports([copy]) == []  # up to date now: a rerun leaves it alone
+
+
+# ------------------------------------------------------------------ preftune report on demo output
+
+
+def test_report_refuses_a_file_and_the_demo_folder_itself(quick_demo, tmp_path):
+    out, _, _ = quick_demo
+    before = (out / "report.html").read_bytes()
+    result = CliRunner().invoke(app, ["report", str(out)])
+    assert result.exit_code == 2 and "is a `preftune demo` folder" in result.output, result.output
+    assert (out / "report.html").read_bytes() == before  # the demo's page is still the demo's
+    result = CliRunner().invoke(app, ["report", str(out / "runs" / "dpo-beta0.1" / "metrics.jsonl")])
+    assert result.exit_code == 2 and "is a file, not a run folder; pass its folder" in result.output
+    # elsewhere, every evaluation of the demo in one generic page is fine
+    result = CliRunner().invoke(app, ["report", str(out), "--out", str(tmp_path)])
+    assert result.exit_code == 0 and "Win rates" in (tmp_path / "report.html").read_text()
+
+
+def test_report_of_a_folder_with_neither_metrics_nor_evals_is_one_sentence(tmp_path):
+    (tmp_path / "notes.json").write_text("{}")
+    result = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and "neither metrics.jsonl nor any eval.json" in result.output
+    assert "Traceback" not in result.output

@@ -38,10 +38,42 @@ def demo_sizes(quick: bool, seed: int, betas: str | None):
     return replace(sizes, seed=seed, pretrain=replace(sizes.pretrain, seed=seed))
 
 
+MAX_SEED = 2**32 - 2  # numpy and torch take seeds below 2**32; evaluation samples with seed + 1
+HUMAN_ONLY = ("host", "port", "target")
+
+
+def check_options(ctx: typer.Context, seed: int, threads: int, human: bool, port: int,
+                  target: int, min_target: int) -> None:
+    """Every bad option in one sentence before any work (some would fail only minutes later)."""
+    if threads < 1:
+        raise UserError(f"--threads must be at least 1, got {threads}.")
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"--seed must be between 0 and {MAX_SEED}, got {seed}.")
+    if not human:
+        # By name: typer keeps its own copy of click, whose ParameterSource is another class.
+        given = [f"--{name}" for name in HUMAN_ONLY
+                 if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") == "COMMANDLINE"]
+        if given:
+            raise UserError(f"{', '.join(given)} only {'applies' if len(given) == 1 else 'apply'} to "
+                            "--human (labeling in the browser); add --human or leave "
+                            f"{'it' if len(given) == 1 else 'them'} out.")
+        return
+    if not 1 <= port <= 65535:
+        raise UserError(f"--port must be between 1 and 65535, got {port}.")
+    if target < min_target:
+        raise UserError(f"--target must be at least {min_target}, one training batch of "
+                        f"preferences at this size, got {target}.")
+
+
 @app.command()
 def demo(
-    out: Path = typer.Option("runs/demo", help="Folder for every artefact (resumes there)."),
-    quick: bool = typer.Option(False, "--quick", help="Test size: a smaller model and data set."),
+    ctx: typer.Context,
+    out: Path = typer.Option(
+        "runs/demo", help="Folder for every artefact: new, empty, or an earlier demo's, which "
+        "the demo continues (finished steps are kept)."),
+    quick: bool = typer.Option(
+        False, "--quick", help="Test size, about 20 s: a smaller model and data set (its numbers "
+        "are not README's). Without it: about 3-5 min on 2 CPU cores."),
     human: bool = typer.Option(False, "--human", help="Label the pairs yourself in the browser."),
     seed: int = typer.Option(0, help="Seed of the world, the models, sampling and labels."),
     betas: str | None = typer.Option(
@@ -50,26 +82,35 @@ def demo(
         1, help="torch CPU threads; 1 is fastest for these tiny models and on a shared machine."),
     host: str = typer.Option("127.0.0.1", help="--human: address of the labeling server."),
     port: int = typer.Option(8000, help="--human: port of the labeling server."),
-    target: int = typer.Option(64, help="--human: continue once this many pairs are labelled."),
+    target: int = typer.Option(
+        64, help="--human: continue once this many pairs are labelled (at least one training "
+        "batch: 32, --quick 16)."),
 ):
-    """Sample, label, train DPO and a baseline, evaluate: the DPO paper's sentiment task in small."""
+    """Sample, label, train DPO and a baseline, evaluate: the DPO paper's sentiment task in small.
+
+    Ctrl-C or SIGTERM stop it with a message (exit status 130); the same command then continues.
+    """
     import torch
     from rich.console import Console
+    from rich.markup import escape
 
-    from preftune.demo.pipeline import HumanLabeling, run_demo
+    from preftune.demo.pipeline import DemoStopped, HumanLabeling, run_demo
     from preftune.demo.summary import print_summary
 
-    if threads < 1:
-        raise UserError(f"--threads must be at least 1, got {threads}.")
+    sizes = demo_sizes(quick, seed if 0 <= seed <= MAX_SEED else 0, betas)
+    check_options(ctx, seed, threads, human, port, target, min_target=sizes.batch_size)
     torch.set_num_threads(threads)
     console = Console()
     if not console.is_terminal:  # a log file: rich's 80 columns would wrap every table row
         console = Console(width=120)
-    sizes = demo_sizes(quick, seed, betas)
     labeling = HumanLabeling(host=host, port=port, target=target) if human else None
     command = "preftune " + shlex.join(["demo", *sys.argv[2:]]) if sys.argv[1:2] == ["demo"] \
         else "preftune demo"
-    summary = run_demo(out, sizes, echo=lambda m: console.print(m, highlight=False),
-                       progress=sys.stdout.isatty(), human=labeling, command=command)
+    try:
+        summary = run_demo(out, sizes, echo=lambda m: console.print(m, highlight=False),
+                           progress=sys.stdout.isatty(), human=labeling, command=command)
+    except DemoStopped as stop:
+        console.print(f"\n[yellow]{escape(str(stop))}[/yellow]", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     console.print()
-    print_summary(summary, console)
+    print_summary(summary, console, out=out)

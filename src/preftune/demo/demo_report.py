@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from preftune.demo.pipeline import DemoPaths, Run
+from preftune.records import write_text_atomic
 from preftune.report import (
     PLOT_DIR,
     load_metrics,
@@ -20,7 +21,8 @@ from preftune.report import (
 from preftune.report_html import render_html
 
 
-def _figures(paths: DemoPaths, runs: list[Run], evals: list[dict]) -> list[tuple[str, str, str]]:
+def draw_figures(paths: DemoPaths, runs: list[Run], evals: list[dict]) -> list[tuple[str, str, str]]:
+    """Draw the page's plots into plots/; returns (relative src, title, caption) for each."""
     plots = paths.out / PLOT_DIR
     plots.mkdir(parents=True, exist_ok=True)
     plot_frontier(evals, plots / "reward_kl.png",
@@ -38,7 +40,11 @@ def _figures(paths: DemoPaths, runs: list[Run], evals: list[dict]) -> list[tuple
         metrics = load_metrics(run.folder / "metrics.jsonl")
         name = run.name
         if plot_loss(metrics, plots / f"{name}_loss.png") is not None:
-            caption = f"Per-step loss of {name}; its full report is runs/{name}/report.html."
+            what = ("DPO loss, nats per pair" if run.method == "DPO" else
+                    "negative log-likelihood of the chosen responses in nats per token: plain "
+                    "fine-tuning, so the plot's 'preference loss' and 'per pair' do not apply")
+            caption = (f"Per-step loss of {name} ({what}); its full report is "
+                       f"runs/{name}/report.html.")
             figures.append((f"{PLOT_DIR}/{name}_loss.png", f"{name}: training loss", caption))
         if run.method == "DPO" and plot_accuracy_margins(
                 metrics, plots / f"{name}_accuracy_margins.png") is not None:
@@ -52,7 +58,8 @@ def _figures(paths: DemoPaths, runs: list[Run], evals: list[dict]) -> list[tuple
 def _tables(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     from preftune.demo.summary import TABLE_HEADER, format_row
 
-    results = ("Results on held-out prompts (judge: the latent sentiment reward r*)",
+    results = (f"Results on {summary['results'][0]['n_prompts']} held-out prompts (judge: the "
+               "latent sentiment reward r*; KL in nats per response, length in tokens)",
                TABLE_HEADER, [format_row(r) for r in summary["results"]])
     checks = ("Checks", ["claim", "holds"],
               [[c["claim"], "yes" if c["holds"] else "NO"] for c in summary["checks"]])
@@ -60,13 +67,14 @@ def _tables(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                 ["prompt", "pi_sft", "r*", "DPO", "r*"],
                 [[e["prompt"], e["pi_sft"], f"{e['pi_sft_reward']:+.2f}", e["dpo"],
                   f"{e['dpo_reward']:+.2f}"] for e in summary["examples"]])
-    seconds = ("Time per step (seconds)", ["step", "seconds"],
+    seconds = ("Time per step (seconds; a step kept from an earlier call of the demo takes "
+               "almost none)", ["step", "seconds"],
                [[k, f"{v:.1f}"] for k, v in summary["seconds"].items()])
     return [results, checks, examples, seconds]
 
 
-def write_demo_report(paths: DemoPaths, runs: list[Run], evals: list[dict], summary: dict) -> Path:
-    """Write report.html and plots/ into the demo's output folder."""
+def write_demo_report(paths: DemoPaths, summary: dict, figures: list) -> Path:
+    """Write report.html (whole or not at all) beside the plots `draw_figures` drew."""
     artefacts = ("Every artefact is kept beside this page: pi_sft/, pairs.jsonl, D.jsonl, and for "
                  "each model runs/NAME/ (config.yaml, metrics.jsonl, report.html, final/ with "
                  "eval.json and samples.jsonl, whose rewards can be recomputed with "
@@ -74,6 +82,6 @@ def write_demo_report(paths: DemoPaths, runs: list[Run], evals: list[dict], summ
     notes = [f"Command: {summary['command']}", artefacts]
     html = render_html(title="preftune demo: DPO on synthetic movie-review sentiment",
                        run_dir=str(paths.out), tables=_tables(summary),
-                       figures=_figures(paths, runs, evals), notes=notes)
-    paths.report.write_text(html, encoding="utf-8")
+                       figures=figures, notes=notes)
+    write_text_atomic(paths.report, html)
     return paths.report

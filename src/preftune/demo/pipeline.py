@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -89,6 +91,60 @@ class DemoPaths:
     report = property(lambda self: self.out / "report.html")
 
 
+# Entries only a demo writes: a folder holding one of them is an earlier demo's. (runs/, plots/
+# and report.html are left out: a `preftune train` folder has them too.)
+DEMO_ENTRIES = ("prompts_train.jsonl", "prompts_heldout.jsonl", "pi_sft", "pairs.jsonl", "D.jsonl",
+                "labels.sqlite", "demo.json")
+
+
+def check_out_folder(out: Path) -> bool:
+    """True when `out` holds an earlier demo (which this one continues), False when it is new or
+    empty; a file, or a folder of other things, is refused before any work."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for the demo's files (it is created "
+                        "if missing).")
+    if not out.is_dir():
+        return False
+    entries = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    if not entries:
+        return False
+    if any(name in DEMO_ENTRIES for name in entries):
+        return True
+    shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+    raise UserError(f"--out {out} already holds other files ({shown}) and no earlier demo; give a "
+                    "new or empty folder, so that the demo's files do not mix with them.")
+
+
+class DemoStopped(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped the demo; what it finished is on disk and a rerun continues."""
+
+
+class _Terminated(BaseException):
+    """SIGTERM outside training (where `preftune train` handles it itself)."""
+
+
+@contextmanager
+def stops_cleanly(timer: StepTimer, out: Path, command: str) -> Iterator[None]:
+    """Turn Ctrl-C and SIGTERM into one `DemoStopped` that names the step and the way on."""
+    def terminate(signum, frame):
+        raise _Terminated
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread (a test, a notebook worker): leave signals alone
+        previous = None
+    try:
+        yield
+    except (KeyboardInterrupt, _Terminated) as stop:
+        detail = f" ({stop})" if isinstance(stop, DemoStopped) and str(stop) else ""
+        raise DemoStopped(
+            f"stopped during step {timer.current}/{timer.total}{detail}; what the steps before it "
+            f"wrote is kept in {out}. Run the same command again to continue: {command}") from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 @dataclass
 class Run:
     """One trained model of the demo: DPO at one beta, or the Preferred-FT baseline."""
@@ -116,8 +172,10 @@ class StepTimer:
     echo: Echo
     total: int = 7
     seconds: dict[str, float] = field(default_factory=dict)
+    current: int = 0  # the step running now, for the message of an interrupted demo
 
     def run(self, number: int, key: str, title: str, fn: Callable[[], str | None]):
+        self.current = number
         self.echo(f"\n[{number}/{self.total}] {title}")
         start = time.perf_counter()
         note = fn()
@@ -145,16 +203,24 @@ def pi_sft_is_complete(folder: Path) -> bool:
     return (folder / "pretrain.json").is_file() and (folder / "config.json").is_file()
 
 
+def check_pi_sft(paths: DemoPaths, sizes: DemoSizes) -> None:
+    """Refuse a folder whose pi_sft has other settings: everything after it (pairs, D, runs)
+    came from that model. Checked before step 1 too, which would rewrite the prompt files."""
+    if not pi_sft_is_complete(paths.pi_sft):
+        return
+    saved = json.loads((paths.pi_sft / "pretrain.json").read_text())
+    if saved.get("config") != asdict(sizes.pretrain):
+        raise UserError(f"{paths.pi_sft} was trained with other settings than this demo's "
+                        "(a --quick run in a full-size folder, or another --seed); choose "
+                        "another --out or delete that folder.")
+
+
 def train_pi_sft(paths: DemoPaths, sizes: DemoSizes, progress: bool) -> str:
     """Step 2: tokenizer and pi_sft from scratch, unless a complete one is already there."""
     from preftune.demo.pretrain import pretrain_sft
 
     if pi_sft_is_complete(paths.pi_sft):
-        saved = json.loads((paths.pi_sft / "pretrain.json").read_text())
-        if saved.get("config") != asdict(sizes.pretrain):
-            raise UserError(f"{paths.pi_sft} was trained with other settings than this demo's "
-                            "(a --quick run in a full-size folder, or another --seed); choose "
-                            "another --out or delete that folder.")
+        check_pi_sft(paths, sizes)
         return f"kept the pi_sft already in {paths.pi_sft}"
     summary = pretrain_sft(paths.pi_sft, sizes.pretrain, progress=progress)
     return (f"{summary['parameters'] / 1e6:.2f}M parameters, final loss "
@@ -175,7 +241,11 @@ def sample_pairs_step(paths: DemoPaths, sizes: DemoSizes, progress: bool) -> str
 def label_pairs_step(paths: DemoPaths, sizes: DemoSizes, progress: bool) -> str:
     """Step 4: `preftune label auto --bt-sample` with the latent sentiment reward (resumes)."""
     from preftune.labeling.auto import label_auto
+    from preftune.records import read_records
 
+    if paths.dataset.is_file() and any("votes" in row for row in read_records(paths.dataset)[:1]):
+        raise UserError(f"{paths.dataset} holds your votes from a `preftune demo --human` run; add "
+                        "--human to continue with them, or choose another --out.")
     stats = label_auto(paths.pairs, REWARD_SPEC, paths.dataset, mode="bt-sample",
                        seed=sizes.seed, show_progress=progress)
     rows = [json.loads(line) for line in paths.dataset.read_text().splitlines() if line.strip()]
@@ -205,7 +275,9 @@ def training_config(run: Run, paths: DemoPaths, sizes: DemoSizes, progress: bool
 
 
 def train_run(run: Run, paths: DemoPaths, sizes: DemoSizes, progress: bool) -> str:
-    """`preftune train` for one run, unless its final policy already exists."""
+    """`preftune train` for one run, unless its final policy already exists; a run an earlier
+    demo was stopped in resumes from its checkpoint."""
+    from preftune.checkpoint import latest_good_checkpoint
     from preftune.config import validate_config
     from preftune.train import train
 
@@ -213,11 +285,19 @@ def train_run(run: Run, paths: DemoPaths, sizes: DemoSizes, progress: bool) -> s
         return f"{run.name}: kept {run.final}"
     config = validate_config(training_config(run, paths, sizes, progress), f"demo run {run.name}")
     start = time.perf_counter()
-    # No final/ means an earlier demo was stopped during this run: start it over (the shared
-    # reference cache in its folder is kept).
-    train(config, overwrite=True)
+    checkpoint = latest_good_checkpoint(run.folder)
+    if checkpoint is not None:  # Ctrl-C or SIGTERM stopped it there
+        train(config, resume=True)
+    else:  # never started, or killed before a checkpoint: start over (the reference cache stays)
+        train(config, overwrite=True)
+    if not run.final.is_dir():
+        # A signal: train finished the step, saved a checkpoint and returned without final/.
+        found = latest_good_checkpoint(run.folder)
+        raise DemoStopped(f"{run.name} stopped at its checkpoint {found.name if found else '-'}, "
+                          "where the rerun resumes it")
     run.seconds = round(time.perf_counter() - start, 2)
-    return f"{run.name}: {run.seconds:.1f} s"
+    resumed = f", resumed from {checkpoint.name}" if checkpoint is not None else ""
+    return f"{run.name}: {run.seconds:.1f} s{resumed}"
 
 
 def share_reference_cache(runs: list[Run]) -> None:
@@ -262,6 +342,21 @@ def generation_eval(run: Run, paths: DemoPaths) -> dict | None:
     return None
 
 
+def refresh_run_reports(runs: list[Run]) -> list[str]:
+    """Rewrite each run's own report.html that is older than its eval.json, so that it shows
+    its evaluation beside its curves (also when a stop came between the two); returns names."""
+    from preftune.report import write_report
+
+    refreshed = []
+    for run in runs:
+        report, evaluation = run.folder / "report.html", eval_path(run)
+        if evaluation.is_file() and (not report.is_file()
+                                     or report.stat().st_mtime_ns < evaluation.stat().st_mtime_ns):
+            write_report(run.folder)
+            refreshed.append(run.name)
+    return refreshed
+
+
 def evaluate_all(runs: list[Run], paths: DemoPaths, sizes: DemoSizes, echo: Echo) -> str:
     """Step 6: `preftune eval generate` of every model against pi_sft on held-out prompts.
 
@@ -270,19 +365,18 @@ def evaluate_all(runs: list[Run], paths: DemoPaths, sizes: DemoSizes, echo: Echo
     them into runs/.
     """
     from preftune.eval_generate import compare_models
-    from preftune.report import write_report
 
     if all(generation_eval(r, paths) for r in runs):
-        return "kept the evaluations already there"
+        refreshed = refresh_run_reports(runs)
+        return "kept the evaluations already there" + (
+            f"; refreshed the report of {', '.join(refreshed)}" if refreshed else "")
     # seed + 1: evaluation samples draw from another random stream than step 3's pairs.
     result = compare_models(
         [str(r.final) for r in runs], str(paths.pi_sft), paths.heldout_prompts, JUDGE_SPEC,
         max_new_tokens=sizes.max_new_tokens, temperature=1.0, top_p=1.0, seed=sizes.seed + 1,
         batch_size=sizes.sample_batch_size, echo=lambda m: echo(f"      {m}"),
     )
-    # Refresh each run's own report so that it shows its evaluation beside its curves.
-    for run in runs:
-        write_report(run.folder)
+    refresh_run_reports(runs)
     return f"{len(result['evals'])} models on {sizes.heldout_prompts} held-out prompts"
 
 
@@ -302,43 +396,57 @@ class HumanLabeling:
 def run_demo(out: str | Path, sizes: DemoSizes = FULL_SIZES, echo: Echo = print,
              progress: bool = True, human: HumanLabeling | None = None,
              command: str = "preftune demo") -> dict:
-    """Run (or finish) the seven steps into `out`; returns the demo summary (demo.json)."""
-    from preftune.demo.summary import write_summary
+    """Run (or finish) the seven steps into `out`; returns the demo summary (demo.json).
+
+    Ctrl-C or SIGTERM raise `DemoStopped` (a KeyboardInterrupt) saying where the demo stopped;
+    a training run stopped that way keeps a checkpoint, which the next call resumes.
+    """
+    from preftune.demo.summary import build_summary, write_summary
     from preftune.modeling import quiet_transformers
 
     quiet_transformers()  # the steps' own messages, not a weight-loading bar per model
     paths = DemoPaths(out)
+    if check_out_folder(paths.out):
+        check_pi_sft(paths, sizes)
+        echo(f"Continuing the demo in {paths.out}: finished steps are kept, an interrupted one "
+             "goes on where it stopped.")
     runs = planned_runs(paths, sizes.betas)
     timer = StepTimer(echo)
     start = time.perf_counter()
-    timer.run(1, "world", "Synthetic movie-review world: review openings as prompts, latent "
-              "sentiment reward r*", lambda: write_prompts(paths, sizes))
-    timer.run(2, "pi_sft", f"Tokenizer and pi_sft from scratch -> {paths.pi_sft}",
-              lambda: train_pi_sft(paths, sizes, progress))
-    timer.run(3, "sample", "preftune sample: two continuations per training prompt from pi_sft",
-              lambda: sample_pairs_step(paths, sizes, progress))
-    if human is None:
-        timer.run(4, "label", "preftune label auto --bt-sample: r* picks through Bradley-Terry",
-                  lambda: label_pairs_step(paths, sizes, progress))
-    else:
-        from preftune.demo.human import label_with_people
-
-        timer.run(4, "label", "preftune label serve: you pick the better continuation",
-                  lambda: label_with_people(paths.pairs, paths.labels_db, paths.dataset, human, echo,
-                                            min_pairs=sizes.batch_size))
-    timer.run(5, "train", f"preftune train: DPO at beta {', '.join(f'{b:g}' for b in sizes.betas)}"
-              " against pi_sft, and Preferred-FT", lambda: train_all(runs, paths, sizes, echo, progress))
-    timer.run(6, "eval", "preftune eval generate: every model against pi_sft on held-out prompts",
-              lambda: evaluate_all(runs, paths, sizes, echo))
     summary: dict = {}
+    with stops_cleanly(timer, paths.out, command):
+        timer.run(1, "world", "Synthetic movie-review world: review openings as prompts, latent "
+                  "sentiment reward r*", lambda: write_prompts(paths, sizes))
+        timer.run(2, "pi_sft", f"Tokenizer and pi_sft from scratch -> {paths.pi_sft}",
+                  lambda: train_pi_sft(paths, sizes, progress))
+        timer.run(3, "sample", "preftune sample: two continuations per training prompt from pi_sft",
+                  lambda: sample_pairs_step(paths, sizes, progress))
+        if human is None:
+            timer.run(4, "label", "preftune label auto --bt-sample: r* picks through Bradley-Terry",
+                      lambda: label_pairs_step(paths, sizes, progress))
+        else:
+            from preftune.demo.human import label_with_people
 
-    def summarize() -> str:
-        seconds = dict(timer.seconds, total=round(time.perf_counter() - start, 2))
-        summary.update(write_summary(paths, sizes, runs, seconds, command))
-        return f"{paths.summary} and {paths.report}"
+            timer.run(4, "label", "preftune label serve: you pick the better continuation",
+                      lambda: label_with_people(paths.pairs, paths.labels_db, paths.dataset, human,
+                                                echo, min_pairs=sizes.batch_size))
+        timer.run(5, "train", f"preftune train: DPO at beta {', '.join(f'{b:g}' for b in sizes.betas)}"
+                  " against pi_sft, and Preferred-FT",
+                  lambda: train_all(runs, paths, sizes, echo, progress))
+        timer.run(6, "eval", "preftune eval generate: every model against pi_sft on held-out prompts",
+                  lambda: evaluate_all(runs, paths, sizes, echo))
 
-    timer.run(7, "summary", "Summary and report", summarize)
-    summary["seconds"] = dict(timer.seconds, total=round(time.perf_counter() - start, 2))
-    paths.summary.write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n",
-                             encoding="utf-8")
+        figures: list = []
+
+        def summarize() -> str:
+            built, drawn = build_summary(paths, sizes, runs, command)
+            summary.update(built)
+            figures.extend(drawn)
+            return f"{paths.summary} and {paths.report}"
+
+        timer.run(7, "summary", "Summary and report", summarize)
+        # Written once every step is timed, so that the report's table of times is demo.json's;
+        # demo.json goes last: present means the demo finished.
+        summary["seconds"] = dict(timer.seconds, total=round(time.perf_counter() - start, 2))
+        write_summary(paths, summary, figures)
     return summary

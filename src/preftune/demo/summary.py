@@ -7,18 +7,22 @@ demo.json holds (the documented keys, which tests check):
   response, KL(pi || pi_sft)), `mean_length` (tokens), `n_prompts`, `folder`;
 - `checks`: the claims the demo makes, each `{"claim", "holds"}`;
 - `examples`: held-out prompts with pi_sft's and a DPO model's continuation and their rewards;
-- `command` (as typed), `sizes` (the settings used), `seconds` (per step and `total`),
+- `command` (as typed), `sizes` (the settings used), `seconds` (per step and `total`, of the
+  call that wrote the file: a step kept from an earlier call takes almost none),
   `report` (report.html's path), `artefacts` (where each file went).
+Every path (`folder`, `report`, `artefacts`) is absolute, as in eval.json and config.yaml, however
+--out was typed. report.html shows the same numbers; demo.json is written after it, last.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from itertools import pairwise
 from pathlib import Path
 
-from preftune.demo.pipeline import DemoPaths, DemoSizes, Run, generation_eval
+from preftune.demo.pipeline import DemoPaths, DemoSizes, Run, eval_path, generation_eval
 from preftune.errors import UserError
 from preftune.records import read_records
 
@@ -48,7 +52,7 @@ def model_evals(runs: list[Run], paths: DemoPaths) -> list[dict]:
     return evals
 
 
-def result_rows(runs: list[Run], evals: list[dict]) -> list[dict]:
+def result_rows(runs: list[Run], evals: list[dict], paths: DemoPaths) -> list[dict]:
     """The results table: pi_sft (the reference every model was compared with), then each model."""
     first = evals[0]
     rows = [{
@@ -57,7 +61,7 @@ def result_rows(runs: list[Run], evals: list[dict]) -> list[dict]:
         "mean_reward_se": first["mean_reward_se"]["reference"],
         "win_rate": None, "win_rate_ci": None, "kl": 0.0, "kl_se": 0.0,
         "mean_length": first["mean_length"]["reference"], "n_prompts": first["n_prompts"],
-        "folder": first["reference"],
+        "folder": _absolute(paths.pi_sft),
     }]
     for run, ev in zip(runs, evals):
         rows.append({
@@ -66,7 +70,7 @@ def result_rows(runs: list[Run], evals: list[dict]) -> list[dict]:
             "mean_reward_se": ev["mean_reward_se"]["policy"],
             "win_rate": ev["win_rate"], "win_rate_ci": ev["win_rate_ci"],
             "kl": ev["kl"], "kl_se": ev["kl_se"], "mean_length": ev["mean_length"]["policy"],
-            "n_prompts": ev["n_prompts"], "folder": str(run.folder),
+            "n_prompts": ev["n_prompts"], "folder": _absolute(run.folder),
         })
     return rows
 
@@ -133,32 +137,44 @@ def examples(runs: list[Run], rows: list[dict], n: int = 4) -> list[dict]:
     return out
 
 
-def write_summary(paths: DemoPaths, sizes: DemoSizes, runs: list[Run], seconds: dict,
-                  command: str) -> dict:
-    """demo.json (keys in the module docstring) and report.html; returns the summary."""
+def _absolute(path) -> str:
+    return os.path.abspath(path)
+
+
+def build_summary(paths: DemoPaths, sizes: DemoSizes, runs: list[Run],
+                  command: str) -> tuple[dict, list]:
+    """demo.json's content but `seconds` (keys in the module docstring), and the report's
+    figures, drawn into plots/. Paths are absolute, as in eval.json and config.yaml."""
     from dataclasses import asdict
 
-    from preftune.demo.demo_report import write_demo_report
+    from preftune.demo.demo_report import draw_figures
 
     evals = model_evals(runs, paths)
-    rows = result_rows(runs, evals)
+    rows = result_rows(runs, evals, paths)
     summary = {
         "command": command, "results": rows, "checks": result_checks(rows),
-        "examples": examples(runs, rows), "sizes": asdict(sizes), "seconds": seconds,
-        "report": str(paths.report),
+        "examples": examples(runs, rows), "sizes": asdict(sizes),
+        "report": _absolute(paths.report),
         "artefacts": {
-            "pi_sft": str(paths.pi_sft), "prompts": [str(paths.train_prompts),
-                                                     str(paths.heldout_prompts)],
-            "pairs": str(paths.pairs), "D": str(paths.dataset),
-            "runs": {run.name: str(run.folder) for run in runs},
-            "evals": {run.name: str(run.final / "eval.json") for run in runs},
-            "samples": {run.name: str(run.final / "samples.jsonl") for run in runs},
+            "pi_sft": _absolute(paths.pi_sft),
+            "prompts": [_absolute(paths.train_prompts), _absolute(paths.heldout_prompts)],
+            "pairs": _absolute(paths.pairs), "D": _absolute(paths.dataset),
+            "runs": {run.name: _absolute(run.folder) for run in runs},
+            "evals": {run.name: _absolute(eval_path(run)) for run in runs},
+            "samples": {run.name: _absolute(run.final / "samples.jsonl") for run in runs},
         },
     }
-    write_demo_report(paths, runs, evals, summary)
-    paths.summary.write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n",
-                             encoding="utf-8")
-    return summary
+    return summary, draw_figures(paths, runs, evals)
+
+
+def write_summary(paths: DemoPaths, summary: dict, figures: list) -> None:
+    """report.html, then demo.json (each whole or not at all): demo.json present means the demo
+    finished, and both show the same numbers and times."""
+    from preftune.demo.demo_report import write_demo_report
+    from preftune.records import write_text_atomic
+
+    write_demo_report(paths, summary, figures)
+    write_text_atomic(paths.summary, json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
 
 
 # ------------------------------------------------------------------ printing
@@ -187,8 +203,9 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def print_summary(summary: dict, console) -> None:
-    """The results table, the checks, sample continuations side by side, the report's path."""
+def print_summary(summary: dict, console, out: str | Path | None = None) -> None:
+    """The results table, the checks, sample continuations side by side, the report's path
+    (below `out` as the user named it, when given)."""
     from rich.table import Table
 
     table = Table(title=f"Held-out prompts: {summary['results'][0]['n_prompts']}, judge: the "
@@ -211,4 +228,5 @@ def print_summary(summary: dict, console) -> None:
             samples.add_row(ex["prompt"], f"{ex['pi_sft']}\n[dim]r* = {ex['pi_sft_reward']:+.2f}[/dim]",
                             f"{ex['dpo']}\n[dim]r* = {ex['dpo_reward']:+.2f}[/dim]")
         console.print(samples)
-    console.print(f"report: {summary['report']}\nsummary: {Path(summary['report']).parent / 'demo.json'}")
+    folder = Path(out) if out is not None else Path(summary["report"]).parent
+    console.print(f"report: {folder / 'report.html'}\nsummary: {folder / 'demo.json'}")
