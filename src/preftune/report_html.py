@@ -8,41 +8,51 @@ and data must not be able to inject markup into the page.
 from __future__ import annotations
 
 import datetime as _dt
+import re
 from html import escape
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto;
-       max-width: 1100px; padding: 0 1rem; color: #222; line-height: 1.45; }
+       max-width: 1100px; padding: 0 1rem; color: #222; background: #fff; line-height: 1.45;
+       overflow-wrap: break-word; }
 h1 { font-size: 1.6rem; margin-bottom: 0.2rem; }
 .meta { color: #666; margin-top: 0; }
-table { border-collapse: collapse; margin: 0.5rem 0 1.5rem; font-size: 0.92rem; }
+.table-wrap { overflow-x: auto; margin: 0.5rem 0 1.5rem; }
+table { border-collapse: collapse; font-size: 0.92rem; }
 th, td { border: 1px solid #ddd; padding: 0.3rem 0.6rem; text-align: left; }
 th { background: #f4f4f4; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 figure { margin: 1.5rem 0; }
-figure img { max-width: 100%; border: 1px solid #eee; }
+figure img { max-width: 100%; height: auto; box-sizing: border-box; border: 1px solid #eee; }
 figcaption { color: #444; font-size: 0.92rem; }
 .notes { background: #fff8e1; border-left: 4px solid #f0c040; padding: 0.5rem 1rem; }
 pre { background: #f7f7f7; padding: 0.8rem; overflow-x: auto; font-size: 0.85rem; }
+code { overflow-wrap: anywhere; }
 """
+
+# A number, maybe signed, with a unit or an interval after it: "0.1", "+2.98 ± 0.10",
+# "94.3% [90.8%, 96.6%]", "2.254e+04", "1.39 / 0.14". Such cells align right, so digits line up.
+NUMERIC = re.compile(r"[+\-−]?\d[\d.,]*(e[+\-]?\d+)?%?( ± [\d.]+)?( \[[^\]]*\])?( / [\d.e+\-]+)?")
 
 
 def _cell(text: str) -> str:
-    # Numbers align right so digits line up down a column.
-    numeric = text.replace(".", "", 1).replace("-", "", 1).replace("e", "", 1).isdigit()
+    numeric = NUMERIC.fullmatch(text) is not None
     return f'<td class="num">{escape(text)}</td>' if numeric else f"<td>{escape(text)}</td>"
 
 
 def _table(heading: str, header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{escape(h)}</th>" for h in header)
     body = "\n".join("<tr>" + "".join(_cell(c) for c in row) + "</tr>" for row in rows)
-    return f"<h2>{escape(heading)}</h2>\n<table>\n<tr>{head}</tr>\n{body}\n</table>"
+    # The wrapper scrolls a wide table by itself, so that a phone does not scroll the whole page.
+    return (f'<h2>{escape(heading)}</h2>\n<div class="table-wrap"><table>\n<tr>{head}</tr>\n'
+            f"{body}\n</table></div>")
 
 
 def _figure(src: str, title: str, caption: str) -> str:
     return (
         f'<figure id="{escape(src)}">\n<h3>{escape(title)}</h3>\n'
-        f'<img src="{escape(src)}" alt="{escape(title)}">\n'
+        # The picture links to itself: on a phone it opens at full size, to zoom into.
+        f'<a href="{escape(src)}"><img src="{escape(src)}" alt="{escape(title)}"></a>\n'
         f"<figcaption>{escape(caption)}</figcaption>\n</figure>"
     )
 
@@ -54,6 +64,9 @@ def render_html(title: str, run_dir: str, tables: list, figures: list, notes: li
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en">\n<head>\n<meta charset="utf-8">',
+        # Phones lay the page out at their own width; the colours are light in any browser theme.
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        '<meta name="color-scheme" content="light">',
         f"<title>{escape(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>",
         f"<h1>{escape(title)}</h1>",
         f'<p class="meta">Run folder <code>{escape(run_dir)}</code>, generated {generated}.</p>',
