@@ -98,6 +98,17 @@ def test_report_without_evaluations_has_training_plots_only(tmp_path):
     assert "reward_kl.png" not in html and "<h2>Evaluations</h2>" not in html
 
 
+@pytest.mark.parametrize("loss_yaml, caption", [
+    ("", "Preference loss (DPO), nats per pair."),
+    ("loss:\n  type: [ipo, sft]\n", "Preference loss (ipo + sft), nats per pair."),
+    ("loss:\n  type: sft\n", "NLL of the chosen responses, nats per token."),  # Preferred-FT
+])
+def test_the_loss_plot_names_the_runs_loss_and_its_unit(tmp_path, loss_yaml, caption):
+    write_metrics(tmp_path)
+    (tmp_path / "config.yaml").write_text("model: tiny\n" + loss_yaml)
+    assert caption in write_report(tmp_path, smoothing=0.0).read_text()
+
+
 def test_missing_keys_are_noted_and_their_panels_skipped(tmp_path):
     lines = [{"step": s, "loss": 1.0 / s} for s in range(1, 30)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -179,8 +180,19 @@ def _finish(ax, title: str, ylabel: str) -> None:
 # --------------------------------------------------------------------------- training plots
 
 
-def plot_loss(metrics: RunMetrics, path: Path, smoothing: float = 0.6) -> Path | None:
-    """Training and evaluation loss against step; None when the run logged no loss."""
+def loss_labels(loss_types: list[str] | None) -> tuple[str, str]:
+    """(title, y label) of a run's loss plot: `sft` alone (Preferred-FT, plain fine-tuning) is
+    the chosen responses' negative log-likelihood per token, anything else a loss per pair."""
+    if loss_types == ["sft"]:
+        return "NLL of the chosen responses", "loss (nats per token)"
+    name = "DPO" if loss_types in (None, ["sigmoid"]) else " + ".join(loss_types)
+    return f"Preference loss ({name})", "loss (nats per pair)"
+
+
+def plot_loss(metrics: RunMetrics, path: Path, smoothing: float = 0.6,
+              loss_types: list[str] | None = None) -> Path | None:
+    """Training and evaluation loss against step; None when the run logged no loss.
+    `loss_types`: the run's loss.type as a list (None: DPO's sigmoid)."""
     fig, (ax,) = _new_figure()
     if not _curve(ax, metrics, "loss", "loss", TRAIN_COLOR, smoothing):
         return None
@@ -189,7 +201,7 @@ def plot_loss(metrics: RunMetrics, path: Path, smoothing: float = 0.6) -> Path |
     for line in ax.get_lines():
         if line.get_label().endswith(", eval"):
             line.set_color(EVAL_COLOR)
-    _finish(ax, "Preference loss", "loss (nats per pair)")
+    _finish(ax, *loss_labels(loss_types))
     return _save(fig, path)
 
 
@@ -404,9 +416,11 @@ def write_report(run_dir: str | Path, eval_paths: Iterable[str | Path] = (),
     else:
         raise UserError(f"{run_dir}: neither metrics.jsonl nor any eval.json found; point "
                         "`preftune report` at the run folder `preftune train` wrote (its train.output_dir).")
-    figures = _training_figures(metrics, out, smoothing, notes) if metrics else []
-    figures += _eval_figures(all_evals, out, notes)
     config = load_config(run_dir)
+    loss_type = (config.get("loss") or {}).get("type") if config else None
+    loss_types = [loss_type] if isinstance(loss_type, str) else loss_type
+    figures = _training_figures(metrics, out, smoothing, notes, loss_types) if metrics else []
+    figures += _eval_figures(all_evals, out, notes)
     tables = []
     if metrics:
         tables.append(_final_metrics_table(metrics))
@@ -422,7 +436,8 @@ def write_report(run_dir: str | Path, eval_paths: Iterable[str | Path] = (),
     return report_path
 
 
-def _training_figures(metrics: RunMetrics, out: Path, smoothing: float, notes: list[str]):
+def _training_figures(metrics: RunMetrics, out: Path, smoothing: float, notes: list[str],
+                      loss_types: list[str] | None = None):
     missing = [k for k in PLOTTED_KEYS if not metrics.has(k)]
     if len(missing) == len(PLOTTED_KEYS) and not any(metrics.has(f"eval/{k}") for k in missing):
         raise UserError(f"{metrics.source} has none of the keys the report plots "
@@ -430,9 +445,11 @@ def _training_figures(metrics: RunMetrics, out: Path, smoothing: float, notes: l
     if missing:
         notes.append(f"{metrics.source.name} has no training values for "
                      f"{', '.join(missing)}; those curves are missing from the plots.")
+    title, unit = loss_labels(loss_types)
     specs = [
-        (plot_loss, "loss.png", "Loss",
-         "DPO loss per pair. Faint lines are the raw per-step values; bold lines their EMA."),
+        (partial(plot_loss, loss_types=loss_types), "loss.png", "Loss",
+         f"{title}, {unit.removeprefix('loss (').rstrip(')')}. Faint lines are the raw per-step "
+         "values; bold lines their EMA."),
         (plot_rewards, "rewards.png", "Implicit rewards",
          ("β·log(π/π_ref) of chosen and rejected responses. Training should lift chosen above "
           "rejected; both falling together is common and not by itself a problem.")),

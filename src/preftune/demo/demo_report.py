@@ -39,10 +39,11 @@ def draw_figures(paths: DemoPaths, runs: list[Run], evals: list[dict]) -> list[t
     for run in runs:
         metrics = load_metrics(run.folder / "metrics.jsonl")
         name = run.name
-        if plot_loss(metrics, plots / f"{name}_loss.png") is not None:
+        loss_types = ["sigmoid"] if run.method == "DPO" else ["sft"]
+        if plot_loss(metrics, plots / f"{name}_loss.png", loss_types=loss_types) is not None:
             what = ("DPO loss, nats per pair" if run.method == "DPO" else
-                    "negative log-likelihood of the chosen responses in nats per token: plain "
-                    "fine-tuning, so the plot's 'preference loss' and 'per pair' do not apply")
+                    "negative log-likelihood of the chosen responses, nats per token: plain "
+                    "fine-tuning")
             caption = (f"Per-step loss of {name} ({what}); its full report is "
                        f"runs/{name}/report.html.")
             figures.append((f"{PLOT_DIR}/{name}_loss.png", f"{name}: training loss", caption))
