@@ -136,7 +136,7 @@ def _drop_records_after(path: Path, step: int, evals_at_step: bool = False) -> N
     """Rewrite `path` (atomically) without the records of steps after `step` (and the eval
     records of `step` itself when `evals_at_step`) and without a partial last line; lines
     without a numeric step are kept."""
-    from preftune.records import read_records
+    from preftune.records import read_records, write_jsonl_atomic
 
     if not path.exists():
         return
@@ -149,14 +149,8 @@ def _drop_records_after(path: Path, step: int, evals_at_step: bool = False) -> N
         return at == step and not (evals_at_step and any(k.startswith("eval/") for k in record))
 
     kept = [r for r in records if stays(r)]
-    if len(kept) == len(records):
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in kept)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # a kill now leaves the old file or the new one
+    if len(kept) < len(records):  # (read_records has already cut a partial last line)
+        write_jsonl_atomic(path, kept)  # a kill now leaves the old file or the new one
 
 
 def _open_tensorboard(output_dir: Path, run_name: str | None, config_dict: dict, start_step: int):
