@@ -79,9 +79,26 @@ def test_simpo_ignores_the_reference():
     assert value("simpo", pair(rc=0.0, rr=-50.0), beta=2.0, simpo_gamma=0.5) == pytest.approx(expected, abs=1e-12)
 
 
-def test_rdpo_penalises_longer_chosen():
-    # beta h - alpha (4 - 2) = 0.2 - 0.05 * 2 = 0.1
-    assert value("rdpo", beta=0.1, rdpo_alpha=0.05) == pytest.approx(math.log1p(math.exp(-0.1)), abs=1e-12)
+def test_rdpo_is_park_eq9_with_the_length_gap_added():
+    # Park et al. 2024, eq. 9: -log sigmoid(beta h + alpha (|y_w| - |y_l|)) = -log sigmoid(0.2 + 0.05 * 2)
+    assert value("rdpo", beta=0.1, rdpo_alpha=0.05) == pytest.approx(math.log1p(math.exp(-0.3)), abs=1e-12)
+    # the chosen shorter by 2 tokens: 0.2 - 0.1
+    swapped = pair(lc=2, lr=4)
+    assert value("rdpo", swapped, beta=0.1, rdpo_alpha=0.05) == pytest.approx(math.log1p(math.exp(-0.1)), abs=1e-12)
+
+
+def test_rdpo_pulls_less_on_pairs_won_by_the_longer_response():
+    """R-DPO's point: a preference that length explains teaches the policy less. With the same
+    log-ratios, the gradient on a pair whose chosen response is the longer is smaller than on one
+    whose chosen response is the shorter (DPO's gradients on the two are equal)."""
+    def grad(lc, lr, name="rdpo"):
+        logps = pair(lc=lc, lr=lr)
+        logps.policy_chosen_logps.requires_grad_(True)
+        LOSSES[name](logps, LossConfig(type=name, beta=0.1, **({"rdpo_alpha": 0.05} if name == "rdpo" else {}))).backward()
+        return -logps.policy_chosen_logps.grad.item()  # how hard the loss pushes log pi(y_w) up
+
+    assert grad(lc=10, lr=2) < grad(lc=2, lr=10)
+    assert grad(lc=10, lr=2, name="sigmoid") == grad(lc=2, lr=10, name="sigmoid")
 
 
 def test_sft_is_per_token_nll_of_chosen():

@@ -101,12 +101,18 @@ def simpo_loss(logps: PairLogps, cfg) -> torch.Tensor:
 
 
 def rdpo_loss(logps: PairLogps, cfg) -> torch.Tensor:
-    """R-DPO, Park et al. 2024, eq. 9: -log sigmoid(beta h - alpha (|y_w| - |y_l|)).
+    """R-DPO, Park et al. 2024, eq. 9: -log sigmoid(beta h + alpha (|y_w| - |y_l|)).
 
-    The length term removes the incentive to win by writing longer answers.
+    The policy maximises r(x, y) - alpha |y| under the KL constraint, while the labels still
+    follow r (length bias included), so r = beta log(pi/ref) + alpha |y| + const and the
+    Bradley-Terry logit gains +alpha (|y_w| - |y_l|). The length term thus explains the part of
+    a preference that length explains: a pair won by the longer response is already partly
+    satisfied and pulls less, one won by the shorter response pulls more, and the implicit
+    reward beta log(pi/ref) learns less of the length bias. |y| counts completion tokens (EOS
+    included), as the sums do.
     """
     length_gap = (logps.chosen_lengths - logps.rejected_lengths).to(logps.logratio_margin.dtype)
-    return -F.logsigmoid(cfg.beta * logps.logratio_margin - cfg.rdpo_alpha * length_gap)
+    return -F.logsigmoid(cfg.beta * logps.logratio_margin + cfg.rdpo_alpha * length_gap)
 
 
 def sft_loss(logps: PairLogps, cfg) -> torch.Tensor:
