@@ -199,6 +199,35 @@ def test_eval_pairs_matches_a_direct_computation_and_reads_the_run_config(models
     assert record["eval/rewards/accuracies"] == sum(m > 0 for m in margins) / 3
 
 
+def write_run(tmp_path, policy, config: dict):
+    run = tmp_path / "run"
+    shutil.copytree(policy, run / "final")
+    (run / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    return run
+
+
+@pytest.mark.parametrize("model_section, loss_section", [
+    ({"reference": "copy"}, {"type": "sigmoid", "beta": 0.5, "reference_free": True}),
+    ({"reference": "none"}, {"type": "simpo", "beta": 0.5}),
+])
+def test_eval_pairs_scores_a_run_trained_without_a_reference_without_one(models, tmp_path, model_section,
+                                                                          loss_section):
+    """Training logs eval/ rewards of a reference-free run as beta * log pi (no reference is
+    loaded); `eval pairs` on its final model reports the same, not beta * log(pi / pi_start)."""
+    run = write_run(tmp_path, models["pol"], {"model": {"path": str(models["ref"]), **model_section},
+                                              "data": {"train": "x.jsonl"}, "loss": loss_section})
+    result = invoke(["pairs", "--model", run / "final", "--data", write_pairs(tmp_path / "d.jsonl")])
+    assert result.exit_code == 0, result.output
+    record = json.loads((run / "final" / "eval.json").read_text())
+    assert record["reference"] is None
+    assert record["eval/rewards/chosen"] == pytest.approx(0.5 * record["eval/logps/chosen"], rel=1e-6)
+    assert record["eval/rewards/rejected"] == pytest.approx(0.5 * record["eval/logps/rejected"], rel=1e-6)
+    if loss_section.get("reference_free"):  # a reference would change the loss itself: refused
+        result = invoke(["pairs", "--model", run / "final", "--reference", models["ref"],
+                         "--data", tmp_path / "d.jsonl"])
+        assert "reference_free" in user_error(result)
+
+
 def test_eval_pairs_without_a_reference_is_a_user_error(models, tmp_path):
     result = invoke(["pairs", "--model", models["pol"], "--data", write_pairs(tmp_path / "d.jsonl")])
     assert "--reference" in user_error(result)

@@ -151,7 +151,16 @@ def evaluate_pairs_file(
     config = pairs_eval_config(model_path, data, run, beta, loss, batch_size, max_length, dtype)
     reference_free = config.loss.reference_free or all(
         t in REFERENCE_FREE_LOSSES for t in config.loss.types)
-    reference_path = reference_path or reference_of_run(run)
+    if config.loss.reference_free and reference_path is not None:
+        raise UserError(f"--reference {reference_path}: the run's loss.reference_free: true scores "
+                        "without a reference (rewards are beta * log pi), as training did; drop --reference.")
+    # Training scores such runs without a reference (preftune.reference.build_reference), so its
+    # eval/ rewards are beta * log pi: the run's starting model as the reference here would
+    # report other numbers under the same names.
+    scored_without_reference = config.loss.reference_free or (
+        reference_free and (run.get("model") or {}).get("reference") == "none")
+    if reference_path is None and not scored_without_reference:
+        reference_path = reference_of_run(run)
     if reference_path is None and not reference_free:
         raise UserError(f"{model_path}: no --reference given and no run config.yaml names one; "
                         "pass --reference with the model the policy was trained against.")
