@@ -228,6 +228,19 @@ def test_eval_pairs_scores_a_run_trained_without_a_reference_without_one(models,
         assert "reference_free" in user_error(result)
 
 
+def test_eval_pairs_with_another_loss_leaves_out_the_run_settings_it_does_not_use(models, tmp_path):
+    """--loss ipo on a cDPO run: the run's label_smoothing (which IPO would refuse) is left out,
+    its beta kept; the loss is IPO's (h - 1/(2 beta))^2, 1 at policy = reference and beta 0.5."""
+    run = write_run(tmp_path, models["ref"], {"model": {"path": str(models["ref"])}, "data": {"train": "x.jsonl"},
+                                              "loss": {"type": "sigmoid", "beta": 0.5, "label_smoothing": 0.2}})
+    result = invoke(["pairs", "--model", run / "final", "--data", write_pairs(tmp_path / "d.jsonl"),
+                     "--loss", "ipo"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((run / "final" / "eval.json").read_text())
+    assert record["loss_type"] == "ipo" and record["beta"] == 0.5
+    assert record["eval/loss"] == pytest.approx(1.0)
+
+
 def test_eval_pairs_without_a_reference_is_a_user_error(models, tmp_path):
     result = invoke(["pairs", "--model", models["pol"], "--data", write_pairs(tmp_path / "d.jsonl")])
     assert "--reference" in user_error(result)

@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from preftune.config import LossConfig
+from preftune.config import LossConfig, validate_config
+from preftune.errors import UserError
 from preftune.losses import LOSSES, PairLogps, implicit_rewards, preference_loss
 
 
@@ -127,3 +128,24 @@ def test_unknown_loss_and_weight_mismatch_are_config_errors():
         LossConfig(type="dpoo")
     with pytest.raises(ValueError, match="weights"):
         LossConfig(type=["sigmoid", "sft"], weights=[1.0])
+
+
+@pytest.mark.parametrize("types, setting", [
+    ("ipo", {"label_smoothing": 0.1}),
+    ("hinge", {"label_smoothing": 0.1}),
+    ("sigmoid", {"simpo_gamma": 1.0}),
+    (["sigmoid", "sft"], {"rdpo_alpha": 0.1}),
+    ("simpo", {"ipo_length_normalize": False}),
+])
+def test_a_loss_setting_no_configured_loss_uses_is_refused_in_one_sentence(types, setting):
+    (key, _), = setting.items()
+    raw = {"model": {"path": "m"}, "data": {"train": "d.jsonl"}, "loss": {"type": types, **setting}}
+    with pytest.raises(UserError, match=rf"loss\.{key} is .* does not use it"):
+        validate_config(raw)
+
+
+def test_loss_settings_at_their_defaults_or_used_by_one_of_the_types_are_accepted():
+    # A run's config.yaml lists every key at its value: defaults of unused settings must pass.
+    LossConfig(type="sigmoid", label_smoothing=0.0, ipo_length_normalize=True, simpo_gamma=0.5, rdpo_alpha=0.01)
+    LossConfig(type=["ipo", "robust"], label_smoothing=0.1, ipo_length_normalize=False)
+    LossConfig(type=["simpo", "rdpo"], simpo_gamma=1.0, rdpo_alpha=0.1)

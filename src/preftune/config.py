@@ -135,6 +135,20 @@ class LossConfig(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _parameters_have_an_effect(self):
+        from preftune.losses import PARAMETER_USERS
+
+        for key, users in PARAMETER_USERS.items():
+            value = getattr(self, key)
+            if value != type(self).model_fields[key].default and not set(users) & set(self.types):
+                raise ValueError(
+                    f"loss.{key} is {value}, but loss.type {' + '.join(self.types)} does not use it "
+                    f"(only {' and '.join(users)} do{'es' if len(users) == 1 else ''}); remove loss.{key} "
+                    "or choose a loss that uses it"
+                )
+        return self
+
     @property
     def types(self) -> list[str]:
         return [self.type] if isinstance(self.type, str) else list(self.type)

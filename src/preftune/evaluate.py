@@ -114,11 +114,16 @@ def pairs_eval_config(model_path, data, run: dict, beta: float | None, loss: str
                       batch_size: int, max_length: int | None, dtype: str):
     """A training Config whose loss and data settings are the run's, with the user's overrides."""
     from preftune.config import validate_config
+    from preftune.losses import PARAMETER_USERS
 
     loss_cfg = dict(run.get("loss") or {})
     if loss is not None:
-        loss_cfg["type"] = [t.strip() for t in loss.split(",")] if "," in loss else loss
+        types = [t.strip() for t in loss.split(",")]
+        loss_cfg["type"] = types if len(types) > 1 else types[0]
         loss_cfg.pop("weights", None)  # the run's weights belonged to the run's loss types
+        for key, users in PARAMETER_USERS.items():  # and so did settings the new types never use
+            if not set(users) & set(types):
+                loss_cfg.pop(key, None)
     if beta is not None:
         loss_cfg["beta"] = beta
     data_cfg = {k: v for k, v in (run.get("data") or {}).items()

@@ -135,6 +135,16 @@ LOSSES = {
 # Losses that never look at the reference model.
 REFERENCE_FREE = {"simpo", "sft"}
 
+# The loss types each parameter enters; with none of them configured, it changes nothing, and
+# the config refuses a value other than its default (a setting that silently does nothing costs
+# a whole run, as a typo does).
+PARAMETER_USERS = {
+    "label_smoothing": ("sigmoid", "robust"),
+    "ipo_length_normalize": ("ipo",),
+    "simpo_gamma": ("simpo",),
+    "rdpo_alpha": ("rdpo",),
+}
+
 
 def preference_loss(logps: PairLogps, cfg) -> torch.Tensor:
     """Weighted sum of the configured losses, per pair: (B,)."""
