@@ -379,6 +379,9 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
                 policy.train()
                 step_pairs = [train_pairs[i] for i in step_indices]
                 metrics, finite = train_step(policy_logps, reference_logps, step_pairs, ctx)
+                # The rate this step's update uses (as the HF Trainer logs it), read before the
+                # schedule moves on to the next step's.
+                learning_rate = scheduler.get_last_lr()[0]
                 if finite:
                     optimizer.step()
                     scheduler.step()
@@ -391,7 +394,7 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
                 state.step_in_epoch += 1
                 elapsed = time.perf_counter() - started
                 metrics.update(epoch=state.epoch + state.step_in_epoch / steps_per_epoch,
-                               learning_rate=scheduler.get_last_lr()[0],
+                               learning_rate=learning_rate,
                                tokens_per_second=metrics.pop("_tokens") / elapsed)
                 logger.log(metrics, step=state.step)
                 progress.update(state.step, metrics)
