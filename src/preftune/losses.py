@@ -63,9 +63,13 @@ def sigmoid_loss(logps: PairLogps, cfg) -> torch.Tensor:
 
 
 def robust_loss(logps: PairLogps, cfg) -> torch.Tensor:
-    """Robust DPO (rDPO), Chowdhury et al. 2024, eq. 8: an unbiased loss under label noise eps.
+    """Robust DPO (rDPO), Chowdhury et al. 2024: the loss made unbiased under labels flipped with
+    probability eps = `label_smoothing`,
 
-    ((1 - eps) * -log sigmoid(beta h) + eps * log sigmoid(-beta h)) / (1 - 2 eps).
+    ((1 - eps) * L(y_w, y_l) - eps * L(y_l, y_w)) / (1 - 2 eps),  L(a, b) = -log sigmoid(beta h_ab),
+    = ((1 - eps) * -log sigmoid(beta h) + eps * log sigmoid(-beta h)) / (1 - 2 eps).
+
+    Unlike cDPO it is not bounded below: for beta h >> 0 it falls like -eps beta h / (1 - 2 eps).
     """
     z = cfg.beta * logps.logratio_margin
     eps = cfg.label_smoothing
@@ -83,7 +87,12 @@ def ipo_loss(logps: PairLogps, cfg) -> torch.Tensor:
 
 
 def hinge_loss(logps: PairLogps, cfg) -> torch.Tensor:
-    """SLiC-HF calibration loss, Zhao et al. 2023, eq. 2 on log-ratios: max(0, 1 - beta h)."""
+    """max(0, 1 - beta h): SLiC-HF's rank calibration loss (Zhao et al. 2023),
+    max(0, delta - log pi(y_w|x) + log pi(y_l|x)), in the form TRL and RSO (Liu et al. 2024) use:
+    log-ratios against the reference in place of log-probs, margin delta = 1/beta, the whole
+    scaled by beta (= beta * max(0, 1/beta - h)). SLiC-HF's regularisation term (the NLL of a
+    target sequence) is not included; `[hinge, sft]` with weights adds the chosen response's.
+    """
     return torch.relu(1 - cfg.beta * logps.logratio_margin)
 
 
