@@ -17,13 +17,16 @@ from torch import nn
 from preftune.errors import UserError
 
 
-def _peft():
+def peft_module(needed_by: str = "model.lora"):
     try:
         import peft
     except ModuleNotFoundError:
-        raise UserError("model.lora needs the peft package: pip install 'preftune[lora]'.") from None
+        raise UserError(f"{needed_by} needs the peft package: pip install 'preftune[lora]'.") from None
     # PEFT reads an attribute that transformers 5 renamed; the warning is neither ours nor the user's.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # Saving an adapter, PEFT looks for the base's config.json to see if its vocabulary grew; a
+    # base that is itself an adapter folder has none. preftune never resizes the vocabulary.
+    warnings.filterwarnings("ignore", message="Could not find a config file in", category=UserWarning)
     return peft
 
 
@@ -33,7 +36,7 @@ def is_peft_model(model: nn.Module) -> bool:
 
 def apply_lora(model: nn.Module, lora_cfg) -> nn.Module:
     """Wrap `model` with fresh LoRA adapters (B = 0, so the policy starts equal to the base)."""
-    peft = _peft()
+    peft = peft_module()
     config = peft.LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
                              target_modules=lora_cfg.target_modules, task_type="CAUSAL_LM")
     try:
@@ -50,7 +53,7 @@ def load_adapter_weights(model: nn.Module, folder: Path) -> None:
     if not path.exists():
         raise UserError(f"checkpoint {folder} holds no adapter_model.safetensors, but model.lora is set; "
                         "resume with the config the run was started with.")
-    result = _peft().set_peft_model_state_dict(model, load_file(str(path)))
+    result = peft_module().set_peft_model_state_dict(model, load_file(str(path)))
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise UserError(f"checkpoint {folder}: the adapter does not match model.lora "
@@ -65,7 +68,7 @@ def merge_adapter(adapter_folder: Path, base_path: str, dtype: str, out: Path,
     from preftune.modeling import load_causal_lm, load_tokenizer
 
     base = load_causal_lm(base_path, dtype)
-    model = _peft().PeftModel.from_pretrained(base, str(adapter_folder))
+    model = peft_module().PeftModel.from_pretrained(base, str(adapter_folder))
     merged = model.merge_and_unload()
     tokenizer_source = adapter_folder if (adapter_folder / "tokenizer_config.json").exists() else base_path
     tokenizer = load_tokenizer(str(tokenizer_source))

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from preftune.errors import UserError
-from preftune.logprobs import supports_hidden_state_path
+from preftune.logprobs import supports_hidden_state_path, unwrap_causal_lm
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -56,9 +56,16 @@ def _load_error(what: str, path: str, error: Exception) -> UserError:
     return UserError(f"could not load {what} from {path!r}{remote}: {str(error).splitlines()[0][:200]}")
 
 
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    base = adapter_base(path)
+    if base is not None and not any(os.path.isfile(os.path.join(os.path.expanduser(path), name))
+                                    for name in TOKENIZER_FILES):
+        return load_tokenizer(base, trust_remote_code)  # an adapter saved without one: its base's
     _announce_hub_lookup(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -79,6 +86,8 @@ def check_special_ids_fit(tokenizer, path: str) -> None:
     recipe, half done) would stop the first forward with an index error; say so at load."""
     import json
 
+    while (base := adapter_base(path)) is not None:  # an adapter's vocabulary is its base model's
+        path = base
     config_file = os.path.join(os.path.expanduser(path), "config.json")
     try:
         with open(config_file, encoding="utf-8") as f:
@@ -97,13 +106,46 @@ def check_special_ids_fit(tokenizer, path: str) -> None:
                             "model's embeddings with resize_token_embeddings and save it again.")
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def adapter_base(path: str) -> str | None:
+    """The base model of a PEFT adapter folder (a LoRA SFT, say), or None when `path` is not one.
+    A base given relative to nothing (PEFT writes whatever name the model had) is read as written."""
+    import json
+
+    config_file = os.path.join(os.path.expanduser(path), ADAPTER_CONFIG)
+    if not os.path.isfile(config_file):
+        return None
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            base = json.load(f).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        base = None
+    if not isinstance(base, str) or not base:
+        raise UserError(f"{config_file}: no base_model_name_or_path, so the adapter's base model is unknown; "
+                        "write the base model's folder or hub id there.")
+    return base
+
+
 def load_causal_lm(path: str, dtype: str = "float32", attn_implementation: str | None = None,
-                   trust_remote_code: bool = False) -> nn.Module:
+                   trust_remote_code: bool = False, merge_adapter: bool = False) -> nn.Module:
+    """The model at `path`: a model folder, a hub id, or a PEFT adapter folder on either.
+
+    An adapter is loaded onto its base (itself loaded this way, so a chain of adapters works);
+    `merge_adapter` folds it into the base weights, as training needs: its starting point is
+    plain weights, fully trainable or under new LoRA adapters. Otherwise it stays separate, so
+    that low-precision weights do not round a small adapter away.
+    """
     from transformers import AutoModelForCausalLM
 
     if _is_local(path) and not os.path.isdir(os.path.expanduser(path)):
         raise UserError(f"model folder {path} does not exist; check model.path.")
-    kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+    base = adapter_base(path)
+    if base is not None:
+        return _load_adapter(path, base, dtype, attn_implementation, trust_remote_code, merge_adapter)
+    # "auto": the dtype the model's config.json names (as `preftune sample --dtype auto` asks).
+    kwargs = {"dtype": "auto" if dtype == "auto" else DTYPES[dtype], "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     quiet_transformers()
@@ -119,6 +161,35 @@ def load_causal_lm(path: str, dtype: str = "float32", attn_implementation: str |
     # Which path its log-probs take (the chunked LM head or the model's own logits) is decided
     # now, on the whole model: not inside a training step (it reads a value from the device),
     # a torch.compile trace, or after FSDP has sharded it. Copies of the model keep the verdict.
+    supports_hidden_state_path(model)
+    return model
+
+
+def _load_adapter(path: str, base_path: str, dtype: str, attn_implementation: str | None,
+                  trust_remote_code: bool, merge: bool) -> nn.Module:
+    from preftune.lora import peft_module
+
+    peft = peft_module(f"the adapter folder {path}")
+    folder = os.path.abspath(os.path.expanduser(path))
+    try:
+        model = load_causal_lm(base_path, dtype, attn_implementation, trust_remote_code, merge_adapter=True)
+    except UserError as e:
+        raise UserError(f"the PEFT adapter in {path} names {base_path!r} as its base model ({ADAPTER_CONFIG}'s "
+                        f"base_model_name_or_path), which failed to load: {e}") from None
+    try:
+        if merge:
+            model = peft.PeftModel.from_pretrained(model, folder).merge_and_unload()
+            model.requires_grad_(True)  # PEFT froze the base for inference; a loaded model trains whole
+            # Adapters trained on top record this folder as their base (PEFT reads name_or_path),
+            # so loading them later brings this adapter back too.
+            model.name_or_path = model.config._name_or_path = folder
+        else:
+            model.load_adapter(folder)  # what from_pretrained does with an adapter folder
+    except (OSError, ValueError, RuntimeError, AttributeError, KeyError) as e:
+        raise UserError(f"could not load the PEFT adapter in {path} onto its base {base_path!r}: "
+                        f"{str(e).splitlines()[0][:200]}") from None
+    # The log-prob path is decided again: the adapter may sit on the LM head.
+    del unwrap_causal_lm(model)._preftune_head_gives_logits
     supports_hidden_state_path(model)
     return model
 
@@ -164,8 +235,8 @@ def freeze(model: nn.Module) -> nn.Module:
 def make_reference(policy: nn.Module, model_cfg) -> nn.Module:
     """A frozen copy of the starting policy, or the model at `reference_path`."""
     if model_cfg.reference_path:
-        reference = load_causal_lm(model_cfg.reference_path, model_cfg.dtype,
-                                   model_cfg.attn_implementation, model_cfg.trust_remote_code)
+        reference = load_causal_lm(model_cfg.reference_path, model_cfg.dtype, model_cfg.attn_implementation,
+                                   model_cfg.trust_remote_code, merge_adapter=True)
         reference.to(next(policy.parameters()).device)
     else:
         reference = copy.deepcopy(policy)

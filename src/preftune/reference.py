@@ -25,7 +25,7 @@ import torch
 from preftune.data.collate import PairBatch, collate_pairs, to_device
 from preftune.data.tokenize import TokenizedPair
 from preftune.logprobs import completion_logps, shared_prompt_logps, unwrap_causal_lm
-from preftune.modeling import make_reference
+from preftune.modeling import adapter_base, make_reference
 
 ReferenceFn = Callable[[PairBatch], torch.Tensor]
 CACHE_DIR = "reference_logps"
@@ -137,11 +137,14 @@ class PrecomputedReference:
 
 def _weights_fingerprint(path: str, update) -> None:
     """The weight files' names, sizes, times and first and last MiB: changes when they do,
-    without reading gigabytes."""
+    without reading gigabytes. An adapter folder's base model counts too."""
     folder = Path(os.path.expanduser(path))
     update(str(folder.resolve() if folder.exists() else path))
     if not folder.is_dir():
         return
+    base = adapter_base(path)
+    if base is not None:
+        _weights_fingerprint(base, update)
     for file in sorted(folder.iterdir()):
         if file.suffix not in (".safetensors", ".bin", ".pt", ".json") or not file.is_file():
             continue

@@ -423,12 +423,20 @@ def load_model_and_tokenizer(path: str, dtype: str = "float32", device: str = "a
     """Load a causal LM and its tokenizer for generation, in eval mode on `device`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from preftune.modeling import check_special_ids_fit
+    from preftune.modeling import (
+        adapter_base,
+        check_special_ids_fit,
+        load_causal_lm,
+        load_tokenizer,
+    )
 
     if dtype != "auto" and dtype not in DTYPES:
         raise UserError(f"--dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}.")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if adapter_base(path) is not None:  # a PEFT adapter (a LoRA run's final/), on a base that may be one too
+        model = load_causal_lm(path, dtype)
+        return model.to(device).eval(), load_tokenizer(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(

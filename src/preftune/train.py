@@ -50,6 +50,7 @@ from preftune.evaluate import evaluate_pairs, pair_logps
 from preftune.losses import preference_loss
 from preftune.metrics import StepMetrics
 from preftune.modeling import (
+    adapter_base,
     disable_dropout,
     enable_activation_checkpointing,
     load_causal_lm,
@@ -282,7 +283,10 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
                       "bfloat16, or float32 with model.autocast: bfloat16.[/yellow]")
     tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code)
     policy = load_causal_lm(config.model.path, config.model.dtype, config.model.attn_implementation,
-                            config.model.trust_remote_code).to(device)
+                            config.model.trust_remote_code, merge_adapter=True).to(device)
+    if (base := adapter_base(config.model.path)) is not None:
+        console.print(escape(f"model: {config.model.path} is a PEFT adapter on {base}; training starts from "
+                             "the two merged (the reference too, unless model.reference_path is set)"))
     if config.model.disable_dropout:
         disable_dropout(policy)
     if config.model.lora is not None:  # after disable_dropout: lora.dropout is the user's choice
