@@ -145,6 +145,24 @@ def render_text(tokenizer, prompt, response: str) -> str:
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages)
 
 
+def reward_model_ids(tokenizer, prompt, response: str, max_length: int) -> list[int]:
+    """The token ids a reward model scores: a chat rendered by the template holds its special
+    tokens already (as `apply_chat_template(tokenize=True)` gives them), so the tokenizer adds
+    none; a second BOS in front would put every score off the inputs the model was trained on.
+    Text gets the tokenizer's own special tokens. Longer than `max_length`: cut on the
+    tokenizer's `truncation_side`."""
+    from preftune.data.tokenize import encode_text
+
+    text = render_text(tokenizer, prompt, response)
+    if isinstance(prompt, str) or not getattr(tokenizer, "chat_template", None):
+        ids = encode_text(tokenizer, text)
+    else:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) > max_length:
+        ids = ids[-max_length:] if tokenizer.truncation_side == "left" else ids[:max_length]
+    return ids
+
+
 def _reward_model(folder: Path, batch_size: int, device: str | None) -> RewardFn:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -170,13 +188,10 @@ def _reward_model(folder: Path, batch_size: int, device: str | None) -> RewardFn
 
     @torch.inference_mode()
     def reward(prompts: Sequence, responses: Sequence[str]) -> list[float]:
-        texts = [render_text(tokenizer, p, r) for p, r in zip(prompts, responses)]
+        rows = [reward_model_ids(tokenizer, p, r, max_length) for p, r in zip(prompts, responses)]
         values: list[float] = []
-        for start in range(0, len(texts), batch_size):
-            batch = tokenizer(
-                texts[start:start + batch_size], return_tensors="pt", padding=True,
-                truncation=True, max_length=max_length,
-            ).to(device)
+        for start in range(0, len(rows), batch_size):
+            batch = tokenizer.pad({"input_ids": rows[start:start + batch_size]}, return_tensors="pt").to(device)
             scores = model(**batch).logits[:, 0]  # (B,)
             values.extend(scores.float().cpu().tolist())
         return values

@@ -321,3 +321,46 @@ def test_resume_refuses_a_pair_labeled_twice(tmp_path, rewards_file):
         label_auto(pairs_file, "my_rewards:length", out, show_progress=False)
 
 
+
+
+@pytest.mark.parametrize("padding_side, has_pad", [("right", True), ("left", False)])
+def test_a_reward_model_sees_one_bos_whatever_the_batch(tmp_path, padding_side, has_pad):
+    """A tokenizer that adds BOS and a chat template that writes it too (Llama 3's way): the
+    rendered chat must be scored as apply_chat_template(tokenize=True) encodes it, with one BOS,
+    and a score must not depend on the batch size, the padding side or a missing pad token."""
+    import torch
+    import transformers
+    from tokenizers import processors
+
+    from preftune.demo.tiny import BOS, CHAT_TEMPLATE, special_token_ids, train_tokenizer
+
+    tokenizer = train_tokenizer()
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tokenizer.bos_token_id)])
+    tokenizer.chat_template = "{{ bos_token }}" + CHAT_TEMPLATE
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, num_labels=1, **special_token_ids(tokenizer))
+    tokenizer.padding_side = padding_side
+    if not has_pad:
+        tokenizer.pad_token = None
+        config.pad_token_id = None
+    torch.manual_seed(0)
+    model = transformers.LlamaForSequenceClassification(config).eval()
+    folder = tmp_path / "rm"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+    prompts = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}],
+               "What is the best ice cream?"] * 5
+    responses = ["how can I help you today?", " Haagen-Dazs is rich and creamy."] * 5
+    one = load_reward(str(folder), batch_size=1)(prompts, responses)
+    many = load_reward(str(folder), batch_size=32)(prompts, responses)
+    assert many == pytest.approx(one, abs=1e-5)
+    chat = prompts[0] + [{"role": "assistant", "content": responses[0]}]
+    ids = tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True, return_tensors="pt")
+    assert ids["input_ids"][0, :2].tolist() != [tokenizer.bos_token_id] * 2  # the template's BOS alone
+    text_ids = tokenizer(prompts[1] + responses[1], return_tensors="pt")
+    with torch.no_grad():
+        assert one[0] == pytest.approx(model(**ids).logits[0, 0].item(), abs=1e-5)
+        assert one[1] == pytest.approx(model(**text_ids).logits[0, 0].item(), abs=1e-5)
