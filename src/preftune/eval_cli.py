@@ -31,9 +31,12 @@ def pairs(
     data: str = typer.Option(..., "--data", help="Held-out pairs (prompt/chosen/rejected), e.g. D_eval.jsonl."),
     split: str = typer.Option("train", help="The split to read when --data is a hub id or a DatasetDict folder."),
     reference: str | None = typer.Option(
-        None, "--reference", help="Reference model folder (default: the one in RUN/config.yaml)."),
+        None, "--reference", help="Reference model folder (default: the one in RUN/config.yaml; none "
+        "for a run trained without one)."),
     beta: float | None = typer.Option(None, help="beta of the implicit reward (default: the run's, else 0.1)."),
-    loss: str | None = typer.Option(None, help="Loss type(s), comma separated (default: the run's, else sigmoid)."),
+    loss: str | None = typer.Option(
+        None, help="Loss type(s), comma separated (default: the run's, else sigmoid); the run's loss "
+        "settings that these types do not use are left out."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Pairs per forward pass."),
     max_length: int | None = typer.Option(None, "--max-length", help="Tokens per sequence (default: the run's, else 1024)."),
     out: Path | None = typer.Option(None, help="Folder for eval.json (default: the model folder)."),
