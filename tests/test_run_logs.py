@@ -42,3 +42,31 @@ def test_logged_learning_rate_is_the_rate_the_step_used(tmp_path, tiny_llama, pa
     logged = [m["learning_rate"] for m in read_metrics(tmp_path / "run", "learning_rate")]
     assert used == pytest.approx([lr * m for m in multipliers], rel=1e-9)
     assert logged == pytest.approx(used, rel=1e-9)
+
+
+def test_a_log_file_gets_a_plain_progress_line_per_interval(monkeypatch, capsys):
+    # Not a terminal: a live bar cannot redraw, so plain lines, at the first step, then at most
+    # one per interval, then at the last; each with throughput and the time left.
+    import preftune.progress as progress_module
+
+    clock = iter(float(t) for t in range(0, 1000, 10))  # each call 10 s later
+    monkeypatch.setattr(progress_module.time, "monotonic", lambda: next(clock))
+    with progress_module.TrainProgress(10, interactive=False, every_s=30) as bar:
+        for step in range(1, 11):
+            bar.update(step, {"loss": 0.5, "rewards/accuracies": 0.75, "tokens_per_second": 1000.0 * step})
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(",")[0] for line in lines] == \
+        ["train: step 1/10 (10%)", "train: step 4/10 (40%)", "train: step 7/10 (70%)", "train: step 10/10 (100%)"]
+    # Step 4: 40 s since the start for 4 steps, 6 to go; tokens/s the mean of steps 2-4.
+    assert lines[1] == "train: step 4/10 (40%), loss 0.5000, acc 0.75, 3.0k tok/s, 0:00:40 elapsed, about 0:01:00 left"
+    assert "left" not in lines[-1]
+
+
+def test_a_piped_run_shows_progress_lines_and_ends_saying_where_its_metrics_are(
+        tmp_path, tiny_llama, pairs_file, capsys, one_torch_thread):
+    train(make_config(tmp_path, tiny_llama, pairs_file, train={"max_steps": 2, "progress": True}))
+    out = capsys.readouterr().out
+    assert "train: step 1/2 (50%), loss 0.6931" in out and "train: step 2/2 (100%)" in out
+    assert "tok/s" in out and "━" not in out  # no bar drawn into a log file
+    assert f"metrics: {tmp_path / 'run' / 'metrics.jsonl'}" in out
+    assert f"final policy: {tmp_path / 'run' / 'final'}" in out

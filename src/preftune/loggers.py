@@ -72,6 +72,7 @@ class MetricsLogger:
         self._file = None
         self._tensorboard = None
         self._wandb_run = None
+        self._tensorboard_dir = self._wandb_dir = self._wandb_name = None
         if not enabled:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -81,8 +82,11 @@ class MetricsLogger:
         if "wandb" in backends:
             self._wandb_run = _open_wandb(self.output_dir, run_name, config_dict, wandb_project,
                                           resumed=bool(start_step))
+            self._wandb_dir = Path(self._wandb_run.dir).parent  # wandb/<offline-|>run-<time>-<id>
+            self._wandb_name = self._wandb_run.name or self._wandb_run.id
         if "tensorboard" in backends:
             self._tensorboard = _open_tensorboard(self.output_dir, run_name, config_dict, start_step)
+            self._tensorboard_dir = Path(self._tensorboard.log_dir)
         if start_step:
             _drop_records_after(self.output_dir / METRICS_FILE, start_step, redo_eval_at_start)
         # Held open for the whole run (closed by close()), not one open per step.
@@ -91,6 +95,17 @@ class MetricsLogger:
     @property
     def path(self) -> Path:
         return self.output_dir / METRICS_FILE
+
+    def where(self) -> list[str]:
+        """Where this run's metrics can be read, one line per backend, for the run's summary."""
+        if not self.enabled:
+            return []
+        lines = [f"metrics: {self.path}"]
+        if self._tensorboard_dir is not None:
+            lines.append(f"tensorboard: tensorboard --logdir {self._tensorboard_dir.parent}")
+        if self._wandb_dir is not None:
+            lines.append(f"wandb: {self._wandb_dir} (W&B run {self._wandb_name})")
+        return lines
 
     def log(self, metrics: dict, step: int) -> None:
         """Write one record: `step` plus the metrics (numbers; None where not finite)."""

@@ -424,6 +424,8 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
         if not config.train.eval_every or state.step % config.train.eval_every:
             run_eval(state.step)
     final = _save_final(output_dir, policy, tokenizer, config, dist)
+    for line in logger.where():  # the run's summary: where its numbers, report and model are
+        console.print(escape(line))
     if dist.is_main and config.train.report:
         from preftune.report import write_report
 
