@@ -85,3 +85,38 @@ def test_a_pad_token_added_without_resizing_the_model_is_refused_at_load(tmp_pat
     with pytest.raises(UserError, match=r"has pad token '\[PAD\]' with id (\d+), outside the model's \1-token "
                                         r"vocabulary .*resize_token_embeddings"):
         load_tokenizer(str(folder))
+
+
+@pytest.mark.parametrize("name, said", [
+    ("gpu", "train.device 'gpu' is not a device name; use auto, cpu, cuda or cuda:N."),
+    ("cuda:1", "train.device 'cuda:1': only 1 CUDA device(s) are visible"),
+])
+def test_a_device_that_is_not_here_is_one_sentence(name, said, monkeypatch):
+    # Once a traceback from torch at the first tensor moved there.
+    import torch
+
+    from preftune.modeling import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError) as caught:
+        pick_device(name)
+    assert said in str(caught.value)
+    assert pick_device("cuda:0") == torch.device("cuda", 0)  # the one that is there is accepted
+
+
+def test_cuda_on_a_machine_without_it_names_the_option(tiny_llama, tmp_path):
+    import torch
+    from typer.testing import CliRunner
+
+    from preftune.cli import app
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Hello"}\n')
+    result = CliRunner().invoke(app, ["sample", "--model", str(tiny_llama), "--prompts", str(prompts),
+                                      "--out", str(tmp_path / "pairs.jsonl"), "--device", "cuda"])
+    assert result.exit_code != 0
+    assert "--device 'cuda': this torch" in result.output and "sees no CUDA device; use auto or cpu." in result.output
+    assert not (tmp_path / "pairs.jsonl").exists()

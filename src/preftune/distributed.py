@@ -82,7 +82,9 @@ def _process_device(config, local_rank: int) -> torch.device:
     name = config.train.device
     if name == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
+    from preftune.modeling import pick_device
+
+    device = pick_device(name)  # checked to exist on this machine
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)  # one GPU per process, by local rank
     return device

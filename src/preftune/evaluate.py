@@ -169,7 +169,7 @@ def evaluate_pairs_file(
     if reference_path is None and not reference_free:
         raise UserError(f"{model_path}: no --reference given and no run config.yaml names one; "
                         "pass --reference with the model the policy was trained against.")
-    torch_device = pick_device(device)
+    torch_device = pick_device(device, "--device")
     tokenizer = load_tokenizer(str(model_path))
     loaded = load_pairs(str(data), split)
     pairs, counts = tokenize_pairs(loaded.pairs, tokenizer, config.data)

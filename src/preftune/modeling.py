@@ -14,13 +14,33 @@ from preftune.logprobs import supports_hidden_state_path, unwrap_causal_lm
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+def pick_device(name: str = "auto", setting: str = "train.device") -> torch.device:
+    """The device `name` names ("auto": this process's GPU if there is one, else the CPU),
+    checked to exist here: a typo, or a GPU this machine or this torch build lacks, is one
+    sentence naming `setting` rather than a traceback from the first tensor moved there."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"{setting} {name!r} is not a device name; use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise UserError(f"{setting} {name!r}: this torch ({torch.__version__}, {build}) sees no CUDA "
+                            "device; use auto or cpu.")
+        if device.index is not None and device.index >= count:
+            raise UserError(f"{setting} {name!r}: only {count} CUDA device(s) are visible (cuda:0 to "
+                            f"cuda:{count - 1}; CUDA_VISIBLE_DEVICES renumbers them).")
+    elif device.type != "cpu":
+        backend = getattr(torch, device.type, None) or getattr(torch.backends, device.type, None)
+        if backend is None or not getattr(backend, "is_available", lambda: False)():
+            raise UserError(f"{setting} {name!r}: this torch ({torch.__version__}) has no usable "
+                            f"{device.type} device; use auto or cpu.")
+    return device
 
 
 def _is_local(path: str) -> bool:

@@ -182,7 +182,9 @@ def _reward_model(folder: Path, batch_size: int, device: str | None) -> RewardFn
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from preftune.modeling import pick_device
+
+    device = pick_device(device or "auto", "--device")
     model.to(device).eval()
     max_length = getattr(model.config, "max_position_embeddings", None) or 2048
 

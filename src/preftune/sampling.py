@@ -428,12 +428,12 @@ def load_model_and_tokenizer(path: str, dtype: str = "float32", device: str = "a
         check_special_ids_fit,
         load_causal_lm,
         load_tokenizer,
+        pick_device,
     )
 
     if dtype != "auto" and dtype not in DTYPES:
         raise UserError(f"--dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}.")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device(device, "--device")
     if adapter_base(path) is not None:  # a PEFT adapter (a LoRA run's final/), on a base that may be one too
         model = load_causal_lm(path, dtype)
         return model.to(device).eval(), load_tokenizer(path)
