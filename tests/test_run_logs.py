@@ -70,3 +70,24 @@ def test_a_piped_run_shows_progress_lines_and_ends_saying_where_its_metrics_are(
     assert "tok/s" in out and "━" not in out  # no bar drawn into a log file
     assert f"metrics: {tmp_path / 'run' / 'metrics.jsonl'}" in out
     assert f"final policy: {tmp_path / 'run' / 'final'}" in out
+
+
+def test_a_logger_package_that_is_missing_stops_the_run_before_the_model_loads(
+        tmp_path, tiny_llama, pairs_file, monkeypatch):
+    # Found when the logger opened, after the model, the data and (with model.reference:
+    # precompute) the reference's pass over the whole data set: minutes to hours spent first.
+    import sys
+
+    from preftune.errors import UserError
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # `import` now fails
+
+    def load_causal_lm(*args, **kwargs):
+        raise AssertionError("the model was loaded before the missing logger was noticed")
+
+    monkeypatch.setattr(train_module, "load_causal_lm", load_causal_lm)
+    config = make_config(tmp_path, tiny_llama, pairs_file, train={"loggers": ["jsonl", "tensorboard"]})
+    with pytest.raises(UserError, match=r"'tensorboard' is chosen but the tensorboard package is not "
+                                        r"installed; run `pip install 'preftune\[tensorboard\]'`"):
+        train(config)
+    assert not (tmp_path / "run").exists()

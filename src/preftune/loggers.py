@@ -147,6 +147,34 @@ class MetricsLogger:
         self.close()
 
 
+_BACKEND_MODULES = {"tensorboard": ("torch.utils.tensorboard", "the tensorboard package"),
+                    "wandb": ("wandb", "Weights & Biases")}
+
+
+def _import_backend(backend: str):
+    """The module a backend writes with, or one sentence saying how to install it."""
+    import importlib
+
+    module, package = _BACKEND_MODULES[backend]
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(
+            f"logger backend {backend!r} is chosen but {package} is not installed; run "
+            f"`pip install 'preftune[{backend}]'` or remove it from train.loggers."
+        ) from None
+
+
+def check_backends(backends: Iterable[str]) -> None:
+    """Refuse, before a run loads its model and data, backends it could not open at its first
+    step: an unknown name, or a package that is not installed."""
+    for backend in backends:
+        if backend not in BACKENDS:
+            raise UserError(f"unknown logger backend {backend!r}; choose from {', '.join(BACKENDS)}.")
+        if backend in _BACKEND_MODULES:
+            _import_backend(backend)
+
+
 def _drop_records_after(path: Path, step: int, evals_at_step: bool = False) -> None:
     """Rewrite `path` (atomically) without the records of steps after `step` (and the eval
     records of `step` itself when `evals_at_step`) and without a partial last line; lines
@@ -169,13 +197,7 @@ def _drop_records_after(path: Path, step: int, evals_at_step: bool = False) -> N
 
 
 def _open_tensorboard(output_dir: Path, run_name: str | None, config_dict: dict, start_step: int):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise UserError(
-            "logger backend 'tensorboard' is chosen but the tensorboard package is not "
-            "installed; run `pip install 'preftune[tensorboard]'` or remove it from the backends."
-        ) from None
+    SummaryWriter = _import_backend("tensorboard").SummaryWriter
     # A resumed run (start_step > 0) purges the steps logged after its checkpoint by the run
     # it continues, so TensorBoard shows each step once, as metrics.jsonl's reader does.
     writer = SummaryWriter(log_dir=str(output_dir / "tensorboard" / (run_name or "run")),
@@ -193,13 +215,7 @@ WANDB_RUN_ID = Path("wandb") / "preftune-run-id"
 
 def _open_wandb(output_dir: Path, run_name: str | None, config_dict: dict, project: str | None,
                 resumed: bool = False):
-    try:
-        import wandb
-    except ImportError:
-        raise UserError(
-            "logger backend 'wandb' is chosen but Weights & Biases is not installed; run "
-            "`pip install 'preftune[wandb]'` or remove it from the backends."
-        ) from None
+    wandb = _import_backend("wandb")
     # wandb reads WANDB_MODE (online / offline / disabled) itself; an explicit project would
     # override WANDB_PROJECT, so the environment decides unless the caller named one.
     project = project or os.environ.get("WANDB_PROJECT", "preftune")

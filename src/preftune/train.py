@@ -47,6 +47,7 @@ from preftune.data.tokenize import TokenizedPair, tokenize_pairs
 from preftune.distributed import full_tensor
 from preftune.errors import UserError
 from preftune.evaluate import evaluate_pairs, pair_logps
+from preftune.loggers import check_backends
 from preftune.losses import preference_loss
 from preftune.metrics import StepMetrics
 from preftune.modeling import (
@@ -267,6 +268,9 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
     # Lines unwrapped: a log file keeps each message (and a path or command in it) whole.
     console = Console(quiet=not dist.is_main, soft_wrap=True)
     output_dir = Path(config.train.output_dir)
+    # Every rank, so that all stop together; a missing package surfaces now, not after the
+    # model, the data and the reference's log-probs are ready.
+    check_backends(config.train.loggers)
     # Checked before the model loads, so a refusal costs nothing; deleted only once everything
     # else has been checked, so a bad config or data set never costs the earlier run.
     start_over = _check_output_dir(output_dir, resume, overwrite, dist)
