@@ -241,6 +241,28 @@ def test_eval_pairs_with_another_loss_leaves_out_the_run_settings_it_does_not_us
     assert record["eval/loss"] == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("precision", [{"dtype": "bfloat16"}, {"autocast": "bfloat16"}])
+def test_eval_pairs_on_a_run_in_bf16_gives_the_eval_numbers_it_logged(models, tmp_path, precision):
+    """A run in bf16 weights or under bf16 autocast: `eval pairs` on RUN/final, with no option,
+    computes as the run did and reproduces its last eval/ line exactly (float32 differs by 1e-5)."""
+    import preftune
+
+    data = write_pairs(tmp_path / "D_eval.jsonl")
+    run = tmp_path / "run"
+    preftune.train({"model": {"path": str(models["ref"]), **precision},
+                    "data": {"train": str(write_pairs(tmp_path / "D.jsonl")), "eval": str(data)},
+                    "loss": {"type": "sigmoid", "beta": 0.1}, "optim": {"lr": 1e-2},
+                    "train": {"batch_size": 3, "max_steps": 1, "eval_every": 1, "output_dir": str(run),
+                              "progress": False, "report": False}})
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = [line for line in logged if "eval/loss" in line][-1]
+    result = invoke(["pairs", "--model", run / "final", "--data", data])
+    assert result.exit_code == 0, result.output
+    record = json.loads((run / "final" / "eval.json").read_text())
+    for key in ("loss", "rewards/chosen", "rewards/margins", "logps/chosen", "logps/rejected"):
+        assert record[f"eval/{key}"] == logged[f"eval/{key}"], key
+
+
 def test_eval_pairs_without_a_reference_is_a_user_error(models, tmp_path):
     result = invoke(["pairs", "--model", models["pol"], "--data", write_pairs(tmp_path / "d.jsonl")])
     assert "--reference" in user_error(result)

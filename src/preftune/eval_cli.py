@@ -41,7 +41,9 @@ def pairs(
     max_length: int | None = typer.Option(None, "--max-length", help="Tokens per sequence (default: the run's, else 1024)."),
     out: Path | None = typer.Option(None, help="Folder for eval.json (default: the model folder)."),
     device: str = typer.Option("auto", help="cuda, cpu, ... (auto: cuda if present)."),
-    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    dtype: str | None = typer.Option(
+        None, help="float32, bfloat16 or float16 (default: the run's model.dtype, else float32; a run "
+        "under bf16 autocast is evaluated under it)."),
 ) -> None:
     """Implicit-reward accuracy and margins (beta * log pi/ref), log-probs and lengths on pairs."""
     from preftune.evaluate import evaluate_pairs_file

@@ -138,12 +138,13 @@ def evaluate_pairs_file(
     model_path: str | Path, data: str | Path, reference_path: str | Path | None = None, *,
     beta: float | None = None, loss: str | None = None, batch_size: int = 8,
     max_length: int | None = None, out: str | Path | None = None, device: str = "auto",
-    dtype: str = "float32", split: str = "train",
+    dtype: str | None = None, split: str = "train",
 ) -> dict:
     """Implicit-reward accuracy, margins, log-probs and lengths of a model on held-out pairs.
 
-    Defaults for beta, loss, reference and max_length come from the run's config.yaml when the
-    model is RUN/final or RUN/checkpoints/step-N. The record (training's `eval/` keys plus
+    Defaults for beta, loss, reference, max_length and dtype come from the run's config.yaml when
+    the model is RUN/final or RUN/checkpoints/step-N, and a run that computed under bf16 autocast
+    is evaluated under it, so the numbers are the run's own `eval/` ones. The record (training's `eval/` keys plus
     what was evaluated) is added to eval.json in `out` (default: the model folder) and returned.
     """
     from preftune.data.io import load_pairs
@@ -153,6 +154,8 @@ def evaluate_pairs_file(
     from preftune.reference import FrozenModelReference, no_reference
 
     run = run_config(model_path)
+    run_model = run.get("model") or {}
+    dtype = dtype or run_model.get("dtype") or "float32"
     config = pairs_eval_config(model_path, data, run, beta, loss, batch_size, max_length, dtype)
     reference_free = config.loss.reference_free or all(
         t in REFERENCE_FREE_LOSSES for t in config.loss.types)
@@ -163,13 +166,15 @@ def evaluate_pairs_file(
     # eval/ rewards are beta * log pi: the run's starting model as the reference here would
     # report other numbers under the same names.
     scored_without_reference = config.loss.reference_free or (
-        reference_free and (run.get("model") or {}).get("reference") == "none")
+        reference_free and run_model.get("reference") == "none")
     if reference_path is None and not scored_without_reference:
         reference_path = reference_of_run(run)
     if reference_path is None and not reference_free:
         raise UserError(f"{model_path}: no --reference given and no run config.yaml names one; "
                         "pass --reference with the model the policy was trained against.")
     torch_device = pick_device(device, "--device")
+    autocast = (lambda: torch.autocast(torch_device.type, dtype=torch.bfloat16)) \
+        if run_model.get("autocast") == "bfloat16" else nullcontext
     tokenizer = load_tokenizer(str(model_path))
     loaded = load_pairs(str(data), split)
     pairs, counts = tokenize_pairs(loaded.pairs, tokenizer, config.data)
@@ -179,9 +184,10 @@ def evaluate_pairs_file(
     chunk = config.train.logprob_chunk_size
     policy = freeze(load_causal_lm(str(model_path), dtype)).to(torch_device)
     reference = no_reference if reference_free and reference_path is None else FrozenModelReference(
-        freeze(load_causal_lm(str(reference_path), dtype)).to(torch_device), chunk, nullcontext)
-    results = evaluate_pairs(CompletionLogps(policy, chunk), reference, pairs, config,
-                             torch_device, tokenizer.pad_token_id, batch_size)
+        freeze(load_causal_lm(str(reference_path), dtype)).to(torch_device), chunk, autocast)
+    with autocast():
+        results = evaluate_pairs(CompletionLogps(policy, chunk), reference, pairs, config,
+                                 torch_device, tokenizer.pad_token_id, batch_size)
     record = {
         "kind": "pairs", "model": str(model_path),
         "reference": recorded_path(reference_path), "data": recorded_path(data), "split": split,
