@@ -257,3 +257,15 @@ def test_win_rate_rows_of_one_model_judged_twice_are_told_apart():
     other = generate_eval(0.5, 1.0, 1.0, 0.7)
     assert win_rate_labels([reward, human, other]) == [
         "DPO β=0.1 (reward:tests:length)", "DPO β=0.1 (human on held_out.txt)", "DPO β=0.5"]
+
+
+def test_a_run_without_final_is_reported_as_unfinished(tmp_path):
+    # Killed (or still training) at step 60: its report must not read as a finished run's.
+    run = tmp_path / "run"
+    write_metrics(run)
+    (run / "config.yaml").write_text("loss: {type: sigmoid, beta: 0.1}\ntrain: {max_steps: 200}\n")
+    html = write_report(run).read_text()
+    assert f"No final/ in {run}: the run is still training or was stopped" in html
+    assert "up to step 60" in html
+    (run / "final").mkdir()
+    assert "No final/" not in write_report(run).read_text()

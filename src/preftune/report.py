@@ -417,6 +417,11 @@ def write_report(run_dir: str | Path, eval_paths: Iterable[str | Path] = (),
         raise UserError(f"{run_dir}: neither metrics.jsonl nor any eval.json found; point "
                         "`preftune report` at the run folder `preftune train` wrote (its train.output_dir).")
     config = load_config(run_dir)
+    if metrics and metrics.train and config and not (run_dir / "final").is_dir():
+        # A report of a run still going, or killed, must not read as that of a finished one.
+        notes.append(f"No final/ in {run_dir}: the run is still training or was stopped, so these are "
+                     f"its numbers up to step {metrics.train[-1]['step']}, not a finished run's; a "
+                     f"stopped run continues with `preftune train {run_dir / 'config.yaml'} --resume`.")
     loss_type = (config.get("loss") or {}).get("type") if config else None
     loss_types = [loss_type] if isinstance(loss_type, str) else loss_type
     figures = _training_figures(metrics, out, smoothing, notes, loss_types) if metrics else []
