@@ -16,7 +16,7 @@ import yaml
 from preftune.data.collate import PairBatch, collate_pairs
 from preftune.data.tokenize import TokenizedPair
 from preftune.errors import UserError
-from preftune.losses import PairLogps, preference_loss
+from preftune.losses import REFERENCE_FREE, PairLogps, preference_loss
 from preftune.metrics import StepMetrics
 from preftune.records import recorded_path, write_json_atomic
 
@@ -71,9 +71,6 @@ def evaluate_pairs(policy_logps, reference_logps, pairs: list[TokenizedPair], co
 
 
 # ------------------------------------------------------------------ `preftune eval pairs`
-
-REFERENCE_FREE_LOSSES = ("simpo", "sft")
-
 
 # Written by `preftune export` beside the merged weights: the adapter, the base and the run's config.
 EXPORT_RECORD = "preftune_export.yaml"
@@ -158,7 +155,7 @@ def evaluate_pairs_file(
     dtype = dtype or run_model.get("dtype") or "float32"
     config = pairs_eval_config(model_path, data, run, beta, loss, batch_size, max_length, dtype)
     reference_free = config.loss.reference_free or all(
-        t in REFERENCE_FREE_LOSSES for t in config.loss.types)
+        t in REFERENCE_FREE for t in config.loss.types)
     if config.loss.reference_free and reference_path is not None:
         raise UserError(f"--reference {reference_path}: the run's loss.reference_free: true scores "
                         "without a reference (rewards are beta * log pi), as training did; drop --reference.")

@@ -164,5 +164,8 @@ def preference_loss(logps: PairLogps, cfg) -> torch.Tensor:
 
 
 def implicit_rewards(logps: PairLogps, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """beta * log(pi/ref) of chosen and rejected: the DPO paper's implicit reward (sec. 5)."""
+    """beta * log(pi/ref) of chosen and rejected, summed log-probs: the DPO paper's implicit
+    reward (sec. 5), whatever the loss (TRL's `rewards/*`); beta * log pi when the reference
+    log-probs are zeros (reference-free). Not what `ipo`, `sigmoid_norm` or `simpo` push, which
+    use per-token averages."""
     return beta * logps.logratio_chosen.detach(), beta * logps.logratio_rejected.detach()
