@@ -263,6 +263,21 @@ def test_eval_pairs_on_a_run_in_bf16_gives_the_eval_numbers_it_logged(models, tm
         assert record[f"eval/{key}"] == logged[f"eval/{key}"], key
 
 
+def test_eval_pairs_naming_the_run_loss_again_keeps_its_weights(models, tmp_path):
+    """--loss sigmoid,sft on an RPO run ([sigmoid, sft] weighted 1, 0.25) is the run's loss: its
+    weights stay (another list of types drops them, as they belonged to the run's types)."""
+    run = write_run(tmp_path, models["pol"], {"model": {"path": str(models["ref"])}, "data": {"train": "x.jsonl"},
+                                              "loss": {"type": ["sigmoid", "sft"], "weights": [1.0, 0.25]}})
+    data = write_pairs(tmp_path / "d.jsonl")
+    losses = []
+    for extra in ([], ["--loss", "sigmoid,sft"], ["--loss", "sigmoid"]):
+        result = invoke(["pairs", "--model", run / "final", "--data", data, "--out", tmp_path / "out", *extra])
+        assert result.exit_code == 0, result.output
+        losses.append(json.loads((tmp_path / "out" / "eval.json").read_text())["eval/loss"])
+    assert losses[1] == losses[0]
+    assert losses[2] < losses[0]  # the NLL term's share is gone
+
+
 def test_eval_pairs_without_a_reference_is_a_user_error(models, tmp_path):
     result = invoke(["pairs", "--model", models["pol"], "--data", write_pairs(tmp_path / "d.jsonl")])
     assert "--reference" in user_error(result)

@@ -116,8 +116,10 @@ def pairs_eval_config(model_path, data, run: dict, beta: float | None, loss: str
     loss_cfg = dict(run.get("loss") or {})
     if loss is not None:
         types = [t.strip() for t in loss.split(",")]
+        run_types = loss_cfg.get("type", "sigmoid")
+        if types != ([run_types] if isinstance(run_types, str) else list(run_types)):
+            loss_cfg.pop("weights", None)  # the run's weights belonged to the run's loss types
         loss_cfg["type"] = types if len(types) > 1 else types[0]
-        loss_cfg.pop("weights", None)  # the run's weights belonged to the run's loss types
         for key, users in PARAMETER_USERS.items():  # and so did settings the new types never use
             if not set(users) & set(types):
                 loss_cfg.pop(key, None)
