@@ -132,3 +132,33 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
             ids.append(lg._wandb_run.id)
             lg.log({"loss": 0.6}, step=start_step + 1)
     assert ids[1] == ids[0] and ids[2] != ids[0]
+
+
+def test_a_viewer_that_fails_mid_run_is_turned_off_and_training_goes_on(tmp_path, monkeypatch, capsys):
+    # W&B's service process killed at step 2: its run.log raises ConnectionResetError from then
+    # on. A dashboard dying must not end hours of training; metrics.jsonl keeps every step.
+    import preftune.loggers as loggers
+
+    class DeadAfterFirstStep:
+        id, name, dir = "abc", "run", str(tmp_path / "wandb" / "run-abc" / "files")
+        logged, finished = [], False
+
+        def log(self, numbers, step):
+            if step > 1:
+                raise ConnectionResetError("Connection lost")
+            self.logged.append(step)
+
+        def finish(self):
+            raise ConnectionResetError("Connection lost")
+
+    run = DeadAfterFirstStep()
+    monkeypatch.setattr(loggers, "_open_wandb", lambda *args, **kwargs: run)
+    with MetricsLogger(tmp_path, ["jsonl", "wandb"]) as lg:
+        for step in range(1, 5):
+            lg.log({"loss": 1.0 / step}, step=step)
+    assert [r["step"] for r in read_records(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert run.logged == [1]
+    err = capsys.readouterr().err
+    assert err.count("failed") == 1  # once, not per step, and not again at close
+    assert ("logger backend 'wandb' failed at step 2 (ConnectionResetError: Connection lost) and is "
+            f"turned off for the rest of the run; {tmp_path / 'metrics.jsonl'} keeps every step.") in err

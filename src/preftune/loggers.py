@@ -7,9 +7,11 @@ run should log: pass `enabled=(rank == 0)` and every other rank's logger does no
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -123,10 +125,29 @@ class MetricsLogger:
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
         }
         if self._tensorboard is not None:
-            for key, value in numbers.items():
-                self._tensorboard.add_scalar(key, value, global_step=step)
+            with self._viewer("tensorboard", step):
+                for key, value in numbers.items():
+                    self._tensorboard.add_scalar(key, value, global_step=step)
         if self._wandb_run is not None:
-            self._wandb_run.log(numbers, step=step)
+            with self._viewer("wandb", step):
+                self._wandb_run.log(numbers, step=step)
+
+    @contextlib.contextmanager
+    def _viewer(self, backend: str, step: int | None = None):
+        """TensorBoard and W&B are views of metrics.jsonl: one that fails mid-run (W&B's service
+        process killed, a full disk under the event file) is turned off with one message, and
+        the training run goes on, instead of dying with it hours in."""
+        try:
+            yield
+        except Exception as e:  # whatever the backend raises, it must not stop training
+            if backend == "tensorboard":
+                self._tensorboard = None
+            else:
+                self._wandb_run = None
+            when = f"at step {step}" if step is not None else "while closing"
+            print(f"logger backend {backend!r} failed {when} ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0][:200] if str(e) else 'no message'}) and is turned off for "
+                  f"the rest of the run; {self.path} keeps every step.", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         """Flush and close every backend; safe to call twice."""
@@ -134,10 +155,12 @@ class MetricsLogger:
             self._file.close()
             self._file = None
         if self._tensorboard is not None:
-            self._tensorboard.close()
+            with self._viewer("tensorboard"):
+                self._tensorboard.close()
             self._tensorboard = None
         if self._wandb_run is not None:
-            self._wandb_run.finish()
+            with self._viewer("wandb"):
+                self._wandb_run.finish()
             self._wandb_run = None
 
     def __enter__(self) -> Self:
