@@ -149,3 +149,15 @@ def test_loss_settings_at_their_defaults_or_used_by_one_of_the_types_are_accepte
     LossConfig(type="sigmoid", label_smoothing=0.0, ipo_length_normalize=True, simpo_gamma=0.5, rdpo_alpha=0.01)
     LossConfig(type=["ipo", "robust"], label_smoothing=0.1, ipo_length_normalize=False)
     LossConfig(type=["simpo", "rdpo"], simpo_gamma=1.0, rdpo_alpha=0.1)
+
+
+@pytest.mark.parametrize("model", [{"reference_path": "other"}, {"reference": "precompute"}])
+def test_reference_settings_with_reference_free_are_refused(model):
+    """loss.reference_free loads no reference: a reference model or a precomputed cache asked
+    for beside it would silently do nothing."""
+    raw = {"model": {"path": "m", **model}, "data": {"train": "d.jsonl"},
+           "loss": {"type": "sigmoid", "reference_free": True}}
+    with pytest.raises(UserError, match="loss.reference_free is true, so no reference is loaded"):
+        validate_config(raw)
+    raw["loss"]["reference_free"] = False
+    validate_config(raw)

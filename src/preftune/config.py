@@ -212,6 +212,20 @@ class Config(Section):
         return self
 
     @model_validator(mode="after")
+    def _no_reference_settings_without_a_reference(self):
+        # loss.reference_free loads no reference at all (preftune.reference.build_reference).
+        given = [text for text, is_set in (("model.reference_path", self.model.reference_path is not None),
+                                           ("model.reference: precompute", self.model.reference == "precompute"))
+                 if is_set]
+        if self.loss.reference_free and given:
+            raise ValueError(
+                f"loss.reference_free is true, so no reference is loaded and {' and '.join(given)} "
+                f"would do nothing; remove {'them' if len(given) > 1 else 'it'}, or drop loss.reference_free "
+                "to train against that reference"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _cuda_graphs_need_one_micro_batch(self):
         # A CUDA graph's outputs live in its own memory and are overwritten by its next replay;
         # gradients accumulated over micro-batches would be summed into that memory (known to
