@@ -161,3 +161,43 @@ def test_reference_settings_with_reference_free_are_refused(model):
         validate_config(raw)
     raw["loss"]["reference_free"] = False
     validate_config(raw)
+
+
+def softplus(x):  # -log sigmoid(-x), exact in float64 for any x
+    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+
+
+def sigmoid(x):
+    return math.exp(-softplus(-x))
+
+
+@pytest.mark.parametrize("z", [1000.0, -1000.0, 0.0])
+@pytest.mark.parametrize("name, eps", [("sigmoid", 0.0), ("sigmoid", 0.1), ("robust", 0.1)])
+def test_sigmoid_losses_and_gradients_are_exact_at_margins_of_1000_in_float32(name, eps, z):
+    """-log sigmoid by logsigmoid, never log(sigmoid(.)) (which gives inf at beta h = -1000): the
+    loss and its gradient at beta h = +-1000 are the closed forms, in float32. With eps > 0,
+    cDPO = (1-eps) S(-z) + eps S(z) and rDPO = ((1-eps) S(-z) - eps S(z)) / (1-2eps), S = softplus."""
+    beta = 0.5
+    h = z / beta
+    logps = PairLogps(*(torch.tensor([v], dtype=torch.float32) for v in (-50.0 + h, -50.0, 0.0, 0.0)),
+                      torch.tensor([3]), torch.tensor([3]))
+    logps.policy_chosen_logps.requires_grad_(True)
+    loss = LOSSES[name](logps, LossConfig(type=name, beta=beta, label_smoothing=eps))
+    loss.backward()
+    scale = 1 / (1 - 2 * eps) if name == "robust" else 1.0
+    sign = -1.0 if name == "robust" else 1.0
+    expected = scale * ((1 - eps) * softplus(-z) + sign * eps * softplus(z))
+    expected_grad = scale * beta * (-(1 - eps) * sigmoid(-z) + sign * eps * sigmoid(z))
+    assert loss.item() == pytest.approx(expected, rel=1e-6, abs=1e-6)
+    assert logps.policy_chosen_logps.grad.item() == pytest.approx(expected_grad, rel=1e-6, abs=1e-7)
+
+
+def test_ipo_in_float32_with_summed_log_probs_near_minus_5000():
+    """Log-ratios of long responses are differences of large numbers; in float32 (ulp 5e-4 at
+    5000) the margin and IPO's square stay exact to float32 precision."""
+    logps = PairLogps(*(torch.tensor([v], dtype=torch.float32) for v in (-5000.25, -5003.5, -5001.0, -5002.0)),
+                      torch.tensor([4000]), torch.tensor([4100]))
+    h = 0.75 + 1.5
+    assert LOSSES["ipo"](logps, LossConfig(type="ipo", beta=0.1, ipo_length_normalize=False)).item() == (h - 5) ** 2
+    h_avg = 0.75 / 4000 + 1.5 / 4100
+    assert LOSSES["ipo"](logps, LossConfig(type="ipo", beta=0.1)).item() == pytest.approx((h_avg - 5) ** 2, rel=1e-6)
