@@ -269,3 +269,23 @@ def test_a_run_without_final_is_reported_as_unfinished(tmp_path):
     assert "up to step 60" in html
     (run / "final").mkdir()
     assert "No final/" not in write_report(run).read_text()
+
+
+def test_a_one_step_run_draws_its_points(tmp_path):
+    # One training point is a line of length zero: without a marker its plots were empty axes.
+    from matplotlib.figure import Figure
+
+    from preftune.report import _curve
+
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(
+        {"step": 1, "loss": 0.69, "learning_rate": 1e-6, "rewards/chosen": 0.0}) + "\n")
+    metrics = load_metrics(tmp_path / "metrics.jsonl")
+    for key in ("loss", "learning_rate", "rewards/chosen"):
+        for smoothing in (0.0, 0.6):
+            ax = Figure().add_subplot()
+            assert _curve(ax, metrics, key, key, "tab:blue", smoothing)
+            (line,) = ax.get_lines()
+            assert line.get_xydata().tolist() == [[1.0, metrics.train[0][key]]]
+            assert line.get_marker() not in (None, "", " ", "None"), (key, smoothing)
+    write_report(tmp_path)
+    assert_real_picture(tmp_path / "plots" / "loss.png")

@@ -158,8 +158,9 @@ def _curve(ax, metrics: RunMetrics, key: str, label: str, color: str, smoothing:
             ax.plot(steps, values, color=color, alpha=0.25, linewidth=1)
             ax.plot(steps, ema(values, smoothing), color=color, linewidth=2,
                     label=f"{label}, train (EMA {smoothing:g})")
-        else:
-            ax.plot(steps, values, color=color, linewidth=1.6, label=f"{label}, train")
+        else:  # a lone point (a one-step run) is no line: it needs a marker to show at all
+            ax.plot(steps, values, color=color, linewidth=1.6, label=f"{label}, train",
+                    marker="o" if steps.size == 1 else None, markersize=5)
         drawn = True
     steps, values = metrics.series(f"eval/{key}")
     if steps.size:
