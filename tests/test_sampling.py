@@ -57,7 +57,8 @@ def test_records_follow_the_pairs_contract(model_dir, tmp_path):
     records = read_records(out)
     assert [r["pair_id"] for r in records] == [f"p{i:06d}" for i in range(len(PROMPTS))]
     for record, prompt in zip(records, PROMPTS):
-        assert set(record) == {"pair_id", "prompt", "responses", "model", "sampling"}
+        assert set(record) == {"pair_id", "prompt", "responses", "truncated", "model", "sampling"}
+        assert len(record["truncated"]) == 2 and all(isinstance(t, bool) for t in record["truncated"])
         assert record["prompt"] == prompt
         assert record["model"] == str(model_dir)
         assert record["sampling"] == {

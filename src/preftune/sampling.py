@@ -387,13 +387,18 @@ def iter_pair_batches(
     while index < len(prompts):
         end = min(len(prompts), (index // batch_size + 1) * batch_size)
         indices = list(range(index, end))
-        responses = generate_responses(model, tokenizer, prompts[index:end], indices, settings)
+        _, rows = generate_token_ids(model, tokenizer, prompts[index:end], indices, settings)
+        stop_ids = _stop_token_ids(model, tokenizer)
         yield [
             {
-                "pair_id": pair_id(i, id_prefix), "prompt": prompts[i], "responses": texts,
+                "pair_id": pair_id(i, id_prefix), "prompt": prompts[i],
+                "responses": [_decode_until_stop(tokenizer, ids, stop_ids) for ids in row],
+                # Cut by max_new_tokens, not ended by the model: training must not close it
+                # with an EOS the model never chose (see preftune.data.tokenize).
+                "truncated": [not (ids and ids[-1] in stop_ids) for ids in row],
                 "model": model_name, "sampling": settings.to_dict(),
             }
-            for i, texts in zip(indices, responses)
+            for i, row in zip(indices, rows)
         ]
         index = end
 

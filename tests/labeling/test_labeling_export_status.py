@@ -178,3 +178,28 @@ def test_pairs_with_an_empty_response_are_left_out_of_d(tmp_path):
     store.close()
     assert [r["pair_id"] for r in rows] == ["full"]
     assert report["left_out"] == {"empty response": 1}
+
+
+def test_export_marks_responses_the_sampler_cut(tmp_path):
+    """A response cut by max_new_tokens (pairs.jsonl's `truncated`) stays marked through the
+    labels database, so training closes it with no EOS (tests/test_loop_seams.py)."""
+    from preftune.labeling.pairs import Pair
+
+    db = tmp_path / "votes.sqlite"
+    with sqlite3.connect(db) as old:  # a database from before the column existed
+        old.execute("CREATE TABLE pairs (seq INTEGER PRIMARY KEY AUTOINCREMENT, pair_id TEXT NOT NULL "
+                    "UNIQUE, prompt TEXT NOT NULL, response_0 TEXT NOT NULL, response_1 TEXT NOT NULL, "
+                    "filled INTEGER NOT NULL DEFAULT 0, done INTEGER NOT NULL DEFAULT 0)")
+        old.execute("INSERT INTO pairs (pair_id, prompt, response_0, response_1) "
+                    "VALUES ('old', '\"p\"', 'a', 'b')")
+    old.close()
+    store = Store(db, overlap=1)
+    store.add_pairs([Pair("cut", "p", ("ended.", "cut off"), truncated=(False, True)),
+                     Pair("chat", [{"role": "user", "content": "q"}], ("x y", "z"), truncated=(True, False))])
+    a = store.authenticate(store.add_annotator("a"))
+    cast(store, a, "old", 0), cast(store, a, "cut", 0), cast(store, a, "chat", 0, 1)
+    rows = {row["pair_id"]: row for row in triplet_rows(store, "majority")[0]}
+    store.close()
+    assert "chosen_truncated" not in rows["old"] and "rejected_truncated" not in rows["old"]
+    assert rows["cut"]["rejected_truncated"] is True and "chosen_truncated" not in rows["cut"]
+    assert rows["chat"]["chosen_truncated"] is True and rows["chat"]["chosen"][0]["role"] == "assistant"

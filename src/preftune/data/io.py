@@ -20,6 +20,9 @@ from preftune.data.schema import PreferencePair
 from preftune.errors import UserError
 
 FILE_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet"}
+# A response cut by max_new_tokens when it was sampled (`label auto` / `label export` mark it):
+# training closes it with no EOS (preftune.data.tokenize).
+TRUNCATED_KEYS = ("chosen_truncated", "rejected_truncated")
 # Compressed text files (d.jsonl.gz, as Hub data sets often ship them): the suffix before names the format.
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}
 
@@ -88,6 +91,9 @@ def parse_row(row: object, where: str) -> PreferencePair:
         _check_messages(prompt, where, "prompt", allow_empty=False)
     else:
         _check_text(prompt, where, "prompt", allow_empty=True)
+    for name in TRUNCATED_KEYS:
+        if name in row and not isinstance(row[name], bool):
+            raise UserError(f"{where}: field {name!r} must be true or false, got {row[name]!r}.")
     meta = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected")}
     pair_id = meta.get("pair_id", meta.get("id"))
     return PreferencePair(prompt, chosen, rejected, origin=where,

@@ -95,6 +95,33 @@ def _ending_with(ids: list[int], eos: list[int]) -> list[int]:
     return ids if eos and ids[-len(eos):] == eos else ids + eos
 
 
+def _encode_open_chat(tokenizer, prompt: list, completion: list, origin: str) -> list[int]:
+    """A conversation whose last (assistant) message was cut by max_new_tokens when sampled:
+    the text the model continued (the template up to the generation prompt, then the message),
+    without the end of turn the template would write and the model never did."""
+    last = completion[-1]
+    if last["role"] != "assistant":
+        raise UserError(f"{origin or 'a conversational row'}: a response marked truncated must end with an "
+                        f"assistant message, not {last['role']!r}; fix the row or drop the *_truncated key.")
+    if not getattr(tokenizer, "chat_template", None):
+        return _encode_chat(tokenizer, prompt, True, origin)  # the error for a missing template
+    text = render_chat(tokenizer, prompt + completion[:-1], True, origin or "a conversational row")
+    # The rendered template already holds its special tokens (BOS and the like).
+    return tokenizer(text + last["content"], add_special_tokens=False)["input_ids"]
+
+
+def _without_eos(ids: list[int], eos: list[int], text: str, tokenizer) -> list[int]:
+    """`ids` less an EOS the tokenizer appended; one the text itself ends with stays."""
+    if eos and ids[-1:] == eos and not (tokenizer.eos_token and text.endswith(tokenizer.eos_token)):
+        return ids[:-1]
+    return ids
+
+
+def _truncated(pair: PreferencePair, name: str) -> bool:
+    """Whether the row says its `name` response was cut when sampled (no EOS to train on)."""
+    return pair.metadata.get(f"{name}_truncated") is True
+
+
 def tokenize_pair(pair: PreferencePair, tokenizer, index: int = 0) -> TokenizedPair:
     return _tokenize_pair(pair, tokenizer, index)[0]
 
@@ -102,24 +129,33 @@ def tokenize_pair(pair: PreferencePair, tokenizer, index: int = 0) -> TokenizedP
 def _tokenize_pair(pair: PreferencePair, tokenizer, index: int) -> tuple[TokenizedPair, list[int]]:
     """The pair's ids, and the end of the tokenized prompt that prompt + completion does not
     share (tokens merging across the boundary, a template rendering the prompt differently)."""
+    # A response cut by max_new_tokens when sampled (`*_truncated` in the row) is trained on
+    # as the model wrote it: no EOS after it, and no end of turn from a chat template.
+    chosen_cut, rejected_cut = _truncated(pair, "chosen"), _truncated(pair, "rejected")
     if pair.conversational:
         prompt_ids = _encode_chat(tokenizer, pair.prompt, True, pair.origin)
-        full_chosen = _encode_chat(tokenizer, pair.prompt + pair.chosen, False, pair.origin)
-        full_rejected = _encode_chat(tokenizer, pair.prompt + pair.rejected, False, pair.origin)
+        full_chosen = (_encode_open_chat(tokenizer, pair.prompt, pair.chosen, pair.origin) if chosen_cut
+                       else _encode_chat(tokenizer, pair.prompt + pair.chosen, False, pair.origin))
+        full_rejected = (_encode_open_chat(tokenizer, pair.prompt, pair.rejected, pair.origin) if rejected_cut
+                         else _encode_chat(tokenizer, pair.prompt + pair.rejected, False, pair.origin))
         eos: list[int] = []
     else:
         prompt_ids = encode_text(tokenizer, pair.prompt)
         full_chosen = encode_text(tokenizer, pair.prompt + pair.chosen)
         full_rejected = encode_text(tokenizer, pair.prompt + pair.rejected)
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        # A tokenizer that closes every text with EOS (add_eos_token) closed a cut one too.
+        full_chosen = _without_eos(full_chosen, eos, pair.chosen, tokenizer) if chosen_cut else full_chosen
+        full_rejected = (_without_eos(full_rejected, eos, pair.rejected, tokenizer) if rejected_cut
+                         else full_rejected)
     shared = min(
         _common_prefix_length(prompt_ids, full_chosen),
         _common_prefix_length(prompt_ids, full_rejected),
     )
     return TokenizedPair(
         prompt_ids=prompt_ids[:shared],
-        chosen_ids=_ending_with(full_chosen[shared:], eos),
-        rejected_ids=_ending_with(full_rejected[shared:], eos),
+        chosen_ids=full_chosen[shared:] if chosen_cut else _ending_with(full_chosen[shared:], eos),
+        rejected_ids=full_rejected[shared:] if rejected_cut else _ending_with(full_rejected[shared:], eos),
         index=index,
         pair_id=pair.pair_id,
         origin=pair.origin,

@@ -100,9 +100,12 @@ def _row_labels_pair(row: dict, pair: Pair) -> bool:
     winner = row.get("chosen_index")
     if type(winner) is not int or winner not in (0, 1):
         return False
-    expected = as_triplet(pair.pair_id, {"prompt": pair.prompt, "responses": pair.responses},
-                          winner)
+    expected = as_triplet(pair.pair_id, _as_dict(pair), winner)
     return all(row.get(key) == value for key, value in expected.items())
+
+
+def _as_dict(pair: Pair) -> dict:
+    return {"prompt": pair.prompt, "responses": pair.responses, "truncated": pair.truncated}
 
 
 def _label_batch(batch: list[Pair], values: list[float], job: dict, stats: Counter):
@@ -130,8 +133,7 @@ def _label_batch(batch: list[Pair], values: list[float], job: dict, stats: Count
             winner = 0 if r1 > r2 else 1
         else:
             winner = 0 if pair_draw(job["seed"], pair.pair_id) < p else 1
-        row = as_triplet(pair.pair_id, {"prompt": pair.prompt, "responses": pair.responses},
-                         winner)
+        row = as_triplet(pair.pair_id, _as_dict(pair), winner)
         row.update(r1=r1, r2=r2, p=p, chosen_index=winner, **job)
         rows.append(row)
     return rows

@@ -47,12 +47,21 @@ def decide(outcomes: list, policy: str) -> int | str:
 
 
 def as_triplet(pair_id: str, pair: dict, winner: int) -> dict:
-    """A D.jsonl row; a conversational prompt gets its answers as assistant messages."""
+    """A D.jsonl row; a conversational prompt gets its answers as assistant messages.
+
+    A response cut by max_new_tokens (`pair["truncated"]`) is marked `chosen_truncated` /
+    `rejected_truncated: true`, so that training closes it with no EOS the model never wrote.
+    """
     chosen, rejected = pair["responses"][winner], pair["responses"][1 - winner]
     if isinstance(pair["prompt"], list):
         chosen = [{"role": "assistant", "content": chosen}]
         rejected = [{"role": "assistant", "content": rejected}]
-    return {"prompt": pair["prompt"], "chosen": chosen, "rejected": rejected, "pair_id": pair_id}
+    row = {"prompt": pair["prompt"], "chosen": chosen, "rejected": rejected, "pair_id": pair_id}
+    truncated = pair.get("truncated") or (False, False)
+    for name, index in (("chosen", winner), ("rejected", 1 - winner)):
+        if truncated[index]:
+            row[f"{name}_truncated"] = True
+    return row
 
 
 def _votes_by_pair(votes: list[dict]) -> dict[str, list[dict]]:

@@ -22,6 +22,9 @@ class Pair:
     pair_id: str
     prompt: Prompt
     responses: tuple[str, str]
+    # Per response: cut by max_new_tokens rather than ended by the model (`preftune sample`
+    # writes it; absent means ended). Training then closes it with no EOS.
+    truncated: tuple[bool, bool] = (False, False)
 
 
 def _check_prompt(prompt, where: str) -> Prompt:
@@ -56,7 +59,13 @@ def pair_from_record(record: dict, where: str) -> Pair:
         raise UserError(f"{where}: 'responses' must be a list of at least two strings.")
     if not all(isinstance(r, str) for r in responses[:2]):
         raise UserError(f"{where}: the first two 'responses' must be strings.")
-    return Pair(pair_id=pair_id, prompt=prompt, responses=(responses[0], responses[1]))
+    truncated = record.get("truncated", [False] * len(responses))
+    if (not isinstance(truncated, list) or len(truncated) != len(responses)
+            or not all(isinstance(t, bool) for t in truncated)):
+        raise UserError(f"{where}: 'truncated' must be a list of true/false, one per response "
+                        f"({len(responses)}); fix it or remove the key.")
+    return Pair(pair_id=pair_id, prompt=prompt, responses=(responses[0], responses[1]),
+                truncated=(truncated[0], truncated[1]))
 
 
 def _unterminated_last_record(path: Path) -> list[tuple[int, dict]]:

@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS pairs (
   prompt TEXT NOT NULL,              -- JSON: text or a list of chat messages
   response_0 TEXT NOT NULL,
   response_1 TEXT NOT NULL,
+  truncated TEXT,                    -- JSON [bool, bool]: cut by max_new_tokens; NULL: neither
   filled INTEGER NOT NULL DEFAULT 0, -- live non-skip votes
   done INTEGER NOT NULL DEFAULT 0    -- filled >= overlap of the current server
 );
@@ -107,6 +108,18 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
+def _add_truncated_column(conn: sqlite3.Connection) -> None:
+    """A database made before pairs kept their `truncated` marks gains the column (NULL: the
+    responses were not marked, as before); two processes opening it at once both try."""
+    if "truncated" in {row[1] for row in conn.execute("PRAGMA table_info(pairs)")}:
+        return
+    try:
+        conn.execute("ALTER TABLE pairs ADD COLUMN truncated TEXT")
+    except sqlite3.OperationalError as e:
+        if "duplicate column" not in str(e):
+            raise
+
+
 class Store:
     """One labels database. Safe to share between threads; see the module docstring."""
 
@@ -136,6 +149,7 @@ class Store:
             conn = self._conn()
             conn.execute("PRAGMA journal_mode=WAL")
             conn.executescript(SCHEMA)
+            _add_truncated_column(conn)
         except sqlite3.DatabaseError as e:
             raise UserError(f"{self.path}: not a usable labels database ({e}).") from None
         if overlap is not None:
@@ -229,10 +243,11 @@ class Store:
                     (pair.pair_id,),
                 ).fetchone()
                 if row is None:
+                    truncated = json.dumps(list(pair.truncated)) if any(pair.truncated) else None
                     db.execute(
-                        "INSERT INTO pairs (pair_id, prompt, response_0, response_1, done) "
-                        "VALUES (?, ?, ?, ?, 0)",
-                        (pair.pair_id, prompt, *pair.responses),
+                        "INSERT INTO pairs (pair_id, prompt, response_0, response_1, truncated, done) "
+                        "VALUES (?, ?, ?, ?, ?, 0)",
+                        (pair.pair_id, prompt, *pair.responses, truncated),
                     )
                     added += 1
                 elif tuple(row) == (prompt, *pair.responses):
@@ -249,12 +264,13 @@ class Store:
 
     def pairs(self) -> dict[str, dict]:
         rows = self._conn().execute(
-            "SELECT pair_id, prompt, response_0, response_1 FROM pairs ORDER BY seq"
+            "SELECT pair_id, prompt, response_0, response_1, truncated FROM pairs ORDER BY seq"
         )
         return {
             r["pair_id"]: {
                 "prompt": json.loads(r["prompt"]),
                 "responses": (r["response_0"], r["response_1"]),
+                "truncated": tuple(json.loads(r["truncated"])) if r["truncated"] else (False, False),
             }
             for r in rows
         }
