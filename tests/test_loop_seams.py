@@ -118,3 +118,26 @@ def test_a_cut_chat_response_must_be_the_assistants(tiny_llama, tmp_path):
     pair = load_training_pairs(str(data)).pairs[0]
     with pytest.raises(UserError, match="line 1: a response marked truncated must end with an assistant"):
         tokenize_pair(pair, tokenizer)
+
+
+def test_a_text_row_that_lost_its_prompt_is_named_not_trained_on(tmp_path):
+    """Without its prompt, a row's implicit prompt is the shared start of its two responses
+    (' was so' below): training on it would silently be training on another task."""
+    data = tmp_path / "D.jsonl"
+    data.write_text('{"prompt": "The film", "chosen": " was great.", "rejected": " was bad."}\n'
+                    '{"chosen": " was so fine.", "rejected": " was so dull."}\n')
+    with pytest.raises(UserError, match=r"D.jsonl, line 2: no 'prompt', while .*D.jsonl, line 1 has one"):
+        load_training_pairs(str(data))
+    data.write_text('{"chosen": "Q: hi A: yes.", "rejected": "Q: hi A: no."}\n' * 2)  # all implicit: fine
+    assert [p.prompt for p in load_training_pairs(str(data)).pairs] == ["Q: hi A:"] * 2
+
+
+def test_pairs_and_labeled_rows_given_to_the_wrong_step_say_which_step(tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"pair_id": "p000000", "prompt": "p", "responses": [" x", " y"]}\n')
+    with pytest.raises(UserError, match=r"pairs.jsonl, line 1: a pairs.jsonl row .* label the file first"):
+        load_training_pairs(str(pairs))
+    labeled = tmp_path / "D.jsonl"
+    labeled.write_text('{"prompt": "p", "chosen": " x", "rejected": " y"}\n')
+    with pytest.raises(UserError, match=r"D.jsonl, line 1: a labeled row \(chosen/rejected\), not a pair"):
+        load_pairs(labeled)

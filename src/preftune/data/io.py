@@ -55,7 +55,21 @@ def load_pairs(spec: str, split: str = "train") -> LoadResult:
 
 def parse_rows(rows: Iterable[tuple[str, object]], source: str) -> LoadResult:
     result = LoadResult(pairs=[], source=source)
+    with_prompt = without_prompt = None  # the first row of each kind
     for where, row in rows:
+        # Text rows only: an implicit conversation's prompt is its shared leading messages, which
+        # a row that lost its prompt does not have (that is an error of its own).
+        if isinstance(row, dict) and isinstance(row.get("chosen"), str):
+            if row.get("prompt") is not None:
+                with_prompt = with_prompt or where
+            else:
+                without_prompt = without_prompt or where
+            if with_prompt and without_prompt:
+                # A row that lost its prompt (a merge, another tool) would silently train on the
+                # shared start of its responses as the prompt.
+                raise UserError(f"{without_prompt}: no 'prompt', while {with_prompt} has one; fill in "
+                                "this row's prompt, or leave it out of every row to take the shared "
+                                "start of chosen and rejected as the prompt.")
         pair = parse_row(row, where)
         if pair.chosen == pair.rejected:
             result.skipped["chosen == rejected"] += 1
@@ -72,6 +86,10 @@ def parse_rows(rows: Iterable[tuple[str, object]], source: str) -> LoadResult:
 def parse_row(row: object, where: str) -> PreferencePair:
     if not isinstance(row, dict):
         raise UserError(f"{where}: expected an object with chosen/rejected fields, got {type(row).__name__}.")
+    if "responses" in row and "chosen" not in row and "rejected" not in row:
+        raise UserError(f"{where}: a pairs.jsonl row (its 'responses' are not yet labeled); label the "
+                        "file first with `preftune label auto` or `label serve` and `label export`, "
+                        "and train on the D.jsonl they write.")
     for name in ("chosen", "rejected"):
         if name not in row or row[name] is None:
             raise UserError(f"{where}: missing field {name!r}; every row needs chosen and rejected.")

@@ -48,6 +48,9 @@ def _check_prompt(prompt, where: str) -> Prompt:
 
 def pair_from_record(record: dict, where: str) -> Pair:
     """Validate one pairs.jsonl object; `where` names the file and line for error messages."""
+    if "responses" not in record and "chosen" in record and "rejected" in record:
+        raise UserError(f"{where}: a labeled row (chosen/rejected), not a pair to label; pass the "
+                        "pairs.jsonl written by `preftune sample` (this file can go to `preftune train`).")
     pair_id = record.get("pair_id")
     if not isinstance(pair_id, str) or not pair_id or len(pair_id) > 200:
         raise UserError(f"{where}: 'pair_id' must be a non-empty string (at most 200 characters).")
