@@ -68,8 +68,8 @@ def test_tensorboard_events_hold_the_scalars(tmp_path):
             lg.log({"loss": 1.0 / step, "rewards/chosen": 0.1 * step}, step=step)
     events = EventAccumulator(str(tmp_path / "tensorboard" / "r1"))
     events.Reload()
-    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
-    assert events.Scalars("rewards/chosen")[2].value == pytest.approx(0.3)
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
+    assert events.Scalars("train/rewards/chosen")[2].value == pytest.approx(0.3)
     assert (tmp_path / "metrics.jsonl").exists()
 
 
@@ -85,7 +85,7 @@ def test_a_resumed_run_shows_each_step_once_in_tensorboard(tmp_path):
             lg.log({"loss": 2.0}, step=step)
     events = EventAccumulator(str(tmp_path / "tensorboard" / "r"))
     events.Reload()
-    assert [(e.step, e.value) for e in events.Scalars("loss")] == \
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == \
         [(1, 1.0), (2, 1.0), (3, 1.0), (4, 1.0), (5, 2.0), (6, 2.0), (7, 2.0)]
 
 
@@ -162,3 +162,39 @@ def test_a_viewer_that_fails_mid_run_is_turned_off_and_training_goes_on(tmp_path
     assert err.count("failed") == 1  # once, not per step, and not again at close
     assert ("logger backend 'wandb' failed at step 2 (ConnectionResetError: Connection lost) and is "
             f"turned off for the rest of the run; {tmp_path / 'metrics.jsonl'} keeps every step.") in err
+
+
+def test_tensorboard_and_wandb_name_metrics_as_the_hf_trainer_does_for_trl(tmp_path, monkeypatch):
+    # TRL's DPOTrainer logs through the HF Trainer's callbacks, which write `train/<key>` and
+    # `eval/<key>` (transformers.integrations.rewrite_logs) against `train/global_step`: the
+    # same names here let preftune's and TRL's runs share a panel. metrics.jsonl keeps TRL's
+    # log-history names.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers.integrations.integration_utils import rewrite_logs
+
+    import preftune.loggers as loggers
+
+    class Run:
+        id, name, dir = "abc", "run", str(tmp_path / "wandb" / "run-abc" / "files")
+        rows = []
+
+        def log(self, numbers, step):
+            self.rows.append((step, numbers))
+
+        def finish(self):
+            pass
+
+    run = Run()
+    monkeypatch.setattr(loggers, "_open_wandb", lambda *args, **kwargs: run)
+    train_line = {"loss": 0.6, "rewards/chosen": 0.1, "learning_rate": 1e-6, "epoch": 0.5}
+    with MetricsLogger(tmp_path, ["jsonl", "tensorboard", "wandb"], run_name="r") as lg:
+        lg.log(train_line, step=3)
+        lg.log({"eval/loss": 0.5}, step=3)
+    hf = rewrite_logs(train_line) | rewrite_logs({"eval_loss": 0.5})
+    events = EventAccumulator(str(tmp_path / "tensorboard" / "r"))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == set(hf)
+    assert [(e.step, e.value) for e in events.Scalars("train/rewards/chosen")] == [(3, pytest.approx(0.1))]
+    assert run.rows == [(3, {**rewrite_logs(train_line), "train/global_step": 3}),
+                        (3, {"eval/loss": 0.5, "train/global_step": 3})]
+    assert read_lines(tmp_path / "metrics.jsonl")[0] == {"step": 3, **train_line}

@@ -35,6 +35,13 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def viewer_key(key: str) -> str:
+    """A metric's name in TensorBoard and W&B: the one the HF Trainer's callbacks give TRL's
+    logs there (`train/loss`, `train/rewards/chosen`, `eval/loss`), so that preftune's and TRL's
+    runs share panels. metrics.jsonl keeps the bare names of TRL's log history."""
+    return key if key.startswith(("train/", "eval/")) else f"train/{key}"
+
+
 class MetricsLogger:
     """Log a dict of metrics per step to `output_dir/metrics.jsonl` and the chosen backends.
 
@@ -124,13 +131,14 @@ class MetricsLogger:
             for key, value in record.items()
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
         }
+        numbers = {viewer_key(key): value for key, value in numbers.items()}
         if self._tensorboard is not None:
             with self._viewer("tensorboard", step):
                 for key, value in numbers.items():
                     self._tensorboard.add_scalar(key, value, global_step=step)
         if self._wandb_run is not None:
             with self._viewer("wandb", step):
-                self._wandb_run.log(numbers, step=step)
+                self._wandb_run.log({**numbers, "train/global_step": step}, step=step)
 
     @contextlib.contextmanager
     def _viewer(self, backend: str, step: int | None = None):
@@ -255,6 +263,9 @@ def _open_wandb(output_dir: Path, run_name: str | None, config_dict: dict, proje
     except wandb.errors.CommError as e:  # no network, or the server did not answer in time
         raise UserError(f"wandb could not reach its server ({str(e).splitlines()[0][:200]}); set "
                         "WANDB_MODE=offline to log locally and `wandb sync` later.") from None
+    # As the HF Trainer's W&B callback: every chart's x-axis is the optimizer step.
+    run.define_metric("train/global_step")
+    run.define_metric("*", step_metric="train/global_step", step_sync=True)
     id_file.parent.mkdir(parents=True, exist_ok=True)
     id_file.write_text(run.id)
     return run

@@ -74,7 +74,7 @@ def test_a_sigkill_between_checkpoints_leaves_each_step_once_in_the_records(
                 {k: v for k, v in before.items() if k != "tokens_per_second"}
     events = EventAccumulator(str(output_dir / "tensorboard" / "run"), size_guidance={"scalars": 0})
     events.Reload()
-    assert [e.step for e in events.Scalars("loss")] == list(range(1, 13))
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 13))
     assert [e.step for e in events.Scalars("eval/loss")] == [2, 4, 6, 8, 10, 12]
     assert_bit_identical(weights(output_dir / "final"), uninterrupted)
 
