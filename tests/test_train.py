@@ -204,3 +204,25 @@ def test_eval_sources_report_rows_read_kept_and_skipped(tmp_path, tiny_llama, pa
     out = "".join(capsys.readouterr().out.split())  # rich wraps long lines anywhere
     assert f"data:5rowsreadfrom{eval_file}(eval),4kept,skipped:1chosen==rejected" in out
     assert f"data:16rowsreadfrom{pairs_file}(train),16kept,skipped:none" in out
+
+
+@pytest.mark.parametrize("texts, message", [
+    (["a different corpus makes a smaller vocabulary"], "has another tokenizer than the policy"),
+    (None, "has another tokenizer than the policy"),  # as many tokens, other ids
+])
+def test_a_reference_with_another_tokenizer_is_one_sentence(tmp_path, tiny_llama, pairs_file, texts, message):
+    """It used to stop the first step with 'IndexError: index out of range in self' (a smaller
+    vocabulary), or to train on rewards that mean nothing (as many tokens, other ids)."""
+    from preftune.demo.tiny import DEFAULT_CORPUS, save_tiny_model
+    from preftune.errors import UserError
+
+    corpus = texts or [line.upper() for line in DEFAULT_CORPUS]
+    other = save_tiny_model(tmp_path / "other", "llama", texts=corpus, vocab_size=512 if texts is None else 300)
+    cfg = make_config(tmp_path, tiny_llama, pairs_file, model={"reference_path": str(other)})
+    with pytest.raises(UserError, match=f"the reference '{other}' \\(model.reference_path\\) {message}"):
+        train(cfg)
+    same = tmp_path / "same"
+    same.mkdir()
+    for file in Path(tiny_llama).iterdir():  # the policy's own model under another name: accepted
+        (same / file.name).write_bytes(file.read_bytes())
+    train(make_config(tmp_path, tiny_llama, pairs_file, out="ok", model={"reference_path": str(same)}))

@@ -252,11 +252,37 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+def check_reference_vocabulary(policy_path: str, reference_path: str, reference: nn.Module,
+                               policy: nn.Module, trust_remote_code: bool = False) -> None:
+    """The reference scores the policy's token ids, so both must share one tokenizer: another
+    one stops the first step with an index error, or, with as many tokens, gives rewards that
+    mean nothing. Said in one sentence before the first step."""
+    what = f"the reference {reference_path!r} (model.reference_path)"
+    policy_tokenizer = load_tokenizer(policy_path, trust_remote_code)
+    try:
+        reference_tokenizer = load_tokenizer(reference_path, trust_remote_code)
+    except UserError:
+        reference_tokenizer = None  # weights without tokenizer files: the embeddings must still fit
+    if reference_tokenizer is not None and reference_tokenizer.get_vocab() != policy_tokenizer.get_vocab():
+        policy_vocab, reference_vocab = policy_tokenizer.get_vocab(), reference_tokenizer.get_vocab()
+        differ = sorted(t for t in policy_vocab if reference_vocab.get(t) != policy_vocab[t])
+        example = f", e.g. {differ[0]!r}" if differ else ""
+        raise UserError(f"{what} has another tokenizer than the policy {policy_path!r} ({len(reference_vocab)} "
+                        f"against {len(policy_vocab)} tokens{example}); DPO scores both models on the same token "
+                        "ids, so use a reference with the policy's tokenizer (usually the model it starts from).")
+    rows, policy_rows = (m.get_input_embeddings().num_embeddings for m in (reference, policy))
+    if rows < policy_rows:
+        raise UserError(f"{what} has {rows} token embeddings, fewer than the policy's {policy_rows}; use a "
+                        "reference with the policy's tokenizer (usually the model it starts from).")
+
+
 def make_reference(policy: nn.Module, model_cfg) -> nn.Module:
     """A frozen copy of the starting policy, or the model at `reference_path`."""
     if model_cfg.reference_path:
         reference = load_causal_lm(model_cfg.reference_path, model_cfg.dtype, model_cfg.attn_implementation,
                                    model_cfg.trust_remote_code, merge_adapter=True)
+        check_reference_vocabulary(model_cfg.path, model_cfg.reference_path, reference, policy,
+                                   model_cfg.trust_remote_code)
         reference.to(next(policy.parameters()).device)
     else:
         reference = copy.deepcopy(policy)
