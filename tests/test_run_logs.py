@@ -91,3 +91,22 @@ def test_a_logger_package_that_is_missing_stops_the_run_before_the_model_loads(
                                         r"installed; run `pip install 'preftune\[tensorboard\]'`"):
         train(config)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("terminal, jupyter, ci, bar", [
+    (True, False, None, True), (True, False, "true", False),  # a CI job's log cannot redraw
+    (False, False, None, False), (False, True, None, True),
+])
+def test_the_live_bar_is_for_terminals_and_notebooks_outside_ci(monkeypatch, terminal, jupyter, ci, bar):
+    import types
+
+    import preftune.progress as progress_module
+
+    monkeypatch.setattr(progress_module, "Console",
+                        lambda: types.SimpleNamespace(is_interactive=terminal, is_jupyter=jupyter))
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    assert progress_module.interactive_terminal() is bar
+    assert progress_module.TrainProgress(5, enabled=False).interactive is bar

@@ -26,8 +26,10 @@ LINE_EVERY_S = 30.0
 
 
 def interactive_terminal() -> bool:
-    """True when a live bar can redraw in place: stdout is a terminal and not a CI job's log."""
-    return Console().is_interactive and not os.environ.get("CI")
+    """True when a live bar can redraw in place: stdout is a terminal (or a Jupyter notebook,
+    where rich draws it as a widget) and not a CI job's log."""
+    console = Console()
+    return (console.is_interactive or console.is_jupyter) and not os.environ.get("CI")
 
 
 def _tokens(per_second: float) -> str:
