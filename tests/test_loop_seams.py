@@ -141,3 +141,31 @@ def test_pairs_and_labeled_rows_given_to_the_wrong_step_say_which_step(tmp_path)
     labeled.write_text('{"prompt": "p", "chosen": " x", "rejected": " y"}\n')
     with pytest.raises(UserError, match=r"D.jsonl, line 1: a labeled row \(chosen/rejected\), not a pair"):
         load_pairs(labeled)
+
+
+def test_a_tokenizer_that_closes_every_text_with_eos_gives_the_sampler_s_prompt_ids(recwarn):
+    """add_eos_token tokenizers end the prompt with EOS too; the sampler drops it (a prompt is
+    not over), and training did so only through its 'tokens merging across the boundary' path,
+    warning about every pair that its EOS counted as the start of the completions."""
+    from tokenizers import processors
+
+    from preftune.config import validate_config
+    from preftune.data.schema import PreferencePair
+    from preftune.data.tokenize import tokenize_pairs
+    from preftune.demo.tiny import BOS, EOS, train_tokenizer
+    from preftune.sampling import encode_prompts
+
+    tokenizer = train_tokenizer()
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A {EOS}", special_tokens=[(BOS, tokenizer.bos_token_id), (EOS, tokenizer.eos_token_id)])
+    pairs = [PreferencePair("Question: What is two plus two?\nAnswer:", " Four.", " Seven."),
+             PreferencePair("Hi", " there", " you", metadata={"chosen_truncated": True})]
+    data_cfg = validate_config({"model": {"path": "m"}, "data": {"train": "d.jsonl"}}).data
+    kept, _ = tokenize_pairs(pairs, tokenizer, data_cfg)
+    assert not [w for w in recwarn if "tokenized prompt" in str(w.message)]
+    eos = tokenizer.eos_token_id
+    for pair, tokenized in zip(pairs, kept):
+        assert tokenized.prompt_ids == encode_prompts(tokenizer, [pair.prompt])[0][0].tolist()
+        assert tokenized.prompt_ids[-1] != eos
+    assert kept[0].chosen_ids.count(eos) == 1 and kept[0].chosen_ids[-1] == eos  # once
+    assert eos not in kept[1].chosen_ids and kept[1].rejected_ids[-1] == eos  # cut / ended

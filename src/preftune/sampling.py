@@ -182,13 +182,10 @@ def encode_prompts(tokenizer, prompts: Sequence[Prompt],
 
 
 def _encode_text_prompt(tokenizer, prompt: str) -> list[int]:
-    from preftune.data.tokenize import encode_text
+    """The prompt ids training uses too (less an EOS a tokenizer appends to every text)."""
+    from preftune.data.tokenize import encode_prompt_text
 
-    ids = encode_text(tokenizer, prompt)
-    eos, eos_text = tokenizer.eos_token_id, tokenizer.eos_token
-    if eos is not None and len(ids) > 1 and ids[-1] == eos and not (eos_text and prompt.endswith(eos_text)):
-        ids = ids[:-1]  # appended by a tokenizer that closes every text (add_eos_token)
-    return ids
+    return encode_prompt_text(tokenizer, prompt)
 
 
 def _pad_token_id(tokenizer) -> int:

@@ -68,6 +68,16 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return ids
 
 
+def encode_prompt_text(tokenizer, prompt: str) -> list[int]:
+    """`encode_text` less an EOS the tokenizer appends to every text (add_eos_token): a prompt
+    is not over, and the sampler conditions on it without one (preftune.sampling)."""
+    ids = encode_text(tokenizer, prompt)
+    eos, eos_text = tokenizer.eos_token_id, tokenizer.eos_token
+    if eos is not None and len(ids) > 1 and ids[-1] == eos and not (eos_text and prompt.endswith(eos_text)):
+        ids = ids[:-1]
+    return ids
+
+
 def _encode_chat(tokenizer, messages: list, generation_prompt: bool, origin: str = "") -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("the data is conversational but the tokenizer has no chat template; "
@@ -140,7 +150,7 @@ def _tokenize_pair(pair: PreferencePair, tokenizer, index: int) -> tuple[Tokeniz
                          else _encode_chat(tokenizer, pair.prompt + pair.rejected, False, pair.origin))
         eos: list[int] = []
     else:
-        prompt_ids = encode_text(tokenizer, pair.prompt)
+        prompt_ids = encode_prompt_text(tokenizer, pair.prompt)
         full_chosen = encode_text(tokenizer, pair.prompt + pair.chosen)
         full_rejected = encode_text(tokenizer, pair.prompt + pair.rejected)
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
