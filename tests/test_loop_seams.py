@@ -169,3 +169,52 @@ def test_a_tokenizer_that_closes_every_text_with_eos_gives_the_sampler_s_prompt_
         assert tokenized.prompt_ids[-1] != eos
     assert kept[0].chosen_ids.count(eos) == 1 and kept[0].chosen_ids[-1] == eos  # once
     assert eos not in kept[1].chosen_ids and kept[1].rejected_ids[-1] == eos  # cut / ended
+
+
+def _save_sentencepiece_style_model(folder):
+    """A Llama with a Metaspace tokenizer, the way SentencePiece models (Llama 2, Mistral,
+    Gemma) mark spaces: '▁word', and a decoder that drops the space opening a text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from preftune.demo.tiny import DEFAULT_CORPUS, build_model, special_token_ids
+
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    raw.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    raw.train_from_iterator(DEFAULT_CORPUS, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>", pad_token="<unk>")
+    model = build_model("llama", len(tokenizer), hidden_size=32, special_ids=special_token_ids(tokenizer))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_sentencepiece_response_keeps_the_space_that_opens_it(tmp_path):
+    """Decoded alone, '▁Haagen' is 'Haagen': pairs.jsonl held 'What is the best ice
+    cream?Haagen-Dazs is rich.', text the model never wrote, for training and the judge."""
+    from preftune.sampling import _decode_until_stop
+
+    folder = _save_sentencepiece_style_model(tmp_path / "sp")
+    model, tokenizer = load_model_and_tokenizer(str(folder))
+    prompt, answer = "What is the best ice cream?", " Haagen-Dazs is rich."
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    answer_ids = tokenizer(prompt + answer)["input_ids"][len(prompt_ids):]
+    assert tokenizer.convert_ids_to_tokens(answer_ids)[0].startswith("▁")
+    eos = [tokenizer.eos_token_id]
+    assert _decode_until_stop(tokenizer, answer_ids + eos, eos, prompt_ids) == answer
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("What is the best ice cream?\nThe quick brown fox\n")
+    sample_to_file(str(folder), prompts, tmp_path / "pairs.jsonl", SETTINGS, progress=False)
+    drawn_ids, rows = generate_token_ids(model, tokenizer, ["What is the best ice cream?", "The quick brown fox"],
+                                         [0, 1], SETTINGS)
+    records = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    for record, head, row in zip(records, drawn_ids, rows):
+        for text, ids in zip(record["responses"], row):
+            ids = ids[:-1] if ids[-1] == tokenizer.eos_token_id else ids
+            # prompt + response is the text the model wrote, its opening space included
+            whole = tokenizer.decode(head + ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            assert record["prompt"] + text == whole

@@ -115,7 +115,7 @@ def sample_system(model, tokenizer, prompts: Sequence, settings: SamplingSetting
             samples.prompt_ids.append(ids)
             samples.completion_ids.append(completion)
             samples.lengths.append(len(completion) - int(stopped))
-            samples.texts.append(_decode_until_stop(tokenizer, completion, stop_ids))
+            samples.texts.append(_decode_until_stop(tokenizer, completion, stop_ids, ids))
     return samples
 
 

@@ -287,9 +287,10 @@ def generate_responses(
     settings: SamplingSettings,
 ) -> list[list[str]]:
     """`settings.n` responses for each prompt, the new tokens only, cut at the first EOS."""
-    _, rows = generate_token_ids(model, tokenizer, prompts, prompt_indices, settings)
+    prompt_ids, rows = generate_token_ids(model, tokenizer, prompts, prompt_indices, settings)
     stop_ids = _stop_token_ids(model, tokenizer)
-    return [[_decode_until_stop(tokenizer, ids, stop_ids) for ids in row] for row in rows]
+    return [[_decode_until_stop(tokenizer, ids, stop_ids, head) for ids in row]
+            for head, row in zip(prompt_ids, rows)]
 
 
 @torch.no_grad()
@@ -353,13 +354,23 @@ def _cut_after_stop(token_ids: list[int], stop_ids: list[int]) -> list[int]:
     return token_ids[:end]
 
 
-def _decode_until_stop(tokenizer, token_ids: list[int], stop_ids: list[int]) -> str:
+def _decode_until_stop(tokenizer, token_ids: list[int], stop_ids: list[int],
+                       prompt_ids: Sequence[int] = ()) -> str:
+    """The response's text, up to its first stop token. Given its prompt's ids, the response is
+    decoded after them: SentencePiece-style decoders (Llama 2, Mistral, Gemma) drop the space
+    that opens a text ("▁Four" alone decodes to "Four"), so prompt + response would otherwise
+    not be the text the model wrote, and training and the judge would see "Answer:Four"."""
     stops = set(stop_ids)
     end = next((k for k, t in enumerate(token_ids) if t in stops), len(token_ids))
     # No clean-up of spaces: prompt + response must re-tokenize to what the model wrote.
-    return tokenizer.decode(
-        token_ids[:end], skip_special_tokens=True, clean_up_tokenization_spaces=False
-    )
+    options = {"skip_special_tokens": True, "clean_up_tokenization_spaces": False}
+    text = tokenizer.decode(token_ids[:end], **options)
+    if prompt_ids:
+        head = tokenizer.decode(list(prompt_ids), **options)
+        whole = tokenizer.decode(list(prompt_ids) + list(token_ids[:end]), **options)
+        if whole.startswith(head):  # else a decoder that rewrites the prompt: the response alone
+            text = whole[len(head):]
+    return text
 
 
 def pair_id(prompt_index: int, prefix: str = "p") -> str:
@@ -384,18 +395,18 @@ def iter_pair_batches(
     while index < len(prompts):
         end = min(len(prompts), (index // batch_size + 1) * batch_size)
         indices = list(range(index, end))
-        _, rows = generate_token_ids(model, tokenizer, prompts[index:end], indices, settings)
+        prompt_ids, rows = generate_token_ids(model, tokenizer, prompts[index:end], indices, settings)
         stop_ids = _stop_token_ids(model, tokenizer)
         yield [
             {
                 "pair_id": pair_id(i, id_prefix), "prompt": prompts[i],
-                "responses": [_decode_until_stop(tokenizer, ids, stop_ids) for ids in row],
+                "responses": [_decode_until_stop(tokenizer, ids, stop_ids, head) for ids in row],
                 # Cut by max_new_tokens, not ended by the model: training must not close it
                 # with an EOS the model never chose (see preftune.data.tokenize).
                 "truncated": [not (ids and ids[-1] in stop_ids) for ids in row],
                 "model": model_name, "sampling": settings.to_dict(),
             }
-            for i, row in zip(indices, rows)
+            for i, head, row in zip(indices, prompt_ids, rows)
         ]
         index = end
 
