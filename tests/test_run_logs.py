@@ -110,3 +110,20 @@ def test_the_live_bar_is_for_terminals_and_notebooks_outside_ci(monkeypatch, ter
         monkeypatch.setenv("CI", ci)
     assert progress_module.interactive_terminal() is bar
     assert progress_module.TrainProgress(5, enabled=False).interactive is bar
+
+
+def test_a_resume_that_extends_the_run_trains_its_next_step_at_the_new_schedules_rate(
+        tmp_path, tiny_llama, pairs_file, monkeypatch, one_torch_thread):
+    # 4 steps of linear decay, then resumed to 8: the checkpoint held the old schedule's rate for
+    # step 5 (lr x 0, its end), so the extension's first step did not train, though the run
+    # said the remaining rates follow the new length.
+    lr = 1e-3
+    short = make_config(tmp_path, tiny_llama, pairs_file, train={"max_steps": 4, "save_every": 2},
+                        optim={"lr": lr, "scheduler": "linear"})
+    train(short)
+    used = _record_used_rates(monkeypatch)
+    longer = short.model_copy(update={"train": short.train.model_copy(update={"max_steps": 8})})
+    train(longer, resume=True)
+    assert used == pytest.approx([lr * (1 - i / 8) for i in range(4, 8)], rel=1e-9)
+    logged = [m["learning_rate"] for m in read_metrics(tmp_path / "run", "learning_rate")]
+    assert logged[4:] == pytest.approx(used, rel=1e-9)

@@ -45,3 +45,16 @@ def build_scheduler(optimizer, optim_cfg, total_steps: int):
         optimizer,
         lambda step: lr_multiplier(step, optim_cfg.warmup_steps, total_steps, optim_cfg.scheduler),
     )
+
+
+def follow_schedule(scheduler) -> None:
+    """Set the optimizer's rates to what the schedule, as now built, gives for the next step.
+
+    A checkpoint restores the rate the old schedule computed for the next step; after a resume
+    that changed the run's length that is the old schedule's (0 at the end of a linear or cosine
+    decay, so the first step of an extended run would not train at all).
+    """
+    groups = scheduler.optimizer.param_groups
+    for group, base_lr, multiplier in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * multiplier(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]

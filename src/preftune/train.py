@@ -58,7 +58,7 @@ from preftune.modeling import (
     load_tokenizer,
     pick_device,
 )
-from preftune.optim import build_optimizer, build_scheduler
+from preftune.optim import build_optimizer, build_scheduler, follow_schedule
 from preftune.packing import choose_collate
 from preftune.progress import TrainProgress
 from preftune.records import recorded_path
@@ -345,6 +345,7 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
                         "the new length" if config.optim.scheduler != "constant" else "")
             console.print(f"resume: the run is now {total_steps} steps long, not {state.total_steps} "
                           f"(train.epochs or max_steps changed){schedule}")
+            follow_schedule(scheduler)
     data = data_fingerprint(train_pairs)
     if state.data and state.data != data:
         raise UserError(f"checkpoint {checkpoint} was written for other training data ({state.data.split()[0]} "
