@@ -127,3 +127,19 @@ def test_a_resume_that_extends_the_run_trains_its_next_step_at_the_new_schedules
     assert used == pytest.approx([lr * (1 - i / 8) for i in range(4, 8)], rel=1e-9)
     logged = [m["learning_rate"] for m in read_metrics(tmp_path / "run", "learning_rate")]
     assert logged[4:] == pytest.approx(used, rel=1e-9)
+
+
+def test_the_time_left_follows_the_recent_pace_not_a_slow_first_step(monkeypatch, capsys):
+    # A first step of 100 s (compilation), then 1 s per step: at step 61 the pace is 1 s/step,
+    # so 39 steps take about 39 s, not (160 s / 61 steps) x 39 = 102 s.
+    import preftune.progress as progress_module
+
+    times = iter([0.0, 100.0] + [100.0 + n for n in range(1, 100)])
+    monkeypatch.setattr(progress_module.time, "monotonic", lambda: next(times))
+    with progress_module.TrainProgress(100, interactive=False, every_s=30) as bar:
+        for step in range(1, 62):
+            bar.update(step, {"loss": 0.5, "rewards/accuracies": 0.5})
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(",")[0] for line in lines] == \
+        ["train: step 1/100 (1%)", "train: step 31/100 (31%)", "train: step 61/100 (61%)"]
+    assert lines[-1].endswith("0:02:40 elapsed, about 0:00:39 left")

@@ -51,6 +51,7 @@ class TrainProgress:
         self.interactive = interactive_terminal() if interactive is None else interactive
         self.every_s = every_s
         self._started = self._last_line = None
+        self._last_line_step = start_step
         self._rates: list[float] = []  # tokens/s of the steps since the last plain line
         self._progress = None
         if enabled and self.interactive:
@@ -79,7 +80,7 @@ class TrainProgress:
                or step >= self.total)
         if due:
             self._print_line(step, stats, now)
-            self._last_line, self._rates = now, []
+            self._last_line, self._last_line_step, self._rates = now, step, []
 
     def _print_line(self, step: int, stats: str, now: float) -> None:
         parts = [f"train: step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%)",
@@ -88,9 +89,12 @@ class TrainProgress:
             parts.append(_tokens(sum(self._rates) / len(self._rates)))
         elapsed = now - (self._started if self._started is not None else now)
         parts.append(f"{_clock(elapsed)} elapsed")
-        done = step - self.start_step
-        if 0 < step < self.total and done > 0 and elapsed > 0:
-            parts.append(f"about {_clock((self.total - step) * elapsed / done)} left")
+        # The pace since the previous line (since the start for the first), so that a slow first
+        # step (compilation, caches) stops weighing on the estimate once the run is under way.
+        since = self._last_line if self._last_line is not None else self._started
+        window, done = (now - since if since is not None else 0.0), step - self._last_line_step
+        if 0 < step < self.total and done > 0 and window > 0:
+            parts.append(f"about {_clock((self.total - step) * window / done)} left")
         print(", ".join(parts), file=sys.stdout, flush=True)
 
     def __enter__(self):
