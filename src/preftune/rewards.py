@@ -180,7 +180,14 @@ def _reward_model(folder: Path, batch_size: int, device: str | None) -> RewardFn
             f"model must have exactly one (num_labels=1)."
         )
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        # The head scores the last token that is not padding: the model's own pad id keeps that
+        # the token it was trained to score (an EOS closing the text, say); EOS as padding would
+        # move the score to the token before a closing EOS.
+        own = model.config.pad_token_id
+        if isinstance(own, int) and 0 <= own < len(tokenizer) and own != tokenizer.eos_token_id:
+            tokenizer.pad_token = tokenizer.convert_ids_to_tokens(own)
+        else:
+            tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token
     from preftune.modeling import pick_device
 

@@ -364,3 +364,34 @@ def test_a_reward_model_sees_one_bos_whatever_the_batch(tmp_path, padding_side, 
     with torch.no_grad():
         assert one[0] == pytest.approx(model(**ids).logits[0, 0].item(), abs=1e-5)
         assert one[1] == pytest.approx(model(**text_ids).logits[0, 0].item(), abs=1e-5)
+
+
+def test_a_reward_model_without_a_pad_token_scores_where_its_config_says(tmp_path):
+    """A tokenizer without a pad token beside a model config with one: padding with EOS made the
+    head score the token before a chat turn's closing EOS, not the one the model was saved to
+    score; the model's own pad id keeps the score as `model(**ids)` gives it."""
+    import torch
+    import transformers
+
+    from preftune.demo.tiny import special_token_ids, train_tokenizer
+
+    tokenizer = train_tokenizer()
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, num_labels=1, **special_token_ids(tokenizer))
+    torch.manual_seed(0)
+    model = transformers.LlamaForSequenceClassification(config).eval()
+    tokenizer.chat_template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + "
+                               "'<|eos|>' }}{% endfor %}")  # a turn ends with EOS, nothing after it
+    tokenizer.pad_token = None
+    model.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+
+    chat = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "how can I help you?"}]
+    ids = tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True, return_tensors="pt")
+    assert ids["input_ids"][0, -1].item() == tokenizer.eos_token_id
+    prompts, responses = [chat[:1], "Hi"] * 3, [chat[1]["content"], " there, friend"] * 3
+    one = load_reward(str(tmp_path / "rm"), batch_size=1)(prompts, responses)
+    assert load_reward(str(tmp_path / "rm"), batch_size=4)(prompts, responses) == pytest.approx(one, abs=1e-5)
+    with torch.no_grad():
+        assert one[0] == pytest.approx(model(**ids).logits[0, 0].item(), abs=1e-5)
