@@ -2,6 +2,7 @@
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -198,3 +199,27 @@ def test_tensorboard_and_wandb_name_metrics_as_the_hf_trainer_does_for_trl(tmp_p
     assert run.rows == [(3, {**rewrite_logs(train_line), "train/global_step": 3}),
                         (3, {"eval/loss": 0.5, "train/global_step": 3})]
     assert read_lines(tmp_path / "metrics.jsonl")[0] == {"step": 3, **train_line}
+
+
+def test_the_summary_names_the_wandb_folder_only_when_wandb_writes_one(tmp_path, monkeypatch):
+    # WANDB_MODE=disabled gives a no-op run whose `dir` is a made-up path that never exists.
+    # (Set in-process, wandb keeps the first mode it saw, so the no-op run is imitated here.)
+    pytest.importorskip("wandb")
+    import types
+
+    import preftune.loggers as loggers
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    with MetricsLogger(tmp_path / "offline", ["jsonl", "wandb"], run_name="r") as lg:
+        lines = lg.where()
+    assert lines[0] == f"metrics: {tmp_path / 'offline' / 'metrics.jsonl'}"
+    (line,) = [line for line in lines if line.startswith("wandb: ")]
+    folder = Path(line.removeprefix("wandb: ").split(" (W&B run")[0])
+    assert folder.is_dir() and folder.parent == tmp_path / "offline" / "wandb"
+
+    noop = types.SimpleNamespace(disabled=True, id="x", name="r", dir="/tmp/wandb/run-x/files",
+                                 log=lambda *a, **k: None, finish=lambda: None)
+    monkeypatch.setattr(loggers, "_open_wandb", lambda *args, **kwargs: noop)
+    with MetricsLogger(tmp_path / "disabled", ["jsonl", "wandb"], run_name="r") as lg:
+        assert lg.where() == [f"metrics: {tmp_path / 'disabled' / 'metrics.jsonl'}"]

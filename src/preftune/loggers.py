@@ -91,8 +91,9 @@ class MetricsLogger:
         if "wandb" in backends:
             self._wandb_run = _open_wandb(self.output_dir, run_name, config_dict, wandb_project,
                                           resumed=bool(start_step))
-            self._wandb_dir = Path(self._wandb_run.dir).parent  # wandb/<offline-|>run-<time>-<id>
-            self._wandb_name = self._wandb_run.name or self._wandb_run.id
+            if not getattr(self._wandb_run, "disabled", False):  # WANDB_MODE=disabled writes nothing
+                self._wandb_dir = Path(self._wandb_run.dir).parent  # wandb/<offline-|>run-<time>-<id>
+                self._wandb_name = self._wandb_run.name or self._wandb_run.id
         if "tensorboard" in backends:
             self._tensorboard = _open_tensorboard(self.output_dir, run_name, config_dict, start_step)
             self._tensorboard_dir = Path(self._tensorboard.log_dir)
