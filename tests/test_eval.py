@@ -123,6 +123,16 @@ def write_pairs(path):
     return path
 
 
+def test_eval_pairs_with_a_reference_of_another_tokenizer_is_one_sentence(models, tmp_path):
+    # It once ended in "IndexError: index out of range in self" (a smaller vocabulary).
+    other = save_tiny_model(tmp_path / "other", "llama", texts=["a different corpus makes a smaller vocabulary"],
+                            vocab_size=300)
+    result = invoke(["pairs", "--model", models["ref"], "--reference", other,
+                     "--data", write_pairs(tmp_path / "D_eval.jsonl"), "--out", tmp_path / "out"])
+    assert f"the reference '{other}' (--reference) has another tokenizer than the policy" in user_error(result)
+    assert not (tmp_path / "out" / "eval.json").exists()
+
+
 def test_eval_pairs_policy_equal_to_reference_has_zero_margins(models, tmp_path):
     data = write_pairs(tmp_path / "D_eval.jsonl")
     result = invoke(["pairs", "--model", models["ref"], "--reference", models["ref"],

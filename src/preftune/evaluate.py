@@ -149,7 +149,13 @@ def evaluate_pairs_file(
     from preftune.data.io import load_pairs
     from preftune.data.tokenize import tokenize_pairs
     from preftune.logprobs import CompletionLogps
-    from preftune.modeling import freeze, load_causal_lm, load_tokenizer, pick_device
+    from preftune.modeling import (
+        check_reference_vocabulary,
+        freeze,
+        load_causal_lm,
+        load_tokenizer,
+        pick_device,
+    )
     from preftune.reference import FrozenModelReference, no_reference
 
     run = run_config(model_path)
@@ -182,8 +188,11 @@ def evaluate_pairs_file(
                         "raise --max-length or check the rows.")
     chunk = config.train.logprob_chunk_size
     policy = freeze(load_causal_lm(str(model_path), dtype)).to(torch_device)
-    reference = no_reference if reference_free and reference_path is None else FrozenModelReference(
-        freeze(load_causal_lm(str(reference_path), dtype)).to(torch_device), chunk, autocast)
+    reference_model = None if reference_free and reference_path is None else \
+        freeze(load_causal_lm(str(reference_path), dtype)).to(torch_device)
+    if reference_model is not None and str(reference_path) != str(model_path):
+        check_reference_vocabulary(str(model_path), str(reference_path), reference_model, policy, setting="--reference")
+    reference = no_reference if reference_model is None else FrozenModelReference(reference_model, chunk, autocast)
     with autocast():
         results = evaluate_pairs(CompletionLogps(policy, chunk), reference, pairs, config,
                                  torch_device, tokenizer.pad_token_id, batch_size)

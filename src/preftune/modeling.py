@@ -253,11 +253,12 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 def check_reference_vocabulary(policy_path: str, reference_path: str, reference: nn.Module,
-                               policy: nn.Module, trust_remote_code: bool = False) -> None:
+                               policy: nn.Module, trust_remote_code: bool = False,
+                               setting: str = "model.reference_path") -> None:
     """The reference scores the policy's token ids, so both must share one tokenizer: another
     one stops the first step with an index error, or, with as many tokens, gives rewards that
     mean nothing. Said in one sentence before the first step."""
-    what = f"the reference {reference_path!r} (model.reference_path)"
+    what = f"the reference {reference_path!r} ({setting})"
     policy_tokenizer = load_tokenizer(policy_path, trust_remote_code)
     try:
         reference_tokenizer = load_tokenizer(reference_path, trust_remote_code)
