@@ -195,16 +195,25 @@ def test_bad_pairs_files_name_the_line(tmp_path):
         label_auto(bad, lambda p, r: [0.0] * len(r), tmp_path / "D.jsonl")
 
 
+def reward_model_config(tokenizer):
+    """A one-layer Llama reward model's config over `tokenizer`: one score per sequence."""
+    import transformers
+
+    from preftune.demo.tiny import special_token_ids
+
+    return transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, num_labels=1, **special_token_ids(tokenizer))
+
+
 def test_a_local_reward_model_scores_prompt_plus_response(tmp_path):
     import torch
     import transformers
 
-    from preftune.demo.tiny import special_token_ids, train_tokenizer
+    from preftune.demo.tiny import train_tokenizer
 
     tokenizer = train_tokenizer()
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=64, num_labels=1, **special_token_ids(tokenizer))
+    config = reward_model_config(tokenizer)
     torch.manual_seed(0)
     model = transformers.LlamaForSequenceClassification(config).eval()
     folder = tmp_path / "rm"
@@ -332,15 +341,13 @@ def test_a_reward_model_sees_one_bos_whatever_the_batch(tmp_path, padding_side, 
     import transformers
     from tokenizers import processors
 
-    from preftune.demo.tiny import BOS, CHAT_TEMPLATE, special_token_ids, train_tokenizer
+    from preftune.demo.tiny import BOS, CHAT_TEMPLATE, train_tokenizer
 
     tokenizer = train_tokenizer()
     tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tokenizer.bos_token_id)])
     tokenizer.chat_template = "{{ bos_token }}" + CHAT_TEMPLATE
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=64, num_labels=1, **special_token_ids(tokenizer))
+    config = reward_model_config(tokenizer)
     tokenizer.padding_side = padding_side
     if not has_pad:
         tokenizer.pad_token = None
@@ -373,12 +380,10 @@ def test_a_reward_model_without_a_pad_token_scores_where_its_config_says(tmp_pat
     import torch
     import transformers
 
-    from preftune.demo.tiny import special_token_ids, train_tokenizer
+    from preftune.demo.tiny import train_tokenizer
 
     tokenizer = train_tokenizer()
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=64, num_labels=1, **special_token_ids(tokenizer))
+    config = reward_model_config(tokenizer)
     torch.manual_seed(0)
     model = transformers.LlamaForSequenceClassification(config).eval()
     tokenizer.chat_template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + "
