@@ -282,23 +282,11 @@ def _stop_token_ids(model, tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def generate_responses(
-    model, tokenizer, prompts: Sequence[Prompt], prompt_indices: Sequence[int],
-    settings: SamplingSettings,
-) -> list[list[str]]:
-    """`settings.n` responses for each prompt, the new tokens only, cut at the first EOS."""
-    prompt_ids, rows = generate_token_ids(model, tokenizer, prompts, prompt_indices, settings)
-    stop_ids = _stop_token_ids(model, tokenizer)
-    return [[_decode_until_stop(tokenizer, ids, stop_ids, head) for ids in row]
-            for head, row in zip(prompt_ids, rows)]
-
-
-@torch.no_grad()
 def generate_token_ids(
     model, tokenizer, prompts: Sequence[Prompt], prompt_indices: Sequence[int],
     settings: SamplingSettings,
 ) -> tuple[list[list[int]], list[list[list[int]]]]:
-    """The token ids behind `generate_responses`: each prompt's ids (unpadded), and per prompt
+    """The token ids `sample` and `eval generate` decode: each prompt's ids (unpadded), and per prompt
     `settings.n` rows of new ids, each cut just after its first stop token (kept, since the
     model chose it; a row that hit `max_new_tokens` has none).
 

@@ -68,14 +68,19 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return ids
 
 
-def encode_prompt_text(tokenizer, prompt: str) -> list[int]:
-    """`encode_text` less an EOS the tokenizer appends to every text (add_eos_token): a prompt
-    is not over, and the sampler conditions on it without one (preftune.sampling)."""
-    ids = encode_text(tokenizer, prompt)
+def _less_appended_eos(tokenizer, ids: list[int], text: str) -> list[int]:
+    """`ids` (of a text ending in `text`) less an EOS the tokenizer appends to every text
+    (add_eos_token); an EOS the text itself ends with stays."""
     eos, eos_text = tokenizer.eos_token_id, tokenizer.eos_token
-    if eos is not None and len(ids) > 1 and ids[-1] == eos and not (eos_text and prompt.endswith(eos_text)):
-        ids = ids[:-1]
+    if eos is not None and len(ids) > 1 and ids[-1] == eos and not (eos_text and text.endswith(eos_text)):
+        return ids[:-1]
     return ids
+
+
+def encode_prompt_text(tokenizer, prompt: str) -> list[int]:
+    """`encode_text` less an appended EOS: a prompt is not over, and the sampler conditions on
+    it without one (preftune.sampling)."""
+    return _less_appended_eos(tokenizer, encode_text(tokenizer, prompt), prompt)
 
 
 def _encode_chat(tokenizer, messages: list, generation_prompt: bool, origin: str = "") -> list[int]:
@@ -120,13 +125,6 @@ def _encode_open_chat(tokenizer, prompt: list, completion: list, origin: str) ->
     return tokenizer(text + last["content"], add_special_tokens=False)["input_ids"]
 
 
-def _without_eos(ids: list[int], eos: list[int], text: str, tokenizer) -> list[int]:
-    """`ids` less an EOS the tokenizer appended; one the text itself ends with stays."""
-    if eos and ids[-1:] == eos and not (tokenizer.eos_token and text.endswith(tokenizer.eos_token)):
-        return ids[:-1]
-    return ids
-
-
 def _truncated(pair: PreferencePair, name: str) -> bool:
     """Whether the row says its `name` response was cut when sampled (no EOS to train on)."""
     return pair.metadata.get(f"{name}_truncated") is True
@@ -155,8 +153,8 @@ def _tokenize_pair(pair: PreferencePair, tokenizer, index: int) -> tuple[Tokeniz
         full_rejected = encode_text(tokenizer, pair.prompt + pair.rejected)
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         # A tokenizer that closes every text with EOS (add_eos_token) closed a cut one too.
-        full_chosen = _without_eos(full_chosen, eos, pair.chosen, tokenizer) if chosen_cut else full_chosen
-        full_rejected = (_without_eos(full_rejected, eos, pair.rejected, tokenizer) if rejected_cut
+        full_chosen = _less_appended_eos(tokenizer, full_chosen, pair.chosen) if chosen_cut else full_chosen
+        full_rejected = (_less_appended_eos(tokenizer, full_rejected, pair.rejected) if rejected_cut
                          else full_rejected)
     shared = min(
         _common_prefix_length(prompt_ids, full_chosen),
