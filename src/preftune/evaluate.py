@@ -7,7 +7,6 @@ metrics.jsonl and the output of `preftune eval pairs` mean the same thing.
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -128,7 +127,9 @@ def pairs_eval_config(model_path, data, run: dict, beta: float | None, loss: str
     data_cfg = {k: v for k, v in (run.get("data") or {}).items()
                 if k in ("max_prompt_length", "truncation")}
     data_cfg.update(train=str(data), max_length=max_length or (run.get("data") or {}).get("max_length", 1024))
-    raw = {"model": {"path": str(model_path), "dtype": dtype}, "data": data_cfg,
+    # The run's numerics: a run under bf16 autocast is evaluated under it, as its eval/ lines were.
+    model_cfg = {"path": str(model_path), "dtype": dtype, "autocast": (run.get("model") or {}).get("autocast", "none")}
+    raw = {"model": model_cfg, "data": data_cfg,
            "loss": loss_cfg, "train": {"eval_batch_size": batch_size}}
     return validate_config(raw, source="preftune eval pairs options")
 
@@ -150,6 +151,7 @@ def evaluate_pairs_file(
     from preftune.data.tokenize import tokenize_pairs
     from preftune.logprobs import CompletionLogps
     from preftune.modeling import (
+        autocast_context,
         check_reference_vocabulary,
         freeze,
         load_causal_lm,
@@ -178,8 +180,7 @@ def evaluate_pairs_file(
         raise UserError(f"{model_path}: no --reference given and no run config.yaml names one; "
                         "pass --reference with the model the policy was trained against.")
     torch_device = pick_device(device, "--device")
-    autocast = (lambda: torch.autocast(torch_device.type, dtype=torch.bfloat16)) \
-        if run_model.get("autocast") == "bfloat16" else nullcontext
+    autocast = autocast_context(config.model.autocast, torch_device)
     tokenizer = load_tokenizer(str(model_path))
     loaded = load_pairs(str(data), split)
     pairs, counts = tokenize_pairs(loaded.pairs, tokenizer, config.data)

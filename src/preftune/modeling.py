@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 
@@ -41,6 +42,14 @@ def pick_device(name: str = "auto", setting: str = "train.device") -> torch.devi
             raise UserError(f"{setting} {name!r}: this torch ({torch.__version__}) has no usable "
                             f"{device.type} device; use auto or cpu.")
     return device
+
+
+def autocast_context(autocast: str, device: torch.device):
+    """A factory of the context a forward runs in: bf16 autocast for `model.autocast: bfloat16`
+    (float32 master weights), else nothing."""
+    if autocast == "bfloat16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
 
 
 def _is_local(path: str) -> bool:

@@ -52,6 +52,7 @@ from preftune.losses import preference_loss
 from preftune.metrics import StepMetrics
 from preftune.modeling import (
     adapter_base,
+    autocast_context,
     disable_dropout,
     enable_activation_checkpointing,
     load_causal_lm,
@@ -89,12 +90,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def autocast_context(config: Config, device: torch.device):
-    if config.model.autocast == "bfloat16":
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
 
 
 # ------------------------------------------------------------------------------ data
@@ -213,7 +208,7 @@ class RunContext:
         self.trainable = trainable
         self.collate = partial(collate_pairs, pad_token_id=pad_token_id)  # or pack_pairs: see train()
         self.wrapped = wrapped
-        self.autocast = autocast_context(config, device)
+        self.autocast = autocast_context(config.model.autocast, device)
 
     def no_sync(self):
         return self.wrapped.no_sync() if hasattr(self.wrapped, "no_sync") else contextlib.nullcontext()
@@ -301,7 +296,7 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
         enable_activation_checkpointing(policy)
     policy.config.use_cache = False
     train_pairs, eval_pairs = prepare_data(config, tokenizer, console)
-    autocast = autocast_context(config, device)
+    autocast = autocast_context(config.model.autocast, device)
     reference_logps = build_reference(config, policy, autocast, train_pairs, eval_pairs, tokenizer.pad_token_id,
                                       device, console, dist.is_main)
     if dist.strategy != "fsdp":
