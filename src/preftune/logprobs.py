@@ -44,7 +44,7 @@ def unwrap_causal_lm(model: nn.Module) -> nn.Module:
             return model
 
 
-def supports_hidden_state_path(model: nn.Module) -> bool:
+def supports_hidden_state_path(model: nn.Module, recheck: bool = False) -> bool:
     """Models whose logits are exactly lm_head(final hidden states).
 
     Several families post-process them: Gemma 2 soft-caps, Cohere multiplies by a logit scale,
@@ -52,10 +52,11 @@ def supports_hidden_state_path(model: nn.Module) -> bool:
     scales the hidden states first. For them the chunked path would give other log-probs, so
     they take the naive one. Rather than a list of every family's knob, the model's own logits
     are compared with the bare head's once (see `_head_gives_the_logits`); the verdict is kept on
-    the model, so it is decided eagerly, before any torch.compile traces the caller.
+    the model, so it is decided eagerly, before any torch.compile traces the caller. `recheck`
+    decides anew, for a model whose head has changed since (an adapter attached to it).
     """
     lm = unwrap_causal_lm(model)
-    verdict = getattr(lm, "_preftune_head_gives_logits", None)
+    verdict = None if recheck else getattr(lm, "_preftune_head_gives_logits", None)
     if verdict is None:
         verdict = _head_gives_the_logits(lm)
         lm._preftune_head_gives_logits = verdict

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from preftune.errors import UserError
-from preftune.logprobs import supports_hidden_state_path, unwrap_causal_lm
+from preftune.logprobs import supports_hidden_state_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -217,9 +217,8 @@ def _load_adapter(path: str, base_path: str, dtype: str, attn_implementation: st
     except (OSError, ValueError, RuntimeError, AttributeError, KeyError) as e:
         raise UserError(f"could not load the PEFT adapter in {path} onto its base {base_path!r}: "
                         f"{str(e).splitlines()[0][:200]}") from None
-    # The log-prob path is decided again: the adapter may sit on the LM head.
-    del unwrap_causal_lm(model)._preftune_head_gives_logits
-    supports_hidden_state_path(model)
+    if not merge:  # an adapter left separate may sit on the LM head: its log-prob path is decided again
+        supports_hidden_state_path(model, recheck=True)
     return model
 
 
