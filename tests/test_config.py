@@ -41,11 +41,27 @@ def test_an_unknown_key_with_nothing_close_lists_the_section_keys():
     ("per_device_train_batch_size=4", "unknown key 'per_device_train_batch_size' (TRL's name: "
                                       "preftune's is train.batch_size); the keys of the config are model,"),
     ("train.rpo_alpha=1", "preftune's is loss.type: [sigmoid, sft] with loss.weights: [1, alpha])"),
+    ("optim.warmup_ratio=0.1", "preftune's is optim.warmup_steps, which below 1 is a share of the run's steps)"),
 ])
 def test_a_trl_key_is_told_its_preftune_name(key, where):
     with pytest.raises(UserError) as caught:
         load_config(None, REQUIRED + [key])
     assert where in str(caught.value)
+
+
+@pytest.mark.parametrize("written, steps_in_200", [("0", 0), ("20", 20), ("20.0", 20), ("0.1", 20),
+                                                   ("0.101", 21), ("0.0", 0)])
+def test_warmup_is_whole_steps_or_a_share_of_the_run_rounded_up(written, steps_in_200):
+    # transformers 5's convention: a value below 1 is a share of the run's optimizer steps.
+    optim = load_config(None, REQUIRED + [f"optim.warmup_steps={written}"]).optim
+    assert optim.warmup_steps_in(200) == steps_in_200
+
+
+def test_a_warmup_that_is_neither_whole_steps_nor_a_share_is_refused():
+    with pytest.raises(UserError) as caught:
+        load_config(None, REQUIRED + ["optim.warmup_steps=2.5"])
+    assert "key 'optim.warmup_steps': 2.5 is neither whole steps (e.g. 100) nor a share of the run's steps " \
+           "below 1 (e.g. 0.1)" in str(caught.value)
 
 
 def test_an_unknown_key_inside_an_optional_section():

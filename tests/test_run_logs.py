@@ -24,21 +24,23 @@ def _record_used_rates(monkeypatch) -> list[float]:
     return used
 
 
-@pytest.mark.parametrize("scheduler, multipliers", [
+@pytest.mark.parametrize("scheduler, warmup, multipliers", [
     # 2 warmup steps ((i + 1) / 3), then decay over the 4 steps left: i = 2..5 of 6.
-    ("linear", [1 / 3, 2 / 3, 1.0, 0.75, 0.5, 0.25]),
-    ("cosine", [1 / 3, 2 / 3, 1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5,
-                0.5 * (1 + math.cos(3 * math.pi / 4))]),
+    ("linear", 2, [1 / 3, 2 / 3, 1.0, 0.75, 0.5, 0.25]),
+    ("cosine", 2, [1 / 3, 2 / 3, 1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5,
+                   0.5 * (1 + math.cos(3 * math.pi / 4))]),
+    # A share below 1: 0.25 of 6 steps is 1.5, rounded up to the same 2 warmup steps.
+    ("linear", 0.25, [1 / 3, 2 / 3, 1.0, 0.75, 0.5, 0.25]),
 ])
 def test_logged_learning_rate_is_the_rate_the_step_used(tmp_path, tiny_llama, pairs_file, monkeypatch,
-                                                        one_torch_thread, scheduler, multipliers):
+                                                        one_torch_thread, scheduler, warmup, multipliers):
     # HF's Trainer logs the rate the optimizer step used; logging the one after
     # scheduler.step() shifts the curve a step early (a first step at twice its warmup rate,
     # and a last step at 0 that never trains).
     used = _record_used_rates(monkeypatch)
     lr = 1e-3
     train(make_config(tmp_path, tiny_llama, pairs_file, train={"max_steps": 6},
-                      optim={"lr": lr, "scheduler": scheduler, "warmup_steps": 2}))
+                      optim={"lr": lr, "scheduler": scheduler, "warmup_steps": warmup}))
     logged = [m["learning_rate"] for m in read_metrics(tmp_path / "run", "learning_rate")]
     assert used == pytest.approx([lr * m for m in multipliers], rel=1e-9)
     assert logged == pytest.approx(used, rel=1e-9)

@@ -7,6 +7,7 @@ Unknown keys and bad values fail with one sentence that names the dotted key.
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -165,9 +166,27 @@ class OptimConfig(Section):
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1.0e-8
     scheduler: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
+    # Whole steps, or below 1 a share of the run's optimizer steps, rounded up (transformers 5's
+    # convention, which replaced its `warmup_ratio`): 0.1 warms up over the first tenth.
+    warmup_steps: int | float = Field(0, ge=0)
     max_grad_norm: float | None = 1.0
     fused: bool | None = None  # None: fused AdamW where it is supported (CUDA)
+
+    @field_validator("warmup_steps")
+    @classmethod
+    def _whole_steps_or_a_share(cls, value):
+        if isinstance(value, float) and value >= 1:
+            if not value.is_integer():
+                raise ValueError(f"{value} is neither whole steps (e.g. 100) nor a share of the "
+                                 "run's steps below 1 (e.g. 0.1)")
+            return int(value)
+        return value
+
+    def warmup_steps_in(self, total_steps: int) -> int:
+        """The warmup's length in optimizer steps for a run of `total_steps`."""
+        if isinstance(self.warmup_steps, float):
+            return math.ceil(total_steps * self.warmup_steps)
+        return self.warmup_steps
 
 
 class TrainConfig(Section):
@@ -290,6 +309,7 @@ TRL_NAMES = {
     "rpo_alpha": "loss.type: [sigmoid, sft] with loss.weights: [1, alpha]",
     "learning_rate": "optim.lr", "lr_scheduler_type": "optim.scheduler", "optim": "optim.name",
     "warmup_steps": "optim.warmup_steps", "weight_decay": "optim.weight_decay",
+    "warmup_ratio": "optim.warmup_steps, which below 1 is a share of the run's steps",
     "max_grad_norm": "optim.max_grad_norm", "adam_beta1": "optim.betas", "adam_beta2": "optim.betas",
     "adam_epsilon": "optim.eps", "per_device_train_batch_size": "train.batch_size",
     "gradient_accumulation_steps": "train.grad_accum", "num_train_epochs": "train.epochs",

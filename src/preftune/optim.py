@@ -43,7 +43,8 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, kind: str) -> 
 def build_scheduler(optimizer, optim_cfg, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda step: lr_multiplier(step, optim_cfg.warmup_steps, total_steps, optim_cfg.scheduler),
+        lambda step: lr_multiplier(step, optim_cfg.warmup_steps_in(total_steps), total_steps,
+                                   optim_cfg.scheduler),
     )
 
 
