@@ -388,13 +388,16 @@ def test_generate_samples_the_policy_itself_whatever_its_generation_config(
     assert responses("shaped") == responses("plain")
 
 
-def test_generate_says_when_kl_is_not_kl_of_the_policy(models, prompts_file, tmp_path):
+@pytest.mark.parametrize("drawn, said", [({"temperature": 0.7}, "temperature 0.7"),
+                                         ({"top_k": 5, "min_p": 0.1}, "top-k 5, min-p 0.1")])
+def test_generate_says_when_kl_is_not_kl_of_the_policy(models, prompts_file, tmp_path, drawn, said):
     rigged_reward(tmp_path, {})
     record = compare_models([models["pol"]], models["ref"], prompts_file,
                             f"reward:{tmp_path / 'rigged.py'}:length", max_new_tokens=2,
-                            temperature=0.7, out=tmp_path / "out")["evals"][0]
-    assert record["kl_note"].startswith("samples were drawn at temperature 0.7 and top-p 1.0")
+                            out=tmp_path / "out", **drawn)["evals"][0]
+    assert record["kl_note"].startswith(f"samples were drawn at {said}, not from the policy itself")
     assert "not KL(pi || ref)" in record["kl_note"]
+    assert record["sampling"] == {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 2, "seed": 0, **drawn}
 
 
 def test_leaderboard_orders_systems_by_a_rigged_reward(models, prompts_file, tmp_path, own_texts):

@@ -215,10 +215,10 @@ def test_evaluations_table_names_the_judge_and_data_and_waiting_votes(tmp_path):
     reward = {**generate_eval(0.1, 1.0, 1.0, 0.7), "judge": "reward:/home/me/rm.py:score"}
     pairs = {"kind": "pairs", "model": "runs/b0.1/final", "data": "/data/dd", "split": "test",
              "eval/rewards/accuracies": 0.8}
-    cooler = {**reward, "sampling": {"temperature": 0.5, "top_p": 1.0, "seed": 0}}
+    cooler = {**reward, "sampling": {"temperature": 0.5, "top_p": 1.0, "seed": 0, "top_k": 40}}
     (tmp_path / "eval.json").write_text(json.dumps({"evals": [human, reward, pairs, cooler]}))
     html = write_report(tmp_path).read_text()
-    assert "<td>reward:rm.py:score at temperature 0.5, top-p 1</td>" in html
+    assert "<td>reward:rm.py:score at temperature 0.5, top-k 40</td>" in html
     assert "<td>human on held_out.txt</td>" in html and "<td>awaiting votes</td>" in html
     assert "<td>reward:rm.py:score</td>" in html and "<td>pairs of dd (test)</td>" in html
 
@@ -238,7 +238,7 @@ def test_reward_kl_frontier_never_mixes_judges_references_or_sampling(tmp_path, 
     evals += [{**evals[0], "judge": "reward:/rm/other.py:score", "mean_reward": {"policy": 40.0}},
               {**evals[1], "reference": "another-sft"},
               {**evals[1], "sampling": {**sampling, "temperature": 0.7}, "kl_note": "samples were "
-               "drawn at temperature 0.7 and top-p 1.0, not from the policy itself"}]
+               "drawn at temperature 0.7, not from the policy itself"}]
     (tmp_path / "eval.json").write_text(json.dumps({"evals": evals}))
     html = write_report(tmp_path).read_text()
     assert [[(e["judge"], e["reference"], e["sampling"]["temperature"]) for e in group]

@@ -12,6 +12,7 @@ from preftune.records import read_records
 from preftune.sampling import (
     SamplingSettings,
     encode_prompts,
+    filtered_probs,
     load_model_and_tokenizer,
     load_prompts,
     nucleus_probs,
@@ -173,9 +174,11 @@ def test_greedy_responses_are_the_new_tokens_cut_at_eos(model_and_tokenizer):
     record = sample_pairs(model, tokenizer, [prompt], temperature=0.0, max_new_tokens=6, n=1)[0]
     assert record["responses"] == [expected]
     assert model.generation_config.to_dict() == config_before  # sampling leaves it alone
-    # A vanishing nucleus keeps only the top token: sampling becomes greedy too.
-    nucleus = sample_pairs(model, tokenizer, [prompt], top_p=1e-6, max_new_tokens=6)[0]
-    assert nucleus["responses"] == [expected, expected]
+    # A vanishing nucleus keeps only the top token: sampling becomes greedy too; so do top-k 1
+    # and a min-p that only the top token reaches.
+    for only_the_top in ({"top_p": 1e-6}, {"top_k": 1}, {"min_p": 0.999999}):
+        record = sample_pairs(model, tokenizer, [prompt], max_new_tokens=6, **only_the_top)[0]
+        assert record["responses"] == [expected, expected], only_the_top
 
 
 def test_decoding_stops_at_eos(model_and_tokenizer):
@@ -194,6 +197,38 @@ def test_nucleus_keeps_the_smallest_set_reaching_top_p():
     assert torch.allclose(nucleus_probs(logits, 0.6), torch.tensor([[0.0, 0.5, 0.3]]))
     assert torch.allclose(nucleus_probs(logits, 0.5), torch.tensor([[0.0, 0.5, 0.0]]))
     assert torch.allclose(nucleus_probs(logits, 1.0), torch.tensor([[0.2, 0.5, 0.3]]))
+
+
+def test_top_k_then_top_p_on_what_it_kept_then_min_p():
+    logits = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4]]))
+    top_two = torch.tensor([[0.0, 0.0, 3 / 7, 4 / 7]])  # what is kept, renormalised
+    top_one = torch.tensor([[0.0, 0.0, 0.0, 1.0]])
+    assert torch.allclose(filtered_probs(logits), torch.tensor([[0.1, 0.2, 0.3, 0.4]]))
+    assert torch.allclose(filtered_probs(logits, top_k=2), top_two)
+    # After top-k 2 the kept tokens weigh 3/7 and 4/7: a nucleus of 0.5 holds the 4/7 alone,
+    # where over the full distribution it needs 0.4 + 0.3.
+    assert torch.allclose(filtered_probs(logits, top_k=2, top_p=0.5), top_one)
+    assert torch.allclose(filtered_probs(logits, top_p=0.5), top_two)
+    # min-p 0.6: tokens below 0.6 x 0.4 = 0.24 go; 0.8: below 0.32.
+    assert torch.allclose(filtered_probs(logits, min_p=0.6), top_two)
+    assert torch.allclose(filtered_probs(logits, min_p=0.8), top_one)
+    # Tokens tied with the k-th stay, as in transformers; k at or past the vocabulary is no filter.
+    tied = torch.log(torch.tensor([[0.3, 0.3, 0.4]]))
+    assert torch.allclose(filtered_probs(tied, top_k=2), torch.tensor([[0.3, 0.3, 0.4]]))
+    assert torch.allclose(filtered_probs(logits, top_k=4), filtered_probs(logits))
+
+
+def test_a_file_written_before_top_k_and_min_p_existed_resumes(model_dir, tmp_path):
+    # Such a file's `sampling` has neither key; written now with both off, it has neither
+    # either, so the same job resumes it; with top-k on it is another job.
+    prompts = write_txt(tmp_path / "all.txt", PROMPTS)
+    out = tmp_path / "pairs.jsonl"
+    run(model_dir, write_txt(tmp_path / "head.txt", PROMPTS[:3]), out)
+    assert all(set(r["sampling"]) == {"temperature", "top_p", "max_new_tokens", "seed", "n"}
+               for r in read_records(out))
+    with pytest.raises(UserError, match="another job"):
+        run(model_dir, prompts, out, settings=SamplingSettings(max_new_tokens=6, top_k=5))
+    assert run(model_dir, prompts, out) == (3, len(PROMPTS) - 3)
 
 
 @pytest.mark.parametrize(
@@ -227,6 +262,10 @@ def test_bad_settings_are_user_errors():
         SamplingSettings(top_p=0.0)
     with pytest.raises(UserError, match="--n"):
         SamplingSettings(n=0)
+    with pytest.raises(UserError, match=r"--top-k must be 0 \(off\) or positive, got -1"):
+        SamplingSettings(top_k=-1)
+    with pytest.raises(UserError, match=r"--min-p must be in \[0, 1\) \(0 is off\), got 1.0"):
+        SamplingSettings(min_p=1.0)
     # Greedy decoding cannot give two different responses: pairs would have chosen == rejected.
     with pytest.raises(UserError, match=r"--temperature 0 .* same response 2 times.*--n 1"):
         SamplingSettings(temperature=0.0, n=2)
@@ -260,12 +299,14 @@ def test_cli_samples_and_resumes(model_dir, tmp_path):
     prompts = write_txt(tmp_path / "p.txt", PROMPTS[:3])
     out = tmp_path / "pairs.jsonl"
     args = ["--model", str(model_dir), "--prompts", str(prompts), "--out", str(out),
-            "--max-new-tokens", "4", "--n", "3", "--seed", "5", "--no-progress"]
+            "--max-new-tokens", "4", "--n", "3", "--seed", "5", "--top-k", "40", "--min-p", "0.05",
+            "--no-progress"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     records = read_records(out)
     assert len(records) == 3 and all(len(r["responses"]) == 3 for r in records)
-    assert records[0]["sampling"]["seed"] == 5
+    assert records[0]["sampling"] == {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 4, "seed": 5,
+                                      "n": 3, "top_k": 40, "min_p": 0.05}
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0 and "nothing to do" in again.output
     missing = CliRunner().invoke(app, args[:2] + ["--prompts", str(tmp_path / "no.txt")] + args[4:])

@@ -71,6 +71,8 @@ def generate(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
     temperature: float = typer.Option(1.0, help="1 samples from the policy itself (needed for an unbiased KL)."),
     top_p: float = typer.Option(1.0, "--top-p"),
+    top_k: int = typer.Option(0, "--top-k", help="Sample among the K likeliest tokens; 0: off."),
+    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below MIN_P times the likeliest one's; 0: off."),
     seed: int = typer.Option(0, help="Prompt i is seeded from (seed, i) for every model alike."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Prompts per generate call."),
     out: Path | None = typer.Option(None, help="Output folder (default: beside each model)."),
@@ -84,7 +86,7 @@ def generate(
 
     result = compare_models(
         model, reference, prompts, judge, n_prompts=n_prompts, max_new_tokens=max_new_tokens,
-        temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size, out=out, db=db,
+        temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, batch_size=batch_size, out=out, db=db,
         device=device, dtype=dtype, n_bootstrap=n_bootstrap, echo=typer.echo,
     )
     for record, folder in zip(result["evals"], result["folders"]):

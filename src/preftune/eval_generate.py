@@ -11,7 +11,7 @@ For every prompt x the policy pi and the reference pi_ref each write one respons
 * the sequence-level KL(pi || ref) = E_{y ~ pi}[log pi(y|x) - log ref(y|x)] is estimated by the
   mean of that log-ratio over the policy's own samples, scored on the exact token ids sampled,
   with its standard error. It is unbiased only for samples drawn from pi itself (temperature 1,
-  top-p 1; sampling sets aside the model's own generation-config processors, such as a
+  no top-k, top-p or min-p; sampling sets aside the model's own generation-config processors, such as a
   repetition penalty); eval.json says so otherwise.
 
 With several models, every pair of systems (the reference included) is compared on every
@@ -48,6 +48,7 @@ from preftune.sampling import (
     load_model_and_tokenizer,
     load_prompts,
 )
+from preftune.sampling_settings import describe_sampling
 
 REFERENCE = "reference"  # the reference's name among the systems of a leaderboard
 Echo = Callable[[str], None]
@@ -222,10 +223,10 @@ def summarize(rows: list[dict], policy: Samples, reference: Samples, judge: Judg
         "mean_length_se": {who: _number(m.se) for who, m in lengths.items()},
         "samples": "samples.jsonl",
     }
-    if settings.temperature != 1.0 or settings.top_p != 1.0:
-        record["kl_note"] = (f"samples were drawn at temperature {settings.temperature} and top-p "
-                             f"{settings.top_p}, not from the policy itself, so 'kl' is the mean "
-                             "log-ratio under that distribution, not KL(pi || ref).")
+    if settings.reshapes_distribution:
+        record["kl_note"] = (f"samples were drawn at {describe_sampling(settings.to_dict())}, not from "
+                             "the policy itself, so 'kl' is the mean log-ratio under that "
+                             "distribution, not KL(pi || ref).")
     beta = (run_config(policy.path).get("loss") or {}).get("beta")
     if beta is not None:
         record["beta"] = beta  # the report labels and groups reward-KL points by beta
@@ -301,7 +302,8 @@ class _Job:
 def compare_models(
     model_paths: Sequence, reference_path, prompts, judge: str, *,
     n_prompts: int | None = None, max_new_tokens: int = 64, temperature: float = 1.0,
-    top_p: float = 1.0, seed: int = 0, batch_size: int = 16, out=None, db=None,
+    top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, seed: int = 0, batch_size: int = 16,
+    out=None, db=None,
     device: str = "auto", dtype: str = "float32", n_bootstrap: int = 1000,
     echo: Echo | None = None,
 ) -> dict:
@@ -327,7 +329,7 @@ def compare_models(
                         "one; pass --reference with the model the policy was trained against.")
     prompts, source = _resolve_prompts(prompts, n_prompts)
     job = _Job(prompts, source, parse_judge(judge),
-               SamplingSettings(temperature, top_p, max_new_tokens, seed, n=1),
+               SamplingSettings(temperature, top_p, max_new_tokens, seed, n=1, top_k=top_k, min_p=min_p),
                batch_size, dtype, device, db)
     if job.judge.kind == "human" and db is None:
         raise UserError("--judge human needs --db, the labeling database the pairs go to.")

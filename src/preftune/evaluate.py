@@ -216,7 +216,7 @@ def evaluate_pairs_file(
 def same_evaluation(a: dict, b: dict) -> bool:
     """Whether two eval.json records are the same evaluation (a rerun replaces the earlier).
 
-    Generations drawn otherwise (another temperature, top-p or max_new_tokens, as in a sweep
+    Generations drawn otherwise (another temperature, top-k, top-p, min-p or max_new_tokens, as in a sweep
     of win rate against temperature) are another evaluation; another seed is a rerun.
     """
     keys = ("kind", "reference", "judge", "data", "prompts")

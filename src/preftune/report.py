@@ -25,6 +25,7 @@ from preftune.bradley_terry import win_rate as wilson_win_rate
 from preftune.errors import UserError
 from preftune.records import read_records
 from preftune.report_html import render_html
+from preftune.sampling_settings import describe_sampling
 
 TRAIN_COLOR, EVAL_COLOR = "tab:blue", "tab:orange"
 CHOSEN_COLOR, REJECTED_COLOR = "tab:green", "tab:red"
@@ -559,8 +560,8 @@ def _judged_on(ev: dict) -> str:
     prompts = f" on {short(ev['prompts'])}" if ev.get("prompts") else ""
     sampling = ev.get("sampling") or {}
     drawn = ""  # a temperature sweep of one model has one row per temperature
-    if sampling.get("temperature", 1.0) != 1.0 or sampling.get("top_p", 1.0) != 1.0:
-        drawn = f" at temperature {sampling.get('temperature', 1.0):g}, top-p {sampling.get('top_p', 1.0):g}"
+    if describe_sampling(sampling):
+        drawn = f" at {describe_sampling(sampling)}"
     return f"{short(ev.get('judge') or '–')}{prompts}{drawn}"
 
 

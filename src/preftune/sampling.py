@@ -27,53 +27,17 @@ import json
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from preftune.errors import UserError
 from preftune.records import append_records, read_records, recorded_path
+from preftune.sampling_settings import SamplingSettings
 
 Prompt = str | list[dict]  # a text, or a conversation: [{"role": ..., "content": ...}, ...]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """How responses are drawn; stored verbatim as the record's `sampling` field.
-
-    `temperature=0` means greedy decoding, which gives one response per prompt (`n=1`). Only
-    temperature and nucleus (top-p) filtering shape the distribution: no top-k, so `top_p=1`
-    samples from the model's full distribution.
-    """
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 64
-    seed: int = 0
-    n: int = 2
-
-    def __post_init__(self):
-        if self.n < 1:
-            raise UserError(f"--n must be at least 1, got {self.n}.")
-        if self.temperature < 0:
-            raise UserError(f"--temperature must be 0 (greedy) or positive, got {self.temperature}.")
-        if self.temperature == 0 and self.n > 1:
-            # Greedy decoding is deterministic: all n responses would be the same text, pairs
-            # with nothing to prefer.
-            raise UserError(
-                f"--temperature 0 (greedy) writes the same response {self.n} times per prompt; "
-                f"set --temperature above 0 (e.g. 1.0) for different responses, or --n 1."
-            )
-        if not 0 < self.top_p <= 1:
-            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}.")
-        if self.max_new_tokens < 1:
-            raise UserError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}.")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,17 +177,17 @@ class _PerRowSampler:
     config asks for (repetition penalty and the like), which therefore still apply.
     """
 
-    def __init__(self, generators: list[torch.Generator], temperature: float, top_p: float):
+    def __init__(self, generators: list[torch.Generator], settings: SamplingSettings):
         self.generators = generators
-        self.temperature = temperature
-        self.top_p = top_p
+        self.settings = settings
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         scores = scores.float()  # (R, V)
-        if self.temperature == 0:
+        s = self.settings
+        if s.temperature == 0:
             choice = scores.argmax(dim=-1, keepdim=True)  # (R, 1)
         else:
-            probs = nucleus_probs(scores / self.temperature, self.top_p).cpu()  # (R, V)
+            probs = filtered_probs(scores / s.temperature, s.top_k, s.top_p, s.min_p).cpu()  # (R, V)
             # Inverse-CDF draw: a tiny change in the logits moves the chosen token only when u
             # falls within that change of a bucket edge, so batching noise almost never shows.
             u = torch.cat([torch.rand(1, generator=g) for g in self.generators])  # (R,)
@@ -235,9 +199,34 @@ class _PerRowSampler:
         return out.scatter_(1, choice, 0.0)
 
 
+def filtered_probs(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0,
+                   min_p: float = 0.0) -> torch.Tensor:
+    """The distribution to draw from: softmax of `logits` (R, V), filtered and renormalised.
+
+    top-k keeps the k likeliest tokens (and any tied with the k-th, as `transformers` does);
+    top-p then takes the smallest set holding `top_p` of what top-k kept; min-p drops the
+    tokens below `min_p` times the likeliest one's probability. The likeliest token always stays.
+    """
+    probs = torch.softmax(logits, dim=-1)  # (R, V)
+    if not (0 < top_k < probs.shape[-1] or top_p < 1.0 or min_p > 0.0):
+        return probs  # as it is: renormalising would move the draws of existing runs by rounding
+    if 0 < top_k < probs.shape[-1]:
+        kth = probs.topk(top_k, dim=-1).values[:, -1:]  # (R, 1)
+        probs = probs.masked_fill(probs < kth, 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    probs = _keep_nucleus(probs, top_p)
+    if min_p > 0.0:
+        probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
 def nucleus_probs(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Softmax of `logits` (R, V) restricted to the smallest set of tokens with mass >= top_p."""
-    probs = torch.softmax(logits, dim=-1)  # (R, V)
+    return _keep_nucleus(torch.softmax(logits, dim=-1), top_p)
+
+
+def _keep_nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """`probs` (R, V), rows summing to 1, with the tokens outside the top-p nucleus at 0."""
     if top_p >= 1.0:
         return probs
     sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
@@ -309,7 +298,8 @@ def generate_token_ids(
     if set_aside:  # said once per model and settings (warnings are shown once per message)
         warnings.warn(f"{getattr(model, 'name_or_path', 'the model')}: sampling sets aside "
                       f"{', '.join(set_aside)} from its generation config, so that responses "
-                      "come from the model itself; only temperature and top-p shape them.",
+                      "come from the model itself; only temperature, top-k, top-p and min-p shape "
+                      "them.",
                       stacklevel=2)
     # Greedy over the one-hot scores of _PerRowSampler; the sampling knobs live in the sampler.
     config.update(
@@ -326,7 +316,7 @@ def generate_token_ids(
         output = model.generate(
             input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
             logits_processor=LogitsProcessorList(
-                [_PerRowSampler(generators, settings.temperature, settings.top_p)]
+                [_PerRowSampler(generators, settings)]
             ),
         )  # (B*n, T + new)
     finally:
@@ -401,15 +391,15 @@ def iter_pair_batches(
 
 def sample_pairs(
     model, tokenizer, prompts: Sequence[Prompt], *, n: int = 2, temperature: float = 1.0,
-    top_p: float = 1.0, max_new_tokens: int = 64, batch_size: int = 16, seed: int = 0,
-    model_name: str | None = None,
+    top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, max_new_tokens: int = 64,
+    batch_size: int = 16, seed: int = 0, model_name: str | None = None,
 ) -> list[dict]:
     """Sample `n` responses per prompt from an in-memory model; returns pairs.jsonl records.
 
     The model keeps its mode and device; sampling runs under `torch.no_grad`. Prompt i is seeded
     from (seed, i), so two models sampled with the same prompts and seed share random numbers.
     """
-    settings = SamplingSettings(temperature, top_p, max_new_tokens, seed, n)
+    settings = SamplingSettings(temperature, top_p, max_new_tokens, seed, n, top_k=top_k, min_p=min_p)
     records = []
     for batch in iter_pair_batches(model, tokenizer, prompts, settings, batch_size, 0, model_name):
         records.extend(batch)

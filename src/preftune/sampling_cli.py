@@ -29,6 +29,10 @@ def sample(
     n: Annotated[int, typer.Option("--n", help="Responses per prompt.")] = 2,
     temperature: Annotated[float, typer.Option("--temperature", help="0 means greedy.")] = 1.0,
     top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass, in (0, 1].")] = 1.0,
+    top_k: Annotated[int, typer.Option("--top-k", help="Sample among the K likeliest tokens; 0: off.")] = 0,
+    min_p: Annotated[float, typer.Option(
+        "--min-p", help="Drop tokens below MIN_P times the likeliest one's probability; 0: off."
+    )] = 0.0,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 64,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per generate call.")] = 16,
     seed: Annotated[int, typer.Option(
@@ -48,7 +52,8 @@ def sample(
 ) -> None:
     """Sample N responses per prompt from a model into pairs.jsonl (resumes an interrupted run)."""
     settings = SamplingSettings(
-        temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, n=n
+        temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, n=n,
+        top_k=top_k, min_p=min_p,
     )
     done, written = sample_to_file(
         model, prompts, out, settings, batch_size=batch_size, dtype=dtype, device=device,
