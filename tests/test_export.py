@@ -43,6 +43,20 @@ def test_merged_model_is_evaluated_with_the_runs_settings(lora_run, pairs_file, 
         assert on_merged[key] == pytest.approx(on_adapter[key], abs=1e-5), key
 
 
+def test_the_adapter_and_the_merged_model_carry_cards_of_their_own_kind(lora_run):
+    from preftune.export_cli import export
+
+    export(lora_run, merge=True, out=None, base=None)
+    adapter_card = (lora_run / "final" / "README.md").read_text()
+    merged_card = (lora_run / "merged" / "README.md").read_text()
+    # preftune's card, not the placeholder PEFT's save_pretrained writes beside an adapter.
+    assert "Model Card for Model ID" not in adapter_card and "library_name: peft" in adapter_card
+    assert "AutoPeftModelForCausalLM" in adapter_card and "- lora" in adapter_card
+    assert "library_name: transformers" in merged_card and "- lora" not in merged_card
+    assert "# run, merged" in merged_card and "AutoModelForCausalLM" in merged_card
+    assert "| LoRA | r 4, alpha 8" in merged_card  # how it was trained, still
+
+
 def test_a_checkpoint_exports_beside_the_run_not_into_checkpoints(lora_run):
     from preftune.export_cli import export
 

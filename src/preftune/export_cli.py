@@ -51,6 +51,7 @@ def export(
     adapter = _adapter_folder(run)
     from preftune.evaluate import EXPORT_RECORD, run_config
     from preftune.lora import merge_adapter
+    from preftune.model_card import CARD_NAME, model_card, run_metrics
 
     run_cfg = run_config(adapter)  # beside final/, or two levels above a checkpoint
     model_cfg = run_cfg.get("model", {})
@@ -66,6 +67,9 @@ def export(
     # What `preftune eval` reads to evaluate the merged model with the run's own settings
     # (beta, loss, max_length; the base as reference), as it does for RUN/final.
     record = {"adapter": str(adapter.resolve()), "base": base_path, "run_config": run_cfg}
+    card = model_card(run_cfg, run_metrics(_run_folder(adapter)), adapter=False, world_size=None,
+                      title=f"{_run_folder(adapter).name}, merged")
     written = merge_adapter(adapter, base_path, model_cfg.get("dtype", "float32"), target,
-                            extra_files={EXPORT_RECORD: yaml.safe_dump(record, sort_keys=False)})
+                            extra_files={EXPORT_RECORD: yaml.safe_dump(record, sort_keys=False),
+                                         CARD_NAME: card})
     typer.echo(f"merged model: {written}")

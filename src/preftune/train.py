@@ -546,6 +546,7 @@ def _restore(folder: Path, policy, optimizer, scheduler, config, dist) -> TrainS
 def _save_final(output_dir: Path, policy, tokenizer, config, dist) -> Path:
     from preftune.checkpoint import write_folder_atomically
     from preftune.dist_checkpoint import full_state_dict, write_weights
+    from preftune.model_card import write_model_card
 
     final = output_dir / "final"
     full = full_state_dict(policy, dist)  # every rank: under fsdp the weights are gathered
@@ -553,6 +554,8 @@ def _save_final(output_dir: Path, policy, tokenizer, config, dist) -> Path:
         def fill(tmp: Path) -> None:
             write_weights(policy, tmp, full)
             tokenizer.save_pretrained(tmp)
+            write_model_card(tmp, output_dir, config.model_dump(mode="json"),
+                             adapter=config.model.lora is not None, world_size=dist.world_size)
 
         # Never a half-written final/ that from_pretrained would load or fail on.
         write_folder_atomically(final, fill, "the final policy")

@@ -1,0 +1,166 @@
+"""The model card (README.md) beside the final policy's weights.
+
+A model folder's README.md is the first thing people read of it, on the Hugging Face Hub and
+off it: YAML metadata that the Hub indexes (base model, library, tags, data sets), then what the
+model is, how it was trained and how well. preftune writes one into `final/` from the run's
+config and metrics.jsonl, and `preftune export --merge` one into the merged folder, so that a
+folder uploaded as it is (`hf upload`) explains itself. PEFT's own placeholder card, which its
+`save_pretrained` writes beside an adapter, is replaced.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+from preftune.records import read_records
+
+CARD_NAME = "README.md"
+
+# A hub id ("org/name" or "name"); a local folder is not one, and the Hub rejects it as base_model.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+# Tags the Hub already uses for these methods; other loss types are tagged by their own name.
+_LOSS_TAGS = {"sigmoid": "dpo", "sft": "sft"}
+
+_DPO_CITATION = """\
+@inproceedings{rafailov2023direct,
+  title     = {Direct Preference Optimization: Your Language Model is Secretly a Reward Model},
+  author    = {Rafailov, Rafael and Sharma, Archit and Mitchell, Eric and Manning, Christopher D.
+               and Ermon, Stefano and Finn, Chelsea},
+  booktitle = {Advances in Neural Information Processing Systems},
+  year      = {2023}
+}"""
+
+
+def hub_id(name: object) -> str | None:
+    """`name` when it reads as a hub id and is not a local path, else None."""
+    if not isinstance(name, str) or not _HUB_ID.match(name) or Path(name).exists():
+        return None
+    return name
+
+
+def model_card(config: dict, metrics: list[dict], *, adapter: bool, world_size: int | None,
+               title: str = "DPO policy") -> str:
+    """The card's text for a run whose config (as in its config.yaml) and metrics are given.
+
+    adapter: the folder holds a PEFT adapter (library peft, loaded with its base), else full
+    weights that `transformers` loads alone. world_size: the run's processes, None when unknown
+    (an export reads the run's files, which do not keep it).
+    """
+    model, data, loss = config.get("model", {}), config.get("data", {}), config.get("loss", {})
+    types = [loss.get("type", "sigmoid")] if isinstance(loss.get("type"), str) else list(loss.get("type") or [])
+    metadata = {
+        "library_name": "peft" if adapter else "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["preftune", *dict.fromkeys(_LOSS_TAGS.get(t, t) for t in types), *(["lora"] if adapter else [])],
+    }
+    if hub_id(model.get("path")):
+        metadata["base_model"] = model["path"]
+    trains = [data.get("train")] if isinstance(data.get("train"), str) else list(data.get("train") or [])
+    datasets = [name for name in trains if hub_id(name)]
+    if datasets:
+        metadata["datasets"] = datasets
+    base = model.get("path", "the starting model")
+    sections = [
+        f"---\n{yaml.safe_dump(metadata, sort_keys=False)}---",
+        f"# {title}\n\n`{base}` trained on preference pairs ({', '.join(f'`{t}`' for t in types)} "
+        f"loss) with preftune, against a frozen reference "
+        "copy of the starting model." + (" This folder holds LoRA adapters; their base is "
+                                          f"`{base}`." if adapter else ""),
+        "## Training\n\n" + _table(("setting", "value"), _settings(config, world_size)),
+        _results(metrics),
+        "## Use\n\n```python\n" + _usage(adapter) + "```",
+        "## Citation\n\n```bibtex\n" + _DPO_CITATION + "\n```",
+    ]
+    return "\n\n".join(s for s in sections if s) + "\n"
+
+
+def write_model_card(folder: Path, run_dir: Path, config: dict, *, adapter: bool,
+                     world_size: int | None) -> Path:
+    """Write `folder`/README.md for the run in `run_dir`."""
+    path = Path(folder) / CARD_NAME
+    path.write_text(model_card(config, run_metrics(run_dir), adapter=adapter, world_size=world_size,
+                               title=Path(run_dir).name), encoding="utf-8")
+    return path
+
+
+def run_metrics(run_dir: Path) -> list[dict]:
+    """The records of the run's metrics.jsonl; none when it has no such file."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return read_records(path) if path.exists() else []
+
+
+def _settings(config: dict, world_size: int | None) -> list[tuple[str, str]]:
+    model, data, loss = config.get("model", {}), config.get("data", {}), config.get("loss", {})
+    optim, train = config.get("optim", {}), config.get("train", {})
+    types = loss.get("type", "sigmoid")
+    rows = [
+        ("data", ", ".join(f"`{d}`" for d in ([data.get("train")] if isinstance(data.get("train"), str)
+                                              else data.get("train") or []))),
+        ("loss", f"{types if isinstance(types, str) else ' + '.join(types)}"
+                 + (f", weights {loss['weights']}" if loss.get("weights") else "")),
+        ("beta", loss.get("beta")),
+        ("learning rate", f"{optim.get('lr')}, {optim.get('scheduler', 'constant')} schedule, "
+                          f"warmup {optim.get('warmup_steps', 0)}"),
+        ("optimizer", f"{optim.get('name', 'adamw')}, weight decay {optim.get('weight_decay', 0.0)}, "
+                      f"gradient clipping {optim.get('max_grad_norm')}"),
+        ("pairs per optimizer step", _pairs_per_step(train.get("batch_size", 1), train.get("grad_accum", 1),
+                                                     world_size)),
+        ("length", f"max_length {data.get('max_length')}, truncation {data.get('truncation', 'keep_end')}"),
+        ("precision", f"weights {model.get('dtype', 'float32')}"
+                      + (f", {model['autocast']} autocast" if model.get("autocast", "none") != "none" else "")),
+        ("reference", model.get("reference_path") or f"the starting model ({model.get('reference', 'copy')})"),
+        ("seed", train.get("seed", 0)),
+    ]
+    lora = model.get("lora")
+    if lora:
+        rows.insert(1, ("LoRA", f"r {lora.get('r')}, alpha {lora.get('alpha')}, dropout {lora.get('dropout')}, "
+                                f"modules {lora.get('target_modules')}"))
+    return [(name, str(value)) for name, value in rows]
+
+
+def _pairs_per_step(batch_size: int, grad_accum: int, world_size: int | None) -> str:
+    per_process = f"{batch_size} per micro-batch x {grad_accum} accumulated"
+    if world_size is None:
+        return f"{batch_size * grad_accum} per process ({per_process})"
+    processes = f"{world_size} process{'es' if world_size > 1 else ''}"
+    return f"{batch_size * grad_accum * world_size} ({per_process} x {processes})"
+
+
+def _results(metrics: list[dict]) -> str:
+    """The last training step's metrics and the last evaluation's, as metrics.jsonl has them."""
+    train = [m for m in metrics if "loss" in m]
+    evals = [m for m in metrics if "eval/loss" in m]
+    if not train:
+        return ""
+    keys = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
+    rows = [(f"train/{key}" if key == "loss" else key, train[-1].get(key)) for key in keys]
+    if evals:
+        rows += [(f"eval/{key}", evals[-1].get(f"eval/{key}")) for key in keys]
+    rows = [(name, f"{value:.4g}") for name, value in rows if isinstance(value, (int, float))]
+    step = train[-1].get("step")
+    eval_step = f"; evaluation at step {evals[-1].get('step')}" if evals else ""
+    return (f"## Results\n\nLast training step ({step}){eval_step}; every step is in the run's "
+            "metrics.jsonl.\n\n" + _table(("metric", "value"), rows))
+
+
+def _usage(adapter: bool) -> str:
+    if adapter:
+        return ("from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
+                'model = AutoPeftModelForCausalLM.from_pretrained("path/to/this/folder")\n'
+                'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")\n')
+    return ("from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")\n'
+            'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")\n')
+
+
+def _table(header: tuple[str, str], rows: list[tuple[str, str]]) -> str:
+    lines = [header, ("---", "---"), *rows]
+    return "\n".join(f"| {_cell(k)} | {_cell(v)} |" for k, v in lines)
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|")  # a bar inside a cell would split the row
