@@ -277,12 +277,14 @@ def _reward_se(ev: dict, who: str = "policy") -> float:
 
 
 def plot_frontier(evals: Sequence[dict], path: str | Path,
-                  title: str = "Reward vs KL: the DPO trade-off") -> Path:
+                  title: str = "Reward vs KL: the DPO trade-off",
+                  colors: dict[str, str] | None = None) -> Path:
     """Mean reward against KL(policy || reference), one point per model (or beta).
 
     Each evaluation needs `kl` and `mean_reward.policy`; `kl_se` and `mean_reward_se.policy`
     give the error bars. Evaluations sharing a `method` share a colour and are joined in KL
     order, so DPO at several betas traces its frontier against single-point baselines.
+    `colors` maps a group to its colour (a comparison keeps each run's colour of its curves).
     """
     points = [ev for ev in evals if _is_number(ev.get("kl")) and _policy_reward(ev) is not None]
     if not points:
@@ -292,8 +294,9 @@ def plot_frontier(evals: Sequence[dict], path: str | Path,
     for ev in points:
         groups.setdefault(str(ev.get("method") or eval_label(ev)), []).append(ev)
     fig, (ax,) = _new_figure()
-    colors = [f"C{n % 10}" for n in range(len(groups))]
-    for (group, members), color in zip(groups.items(), colors):
+    cycle = [f"C{n % 10}" for n in range(len(groups))]
+    for (group, members), color in zip(groups.items(), cycle):
+        color = (colors or {}).get(group, color)
         members.sort(key=lambda ev: ev["kl"])
         x = [ev["kl"] for ev in members]
         y = [_policy_reward(ev) for ev in members]

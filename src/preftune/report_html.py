@@ -58,7 +58,7 @@ def _figure(src: str, title: str, caption: str) -> str:
 
 
 def render_html(title: str, run_dir: str, tables: list, figures: list, notes: list[str],
-                config_text: str = "") -> str:
+                config_text: str = "", folder_label: str = "Run folder") -> str:
     """The whole page. tables: (heading, header, rows); figures: (relative src, title, caption)."""
     generated = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     parts = [
@@ -69,7 +69,7 @@ def render_html(title: str, run_dir: str, tables: list, figures: list, notes: li
         '<meta name="color-scheme" content="light">',
         f"<title>{escape(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>",
         f"<h1>{escape(title)}</h1>",
-        f'<p class="meta">Run folder <code>{escape(run_dir)}</code>, generated {generated}.</p>',
+        f'<p class="meta">{escape(folder_label)} <code>{escape(run_dir)}</code>, generated {generated}.</p>',
     ]
     if notes:
         items = "".join(f"<li>{escape(n)}</li>" for n in notes)

@@ -1,0 +1,185 @@
+"""`preftune report RUN_A RUN_B ... --out DIR`: several runs on one page."""
+
+import json
+import re
+
+import matplotlib.image as mpimg
+import pytest
+from preftune_test_data import make_config
+from test_report import TRAIN_PLOTS, assert_real_picture, generate_eval, write_metrics
+from typer.testing import CliRunner
+
+from preftune.cli import app
+from preftune.config import dump_config
+from preftune.report import write_report
+from preftune.report_compare import draw_overlay, load_run, run_labels, write_comparison
+
+
+def cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def squash(text: str) -> str:
+    return "".join(text.split())  # rich wraps long lines anywhere
+
+
+def make_run(folder, n_steps=60, eval_every=20, finished=True, evals=(), **sections):
+    """A run folder as `preftune train` leaves it: metrics.jsonl, the full config.yaml dumped from
+    the schema, final/ when it finished, and final/eval.json when it was evaluated."""
+    write_metrics(folder, n_steps=n_steps, eval_every=eval_every)
+    config = make_config(folder.parent, "/models/pi_sft", "/data/D.jsonl", out=folder.name,
+                         **sections)
+    dump_config(config, folder / "config.yaml")
+    if finished:
+        (folder / "final").mkdir()
+    if evals:
+        (folder / "final" / "eval.json").write_text(json.dumps({"evals": list(evals)}))
+    return folder
+
+
+def last(folder, key):
+    lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [line[key] for line in lines if key in line][-1]
+
+
+def row(html, name):
+    """The cells of the table row named `name`, as text."""
+    match = re.search(rf"<tr><td>{re.escape(name)}</td>(.*?)</tr>", html)
+    assert match, f"no row {name!r}"
+    return re.findall(r"<td[^>]*>(.*?)</td>", match.group(1))
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    """Two finished beta runs of different lengths, evaluated, and an unfinished IPO run without
+    evaluations at another learning rate."""
+    pairs = {"kind": "pairs", "model": "final", "data": "/data/D_eval.jsonl", "split": "train",
+             "eval/loss": 0.5, "eval/rewards/accuracies": 0.75}
+    return [
+        make_run(tmp_path / "beta0.1", loss={"beta": 0.1},
+                 evals=[generate_eval(0.1, 6.0, 1.5, 0.8), pairs]),
+        make_run(tmp_path / "beta0.5", n_steps=40, loss={"beta": 0.5},
+                 evals=[generate_eval(0.5, 2.0, 0.8, 0.65)]),
+        make_run(tmp_path / "ipo", n_steps=30, eval_every=1000, finished=False,
+                 loss={"type": "ipo", "beta": 0.1}, optim={"lr": 5e-4}),
+    ]
+
+
+def test_comparison_names_each_run_its_differing_settings_and_final_numbers(sweep, tmp_path):
+    html = write_comparison(sweep, tmp_path / "compare").read_text()
+    assert "<th>beta0.1</th><th>beta0.5</th><th>ipo</th>" in html
+    # Only the keys that differ, plus model and loss type, which are always shown.
+    assert row(html, "loss.beta") == ["0.1", "0.5", "0.1"]
+    assert row(html, "loss.type") == ["sigmoid", "sigmoid", "ipo"]
+    assert row(html, "optim.lr") == ["0.001", "0.001", "0.0005"]
+    assert row(html, "model.path") == ["pi_sft"] * 3
+    for same in ("data.max_length", "train.batch_size", "train.output_dir", "optim.scheduler"):
+        assert f"<td>{same}</td>" not in html
+    assert row(html, "status") == ["finished", "finished", "unfinished (no final/)"]
+    assert row(html, "last step") == ["60", "40", "30"]
+    assert row(html, "train loss, last step") == [f"{last(run, 'loss'):.4g}" for run in sweep]
+    assert row(html, "eval/loss, last") == [f"{0.69 - 0.3:.4g}", f"{0.69 - 0.3:.4g}", "–"]
+    assert row(html, "eval/rewards/accuracies, best") == ["0.9 (step 60)", "0.9 (step 40)", "–"]
+    assert row(html, "win rate [95% CI] (reward:tests:length)") == [
+        "0.800 [0.700, 0.900]", "0.650 [0.550, 0.750]", "–"]
+    assert row(html, "KL ± se, nats (reward:tests:length)") == ["6 ± 0.3", "2 ± 0.3", "–"]
+    assert row(html, "held-out accuracy (pairs of D_eval.jsonl)") == ["0.75", "–", "–"]
+    # One sentence for each thing a reader could misread.
+    assert "ipo has no final/: it is still training or was stopped" in html
+    assert "ipo has no evaluations" in html
+    assert "different lengths (steps: beta0.1 60, beta0.5 40, ipo 30)" in html
+    assert "The runs use different loss types" in html
+    for name in TRAIN_PLOTS + ["reward_kl.png"]:
+        assert_real_picture(tmp_path / "compare" / "plots" / name)
+    wins = mpimg.imread(tmp_path / "compare" / "plots" / "win_rates.png")  # one short row per run
+    assert wins.shape[0] > 200 and wins[..., :3].std() > 0.05
+    for name in TRAIN_PLOTS + ["reward_kl.png", "win_rates.png"]:
+        assert f'src="plots/{name}"' in html
+    assert not (sweep[0] / "report.html").exists()  # no run's own report is touched
+
+
+def test_eight_runs_get_distinct_styles_and_a_legend_naming_each(tmp_path):
+    folders = [tmp_path / f"lr{n}" for n in range(8)]
+    for folder in folders:
+        write_metrics(folder, n_steps=5, eval_every=5)
+    runs = [load_run(f, label, n) for n, (f, label) in enumerate(zip(folders, run_labels(folders)))]
+    fig = draw_overlay(runs, [("loss", "Loss", "loss")], smoothing=0.6)
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == [
+        f"lr{n}" for n in range(8)] + ["train (EMA 0.6)", "eval"]
+    (ax,) = fig.axes
+    styles = {(line.get_color(), line.get_marker()) for line in ax.get_lines()
+              if line.get_marker() not in (None, "None", "")}
+    assert len(styles) == 8
+
+
+def test_equal_folder_names_are_told_apart(tmp_path):
+    folders = [tmp_path / "a" / "run", tmp_path / "b" / "run", tmp_path / "x" / "a" / "best",
+               tmp_path / "y" / "a" / "best", tmp_path / "other"]
+    assert run_labels(folders) == ["a/run", "b/run", "x/a/best", "y/a/best", "other"]
+
+
+def test_one_run_gives_todays_report_and_several_a_comparison(sweep, tmp_path):
+    def page(path):  # the page without the minute it was written
+        return re.sub(r"generated [\d\- :]+\.", "", path.read_text())
+
+    result = cli("report", sweep[1], "--smoothing", "0.3")
+    assert result.exit_code == 0 and result.output.strip() == f"report: {sweep[1] / 'report.html'}"
+    from_cli = page(sweep[1] / "report.html")
+    assert from_cli == page(write_report(sweep[1], smoothing=0.3))
+    assert "runs compared" not in from_cli
+    result = cli("report", sweep[0], sweep[1], "--out", tmp_path / "compare")
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == f"report: {tmp_path / 'compare' / 'report.html'}"
+    assert "preftune report: 2 runs compared" in (tmp_path / "compare" / "report.html").read_text()
+
+
+def test_comparison_mistakes_are_one_sentence(sweep, tmp_path):
+    a, b, _ = sweep
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "demo" / "runs").mkdir(parents=True)
+    (tmp_path / "demo" / "demo.json").write_text("{}")
+    cases = [
+        ((a, b), f"comparing 2 runs needs --out DIR, the folder for the comparison's report.html "
+                 f"and plots (each run keeps its own report), e.g. --out {tmp_path / 'compare'}."),
+        ((a, b, "--out", a), f"--out {a} is one of the runs compared"),
+        ((a, tmp_path / "nowhere", "--out", tmp_path / "c"), f"{tmp_path / 'nowhere'}: no such run folder"),
+        ((a, a / "metrics.jsonl", "--out", tmp_path / "c"), f"{a / 'metrics.jsonl'} is a file, not a run folder"),
+        ((a, tmp_path / "notes", "--out", tmp_path / "c"),
+         f"{tmp_path / 'notes'} is not a run folder: it holds neither metrics.jsonl nor any eval.json"),
+        ((a, tmp_path, "--out", tmp_path / "c"), f"{tmp_path} is not a run but holds runs; pass them instead: {a} {b}"),
+        ((a, tmp_path / "demo", "--out", tmp_path / "c"),
+         f"{tmp_path / 'demo'} is a `preftune demo` folder, not a run; compare its runs instead"),
+        ((a, b, tmp_path / "beta0.1", "--out", tmp_path / "c"), f"{a} is given twice"),
+        ((a, b, "--eval", a / "final" / "eval.json", "--out", tmp_path / "c"),
+         "--eval adds evaluations to one run's report"),
+    ]
+    for args, sentence in cases:
+        result = cli("report", *args)
+        assert result.exit_code == 2, (args, result.output)
+        assert squash(sentence) in squash(result.output), (args, result.output)
+        assert "Traceback" not in result.output
+    assert not (tmp_path / "c").exists()  # refused before writing anything
+
+
+def test_resumed_empty_and_evaluation_only_runs_are_shown(tmp_path):
+    # A resume that logged step 2 again: the last line of a step wins, as in one run's report.
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    lines = [{"step": 1, "loss": 0.9}, {"step": 2, "loss": 0.8}, {"step": 2, "loss": 0.7},
+             {"step": 3, "loss": 0.6}]
+    (resumed / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    started = tmp_path / "started"
+    started.mkdir()
+    (started / "metrics.jsonl").write_text("")
+    baseline = tmp_path / "pi_sft"
+    baseline.mkdir()
+    (baseline / "eval.json").write_text(json.dumps(generate_eval(None, 0.0, 0.2, 0.5, "SFT")))
+    html = write_comparison([resumed, started, baseline], tmp_path / "compare", smoothing=0).read_text()
+    assert row(html, "train loss, last step") == ["0.6", "–", "–"]
+    assert row(html, "last step") == ["3", "–", "–"]
+    assert "started has logged no step yet (its metrics.jsonl is empty): no curves." in html
+    assert "pi_sft has no metrics.jsonl: evaluations only, no training curves." in html
+    assert "resumed has no config.yaml, so its settings are shown as unknown" in html
+    assert row(html, "win rate [95% CI] (reward:tests:length)")[2].startswith("0.500")
+    assert_real_picture(tmp_path / "compare" / "plots" / "loss.png")
