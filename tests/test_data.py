@@ -367,13 +367,26 @@ def test_micro_batches_split_a_step_across_ranks():
     assert micro_batches(step, 1, 2, 2) == [[1, 3], [5, 7]]
 
 
+def test_length_bias_counts_longer_shorter_and_equal_and_names_a_strong_one():
+    from preftune.data.inspect import length_bias
+
+    assert length_bias([], []) is None
+    even = length_bias([5, 3, 4, 4], [3, 5, 4, 4])
+    assert even == ("chosen longer than rejected in 1 pair (25%), shorter in 1 (25%), as long in 2; "
+                    "mean difference +0.0 tokens")
+    biased = length_bias([9, 8, 7, 2], [3, 3, 3, 3])
+    assert biased.startswith("chosen longer than rejected in 3 pairs (75%), shorter in 1 (25%), as long "
+                             "in 0; mean difference +3.5 tokens: a length bias the policy will learn "
+                             "(longer responses)")
+
+
 def test_data_inspect_reports_counts_lengths_and_an_example(tmp_path, tiny_llama):
     from typer.testing import CliRunner
 
     from preftune.cli import app
 
     rows = PAIRS + [{"prompt": "p", "chosen": "same", "rejected": "same"},
-                    {"prompt": "word " * 80, "chosen": " yes", "rejected": " no"}]
+                    {"prompt": "word " * 80, "chosen": " yes", "rejected": " no"}, PAIRS[0]]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     result = CliRunner().invoke(app, ["data", "inspect", str(path), "--model", str(tiny_llama),
                                       "--max-length", "64"])
@@ -382,6 +395,8 @@ def test_data_inspect_reports_counts_lengths_and_an_example(tmp_path, tiny_llama
     assert f"{len(rows)} rows, {len(rows) - 1} usable" in out
     assert "skipped 1: chosen == rejected" in out
     assert "1 prompt longer than data.max_length" in out
+    assert "1 row repeats an earlier one (same prompt, chosen and rejected)" in out
+    assert "chosen longer than rejected in " in out
     for title in ("prompt length", "chosen length", "rejected length", "total length"):
         assert title in out
     assert "[chosen]" in out and "[rejected]" in out

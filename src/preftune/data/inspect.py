@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 from rich.console import Console
@@ -57,12 +58,48 @@ def inspect_file(path: str, tokenizer, data_cfg, console: Console, split: str = 
         first = first or kept
     console.print(f"  with data.max_length={data_cfg.max_length}: "
                   + ", ".join(f"{n} {k}" for k, n in outcomes.items()))
+    longer = length_bias(lengths["chosen"], lengths["rejected"])
+    if longer is not None:
+        console.print(f"  {longer}")
+    repeats = repeated_rows(loaded.pairs)
+    if repeats:
+        console.print(f"  {repeats} {'rows repeat' if repeats > 1 else 'row repeats'} an earlier one "
+                      "(same prompt, chosen and rejected): training counts each copy")
     for name in ("prompt", "chosen", "rejected", "total"):
         console.print(_histogram_table(f"{name} length", lengths[name]))
     if first is not None:
         console.print(render_example(first, tokenizer))
     return {"rows": loaded.rows_read, "usable": len(loaded.pairs), "skipped": dict(loaded.skipped),
-            "outcomes": dict(outcomes), "lengths": lengths}
+            "outcomes": dict(outcomes), "lengths": lengths, "repeated_rows": repeats}
+
+
+def length_bias(chosen: list[int], rejected: list[int]) -> str | None:
+    """How often the chosen response is the longer one, in completion tokens.
+
+    DPO learns whatever separates chosen from rejected, length included: when the chosen is
+    mostly the longer, the policy's responses grow (Park et al. 2024, who propose R-DPO).
+    """
+    if not chosen:
+        return None
+    n = len(chosen)
+    longer = sum(c > r for c, r in zip(chosen, rejected))
+    shorter = sum(c < r for c, r in zip(chosen, rejected))
+    mean_gap = sum(c - r for c, r in zip(chosen, rejected)) / n
+    line = (f"chosen longer than rejected in {longer} pair{'s' if longer != 1 else ''} ({longer / n:.0%}), "
+            f"shorter in {shorter} "
+            f"({shorter / n:.0%}), as long in {n - longer - shorter}; mean difference {mean_gap:+.1f} tokens")
+    if max(longer, shorter) / n >= 0.65:
+        line += (f": a length bias the policy will learn ({'longer' if longer > shorter else 'shorter'} "
+                 "responses); loss.type rdpo or simpo counters it")
+    return line
+
+
+def repeated_rows(pairs) -> int:
+    """Rows whose prompt, chosen and rejected equal an earlier row's."""
+    seen = set()
+    for pair in pairs:
+        seen.add(json.dumps([pair.prompt, pair.chosen, pair.rejected], sort_keys=True))
+    return len(pairs) - len(seen)
 
 
 def render_example(pair, tokenizer) -> Text:
