@@ -111,6 +111,8 @@ def test_eight_runs_get_distinct_styles_and_a_legend_naming_each(tmp_path):
     styles = {(line.get_color(), line.get_marker()) for line in ax.get_lines()
               if line.get_marker() not in (None, "None", "")}
     assert len(styles) == 8
+    fig = draw_overlay(runs, [("grad_norm", "Gradient norm", "norm")], smoothing=0.6)
+    assert [t.get_text() for t in fig.legends[0].get_texts()][-1] == "train (EMA 0.6)"  # no eval
 
 
 def test_equal_folder_names_are_told_apart(tmp_path):

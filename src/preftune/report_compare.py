@@ -191,13 +191,14 @@ def _run_curve(ax, run: Run, key: str, smoothing: float) -> bool:
     return drawn
 
 
-def _legend(fig: Figure, runs: list[Run], smoothing: float) -> None:
-    """One entry per run, and two that say which line is training and which evaluation."""
+def _legend(fig: Figure, runs: list[Run], smoothing: float, with_eval: bool) -> None:
+    """One entry per run, and those that say which line is training and which evaluation."""
     handles = [Line2D([], [], label=run.label, markersize=6, **run.style) for run in runs]
     train = f"train (EMA {smoothing:g})" if smoothing > 0 else "train"
-    handles += [Line2D([], [], color="grey", linewidth=1.8, label=train),
-                Line2D([], [], color="grey", linestyle="--", marker="o", markerfacecolor="white",
-                       label="eval")]
+    handles.append(Line2D([], [], color="grey", linewidth=1.8, label=train))
+    if with_eval:
+        handles.append(Line2D([], [], color="grey", linestyle="--", marker="o",
+                              markerfacecolor="white", label="eval"))
     fig.legend(handles=handles, loc="outside lower center", ncols=min(5, len(handles)),
                fontsize=9, framealpha=0.85)
 
@@ -216,7 +217,8 @@ def draw_overlay(runs: list[Run], panels: list[tuple[str, str, str]], smoothing:
         ax.set_ylabel(ylabel)
     if not drawn_runs:
         return None
-    _legend(fig, [run for run in runs if run.index in drawn_runs], smoothing)
+    with_eval = any(run.metrics.has(f"eval/{key}") for run in runs for key, _, _ in panels)
+    _legend(fig, [run for run in runs if run.index in drawn_runs], smoothing, with_eval)
     return fig
 
 
