@@ -117,6 +117,11 @@ class LossConfig(Section):
     ipo_length_normalize: bool = True
     simpo_gamma: float = 0.5
     rdpo_alpha: float = 0.01
+    discopop_tau: float = Field(0.05, gt=0.0)
+    # f-DPO (Wang et al. 2023): the divergence that keeps the policy near the reference.
+    f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = "reverse_kl"
+    # TRL's coefficient, 1 - alpha of the f-DPO paper: 0 is forward KL, 1 reverse KL.
+    f_alpha_divergence_coef: float = Field(0.5, ge=0.0, le=1.0)
 
     @field_validator("type")
     @classmethod
@@ -145,9 +150,45 @@ class LossConfig(Section):
             if value != type(self).model_fields[key].default and not set(users) & set(self.types):
                 raise ValueError(
                     f"loss.{key} is {value}, but loss.type {' + '.join(self.types)} does not use it "
-                    f"(only {' and '.join(users)} do{'es' if len(users) == 1 else ''}); remove loss.{key} "
+                    f"(only {' and '.join([', '.join(users[:-1]), users[-1]] if len(users) > 1 else users)} "
+                    f"do{'es' if len(users) == 1 else ''}); remove loss.{key} "
                     "or choose a loss that uses it"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _exo_needs_a_positive_epsilon(self):
+        if "exo_pair" in self.types and self.label_smoothing == 0:
+            raise ValueError(
+                "loss.type exo_pair needs loss.label_smoothing above 0, its epsilon: at 0 the label is "
+                "one-hot and EXO's KL to it is infinite; set loss.label_smoothing: 0.001 (the EXO paper's)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _f_divergence_only_where_defined(self):
+        from preftune.losses import F_DIVERGENCE_LOSSES
+
+        undefined = [t for t in self.types if t not in (*F_DIVERGENCE_LOSSES, "sft")]
+        if self.f_divergence_type != "reverse_kl" and undefined:
+            raise ValueError(
+                f"loss.f_divergence_type {self.f_divergence_type} is defined only for losses of a "
+                f"chosen-minus-rejected reward difference ({', '.join(F_DIVERGENCE_LOSSES)}, beside sft), "
+                f"where f-DPO's per-prompt constant cancels, not for {' and '.join(undefined)}; "
+                "remove loss.f_divergence_type or those loss types"
+            )
+        if self.f_divergence_type != "reverse_kl" and self.reference_free:
+            raise ValueError(
+                f"loss.f_divergence_type {self.f_divergence_type} measures how far the policy moves from the "
+                "reference, and loss.reference_free: true has none; remove one of the two"
+            )
+        coef = self.f_alpha_divergence_coef
+        if self.f_divergence_type != "alpha_divergence" and coef != type(self).model_fields["f_alpha_divergence_coef"].default:
+            raise ValueError(
+                f"loss.f_alpha_divergence_coef is {coef}, but loss.f_divergence_type is "
+                f"{self.f_divergence_type}, which does not use it; set loss.f_divergence_type: "
+                "alpha_divergence, or remove loss.f_alpha_divergence_coef"
+            )
         return self
 
     @property
@@ -254,6 +295,31 @@ class Config(Section):
                 "model.compile_mode 'reduce-overhead' (CUDA graphs) needs train.grad_accum: 1; "
                 "raise train.batch_size instead, or use compile_mode 'default'"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _batch_wide_losses_sort_one_micro_batch(self):
+        # aot sorts margins across the pairs of one forward: accumulation would sort each
+        # micro-batch apart (not the step's pairs together), and one pair sorts to plain DPO.
+        from preftune.losses import BATCH_WIDE
+
+        wide = [t for t in self.loss.types if t in BATCH_WIDE]
+        if not wide:
+            return self
+        name, train = " and ".join(wide), self.train
+        if train.grad_accum > 1:
+            raise ValueError(
+                f"loss.type {name} sorts margins across one micro-batch, so train.grad_accum: {train.grad_accum} "
+                f"would sort {train.grad_accum} micro-batches of {train.batch_size} pairs apart, not the step's "
+                f"{train.grad_accum * train.batch_size} together; set train.grad_accum: 1 and train.batch_size: "
+                f"{train.grad_accum * train.batch_size}"
+            )
+        for key, size in (("batch_size", train.batch_size), ("eval_batch_size", train.eval_batch_size)):
+            if size is not None and size < 2:
+                raise ValueError(
+                    f"loss.type {name} sorts margins across a batch, and train.{key}: {size} leaves one pair "
+                    f"to sort, which is plain DPO; set train.{key} to 2 or more"
+                )
         return self
 
 

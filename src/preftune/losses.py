@@ -10,10 +10,15 @@ per-pair loss, shape (B,). Notation follows the DPO paper (Rafailov et al. 2023)
 
 `LOSSES` maps each config name to its function; `preference_loss` combines several with weights
 (DPO + SFT is RPO).
+
+Every loss is per pair except `aot` and `aot_unpaired`, which sort margins across the batch they
+are given: their i-th entry belongs to the i-th order statistic, not to pair i, and their value
+depends on which pairs share the batch (`BATCH_WIDE`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -41,13 +46,68 @@ class PairLogps:
     def logratio_margin(self) -> torch.Tensor:
         return self.logratio_chosen - self.logratio_rejected
 
-    @property
-    def length_normalized_margin(self) -> torch.Tensor:
-        # Per-token average log-ratios; lengths are >= 1 for every kept pair.
-        return (
-            self.logratio_chosen / self.chosen_lengths.clamp(min=1)
-            - self.logratio_rejected / self.rejected_lengths.clamp(min=1)
-        )
+
+# ------------------------------------------------------------------ f-divergences (f-DPO)
+
+# The losses built on a chosen-minus-rejected difference of rewards, where f-DPO's per-prompt
+# constant cancels; `sft` does not read the reference, so it may sit beside them.
+F_DIVERGENCE_LOSSES = ("sigmoid", "robust", "ipo", "hinge", "sigmoid_norm", "exo_pair", "discopop")
+
+
+def f_divergence_score(logratio: torch.Tensor, cfg) -> torch.Tensor:
+    """f'(pi/ref) of f-DPO (Wang et al. 2023, "Beyond Reverse KL", Theorem 1 and Table 1), taken
+    at u = pi(y|x)/ref(y|x) = exp(logratio): under an f-divergence constraint the optimal policy
+    implies the reward r(x, y) = beta f'(u) + const(x), so DPO's log-ratio becomes f'(u). Constants
+    are dropped so that every score is 0 at u = 1 (they cancel in chosen minus rejected):
+
+        reverse_kl        f(u) = u log u                          score log u (DPO)
+        forward_kl        f(u) = -log u                           score 1 - 1/u
+        js_divergence     f(u) = u log u - (u+1) log((u+1)/2)     score log(2u / (1 + u))
+        alpha_divergence  f(u) = (u^(1-a) - (1-a) u - a) / (a (a-1))   score (1 - u^-a) / a
+
+    a being the paper's alpha. `f_alpha_divergence_coef` keeps TRL's meaning, which is 1 - a:
+    0 is forward KL (a = 1), 1 reverse KL (the limit a -> 0), and at 0.5 (the default) both
+    readings agree.
+
+    1/u grows as exp(-logratio) (a rejected response's log-ratio of -100 is common late in a
+    run): the exponent is capped at 0.45 x the log of the dtype's largest number (39.9 in float32,
+    5 in float16), so that a score, and IPO's square of a margin of scores, stay finite. Past the
+    cap a score stops moving (zero gradient).
+    """
+    kind = cfg.f_divergence_type
+    if kind == "reverse_kl" or (kind == "alpha_divergence" and cfg.f_alpha_divergence_coef == 1.0):
+        return logratio
+    if kind == "js_divergence":
+        return math.log(2) + F.logsigmoid(logratio)  # log(2u/(1+u)), finite for any log-ratio
+    a = 1.0 if kind == "forward_kl" else 1.0 - cfg.f_alpha_divergence_coef
+    cap = 0.45 * math.log(torch.finfo(logratio.dtype).max)
+    return -torch.expm1((-a * logratio).clamp(max=cap)) / a
+
+
+def _scores(logps: PairLogps, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    return f_divergence_score(logps.logratio_chosen, cfg), f_divergence_score(logps.logratio_rejected, cfg)
+
+
+def score_margin(logps: PairLogps, cfg) -> torch.Tensor:
+    """h under the configured divergence: f'(u_w) - f'(u_l); the log-ratio margin for reverse KL."""
+    chosen, rejected = _scores(logps, cfg)
+    return chosen - rejected  # (B,)
+
+
+def length_normalized_score_margin(logps: PairLogps, cfg) -> torch.Tensor:
+    """h_avg: each response's score divided by its length (per-token average log-ratios for
+    reverse KL; TRL's convention for the other divergences)."""
+    chosen, rejected = _scores(logps, cfg)
+    # Lengths are >= 1 for every kept pair; the clamp only guards a division by zero.
+    return chosen / logps.chosen_lengths.clamp(min=1) - rejected / logps.rejected_lengths.clamp(min=1)
+
+
+# ------------------------------------------------------------------ losses
+
+
+def _smoothed_logistic(z: torch.Tensor, eps: float) -> torch.Tensor:
+    """-(1 - eps) log sigmoid(z) - eps log sigmoid(-z): logsigmoid, exact at |z| = 1000."""
+    return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
 
 
 def sigmoid_loss(logps: PairLogps, cfg) -> torch.Tensor:
@@ -57,9 +117,7 @@ def sigmoid_loss(logps: PairLogps, cfg) -> torch.Tensor:
     assumed flipped with probability eps, giving
     -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h).
     """
-    z = cfg.beta * logps.logratio_margin
-    eps = cfg.label_smoothing
-    return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+    return _smoothed_logistic(cfg.beta * score_margin(logps, cfg), cfg.label_smoothing)
 
 
 def robust_loss(logps: PairLogps, cfg) -> torch.Tensor:
@@ -71,7 +129,7 @@ def robust_loss(logps: PairLogps, cfg) -> torch.Tensor:
 
     Unlike cDPO it is not bounded below: for beta h >> 0 it falls like -eps beta h / (1 - 2 eps).
     """
-    z = cfg.beta * logps.logratio_margin
+    z = cfg.beta * score_margin(logps, cfg)
     eps = cfg.label_smoothing
     return ((1 - eps) * -F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
 
@@ -82,7 +140,7 @@ def ipo_loss(logps: PairLogps, cfg) -> torch.Tensor:
     The paper's h is a sequence-level log-ratio; summed over tokens it grows with length, so by
     default h uses per-token averages (the normalisation the IPO authors used in practice).
     """
-    h = logps.length_normalized_margin if cfg.ipo_length_normalize else logps.logratio_margin
+    h = length_normalized_score_margin(logps, cfg) if cfg.ipo_length_normalize else score_margin(logps, cfg)
     return (h - 1 / (2 * cfg.beta)) ** 2
 
 
@@ -93,12 +151,12 @@ def hinge_loss(logps: PairLogps, cfg) -> torch.Tensor:
     scaled by beta (= beta * max(0, 1/beta - h)). SLiC-HF's regularisation term (the NLL of a
     target sequence) is not included; `[hinge, sft]` with weights adds the chosen response's.
     """
-    return torch.relu(1 - cfg.beta * logps.logratio_margin)
+    return torch.relu(1 - cfg.beta * score_margin(logps, cfg))
 
 
 def sigmoid_norm_loss(logps: PairLogps, cfg) -> torch.Tensor:
     """Length-normalised DPO: eq. 7 of the DPO paper with per-token average log-ratios."""
-    return -F.logsigmoid(cfg.beta * logps.length_normalized_margin)
+    return -F.logsigmoid(cfg.beta * length_normalized_score_margin(logps, cfg))
 
 
 def simpo_loss(logps: PairLogps, cfg) -> torch.Tensor:
@@ -130,6 +188,106 @@ def sft_loss(logps: PairLogps, cfg) -> torch.Tensor:
     return -logps.policy_chosen_logps / logps.chosen_lengths.clamp(min=1)
 
 
+def exo_pair_loss(logps: PairLogps, cfg) -> torch.Tensor:
+    """EXO, Ji et al. 2024, eq. 16 for two responses (EXO-pref): the reverse KL from the policy's
+    preference to the label's, KL(q || p), where q = softmax(beta log(pi/ref)) over {y_w, y_l}
+    = (sigmoid(beta h), sigmoid(-beta h)) and p = (1 - eps, eps), eps = `label_smoothing` (the
+    paper uses 1e-3):
+
+        sigmoid(beta h) (log sigmoid(beta h) - log(1 - eps)) + sigmoid(-beta h) (log sigmoid(-beta h) - log eps)
+
+    It is 0 at beta h = log((1 - eps) / eps) (6.9 for eps = 1e-3) and grows on either side, so
+    unlike DPO it stops pushing a pair past that margin. With eps = 0 the label is one-hot, the
+    KL is infinite for every finite margin, and the config refuses it.
+    """
+    z = cfg.beta * score_margin(logps, cfg)
+    eps = cfg.label_smoothing
+    return (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps))
+            + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps)))
+
+
+def nca_pair_loss(logps: PairLogps, cfg) -> torch.Tensor:
+    """NCA, Chen et al. 2024 (Noise Contrastive Alignment), its loss for pairwise preferences
+    (K = 2 responses, the winner's label 1): with r = beta log(pi/ref) of each response,
+
+        -log sigmoid(r_w) - 1/2 log sigmoid(-r_w) - 1/2 log sigmoid(-r_l)
+
+    Each response's reward is judged on its own, not only their difference, so the chosen
+    response's likelihood is not free to fall with the rejected one's (as it may under DPO).
+    """
+    chosen = cfg.beta * logps.logratio_chosen
+    rejected = cfg.beta * logps.logratio_rejected
+    return -F.logsigmoid(chosen) - 0.5 * F.logsigmoid(-chosen) - 0.5 * F.logsigmoid(-rejected)
+
+
+def sppo_hard_loss(logps: PairLogps, cfg) -> torch.Tensor:
+    """SPPO, Wu et al. 2024, the squared loss of Algorithm 1's update (eq. 4.7),
+    (log pi(y|x)/pi_t(y|x) - eta (P(y > pi_t | x) - 1/2))^2 summed over y_w and y_l, with hard
+    probabilities (P = 1 for the chosen, 0 for the rejected), eta = 1/beta and the reference as
+    pi_t (one self-play iteration):
+
+        (log pi(y_w)/ref(y_w) - 1/(2 beta))^2 + (log pi(y_l)/ref(y_l) + 1/(2 beta))^2
+
+    It pulls each implicit reward beta log(pi/ref) to +1/2 (chosen) and -1/2 (rejected). Summed
+    log-probs, as in the paper. (The paper's soft P, from a preference model, is not this loss.)
+    """
+    target = 0.5 / cfg.beta
+    return (logps.logratio_chosen - target) ** 2 + (logps.logratio_rejected + target) ** 2
+
+
+def apo_zero_loss(logps: PairLogps, cfg) -> torch.Tensor:
+    """APO-zero, D'Oosterlinck et al. 2024, eq. 7, plus 1 so that it lies in [0, 2]:
+    1 - sigmoid(beta log pi/ref(y_w)) + sigmoid(beta log pi/ref(y_l)). It raises the chosen
+    response's likelihood and lowers the rejected one's, each anchored at the reference: for data
+    whose chosen answers are better than the model's own."""
+    return torch.sigmoid(-cfg.beta * logps.logratio_chosen) + torch.sigmoid(cfg.beta * logps.logratio_rejected)
+
+
+def apo_down_loss(logps: PairLogps, cfg) -> torch.Tensor:
+    """APO-down, D'Oosterlinck et al. 2024, eq. 8, plus 1 so that it lies in [0, 2]:
+    sigmoid(beta log pi/ref(y_w)) + 1 - sigmoid(beta h). It lowers both likelihoods, the rejected
+    one's more: for data whose chosen answers are still worse than the model's own."""
+    return torch.sigmoid(cfg.beta * logps.logratio_chosen) + torch.sigmoid(-cfg.beta * logps.logratio_margin)
+
+
+def discopop_loss(logps: PairLogps, cfg) -> torch.Tensor:
+    """DiscoPOP (the log-ratio modulated loss, LRML), Chris Lu et al. 2024, eq. 5: with
+    z = beta h and tau = `discopop_tau` (0.05 in the paper),
+
+        (1 - sigmoid(z / tau)) (-log sigmoid(z)) + sigmoid(z / tau) exp(-z)
+
+    DPO's logistic loss where the margin is negative, an exponential loss where it is positive.
+    sigmoid(z/tau) exp(-z) is computed as exp(log sigmoid(z/tau) - z): at z = -1000, exp(-z) alone
+    is inf and inf * 0 would be nan.
+    """
+    z = cfg.beta * score_margin(logps, cfg)
+    tau = cfg.discopop_tau
+    return torch.sigmoid(-z / tau) * -F.logsigmoid(z) + torch.exp(F.logsigmoid(z / tau) - z)
+
+
+def aot_loss(logps: PairLogps, cfg) -> torch.Tensor:
+    """AOT, paired (Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal
+    Transport"): the policy's margins log pi(y_w) - log pi(y_l) should dominate the reference's
+    margins in distribution (first-order stochastic dominance). In one dimension the optimal
+    transport plan matches order statistics, so both are sorted over the batch and the logistic
+    loss (cDPO's, with `label_smoothing`) is taken of beta times the difference of the i-th
+    smallest of each. Entry i is the i-th order statistic's loss, not pair i's; with one pair it
+    is DPO. The batch is the micro-batch (see README, "Losses").
+    """
+    policy = torch.sort(logps.policy_chosen_logps - logps.policy_rejected_logps).values  # (B,)
+    reference = torch.sort(logps.reference_chosen_logps - logps.reference_rejected_logps).values  # (B,)
+    return _smoothed_logistic(cfg.beta * (policy - reference), cfg.label_smoothing)
+
+
+def aot_unpaired_loss(logps: PairLogps, cfg) -> torch.Tensor:
+    """AOT, unpaired (Melnyk et al. 2024): the chosen responses' log-ratios log pi/ref should
+    dominate the rejected responses' in distribution, with no pairing between them; both are
+    sorted over the batch and the i-th smallest of each compared as in `aot_loss`."""
+    chosen = torch.sort(logps.logratio_chosen).values  # (B,)
+    rejected = torch.sort(logps.logratio_rejected).values  # (B,)
+    return _smoothed_logistic(cfg.beta * (chosen - rejected), cfg.label_smoothing)
+
+
 LOSSES = {
     "sigmoid": sigmoid_loss,
     "robust": robust_loss,
@@ -139,7 +297,19 @@ LOSSES = {
     "simpo": simpo_loss,
     "rdpo": rdpo_loss,
     "sft": sft_loss,
+    "exo_pair": exo_pair_loss,
+    "nca_pair": nca_pair_loss,
+    "sppo_hard": sppo_hard_loss,
+    "apo_zero": apo_zero_loss,
+    "apo_down": apo_down_loss,
+    "discopop": discopop_loss,
+    "aot": aot_loss,
+    "aot_unpaired": aot_unpaired_loss,
 }
+
+# Losses that sort across the batch: not sums of per-pair terms, so gradient accumulation and
+# several processes would change them (the config and `train` refuse both).
+BATCH_WIDE = {"aot", "aot_unpaired"}
 
 # Losses that never look at the reference model.
 REFERENCE_FREE = {"simpo", "sft"}
@@ -148,10 +318,13 @@ REFERENCE_FREE = {"simpo", "sft"}
 # the config refuses a value other than its default (a setting that silently does nothing costs
 # a whole run, as a typo does).
 PARAMETER_USERS = {
-    "label_smoothing": ("sigmoid", "robust"),
+    "label_smoothing": ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired"),
     "ipo_length_normalize": ("ipo",),
     "simpo_gamma": ("simpo",),
     "rdpo_alpha": ("rdpo",),
+    "discopop_tau": ("discopop",),
+    "f_divergence_type": F_DIVERGENCE_LOSSES,
+    "f_alpha_divergence_coef": F_DIVERGENCE_LOSSES,
 }
 
 

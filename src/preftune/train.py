@@ -48,7 +48,7 @@ from preftune.distributed import full_tensor
 from preftune.errors import UserError
 from preftune.evaluate import evaluate_pairs, pair_logps
 from preftune.loggers import check_backends
-from preftune.losses import preference_loss
+from preftune.losses import BATCH_WIDE, preference_loss
 from preftune.metrics import StepMetrics
 from preftune.modeling import (
     adapter_base,
@@ -260,6 +260,11 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
         config = validate_config(config)
 
     dist = setup_distributed(config)
+    if dist.world_size > 1 and (wide := sorted(BATCH_WIDE & set(config.loss.types))):
+        # Each process would sort its own share of a step (the config refuses accumulation alike).
+        raise UserError(f"loss.type {' and '.join(wide)} sorts margins across one micro-batch, and each of the "
+                        f"{dist.world_size} processes would sort its own; run it in one process, with "
+                        f"train.batch_size: {config.train.batch_size * dist.world_size}.")
     # Lines unwrapped: a log file keeps each message (and a path or command in it) whole.
     console = Console(quiet=not dist.is_main, soft_wrap=True)
     output_dir = Path(config.train.output_dir)
