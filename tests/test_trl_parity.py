@@ -32,7 +32,8 @@ LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
 
 def run_trl(policy_dir, reference_dir, tmp_path, lora=None, lr=1e-3, rows=PAIRS, loss=None, batch_size=4,
             grad_accum=1, max_length=256, precompute=False, adam_eps=1e-8, max_grad_norm=1.0):
-    """`loss` holds preftune's loss keys (type, weights, beta, label_smoothing); TRL's names differ."""
+    """`loss` holds preftune's loss keys (type, weights, beta, label_smoothing and the f-divergence and
+    discopop settings, which TRL names alike)."""
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
@@ -46,6 +47,7 @@ def run_trl(policy_dir, reference_dir, tmp_path, lora=None, lr=1e-3, rows=PAIRS,
         adam_epsilon=adam_eps, max_grad_norm=max_grad_norm or 0.0,  # 0: no clipping
         max_steps=STEPS, logging_steps=1, beta=loss["beta"], max_length=max_length,
         loss_type=types, loss_weights=loss.get("weights"), label_smoothing=loss.get("label_smoothing", 0.0),
+        **{key: loss[key] for key in ("f_divergence_type", "f_alpha_divergence_coef", "discopop_tau") if key in loss},
         precompute_ref_log_probs=precompute,
         gradient_checkpointing=False, use_cpu=True, report_to=[], save_strategy="no", seed=SEED,
         bf16=False,  # TRL turns on bf16 autocast by default, on CPU too; compare float32 with float32
@@ -213,6 +215,29 @@ CASES = {
     "precomputed reference": ({"rows": UNEVEN}, {"reference": "precompute"}, {}),
     # Text responses that already end with the EOS token's text: neither appends a second EOS.
     "responses ending in EOS": ({"rows": [dict(r, chosen=r["chosen"] + EOS) for r in PAIRS]}, {}, {}),
+    # 7. the losses of TRL's that preftune added later. aot and aot_unpaired sort over the step's
+    # four pairs, one micro-batch on both sides.
+    **{name: ({"rows": UNEVEN, "loss": loss}, {}, {}) for name, loss in {
+        "exo_pair": {"type": "exo_pair", "label_smoothing": 1e-3},
+        "nca_pair": {"type": "nca_pair"},
+        "sppo_hard": {"type": "sppo_hard"},
+        "apo_zero": {"type": "apo_zero"},
+        "apo_down": {"type": "apo_down"},
+        "discopop": {"type": "discopop", "discopop_tau": 0.1},
+        "aot": {"type": "aot", "label_smoothing": 0.1},
+        "aot_unpaired": {"type": "aot_unpaired"},
+        # f-DPO's divergences, where TRL defines them. (At beta 1, forward KL's 1 - 1/u multiplies the
+        # tools' float32 differences in log-probs by 1/u, past the tolerance: beta stays 0.1.)
+        "sigmoid, forward_kl": {"type": "sigmoid", "f_divergence_type": "forward_kl"},
+        "sigmoid, js_divergence": {"type": "sigmoid", "f_divergence_type": "js_divergence"},
+        "sigmoid, alpha_divergence": {"type": "sigmoid", "f_divergence_type": "alpha_divergence",
+                                      "f_alpha_divergence_coef": 0.3},
+        "ipo, forward_kl": {"type": "ipo", "f_divergence_type": "forward_kl"},
+        "sigmoid_norm + hinge, alpha_divergence": {"type": ["sigmoid_norm", "hinge"], "weights": [0.6, 0.4],
+                                                   "f_divergence_type": "alpha_divergence"},
+        "exo_pair + discopop, js_divergence": {"type": ["exo_pair", "discopop"], "label_smoothing": 1e-3,
+                                               "f_divergence_type": "js_divergence"},
+    }.items()},
 }
 
 
