@@ -30,6 +30,14 @@ class LoraConfig(Section):
     target_modules: list[str] | str = "all-linear"
 
 
+class ReferenceSyncConfig(Section):
+    """TR-DPO (Gorbatovski et al. 2024): after every `every` optimizer steps the reference becomes
+    alpha * policy + (1 - alpha) * reference; alpha = 1 replaces it with the policy. TRL's
+    ref_model_sync_steps (512) and ref_model_mixup_alpha (0.6)."""
+    every: int = Field(512, gt=0)
+    alpha: float = Field(0.6, gt=0.0, le=1.0)
+
+
 class ModelConfig(Section):
     path: str
     reference_path: str | None = None
@@ -50,6 +58,8 @@ class ModelConfig(Section):
     attn_implementation: str | None = None
     trust_remote_code: bool = False
     lora: LoraConfig | None = None
+    # TR-DPO: the frozen copy (model.reference: copy) moves toward the policy during training.
+    reference_sync: ReferenceSyncConfig | None = None
 
 
 class DataConfig(Section):
@@ -122,6 +132,9 @@ class LossConfig(Section):
     f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = "reverse_kl"
     # TRL's coefficient, 1 - alpha of the f-DPO paper: 0 is forward KL, 1 reverse KL.
     f_alpha_divergence_coef: float = Field(0.5, ge=0.0, le=1.0)
+    # bco_pair's reward shift delta: running_mean is BCO's (the mean implicit reward of the steps
+    # so far); none is delta = 0, TRL 1.16's bco_pair.
+    bco_reward_shift: Literal["running_mean", "none"] = "running_mean"
 
     @field_validator("type")
     @classmethod
@@ -286,6 +299,27 @@ class Config(Section):
         return self
 
     @model_validator(mode="after")
+    def _reference_sync_needs_a_reference_copy(self):
+        if self.model.reference_sync is None:
+            return self
+        why = None
+        if self.model.reference == "precompute":
+            why = ("model.reference: precompute caches the starting reference's log-probs once, and they "
+                   "cannot follow a moving reference; set model.reference: copy, or remove model.reference_sync")
+        elif self.model.reference == "none" or self.loss.reference_free:
+            key = "model.reference: none" if self.model.reference == "none" else "loss.reference_free: true"
+            why = f"{key} trains without a reference; remove model.reference_sync"
+        elif all(t in ("simpo", "sft") for t in self.loss.types):
+            why = f"loss.type {' + '.join(self.loss.types)} never reads the reference; remove model.reference_sync"
+        elif self.model.lora is not None:
+            why = ("with model.lora the reference is the policy's own base weights with the adapters off, "
+                   "so moving it would move the policy too; remove model.lora (full fine-tuning keeps a "
+                   "separate reference copy) or model.reference_sync")
+        if why:
+            raise ValueError(f"model.reference_sync moves the reference during training, but {why}")
+        return self
+
+    @model_validator(mode="after")
     def _cuda_graphs_need_one_micro_batch(self):
         # A CUDA graph's outputs live in its own memory and are overwritten by its next replay;
         # gradients accumulated over micro-batches would be summed into that memory (known to
@@ -383,6 +417,8 @@ TRL_NAMES = {
     "eval_steps": "train.eval_every", "per_device_eval_batch_size": "train.eval_batch_size",
     "save_steps": "train.save_every", "save_total_limit": "train.keep_checkpoints",
     "report_to": "train.loggers",
+    "sync_ref_model": "model.reference_sync", "ref_model_sync_steps": "model.reference_sync.every",
+    "ref_model_mixup_alpha": "model.reference_sync.alpha",
 }
 
 

@@ -9,6 +9,8 @@ rename) holds:
   optimizer/            under fsdp: the optimizer state as torch.distributed.checkpoint (DCP)
                         shards, one file per rank plus `.metadata`. DCP reshards on load, so a
                         checkpoint written by N processes resumes on M.
+  reference/            with model.reference_sync, once a sync has moved it: the reference
+                        model, loadable by from_pretrained (gathered under fsdp, as the policy)
 
 Every rank first writes its DCP shard into a staging folder beside the checkpoint; rank 0 then
 fills the temp folder, moves the shards in and closes the checkpoint with its manifest. A
@@ -30,6 +32,7 @@ from preftune.distributed import DistContext
 from preftune.errors import UserError
 
 OPTIMIZER_DIR = "optimizer"
+REFERENCE_DIR = "reference"
 
 
 def run_shape(config, dist: DistContext) -> dict:
@@ -133,11 +136,13 @@ def _load_whole_optimizer_sharded(policy, optimizer, saved: dict) -> None:
 
 
 def save_training_checkpoint(folder: Path, step: int, policy, tokenizer, optimizer,
-                             training_state: dict, config, dist: DistContext) -> Path:
+                             training_state: dict, config, dist: DistContext, reference=None) -> Path:
     """Write one checkpoint; every rank calls it. `training_state` holds what train.py owns
-    (step, data position, scheduler, RNG); weights and optimizer are added here."""
+    (step, data position, scheduler, RNG); weights and optimizer are added here, and the
+    `reference` model when one is given (a reference that model.reference_sync has moved)."""
     folder = Path(folder)
     full = full_state_dict(policy, dist)
+    reference_full = full_state_dict(reference, dist) if reference is not None else None
     staging = folder.with_name(folder.name + ".shards.tmp")
     training_state = dict(training_state, distributed=run_shape(config, dist),
                           config=config.model_dump(mode="json"))
@@ -150,6 +155,8 @@ def save_training_checkpoint(folder: Path, step: int, policy, tokenizer, optimiz
         def save_model(path: Path) -> None:
             write_weights(policy, path, full)
             tokenizer.save_pretrained(path)
+            if reference is not None:
+                write_weights(reference, path / REFERENCE_DIR, reference_full)
             if dist.sharded:
                 os.replace(staging, path / OPTIMIZER_DIR)
 
@@ -176,7 +183,7 @@ def _check_shape(saved: dict, folder: Path, config, dist: DistContext) -> None:
 # checked above), train.epochs / max_steps (to extend a run), model.reference (copy and
 # precompute give the same log-probs of the same starting model).
 FIXED_AT_RESUME = {
-    "model": ("lora", "disable_dropout"),
+    "model": ("lora", "disable_dropout", "reference_sync"),
     "data": ("split", "eval_fraction", "max_length", "max_prompt_length", "truncation",
              "group_by_length"),
     "loss": None,  # every key
@@ -204,9 +211,12 @@ def _check_fixed_keys(saved: dict, folder: Path, config) -> None:
             f"a new run in another train.output_dir.")
 
 
-def restore_training_checkpoint(folder: Path, policy, optimizer, config, dist: DistContext) -> dict:
-    """Load weights and optimizer into this run's (possibly sharded) model; every rank calls
-    it. Returns the saved training state for train.py (scheduler, step, RNG)."""
+def restore_training_checkpoint(folder: Path, policy, optimizer, config, dist: DistContext,
+                                reference=None) -> dict:
+    """Load weights and optimizer into this run's (possibly sharded) model, and into `reference`
+    the reference the checkpoint holds, if it holds one (else the reference stays the starting
+    model it was built as); every rank calls it. Returns the saved training state for train.py
+    (scheduler, step, RNG)."""
     folder = Path(folder)
     saved = load_training_state(folder)
     _check_shape(saved, folder, config, dist)
@@ -221,4 +231,9 @@ def restore_training_checkpoint(folder: Path, policy, optimizer, config, dist: D
         _load_whole_optimizer_sharded(policy, optimizer, saved["optimizer"])
     else:
         optimizer.load_state_dict(saved["optimizer"])
+    if reference is not None and (folder / REFERENCE_DIR).is_dir():
+        if dist.sharded:
+            _load_weights_sharded(reference, folder / REFERENCE_DIR, dist)
+        else:
+            load_model_weights(reference, folder / REFERENCE_DIR)
     return saved

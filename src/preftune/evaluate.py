@@ -36,11 +36,12 @@ def pair_logps(policy_logps, reference_logps, batch: PairBatch) -> PairLogps:
 @torch.no_grad()
 def evaluate_pairs(policy_logps, reference_logps, pairs: list[TokenizedPair], config, device,
                    pad_token_id: int, batch_size: int | None = None, rank: int = 0,
-                   world_size: int = 1) -> dict[str, float]:
+                   world_size: int = 1, reward_shift: float = 0.0) -> dict[str, float]:
     """Mean loss, rewards, accuracy, margins and log-probs over `pairs`, plus mean lengths.
 
     With world_size > 1 every rank must call it: each scores every world_size-th pair and the
     sums are reduced across ranks, so all ranks return the means over all of `pairs`.
+    `reward_shift` is bco_pair's delta, read and never updated here.
     """
     was_training = getattr(policy_logps, "training", False)
     if hasattr(policy_logps, "eval"):
@@ -56,7 +57,7 @@ def evaluate_pairs(policy_logps, reference_logps, pairs: list[TokenizedPair], co
         batch = collate_pairs(chunk or pairs[:1], pad_token_id).to(device)
         logps = pair_logps(policy_logps, reference_logps, batch)
         if chunk:
-            metrics.add(preference_loss(logps, config.loss), logps, config.loss.beta)
+            metrics.add(preference_loss(logps, config.loss, reward_shift), logps, config.loss.beta)
             token_sums += torch.stack([logps.chosen_lengths.sum(), logps.rejected_lengths.sum()]).double()
     if was_training:
         policy_logps.train()

@@ -182,6 +182,22 @@ def rdpo_loss(logps: PairLogps, cfg) -> torch.Tensor:
     return -F.logsigmoid(cfg.beta * logps.logratio_margin + cfg.rdpo_alpha * length_gap)
 
 
+def bco_pair_loss(logps: PairLogps, cfg, reward_shift: float = 0.0) -> torch.Tensor:
+    """BCO, Jung et al. 2024 ("Binary Classifier Optimization for Large Language Model
+    Alignment"), on pairs: a binary classifier whose logit is the implicit reward
+    r = beta log pi/ref, shifted by delta, calls chosen responses good and rejected ones bad:
+    -log sigmoid(r_w - delta) - log sigmoid(-(r_l - delta)).
+
+    delta (`reward_shift`) is the paper's reward shift, the mean of the implicit rewards seen so
+    far; the training loop keeps it (carried_state.next_reward_shift) and passes it in, a constant
+    with no gradient. `loss.bco_reward_shift: none` passes 0, TRL 1.16's `bco_pair`.
+    """
+    beta = cfg.beta
+    chosen_rewards = beta * logps.logratio_chosen  # (B,)
+    rejected_rewards = beta * logps.logratio_rejected  # (B,)
+    return -F.logsigmoid(chosen_rewards - reward_shift) - F.logsigmoid(reward_shift - rejected_rewards)
+
+
 def sft_loss(logps: PairLogps, cfg) -> torch.Tensor:
     """Negative log-likelihood of the chosen completion per token (the NLL term of RPO,
     Pang et al. 2024, eq. 3, which adds it to DPO)."""
@@ -296,6 +312,7 @@ LOSSES = {
     "sigmoid_norm": sigmoid_norm_loss,
     "simpo": simpo_loss,
     "rdpo": rdpo_loss,
+    "bco_pair": bco_pair_loss,
     "sft": sft_loss,
     "exo_pair": exo_pair_loss,
     "nca_pair": nca_pair_loss,
@@ -311,6 +328,9 @@ LOSSES = {
 # several processes would change them (the config and `train` refuse both).
 BATCH_WIDE = {"aot", "aot_unpaired"}
 
+# Losses that also read BCO's reward shift, a running mean the training loop keeps.
+TAKE_REWARD_SHIFT = {"bco_pair"}
+
 # Losses that never look at the reference model.
 REFERENCE_FREE = {"simpo", "sft"}
 
@@ -325,14 +345,17 @@ PARAMETER_USERS = {
     "discopop_tau": ("discopop",),
     "f_divergence_type": F_DIVERGENCE_LOSSES,
     "f_alpha_divergence_coef": F_DIVERGENCE_LOSSES,
+    "bco_reward_shift": ("bco_pair",),
 }
 
 
-def preference_loss(logps: PairLogps, cfg) -> torch.Tensor:
-    """Weighted sum of the configured losses, per pair: (B,)."""
+def preference_loss(logps: PairLogps, cfg, reward_shift: float = 0.0) -> torch.Tensor:
+    """Weighted sum of the configured losses, per pair: (B,). `reward_shift` is BCO's delta,
+    given to the losses in TAKE_REWARD_SHIFT."""
     total = torch.zeros_like(logps.policy_chosen_logps)
     for name, weight in zip(cfg.types, cfg.type_weights):
-        total = total + weight * LOSSES[name](logps, cfg)
+        extra = (reward_shift,) if name in TAKE_REWARD_SHIFT else ()
+        total = total + weight * LOSSES[name](logps, cfg, *extra)
     return total
 
 

@@ -31,6 +31,13 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
+from preftune.carried_state import (
+    check_sync_compatible,
+    has_synced,
+    live_reference_model,
+    next_reward_shift,
+    sync_reference,
+)
 from preftune.checkpoint import (
     earlier_run_entries,
     latest_good_checkpoint,
@@ -74,6 +81,10 @@ class TrainState:
     bad_steps: int = 0
     total_steps: int = 0  # the run's length when saved (0 in checkpoints older than this field)
     data: str = ""  # data_fingerprint of the training pairs ("" in older checkpoints)
+    # bco_pair's reward shift delta: the mean implicit reward of the steps so far, and how many
+    # rewards (2 per pair) it averages (0 in older checkpoints).
+    reward_shift: float = 0.0
+    rewards_seen: int = 0
 
 
 def data_fingerprint(pairs: list[TokenizedPair]) -> str:
@@ -182,7 +193,7 @@ def train_step(policy_logps, reference_logps, step_pairs: list[TokenizedPair], c
         with sync:
             with ctx.autocast():
                 logps = pair_logps(policy_logps, reference_logps, batch)
-            losses = preference_loss(logps, config.loss)  # (B,)
+            losses = preference_loss(logps, config.loss, ctx.reward_shift)  # (B,)
             # Dividing by the step's pairs (not the micro-batch's) makes k micro-batches of n
             # pairs give exactly the gradient of one batch of k * n pairs.
             (losses.sum() / pairs_this_rank).backward()
@@ -209,6 +220,7 @@ class RunContext:
         self.collate = partial(collate_pairs, pad_token_id=pad_token_id)  # or pack_pairs: see train()
         self.wrapped = wrapped
         self.autocast = autocast_context(config.model.autocast, device)
+        self.reward_shift = 0.0  # bco_pair's delta for the coming step (TrainState.reward_shift)
 
     def no_sync(self):
         return self.wrapped.no_sync() if hasattr(self.wrapped, "no_sync") else contextlib.nullcontext()
@@ -304,12 +316,18 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
     autocast = autocast_context(config.model.autocast, device)
     reference_logps = build_reference(config, policy, autocast, train_pairs, eval_pairs, tokenizer.pad_token_id,
                                       device, console, dist.is_main)
-    if dist.strategy != "fsdp":
+    # A reference that model.reference_sync moves stays in the policy's dtype: held in bf16, each
+    # soft update would be rounded into it, drifting from alpha * policy + (1 - alpha) * reference.
+    if dist.strategy != "fsdp" and config.model.reference_sync is None:
         reference_logps = compact_reference(reference_logps, config)
     # Under fsdp a frozen reference is sharded like the policy, never whole on every rank.
     reference_logps = shard_reference(reference_logps, config, dist)
     # Precomputed log-probs are looked up by pair index, one table per split.
     eval_reference_logps = getattr(reference_logps, "eval_reference", None) or reference_logps
+    # TR-DPO: the reference model that model.reference_sync moves toward the policy.
+    synced = live_reference_model(reference_logps) if config.model.reference_sync else None
+    if synced is not None:
+        check_sync_compatible(policy, synced)
 
     step_size = config.train.batch_size * config.train.grad_accum * dist.world_size
     lengths = [p.length for p in train_pairs]
@@ -338,7 +356,7 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
     state = TrainState()
     checkpoint = resolve_resume(resume, output_dir)
     if checkpoint is not None:
-        state = _restore(checkpoint, policy, optimizer, scheduler, config, dist)
+        state = _restore(checkpoint, policy, optimizer, scheduler, config, dist, synced)
         console.print(f"resumed from {checkpoint} at step {state.step}")
         if state.total_steps and state.total_steps != total_steps:
             schedule = (f"; the {config.optim.scheduler} schedule's remaining learning rates follow "
@@ -360,13 +378,16 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
         dump_config(_with_absolute_paths(config), output_dir / "config.yaml")
 
     def save(step_state: TrainState) -> Path:
-        return _save(output_dir, step_state, policy, tokenizer, optimizer, scheduler, config, dist)
+        # The reference only once a sync has moved it: before, the run's start rebuilds it.
+        reference = synced if has_synced(step_state.step, config.model.reference_sync) else None
+        return _save(output_dir, step_state, policy, tokenizer, optimizer, scheduler, config, dist, reference)
 
     def run_eval(step: int) -> None:
         if eval_pairs:
             with autocast():
                 results = evaluate_pairs(policy_logps, eval_reference_logps, eval_pairs, config, device,
-                                         tokenizer.pad_token_id, rank=dist.rank, world_size=dist.world_size)
+                                         tokenizer.pad_token_id, rank=dist.rank, world_size=dist.world_size,
+                                         reward_shift=state.reward_shift)
             logger.log({f"eval/{k}": v for k, v in results.items()}, step=step)
             console.print(f"eval at step {step}: loss {results['loss']:.4f}, "
                           f"accuracy {results['rewards/accuracies']:.3f}")
@@ -387,6 +408,7 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
                 started = time.perf_counter()
                 policy.train()
                 step_pairs = [train_pairs[i] for i in step_indices]
+                ctx.reward_shift = state.reward_shift
                 metrics, finite = train_step(policy_logps, reference_logps, step_pairs, ctx)
                 # The rate this step's update uses (as the HF Trainer logs it), read before the
                 # schedule moves on to the next step's.
@@ -401,6 +423,7 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
                 state.step_in_epoch += 1
+                _carry_state(state, metrics, finite, len(step_indices), policy, synced, config)
                 elapsed = time.perf_counter() - started
                 metrics.update(epoch=state.epoch + state.step_in_epoch / steps_per_epoch,
                                learning_rate=learning_rate,
@@ -519,7 +542,24 @@ def _count_nonfinite(params, dist) -> float:
     return dist.all_reduce_sum(local)
 
 
-def _save(output_dir, state, policy, tokenizer, optimizer, scheduler, config, dist) -> Path:
+def _carry_state(state: TrainState, metrics: dict, finite: bool, step_pairs: int, policy, synced,
+                 config) -> None:
+    """After optimizer step `state.step`: BCO's running mean takes in the step's rewards (a skipped,
+    non-finite step's are left out), and every `reference_sync.every` steps TR-DPO moves the
+    reference. Both from numbers every rank holds alike (all-reduced metrics, the policy's
+    weights), so the state stays the same on every rank."""
+    if "bco_pair" in config.loss.types and config.loss.bco_reward_shift == "running_mean":
+        metrics["bco/reward_shift"] = state.reward_shift  # the delta this step's loss used
+        step_mean = (metrics["rewards/chosen"] + metrics["rewards/rejected"]) / 2  # (r_w + r_l) / 2
+        if finite and math.isfinite(step_mean):
+            state.reward_shift, state.rewards_seen = next_reward_shift(
+                state.reward_shift, state.rewards_seen, step_mean, 2 * step_pairs)
+    sync = config.model.reference_sync
+    if sync is not None and state.step % sync.every == 0:
+        sync_reference(policy, synced, sync.alpha)
+
+
+def _save(output_dir, state, policy, tokenizer, optimizer, scheduler, config, dist, reference=None) -> Path:
     from preftune.dist_checkpoint import save_training_checkpoint
 
     folder = output_dir / "checkpoints" / f"step-{state.step:06d}"
@@ -532,17 +572,18 @@ def _save(output_dir, state, policy, tokenizer, optimizer, scheduler, config, di
     # Weights and optimizer state are added in the layout of the strategy (sharded under fsdp);
     # every rank takes part, rank 0 writes the manifest.
     training_state = {"state": asdict(state), "scheduler": scheduler.state_dict(), "rng": rng_state()}
-    save_training_checkpoint(folder, state.step, policy, tokenizer, optimizer, training_state, config, dist)
+    save_training_checkpoint(folder, state.step, policy, tokenizer, optimizer, training_state, config, dist,
+                             reference)
     if dist.is_main:
         prune_checkpoints(output_dir, config.train.keep_checkpoints, state.step)
     dist.barrier()
     return folder
 
 
-def _restore(folder: Path, policy, optimizer, scheduler, config, dist) -> TrainState:
+def _restore(folder: Path, policy, optimizer, scheduler, config, dist, reference=None) -> TrainState:
     from preftune.dist_checkpoint import restore_training_checkpoint
 
-    saved = restore_training_checkpoint(folder, policy, optimizer, config, dist)
+    saved = restore_training_checkpoint(folder, policy, optimizer, config, dist, reference)
     scheduler.load_state_dict(saved["scheduler"])
     set_rng_state(saved["rng"])
     return TrainState(**saved["state"])
