@@ -146,6 +146,12 @@ def test_a_hard_sync_after_every_step_makes_every_step_start_at_ln2(tmp_path, ti
         policy, reference = weights(checkpoint(tmp_path / "run", step)), weights(checkpoint(tmp_path / "run", step)
                                                                               / "reference")
         assert all(torch.equal(policy[n], reference[n]) for n in policy), step
+    # `preftune eval pairs --reference CHECKPOINT/reference` scores against the moved reference.
+    from preftune.evaluate import evaluate_pairs_file
+
+    moved = evaluate_pairs_file(tmp_path / "run" / "final", pairs_file,
+                                reference_path=checkpoint(tmp_path / "run", 3) / "reference")
+    assert moved["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)
 
 
 # ------------------------------------------------------------------------------ resume
