@@ -418,7 +418,21 @@ TRL_NAMES = {
     "save_steps": "train.save_every", "save_total_limit": "train.keep_checkpoints",
     "report_to": "train.loggers",
     "sync_ref_model": "model.reference_sync", "ref_model_sync_steps": "model.reference_sync.every",
-    "ref_model_mixup_alpha": "model.reference_sync.alpha",
+    "ref_model_mixup_alpha": "model.reference_sync.alpha", "discopop_tau": "loss.discopop_tau",
+    "f_divergence_type": "loss.f_divergence_type", "f_alpha_divergence_coef": "loss.f_alpha_divergence_coef",
+    "trust_remote_code": "model.trust_remote_code", "attn_implementation": "model.attn_implementation",
+}
+# DPOConfig settings with no preftune counterpart: a ported config learns which, and why, rather
+# than reading only "unknown key".
+TRL_ONLY = {
+    "use_weighting": "WPO's pair weights, which preftune does not implement",
+    "ld_alpha": "LD-DPO's down-weighting of tokens past the shorter response, which preftune does not "
+                "implement",
+    "activation_offloading": "activation offloading, which preftune does not implement; "
+                             "model.gradient_checkpointing saves activation memory",
+    "pad_to_multiple_of": "padding to a multiple, which preftune does not need: it packs or pads to the "
+                          "longest sequence",
+    "dataset_num_proc": "parallel preprocessing, which preftune does not use: it tokenizes in one process",
 }
 
 
@@ -439,6 +453,8 @@ def _known_keys_hint(loc: tuple) -> str:
     guess = f" (did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?)" if close else ""
     if str(loc[-1]) in TRL_NAMES:
         guess = f" (TRL's name: preftune's is {TRL_NAMES[str(loc[-1])]})"
+    elif str(loc[-1]) in TRL_ONLY:
+        guess = f" (a TRL setting: {TRL_ONLY[str(loc[-1])]}; remove it)"
     return f"{guess}; the keys of {section} are {', '.join(names)}"
 
 
