@@ -68,6 +68,12 @@ def test_a_local_folder_is_no_base_model_and_an_adapter_is_a_peft_card(tmp_path)
     assert "AutoPeftModelForCausalLM" in text
 
 
+def test_a_moving_reference_is_said():
+    text = model_card(config(reference_sync={"every": 512, "alpha": 0.6}), [], adapter=False, world_size=1)
+    assert ("| reference | the starting model (copy), moved toward the policy every 512 steps (alpha 0.6, "
+            "TR-DPO) |") in text
+
+
 def test_a_trained_run_leaves_a_card_in_final(tmp_path, tiny_llama):
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [dict(r) for r in PAIRS for _ in range(2)])
     final = train(make_config(tmp_path, tiny_llama, pairs, "my-run", train={"max_steps": 2}))

@@ -112,7 +112,7 @@ def _settings(config: dict, world_size: int | None) -> list[tuple[str, str]]:
         ("length", f"max_length {data.get('max_length')}, truncation {data.get('truncation', 'keep_end')}"),
         ("precision", f"weights {model.get('dtype', 'float32')}"
                       + (f", {model['autocast']} autocast" if model.get("autocast", "none") != "none" else "")),
-        ("reference", model.get("reference_path") or f"the starting model ({model.get('reference', 'copy')})"),
+        ("reference", _reference(model)),
         ("seed", train.get("seed", 0)),
     ]
     lora = model.get("lora")
@@ -120,6 +120,14 @@ def _settings(config: dict, world_size: int | None) -> list[tuple[str, str]]:
         rows.insert(1, ("LoRA", f"r {lora.get('r')}, alpha {lora.get('alpha')}, dropout {lora.get('dropout')}, "
                                 f"modules {lora.get('target_modules')}"))
     return [(name, str(value)) for name, value in rows]
+
+
+def _reference(model: dict) -> str:
+    reference = model.get("reference_path") or f"the starting model ({model.get('reference', 'copy')})"
+    sync = model.get("reference_sync")
+    if sync:  # TR-DPO: the reference moved toward the policy during the run
+        reference += f", moved toward the policy every {sync.get('every')} steps (alpha {sync.get('alpha')}, TR-DPO)"
+    return reference
 
 
 def _pairs_per_step(batch_size: int, grad_accum: int, world_size: int | None) -> str:
