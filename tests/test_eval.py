@@ -520,6 +520,7 @@ def test_a_reward_evaluation_beside_a_queued_human_one_keeps_its_samples(models,
     for _ in range(2):
         result = invoke([*common, "--judge", length_judge])
         assert result.exit_code == 0, result.output
+        assert f"wrote {out / 'eval.json'} and samples-2.jsonl" in result.output  # not samples.jsonl
     records = {r["judge"]: r for r in json.loads((out / "eval.json").read_text())["evals"]}
     assert {j: r["samples"] for j, r in records.items()} == {"human": "samples.jsonl",
                                                              length_judge: "samples-2.jsonl"}

@@ -115,7 +115,8 @@ def _print_generation_record(record: dict, folder: str) -> None:
     typer.echo(f"  length     policy {lengths['policy']:.1f}, reference {lengths['reference']:.1f} tokens")
     if record.get("kl_note"):
         typer.echo(f"  note: {record['kl_note']}")
-    typer.echo(f"  wrote {Path(folder) / 'eval.json'} and samples.jsonl")
+    # A folder holding several evaluations gives each its own samples file: name this one's.
+    typer.echo(f"  wrote {Path(folder) / 'eval.json'} and {record.get('samples', 'samples.jsonl')}")
 
 
 @app.command("score-human")
