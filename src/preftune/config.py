@@ -46,7 +46,7 @@ class ModelConfig(Section):
     # none: reference-free losses only (simpo, sft).
     reference: Literal["copy", "precompute", "none"] = "copy"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    # Mixed precision: float32 master weights, forward under bf16 autocast (CUDA only).
+    # Mixed precision: float32 master weights, forward under bf16 autocast (on CPU too, as TRL does).
     autocast: Literal["none", "bfloat16"] = "none"
     gradient_checkpointing: bool = False
     disable_dropout: bool = True
@@ -224,7 +224,7 @@ class OptimConfig(Section):
     # convention, which replaced its `warmup_ratio`): 0.1 warms up over the first tenth.
     warmup_steps: int | float = Field(0, ge=0)
     max_grad_norm: float | None = 1.0
-    fused: bool | None = None  # None: fused AdamW where it is supported (CUDA)
+    fused: bool | None = None  # None: fused AdamW where torch has it (CUDA, and CPU since torch 2.4)
 
     @field_validator("warmup_steps")
     @classmethod
