@@ -380,3 +380,26 @@ def test_the_end_offers_undo_and_says_what_others_hold(page, tmp_path):
         other.context.close()
     shown = {a["name"]: a["votes"] for a in status(db)["annotators"]}
     assert shown == {"grace": 2, "bob": 1}, "`label status` agrees with the page"
+
+
+def test_a_response_cut_at_the_token_limit_says_so(page, tmp_path):
+    """An annotator must not take a sampler's cut-off ending for the model's own."""
+    from playwright.sync_api import expect
+
+    db = tmp_path / "labels.sqlite"
+    token = prepare(db, [Pair("cut", "Tell a story.", ("Once upon a time the", "The end."),
+                              truncated=(True, False)),
+                         Pair("whole", "Say hi.", ("hi", "hello"))])
+    with running_server(db) as (url, _):
+        page.goto(f"{url}/login?token={token}")
+        wait_progress(page, 0, 2)
+        cut_side = "left" if page.locator("#left").text_content() == "Once upon a time the" \
+            else "right"
+        whole_side = {"left": "right", "right": "left"}[cut_side]
+        expect(page.locator(f"#{cut_side}-cut")).to_be_visible()
+        expect(page.locator(f"#{cut_side}-cut")).to_contain_text("length limit")
+        expect(page.locator(f"#{whole_side}-cut")).to_be_hidden()
+        page.keyboard.press("t")
+        wait_progress(page, 1, 1)
+        expect(page.locator("#left-cut")).to_be_hidden()
+        expect(page.locator("#right-cut")).to_be_hidden()

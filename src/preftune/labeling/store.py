@@ -379,16 +379,21 @@ class Store:
         if row is None:
             return None
         pair = self._conn().execute(
-            "SELECT prompt, response_0, response_1 FROM pairs WHERE pair_id = ?",
+            "SELECT prompt, response_0, response_1, truncated FROM pairs WHERE pair_id = ?",
             (row["pair_id"],),
         ).fetchone()
         responses = (pair["response_0"], pair["response_1"])
+        truncated = json.loads(pair["truncated"]) if pair["truncated"] else [False, False]
         left = row["left_index"]
         return {
             "pair_id": row["pair_id"],
             "prompt": json.loads(pair["prompt"]),
             "left": responses[left],
             "right": responses[1 - left],
+            # The sampler stopped these at max_new_tokens: the page says so, or an annotator
+            # would judge the cut-off ending as the model's own.
+            "left_truncated": truncated[left],
+            "right_truncated": truncated[1 - left],
         }
 
     @staticmethod

@@ -157,6 +157,8 @@
     renderPrompt(pair.prompt);
     renderResponse($("left"), pair.left);
     renderResponse($("right"), pair.right);
+    $("left-cut").hidden = !pair.left_truncated;
+    $("right-cut").hidden = !pair.right_truncated;
     $("identical").hidden = pair.left !== pair.right;
     $("reason").value = "";
     showReasonLimit();
