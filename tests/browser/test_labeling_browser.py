@@ -403,3 +403,33 @@ def test_a_response_cut_at_the_token_limit_says_so(page, tmp_path):
         wait_progress(page, 1, 1)
         expect(page.locator("#left-cut")).to_be_hidden()
         expect(page.locator("#right-cut")).to_be_hidden()
+
+
+def test_keys_work_on_hebrew_russian_and_french_layouts(page, tmp_path):
+    """The shortcuts are keys in their places: on a Hebrew layout T types "א", on a French
+    one 1 types "&"; a Latin letter is taken as typed (Dvorak's T key types "y")."""
+    db = tmp_path / "labels.sqlite"
+    token = prepare(db, make_pairs(4))
+
+    def press(key, code):
+        page.evaluate("([key, code]) => document.body.dispatchEvent(new KeyboardEvent("
+                      "'keydown', {key, code, bubbles: true, cancelable: true}))", [key, code])
+
+    with running_server(db) as (url, _):
+        page.goto(f"{url}/login?token={token}")
+        wait_progress(page, 0, 4)
+        press("y", "KeyT")  # Dvorak: "y" is no shortcut, whatever its place
+        page.wait_for_timeout(300)
+        wait_progress(page, 0, 4)
+        press("א", "KeyT")  # Hebrew: tie
+        wait_progress(page, 1, 3)
+        press("&", "Digit1")  # French: left
+        wait_progress(page, 2, 2)
+        press("é", "Digit2")  # French: right
+        wait_progress(page, 3, 1)
+        press("г", "KeyU")  # Russian: undo the right vote
+        wait_progress(page, 2, 2)
+        press("и", "KeyB")  # Russian: both bad
+        wait_progress(page, 3, 1)
+    votes = Store(db).live_votes()
+    assert [v["choice"] for v in votes] == ["tie", "left", "both_bad"]

@@ -344,6 +344,20 @@
     $("guidelines-toggle").setAttribute("aria-expanded", String(!panel.hidden));
   }
 
+  // The shortcut a key press means. On a Hebrew, Arabic or Russian layout the T key types
+  // "א", "ف" or "е", and on a French one the 1 key types "&": those fall back to the key's
+  // place on the keyboard, so that annotators of such text need not switch layouts. A Latin
+  // letter is taken as typed (on Dvorak, the key typing "t" is tie).
+  function shortcutOf(event) {
+    const key = event.key.toLowerCase();
+    if (KEYS[key] || key === "u" || key === "g" || key === "?") return key;
+    const digit = /^Digit([12])$/.exec(event.code || "");
+    if (digit && !event.shiftKey) return digit[1];
+    const letter = /^Key([TBSUG])$/.exec(event.code || "");
+    if (letter && key.length === 1 && key > "\u007f") return letter[1].toLowerCase();
+    return key;
+  }
+
   function onKey(event) {
     if (event.ctrlKey || event.metaKey || event.altKey || event.repeat) return;
     const target = event.target;
@@ -353,7 +367,7 @@
       if (event.key === "Escape") target.blur();
       return;
     }
-    const key = event.key.toLowerCase();
+    const key = shortcutOf(event);
     if (KEYS[key]) {
       event.preventDefault();
       vote(KEYS[key]);
