@@ -433,3 +433,16 @@ def test_keys_work_on_hebrew_russian_and_french_layouts(page, tmp_path):
         wait_progress(page, 3, 1)
     votes = Store(db).live_votes()
     assert [v["choice"] for v in votes] == ["tie", "left", "both_bad"]
+
+
+def test_a_reason_in_hebrew_reads_right_to_left(page, tmp_path):
+    db = tmp_path / "labels.sqlite"
+    token = prepare(db, make_pairs(1))
+    with running_server(db) as (url, _):
+        page.goto(f"{url}/login?token={token}")
+        wait_progress(page, 0, 1)
+        reason = page.locator("#reason")
+        reason.fill("התשובה השמאלית נכונה.")
+        assert reason.evaluate("el => getComputedStyle(el).direction") == "rtl"
+        reason.fill("The left one is right.")
+        assert reason.evaluate("el => getComputedStyle(el).direction") == "ltr"
