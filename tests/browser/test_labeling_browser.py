@@ -446,3 +446,40 @@ def test_a_reason_in_hebrew_reads_right_to_left(page, tmp_path):
         assert reason.evaluate("el => getComputedStyle(el).direction") == "rtl"
         reason.fill("The left one is right.")
         assert reason.evaluate("el => getComputedStyle(el).direction") == "ltr"
+
+
+def test_an_undo_whose_answer_was_lost_withdraws_one_vote_not_two(page, tmp_path):
+    from playwright.sync_api import expect
+
+    db = tmp_path / "labels.sqlite"
+    token = prepare(db, make_pairs(3))
+    lose_answers, lost = [], []
+
+    def maybe_lose_the_answer(route):  # in place from the start, switched on by a flag
+        if not lose_answers:
+            route.continue_()
+            return
+        lose_answers.clear()
+        lost.append(route.fetch().status)  # the server undoes the vote...
+        route.abort()  # ...and the page never hears of it
+
+    page.route("**/api/undo", maybe_lose_the_answer)
+    with running_server(db) as (url, _):
+        page.goto(f"{url}/login?token={token}")
+        wait_progress(page, 0, 3)
+        first, _ = shown_pair_index(page)
+        page.keyboard.press("1")
+        wait_progress(page, 1, 2)
+        second, _ = shown_pair_index(page)
+        page.keyboard.press("2")
+        wait_progress(page, 2, 1)
+        lose_answers.append(True)
+        page.keyboard.press("u")
+        expect(page.locator("#banner")).to_contain_text("Undo not confirmed", timeout=15_000)
+        expect(page.locator("#banner")).to_contain_text("press u again to undo", timeout=15_000)
+        page.keyboard.press("u")  # the annotator retries: the same vote, already withdrawn
+        expect(page.locator("#toast")).to_have_text("That vote was already undone; vote again.")
+        wait_progress(page, 1, 2)
+        assert shown_pair_index(page)[0] == second
+    assert lost == [200]
+    assert stored_votes(db) == [(f"p{first:05d}", "left")], "the first vote stays"

@@ -257,6 +257,10 @@
     $("reason-limit").hidden = !problem;
   }
 
+  // Ids of the votes this page saved, newest last: undo names the one it means, so an undo
+  // retried after its answer was lost cannot withdraw a second, older vote.
+  const savedVotes = [];
+
   async function vote(choice) {
     if (busy || !current) return;
     if (reasonProblem()) {
@@ -282,6 +286,9 @@
       const { ok, data } = result;
       serverUp();
       if (ok || data.already_saved) {
+        if (Number.isInteger(data.vote_id) && !savedVotes.includes(data.vote_id)) {
+          savedVotes.push(data.vote_id);
+        }
         // After a lost answer the stored choice may differ from this retry's: name the stored.
         toast("Saved: " + LABELS[data.choice || choice]);
         await loadNext();
@@ -301,18 +308,28 @@
   async function undo() {
     if (busy) return;
     setBusy(true);
+    // The newest vote this page saved; after a reload it knows none, and the server takes
+    // the annotator's newest.
+    const voteId = savedVotes.length ? savedVotes[savedVotes.length - 1] : null;
     try {
       let result;
       try {
-        result = await call("/api/undo", {});
+        result = await call("/api/undo", voteId === null ? {} : { vote_id: voteId });
       } catch (e) {
-        serverDown("Nothing was undone: the server cannot be reached. Press u again once it " +
+        // The undo may have reached the server and only its answer been lost: pressing u
+        // again names the same vote, so it is withdrawn once either way.
+        serverDown("Undo not confirmed: the server cannot be reached. Press u again once it " +
                    "is back.", "The server is back: press u again to undo.");
         return;
       }
       const { ok, status, data } = result;
       serverUp();
-      if (ok) {
+      if (voteId !== null && (ok || status === 409)) savedVotes.pop();
+      if (!ok && status === 409 && voteId !== null) {
+        // Already withdrawn: by an undo whose answer was lost, or in another tab.
+        toast("That vote was already undone; vote again.");
+        await loadNext();
+      } else if (ok) {
         const undone = data.undone;
         toast(`Undone: your “${LABELS[undone.choice]}” on this pair; vote again.`);
         if (await loadNext() && current && current.pair_id === undone.pair_id && undone.reason) {
