@@ -43,8 +43,10 @@ def test_an_unknown_key_with_nothing_close_lists_the_section_keys():
     ("train.rpo_alpha=1", "preftune's is loss.type: [sigmoid, sft] with loss.weights: [1, alpha])"),
     ("optim.warmup_ratio=0.1", "preftune's is optim.warmup_steps, which below 1 is a share of the run's steps)"),
     ("train.discopop_tau=0.1", "unknown key 'train.discopop_tau' (TRL's name: preftune's is loss.discopop_tau)"),
-    ("loss.use_weighting=true", "unknown key 'loss.use_weighting' (a TRL setting: WPO's pair weights, which "
-                                "preftune does not implement; remove it); the keys of loss are type,"),
+    ("loss.use_weighting=true", "unknown key 'loss.use_weighting' (TRL's name: preftune's is loss.wpo_weighting)"),
+    ("ld_alpha=0.5", "unknown key 'ld_alpha' (TRL's name: preftune's is loss.ld_alpha)"),
+    ("train.dataset_num_proc=4", "unknown key 'train.dataset_num_proc' (a TRL setting: parallel preprocessing, "
+                                 "which preftune does not use: it tokenizes in one process; remove it)"),
 ])
 def test_a_trl_key_is_told_its_preftune_name(key, where):
     with pytest.raises(UserError) as caught:

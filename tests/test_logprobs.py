@@ -163,7 +163,7 @@ def test_small_batches_keep_logits_large_ones_recompute(monkeypatch):
     head = nn.Linear(4, 1000, bias=False)
     seen = []
     original = LinearTokenLogps.apply
-    monkeypatch.setattr(LinearTokenLogps, "apply", lambda *args: seen.append(args[-1]) or original(*args))
+    monkeypatch.setattr(LinearTokenLogps, "apply", lambda *args: seen.append(args[5]) or original(*args))
     for rows in (10, 11):
         chunked_token_logps(torch.randn(rows, 4), head, torch.zeros(rows, dtype=torch.long), 64)
     assert seen == [KEEP_LOGITS, RECOMPUTE]

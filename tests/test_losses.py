@@ -284,11 +284,12 @@ def test_every_loss_but_aot_is_a_sum_over_pairs():
     """Two pairs scored together give each pair's loss alone: micro-batches of any size sum to
     the same step. aot sorts across its batch, so it does not (and the config keeps its batch whole)."""
     both = two_pairs()
+    both.pair_weights = torch.tensor([0.5, 2.0], dtype=both.policy_chosen_logps.dtype)  # WPO's, per pair too
     alone = [PairLogps(*(getattr(both, f)[i:i + 1] for f in both.__dataclass_fields__)) for i in range(2)]
     for name in LOSSES:
         cfg = LossConfig(type=name, beta=1.0, label_smoothing=0.1 if name == "exo_pair" else 0.0)
-        together = LOSSES[name](both, cfg)
-        apart = torch.cat([LOSSES[name](one, cfg) for one in alone])
+        together = preference_loss(both, cfg)
+        apart = torch.cat([preference_loss(one, cfg) for one in alone])
         if name in BATCH_WIDE:
             assert not torch.allclose(together.sum(), apart.sum()), name
         else:

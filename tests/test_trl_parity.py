@@ -32,8 +32,8 @@ LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
 
 def run_trl(policy_dir, reference_dir, tmp_path, lora=None, lr=1e-3, rows=PAIRS, loss=None, batch_size=4,
             grad_accum=1, max_length=256, precompute=False, adam_eps=1e-8, max_grad_norm=1.0):
-    """`loss` holds preftune's loss keys (type, weights, beta, label_smoothing and the f-divergence and
-    discopop settings, which TRL names alike)."""
+    """`loss` holds preftune's loss keys (type, weights, beta, label_smoothing and the f-divergence,
+    discopop and ld_alpha settings, which TRL names alike, and wpo_weighting, TRL's use_weighting)."""
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
@@ -47,7 +47,9 @@ def run_trl(policy_dir, reference_dir, tmp_path, lora=None, lr=1e-3, rows=PAIRS,
         adam_epsilon=adam_eps, max_grad_norm=max_grad_norm or 0.0,  # 0: no clipping
         max_steps=STEPS, logging_steps=1, beta=loss["beta"], max_length=max_length,
         loss_type=types, loss_weights=loss.get("weights"), label_smoothing=loss.get("label_smoothing", 0.0),
-        **{key: loss[key] for key in ("f_divergence_type", "f_alpha_divergence_coef", "discopop_tau") if key in loss},
+        **{key: loss[key] for key in ("f_divergence_type", "f_alpha_divergence_coef", "discopop_tau", "ld_alpha")
+           if key in loss},
+        use_weighting=loss.get("wpo_weighting", False),
         precompute_ref_log_probs=precompute,
         gradient_checkpointing=False, use_cpu=True, report_to=[], save_strategy="no", seed=SEED,
         bf16=False,  # TRL turns on bf16 autocast by default, on CPU too; compare float32 with float32
@@ -185,6 +187,9 @@ EPS = 0.2
 CDPO = {"type": "sigmoid", "label_smoothing": EPS}
 CDPO_AS_TRL = {"type": ["sigmoid", "robust"], "weights": [2 - 2 * EPS, -(1 - 2 * EPS)], "label_smoothing": EPS}
 
+LD = {"ld_alpha": 0.3}
+WPO = {"wpo_weighting": True}
+
 # Each case: keyword arguments for both runs, then extra ones for preftune's and for TRL's.
 CASES = {
     # 1. the losses both implement with the same meaning
@@ -238,6 +243,18 @@ CASES = {
         "exo_pair + discopop, js_divergence": {"type": ["exo_pair", "discopop"], "label_smoothing": 1e-3,
                                                "f_divergence_type": "js_divergence"},
     }.items()},
+    # 8. LD-DPO (ld_alpha) and WPO (wpo_weighting, TRL's use_weighting), in each batch layout, with
+    # both tools precomputing the reference, and beside per-token averages (ipo) and accumulation.
+    **{f"{name}{layout}": ({"rows": UNEVEN, "loss": loss}, {"data": data} if data else {}, {})
+       for name, loss in {"ld_alpha": LD, "wpo": WPO, "ld_alpha + wpo": {**LD, **WPO}}.items()
+       for layout, data in {"": None, ", padded": {"share_prompt": False},
+                            ", packed": {"share_prompt": False, "packing": "on"}}.items()},
+    "ld_alpha + wpo, precomputed reference": ({"rows": UNEVEN, "loss": {**LD, **WPO}}, {"reference": "precompute"},
+                                              {"precompute": True}),
+    "ipo, ld_alpha + wpo": ({"rows": UNEVEN, "loss": {"type": "ipo", **LD, **WPO}}, {}, {}),
+    "ld_alpha 0 + wpo, gradient accumulation": ({"rows": UNEVEN, "loss": {"ld_alpha": 0.0, **WPO}, "batch_size": 2,
+                                                 "grad_accum": 2, "adam_eps": 1.0, "max_grad_norm": None,
+                                                 "lr": 1e-2}, {}, {}),
 }
 
 
@@ -254,6 +271,18 @@ def test_matches_trl(case, tmp_path, tiny_model_factory):
     theirs = run_trl(policy_dir, reference_dir, tmp_path, **both, **theirs_only)
     assert_steps_match(ours, theirs)
     print(f"\n{case}: largest difference over {STEPS} steps: {largest_gap(ours, theirs):.1e}")
+
+
+@pytest.mark.slow
+def test_lora_with_ld_alpha_and_wpo_matches_trl(tmp_path, tiny_model_factory):
+    """LD-DPO on the reference that is the base with adapters off, WPO's weights from the adapted policy."""
+    pytest.importorskip("peft")
+    policy_dir = tiny_model_factory("qwen2", seed=0)
+    loss = {**LD, **WPO}
+    ours = run_preftune(policy_dir, None, tmp_path, lora=LORA, lr=1e-2, rows=UNEVEN, loss=loss)
+    theirs = run_trl(policy_dir, None, tmp_path, lora=LORA, lr=1e-2, rows=UNEVEN, loss=loss)
+    assert ours[-1]["loss"] < 0.9 * ours[0]["loss"]  # the adapters learned something: later steps test them
+    assert_steps_match(ours, theirs)
 
 
 def assert_truncation_is_shared(policy_dir, rows, max_length):

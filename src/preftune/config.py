@@ -135,6 +135,11 @@ class LossConfig(Section):
     # bco_pair's reward shift delta: running_mean is BCO's (the mean implicit reward of the steps
     # so far); none is delta = 0, TRL 1.16's bco_pair.
     bco_reward_shift: Literal["running_mean", "none"] = "running_mean"
+    # LD-DPO (Liu et al. 2024): each response's log-prob sums its first l_p = min(|y_w|, |y_l|)
+    # tokens plus ld_alpha times the rest, for policy and reference; None is plain DPO (= 1.0).
+    ld_alpha: float | None = Field(None, ge=0.0, le=1.0)
+    # WPO (Zhou et al. 2024): each pair's loss times the policy's own weights w(y_w) * w(y_l).
+    wpo_weighting: bool = False
 
     @field_validator("type")
     @classmethod
@@ -201,6 +206,24 @@ class LossConfig(Section):
                 f"loss.f_alpha_divergence_coef is {coef}, but loss.f_divergence_type is "
                 f"{self.f_divergence_type}, which does not use it; set loss.f_divergence_type: "
                 "alpha_divergence, or remove loss.f_alpha_divergence_coef"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _wpo_and_ld_only_where_defined(self):
+        from preftune.losses import BATCH_WIDE
+
+        wide = [t for t in self.types if t in BATCH_WIDE]
+        if self.wpo_weighting and wide:
+            raise ValueError(
+                f"loss.wpo_weighting weighs each pair's loss, but loss.type {' and '.join(wide)} sorts margins "
+                "across the batch, so its entries are not pairs; remove loss.wpo_weighting or those loss types"
+            )
+        if self.ld_alpha is not None and "sft" in self.types:
+            raise ValueError(
+                "loss.ld_alpha discounts a response's tokens past the shorter response's length, so sft "
+                "would no longer be the NLL of the whole chosen response (TRL's sft is not discounted); "
+                "remove loss.ld_alpha or sft"
             )
         return self
 
@@ -421,13 +444,11 @@ TRL_NAMES = {
     "ref_model_mixup_alpha": "model.reference_sync.alpha", "discopop_tau": "loss.discopop_tau",
     "f_divergence_type": "loss.f_divergence_type", "f_alpha_divergence_coef": "loss.f_alpha_divergence_coef",
     "trust_remote_code": "model.trust_remote_code", "attn_implementation": "model.attn_implementation",
+    "ld_alpha": "loss.ld_alpha", "use_weighting": "loss.wpo_weighting",
 }
 # DPOConfig settings with no preftune counterpart: a ported config learns which, and why, rather
 # than reading only "unknown key".
 TRL_ONLY = {
-    "use_weighting": "WPO's pair weights, which preftune does not implement",
-    "ld_alpha": "LD-DPO's down-weighting of tokens past the shorter response, which preftune does not "
-                "implement",
     "activation_offloading": "activation offloading, which preftune does not implement; "
                              "model.gradient_checkpointing saves activation memory",
     "pad_to_multiple_of": "padding to a multiple, which preftune does not need: it packs or pads to the "

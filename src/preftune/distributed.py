@@ -155,7 +155,8 @@ def _shard(module: CompletionLogps, config, dist: DistContext) -> nn.Module:
 
 def wrap_policy(policy, config, dist: DistContext):
     """(module computing policy log-probs, the wrapper that owns gradient sync)."""
-    module = CompletionLogps(policy, config.train.logprob_chunk_size)
+    module = CompletionLogps(policy, config.train.logprob_chunk_size, config.loss.ld_alpha,
+                             config.loss.wpo_weighting)
     if dist.strategy == "fsdp":
         module = _shard(module, config, dist)
     elif dist.strategy == "ddp":
@@ -201,7 +202,7 @@ def shard_reference(reference_fn, config, dist: DistContext):
         raise UserError("with train.distributed: fsdp, LoRA's reference (the policy with its adapters "
                         "off) cannot run beside the sharded policy; set model.reference: precompute, "
                         "or use train.distributed: ddp.")
-    module = _shard(CompletionLogps(reference_fn.model, reference_fn.chunk_size), config, dist)
+    module = _shard(CompletionLogps(reference_fn.model, reference_fn.chunk_size, reference_fn.ld_alpha), config, dist)
     return ShardedReference(module, reference_fn.autocast)
 
 

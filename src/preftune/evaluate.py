@@ -21,15 +21,17 @@ from preftune.records import recorded_path, write_json_atomic
 
 
 def pair_logps(policy_logps, reference_logps, batch: PairBatch) -> PairLogps:
-    """Policy (with grad) and reference (without) log-probs of a concatenated pair batch."""
-    logps, lengths = policy_logps(batch.input_ids, batch.model_attention_mask, batch.completion_mask,
-                                  batch.position_ids, batch.sequence_ids, batch.shared, batch.counted)
+    """Policy (with grad) and reference (without) log-probs of a concatenated pair batch, and
+    WPO's pair weights when the policy module returns sequence weights (loss.wpo_weighting)."""
+    logps, lengths, *weights = policy_logps(batch.input_ids, batch.model_attention_mask, batch.completion_mask,
+                                            batch.position_ids, batch.sequence_ids, batch.shared, batch.counted)
     reference = reference_logps(batch).to(logps.dtype)  # (2B,)
     b = batch.num_pairs
     return PairLogps(
         policy_chosen_logps=logps[:b], policy_rejected_logps=logps[b:],
         reference_chosen_logps=reference[:b], reference_rejected_logps=reference[b:],
         chosen_lengths=lengths[:b], rejected_lengths=lengths[b:],
+        pair_weights=weights[0][:b] * weights[0][b:] if weights else None,  # (B,) w(y_w) * w(y_l)
     )
 
 
@@ -111,7 +113,7 @@ def pairs_eval_config(model_path, data, run: dict, beta: float | None, loss: str
                       batch_size: int, max_length: int | None, dtype: str):
     """A training Config whose loss and data settings are the run's, with the user's overrides."""
     from preftune.config import validate_config
-    from preftune.losses import PARAMETER_USERS
+    from preftune.losses import BATCH_WIDE, PARAMETER_USERS
 
     loss_cfg = dict(run.get("loss") or {})
     if loss is not None:
@@ -123,6 +125,10 @@ def pairs_eval_config(model_path, data, run: dict, beta: float | None, loss: str
         for key, users in PARAMETER_USERS.items():  # and so did settings the new types never use
             if not set(users) & set(types):
                 loss_cfg.pop(key, None)
+        if BATCH_WIDE & set(types):  # WPO weighs pairs, which these losses' entries are not
+            loss_cfg.pop("wpo_weighting", None)
+        if "sft" in types:  # the chosen response's NLL is not LD-DPO's discounted sum
+            loss_cfg.pop("ld_alpha", None)
     if beta is not None:
         loss_cfg["beta"] = beta
     data_cfg = {k: v for k, v in (run.get("data") or {}).items()
@@ -194,9 +200,12 @@ def evaluate_pairs_file(
         freeze(load_causal_lm(str(reference_path), dtype)).to(torch_device)
     if reference_model is not None and str(reference_path) != str(model_path):
         check_reference_vocabulary(str(model_path), str(reference_path), reference_model, policy, setting="--reference")
-    reference = no_reference if reference_model is None else FrozenModelReference(reference_model, chunk, autocast)
+    ld_alpha = config.loss.ld_alpha
+    reference = no_reference if reference_model is None else \
+        FrozenModelReference(reference_model, chunk, autocast, ld_alpha)
     with autocast():
-        results = evaluate_pairs(CompletionLogps(policy, chunk), reference, pairs, config,
+        results = evaluate_pairs(CompletionLogps(policy, chunk, ld_alpha, config.loss.wpo_weighting), reference,
+                                 pairs, config,
                                  torch_device, tokenizer.pad_token_id, batch_size)
     record = {
         "kind": "pairs", "model": str(model_path),

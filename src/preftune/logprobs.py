@@ -17,6 +17,12 @@ at hand and keeps that (M, H), so the backward is one multiplication, no logits 
 other head (a LoRA-wrapped one, say) goes through `torch.utils.checkpoint` per chunk instead:
 same memory bound, autograd's own backward.
 `naive_completion_logps` is the plain computation the tests compare against.
+
+Two options change what a sequence's log-prob is, on every path alike (both off by default, and
+then no step does any work for them): `ld_alpha` (LD-DPO) sums the tokens past the shorter
+response of the pair at a discount, and `wpo` also returns WPO's per-sequence weights, for which
+each chunk's logits give log sum_v p(v)^2 while they exist. Both need sequence n and n + N/2 to
+be a pair (chosen first), as in every batch layout here.
 """
 
 from __future__ import annotations
@@ -90,9 +96,17 @@ def _head_gives_the_logits(lm: nn.Module) -> bool:
     return bool((got - expected).abs().max() <= 1e-4 * expected.abs().max().clamp(min=1e-6))
 
 
-def _token_logps_of_chunk(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor) -> torch.Tensor:
+def _token_logps_of_chunk(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor, wpo: bool = False):
     logits = lm_head(hidden).float()  # (M_chunk, V): the only logits alive at any moment
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return (token_logps, log_sum_squared_probs(logits)) if wpo else token_logps
+
+
+@torch.no_grad()
+def log_sum_squared_probs(logits: torch.Tensor) -> torch.Tensor:
+    """log sum_v p(v)^2 per row of logits (m, V), p = softmax: WPO's normaliser (no gradient)."""
+    logits = logits.float()
+    return torch.logsumexp(2 * logits, dim=-1) - 2 * torch.logsumexp(logits, dim=-1)  # (m,)
 
 
 def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -156,11 +170,12 @@ class LinearTokenLogps(torch.autograd.Function):
     them as log-softmax; the backward turns them into the softmax in place. HIDDEN_GRAD (W and b
     frozen) saves d log p(t) / d hidden = W[t] - softmax @ W per row; the backward scales it.
     Matmuls run in the autocast dtype when autocast is on (as nn.Linear would), the softmax and
-    the gradient accumulators in float32.
+    the gradient accumulators in float32. With `wpo` it also returns log sum_v p(v)^2 per row
+    (no gradient), worked out from each chunk's logits before they are overwritten.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size: int, strategy: str = RECOMPUTE):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size: int, strategy: str = RECOMPUTE, wpo: bool = False):
         compute_dtype = _compute_dtype(hidden)
         w = weight.to(compute_dtype)
         b = bias.to(compute_dtype) if bias is not None else None
@@ -168,6 +183,7 @@ class LinearTokenLogps(torch.autograd.Function):
         chunk_size = max(hidden.shape[0], 1) if keep_logits else chunk_size
         logsumexp = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (M,)
         token_logps = torch.empty_like(logsumexp)
+        log_sum_sq = torch.empty_like(logsumexp) if wpo else None
         kept = None
         if strategy == HIDDEN_GRAD:
             kept = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)  # (M, H)
@@ -176,6 +192,8 @@ class LinearTokenLogps(torch.autograd.Function):
                 rows = slice(start, start + chunk_size)
                 logits = _chunk_logits(hidden[rows].to(compute_dtype), w, b)  # (m, V) float32
                 target_logits = logits.gather(1, targets[rows].unsqueeze(1)).squeeze(1)  # (m,)
+                if wpo:  # before the branches below overwrite the logits in place
+                    log_sum_sq[rows] = log_sum_squared_probs(logits)
                 if strategy == HIDDEN_GRAD:
                     logsumexp[rows] = _softmax_inplace(logits)
                     kept[rows] = w[targets[rows]].float() - torch.mm(logits.to(compute_dtype), w).float()
@@ -188,13 +206,16 @@ class LinearTokenLogps(torch.autograd.Function):
                 del logits  # before the next chunk's logits exist, not after
         ctx.save_for_backward(hidden, weight, bias, targets, logsumexp, kept)
         ctx.compute_dtype, ctx.chunk_size, ctx.strategy = compute_dtype, chunk_size, strategy
+        if wpo:
+            ctx.mark_non_differentiable(log_sum_sq)
+            return token_logps, log_sum_sq
         return token_logps
 
     @staticmethod
-    def backward(ctx, grad_logps):  # grad_logps: (M,)
+    def backward(ctx, grad_logps, *_):  # grad_logps: (M,); none flows into log sum p^2
         hidden, weight, bias, targets, logsumexp, kept = ctx.saved_tensors
         if ctx.strategy == HIDDEN_GRAD:  # kept: d log p / d hidden (M, H); W and b take no gradient
-            return (grad_logps.float().unsqueeze(1) * kept).to(hidden.dtype), None, None, None, None, None
+            return (grad_logps.float().unsqueeze(1) * kept).to(hidden.dtype), None, None, None, None, None, None
         needs = ctx.needs_input_grad[:3]
         dtype = ctx.compute_dtype
         w = weight.to(dtype)
@@ -219,7 +240,7 @@ class LinearTokenLogps(torch.autograd.Function):
         grad_hidden, grad_weight, grad_bias = grads
         grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
         grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None else None
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
 def _add_chunk_grads(grads, rows, h, w, probs, targets, g, dtype) -> None:
@@ -246,18 +267,19 @@ def _add_chunk_grads(grads, rows, h, w, probs, targets, g, dtype) -> None:
 
 
 def chunked_token_logps(
-    hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor, chunk_size: int = 1024
-) -> torch.Tensor:
-    """log softmax(lm_head(hidden))[targets] for (M, H) hidden states, `chunk_size` rows at a time."""
+    hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor, chunk_size: int = 1024, wpo: bool = False
+):
+    """log softmax(lm_head(hidden))[targets] for (M, H) hidden states, `chunk_size` rows at a time;
+    with `wpo`, the pair (those (M,), log sum_v p(v)^2 (M,) without gradient)."""
     if type(lm_head) is nn.Linear:  # exactly Linear: a subclass (LoRA, quantized) may change forward
         strategy = saving_strategy(hidden, lm_head)
-        return LinearTokenLogps.apply(hidden, lm_head.weight, lm_head.bias, targets, chunk_size, strategy)
-    return checkpointed_token_logps(hidden, lm_head, targets, chunk_size)
+        return LinearTokenLogps.apply(hidden, lm_head.weight, lm_head.bias, targets, chunk_size, strategy, wpo)
+    return checkpointed_token_logps(hidden, lm_head, targets, chunk_size, wpo)
 
 
 def checkpointed_token_logps(
-    hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor, chunk_size: int = 1024
-) -> torch.Tensor:
+    hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor, chunk_size: int = 1024, wpo: bool = False
+):
     """`chunked_token_logps` for any head module: autograd with one checkpoint per chunk."""
     pieces = []
     needs_grad = torch.is_grad_enabled() and (
@@ -266,9 +288,13 @@ def checkpointed_token_logps(
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
         if needs_grad:
-            pieces.append(checkpoint(_token_logps_of_chunk, h, lm_head, t, use_reentrant=False))
+            pieces.append(checkpoint(_token_logps_of_chunk, h, lm_head, t, wpo, use_reentrant=False))
         else:
-            pieces.append(_token_logps_of_chunk(h, lm_head, t))
+            pieces.append(_token_logps_of_chunk(h, lm_head, t, wpo))
+    if wpo:
+        if not pieces:
+            return hidden.new_zeros(0, dtype=torch.float32), hidden.new_zeros(0, dtype=torch.float32)
+        return torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])  # (M,) (M,)
     if not pieces:
         return hidden.new_zeros(0, dtype=torch.float32)
     return torch.cat(pieces)  # (M,)
@@ -293,42 +319,102 @@ def completion_logps(
     position_ids: torch.Tensor | None = None,
     sequence_ids: torch.Tensor | None = None,
     counted: CountedTokens | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed completion log-probs per sequence (N,) and the number of tokens summed (N,).
+    ld_alpha: float | None = None,
+    wpo: bool = False,
+):
+    """Summed completion log-probs per sequence (N,) and the number of tokens summed (N,); with
+    `wpo`, WPO's weight of each sequence (N,) as a third.
 
     Padded batches hold one sequence per row. A packed batch (`sequence_ids` given, shape like
     input_ids, values 0..N-1) holds several sequences per row, with `position_ids` restarting
     at each and no attention mask, so the model keeps them apart. `counted` (from the host,
     see data.collate.counted_tokens) saves working out the counted positions on the device.
+    `ld_alpha`: LD-DPO's sums (see `length_desensitized_sums`).
     """
     if not supports_hidden_state_path(model):
         return naive_completion_logps(model, input_ids, attention_mask, completion_mask, position_ids,
-                                      sequence_ids)
+                                      sequence_ids, ld_alpha, wpo)
     hidden = final_hidden_states(model, input_ids, attention_mask, position_ids)  # (B, T, H)
     lm_head = unwrap_causal_lm(model).get_output_embeddings()
-    return logps_from_hidden(hidden, lm_head, input_ids, completion_mask, chunk_size, sequence_ids, counted)
+    return logps_from_hidden(hidden, lm_head, input_ids, completion_mask, chunk_size, sequence_ids, counted,
+                             ld_alpha, wpo)
 
 
 def logps_from_hidden(hidden, lm_head, input_ids, completion_mask, chunk_size: int = 1024,
-                      sequence_ids=None, counted: CountedTokens | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      sequence_ids=None, counted: CountedTokens | None = None, ld_alpha: float | None = None,
+                      wpo: bool = False):
     """The LM-head stage of `completion_logps`: final hidden states (B, T, H) to per-sequence sums."""
     if counted is None:  # worked out here; on a GPU that waits for the device (a nonzero)
         counted = counted_tokens(completion_mask, sequence_ids)
     # Only the hidden states that predict completion tokens, and the tokens they predict.
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, counted.index)  # (M, H)
     targets = input_ids.reshape(-1).index_select(0, counted.index + 1)  # (M,): the token at t + 1
-    token_logps = chunked_token_logps(h, lm_head, targets, chunk_size)  # (M,)
-    return per_sequence_sums(token_logps, counted.owner, counted.num_sequences)
+    token_logps = chunked_token_logps(h, lm_head, targets, chunk_size, wpo)  # (M,), or a pair with wpo
+    return _sums(token_logps, counted.owner, counted.num_sequences, ld_alpha)
 
 
-def per_sequence_sums(token_logps, owner, num_sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token log-probs (M,) summed per sequence (N,), and how many tokens each sum holds (N,)."""
+def _sums(token_logps, owner, num_sequences: int, ld_alpha: float | None):
+    """`per_sequence_sums` of what `chunked_token_logps` returned (a pair with wpo)."""
+    if isinstance(token_logps, tuple):
+        return per_sequence_sums(token_logps[0], owner, num_sequences, ld_alpha, log_sum_sq=token_logps[1])
+    return per_sequence_sums(token_logps, owner, num_sequences, ld_alpha)
+
+
+def per_sequence_sums(token_logps, owner, num_sequences: int, ld_alpha: float | None = None,
+                      log_sum_sq: torch.Tensor | None = None):
+    """Token log-probs (M,) summed per sequence (N,), and how many tokens each sum holds (N,).
+
+    `owner` gives each token's sequence, a sequence's tokens in their order (not necessarily
+    together). With `ld_alpha` the sums are LD-DPO's; with `log_sum_sq` (M,), WPO's weights
+    (N,) come third.
+    """
     sums = torch.zeros(num_sequences, dtype=token_logps.dtype, device=token_logps.device)
     counts = torch.zeros(num_sequences, dtype=torch.long, device=token_logps.device)
-    return sums.index_add(0, owner, token_logps), counts.index_add(0, owner, torch.ones_like(owner))
+    sums, counts = sums.index_add(0, owner, token_logps), counts.index_add(0, owner, torch.ones_like(owner))
+    if ld_alpha is not None:
+        sums = length_desensitized_sums(token_logps, owner, counts, ld_alpha)
+    if log_sum_sq is None:
+        return sums, counts
+    return sums, counts, wpo_weights(token_logps, log_sum_sq, owner, counts)
 
 
-def shared_prompt_logps(model, shared, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def length_desensitized_sums(token_logps, owner, counts, ld_alpha: float) -> torch.Tensor:
+    """LD-DPO (Liu et al. 2024, "Length Desensitization in Direct Preference Optimization"): the
+    likelihood of a response y is split at l_p = min(|y_w|, |y_l|), the length both responses of
+    the pair share, and what lies past it is discounted by alpha:
+        log p^(y|x) = sum_{t <= l_p} log p(y_t | x, y_<t) + alpha * sum_{t > l_p} log p(y_t | x, y_<t)
+    so the longer response's extra tokens weigh alpha, not 1 (alpha = 1 is DPO). |y| counts the
+    tokens summed (EOS included), as TRL's `ld_alpha` does. Sequence n pairs with n + N/2.
+    token_logps (M,), owner (M,), counts (N,) -> (N,).
+    """
+    n = counts.shape[0]
+    shared_length = torch.minimum(counts, counts.roll(n // 2))  # (N,) l_p of each sequence's pair
+    # Each token's place in its response: tokens grouped by sequence, in their order (stable sort).
+    order = torch.sort(owner, stable=True).indices  # (M,)
+    start = counts.cumsum(0) - counts  # (N,) where each sequence's tokens begin in `order`
+    place = torch.empty_like(owner)
+    place[order] = torch.arange(owner.shape[0], device=owner.device) - start[owner[order]]
+    past = place >= shared_length[owner]  # (M,) tokens beyond the shorter response
+    zeros = torch.zeros(n, dtype=token_logps.dtype, device=token_logps.device)
+    shared = zeros.index_add(0, owner, token_logps.masked_fill(past, 0.0))
+    tail = zeros.index_add(0, owner, token_logps.masked_fill(~past, 0.0))
+    return shared + ld_alpha * tail
+
+
+def wpo_weights(token_logps, log_sum_sq, owner, counts) -> torch.Tensor:
+    """WPO's weight of each sequence (Zhou et al. 2024, "WPO: Enhancing RLHF with Weighted
+    Preference Optimization", eq. 2, with its aligned token probabilities): the geometric mean
+    over the response's tokens of p(y_t) / sum_v p(v)^2, i.e.
+        w(x, y) = exp(1/|y| sum_t (log p(y_t | x, y_<t) - log sum_v p(v | x, y_<t)^2))
+    under the policy being trained, without gradient: how likely the current policy is to produce
+    this response itself. token_logps, log_sum_sq (M,), owner (M,), counts (N,) -> (N,).
+    """
+    aligned = token_logps.detach() - log_sum_sq  # (M,)
+    totals = torch.zeros(counts.shape[0], dtype=aligned.dtype, device=aligned.device).index_add(0, owner, aligned)
+    return torch.exp(totals / counts.clamp(min=1))
+
+
+def shared_prompt_logps(model, shared, chunk_size: int = 1024, ld_alpha: float | None = None, wpo: bool = False):
     """`completion_logps` of a prompt-shared batch (data/shared_prompt.py): (2B,) sums and
     counts, chosen sequences first, as from the padded layout."""
     lm = unwrap_causal_lm(model)
@@ -353,27 +439,32 @@ def shared_prompt_logps(model, shared, chunk_size: int = 1024) -> tuple[torch.Te
     ])  # (M, H)
     targets = torch.cat([shared.first_ids[:, 1:][chosen], shared.second_ids[:, 0],
                          shared.second_ids[:, 1:][rejected_rest]])
+    # Each rejected response's first token comes before its others: the order LD-DPO counts in.
     owner = torch.cat([rows.unsqueeze(1).expand_as(chosen)[chosen], rows + b,
                        (rows + b).unsqueeze(1).expand_as(rejected_rest)[rejected_rest]])
-    token_logps = chunked_token_logps(hidden, lm.get_output_embeddings(), targets, chunk_size)
-    return per_sequence_sums(token_logps, owner, 2 * b)
+    token_logps = chunked_token_logps(hidden, lm.get_output_embeddings(), targets, chunk_size, wpo)
+    return _sums(token_logps, owner, 2 * b, ld_alpha)
 
 
 def naive_completion_logps(model, input_ids, attention_mask, completion_mask, position_ids=None,
-                           sequence_ids=None):
+                           sequence_ids=None, ld_alpha: float | None = None, wpo: bool = False):
     """The textbook computation: full logits, full log-softmax, gather, mask, sum."""
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
     logits = model(**kwargs).logits  # (B, T, V)
-    return naive_logps_from_logits(logits, input_ids, completion_mask, sequence_ids)
+    return naive_logps_from_logits(logits, input_ids, completion_mask, sequence_ids, ld_alpha, wpo)
 
 
-def naive_logps_from_logits(logits, input_ids, completion_mask, sequence_ids=None):
+def naive_logps_from_logits(logits, input_ids, completion_mask, sequence_ids=None, ld_alpha: float | None = None,
+                            wpo: bool = False):
     predicted, owner = counted_mask(completion_mask, sequence_ids)
     log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
     token_logps = torch.gather(log_probs, 2, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     num_sequences = input_ids.shape[0] if sequence_ids is None else int(sequence_ids.max()) + 1
+    if ld_alpha is not None or wpo:  # the counted tokens, in order, as the other paths give them
+        log_sum_sq = log_sum_squared_probs(log_probs)[predicted] if wpo else None
+        return per_sequence_sums(token_logps[predicted], owner[predicted], num_sequences, ld_alpha, log_sum_sq)
     sums = torch.zeros(num_sequences, dtype=token_logps.dtype, device=token_logps.device)
     sums = sums.index_add(0, owner.reshape(-1), (token_logps * predicted).reshape(-1))
     counts = torch.zeros(num_sequences, dtype=torch.long, device=logits.device)
@@ -387,10 +478,13 @@ class CompletionLogps(nn.Module):
     gathering) need the whole computation, LM head included, inside one `forward` call.
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int = 1024):
+    def __init__(self, model: nn.Module, chunk_size: int = 1024, ld_alpha: float | None = None,
+                 wpo: bool = False):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.ld_alpha = ld_alpha  # LD-DPO's discount of the tokens past the shorter response
+        self.wpo = wpo  # also return WPO's per-sequence weights
         # Which path the log-probs take is decided here, while the model is whole and unwrapped:
         # not later inside a torch.compile trace or after FSDP has sharded it.
         supports_hidden_state_path(model)
@@ -398,6 +492,6 @@ class CompletionLogps(nn.Module):
     def forward(self, input_ids, attention_mask, completion_mask, position_ids=None, sequence_ids=None,
                 shared=None, counted=None):
         if shared is not None:
-            return shared_prompt_logps(self.model, shared, self.chunk_size)
+            return shared_prompt_logps(self.model, shared, self.chunk_size, self.ld_alpha, self.wpo)
         return completion_logps(self.model, input_ids, attention_mask, completion_mask,
-                                self.chunk_size, position_ids, sequence_ids, counted)
+                                self.chunk_size, position_ids, sequence_ids, counted, self.ld_alpha, self.wpo)

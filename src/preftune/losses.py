@@ -33,6 +33,8 @@ class PairLogps:
     reference_rejected_logps: torch.Tensor  # (B,)
     chosen_lengths: torch.Tensor  # (B,) completion tokens counted in the sums
     rejected_lengths: torch.Tensor  # (B,)
+    # WPO (loss.wpo_weighting): w(y_w) * w(y_l) of each pair, no gradient; None: unweighted.
+    pair_weights: torch.Tensor | None = None  # (B,)
 
     @property
     def logratio_chosen(self) -> torch.Tensor:
@@ -351,11 +353,19 @@ PARAMETER_USERS = {
 
 def preference_loss(logps: PairLogps, cfg, reward_shift: float = 0.0) -> torch.Tensor:
     """Weighted sum of the configured losses, per pair: (B,). `reward_shift` is BCO's delta,
-    given to the losses in TAKE_REWARD_SHIFT."""
+    given to the losses in TAKE_REWARD_SHIFT.
+
+    With WPO's pair weights (Zhou et al. 2024, "WPO: Enhancing RLHF with Weighted Preference
+    Optimization", eq. 2) each pair's loss is multiplied by w(x, y_w) * w(x, y_l), the policy's own
+    probability of producing the two responses (logprobs.wpo_weights), a constant: off-policy
+    pairs the policy would never write count for less. (Not for BATCH_WIDE losses, whose entries
+    are not pairs; the config refuses them.)"""
     total = torch.zeros_like(logps.policy_chosen_logps)
     for name, weight in zip(cfg.types, cfg.type_weights):
         extra = (reward_shift,) if name in TAKE_REWARD_SHIFT else ()
         total = total + weight * LOSSES[name](logps, cfg, *extra)
+    if logps.pair_weights is not None:
+        total = total * logps.pair_weights
     return total
 
 

@@ -32,25 +32,27 @@ CACHE_DIR = "reference_logps"
 CACHE_FORMAT = 1  # bump when the meaning of a cached number changes
 
 
-def batch_logps(model, batch: PairBatch, chunk_size: int) -> torch.Tensor:
-    """Summed completion log-probs of a padded, packed or prompt-shared batch, one per sequence (2B,)."""
+def batch_logps(model, batch: PairBatch, chunk_size: int, ld_alpha: float | None = None) -> torch.Tensor:
+    """Summed completion log-probs of a padded, packed or prompt-shared batch, one per sequence (2B,);
+    LD-DPO's sums with `ld_alpha` (loss.ld_alpha), which apply to the reference as to the policy."""
     if batch.shared is not None:
-        return shared_prompt_logps(model, batch.shared, chunk_size)[0]
+        return shared_prompt_logps(model, batch.shared, chunk_size, ld_alpha)[0]
     logps, _ = completion_logps(model, batch.input_ids, batch.model_attention_mask, batch.completion_mask,
-                                chunk_size, batch.position_ids, batch.sequence_ids, batch.counted)
+                                chunk_size, batch.position_ids, batch.sequence_ids, batch.counted, ld_alpha)
     return logps
 
 
 class FrozenModelReference:
-    def __init__(self, model, chunk_size: int, autocast):
+    def __init__(self, model, chunk_size: int, autocast, ld_alpha: float | None = None):
         self.model = model
         self.chunk_size = chunk_size
         self.autocast = autocast
+        self.ld_alpha = ld_alpha
 
     @torch.no_grad()
     def __call__(self, batch: PairBatch) -> torch.Tensor:
         with self.autocast():
-            return batch_logps(self.model, batch, self.chunk_size)
+            return batch_logps(self.model, batch, self.chunk_size, self.ld_alpha)
 
 
 def compact_reference(reference_fn: ReferenceFn, config) -> ReferenceFn:
@@ -103,15 +105,16 @@ def adapters_disabled(model):
 class AdapterDisabledReference:
     """LoRA: the reference is the policy with its adapters switched off, the same weights."""
 
-    def __init__(self, peft_model, chunk_size: int, autocast):
+    def __init__(self, peft_model, chunk_size: int, autocast, ld_alpha: float | None = None):
         self.model = peft_model
         self.chunk_size = chunk_size
         self.autocast = autocast
+        self.ld_alpha = ld_alpha
 
     @torch.no_grad()
     def __call__(self, batch: PairBatch) -> torch.Tensor:
         with adapters_disabled(self.model), self.autocast():
-            return batch_logps(self.model, batch, self.chunk_size)
+            return batch_logps(self.model, batch, self.chunk_size, self.ld_alpha)
 
 
 def no_reference(batch: PairBatch) -> torch.Tensor:
@@ -157,8 +160,9 @@ def _weights_fingerprint(path: str, update) -> None:
 
 
 def cache_key(config, pairs: list[TokenizedPair], split: str) -> str:
-    """A hash of the reference model (path and weight files), its numerics, and the token ids
-    of every pair (which hold every tokenization setting's effect)."""
+    """A hash of the reference model (path and weight files), its numerics, LD-DPO's alpha (which
+    changes the sums), and the token ids of every pair (which hold every tokenization setting's
+    effect)."""
     digest = hashlib.blake2b(digest_size=16)
 
     def update(value) -> None:
@@ -167,6 +171,8 @@ def cache_key(config, pairs: list[TokenizedPair], split: str) -> str:
     model = config.model
     update(f"format {CACHE_FORMAT} split {split} dtype {model.dtype} autocast {model.autocast} "
            f"attn {model.attn_implementation}")
+    if config.loss.ld_alpha is not None:  # absent otherwise: caches written before it still match
+        update(f" ld_alpha {config.loss.ld_alpha!r}")
     _weights_fingerprint(model.reference_path or model.path, update)
     for pair in pairs:
         update(f"{pair.index}|{pair.prompt_ids}|{pair.chosen_ids}|{pair.rejected_ids}")
@@ -212,13 +218,13 @@ def cached_reference_table(config, reference_fn, pairs, split, collate, device, 
 
 
 def _live_reference(config, policy, autocast, for_precompute: bool) -> ReferenceFn:
-    chunk = config.train.logprob_chunk_size
+    chunk, ld_alpha = config.train.logprob_chunk_size, config.loss.ld_alpha
     if config.model.lora is not None and not config.model.reference_path:
-        return AdapterDisabledReference(policy, chunk, autocast)
+        return AdapterDisabledReference(policy, chunk, autocast, ld_alpha)
     if for_precompute and not config.model.reference_path:
         # Before the first step the policy is the reference: no copy needed for one pass.
-        return _EvalModeReference(policy, chunk, autocast)
-    return FrozenModelReference(make_reference(policy, config.model), chunk, autocast)
+        return _EvalModeReference(policy, chunk, autocast, ld_alpha)
+    return FrozenModelReference(make_reference(policy, config.model), chunk, autocast, ld_alpha)
 
 
 class _EvalModeReference(FrozenModelReference):

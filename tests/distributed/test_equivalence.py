@@ -96,6 +96,17 @@ def test_fsdp_two_processes_train_like_one(single_run, fsdp_run):
     _printed_once(result.stdout, "final policy:")
 
 
+def test_fsdp_with_ld_alpha_and_wpo_trains_like_one_process(tiny_llama, tmp_path):
+    """The sharded policy returns WPO's weights beside its log-probs; the sharded reference copy
+    sums LD-DPO's way, as the policy does."""
+    loss = ("loss.ld_alpha=0.5", "loss.wpo_weighting=true")
+    single = train_in_process(write_config(tmp_path / "single", tiny_llama, nproc=1), *loss)
+    config = write_config(tmp_path / "fsdp", tiny_llama, nproc=2, distributed="fsdp")
+    result = run_command(torchrun_cmd(2, config, *loss))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_runs_match(single, tmp_path / "fsdp" / "run", FSDP_TOLERANCE)
+
+
 def test_fsdp_checkpoint_holds_full_weights_and_sharded_optimizer(fsdp_run, tiny_llama):
     run, _ = fsdp_run
     checkpoint = run / "checkpoints" / "step-000002"
