@@ -61,7 +61,11 @@ def test_counted_tokens_select_what_the_mask_selects(layout):
     assert (counted.index % width < width - 1).all()
 
 
-def test_a_training_step_never_waits_for_the_device(tmp_path, tiny_llama, pairs_file, monkeypatch):
+def device_waits_in_steps(config, monkeypatch) -> list[list[str]]:
+    """The stack of every device read in the training steps of `train(config)`.
+
+    transformers asks once per forward whether the attention mask is all ones (any caller pays
+    that), so those are left out, as are the host-side copies that build a batch."""
     counter = SyncCounter()
     original_to = collate_module.PairBatch.to
 
@@ -73,19 +77,21 @@ def test_a_training_step_never_waits_for_the_device(tmp_path, tiny_llama, pairs_
             counter.host_side = False
 
     monkeypatch.setattr(collate_module.PairBatch, "to", to_on_host)
-    config = make_config(tmp_path, tiny_llama, pairs_file, data={"share_prompt": False},
-                         train={"max_steps": 3})
     with counter:
         train(config)
+    return [stack for _, stack in counter.calls if not any("masking_utils" in frame for frame in stack)
+            and any("train_step" in frame for frame in stack)]
+
+
+def test_a_training_step_never_waits_for_the_device(tmp_path, tiny_llama, pairs_file, monkeypatch):
+    config = make_config(tmp_path, tiny_llama, pairs_file, data={"share_prompt": False},
+                         train={"max_steps": 3})
+    waits = device_waits_in_steps(config, monkeypatch)
     assert len(read_metrics(tmp_path / "run")) == 3
-    # transformers asks once per forward whether the attention mask is all ones (any caller
-    # pays that); everything else in preftune's steps, saves and final write stays on the device.
-    ours = [(name, stack) for name, stack in counter.calls
-            if not any("masking_utils" in frame for frame in stack)]
-    ours = [(name, stack) for name, stack in ours if any("train_step" in frame for frame in stack)]
-    assert not ours, "".join(ours[0][1])
+    assert not waits, "".join(waits[0])
 
     # The counter does see a read when there is one.
+    counter = SyncCounter()
     with counter:
         torch.ones(3).sum().item()
     assert counter.calls[-1][0] == "aten._local_scalar_dense"

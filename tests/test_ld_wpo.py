@@ -317,30 +317,13 @@ def test_training_is_the_same_on_every_layout_and_reference(tmp_path, tiny_llama
 
 
 def test_a_step_with_ld_and_wpo_never_waits_for_the_device(tmp_path, tiny_llama, pairs_file, monkeypatch):
-    from test_host_work import SyncCounter
+    from test_host_work import device_waits_in_steps
 
-    import preftune.data.collate as collate_module
-
-    counter = SyncCounter()
-    original_to = collate_module.PairBatch.to
-
-    def to_on_host(self, device):
-        counter.host_side = True
-        try:
-            return original_to(self, device)
-        finally:
-            counter.host_side = False
-
-    monkeypatch.setattr(collate_module.PairBatch, "to", to_on_host)
     config = make_config(tmp_path, tiny_llama, pairs_file, data={"share_prompt": False},
                          train={"max_steps": 2}, loss={"ld_alpha": 0.5, "wpo_weighting": True})
-    with counter:
-        train(config)
+    waits = device_waits_in_steps(config, monkeypatch)
     assert len(read_metrics(tmp_path / "run")) == 2
-    # As in test_host_work: transformers' own mask check aside, nothing in a step reads the device.
-    ours = [stack for name, stack in counter.calls if not any("masking_utils" in frame for frame in stack)
-            and any("train_step" in frame for frame in stack)]
-    assert not ours, "".join(ours[0])
+    assert not waits, "".join(waits[0])
 
 
 def test_eval_pairs_on_a_run_with_ld_and_wpo_gives_the_eval_numbers_it_logged(tmp_path, tiny_llama, pairs_file):
