@@ -438,3 +438,14 @@ def test_aot_keeps_its_sort_in_one_micro_batch(name, train, match):
         validate_config(config_with({"type": name}, **train))
     validate_config(config_with({"type": name}, batch_size=8, grad_accum=1))
     validate_config(config_with({"type": "sigmoid"}, **train))  # per-pair losses accumulate exactly
+
+
+@pytest.mark.parametrize("run_type, loss", [("aot", None), ("sigmoid", "aot_unpaired")])
+def test_eval_pairs_names_its_own_batch_size_option_for_a_sort_over_one_pair(run_type, loss):
+    from preftune.evaluate import pairs_eval_config
+
+    run = {"model": {"path": "m"}, "loss": {"type": run_type}}
+    with pytest.raises(UserError, match=r"--batch-size 1 leaves one pair to sort, which is plain DPO; "
+                                        r"pass --batch-size 2 or more"):
+        pairs_eval_config("m", "d.jsonl", run, None, loss, 1, None, "float32")
+    assert pairs_eval_config("m", "d.jsonl", run, None, loss, 2, None, "float32").train.eval_batch_size == 2

@@ -131,6 +131,12 @@ def pairs_eval_config(model_path, data, run: dict, beta: float | None, loss: str
             loss_cfg.pop("ld_alpha", None)
     if beta is not None:
         loss_cfg["beta"] = beta
+    run_types = loss_cfg.get("type", "sigmoid")
+    wide = sorted(BATCH_WIDE & set([run_types] if isinstance(run_types, str) else run_types))
+    if wide and batch_size < 2:  # said here in the option's name, not as train.eval_batch_size
+        raise UserError(f"preftune eval pairs: loss {' and '.join(wide)} sorts margins across a batch, and "
+                        f"--batch-size {batch_size} leaves one pair to sort, which is plain DPO; pass "
+                        "--batch-size 2 or more.")
     data_cfg = {k: v for k, v in (run.get("data") or {}).items()
                 if k in ("max_prompt_length", "truncation")}
     data_cfg.update(train=str(data), max_length=max_length or (run.get("data") or {}).get("max_length", 1024))
