@@ -115,6 +115,19 @@ def test_eight_runs_get_distinct_styles_and_a_legend_naming_each(tmp_path):
     assert [t.get_text() for t in fig.legends[0].get_texts()][-1] == "train (EMA 0.6)"  # no eval
 
 
+def test_gradient_norms_spanning_decades_get_a_log_axis_as_in_one_runs_report(tmp_path):
+    folders = [tmp_path / "calm", tmp_path / "spiky"]
+    for folder in folders:
+        write_metrics(folder, n_steps=5, eval_every=5)
+    lines = [json.loads(x) for x in (folders[1] / "metrics.jsonl").read_text().splitlines()]
+    lines[0]["grad_norm"] = 500.0  # an early spike, 100x the calm run's norms
+    (folders[1] / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    runs = [load_run(f, label, n) for n, (f, label) in enumerate(zip(folders, run_labels(folders)))]
+    panel = [("grad_norm", "Gradient norm", "norm")]
+    assert draw_overlay(runs[:1], panel, smoothing=0.6).axes[0].get_yscale() == "linear"
+    assert draw_overlay(runs, panel, smoothing=0.6).axes[0].get_yscale() == "log"
+
+
 def test_equal_folder_names_are_told_apart(tmp_path):
     folders = [tmp_path / "a" / "run", tmp_path / "b" / "run", tmp_path / "x" / "a" / "best",
                tmp_path / "y" / "a" / "best", tmp_path / "other"]

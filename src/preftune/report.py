@@ -234,6 +234,12 @@ def plot_accuracy_margins(metrics: RunMetrics, path: Path, smoothing: float = 0.
     return _save(fig, path)
 
 
+def spans_decades(values: np.ndarray) -> bool:
+    """Whether positive values span more than 100x: then a log axis, since early spikes (of a
+    gradient norm, say) would otherwise flatten the rest of the curve."""
+    return bool(values.size and values.min() > 0 and values.max() / values.min() > 100)
+
+
 def plot_optimization(metrics: RunMetrics, path: Path, smoothing: float = 0.6):
     """Gradient norm (before clipping) and learning rate schedule."""
     fig, (grad, lr) = _new_figure(ncols=2)
@@ -242,9 +248,8 @@ def plot_optimization(metrics: RunMetrics, path: Path, smoothing: float = 0.6):
     drawn_lr = _curve(lr, metrics, "learning_rate", "learning rate", "tab:purple", 0.0)
     if not (drawn_grad or drawn_lr):
         return None
-    _, values = metrics.series("grad_norm")
-    if values.size and values.min() > 0 and values.max() / values.min() > 100:
-        grad.set_yscale("log")  # early spikes would otherwise flatten the rest of the curve
+    if spans_decades(metrics.series("grad_norm")[1]):
+        grad.set_yscale("log")
     _finish(grad, "Gradient norm", "global L2 norm of the gradient")
     lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     _finish(lr, "Learning rate", "learning rate (per step)")

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
@@ -38,6 +39,7 @@ from preftune.report import (
     loss_labels,
     plot_frontier,
     plot_win_rates,
+    spans_decades,
 )
 from preftune.report_html import render_html
 
@@ -212,6 +214,10 @@ def draw_overlay(runs: list[Run], panels: list[tuple[str, str, str]], smoothing:
         for run in runs:
             if _run_curve(ax, run, key, smoothing):
                 drawn_runs.add(run.index)
+        if key == "grad_norm":  # as the one-run report: a log axis when the norms span decades
+            values = [run.metrics.series(key)[1] for run in runs]
+            if spans_decades(np.concatenate(values) if values else np.empty(0)):
+                ax.set_yscale("log")
         ax.set_title(title)
         ax.set_xlabel(STEP_LABEL)
         ax.set_ylabel(ylabel)
