@@ -368,10 +368,12 @@ def per_sequence_sums(token_logps, owner, num_sequences: int, ld_alpha: float | 
     together). With `ld_alpha` the sums are LD-DPO's; with `log_sum_sq` (M,), WPO's weights
     (N,) come third.
     """
-    sums = torch.zeros(num_sequences, dtype=token_logps.dtype, device=token_logps.device)
     counts = torch.zeros(num_sequences, dtype=torch.long, device=token_logps.device)
-    sums, counts = sums.index_add(0, owner, token_logps), counts.index_add(0, owner, torch.ones_like(owner))
-    if ld_alpha is not None:
+    counts = counts.index_add(0, owner, torch.ones_like(owner))
+    if ld_alpha is None:
+        sums = torch.zeros(num_sequences, dtype=token_logps.dtype, device=token_logps.device)
+        sums = sums.index_add(0, owner, token_logps)
+    else:  # LD-DPO splits each sum at the pair's shared length, which needs the counts first
         sums = length_desensitized_sums(token_logps, owner, counts, ld_alpha)
     if log_sum_sq is None:
         return sums, counts
