@@ -116,11 +116,13 @@ def pairs_eval_config(model_path, data, run: dict, beta: float | None, loss: str
     from preftune.losses import BATCH_WIDE, PARAMETER_USERS
 
     loss_cfg = dict(run.get("loss") or {})
+    run_types = loss_cfg.get("type", "sigmoid")
+    types = [run_types] if isinstance(run_types, str) else list(run_types)
     if loss is not None:
-        types = [t.strip() for t in loss.split(",")]
-        run_types = loss_cfg.get("type", "sigmoid")
-        if types != ([run_types] if isinstance(run_types, str) else list(run_types)):
+        given = [t.strip() for t in loss.split(",")]
+        if given != types:
             loss_cfg.pop("weights", None)  # the run's weights belonged to the run's loss types
+        types = given
         loss_cfg["type"] = types if len(types) > 1 else types[0]
         for key, users in PARAMETER_USERS.items():  # and so did settings the new types never use
             if not set(users) & set(types):
@@ -131,8 +133,7 @@ def pairs_eval_config(model_path, data, run: dict, beta: float | None, loss: str
             loss_cfg.pop("ld_alpha", None)
     if beta is not None:
         loss_cfg["beta"] = beta
-    run_types = loss_cfg.get("type", "sigmoid")
-    wide = sorted(BATCH_WIDE & set([run_types] if isinstance(run_types, str) else run_types))
+    wide = sorted(BATCH_WIDE & set(types))
     if wide and batch_size < 2:  # said here in the option's name, not as train.eval_batch_size
         raise UserError(f"preftune eval pairs: loss {' and '.join(wide)} sorts margins across a batch, and "
                         f"--batch-size {batch_size} leaves one pair to sort, which is plain DPO; pass "
