@@ -39,10 +39,10 @@ PROMPTS = ["The quick brown fox", "What is the best ice cream?", "A preference p
 MAX_NEW = 6
 GENERATE_KEYS = {  # docs/CONTRACTS.md, eval.json of kind "generate"
     "kind", "model", "reference", "judge", "n_prompts", "win_rate", "win_rate_ci", "ties",
-    "mean_reward", "kl", "kl_se", "mean_length",
+    "mean_reward", "kl", "kl_se", "kl_tokens", "kl_tokens_se", "mean_length",
 }
 ROW_KEYS = {"pair_id", "prompt_index", "prompt", "responses", "order", "reward", "winner",
-            "logps", "kl", "length"}
+            "logps", "kl", "kl_tokens", "length"}
 PAIRS_METRICS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
                  "rewards/margins", "logps/chosen", "logps/rejected", "lengths/chosen",
                  "lengths/rejected"}
@@ -303,11 +303,12 @@ def test_generate_policy_equal_to_reference_has_zero_kl_and_only_ties(models, pr
                      "--prompts", prompts_file, "--judge", judge, "--max-new-tokens", MAX_NEW,
                      "--out", tmp_path / "out"])
     assert result.exit_code == 0, result.output
-    assert "win rate" in result.output and "KL(pi||ref)" in result.output
+    assert "win rate" in result.output and "KL(pi||ref)" in result.output and "token-wise" in result.output
     record = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert GENERATE_KEYS <= set(record)
     assert record["kind"] == "generate" and record["n_prompts"] == len(PROMPTS)
     assert record["kl"] == 0.0 and record["kl_se"] == 0.0
+    assert record["kl_tokens"] == 0.0 and record["kl_tokens_se"] == 0.0
     assert record["ties"] == len(PROMPTS) and record["win_rate"] == 0.5
     assert record["mean_reward"]["policy"] == record["mean_reward"]["reference"] > 0
     rows = read_records(tmp_path / "out" / "samples.jsonl")
@@ -316,7 +317,7 @@ def test_generate_policy_equal_to_reference_has_zero_kl_and_only_ties(models, pr
         assert set(row) == ROW_KEYS and row["prompt"] == prompt
         assert sorted(row["order"]) == ["policy", "reference"]
         assert row["responses"]["policy"] == row["responses"]["reference"]  # same seeds
-        assert row["winner"] == "tie" and row["kl"] == 0.0
+        assert row["winner"] == "tie" and row["kl"] == 0.0 and row["kl_tokens"] == 0.0
         assert row["reward"]["policy"] == len(row["responses"]["policy"])
         assert 1 <= row["length"]["policy"] <= MAX_NEW
     assert record["mean_length"]["policy"] == sum(r["length"]["policy"] for r in rows) / len(rows)
@@ -358,6 +359,36 @@ def test_generate_rigged_reward_gives_win_rate_one_and_exact_kl(models, prompts_
     assert record["kl_se"] == pytest.approx(se, abs=1e-3)
 
 
+def test_generate_kl_tokens_is_the_summed_exact_kl_of_both_models_next_token_distributions(
+        models, prompts_file, tmp_path):
+    """Per row, sum over the counted positions (the stop token's included) of
+    sum_v pi(v) (log pi(v) - log ref(v)), from each model's full logits in float64."""
+    rigged_reward(tmp_path, {})
+    record = compare_models([models["pol"]], models["ref"], prompts_file,
+                            f"reward:{tmp_path / 'rigged.py'}:length", max_new_tokens=MAX_NEW,
+                            out=tmp_path / "out")["evals"][0]
+    rows = read_records(tmp_path / "out" / "samples.jsonl")
+    policy, tokenizer = load_model_and_tokenizer(str(models["pol"]))
+    reference, _ = load_model_and_tokenizer(str(models["ref"]))
+    settings = SamplingSettings(temperature=1.0, max_new_tokens=MAX_NEW, seed=0, n=1)
+    prompt_ids, completions = generate_token_ids(policy, tokenizer, PROMPTS, range(len(PROMPTS)), settings)
+    per_row = []
+    for row, p, (c,) in zip(rows, prompt_ids, completions):
+        ids = torch.tensor([p + c], device=policy.device)
+        with torch.no_grad():
+            pi = torch.log_softmax(policy(input_ids=ids).logits[0].double(), -1)  # (T, V)
+            ref = torch.log_softmax(reference(input_ids=ids).logits[0].double(), -1)  # (T, V)
+        predicting = slice(len(p) - 1, len(p) + len(c) - 1)  # the positions that predict c
+        expected = float((pi.exp() * (pi - ref))[predicting].sum())
+        assert row["kl_tokens"] == pytest.approx(expected, abs=1e-5)
+        assert row["kl_tokens"] >= 0.0
+        per_row.append(expected)
+    mean = sum(per_row) / len(per_row)
+    se = math.sqrt(sum((x - mean) ** 2 for x in per_row) / (len(per_row) - 1) / len(per_row))
+    assert record["kl_tokens"] == pytest.approx(mean, abs=1e-5)
+    assert record["kl_tokens_se"] == pytest.approx(se, abs=1e-5)
+
+
 def _policy_with_generation_config(models, tmp_path, generation_config):
     policy = tmp_path / "pol"
     shutil.copytree(models["pol"], policy)
@@ -396,7 +427,7 @@ def test_generate_says_when_kl_is_not_kl_of_the_policy(models, prompts_file, tmp
                             f"reward:{tmp_path / 'rigged.py'}:length", max_new_tokens=2,
                             out=tmp_path / "out", **drawn)["evals"][0]
     assert record["kl_note"].startswith(f"samples were drawn at {said}, not from the policy itself")
-    assert "not KL(pi || ref)" in record["kl_note"]
+    assert "not KL(pi || ref)" in record["kl_note"] and "'kl_tokens'" in record["kl_note"]
     assert record["sampling"] == {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 2, "seed": 0, **drawn}
 
 

@@ -8,11 +8,13 @@ For every prompt x the policy pi and the reference pi_ref each write one respons
   `human` puts the pair into a labeling database instead (see `preftune.eval_human`). The
   order in which a pair is shown is drawn per prompt and recorded in samples.jsonl.
 * the win rate counts ties as half a win, with a Wilson 95% interval;
-* the sequence-level KL(pi || ref) = E_{y ~ pi}[log pi(y|x) - log ref(y|x)] is estimated by the
-  mean of that log-ratio over the policy's own samples, scored on the exact token ids sampled,
-  with its standard error. It is unbiased only for samples drawn from pi itself (temperature 1,
-  no top-k, top-p or min-p; sampling sets aside the model's own generation-config processors, such as a
-  repetition penalty); eval.json says so otherwise.
+* the sequence-level KL(pi || ref) = E_{y ~ pi}[log pi(y|x) - log ref(y|x)] is estimated twice
+  over the policy's own samples, scored on the exact token ids sampled, each with its standard
+  error: `kl`, the mean of that log-ratio, and `kl_tokens`, the mean of the summed exact KL of
+  the next-token distributions along each sample (lower variance, never negative; see
+  `preftune.sample_scores`). Both are unbiased only for samples drawn from pi itself
+  (temperature 1, no top-k, top-p or min-p; sampling sets aside the model's own generation-config
+  processors, such as a repetition penalty); eval.json says so otherwise.
 
 With several models, every pair of systems (the reference included) is compared on every
 prompt by the reward, and a Bradley-Terry leaderboard anchored at the reference is fitted.
@@ -26,8 +28,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from preftune.bradley_terry import Outcome, fit_ratings, mean_with_se, win_rate
 from preftune.errors import UserError
 from preftune.evaluate import (
@@ -37,9 +37,9 @@ from preftune.evaluate import (
     same_evaluation,
     write_eval_record,
 )
-from preftune.logprobs import completion_logps
 from preftune.records import recorded_path, write_json_atomic, write_jsonl_atomic
 from preftune.rewards import load_reward
+from preftune.sample_scores import SampleScores, score_samples
 from preftune.sampling import (
     SamplingSettings,
     _decode_until_stop,
@@ -120,29 +120,6 @@ def sample_system(model, tokenizer, prompts: Sequence, settings: SamplingSetting
     return samples
 
 
-@torch.no_grad()
-def sequence_logps(model, prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]],
-                   pad_token_id: int, batch_size: int = 16) -> list[float]:
-    """log p(y|x) summed over each completion's tokens, on the given ids (no re-tokenizing)."""
-    device = next(model.parameters()).device
-    out: list[float] = []
-    for start in range(0, len(prompt_ids), batch_size):
-        rows = [p + c for p, c in zip(prompt_ids[start:start + batch_size],
-                                      completion_ids[start:start + batch_size])]
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)  # (B, T)
-        attention_mask = torch.zeros_like(input_ids)  # (B, T)
-        completion_mask = torch.zeros_like(input_ids)  # (B, T)
-        for i, (row, p) in enumerate(zip(rows, prompt_ids[start:start + batch_size])):
-            input_ids[i, :len(row)] = torch.tensor(row)
-            attention_mask[i, :len(row)] = 1
-            completion_mask[i, len(p):len(row)] = 1
-        logps, _ = completion_logps(model, input_ids.to(device), attention_mask.to(device),
-                                    completion_mask.to(device))
-        out.extend(logps.double().cpu().tolist())
-    return out
-
-
 def score(judge: Judge, prompts: Sequence, samples: Samples) -> None:
     """Attach the judge's reward to each response (nothing to do for a human judge)."""
     if judge.kind != "reward":
@@ -169,8 +146,7 @@ def shown_order(seed: int, prompt_index: int) -> list[str]:
 # ------------------------------------------------------------------ one policy against the reference
 
 
-def comparison_rows(prompts: Sequence, policy: Samples, reference: Samples,
-                    policy_logps: list[float], reference_logps: list[float],
+def comparison_rows(prompts: Sequence, policy: Samples, reference: Samples, scores: SampleScores,
                     seed: int) -> list[dict]:
     """samples.jsonl: one row per prompt with both responses, their scores and the outcome."""
     rows = []
@@ -185,8 +161,9 @@ def comparison_rows(prompts: Sequence, policy: Samples, reference: Samples,
             "pair_id": f"p{i:06d}", "prompt_index": i, "prompt": prompt,
             "responses": {"policy": policy.texts[i], "reference": reference.texts[i]},
             "order": shown_order(seed, i), "reward": rewards, "winner": winner,
-            "logps": {"policy": policy_logps[i], "reference": reference_logps[i]},
-            "kl": policy_logps[i] - reference_logps[i],
+            "logps": {"policy": scores.policy_logps[i], "reference": scores.reference_logps[i]},
+            "kl": scores.policy_logps[i] - scores.reference_logps[i],
+            "kl_tokens": scores.kl_tokens[i],
             "length": {"policy": policy.lengths[i], "reference": reference.lengths[i]},
         })
     return rows
@@ -209,6 +186,7 @@ def summarize(rows: list[dict], policy: Samples, reference: Samples, judge: Judg
               settings: SamplingSettings, prompts_source: str | None) -> dict:
     """The eval.json record of one policy (docs/CONTRACTS.md), from its samples.jsonl rows."""
     kl = mean_with_se([r["kl"] for r in rows])
+    kl_tokens = mean_with_se([r["kl_tokens"] for r in rows])
     lengths = {who: mean_with_se([r["length"][who] for r in rows]) for who in ("policy", "reference")}
     record = {
         "kind": "generate", "model": policy.path, "reference": recorded_path(reference.path),
@@ -219,6 +197,7 @@ def summarize(rows: list[dict], policy: Samples, reference: Samples, judge: Judg
         "mean_reward_se": {"policy": None, "reference": None},
         "reward_margin": None, "reward_margin_se": None,
         "kl": kl.mean, "kl_se": _number(kl.se),
+        "kl_tokens": kl_tokens.mean, "kl_tokens_se": _number(kl_tokens.se),
         "mean_length": {who: m.mean for who, m in lengths.items()},
         "mean_length_se": {who: _number(m.se) for who, m in lengths.items()},
         "samples": "samples.jsonl",
@@ -226,7 +205,8 @@ def summarize(rows: list[dict], policy: Samples, reference: Samples, judge: Judg
     if settings.reshapes_distribution:
         record["kl_note"] = (f"samples were drawn at {describe_sampling(settings.to_dict())}, not from "
                              "the policy itself, so 'kl' is the mean log-ratio under that "
-                             "distribution, not KL(pi || ref).")
+                             "distribution and 'kl_tokens' the mean KL of the per-token "
+                             "distributions along its samples, not KL(pi || ref).")
     beta = (run_config(policy.path).get("loss") or {}).get("beta")
     if beta is not None:
         record["beta"] = beta  # the report labels and groups reward-KL points by beta
@@ -363,12 +343,11 @@ def _evaluate_policy(job: _Job, path: str, label: str, folder: Path) -> tuple[di
     policy = sample_system(model, tokenizer, job.prompts, job.settings, job.batch_size, label, path)
     score(job.judge, job.prompts, policy)
     pad = job.reference_tokenizer.pad_token_id or 0  # padded positions are masked out anyway
-    policy_logps = sequence_logps(model, policy.prompt_ids, policy.completion_ids, pad, job.batch_size)
+    # Both models score each batch: the token-wise KL needs their logits at the same positions.
+    scores = score_samples(model, job.reference_model, policy.prompt_ids, policy.completion_ids, pad,
+                           job.batch_size)
     del model  # one policy in memory at a time, beside the reference
-    reference_logps = sequence_logps(job.reference_model, policy.prompt_ids,
-                                     policy.completion_ids, pad, job.batch_size)
-    rows = comparison_rows(job.prompts, policy, job.reference, policy_logps, reference_logps,
-                           job.settings.seed)
+    rows = comparison_rows(job.prompts, policy, job.reference, scores, job.settings.seed)
     record = summarize(rows, policy, job.reference, job.judge, job.settings, job.source)
     record["system"] = label
     if job.judge.kind == "human":
