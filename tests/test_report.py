@@ -289,3 +289,20 @@ def test_a_one_step_run_draws_its_points(tmp_path):
             assert line.get_marker() not in (None, "", " ", "None"), (key, smoothing)
     write_report(tmp_path)
     assert_real_picture(tmp_path / "plots" / "loss.png")
+
+
+def test_evaluations_table_shows_the_token_wise_kl_and_an_older_record_without_it_still_reports(tmp_path):
+    """eval.json files written before `kl_tokens` existed lack it: their cell reads '–'."""
+    older = generate_eval(0.1, 6.0, 1.5, 0.8)
+    newer = {**generate_eval(0.5, 2.0, 0.8, 0.65), "kl_tokens": 1.75, "kl_tokens_se": 0.05}
+    (tmp_path / "eval.json").write_text(json.dumps({"evals": [older, newer]}))
+    html = write_report(tmp_path).read_text()
+    assert "<th>KL ± se (nats)</th><th>token-wise KL ± se (nats)</th>" in html
+
+    def kl_cells(label):
+        cells = re.findall(r"<td[^>]*>(.*?)</td>", re.search(rf"<tr><td>{label}</td>(.*?)</tr>", html).group(1))
+        return cells[5:7]  # after kind, judge, prompts, win rate, reward
+
+    assert kl_cells("DPO β=0.1") == ["6 ± 0.3", "–"]
+    assert kl_cells("DPO β=0.5") == ["2 ± 0.3", "1.75 ± 0.05"]
+    assert_real_picture(tmp_path / "plots" / "reward_kl.png")  # the plot keeps using `kl`

@@ -12,7 +12,13 @@ from typer.testing import CliRunner
 from preftune.cli import app
 from preftune.config import dump_config
 from preftune.report import write_report
-from preftune.report_compare import draw_overlay, load_run, run_labels, write_comparison
+from preftune.report_compare import (
+    comparison_table,
+    draw_overlay,
+    load_run,
+    run_labels,
+    write_comparison,
+)
 
 
 def cli(*args):
@@ -198,3 +204,15 @@ def test_resumed_empty_and_evaluation_only_runs_are_shown(tmp_path):
     assert "resumed has no config.yaml, so its settings are shown as unknown" in html
     assert row(html, "win rate [95% CI] (reward:tests:length)")[2].startswith("0.500")
     assert_real_picture(tmp_path / "compare" / "plots" / "loss.png")
+
+
+def test_comparison_shows_the_token_wise_kl_where_an_evaluation_has_it(tmp_path):
+    # beta0.1's eval.json predates `kl_tokens`: it still reports, with '–' in that row.
+    older = make_run(tmp_path / "beta0.1", n_steps=5, eval_every=5, evals=[generate_eval(0.1, 6.0, 1.5, 0.8)])
+    newer = make_run(tmp_path / "beta0.5", n_steps=5, eval_every=5, evals=[
+        {**generate_eval(0.5, 2.0, 0.8, 0.65), "kl_tokens": 1.75, "kl_tokens_se": 0.05}])
+    runs = [load_run(f, label, n) for n, (f, label) in enumerate(zip([older, newer], ["beta0.1", "beta0.5"]))]
+    _, _, rows = comparison_table(runs)
+    by_name = {r[0]: r[1:] for r in rows}
+    assert by_name["KL ± se, nats (reward:tests:length)"] == ["6 ± 0.3", "2 ± 0.3"]
+    assert by_name["token-wise KL ± se, nats (reward:tests:length)"] == ["–", "1.75 ± 0.05"]

@@ -573,20 +573,27 @@ def _judged_on(ev: dict) -> str:
     return f"{short(ev.get('judge') or '–')}{prompts}{drawn}"
 
 
+def _with_se(ev: dict, key: str) -> str:
+    """'value ± se' of `key` and `key`_se, or '–' where the record has no value (an evaluation
+    written before `kl_tokens` existed, or a pairs evaluation)."""
+    return f"{_fmt(ev[key])} ± {_fmt(ev.get(key + '_se'))}" if _is_number(ev.get(key)) else "–"
+
+
 def _evals_table(evals: list[dict]):
     header = ["model", "kind", "judge and data", "prompts", "win rate [95% CI]",
-              "mean reward (policy / ref)", "KL ± se (nats)", "accuracy", "mean length (policy / ref)"]
+              "mean reward (policy / ref)", "KL ± se (nats)", "token-wise KL ± se (nats)", "accuracy",
+              "mean length (policy / ref)"]
     rows = []
     for ev in evals:
         wr = _win_rate_with_ci(ev)
         reward = f"{_fmt(_policy_reward(ev))} / {_fmt(_policy_reward(ev, 'reference'))}"
-        kl = f"{_fmt(ev.get('kl'))} ± {_fmt(ev.get('kl_se'))}" if _is_number(ev.get("kl")) else "–"
+        kl = _with_se(ev, "kl")
         lengths = ev.get("mean_length") or {}
         waiting = ev.get("status") == "awaiting_votes"
         rows.append([
             eval_label(ev), _fmt(ev.get("kind")), _judged_on(ev), _fmt(ev.get("n_prompts")),
             f"{wr[0]:.3f} [{wr[1]:.3f}, {wr[2]:.3f}]" if wr else "awaiting votes" if waiting else "–",
-            reward if _policy_reward(ev) is not None else "–", kl,
+            reward if _policy_reward(ev) is not None else "–", kl, _with_se(ev, "kl_tokens"),
             _fmt(ev.get("eval/rewards/accuracies")),
             f"{_fmt(lengths.get('policy'))} / {_fmt(lengths.get('reference'))}" if lengths else "–",
         ])

@@ -29,6 +29,7 @@ from preftune.report import (
     _judged_on,
     _policy_reward,
     _win_rate_with_ci,
+    _with_se,
     ema,
     eval_label,
     find_eval_files,
@@ -379,8 +380,9 @@ def _eval_cells(ev: dict):
         yield f"win rate [95% CI] ({on})", f"{rate[0]:.3f} [{rate[1]:.3f}, {rate[2]:.3f}]"
     elif ev.get("status") == "awaiting_votes":
         yield f"win rate [95% CI] ({on})", "awaiting votes"
-    if _is_number(ev.get("kl")):
-        yield f"KL ± se, nats ({on})", f"{_fmt(ev['kl'])} ± {_fmt(ev.get('kl_se'))}"
+    for key, name in (("kl", "KL"), ("kl_tokens", "token-wise KL")):
+        if _is_number(ev.get(key)):  # kl_tokens is absent from evaluations written before it existed
+            yield f"{name} ± se, nats ({on})", _with_se(ev, key)
     if _policy_reward(ev) is not None:
         yield (f"mean reward, policy / ref ({on})",
                f"{_fmt(_policy_reward(ev))} / {_fmt(_policy_reward(ev, 'reference'))}")
