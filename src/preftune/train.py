@@ -49,6 +49,7 @@ from preftune.checkpoint import (
 )
 from preftune.config import Config, dump_config
 from preftune.data.collate import collate_pairs, epoch_order, micro_batches
+from preftune.data.heldout import check_heldout, hold_out, write_heldout
 from preftune.data.io import load_pairs
 from preftune.data.tokenize import TokenizedPair, tokenize_pairs
 from preftune.distributed import full_tensor
@@ -124,32 +125,28 @@ def _load_sources(sources: str | list[str], split: str, name: str, console: Cons
 
 
 def prepare_data(config: Config, tokenizer, console: Console):
-    """Load, split and tokenize; print what was kept, skipped and truncated, and why."""
+    """Load, split and tokenize; print what was kept, skipped and truncated, and why. Returns
+    the tokenized train and eval pairs, and the pairs data.eval_fraction held out (else [])."""
     data = config.data
     train_pairs, train_skipped = _load_sources(data.train, data.split, "train", console)
     rows_read = len(train_pairs) + sum(train_skipped.values())
-    eval_pairs, held_out = [], 0
+    eval_pairs, held_out = [], []
     if data.eval:
         eval_pairs, _ = _load_sources(data.eval, data.eval_split or data.split, "eval", console)
     elif data.eval_fraction > 0:
-        order = list(range(len(train_pairs)))
-        random.Random(config.train.seed).shuffle(order)
-        n_eval = max(1, round(len(order) * data.eval_fraction))
-        eval_set = set(order[:n_eval])
-        eval_pairs = [p for i, p in enumerate(train_pairs) if i in eval_set]
-        train_pairs = [p for i, p in enumerate(train_pairs) if i not in eval_set]
-        held_out = len(eval_pairs)
+        train_pairs, held_out = hold_out(train_pairs, data.eval_fraction, config.train.seed)
+        eval_pairs = held_out
     train_tok, train_counts = tokenize_pairs(train_pairs, tokenizer, data)
     eval_tok, eval_counts = tokenize_pairs(eval_pairs, tokenizer, data)
     console.print(f"data: {len(train_tok)} train pairs, {len(eval_tok)} eval pairs; "
                   f"tokenization: train {_describe_counts(train_counts)}; eval {_describe_counts(eval_counts)}")
     if not train_tok:
-        raise UserError(_no_pairs_left(rows_read, train_skipped, held_out, train_counts, data))
+        raise UserError(_no_pairs_left(rows_read, train_skipped, len(held_out), train_counts, data))
     if eval_pairs and not eval_tok:
         console.print(f"[yellow]data: none of the {len(eval_pairs)} eval pairs is left after tokenization "
                       f"({_describe_counts(eval_counts)}), so no evaluation will run; check data.max_length "
                       f"(now {data.max_length}).[/yellow]")
-    return train_tok, eval_tok
+    return train_tok, eval_tok, held_out
 
 
 def _no_pairs_left(rows_read: int, skipped: Counter, held_out: int, token_counts: Counter, data) -> str:
@@ -312,7 +309,7 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
     if config.model.gradient_checkpointing:
         enable_activation_checkpointing(policy)
     policy.config.use_cache = False
-    train_pairs, eval_pairs = prepare_data(config, tokenizer, console)
+    train_pairs, eval_pairs, held_out = prepare_data(config, tokenizer, console)
     autocast = autocast_context(config.model.autocast, device)
     reference_logps = build_reference(config, policy, autocast, train_pairs, eval_pairs, tokenizer.pad_token_id,
                                       device, console, dist.is_main)
@@ -370,12 +367,16 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
                         f"pairs, now {data.split()[0]}, or the same number with other tokens); its data "
                         "position means nothing on these, so restore the data the run started with or "
                         "start a new run in another train.output_dir.")
+    if checkpoint is not None and held_out:  # the fingerprint above covers the training pairs only
+        check_heldout(output_dir, held_out, dist)
     state.total_steps, state.data = total_steps, data
     if start_over:
         _start_over(output_dir, console, dist)
     if dist.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         dump_config(_with_absolute_paths(config), output_dir / "config.yaml")
+        if held_out:
+            console.print(escape(write_heldout(output_dir, held_out)))
 
     def save(step_state: TrainState) -> Path:
         # The reference only once a sync has moved it: before, the run's start rebuilds it.

@@ -1,0 +1,79 @@
+"""The pairs `data.eval_fraction` holds out of data.train, kept in the run folder.
+
+Training holds out a seeded share of its rows for evaluation. Written to
+OUTPUT/eval_heldout.jsonl in the format `load_pairs` reads, those exact pairs can be scored again
+later (`preftune eval pairs --data OUTPUT/eval_heldout.jsonl`), checked against the training
+rows, or handed to another tool; and a resumed run checks that it still holds out the same ones.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from preftune.data.io import TRUNCATED_KEYS, load_pairs
+from preftune.data.schema import PreferencePair
+from preftune.errors import UserError
+from preftune.records import write_text_atomic
+
+HELDOUT_FILE = "eval_heldout.jsonl"
+
+
+def hold_out(pairs: list[PreferencePair], fraction: float, seed: int):
+    """(train, held_out): a seeded `fraction` of `pairs` (at least one) held out, each list in
+    the data's order."""
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:max(1, round(len(order) * fraction))])
+    return ([p for i, p in enumerate(pairs) if i not in held],
+            [p for i, p in enumerate(pairs) if i in held])
+
+
+def pair_row(pair: PreferencePair) -> dict:
+    """The row `load_pairs` reads back as `pair`. The prompt is written out even when the data
+    left it implicit: it was split off the responses when read, and the row says so."""
+    return {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected, **pair.metadata}
+
+
+def _key(text) -> str:
+    return json.dumps(text, sort_keys=True, ensure_ascii=False)  # a prompt may be a message list
+
+
+def _what_is_scored(pair: PreferencePair) -> str:
+    """What training and evaluation read of a pair; other metadata (scores, ids) may change."""
+    flags = [bool(pair.metadata.get(k)) for k in TRUNCATED_KEYS]
+    return _key([pair.prompt, pair.chosen, pair.rejected, flags])
+
+
+def check_heldout(output_dir: Path, held_out: list[PreferencePair], dist) -> None:
+    """On resume: refuse when the run's file holds other pairs than those held out now.
+
+    The checkpoint's data fingerprint covers the training pairs only, so an edited held-out row
+    would go unnoticed and the eval/ curve would switch to other pairs mid-run. Rank 0 reads
+    the file, every rank raises together.
+    """
+    path = Path(output_dir) / HELDOUT_FILE
+    differs = False
+    if dist.is_main and path.is_file():
+        try:
+            before = [_what_is_scored(p) for p in load_pairs(str(path)).pairs]
+        except UserError:  # emptied or broken by hand: not the pairs either, and other ranks wait
+            before = None
+        differs = before != [_what_is_scored(p) for p in held_out]
+    if dist.all_reduce_sum(float(differs)):
+        raise UserError(f"{path} does not hold the pairs data.eval_fraction holds out of data.train now (the "
+                        "data changed since the run started, or the file was edited); restore the data the "
+                        f"run started with, delete {HELDOUT_FILE} to evaluate from here on on the new held-out "
+                        "pairs, or start a new run in another train.output_dir.")
+
+
+def write_heldout(output_dir: Path, held_out: list[PreferencePair]) -> str:
+    """Write the held-out pairs to OUTPUT/eval_heldout.jsonl atomically; returns the line to print."""
+    path = Path(output_dir) / HELDOUT_FILE
+    # default=str: a Parquet or hub row's dates or bytes in the metadata become text instead of
+    # stopping the run; prompt, chosen and rejected are always JSON strings or message lists.
+    write_text_atomic(path, "".join(json.dumps(pair_row(p), ensure_ascii=False, default=str) + "\n"
+                                    for p in held_out))
+    return (f"data: {len(held_out)} pairs held out by data.eval_fraction written to {path}; score a model "
+            f"on them with: preftune eval pairs --model MODEL --data {path}")

@@ -1,0 +1,112 @@
+"""data.eval_fraction's held-out pairs are kept in the run folder (eval_heldout.jsonl): read back
+they are exactly the pairs held out, `eval pairs` on them reproduces the run's eval/ numbers, a
+resumed run refuses a file that no longer matches its data."""
+
+import json
+from collections import Counter
+
+import pytest
+import yaml
+from preftune_test_data import torch_threads, write_jsonl
+from typer.testing import CliRunner
+
+import preftune.train as train_module
+from preftune.cli import app
+from preftune.data.io import load_pairs
+
+# Each row a prompt of its own, with metadata that must come back, and implicit prompts: the
+# file has to write out what was split off.
+ROWS = [{"chosen": f"Question: What is {i} plus {i}?\nAnswer: {2 * i}.",
+         "rejected": f"Question: What is {i} plus {i}?\nAnswer: I do not know.",
+         "pair_id": f"q{i}", "score": i / 2} for i in range(16)]
+
+
+def squash(text: str) -> str:
+    return "".join(text.split())  # rich wraps long lines anywhere
+
+
+def cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def scored(pair) -> str:
+    return json.dumps([pair.prompt, pair.chosen, pair.rejected, pair.pair_id, pair.metadata], sort_keys=True)
+
+
+def write_run_config(folder, model, data, **train):
+    raw = {"model": {"path": str(model)}, "data": {"train": str(data), "max_length": 64, "eval_fraction": 0.25},
+           "optim": {"lr": 1e-2},
+           "train": {"batch_size": 4, "max_steps": 2, "seed": 0, "progress": False, "report": False,
+                     "output_dir": str(folder / "run"), **train}}
+    path = folder / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def heldout_run(tmp_path_factory, tiny_llama):
+    """One 2-step run holding out 4 of ROWS, evaluated at its end; the raw pairs that training
+    tokenized, train split first, are caught on their way in."""
+    folder = tmp_path_factory.mktemp("heldout")
+    data = write_jsonl(folder / "D.jsonl", ROWS)
+    seen = []
+
+    def catch(pairs, *args, **kwargs):
+        seen.append(list(pairs))
+        return tokenize_pairs(pairs, *args, **kwargs)
+
+    tokenize_pairs = train_module.tokenize_pairs
+    with pytest.MonkeyPatch.context() as patch, torch_threads(1):
+        patch.setattr(train_module, "tokenize_pairs", catch)
+        result = cli("train", write_run_config(folder, tiny_llama, data))
+    assert result.exit_code == 0, result.output
+    return {"run": folder / "run", "data": data, "output": result.output, "train": seen[0], "eval": seen[1]}
+
+
+def test_the_held_out_pairs_are_written_and_read_back_exactly(heldout_run):
+    run, path = heldout_run["run"], heldout_run["run"] / "eval_heldout.jsonl"
+    assert f"data:4pairsheldoutbydata.eval_fractionwrittento{path}" in squash(heldout_run["output"])
+    written = load_pairs(str(path)).pairs
+    assert [scored(p) for p in written] == [scored(p) for p in heldout_run["eval"]]
+    assert len(written) == 4 and not (run / ".eval_heldout.jsonl.tmp").exists()
+    # With the training pairs they are every input row, each once (the rows are all different).
+    every_row = [scored(p) for p in load_pairs(str(heldout_run["data"])).pairs]
+    together = [scored(p) for p in heldout_run["train"] + written]
+    assert Counter(together) == Counter(every_row) and len(set(every_row)) == 16
+
+
+def test_eval_pairs_on_the_file_reproduces_the_run_last_eval(heldout_run, tmp_path):
+    run = heldout_run["run"]
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last_eval = [line for line in logged if "eval/loss" in line][-1]
+    assert last_eval["step"] == 2 and abs(last_eval["eval/loss"] - 0.6931) > 1e-3  # trained, not ln 2
+    result = cli("eval", "pairs", "--model", run / "final", "--data", run / "eval_heldout.jsonl",
+                 "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "eval.json").read_text())
+    assert record["n_pairs"] == 4
+    for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen"):
+        assert record[f"eval/{key}"] == pytest.approx(last_eval[f"eval/{key}"], rel=1e-4, abs=1e-5), key
+
+
+def test_a_resume_refuses_a_held_out_file_its_data_no_longer_gives(tmp_path, tiny_llama, one_torch_thread):
+    """An edited held-out row leaves the training pairs, and so the checkpoint's data fingerprint,
+    as they were: only the held-out file can tell that eval/ would now score other pairs."""
+    data = write_jsonl(tmp_path / "D.jsonl", ROWS)
+    config = write_run_config(tmp_path, tiny_llama, data, max_steps=1, save_every=1)
+    assert cli("train", config).exit_code == 0
+    path = tmp_path / "run" / "eval_heldout.jsonl"
+    before = path.read_text()
+    held = json.loads(before.splitlines()[0])["pair_id"]
+    edited = [{**row, "rejected": row["rejected"] + " Maybe."} if row["pair_id"] == held else row for row in ROWS]
+    write_jsonl(data, edited)
+    result = cli("train", config, "--resume", "train.max_steps=2")
+    assert result.exit_code == 2, result.output
+    assert squash(f"{path} does not hold the pairs data.eval_fraction holds out of data.train now") \
+        in squash(result.output)
+    assert f"delete{path.name}toevaluate" in squash(result.output) and "Traceback" not in result.output
+    assert path.read_text() == before
+    write_jsonl(data, ROWS)  # the data the run started with: resumed
+    result = cli("train", config, "--resume", "train.max_steps=2")
+    assert result.exit_code == 0, result.output
+    assert path.read_text() == before
