@@ -27,9 +27,9 @@ from preftune.logprobs import (
     naive_completion_logps,
     per_sequence_sums,
     shared_prompt_logps,
-    wpo_weights,
 )
 from preftune.losses import PairLogps, preference_loss
+from preftune.token_stats import WPO, chunk_token_stats, wpo_weights
 from preftune.train import train
 
 VOCAB = 97
@@ -82,25 +82,25 @@ def _model(frozen_head=False, wrapped_head=False, naive=False):
     return model
 
 
-def _padded(model, ld, wpo, chunk):
-    b = collate_pairs(PAIRS, pad_token_id=0)
-    return completion_logps(model, b.input_ids, b.attention_mask, b.completion_mask, chunk, ld_alpha=ld, wpo=wpo)
+def _padded(model, ld, stats, chunk, pairs=PAIRS):
+    b = collate_pairs(pairs, pad_token_id=0)
+    return completion_logps(model, b.input_ids, b.attention_mask, b.completion_mask, chunk, ld_alpha=ld, stats=stats)
 
 
-def _packed(model, ld, wpo, chunk):
-    b = pack_pairs(PAIRS)
+def _packed(model, ld, stats, chunk, pairs=PAIRS):
+    b = pack_pairs(pairs)
     return completion_logps(model, b.input_ids, None, b.completion_mask, chunk, b.position_ids, b.sequence_ids,
-                            ld_alpha=ld, wpo=wpo)
+                            ld_alpha=ld, stats=stats)
 
 
-def _packed_naive(model, ld, wpo, chunk):
-    b = pack_pairs(PAIRS)
+def _packed_naive(model, ld, stats, chunk, pairs=PAIRS):
+    b = pack_pairs(pairs)
     return naive_completion_logps(model, b.input_ids, None, b.completion_mask, b.position_ids, b.sequence_ids,
-                                  ld, wpo)
+                                  ld, stats)
 
 
-def _shared(model, ld, wpo, chunk):
-    return shared_prompt_logps(model, collate_shared_prompt(PAIRS, pad_token_id=0).shared, chunk, ld, wpo)
+def _shared(model, ld, stats, chunk, pairs=PAIRS):
+    return shared_prompt_logps(model, collate_shared_prompt(pairs, pad_token_id=0).shared, chunk, ld, stats)
 
 
 # (layout, model options, chunk size): 3 makes several chunks (RECOMPUTE); 1024 keeps one chunk's
@@ -133,13 +133,13 @@ def test_every_path_gives_the_plain_numbers_and_gradients(path, setting):
     model = _model(**options)
     expected_sums, expected_counts, expected_weights = plain(model, PAIRS, ld)
     expected_grads = _grads(model, expected_sums)
-    got = layout(model, ld, wpo, chunk)
+    got = layout(model, ld, (WPO,) if wpo else (), chunk)
     assert len(got) == (3 if wpo else 2)
     torch.testing.assert_close(got[0], expected_sums, rtol=1e-5, atol=1e-5)
     assert got[1].tolist() == expected_counts.tolist() == [4, 1, 2, 1, 5, 2]
     if wpo:
-        assert not got[2].requires_grad  # WPO's weights are constants
-        torch.testing.assert_close(got[2], expected_weights, rtol=1e-5, atol=1e-6)
+        assert not got[2][WPO].requires_grad  # WPO's weights are constants
+        torch.testing.assert_close(wpo_weights(got[2][WPO], got[1]), expected_weights, rtol=1e-5, atol=1e-6)
     got_grads = _grads(model, got[0])
     assert got_grads.keys() == expected_grads.keys() and len(got_grads) > 10
     for name, grad in expected_grads.items():
@@ -152,17 +152,17 @@ def test_without_grad_as_a_reference_runs(path):
     model = _model(**options)
     with torch.no_grad():
         expected = plain(model, PAIRS, 0.6)
-        got = layout(model, 0.6, True, chunk)
+        got = layout(model, 0.6, (WPO,), chunk)
     torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got[2], expected[2], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(wpo_weights(got[2][WPO], got[1]), expected[2], rtol=1e-5, atol=1e-6)
 
 
 def test_ld_alpha_one_is_plain_dpo_and_ld_changes_only_the_longer_response():
     model = _model()
     with torch.no_grad():
-        dpo = _padded(model, None, False, 3)[0]
-        one = _padded(model, 1.0, False, 3)[0]
-        half = _padded(model, 0.5, False, 3)[0]
+        dpo = _padded(model, None, (), 3)[0]
+        one = _padded(model, 1.0, (), 3)[0]
+        half = _padded(model, 0.5, (), 3)[0]
     torch.testing.assert_close(one, dpo, rtol=1e-6, atol=1e-6)
     # Pair 0: chosen 4 tokens, rejected 1; pair 1: 1 and 5; pair 2: 2 and 2 (untouched).
     changed = (half - dpo).abs() > 1e-4
@@ -190,10 +190,12 @@ def test_wpo_weights_by_hand():
     # Two tokens of one sequence, two of another. A token with p(y_t) = 1/2 under a distribution
     # (1/2, 1/2): sum p^2 = 1/2, so p / sum p^2 = 1. With p(y_t) = 1/4 under (1/4, 3/4):
     # sum p^2 = 10/16, ratio 0.4. Sequence 0 holds both: w = exp((log 1 + log 0.4) / 2) = sqrt(0.4).
-    token_logps = torch.log(torch.tensor([0.5, 0.25, 0.75, 0.75]))
-    log_sum_sq = torch.log(torch.tensor([0.5, 10 / 16, 10 / 16, 10 / 16]))
-    owner = torch.tensor([0, 0, 1, 1])
-    got = wpo_weights(token_logps, log_sum_sq, owner, torch.tensor([2, 2]))
+    logits = torch.log(torch.tensor([[0.5, 0.5], [0.25, 0.75], [0.25, 0.75], [0.25, 0.75]]))
+    targets = torch.tensor([0, 0, 1, 1])
+    (aligned,) = chunk_token_stats(logits, targets, (WPO,))
+    torch.testing.assert_close(aligned, torch.log(torch.tensor([1.0, 0.4, 1.2, 1.2])))
+    _, counts, sums = per_sequence_sums(torch.zeros(4), torch.tensor([0, 0, 1, 1]), 2, token_stats={WPO: aligned})
+    got = wpo_weights(sums[WPO], counts)
     # Sequence 1: p = 3/4 under (1/4, 3/4) twice: ratio 0.75 / 0.625 = 1.2, w = 1.2 (above 1).
     torch.testing.assert_close(got, torch.tensor([math.sqrt(0.4), 1.2]))
 

@@ -28,6 +28,7 @@ from torch import nn
 
 from preftune.errors import UserError
 from preftune.logprobs import CompletionLogps, unwrap_causal_lm
+from preftune.token_stats import wanted_stats
 
 
 @dataclass
@@ -155,8 +156,7 @@ def _shard(module: CompletionLogps, config, dist: DistContext) -> nn.Module:
 
 def wrap_policy(policy, config, dist: DistContext):
     """(module computing policy log-probs, the wrapper that owns gradient sync)."""
-    module = CompletionLogps(policy, config.train.logprob_chunk_size, config.loss.ld_alpha,
-                             config.loss.wpo_weighting)
+    module = CompletionLogps(policy, config.train.logprob_chunk_size, config.loss.ld_alpha, wanted_stats(config))
     if dist.strategy == "fsdp":
         module = _shard(module, config, dist)
     elif dist.strategy == "ddp":

@@ -18,20 +18,23 @@ from preftune.errors import UserError
 from preftune.losses import REFERENCE_FREE, PairLogps, preference_loss
 from preftune.metrics import StepMetrics
 from preftune.records import recorded_path, write_json_atomic
+from preftune.token_stats import WPO, wanted_stats, wpo_weights
 
 
 def pair_logps(policy_logps, reference_logps, batch: PairBatch) -> PairLogps:
     """Policy (with grad) and reference (without) log-probs of a concatenated pair batch, and
-    WPO's pair weights when the policy module returns sequence weights (loss.wpo_weighting)."""
-    logps, lengths, *weights = policy_logps(batch.input_ids, batch.model_attention_mask, batch.completion_mask,
-                                            batch.position_ids, batch.sequence_ids, batch.shared, batch.counted)
+    WPO's pair weights when the policy module returns WPO's statistic (loss.wpo_weighting)."""
+    logps, lengths, *stats = policy_logps(batch.input_ids, batch.model_attention_mask, batch.completion_mask,
+                                          batch.position_ids, batch.sequence_ids, batch.shared, batch.counted)
+    stat_sums = stats[0] if stats else {}  # {name: (2B,)} per-sequence sums of token_stats' statistics
+    weights = wpo_weights(stat_sums[WPO], lengths) if WPO in stat_sums else None  # (2B,)
     reference = reference_logps(batch).to(logps.dtype)  # (2B,)
     b = batch.num_pairs
     return PairLogps(
         policy_chosen_logps=logps[:b], policy_rejected_logps=logps[b:],
         reference_chosen_logps=reference[:b], reference_rejected_logps=reference[b:],
         chosen_lengths=lengths[:b], rejected_lengths=lengths[b:],
-        pair_weights=weights[0][:b] * weights[0][b:] if weights else None,  # (B,) w(y_w) * w(y_l)
+        pair_weights=weights[:b] * weights[b:] if weights is not None else None,  # (B,) w(y_w) * w(y_l)
     )
 
 
@@ -211,7 +214,7 @@ def evaluate_pairs_file(
     reference = no_reference if reference_model is None else \
         FrozenModelReference(reference_model, chunk, autocast, ld_alpha)
     with autocast():
-        results = evaluate_pairs(CompletionLogps(policy, chunk, ld_alpha, config.loss.wpo_weighting), reference,
+        results = evaluate_pairs(CompletionLogps(policy, chunk, ld_alpha, wanted_stats(config)), reference,
                                  pairs, config,
                                  torch_device, tokenizer.pad_token_id, batch_size)
     record = {

@@ -18,11 +18,11 @@ other head (a LoRA-wrapped one, say) goes through `torch.utils.checkpoint` per c
 same memory bound, autograd's own backward.
 `naive_completion_logps` is the plain computation the tests compare against.
 
-Two options change what a sequence's log-prob is, on every path alike (both off by default, and
-then no step does any work for them): `ld_alpha` (LD-DPO) sums the tokens past the shorter
-response of the pair at a discount, and `wpo` also returns WPO's per-sequence weights, for which
-each chunk's logits give log sum_v p(v)^2 while they exist. Both need sequence n and n + N/2 to
-be a pair (chosen first), as in every batch layout here.
+Two options, off by default (and then no step does any work for them), act on every path alike:
+`ld_alpha` (LD-DPO) sums the tokens past the shorter response of the pair at a discount, which
+needs sequence n and n + N/2 to be a pair (chosen first), as in every batch layout here; `stats`
+names per-token statistics of the logits (token_stats.py: WPO's aligned log-prob, entropy, ...)
+that each chunk's logits give while they exist, returned summed per sequence beside the log-probs.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from preftune.data.collate import CountedTokens, counted_mask, counted_tokens
+from preftune.token_stats import chunk_token_stats
 
 
 def unwrap_causal_lm(model: nn.Module) -> nn.Module:
@@ -96,17 +97,11 @@ def _head_gives_the_logits(lm: nn.Module) -> bool:
     return bool((got - expected).abs().max() <= 1e-4 * expected.abs().max().clamp(min=1e-6))
 
 
-def _token_logps_of_chunk(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor, wpo: bool = False):
+def _token_logps_of_chunk(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor, stats=()):
+    """(m,) token log-probs of one chunk; with `stats`, a tuple of them and the statistics (m,) each."""
     logits = lm_head(hidden).float()  # (M_chunk, V): the only logits alive at any moment
     token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    return (token_logps, log_sum_squared_probs(logits)) if wpo else token_logps
-
-
-@torch.no_grad()
-def log_sum_squared_probs(logits: torch.Tensor) -> torch.Tensor:
-    """log sum_v p(v)^2 per row of logits (m, V), p = softmax: WPO's normaliser (no gradient)."""
-    logits = logits.float()
-    return torch.logsumexp(2 * logits, dim=-1) - 2 * torch.logsumexp(logits, dim=-1)  # (m,)
+    return (token_logps, *chunk_token_stats(logits, targets, stats)) if stats else token_logps
 
 
 def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -170,12 +165,13 @@ class LinearTokenLogps(torch.autograd.Function):
     them as log-softmax; the backward turns them into the softmax in place. HIDDEN_GRAD (W and b
     frozen) saves d log p(t) / d hidden = W[t] - softmax @ W per row; the backward scales it.
     Matmuls run in the autocast dtype when autocast is on (as nn.Linear would), the softmax and
-    the gradient accumulators in float32. With `wpo` it also returns log sum_v p(v)^2 per row
-    (no gradient), worked out from each chunk's logits before they are overwritten.
+    the gradient accumulators in float32. With `stats` (names of token_stats.TOKEN_STATS) it also
+    returns each statistic per row (M,), without gradient, worked out from each chunk's logits
+    before they are overwritten.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size: int, strategy: str = RECOMPUTE, wpo: bool = False):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size: int, strategy: str = RECOMPUTE, stats=()):
         compute_dtype = _compute_dtype(hidden)
         w = weight.to(compute_dtype)
         b = bias.to(compute_dtype) if bias is not None else None
@@ -183,7 +179,7 @@ class LinearTokenLogps(torch.autograd.Function):
         chunk_size = max(hidden.shape[0], 1) if keep_logits else chunk_size
         logsumexp = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (M,)
         token_logps = torch.empty_like(logsumexp)
-        log_sum_sq = torch.empty_like(logsumexp) if wpo else None
+        stat_rows = [torch.empty_like(logsumexp) for _ in stats]  # (M,) each
         kept = None
         if strategy == HIDDEN_GRAD:
             kept = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)  # (M, H)
@@ -192,8 +188,9 @@ class LinearTokenLogps(torch.autograd.Function):
                 rows = slice(start, start + chunk_size)
                 logits = _chunk_logits(hidden[rows].to(compute_dtype), w, b)  # (m, V) float32
                 target_logits = logits.gather(1, targets[rows].unsqueeze(1)).squeeze(1)  # (m,)
-                if wpo:  # before the branches below overwrite the logits in place
-                    log_sum_sq[rows] = log_sum_squared_probs(logits)
+                # Before the branches below overwrite the logits in place.
+                for values, chunk_values in zip(stat_rows, chunk_token_stats(logits, targets[rows], stats)):
+                    values[rows] = chunk_values
                 if strategy == HIDDEN_GRAD:
                     logsumexp[rows] = _softmax_inplace(logits)
                     kept[rows] = w[targets[rows]].float() - torch.mm(logits.to(compute_dtype), w).float()
@@ -206,13 +203,13 @@ class LinearTokenLogps(torch.autograd.Function):
                 del logits  # before the next chunk's logits exist, not after
         ctx.save_for_backward(hidden, weight, bias, targets, logsumexp, kept)
         ctx.compute_dtype, ctx.chunk_size, ctx.strategy = compute_dtype, chunk_size, strategy
-        if wpo:
-            ctx.mark_non_differentiable(log_sum_sq)
-            return token_logps, log_sum_sq
+        if stats:
+            ctx.mark_non_differentiable(*stat_rows)
+            return token_logps, *stat_rows
         return token_logps
 
     @staticmethod
-    def backward(ctx, grad_logps, *_):  # grad_logps: (M,); none flows into log sum p^2
+    def backward(ctx, grad_logps, *_):  # grad_logps: (M,); none flows into the statistics
         hidden, weight, bias, targets, logsumexp, kept = ctx.saved_tensors
         if ctx.strategy == HIDDEN_GRAD:  # kept: d log p / d hidden (M, H); W and b take no gradient
             return (grad_logps.float().unsqueeze(1) * kept).to(hidden.dtype), None, None, None, None, None, None
@@ -267,18 +264,19 @@ def _add_chunk_grads(grads, rows, h, w, probs, targets, g, dtype) -> None:
 
 
 def chunked_token_logps(
-    hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor, chunk_size: int = 1024, wpo: bool = False
+    hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor, chunk_size: int = 1024, stats=()
 ):
     """log softmax(lm_head(hidden))[targets] for (M, H) hidden states, `chunk_size` rows at a time;
-    with `wpo`, the pair (those (M,), log sum_v p(v)^2 (M,) without gradient)."""
+    with `stats`, the pair (those (M,), {name: statistic (M,), without gradient})."""
     if type(lm_head) is nn.Linear:  # exactly Linear: a subclass (LoRA, quantized) may change forward
         strategy = saving_strategy(hidden, lm_head)
-        return LinearTokenLogps.apply(hidden, lm_head.weight, lm_head.bias, targets, chunk_size, strategy, wpo)
-    return checkpointed_token_logps(hidden, lm_head, targets, chunk_size, wpo)
+        out = LinearTokenLogps.apply(hidden, lm_head.weight, lm_head.bias, targets, chunk_size, strategy, stats)
+        return (out[0], dict(zip(stats, out[1:]))) if stats else out
+    return checkpointed_token_logps(hidden, lm_head, targets, chunk_size, stats)
 
 
 def checkpointed_token_logps(
-    hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor, chunk_size: int = 1024, wpo: bool = False
+    hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor, chunk_size: int = 1024, stats=()
 ):
     """`chunked_token_logps` for any head module: autograd with one checkpoint per chunk."""
     pieces = []
@@ -288,15 +286,15 @@ def checkpointed_token_logps(
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
         if needs_grad:
-            pieces.append(checkpoint(_token_logps_of_chunk, h, lm_head, t, wpo, use_reentrant=False))
+            pieces.append(checkpoint(_token_logps_of_chunk, h, lm_head, t, stats, use_reentrant=False))
         else:
-            pieces.append(_token_logps_of_chunk(h, lm_head, t, wpo))
-    if wpo:
-        if not pieces:
-            return hidden.new_zeros(0, dtype=torch.float32), hidden.new_zeros(0, dtype=torch.float32)
-        return torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])  # (M,) (M,)
+            pieces.append(_token_logps_of_chunk(h, lm_head, t, stats))
     if not pieces:
-        return hidden.new_zeros(0, dtype=torch.float32)
+        none = hidden.new_zeros(0, dtype=torch.float32)
+        return (none, {name: none for name in stats}) if stats else none
+    if stats:  # each piece is (token log-probs, *statistics)
+        columns = [torch.cat(column) for column in zip(*pieces)]  # (M,) each
+        return columns[0], dict(zip(stats, columns[1:]))
     return torch.cat(pieces)  # (M,)
 
 
@@ -320,10 +318,10 @@ def completion_logps(
     sequence_ids: torch.Tensor | None = None,
     counted: CountedTokens | None = None,
     ld_alpha: float | None = None,
-    wpo: bool = False,
+    stats: tuple[str, ...] = (),
 ):
     """Summed completion log-probs per sequence (N,) and the number of tokens summed (N,); with
-    `wpo`, WPO's weight of each sequence (N,) as a third.
+    `stats` (names of token_stats.TOKEN_STATS), a third: {name: that statistic summed per sequence (N,)}.
 
     Padded batches hold one sequence per row. A packed batch (`sequence_ids` given, shape like
     input_ids, values 0..N-1) holds several sequences per row, with `position_ids` restarting
@@ -333,40 +331,40 @@ def completion_logps(
     """
     if not supports_hidden_state_path(model):
         return naive_completion_logps(model, input_ids, attention_mask, completion_mask, position_ids,
-                                      sequence_ids, ld_alpha, wpo)
+                                      sequence_ids, ld_alpha, stats)
     hidden = final_hidden_states(model, input_ids, attention_mask, position_ids)  # (B, T, H)
     lm_head = unwrap_causal_lm(model).get_output_embeddings()
     return logps_from_hidden(hidden, lm_head, input_ids, completion_mask, chunk_size, sequence_ids, counted,
-                             ld_alpha, wpo)
+                             ld_alpha, stats)
 
 
 def logps_from_hidden(hidden, lm_head, input_ids, completion_mask, chunk_size: int = 1024,
                       sequence_ids=None, counted: CountedTokens | None = None, ld_alpha: float | None = None,
-                      wpo: bool = False):
+                      stats: tuple[str, ...] = ()):
     """The LM-head stage of `completion_logps`: final hidden states (B, T, H) to per-sequence sums."""
     if counted is None:  # worked out here; on a GPU that waits for the device (a nonzero)
         counted = counted_tokens(completion_mask, sequence_ids)
     # Only the hidden states that predict completion tokens, and the tokens they predict.
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, counted.index)  # (M, H)
     targets = input_ids.reshape(-1).index_select(0, counted.index + 1)  # (M,): the token at t + 1
-    token_logps = chunked_token_logps(h, lm_head, targets, chunk_size, wpo)  # (M,), or a pair with wpo
+    token_logps = chunked_token_logps(h, lm_head, targets, chunk_size, stats)  # (M,), or a pair with stats
     return _sums(token_logps, counted.owner, counted.num_sequences, ld_alpha)
 
 
 def _sums(token_logps, owner, num_sequences: int, ld_alpha: float | None):
-    """`per_sequence_sums` of what `chunked_token_logps` returned (a pair with wpo)."""
+    """`per_sequence_sums` of what `chunked_token_logps` returned (a pair with stats)."""
     if isinstance(token_logps, tuple):
-        return per_sequence_sums(token_logps[0], owner, num_sequences, ld_alpha, log_sum_sq=token_logps[1])
+        return per_sequence_sums(token_logps[0], owner, num_sequences, ld_alpha, token_stats=token_logps[1])
     return per_sequence_sums(token_logps, owner, num_sequences, ld_alpha)
 
 
 def per_sequence_sums(token_logps, owner, num_sequences: int, ld_alpha: float | None = None,
-                      log_sum_sq: torch.Tensor | None = None):
+                      token_stats: dict[str, torch.Tensor] | None = None):
     """Token log-probs (M,) summed per sequence (N,), and how many tokens each sum holds (N,).
 
     `owner` gives each token's sequence, a sequence's tokens in their order (not necessarily
-    together). With `ld_alpha` the sums are LD-DPO's; with `log_sum_sq` (M,), WPO's weights
-    (N,) come third.
+    together). With `ld_alpha` the sums are LD-DPO's. With `token_stats` ({name: (M,)}), a third:
+    each statistic summed per sequence (N,), plainly (LD-DPO discounts log-probs only).
     """
     counts = torch.zeros(num_sequences, dtype=torch.long, device=token_logps.device)
     counts = counts.index_add(0, owner, torch.ones_like(owner))
@@ -375,9 +373,10 @@ def per_sequence_sums(token_logps, owner, num_sequences: int, ld_alpha: float | 
         sums = sums.index_add(0, owner, token_logps)
     else:  # LD-DPO splits each sum at the pair's shared length, which needs the counts first
         sums = length_desensitized_sums(token_logps, owner, counts, ld_alpha)
-    if log_sum_sq is None:
+    if token_stats is None:
         return sums, counts
-    return sums, counts, wpo_weights(token_logps, log_sum_sq, owner, counts)
+    zeros = torch.zeros(num_sequences, dtype=torch.float32, device=token_logps.device)
+    return sums, counts, {name: zeros.index_add(0, owner, values) for name, values in token_stats.items()}
 
 
 def length_desensitized_sums(token_logps, owner, counts, ld_alpha: float) -> torch.Tensor:
@@ -403,20 +402,8 @@ def length_desensitized_sums(token_logps, owner, counts, ld_alpha: float) -> tor
     return shared + ld_alpha * tail
 
 
-def wpo_weights(token_logps, log_sum_sq, owner, counts) -> torch.Tensor:
-    """WPO's weight of each sequence (Zhou et al. 2024, "WPO: Enhancing RLHF with Weighted
-    Preference Optimization", eq. 2, with its aligned token probabilities): the geometric mean
-    over the response's tokens of p(y_t) / sum_v p(v)^2, i.e.
-        w(x, y) = exp(1/|y| sum_t (log p(y_t | x, y_<t) - log sum_v p(v | x, y_<t)^2))
-    under the policy being trained, without gradient: how likely the current policy is to produce
-    this response itself. token_logps, log_sum_sq (M,), owner (M,), counts (N,) -> (N,).
-    """
-    aligned = token_logps.detach() - log_sum_sq  # (M,)
-    totals = torch.zeros(counts.shape[0], dtype=aligned.dtype, device=aligned.device).index_add(0, owner, aligned)
-    return torch.exp(totals / counts.clamp(min=1))
-
-
-def shared_prompt_logps(model, shared, chunk_size: int = 1024, ld_alpha: float | None = None, wpo: bool = False):
+def shared_prompt_logps(model, shared, chunk_size: int = 1024, ld_alpha: float | None = None,
+                        stats: tuple[str, ...] = ()):
     """`completion_logps` of a prompt-shared batch (data/shared_prompt.py): (2B,) sums and
     counts, chosen sequences first, as from the padded layout."""
     lm = unwrap_causal_lm(model)
@@ -444,29 +431,32 @@ def shared_prompt_logps(model, shared, chunk_size: int = 1024, ld_alpha: float |
     # Each rejected response's first token comes before its others: the order LD-DPO counts in.
     owner = torch.cat([rows.unsqueeze(1).expand_as(chosen)[chosen], rows + b,
                        (rows + b).unsqueeze(1).expand_as(rejected_rest)[rejected_rest]])
-    token_logps = chunked_token_logps(hidden, lm.get_output_embeddings(), targets, chunk_size, wpo)
+    token_logps = chunked_token_logps(hidden, lm.get_output_embeddings(), targets, chunk_size, stats)
     return _sums(token_logps, owner, 2 * b, ld_alpha)
 
 
 def naive_completion_logps(model, input_ids, attention_mask, completion_mask, position_ids=None,
-                           sequence_ids=None, ld_alpha: float | None = None, wpo: bool = False):
+                           sequence_ids=None, ld_alpha: float | None = None, stats: tuple[str, ...] = ()):
     """The textbook computation: full logits, full log-softmax, gather, mask, sum."""
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
     logits = model(**kwargs).logits  # (B, T, V)
-    return naive_logps_from_logits(logits, input_ids, completion_mask, sequence_ids, ld_alpha, wpo)
+    return naive_logps_from_logits(logits, input_ids, completion_mask, sequence_ids, ld_alpha, stats)
 
 
 def naive_logps_from_logits(logits, input_ids, completion_mask, sequence_ids=None, ld_alpha: float | None = None,
-                            wpo: bool = False):
+                            stats: tuple[str, ...] = ()):
     predicted, owner = counted_mask(completion_mask, sequence_ids)
     log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
     token_logps = torch.gather(log_probs, 2, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     num_sequences = input_ids.shape[0] if sequence_ids is None else int(sequence_ids.max()) + 1
-    if ld_alpha is not None or wpo:  # the counted tokens, in order, as the other paths give them
-        log_sum_sq = log_sum_squared_probs(log_probs)[predicted] if wpo else None
-        return per_sequence_sums(token_logps[predicted], owner[predicted], num_sequences, ld_alpha, log_sum_sq)
+    if ld_alpha is not None or stats:  # the counted tokens, in order, as the other paths give them
+        token_stats = None
+        if stats:
+            values = chunk_token_stats(logits[:, :-1][predicted], input_ids[:, 1:][predicted], stats)
+            token_stats = dict(zip(stats, values))
+        return per_sequence_sums(token_logps[predicted], owner[predicted], num_sequences, ld_alpha, token_stats)
     sums = torch.zeros(num_sequences, dtype=token_logps.dtype, device=token_logps.device)
     sums = sums.index_add(0, owner.reshape(-1), (token_logps * predicted).reshape(-1))
     counts = torch.zeros(num_sequences, dtype=torch.long, device=logits.device)
@@ -481,12 +471,12 @@ class CompletionLogps(nn.Module):
     """
 
     def __init__(self, model: nn.Module, chunk_size: int = 1024, ld_alpha: float | None = None,
-                 wpo: bool = False):
+                 stats: tuple[str, ...] = ()):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
         self.ld_alpha = ld_alpha  # LD-DPO's discount of the tokens past the shorter response
-        self.wpo = wpo  # also return WPO's per-sequence weights
+        self.stats = stats  # per-token statistics to return summed per sequence (token_stats.py)
         # Which path the log-probs take is decided here, while the model is whole and unwrapped:
         # not later inside a torch.compile trace or after FSDP has sharded it.
         supports_hidden_state_path(model)
@@ -494,6 +484,6 @@ class CompletionLogps(nn.Module):
     def forward(self, input_ids, attention_mask, completion_mask, position_ids=None, sequence_ids=None,
                 shared=None, counted=None):
         if shared is not None:
-            return shared_prompt_logps(self.model, shared, self.chunk_size, self.ld_alpha, self.wpo)
+            return shared_prompt_logps(self.model, shared, self.chunk_size, self.ld_alpha, self.stats)
         return completion_logps(self.model, input_ids, attention_mask, completion_mask,
-                                self.chunk_size, position_ids, sequence_ids, counted, self.ld_alpha, self.wpo)
+                                self.chunk_size, position_ids, sequence_ids, counted, self.ld_alpha, self.stats)
