@@ -1,21 +1,25 @@
 """data.eval_fraction's held-out pairs are kept in the run folder (eval_heldout.jsonl): read back
 they are exactly the pairs held out, `eval pairs` on them reproduces the run's eval/ numbers, a
-resumed run refuses a file that no longer matches its data."""
+resumed run refuses a file that no longer matches its data, and prompts shared with training
+are counted."""
 
+import io
 import json
 from collections import Counter
 
 import pytest
 import yaml
 from preftune_test_data import torch_threads, write_jsonl
+from rich.console import Console
 from typer.testing import CliRunner
 
 import preftune.train as train_module
 from preftune.cli import app
 from preftune.data.io import load_pairs
+from preftune.modeling import load_tokenizer
 
-# Each row a prompt of its own, with metadata that must come back, and implicit prompts: the
-# file has to write out what was split off.
+# Each row a prompt of its own (the overlap warning has nothing to count), with metadata that
+# must come back, and implicit prompts: the file has to write out what was split off.
 ROWS = [{"chosen": f"Question: What is {i} plus {i}?\nAnswer: {2 * i}.",
          "rejected": f"Question: What is {i} plus {i}?\nAnswer: I do not know.",
          "pair_id": f"q{i}", "score": i / 2} for i in range(16)]
@@ -73,6 +77,7 @@ def test_the_held_out_pairs_are_written_and_read_back_exactly(heldout_run):
     every_row = [scored(p) for p in load_pairs(str(heldout_run["data"])).pairs]
     together = [scored(p) for p in heldout_run["train"] + written]
     assert Counter(together) == Counter(every_row) and len(set(every_row)) == 16
+    assert "optimistic" not in heldout_run["output"]  # no prompt on both sides
 
 
 def test_eval_pairs_on_the_file_reproduces_the_run_last_eval(heldout_run, tmp_path):
@@ -87,6 +92,20 @@ def test_eval_pairs_on_the_file_reproduces_the_run_last_eval(heldout_run, tmp_pa
     assert record["n_pairs"] == 4
     for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen"):
         assert record[f"eval/{key}"] == pytest.approx(last_eval[f"eval/{key}"], rel=1e-4, abs=1e-5), key
+
+
+def test_prompts_on_both_sides_of_the_split_are_counted(tmp_path, tiny_llama, pairs_file):
+    """pairs_file repeats each of 4 prompts 4 times: all 4 held-out pairs share a prompt with
+    training (the split would have to take one prompt's 4 copies to avoid it). Nothing is dropped."""
+    from preftune.config import validate_config
+
+    config = validate_config(yaml.safe_load(write_run_config(tmp_path, tiny_llama, pairs_file).read_text()))
+    out = io.StringIO()
+    train, evaluate, held_out = train_module.prepare_data(config, load_tokenizer(str(tiny_llama)),
+                                                          Console(file=out, soft_wrap=True))
+    assert "data: 4 of the 4 held-out pairs have a prompt that training pairs have too" in out.getvalue()
+    assert "optimistic" in out.getvalue()
+    assert (len(train), len(evaluate), len(held_out)) == (12, 4, 4)
 
 
 def test_a_resume_refuses_a_held_out_file_its_data_no_longer_gives(tmp_path, tiny_llama, one_torch_thread):

@@ -49,7 +49,7 @@ from preftune.checkpoint import (
 )
 from preftune.config import Config, dump_config
 from preftune.data.collate import collate_pairs, epoch_order, micro_batches
-from preftune.data.heldout import check_heldout, hold_out, write_heldout
+from preftune.data.heldout import check_heldout, hold_out, shared_prompts, write_heldout
 from preftune.data.io import load_pairs
 from preftune.data.tokenize import TokenizedPair, tokenize_pairs
 from preftune.distributed import full_tensor
@@ -136,6 +136,11 @@ def prepare_data(config: Config, tokenizer, console: Console):
     elif data.eval_fraction > 0:
         train_pairs, held_out = hold_out(train_pairs, data.eval_fraction, config.train.seed)
         eval_pairs = held_out
+        if shared := shared_prompts(train_pairs, held_out):
+            console.print(f"[yellow]data: {shared} of the {len(held_out)} held-out pairs have a prompt that "
+                          "training pairs have too (repeated rows, or several pairs per prompt), so their "
+                          "eval/ numbers are optimistic; keep each prompt's pairs on one side, e.g. in a "
+                          "data.eval file, for an unbiased evaluation.[/yellow]")
     train_tok, train_counts = tokenize_pairs(train_pairs, tokenizer, data)
     eval_tok, eval_counts = tokenize_pairs(eval_pairs, tokenizer, data)
     console.print(f"data: {len(train_tok)} train pairs, {len(eval_tok)} eval pairs; "
@@ -177,7 +182,7 @@ def train_step(policy_logps, reference_logps, step_pairs: list[TokenizedPair], c
     """Forward and backward over one optimizer step's pairs; returns metrics and whether the
     gradients are finite. The optimizer itself is stepped by the caller."""
     config, device = ctx.config, ctx.device
-    metrics = StepMetrics(device)
+    metrics = StepMetrics.for_config(config, device)
     local = micro_batches([p.index for p in step_pairs], ctx.rank, ctx.world_size, config.train.batch_size)
     by_index = {p.index: p for p in step_pairs}
     pairs_this_rank = sum(len(m) for m in local)

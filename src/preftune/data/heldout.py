@@ -36,6 +36,13 @@ def pair_row(pair: PreferencePair) -> dict:
     return {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected, **pair.metadata}
 
 
+def shared_prompts(train: list[PreferencePair], held_out: list[PreferencePair]) -> int:
+    """How many held-out pairs have a prompt that a training pair has too: the policy was
+    trained on that prompt, so its evaluation there is optimistic."""
+    trained = {_key(p.prompt) for p in train}
+    return sum(_key(p.prompt) in trained for p in held_out)
+
+
 def _key(text) -> str:
     return json.dumps(text, sort_keys=True, ensure_ascii=False)  # a prompt may be a message list
 
