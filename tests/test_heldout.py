@@ -72,7 +72,7 @@ def test_the_held_out_pairs_are_written_and_read_back_exactly(heldout_run):
     assert f"data:4pairsheldoutbydata.eval_fractionwrittento{path}" in squash(heldout_run["output"])
     written = load_pairs(str(path)).pairs
     assert [scored(p) for p in written] == [scored(p) for p in heldout_run["eval"]]
-    assert len(written) == 4 and not (run / ".eval_heldout.jsonl.tmp").exists()
+    assert len(written) == 4 and not list(run.glob(".eval_heldout.jsonl.*"))  # no temporary file left
     # With the training pairs they are every input row, each once (the rows are all different).
     every_row = [scored(p) for p in load_pairs(str(heldout_run["data"])).pairs]
     together = [scored(p) for p in heldout_run["train"] + written]
