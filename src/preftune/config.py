@@ -280,6 +280,9 @@ class TrainConfig(Section):
     output_dir: str = "runs/dpo"
     device: str = "auto"
     logprob_chunk_size: int = Field(1024, gt=0)
+    # Also log TRL's `entropy`, `mean_token_accuracy`, `logits/chosen` and `logits/rejected`, worked
+    # out from each chunk of the policy's logits: a few more passes over it, so off by default.
+    token_metrics: bool = False
     loggers: list[Literal["jsonl", "tensorboard", "wandb"]] = ["jsonl"]
     report: bool = True
     progress: bool = True

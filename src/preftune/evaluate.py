@@ -26,8 +26,8 @@ def pair_logps(policy_logps, reference_logps, batch: PairBatch) -> PairLogps:
     WPO's pair weights when the policy module returns WPO's statistic (loss.wpo_weighting)."""
     logps, lengths, *stats = policy_logps(batch.input_ids, batch.model_attention_mask, batch.completion_mask,
                                           batch.position_ids, batch.sequence_ids, batch.shared, batch.counted)
-    stat_sums = stats[0] if stats else {}  # {name: (2B,)} per-sequence sums of token_stats' statistics
-    weights = wpo_weights(stat_sums[WPO], lengths) if WPO in stat_sums else None  # (2B,)
+    stat_sums = dict(stats[0]) if stats else {}  # {name: (2B,)} per-sequence sums of token_stats' statistics
+    weights = wpo_weights(stat_sums.pop(WPO), lengths) if WPO in stat_sums else None  # (2B,)
     reference = reference_logps(batch).to(logps.dtype)  # (2B,)
     b = batch.num_pairs
     return PairLogps(
@@ -35,6 +35,7 @@ def pair_logps(policy_logps, reference_logps, batch: PairBatch) -> PairLogps:
         reference_chosen_logps=reference[:b], reference_rejected_logps=reference[b:],
         chosen_lengths=lengths[:b], rejected_lengths=lengths[b:],
         pair_weights=weights[:b] * weights[b:] if weights is not None else None,  # (B,) w(y_w) * w(y_l)
+        token_stat_sums=stat_sums or None,  # what remains: train.token_metrics' statistics
     )
 
 
@@ -52,7 +53,7 @@ def evaluate_pairs(policy_logps, reference_logps, pairs: list[TokenizedPair], co
     if hasattr(policy_logps, "eval"):
         policy_logps.eval()
     batch_size = batch_size or config.train.eval_batch_size or config.train.batch_size
-    metrics = StepMetrics(device)
+    metrics = StepMetrics.for_config(config, device)
     token_sums = torch.zeros(2, dtype=torch.float64, device=device)  # chosen, rejected
     share = pairs[rank::world_size]
     # Every rank runs as many forwards as the largest share (FSDP gathers weights inside each

@@ -35,6 +35,9 @@ class PairLogps:
     rejected_lengths: torch.Tensor  # (B,)
     # WPO (loss.wpo_weighting): w(y_w) * w(y_l) of each pair, no gradient; None: unweighted.
     pair_weights: torch.Tensor | None = None  # (B,)
+    # train.token_metrics: the policy's token statistics (token_stats.py) summed per sequence,
+    # chosen sequences first, no gradient; read by metrics.py only.
+    token_stat_sums: dict[str, torch.Tensor] | None = None  # {name: (2B,)}
 
     @property
     def logratio_chosen(self) -> torch.Tensor:

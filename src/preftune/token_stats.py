@@ -64,9 +64,10 @@ def chunk_token_stats(logits: torch.Tensor, targets: torch.Tensor, stats: tuple[
 
 
 def wanted_stats(config) -> tuple[str, ...]:
-    """The statistics a run's policy log-probs must come with: WPO's for loss.wpo_weighting;
-    () by default, which costs the step nothing."""
-    return (WPO,) if config.loss.wpo_weighting else ()
+    """The statistics a run's policy log-probs must come with: WPO's for loss.wpo_weighting, the
+    token metrics' for train.token_metrics; () by default, which costs the step nothing."""
+    stats = (WPO,) if config.loss.wpo_weighting else ()
+    return stats + (TOKEN_METRIC_STATS if config.train.token_metrics else ())
 
 
 def wpo_weights(aligned_sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

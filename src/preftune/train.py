@@ -182,7 +182,7 @@ def train_step(policy_logps, reference_logps, step_pairs: list[TokenizedPair], c
     """Forward and backward over one optimizer step's pairs; returns metrics and whether the
     gradients are finite. The optimizer itself is stepped by the caller."""
     config, device = ctx.config, ctx.device
-    metrics = StepMetrics(device)
+    metrics = StepMetrics.for_config(config, device)
     local = micro_batches([p.index for p in step_pairs], ctx.rank, ctx.world_size, config.train.batch_size)
     by_index = {p.index: p for p in step_pairs}
     pairs_this_rank = sum(len(m) for m in local)
