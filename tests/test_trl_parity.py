@@ -71,7 +71,8 @@ def run_trl(policy_dir, reference_dir, tmp_path, lora=None, lr=1e-3, rows=PAIRS,
 
 
 def run_preftune(policy_dir, reference_dir, tmp_path, lora=None, lr=1e-3, rows=PAIRS, loss=None, batch_size=4,
-                 grad_accum=1, max_length=256, reference="copy", data=None, adam_eps=1e-8, max_grad_norm=1.0):
+                 grad_accum=1, max_length=256, reference="copy", data=None, adam_eps=1e-8, max_grad_norm=1.0,
+                 train_extra=None):
     data_cfg = data
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
     model = {"path": str(policy_dir), "reference": reference}
@@ -85,7 +86,8 @@ def run_preftune(policy_dir, reference_dir, tmp_path, lora=None, lr=1e-3, rows=P
         "loss": {"type": "sigmoid", "beta": 0.1, **(loss or {})},
         "optim": {"lr": lr, "eps": adam_eps, "scheduler": "constant", "max_grad_norm": max_grad_norm},
         "train": {"batch_size": batch_size, "grad_accum": grad_accum, "max_steps": STEPS,
-                  "output_dir": str(tmp_path / "pt"), "report": False, "progress": False, "seed": SEED},
+                  "output_dir": str(tmp_path / "pt"), "report": False, "progress": False, "seed": SEED,
+                  **(train_extra or {})},
     })
     train(cfg)
     return [json.loads(line) for line in (tmp_path / "pt" / "metrics.jsonl").read_text().splitlines()]
@@ -297,3 +299,27 @@ def assert_truncation_is_shared(policy_dir, rows, max_length):
     pairs = [tokenize_pair(PreferencePair(r["prompt"], r["chosen"], r["rejected"]), tokenizer) for r in rows]
     assert sum(p.length > max_length for p in pairs) >= 3
     assert all(len(p.prompt_ids) <= max_length // 2 for p in pairs)
+
+
+TOKEN_METRICS = ("entropy", "mean_token_accuracy", "logits/chosen", "logits/rejected")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("data", [{"share_prompt": True}, {"share_prompt": False, "packing": "on"}],
+                         ids=["prompt shared", "packed"])
+def test_token_metrics_match_trl(data, tmp_path, tiny_model_factory):
+    """train.token_metrics logs TRL's entropy, mean_token_accuracy and logits/* with TRL's values:
+    per completion token, over the step's tokens (one micro-batch a step on both sides)."""
+    policy_dir = tiny_model_factory("qwen2", seed=0)
+    reference_dir = tiny_model_factory("qwen2", seed=1)
+    ours = run_preftune(policy_dir, reference_dir, tmp_path, rows=UNEVEN, data=data, loss=WPO,
+                        train_extra={"token_metrics": True})
+    theirs = run_trl(policy_dir, reference_dir, tmp_path, rows=UNEVEN, loss=WPO)
+    assert_steps_match(ours, theirs)
+    assert ours[-1]["mean_token_accuracy"] > 0  # training made some chosen tokens the top choice
+    for step, (a, b) in enumerate(zip(ours, theirs), start=1):
+        for key in TOKEN_METRICS:
+            tol = 1e-5 if step == 1 else 1e-4
+            assert a[key] == pytest.approx(b[key], abs=tol, rel=tol), (step, key, a[key], b[key])
+    print("\n" + "\n".join(f"{k}: {[round(a[k], 5) for a in ours]} TRL {[round(b[k], 5) for b in theirs]}"
+                             for k in TOKEN_METRICS))
