@@ -201,3 +201,30 @@ def test_a_step_with_token_metrics_never_waits_for_the_device(tmp_path, tiny_lla
     waits = device_waits_in_steps(config, monkeypatch)
     assert "entropy" in read_metrics(tmp_path / "run")[0]
     assert not waits, "".join(waits[0])
+
+
+@pytest.mark.parametrize("token_metrics", [False, True])
+def test_the_statistics_run_only_when_asked_for(tmp_path, tiny_llama, pairs_file, monkeypatch, token_metrics):
+    """The default step never computes the token statistics: no argmax (top1), no softmax
+    (entropy) reaches a backend; train.token_metrics runs both."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import preftune.train as train_module
+
+    seen = set()
+
+    class Operators(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    original = train_module.train_step
+
+    def step_seen(*args, **kwargs):
+        with Operators():
+            return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_step", step_seen)
+    train(make_config(tmp_path, tiny_llama, pairs_file, train={"max_steps": 1, "token_metrics": token_metrics}))
+    statistics = {"aten.argmax", "aten._softmax"}
+    assert statistics & seen == (statistics if token_metrics else set())

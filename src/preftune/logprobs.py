@@ -188,9 +188,9 @@ class LinearTokenLogps(torch.autograd.Function):
                 rows = slice(start, start + chunk_size)
                 logits = _chunk_logits(hidden[rows].to(compute_dtype), w, b)  # (m, V) float32
                 target_logits = logits.gather(1, targets[rows].unsqueeze(1)).squeeze(1)  # (m,)
-                # Before the branches below overwrite the logits in place.
-                for values, chunk_values in zip(stat_rows, chunk_token_stats(logits, targets[rows], stats)):
-                    values[rows] = chunk_values
+                if stats:  # before the branches below overwrite the logits in place
+                    for values, chunk_values in zip(stat_rows, chunk_token_stats(logits, targets[rows], stats)):
+                        values[rows] = chunk_values
                 if strategy == HIDDEN_GRAD:
                     logsumexp[rows] = _softmax_inplace(logits)
                     kept[rows] = w[targets[rows]].float() - torch.mm(logits.to(compute_dtype), w).float()
