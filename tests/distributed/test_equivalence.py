@@ -107,6 +107,22 @@ def test_fsdp_with_ld_alpha_and_wpo_trains_like_one_process(tiny_llama, tmp_path
     assert_runs_match(single, tmp_path / "fsdp" / "run", FSDP_TOLERANCE)
 
 
+def test_ddp_token_metrics_and_wpo_weight_are_reduced_over_ranks(tiny_llama, tmp_path):
+    """train.token_metrics' token sums and wpo/weight's pair sums are all-reduced with the other
+    metrics: two processes log what one process with the same global batch logs."""
+    overrides = ("train.token_metrics=true", "loss.wpo_weighting=true")
+    single = train_in_process(write_config(tmp_path / "single", tiny_llama, nproc=1), *overrides)
+    config = write_config(tmp_path / "ddp", tiny_llama, nproc=2, distributed="ddp")
+    result = run_command(preftune_cmd(config, "--nproc", "2", *overrides))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_runs_match(single, tmp_path / "ddp" / "run", DDP_TOLERANCE)
+    keys = ["entropy", "mean_token_accuracy", "logits/chosen", "logits/rejected"]
+    (train_a, eval_a), (train_b, eval_b) = metrics(single), metrics(tmp_path / "ddp" / "run")
+    assert_same_rows(train_a, train_b, [*keys, "wpo/weight"], DDP_TOLERANCE)
+    assert eval_a and train_a[1]["wpo/weight"] != 1.0
+    assert_same_rows(eval_a, eval_b, [f"eval/{key}" for key in keys], DDP_TOLERANCE)
+
+
 def test_fsdp_checkpoint_holds_full_weights_and_sharded_optimizer(fsdp_run, tiny_llama):
     run, _ = fsdp_run
     checkpoint = run / "checkpoints" / "step-000002"
