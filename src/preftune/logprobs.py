@@ -97,7 +97,8 @@ def _head_gives_the_logits(lm: nn.Module) -> bool:
     return bool((got - expected).abs().max() <= 1e-4 * expected.abs().max().clamp(min=1e-6))
 
 
-def _token_logps_of_chunk(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor, stats=()):
+def _token_logps_of_chunk(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor,
+                          stats: tuple[str, ...] = ()):
     """(m,) token log-probs of one chunk; with `stats`, a tuple of them and the statistics (m,) each."""
     logits = lm_head(hidden).float()  # (M_chunk, V): the only logits alive at any moment
     token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
@@ -171,7 +172,8 @@ class LinearTokenLogps(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size: int, strategy: str = RECOMPUTE, stats=()):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size: int, strategy: str = RECOMPUTE,
+                stats: tuple[str, ...] = ()):
         compute_dtype = _compute_dtype(hidden)
         w = weight.to(compute_dtype)
         b = bias.to(compute_dtype) if bias is not None else None
@@ -264,7 +266,8 @@ def _add_chunk_grads(grads, rows, h, w, probs, targets, g, dtype) -> None:
 
 
 def chunked_token_logps(
-    hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor, chunk_size: int = 1024, stats=()
+    hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor, chunk_size: int = 1024,
+    stats: tuple[str, ...] = (),
 ):
     """log softmax(lm_head(hidden))[targets] for (M, H) hidden states, `chunk_size` rows at a time;
     with `stats`, the pair (those (M,), {name: statistic (M,), without gradient})."""
@@ -276,7 +279,8 @@ def chunked_token_logps(
 
 
 def checkpointed_token_logps(
-    hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor, chunk_size: int = 1024, stats=()
+    hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor, chunk_size: int = 1024,
+    stats: tuple[str, ...] = (),
 ):
     """`chunked_token_logps` for any head module: autograd with one checkpoint per chunk."""
     pieces = []
