@@ -129,3 +129,22 @@ def test_a_resume_refuses_a_held_out_file_its_data_no_longer_gives(tmp_path, tin
     result = cli("train", config, "--resume", "train.max_steps=2")
     assert result.exit_code == 0, result.output
     assert path.read_text() == before
+
+
+def test_a_fresh_run_holding_nothing_out_deletes_an_earlier_runs_file(tmp_path, tiny_llama, one_torch_thread):
+    """--overwrite of a run that held pairs out, by one that holds none out: the old file would
+    otherwise sit beside the new run's files as if this run had held those pairs out."""
+    data = write_jsonl(tmp_path / "D.jsonl", ROWS)
+    config = write_run_config(tmp_path, tiny_llama, data, max_steps=1)
+    assert cli("train", config).exit_code == 0
+    path = tmp_path / "run" / "eval_heldout.jsonl"
+    assert path.is_file()
+    result = cli("train", config, "--overwrite", "data.eval_fraction=0")
+    assert result.exit_code == 0, result.output
+    assert not path.exists()
+    assert squash(f"data: deleted {path}, an earlier run's held-out pairs") in squash(result.output)
+    assert "kept:" not in result.output  # the overwrite line does not call it kept, then delete it
+    # A run that holds pairs out again writes its own file, and --overwrite does not call it kept.
+    result = cli("train", config, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert path.is_file() and "kept:" not in result.output

@@ -49,7 +49,14 @@ from preftune.checkpoint import (
 )
 from preftune.config import Config, dump_config
 from preftune.data.collate import collate_pairs, epoch_order, micro_batches
-from preftune.data.heldout import check_heldout, hold_out, shared_prompts, write_heldout
+from preftune.data.heldout import (
+    HELDOUT_FILE,
+    check_heldout,
+    hold_out,
+    remove_stale_heldout,
+    shared_prompts,
+    write_heldout,
+)
 from preftune.data.io import load_pairs
 from preftune.data.tokenize import TokenizedPair, tokenize_pairs
 from preftune.distributed import full_tensor
@@ -382,6 +389,8 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
         dump_config(_with_absolute_paths(config), output_dir / "config.yaml")
         if held_out:
             console.print(escape(write_heldout(output_dir, held_out)))
+        elif checkpoint is None and (removed := remove_stale_heldout(output_dir)):
+            console.print(escape(removed))
 
     def save(step_state: TrainState) -> Path:
         # The reference only once a sync has moved it: before, the run's start rebuilds it.
@@ -496,7 +505,8 @@ def _start_over(output_dir: Path, console, dist) -> None:
     """--overwrite: rank 0 deletes the earlier run, the others wait until it is gone."""
     if dist.is_main:
         removed, left = remove_earlier_run(output_dir)
-        left = [name for name in left if name != "config.yaml"]  # rewritten by this run next
+        # Rewritten, or deleted when this run holds nothing out, once the run is set up.
+        left = [name for name in left if name not in ("config.yaml", HELDOUT_FILE)]
         kept = f"; kept: {', '.join(left)}" if left else ""
         console.print(escape(f"overwrite: deleted the earlier run's {', '.join(removed)} "
                              f"in {output_dir}{kept}"))

@@ -84,3 +84,15 @@ def write_heldout(output_dir: Path, held_out: list[PreferencePair]) -> str:
                                     for p in held_out))
     return (f"data: {len(held_out)} pairs held out by data.eval_fraction written to {path}; score a model "
             f"on them with: preftune eval pairs --model MODEL --data {path}")
+
+
+def remove_stale_heldout(output_dir: Path) -> str | None:
+    """A fresh run that holds nothing out deletes an earlier run's eval_heldout.jsonl (left by
+    --overwrite, or by a run stopped during set-up): beside this run's files it would pass for
+    pairs this run held out. Returns the line to print, or None when there was no file."""
+    path = Path(output_dir) / HELDOUT_FILE
+    if not path.is_file():
+        return None
+    path.unlink()
+    return f"data: deleted {path}, an earlier run's held-out pairs; this run holds none out"
+
