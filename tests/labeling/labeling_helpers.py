@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -28,6 +29,16 @@ def make_pairs(n: int, prefix: str = "p") -> list[Pair]:
         )
         pairs.append(Pair(f"{prefix}{i:05d}", prompt, (f"first answer {i}", f"second answer {i}")))
     return pairs
+
+
+def cast(store, who, pair_id, outcome, left_index=0):
+    """Vote for response `outcome` (0/1) or tie/both_bad/skip, with a chosen left/right order."""
+    with sqlite3.connect(store.path) as db:
+        db.execute("INSERT OR REPLACE INTO assignments VALUES (?, ?, ?, 'open', 0)",
+                   (pair_id, who.id, left_index))
+    choice = ("left" if outcome == left_index else "right") if outcome in (0, 1) else outcome
+    key = f"{who.name}-{pair_id}-{outcome}-{left_index}"
+    return store.record_vote(who, pair_id, choice, None, key)
 
 
 def write_pairs_file(path: Path, pairs: list[Pair]) -> Path:

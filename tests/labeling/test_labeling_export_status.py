@@ -4,7 +4,7 @@ import json
 import sqlite3
 
 import pytest
-from labeling_helpers import make_pairs
+from labeling_helpers import cast, make_pairs
 
 from preftune.errors import UserError
 from preftune.labeling.export import export, triplet_rows
@@ -18,21 +18,6 @@ from preftune.labeling.status import (
 )
 from preftune.labeling.store import Store
 from preftune.records import write_jsonl_atomic
-
-CHOICE_FOR = {"tie": "tie", "both_bad": "both_bad", "skip": "skip"}
-
-
-def cast(store, who, pair_id, outcome, left_index=0):
-    """Vote for response `outcome` (0/1) or tie/both_bad/skip, with a chosen left/right order."""
-    with sqlite3.connect(store.path) as db:
-        db.execute("INSERT OR REPLACE INTO assignments VALUES (?, ?, ?, 'open', 0)",
-                   (pair_id, who.id, left_index))
-    if outcome in (0, 1):
-        choice = "left" if outcome == left_index else "right"
-    else:
-        choice = CHOICE_FOR[outcome]
-    key = f"{who.name}-{pair_id}-{outcome}-{left_index}"
-    return store.record_vote(who, pair_id, choice, None, key)
 
 
 @pytest.fixture
