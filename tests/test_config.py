@@ -83,6 +83,23 @@ def test_eval_file_and_eval_fraction_together_are_refused():
                                  "training pairs.")
 
 
+def test_holding_out_by_prompt_without_a_fraction_to_hold_out_is_refused():
+    # data.eval_fraction_by only says how data.eval_fraction draws; alone it would do nothing.
+    with pytest.raises(UserError) as caught:
+        load_config(None, REQUIRED + ["data.eval_fraction_by=prompt"])
+    assert str(caught.value) == ("overrides: data.eval_fraction_by: prompt holds out a share of the prompts, "
+                                 "but data.eval_fraction is 0; set data.eval_fraction (e.g. 0.05), or remove "
+                                 "data.eval_fraction_by.")
+    with pytest.raises(UserError) as caught:
+        load_config(None, REQUIRED + ["data.eval=held_out.jsonl", "data.eval_fraction_by=prompt"])
+    assert str(caught.value) == ("overrides: data.eval_fraction_by: prompt holds out prompts of data.train, but "
+                                 "data.eval gives the eval pairs; remove data.eval_fraction_by, or remove "
+                                 "data.eval and set data.eval_fraction.")
+    config = load_config(None, REQUIRED + ["data.eval_fraction=0.1", "data.eval_fraction_by=prompt"])
+    assert config.data.eval_fraction_by == "prompt"
+    assert load_config(None, REQUIRED).data.eval_fraction_by == "pair"  # the row split stays the default
+
+
 def test_an_error_is_printed_as_text_not_as_markup(tmp_path):
     # rich would drop `[lora]` from an install hint, and raise on an unmatched `[/b]`.
     from typer.testing import CliRunner

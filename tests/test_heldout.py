@@ -5,6 +5,7 @@ are counted."""
 
 import io
 import json
+import random
 from collections import Counter
 
 import pytest
@@ -15,7 +16,9 @@ from typer.testing import CliRunner
 
 import preftune.train as train_module
 from preftune.cli import app
+from preftune.data.heldout import hold_out
 from preftune.data.io import load_pairs
+from preftune.errors import UserError
 from preftune.modeling import load_tokenizer
 
 # Each row a prompt of its own (the overlap warning has nothing to count), with metadata that
@@ -105,6 +108,7 @@ def test_prompts_on_both_sides_of_the_split_are_counted(tmp_path, tiny_llama, pa
                                                           Console(file=out, soft_wrap=True))
     assert "data: 4 of the 4 held-out pairs have a prompt that training pairs have too" in out.getvalue()
     assert "optimistic" in out.getvalue()
+    assert "hold out whole prompts with data.eval_fraction_by: prompt" in out.getvalue()  # the fix
     assert (len(train), len(evaluate), len(held_out)) == (12, 4, 4)
 
 
@@ -148,3 +152,87 @@ def test_a_fresh_run_holding_nothing_out_deletes_an_earlier_runs_file(tmp_path, 
     result = cli("train", config, "--overwrite")
     assert result.exit_code == 0, result.output
     assert path.is_file() and "kept:" not in result.output
+
+
+# ------------------------------------------------- data.eval_fraction_by: pair (rows) or prompt
+
+
+def old_hold_out(pairs, fraction, seed):
+    """The row split as it was before data.eval_fraction_by: runs, tests and the demo rely on it."""
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:max(1, round(len(order) * fraction))])
+    return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]
+
+
+def prompt_of(pair) -> str:
+    return json.dumps(pair.prompt, sort_keys=True)
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.25, 0.5, 0.8])
+def test_holding_out_by_prompt_keeps_each_prompt_on_one_side(pairs_file, fraction):
+    pairs = load_pairs(str(pairs_file)).pairs  # 4 prompts, 4 pairs each
+    # Message lists as prompts too, compared whole: 3 more prompts of 2 pairs each.
+    pairs += load_pairs(str(write_jsonl(pairs_file.parent / "chat.jsonl", [
+        {"prompt": [{"role": "user", "content": f"Say {word}."}], "chosen": [{"role": "assistant", "content": word}],
+         "rejected": [{"role": "assistant", "content": f"No {n}."}]}
+        for word in ("yes", "no", "maybe") for n in range(2)]))).pairs
+    prompts = {prompt_of(p) for p in pairs}
+    assert len(prompts) == 7
+    row = {id(p): i for i, p in enumerate(pairs)}  # repeated rows are equal: tell them apart by identity
+    splits = set()
+    for seed in range(8):
+        train, held = hold_out(pairs, fraction, seed, "prompt")
+        assert not {prompt_of(p) for p in train} & {prompt_of(p) for p in held}
+        assert len({prompt_of(p) for p in held}) == max(1, round(fraction * 7))
+        rows = [[row[id(p)] for p in side] for side in (train, held)]
+        assert sorted(rows[0] + rows[1]) == list(range(len(pairs)))  # every row used exactly once
+        assert rows == [sorted(side) for side in rows]  # each side in the data's order
+        again = hold_out(pairs, fraction, seed, "prompt")
+        assert [[row[id(p)] for p in side] for side in again] == rows  # the same seed, the same split
+        splits.add(tuple(rows[1]))
+    assert len(splits) > 1  # the seed picks the prompts
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+@pytest.mark.parametrize("fraction", [0.05, 0.25, 0.5])
+def test_holding_out_by_pair_is_the_old_row_split(pairs_file, fraction, seed):
+    pairs = load_pairs(str(pairs_file)).pairs
+    row = {id(p): i for i, p in enumerate(pairs)}  # repeated rows are equal: tell them apart by identity
+    expected = [[row[id(p)] for p in side] for side in old_hold_out(pairs, fraction, seed)]
+    for split in (hold_out(pairs, fraction, seed, "pair"), hold_out(pairs, fraction, seed)):
+        assert [[row[id(p)] for p in side] for side in split] == expected
+
+
+def test_holding_out_the_only_prompt_is_refused(pairs_file):
+    pairs = [p for p in load_pairs(str(pairs_file)).pairs if "ice cream" in p.prompt]
+    with pytest.raises(UserError) as caught:
+        hold_out(pairs, 0.25, 0, "prompt")
+    assert str(caught.value) == (
+        "data.eval_fraction_by: prompt needs two or more distinct prompts, but all 4 pairs of data.train have "
+        "the same one, so holding it out would leave nothing to train on; set data.eval_fraction_by: pair, "
+        "or give data.eval a file of other prompts.")
+
+
+def test_a_run_holding_out_whole_prompts_writes_them_and_warns_of_no_overlap(tmp_path, tiny_llama, pairs_file,
+                                                                           one_torch_thread):
+    """pairs_file's 4 prompts of 4 pairs each, a quarter held out: one prompt with its 4 pairs.
+    A resume holds out the same ones, and one that would split by rows instead is refused."""
+    config = write_run_config(tmp_path, tiny_llama, pairs_file, max_steps=1, save_every=1)
+    result = cli("train", config, "data.eval_fraction_by=prompt")
+    assert result.exit_code == 0, result.output
+    path = tmp_path / "run" / "eval_heldout.jsonl"
+    held = load_pairs(str(path)).pairs
+    assert len(held) == 4 and len({prompt_of(p) for p in held}) == 1
+    assert Counter(scored(p) for p in held) == Counter(scored(p) for p in load_pairs(str(pairs_file)).pairs
+                                                       if prompt_of(p) == prompt_of(held[0]))
+    assert f"data:1prompt(4pairs)heldoutbydata.eval_fractionwrittento{path}" in squash(result.output)
+    assert "data:12trainpairs,4evalpairs" in squash(result.output)
+    assert "optimistic" not in result.output and "have a prompt that training pairs have too" not in result.output
+    before = path.read_text()
+    result = cli("train", config, "--resume", "train.max_steps=2")  # c.yaml alone splits by pair
+    assert result.exit_code == 2, result.output
+    assert "data.eval_fraction_by'prompt'(now'pair')" in squash(result.output)
+    result = cli("train", config, "--resume", "train.max_steps=2", "data.eval_fraction_by=prompt")
+    assert result.exit_code == 0, result.output
+    assert path.read_text() == before

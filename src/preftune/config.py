@@ -66,6 +66,9 @@ class DataConfig(Section):
     train: str | list[str]
     eval: str | list[str] | None = None
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    # What eval_fraction draws: rows (pair), or distinct prompts held out with all their pairs
+    # (prompt), so that data with several pairs per prompt has no prompt on both sides.
+    eval_fraction_by: Literal["pair", "prompt"] = "pair"
     split: str = "train"  # the split to read when `train` is a hub id or a DatasetDict folder
     # The split to read for `eval` (default: `split`): UltraFeedback's test_prefs, say, when
     # `eval` names the same data set as `train`.
@@ -114,6 +117,22 @@ class DataConfig(Section):
             raise ValueError(
                 "data.eval and data.eval_fraction are both set; keep data.eval to evaluate on its "
                 "pairs, or remove it to hold out data.eval_fraction of the training pairs"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _eval_fraction_by_prompt_needs_a_fraction(self):
+        if self.eval_fraction_by == "pair":
+            return self
+        if self.eval is not None:
+            raise ValueError(
+                "data.eval_fraction_by: prompt holds out prompts of data.train, but data.eval gives the "
+                "eval pairs; remove data.eval_fraction_by, or remove data.eval and set data.eval_fraction"
+            )
+        if self.eval_fraction == 0:
+            raise ValueError(
+                "data.eval_fraction_by: prompt holds out a share of the prompts, but data.eval_fraction "
+                "is 0; set data.eval_fraction (e.g. 0.05), or remove data.eval_fraction_by"
             )
         return self
 

@@ -184,8 +184,8 @@ def _check_shape(saved: dict, folder: Path, config, dist: DistContext) -> None:
 # precompute give the same log-probs of the same starting model).
 FIXED_AT_RESUME = {
     "model": ("lora", "disable_dropout", "reference_sync"),
-    "data": ("split", "eval_fraction", "max_length", "max_prompt_length", "truncation",
-             "group_by_length"),
+    "data": ("split", "eval_fraction", "eval_fraction_by", "max_length", "max_prompt_length",
+             "truncation", "group_by_length"),
     "loss": None,  # every key
     "optim": ("name", "lr", "weight_decay", "betas", "eps", "scheduler", "warmup_steps", "max_grad_norm"),
     "train": ("seed",),

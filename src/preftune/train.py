@@ -141,13 +141,15 @@ def prepare_data(config: Config, tokenizer, console: Console):
     if data.eval:
         eval_pairs, _ = _load_sources(data.eval, data.eval_split or data.split, "eval", console)
     elif data.eval_fraction > 0:
-        train_pairs, held_out = hold_out(train_pairs, data.eval_fraction, config.train.seed)
+        train_pairs, held_out = hold_out(train_pairs, data.eval_fraction, config.train.seed,
+                                         data.eval_fraction_by)
         eval_pairs = held_out
         if shared := shared_prompts(train_pairs, held_out):
             console.print(f"[yellow]data: {shared} of the {len(held_out)} held-out pairs have a prompt that "
                           "training pairs have too (repeated rows, or several pairs per prompt), so their "
-                          "eval/ numbers are optimistic; keep each prompt's pairs on one side, e.g. in a "
-                          "data.eval file, for an unbiased evaluation.[/yellow]")
+                          "eval/ numbers are optimistic; hold out whole prompts with "
+                          "data.eval_fraction_by: prompt (or give a data.eval file) for an unbiased "
+                          "evaluation.[/yellow]")
     train_tok, train_counts = tokenize_pairs(train_pairs, tokenizer, data)
     eval_tok, eval_counts = tokenize_pairs(eval_pairs, tokenizer, data)
     console.print(f"data: {len(train_tok)} train pairs, {len(eval_tok)} eval pairs; "
@@ -388,7 +390,7 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
         output_dir.mkdir(parents=True, exist_ok=True)
         dump_config(_with_absolute_paths(config), output_dir / "config.yaml")
         if held_out:
-            console.print(escape(write_heldout(output_dir, held_out)))
+            console.print(escape(write_heldout(output_dir, held_out, config.data.eval_fraction_by)))
         elif checkpoint is None and (removed := remove_stale_heldout(output_dir)):
             console.print(escape(removed))
 

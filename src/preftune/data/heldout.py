@@ -1,6 +1,7 @@
 """The pairs `data.eval_fraction` holds out of data.train, kept in the run folder.
 
-Training holds out a seeded share of its rows for evaluation. Written to
+Training holds out a seeded share of its rows for evaluation (or, with data.eval_fraction_by:
+prompt, of its distinct prompts, each with all its pairs). Written to
 OUTPUT/eval_heldout.jsonl in the format `load_pairs` reads, those exact pairs can be scored again
 later (`preftune eval pairs --data OUTPUT/eval_heldout.jsonl`), checked against the training
 rows, or handed to another tool; and a resumed run checks that it still holds out the same ones.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Literal
 
 from preftune.data.io import TRUNCATED_KEYS, load_pairs
 from preftune.data.schema import PreferencePair
@@ -20,14 +22,28 @@ from preftune.records import write_text_atomic
 HELDOUT_FILE = "eval_heldout.jsonl"
 
 
-def hold_out(pairs: list[PreferencePair], fraction: float, seed: int):
+def hold_out(pairs: list[PreferencePair], fraction: float, seed: int,
+             by: Literal["pair", "prompt"] = "pair"):
     """(train, held_out): a seeded `fraction` of `pairs` (at least one) held out, each list in
-    the data's order."""
-    order = list(range(len(pairs)))
+    the data's order. by="prompt" holds out that share of the distinct prompts instead, each
+    with all its pairs, so that no prompt is on both sides (data.eval_fraction_by)."""
+    # The unit drawn for each pair: its row, or its prompt (compared as shared_prompts does).
+    units = list(range(len(pairs))) if by == "pair" else [_key(p.prompt) for p in pairs]
+    distinct = list(dict.fromkeys(units))  # in the data's order, so the seed alone fixes the draw
+    if by == "prompt" and len(distinct) == 1:
+        raise UserError(f"data.eval_fraction_by: prompt needs two or more distinct prompts, but all {len(pairs)} "
+                        "pairs of data.train have the same one, so holding it out would leave nothing to train "
+                        "on; set data.eval_fraction_by: pair, or give data.eval a file of other prompts.")
+    order = list(range(len(distinct)))
     random.Random(seed).shuffle(order)
-    held = set(order[:max(1, round(len(order) * fraction))])
-    return ([p for i, p in enumerate(pairs) if i not in held],
-            [p for i, p in enumerate(pairs) if i in held])
+    held = {distinct[i] for i in order[:max(1, round(len(order) * fraction))]}
+    return ([p for p, unit in zip(pairs, units) if unit not in held],
+            [p for p, unit in zip(pairs, units) if unit in held])
+
+
+def count_prompts(pairs: list[PreferencePair]) -> int:
+    """How many distinct prompts `pairs` have (a message list compared as a whole)."""
+    return len({_key(p.prompt) for p in pairs})
 
 
 def pair_row(pair: PreferencePair) -> dict:
@@ -75,14 +91,19 @@ def check_heldout(output_dir: Path, held_out: list[PreferencePair], dist) -> Non
                         "pairs, or start a new run in another train.output_dir.")
 
 
-def write_heldout(output_dir: Path, held_out: list[PreferencePair]) -> str:
-    """Write the held-out pairs to OUTPUT/eval_heldout.jsonl atomically; returns the line to print."""
+def write_heldout(output_dir: Path, held_out: list[PreferencePair],
+                  by: Literal["pair", "prompt"] = "pair") -> str:
+    """Write the held-out pairs to OUTPUT/eval_heldout.jsonl atomically; returns the line to print,
+    which counts the held-out prompts too when whole prompts were held out (by="prompt")."""
     path = Path(output_dir) / HELDOUT_FILE
     # default=str: a Parquet or hub row's dates or bytes in the metadata become text instead of
     # stopping the run; prompt, chosen and rejected are always JSON strings or message lists.
     write_text_atomic(path, "".join(json.dumps(pair_row(p), ensure_ascii=False, default=str) + "\n"
                                     for p in held_out))
-    return (f"data: {len(held_out)} pairs held out by data.eval_fraction written to {path}; score a model "
+    prompts = count_prompts(held_out)
+    what = (f"{len(held_out)} pairs" if by == "pair" else
+            f"{prompts} prompt{'s' if prompts != 1 else ''} ({len(held_out)} pairs)")
+    return (f"data: {what} held out by data.eval_fraction written to {path}; score a model "
             f"on them with: preftune eval pairs --model MODEL --data {path}")
 
 
