@@ -96,12 +96,16 @@ def revoke_annotator(
 def status(
     db: Path = typer.Option(..., help="SQLite labels database."),
     as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON."),
+    overlap: int | None = typer.Option(
+        None, help="Votes wanted per pair (default: the one the last `label serve` recorded)."
+    ),
 ) -> None:
-    """Progress per annotator, agreement (percent, Cohen/Fleiss kappa) and position bias."""
+    """Progress per annotator and against the overlap, agreement (percent, Cohen/Fleiss kappa)
+    and position bias."""
     from preftune.labeling.status import format_status
     from preftune.labeling.status import status as compute
 
-    result = compute(db)
+    result = compute(db, overlap=overlap)
     typer.echo(json.dumps(result, indent=2) if as_json else format_status(result, db))
 
 

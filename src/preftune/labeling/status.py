@@ -8,16 +8,24 @@ varying number of annotators per pair).
 
 Position bias is the share of left/right votes that went to the left card; the order is
 random, so a share far from 0.5 means annotators favour a side.
+
+What is left is measured against the overlap (votes wanted per pair): the one the last
+`label serve` recorded, or `--overlap K`. A vote here is what the store counts toward a pair's
+`done` flag: a live (not undone) vote other than a skip.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from preftune.errors import UserError
 from preftune.labeling.export import vote_outcome
 from preftune.labeling.store import Store
+
+RATE_WINDOW_S = 3600.0  # the rate is votes in the last hour of voting
 
 
 def percent_agreement(items: list[list]) -> float:
@@ -83,7 +91,34 @@ def position_bias(votes: list[dict]) -> dict:
     return {"left_share": share, "n": n, "ci95": [centre - half, centre + half]}
 
 
-def compute_status(store: Store) -> dict:
+def progress(pairs_by_vote_count: Counter, overlap: int) -> dict:
+    """Pairs complete (votes >= overlap), partly labelled and untouched, and the votes still
+    needed to complete them all; `pairs_by_vote_count` maps a number of votes to its pairs."""
+    counts = pairs_by_vote_count.items()
+    return {
+        "complete": sum(n for votes, n in counts if votes >= overlap),
+        "partial": sum(n for votes, n in counts if 0 < votes < overlap),
+        "untouched": pairs_by_vote_count.get(0, 0),
+        "votes_needed": sum(n * (overlap - votes) for votes, n in counts if votes < overlap),
+    }
+
+
+def vote_rate(times: list[float], votes_needed: int | None) -> dict | None:
+    """Votes per hour in the hour up to the latest vote, and the hours left at that pace.
+
+    None unless the votes span a full hour: the rate of a session younger than the window
+    would be too low by an unknown factor.
+    """
+    if not times or max(times) - min(times) < RATE_WINDOW_S:
+        return None
+    end = max(times)
+    per_hour = sum(t > end - RATE_WINDOW_S for t in times) * 3600.0 / RATE_WINDOW_S
+    hours_left = None if votes_needed is None else votes_needed / per_hour
+    return {"votes_per_hour": per_hour, "window_end": end, "hours_left": hours_left}
+
+
+def compute_status(store: Store, overlap: int | None = None) -> dict:
+    """Every number `label status` prints; `overlap` overrides the one the server recorded."""
     votes = store.live_votes()
     per_annotator: dict[str, Counter] = defaultdict(Counter)
     last_vote: dict[str, float] = {}
@@ -102,6 +137,10 @@ def compute_status(store: Store) -> dict:
             "last_vote": last_vote.get(row["name"]), "revoked": row["revoked_at"] is not None,
         })
     votes_per_pair = Counter(len(labels_by_pair.get(p, {})) for p in store.pairs())
+    source = "option" if overlap is not None else "server"
+    overlap = overlap if overlap is not None else store.recorded_overlap()
+    left = None if overlap is None else progress(votes_per_pair, overlap)
+    counted_times = [v["created_at"] for v in votes if v["choice"] != "skip"]
     return {
         "pairs": store.pair_count(),
         "votes": len(votes),
@@ -109,6 +148,10 @@ def compute_status(store: Store) -> dict:
         "annotators": annotators,
         "agreement": agreement(labels_by_pair),
         "position_bias": position_bias(votes),
+        "overlap": overlap,
+        "overlap_source": None if overlap is None else source,
+        "progress": left,
+        "rate": vote_rate(counted_times, None if left is None else left["votes_needed"]),
     }
 
 
@@ -120,6 +163,7 @@ def format_status(status: dict, db: str | Path) -> str:
     lines = [f"{db}: {status['pairs']} pairs, {status['votes']} live votes"]
     counts = ", ".join(f"{k} vote(s): {v}" for k, v in status["pairs_by_vote_count"].items())
     lines.append(f"pairs by non-skip votes: {counts or 'none'}")
+    lines.extend(_progress_lines(status))
     lines.append("")
     lines.append(f"{'annotator':<24} {'votes':>6}  choices")
     for a in status["annotators"]:
@@ -145,9 +189,35 @@ def format_status(status: dict, db: str | Path) -> str:
     return "\n".join(lines)
 
 
-def status(db: str | Path) -> dict:
+def _progress_lines(status: dict) -> list[str]:
+    left, k = status["progress"], status["overlap"]
+    if k is None:
+        lines = ["overlap unknown: no `label serve` recorded one in this database; pass "
+                 "--overlap K to count what is left against K votes per pair"]
+    else:
+        origin = "from --overlap" if status["overlap_source"] == "option" else "of the last server"
+        lines = [f"against overlap {k} ({origin}): {left['complete']} pairs complete, "
+                 f"{left['partial']} partly labelled, {left['untouched']} untouched; "
+                 f"{left['votes_needed']} votes still needed"]
+    rate = status["rate"]
+    if rate is not None:
+        end = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(rate["window_end"]))
+        text = f"rate: {rate['votes_per_hour']:.0f} votes/hour in the hour up to the last vote ({end})"
+        if left and left["votes_needed"]:
+            text += f"; about {_duration(rate['hours_left'])} left at that rate"
+        lines.append(text)
+    return lines
+
+
+def _duration(hours: float) -> str:
+    return f"{hours * 60:.0f} minutes" if hours < 1 else f"{hours:.1f} hours"
+
+
+def status(db: str | Path, overlap: int | None = None) -> dict:
+    if overlap is not None and overlap < 1:
+        raise UserError(f"--overlap must be at least 1, got {overlap}.")
     store = Store(db, must_exist=True)
     try:
-        return compute_status(store)
+        return compute_status(store, overlap)
     finally:
         store.close()

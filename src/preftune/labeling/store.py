@@ -85,6 +85,10 @@ CREATE TABLE IF NOT EXISTS votes (
 CREATE UNIQUE INDEX IF NOT EXISTS one_live_vote ON votes(pair_id, annotator_id)
   WHERE undone_at IS NULL;
 CREATE INDEX IF NOT EXISTS votes_live ON votes(annotator_id, undone_at, id);
+CREATE TABLE IF NOT EXISTS meta (    -- settings of the last server; an older database has none
+  key TEXT PRIMARY KEY,
+  value TEXT NOT NULL
+);
 """
 
 
@@ -163,6 +167,14 @@ class Store:
         self.overlap = overlap
         with self._write() as db:
             db.execute("UPDATE pairs SET done = (filled >= ?)", (overlap,))
+            # Kept with the `done` flags it explains, so `label status` can say what is left.
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('overlap', ?)",
+                       (str(overlap),))
+
+    def recorded_overlap(self) -> int | None:
+        """The overlap the last server ran with; None for a database no server has recorded."""
+        row = self._conn().execute("SELECT value FROM meta WHERE key = 'overlap'").fetchone()
+        return None if row is None else int(row["value"])
 
     # -- connections and transactions -------------------------------------------------------
 
