@@ -22,8 +22,9 @@ TRAIN_PLOTS = ["loss.png", "rewards.png", "accuracy_margins.png", "optimization.
 EVAL_PLOTS = ["reward_kl.png", "win_rates.png"]
 
 
-def write_metrics(run_dir, n_steps=60, eval_every=20):
-    """A DPO-shaped run: rewards part, loss falls, lr warms up then decays, evals every 20."""
+def write_metrics(run_dir, n_steps=60, eval_every=20, token_metrics=False, wpo=False):
+    """A DPO-shaped run: rewards part, loss falls, lr warms up then decays, evals every 20.
+    token_metrics, wpo: also the keys train.token_metrics and loss.wpo_weighting log."""
     rng = np.random.default_rng(0)
     lines = []
     for step in range(1, n_steps + 1):
@@ -35,14 +36,26 @@ def write_metrics(run_dir, n_steps=60, eval_every=20):
             "rewards/accuracies": float(chosen > rejected), "rewards/margins": chosen - rejected,
             "logps/chosen": -50.0 + chosen, "logps/rejected": -55.0 + rejected,
             "grad_norm": 3.0 * (1 - t) + 0.2, "learning_rate": 1e-5 * min(1.0, 5 * t) * (1.1 - t),
-            "tokens_per_second": 900.0,
+            "tokens_per_second": 900.0, **settings_metrics(step, t, token_metrics, wpo),
         })
         if step % eval_every == 0:
             lines.append({"step": step, "eval/loss": 0.69 - 0.3 * t, "eval/rewards/chosen": 0.4 * t,
                           "eval/rewards/rejected": -0.8 * t, "eval/rewards/accuracies": 0.5 + 0.4 * t,
-                          "eval/rewards/margins": 1.2 * t})
+                          "eval/rewards/margins": 1.2 * t,
+                          **{f"eval/{k}": v for k, v in settings_metrics(step, t, token_metrics, wpo).items()}})
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def settings_metrics(step, t, token_metrics, wpo) -> dict:
+    """What train.token_metrics and loss.wpo_weighting add to a line (shaped, not computed)."""
+    values = {}
+    if token_metrics:
+        values |= {"entropy": 6.1 - 0.2 * t + 0.02 * math.sin(step), "mean_token_accuracy": 0.8 * t,
+                   "logits/chosen": -0.1 * t, "logits/rejected": 0.1 * t + 0.01 * math.cos(step)}
+    if wpo:
+        values["wpo/weight"] = 1.0 - 0.1 * t + 0.05 * math.sin(step)
+    return values
 
 
 def generate_eval(beta, kl, reward, rate, method="DPO"):
@@ -89,6 +102,73 @@ def test_report_writes_every_plot_and_links_it(run_dir, tmp_path):
     for label in ("DPO β=0.1", "DPO β=0.5", "Preferred-FT"):
         assert f"<td>{label}</td>" in html
     assert "0.800 [0.700, 0.900]" in html
+
+
+SETTINGS_PLOTS = ["entropy_token_accuracy.png", "logits.png", "wpo_weight.png"]
+
+
+def _drawn_figures(monkeypatch) -> dict:
+    """{PNG name: matplotlib figure} of every plot the report saves from now on."""
+    import preftune.report as report
+
+    drawn, save = {}, report._save
+
+    def keep(fig, path):
+        drawn[path.name] = fig
+        return save(fig, path)
+
+    monkeypatch.setattr(report, "_save", keep)
+    return drawn
+
+
+def _named_lines(ax) -> dict:
+    return {line.get_label(): line.get_xydata().tolist() for line in ax.get_lines()
+            if not line.get_label().startswith("_")}
+
+
+def test_token_metrics_and_wpo_weight_are_plotted_as_the_other_curves(tmp_path, monkeypatch):
+    """train.token_metrics' and loss.wpo_weighting's keys get their plots, smoothed, with the eval/
+    points overlaid, a caption saying what each means and rows in the final metrics; a run
+    without them gets none of these."""
+    drawn = _drawn_figures(monkeypatch)
+    write_metrics(tmp_path, n_steps=10, eval_every=5, token_metrics=True, wpo=True)
+    html = write_report(tmp_path, smoothing=0.5).read_text()
+    for name in SETTINGS_PLOTS:
+        assert_real_picture(tmp_path / "plots" / name)
+        assert f'src="plots/{name}"' in html
+    entropy, accuracy = drawn["entropy_token_accuracy.png"].axes
+    lines = _named_lines(entropy)
+    assert set(lines) == {"entropy, train (EMA 0.5)", "entropy, eval"}
+    np.testing.assert_allclose(lines["entropy, eval"], [[5, 6.0 + 0.02 * math.sin(5)], [10, 5.9 + 0.02 * math.sin(10)]])
+    assert entropy.get_ylabel() == "nats per completion token"
+    assert set(_named_lines(accuracy)) == {"token accuracy, train (EMA 0.5)", "token accuracy, eval"}
+    (logits,) = drawn["logits.png"].axes
+    assert set(_named_lines(logits)) == {"chosen, train (EMA 0.5)", "chosen, eval",
+                                         "rejected, train (EMA 0.5)", "rejected, eval"}
+    (weight,) = drawn["wpo_weight.png"].axes
+    assert _named_lines(weight)["WPO weight, eval"][1] == pytest.approx([10.0, 0.9 + 0.05 * math.sin(10)])
+    for caption in ("Entropy: how unsure the policy is of the next token", "Token accuracy: the share",
+                    "The policy&#x27;s logits averaged over the vocabulary", "WPO&#x27;s pair weight"):
+        assert caption in html
+    for key in ("entropy", "mean_token_accuracy", "logits/chosen", "logits/rejected", "wpo/weight"):
+        assert f"<td>{key}</td>" in html
+
+    # A run that logged only the WPO weight gets only its plot.
+    wpo_only = tmp_path / "wpo"
+    write_metrics(wpo_only, n_steps=10, eval_every=5, wpo=True)
+    write_report(wpo_only)
+    assert sorted(p.name for p in (wpo_only / "plots").iterdir()) == sorted(TRAIN_PLOTS + ["wpo_weight.png"])
+
+    # A run that logged neither keeps the report it had: four training plots, no new caption or row.
+    plain = tmp_path / "plain"
+    write_metrics(plain, n_steps=10, eval_every=5)
+    drawn.clear()
+    html = write_report(plain).read_text()
+    assert sorted(drawn) == sorted(TRAIN_PLOTS)
+    assert sorted(p.name for p in (plain / "plots").iterdir()) == sorted(TRAIN_PLOTS)
+    assert html.count("<figure") == len(TRAIN_PLOTS)
+    for text in ("Entropy", "Mean logits", "WPO", "<td>entropy</td>", "<td>wpo/weight</td>"):
+        assert text not in html
 
 
 def test_report_without_evaluations_has_training_plots_only(tmp_path):

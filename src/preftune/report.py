@@ -256,6 +256,39 @@ def plot_optimization(metrics: RunMetrics, path: Path, smoothing: float = 0.6):
     return _save(fig, path)
 
 
+def plot_entropy_accuracy(metrics: RunMetrics, path: Path, smoothing: float = 0.6):
+    """train.token_metrics' entropy and token accuracy, side by side; None when not logged."""
+    fig, (entropy, accuracy) = _new_figure(ncols=2)
+    drawn_entropy = _curve(entropy, metrics, "entropy", "entropy", TRAIN_COLOR, smoothing)
+    drawn_acc = _curve(accuracy, metrics, "mean_token_accuracy", "token accuracy", TRAIN_COLOR, smoothing)
+    if not (drawn_entropy or drawn_acc):
+        return None
+    _finish(entropy, "Entropy of the policy", "nats per completion token")
+    accuracy.set_ylim(-0.02, 1.02)
+    _finish(accuracy, "Token accuracy", "fraction of chosen tokens, policy's top choice")
+    return _save(fig, path)
+
+
+def plot_logits(metrics: RunMetrics, path: Path, smoothing: float = 0.6) -> Path | None:
+    """train.token_metrics' mean logits of chosen and rejected tokens; None when not logged."""
+    fig, (ax,) = _new_figure()
+    drawn = _curve(ax, metrics, "logits/chosen", "chosen", CHOSEN_COLOR, smoothing)
+    drawn |= _curve(ax, metrics, "logits/rejected", "rejected", REJECTED_COLOR, smoothing)
+    if not drawn:
+        return None
+    _finish(ax, "Mean logits: chosen vs rejected tokens", "logit, mean over the vocabulary")
+    return _save(fig, path)
+
+
+def plot_wpo_weight(metrics: RunMetrics, path: Path, smoothing: float = 0.6) -> Path | None:
+    """loss.wpo_weighting's mean pair weight; None when not logged."""
+    fig, (ax,) = _new_figure()
+    if not _curve(ax, metrics, "wpo/weight", "WPO weight", TRAIN_COLOR, smoothing):
+        return None
+    _finish(ax, "WPO weight", "mean pair weight w(y_w)·w(y_l)")
+    return _save(fig, path)
+
+
 # --------------------------------------------------------------------------- evaluation plots
 
 
@@ -387,7 +420,9 @@ def plot_win_rates(evals: Sequence[dict], path: str | Path) -> Path:
 
 SUMMARY_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen",
                 "rewards/rejected", "logps/chosen", "logps/rejected", "grad_norm",
-                "learning_rate", "tokens_per_second")
+                "learning_rate", "tokens_per_second",
+                # Logged only with loss.wpo_weighting or train.token_metrics: rows only then.
+                "wpo/weight", "entropy", "mean_token_accuracy", "logits/chosen", "logits/rejected")
 PLOTTED_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
                 "rewards/margins", "grad_norm", "learning_rate")
 # Leaf names of config keys worth a line in the summary (unset ones are left out); the full
@@ -472,6 +507,18 @@ def _training_figures(metrics: RunMetrics, out: Path, smoothing: float, notes: l
          "Share of pairs whose chosen response gets the higher implicit reward, and the mean gap."),
         (plot_optimization, "optimization.png", "Optimization",
          "Gradient norm and learning rate per optimizer step."),
+        # Only runs that logged them (train.token_metrics, loss.wpo_weighting) get these three.
+        (plot_entropy_accuracy, "entropy_token_accuracy.png", "Entropy and token accuracy",
+         ("Entropy: how unsure the policy is of the next token, in nats, averaged over chosen and "
+          "rejected completion tokens. Token accuracy: the share of chosen tokens that are the "
+          "policy's top choice.")),
+        (plot_logits, "logits.png", "Mean logits",
+         ("The policy's logits averaged over the vocabulary, then over chosen (and rejected) "
+          "completion tokens: their overall level; moving every logit alike leaves the "
+          "probabilities unchanged.")),
+        (plot_wpo_weight, "wpo_weight.png", "WPO weight",
+         ("WPO's pair weight w(y_w)·w(y_l), the step's mean: how likely the policy is to write "
+          "the pair itself; each pair's loss is scaled by it.")),
     ]
     figures = []
     for plot, name, title, caption in specs:
