@@ -216,3 +216,43 @@ def test_comparison_shows_the_token_wise_kl_where_an_evaluation_has_it(tmp_path)
     by_name = {r[0]: r[1:] for r in rows}
     assert by_name["KL ± se, nats (reward:tests:length)"] == ["6 ± 0.3", "2 ± 0.3"]
     assert by_name["token-wise KL ± se, nats (reward:tests:length)"] == ["–", "1.75 ± 0.05"]
+
+
+def test_token_metrics_and_wpo_weight_overlay_the_runs_that_logged_them_and_name_the_others(tmp_path, monkeypatch):
+    """Runs that did not log a figure's keys (train.token_metrics, loss.wpo_weighting off) are absent
+    from it, and the figure and its caption name them; with no run logging them, no figure."""
+    import preftune.report_compare as compare
+
+    figures = {}
+    draw = compare.draw_overlay
+
+    def keep(runs, panels, smoothing):
+        figures[panels[0][0]] = fig = draw(runs, panels, smoothing)
+        return fig
+
+    monkeypatch.setattr(compare, "draw_overlay", keep)
+    both, wpo, plain = tmp_path / "both", tmp_path / "wpo", tmp_path / "plain"
+    write_metrics(both, n_steps=5, eval_every=5, token_metrics=True, wpo=True)
+    write_metrics(wpo, n_steps=5, eval_every=5, wpo=True)
+    write_metrics(plain, n_steps=5, eval_every=5)
+    html = write_comparison([both, wpo, plain], tmp_path / "compare").read_text()
+    for name, first_key, logged, absent in (
+            ("entropy_token_accuracy.png", "entropy", ["both"], "wpo, plain"),
+            ("logits.png", "logits/chosen", ["both"], "wpo, plain"),
+            ("wpo_weight.png", "wpo/weight", ["both", "wpo"], "plain")):
+        assert_real_picture(tmp_path / "compare" / "plots" / name)
+        assert f'src="plots/{name}"' in html
+        fig = figures[first_key]
+        assert [t.get_text() for t in fig.legends[0].get_texts()] == [*logged, "train (EMA 0.6)", "eval"]
+        assert fig.get_suptitle() == f"Not logged by {absent}, so absent here."
+        figure = re.search(rf'<figure id="plots/{re.escape(name)}">.*?</figure>', html, re.S).group(0)
+        assert f"Not logged by {absent}, so absent here.</figcaption>" in figure
+    assert len(figures["wpo/weight"].axes[0].get_lines()) == 2 * 3  # raw, EMA and eval of both runs
+
+    html = write_comparison([wpo, plain], tmp_path / "compare-2").read_text()
+    assert sorted(p.name for p in (tmp_path / "compare-2" / "plots").iterdir()) == sorted(TRAIN_PLOTS + ["wpo_weight.png"])
+    assert "Entropy" not in html and "Not logged by plain, so absent here." in html
+    write_metrics(tmp_path / "plain-too", n_steps=5, eval_every=5)
+    write_comparison([plain, tmp_path / "plain-too"], tmp_path / "compare-3")
+    assert sorted(p.name for p in (tmp_path / "compare-3" / "plots").iterdir()) == sorted(TRAIN_PLOTS)
+    assert "Not logged" not in (tmp_path / "compare-3" / "report.html").read_text()

@@ -263,7 +263,50 @@ def training_figures(runs: list[Run], out: Path, smoothing: float) -> list[tuple
         if fig is not None:
             fig.savefig(out / PLOT_DIR / name, format="png")
             figures.append((f"{PLOT_DIR}/{name}", title, caption))
+    return figures + settings_figures(runs, out, smoothing)
+
+
+# Curves that only runs with a setting on log (train.token_metrics, loss.wpo_weighting).
+SETTINGS_SPECS = [
+    ("entropy_token_accuracy.png", "Entropy and token accuracy",
+     [("entropy", "Entropy of the policy", "nats per completion token"),
+      ("mean_token_accuracy", "Token accuracy", "fraction of chosen tokens, policy's top choice")],
+     "Entropy: how unsure each run's policy is of the next token, in nats, over chosen and rejected "
+     "completion tokens. Token accuracy: the share of chosen tokens that are its top choice."),
+    ("logits.png", "Mean logits",
+     [("logits/chosen", "Chosen tokens", "logit, mean over the vocabulary"),
+      ("logits/rejected", "Rejected tokens", "logit, mean over the vocabulary")],
+     "Each policy's logits averaged over the vocabulary, then over chosen (left) and rejected "
+     "(right) completion tokens: their overall level; moving every logit alike leaves the "
+     "probabilities unchanged."),
+    ("wpo_weight.png", "WPO weight", [("wpo/weight", "WPO weight", "mean pair weight w(y_w)·w(y_l)")],
+     "WPO's pair weight w(y_w)·w(y_l), each step's mean: how likely the policy is to write the "
+     "pair itself; each pair's loss is scaled by it."),
+]
+
+
+def settings_figures(runs: list[Run], out: Path, smoothing: float) -> list[tuple[str, str, str]]:
+    """SETTINGS_SPECS' figures, for as soon as one run logged their keys; a run that did not is
+    absent from the figure, which names it (at its top and in the caption)."""
+    figures = []
+    for name, title, panels, caption in SETTINGS_SPECS:
+        keys = [key for key, _, _ in panels]
+        lacking = [run.label for run in runs if not _logged_any(run, keys)]
+        fig = draw_overlay(runs, panels, smoothing)
+        if fig is None:
+            continue
+        if lacking:
+            absent = f"Not logged by {', '.join(lacking)}, so absent here."
+            fig.suptitle(absent, fontsize=10, color="dimgrey")
+            caption = f"{caption} {absent}"
+        fig.savefig(out / PLOT_DIR / name, format="png")
+        figures.append((f"{PLOT_DIR}/{name}", title, caption))
     return figures
+
+
+def _logged_any(run: Run, keys: list[str]) -> bool:
+    return run.metrics is not None and any(
+        run.metrics.has(key) or run.metrics.has(f"eval/{key}") for key in keys)
 
 
 def eval_figures(runs: list[Run], out: Path) -> list[tuple[str, str, str]]:
