@@ -288,6 +288,37 @@ def test_eval_pairs_naming_the_run_loss_again_keeps_its_weights(models, tmp_path
     assert losses[2] < losses[0]  # the NLL term's share is gone
 
 
+TOKEN_METRICS = ("entropy", "mean_token_accuracy", "logits/chosen", "logits/rejected")
+
+
+def test_eval_pairs_gives_the_token_metrics_of_a_run_trained_with_them_or_when_asked(models, tmp_path):
+    """A run with train.token_metrics logged TRL's four token metrics on its eval/ lines: `eval pairs`
+    on its final model records them too, the values of the policy's full logits; --token-metrics
+    adds them for any model, and without either the record has none."""
+    from test_token_metrics import direct_metrics
+
+    data = write_pairs(tmp_path / "d.jsonl")
+    section = {"model": {"path": str(models["ref"])}, "data": {"train": "x.jsonl"}}
+    run = write_run(tmp_path, models["pol"], {**section, "train": {"token_metrics": True}})
+    result = invoke(["pairs", "--model", run / "final", "--data", data])
+    assert result.exit_code == 0, result.output
+    record = json.loads((run / "final" / "eval.json").read_text())
+    policy, tokenizer = load_model_and_tokenizer(str(models["pol"]))
+    expected = direct_metrics(policy, [tokenize_pair(pair, tokenizer) for pair in load_pairs(str(data)).pairs])
+    assert expected["entropy"] > 1 and expected["logits/chosen"] != 0  # not zeros by accident
+    for key in TOKEN_METRICS:
+        assert record[f"eval/{key}"] == pytest.approx(expected[key], abs=1e-5), key
+        assert f"eval/{key}" in result.output
+
+    plain = write_run(tmp_path / "plain", models["pol"], section)
+    for extra, logged in (([], False), (["--token-metrics"], True)):
+        result = invoke(["pairs", "--model", plain / "final", "--data", data, "--out", tmp_path / "out", *extra])
+        assert result.exit_code == 0, result.output
+        again = json.loads((tmp_path / "out" / "eval.json").read_text())
+        assert all((f"eval/{key}" in again) == logged for key in TOKEN_METRICS), extra
+    assert all(again[f"eval/{key}"] == record[f"eval/{key}"] for key in TOKEN_METRICS)  # same model, data
+
+
 def test_eval_pairs_without_a_reference_is_a_user_error(models, tmp_path):
     result = invoke(["pairs", "--model", models["pol"], "--data", write_pairs(tmp_path / "d.jsonl")])
     assert "--reference" in user_error(result)

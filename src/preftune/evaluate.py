@@ -114,8 +114,10 @@ def reference_of_run(run: dict) -> str | None:
 
 
 def pairs_eval_config(model_path, data, run: dict, beta: float | None, loss: str | None,
-                      batch_size: int, max_length: int | None, dtype: str):
-    """A training Config whose loss and data settings are the run's, with the user's overrides."""
+                      batch_size: int, max_length: int | None, dtype: str,
+                      token_metrics: bool | None = None):
+    """A training Config whose loss, data and train.token_metrics settings are the run's, with the
+    user's overrides (token_metrics None: the run's)."""
     from preftune.config import validate_config
     from preftune.losses import BATCH_WIDE, PARAMETER_USERS
 
@@ -147,8 +149,11 @@ def pairs_eval_config(model_path, data, run: dict, beta: float | None, loss: str
     data_cfg.update(train=str(data), max_length=max_length or (run.get("data") or {}).get("max_length", 1024))
     # The run's numerics: a run under bf16 autocast is evaluated under it, as its eval/ lines were.
     model_cfg = {"path": str(model_path), "dtype": dtype, "autocast": (run.get("model") or {}).get("autocast", "none")}
+    # The run's eval/ lines carried TRL's token metrics when it trained with them: so does this record.
+    if token_metrics is None:
+        token_metrics = (run.get("train") or {}).get("token_metrics", False)
     raw = {"model": model_cfg, "data": data_cfg,
-           "loss": loss_cfg, "train": {"eval_batch_size": batch_size}}
+           "loss": loss_cfg, "train": {"eval_batch_size": batch_size, "token_metrics": token_metrics}}
     return validate_config(raw, source="preftune eval pairs options")
 
 
@@ -156,14 +161,16 @@ def evaluate_pairs_file(
     model_path: str | Path, data: str | Path, reference_path: str | Path | None = None, *,
     beta: float | None = None, loss: str | None = None, batch_size: int = 8,
     max_length: int | None = None, out: str | Path | None = None, device: str = "auto",
-    dtype: str | None = None, split: str = "train",
+    dtype: str | None = None, split: str = "train", token_metrics: bool | None = None,
 ) -> dict:
     """Implicit-reward accuracy, margins, log-probs and lengths of a model on held-out pairs.
 
     Defaults for beta, loss, reference, max_length and dtype come from the run's config.yaml when
     the model is RUN/final or RUN/checkpoints/step-N, and a run that computed under bf16 autocast
-    is evaluated under it, so the numbers are the run's own `eval/` ones. The record (training's `eval/` keys plus
-    what was evaluated) is added to eval.json in `out` (default: the model folder) and returned.
+    is evaluated under it, so the numbers are the run's own `eval/` ones. token_metrics: also TRL's
+    entropy, mean_token_accuracy and logits/* (None: as the run's train.token_metrics, else off).
+    The record (training's `eval/` keys plus what was evaluated) is added to eval.json in `out`
+    (default: the model folder) and returned.
     """
     from preftune.data.io import load_pairs
     from preftune.data.tokenize import tokenize_pairs
@@ -181,7 +188,7 @@ def evaluate_pairs_file(
     run = run_config(model_path)
     run_model = run.get("model") or {}
     dtype = dtype or run_model.get("dtype") or "float32"
-    config = pairs_eval_config(model_path, data, run, beta, loss, batch_size, max_length, dtype)
+    config = pairs_eval_config(model_path, data, run, beta, loss, batch_size, max_length, dtype, token_metrics)
     reference_free = config.loss.reference_free or all(
         t in REFERENCE_FREE for t in config.loss.types)
     if config.loss.reference_free and reference_path is not None:
