@@ -285,7 +285,10 @@ def test_every_loss_but_aot_is_a_sum_over_pairs():
     the same step. aot sorts across its batch, so it does not (and the config keeps its batch whole)."""
     both = two_pairs()
     both.pair_weights = torch.tensor([0.5, 2.0], dtype=both.policy_chosen_logps.dtype)  # WPO's, per pair too
-    alone = [PairLogps(*(getattr(both, f)[i:i + 1] for f in both.__dataclass_fields__)) for i in range(2)]
+    def pair(i):  # every per-pair field cut to pair i; an unset option (None) stays unset
+        return PairLogps(*(None if (v := getattr(both, f)) is None else v[i:i + 1] for f in both.__dataclass_fields__))
+
+    alone = [pair(i) for i in range(2)]
     for name in LOSSES:
         cfg = LossConfig(type=name, beta=1.0, label_smoothing=0.1 if name == "exo_pair" else 0.0)
         together = preference_loss(both, cfg)
