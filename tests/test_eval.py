@@ -293,8 +293,8 @@ TOKEN_METRICS = ("entropy", "mean_token_accuracy", "logits/chosen", "logits/reje
 
 def test_eval_pairs_gives_the_token_metrics_of_a_run_trained_with_them_or_when_asked(models, tmp_path):
     """A run with train.token_metrics logged TRL's four token metrics on its eval/ lines: `eval pairs`
-    on its final model records them too, the values of the policy's full logits; --token-metrics
-    adds them for any model, and without either the record has none."""
+    on its final model records them too, the values of the policy's full logits (--no-token-metrics
+    leaves them out); --token-metrics adds them for any model, and without either the record has none."""
     from test_token_metrics import direct_metrics
 
     data = write_pairs(tmp_path / "d.jsonl")
@@ -303,6 +303,11 @@ def test_eval_pairs_gives_the_token_metrics_of_a_run_trained_with_them_or_when_a
     result = invoke(["pairs", "--model", run / "final", "--data", data])
     assert result.exit_code == 0, result.output
     record = json.loads((run / "final" / "eval.json").read_text())
+    turned_off = invoke(["pairs", "--model", run / "final", "--data", data, "--out", tmp_path / "off",
+                         "--no-token-metrics"])  # the run's setting turned off
+    assert turned_off.exit_code == 0, turned_off.output
+    off = json.loads((tmp_path / "off" / "eval.json").read_text())
+    assert not any(f"eval/{key}" in off for key in TOKEN_METRICS) and off["eval/loss"] == record["eval/loss"]
     policy, tokenizer = load_model_and_tokenizer(str(models["pol"]))
     expected = direct_metrics(policy, [tokenize_pair(pair, tokenizer) for pair in load_pairs(str(data)).pairs])
     assert expected["entropy"] > 1 and expected["logits/chosen"] != 0  # not zeros by accident

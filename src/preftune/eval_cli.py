@@ -44,9 +44,9 @@ def pairs(
     dtype: str | None = typer.Option(
         None, help="float32, bfloat16 or float16 (default: the run's model.dtype, else float32; a run "
         "under bf16 autocast is evaluated under it)."),
-    token_metrics: bool = typer.Option(
-        False, "--token-metrics", help="Also TRL's entropy, mean_token_accuracy, logits/chosen and "
-        "logits/rejected (default: on for a run trained with train.token_metrics)."),
+    token_metrics: bool | None = typer.Option(
+        None, "--token-metrics/--no-token-metrics", help="Also TRL's entropy, mean_token_accuracy, "
+        "logits/chosen and logits/rejected (default: as the run's train.token_metrics, else off)."),
 ) -> None:
     """Implicit-reward accuracy and margins (beta * log pi/ref), log-probs and lengths on pairs."""
     from preftune.evaluate import evaluate_pairs_file
@@ -55,7 +55,7 @@ def pairs(
     record = evaluate_pairs_file(model, data, reference, beta=beta, loss=loss,
                                  batch_size=batch_size, max_length=max_length, out=out,
                                  device=device, dtype=dtype, split=split,
-                                 token_metrics=True if token_metrics else None)
+                                 token_metrics=token_metrics)
     typer.echo(f"{record['n_pairs']} pairs, beta {record['beta']:g}, loss {record['loss_type']}:")
     for key in ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen",
                 "rewards/rejected", "logps/chosen", "logps/rejected", "lengths/chosen",
