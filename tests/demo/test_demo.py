@@ -20,6 +20,7 @@ from preftune.demo.cli import parse_betas
 from preftune.demo.pipeline import QUICK_SIZES, DemoPaths, HumanLabeling, planned_runs, run_demo
 from preftune.demo.summary import SUMMARY_KEYS, dpo_reward_at, result_checks
 from preftune.errors import UserError
+from preftune.labeling.store import Store
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -236,7 +237,11 @@ def test_too_few_human_preferences_stop_the_demo_and_keep_the_votes(quick_demo, 
     worker.join(timeout=30)
     assert errors and "only 2 pairs have a preference" in str(errors[0])
     assert not (tmp_path / "D.jsonl").exists()  # a rerun serves the pairs again
-    assert (tmp_path / "labels.sqlite").is_file()
+    store = Store(tmp_path / "labels.sqlite", must_exist=True)
+    try:  # the demo serves each pair to its one person: `label status` counts what is left against 1
+        assert store.recorded_overlap() == 1
+    finally:
+        store.close()
 
 
 def test_human_labeling_refuses_addresses_other_machines_reach(tmp_path):

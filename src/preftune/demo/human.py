@@ -102,7 +102,7 @@ def label_with_people(pairs_path: str | Path, db_path: str | Path, out: str | Pa
     out = Path(out)
     if _check_existing(out):
         return f"kept the people's labels already in {out}"
-    store = Store(db_path)
+    store = Store(db_path, overlap=1)  # one person labels: recorded, so `label status` knows what is left
     try:
         store.add_pairs(load_pairs(pairs_path))
         token = store.add_annotator(ANNOTATOR, reissue=True)  # a fresh link each run
