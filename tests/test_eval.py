@@ -425,6 +425,29 @@ def test_generate_kl_tokens_is_the_summed_exact_kl_of_both_models_next_token_dis
     assert record["kl_tokens_se"] == pytest.approx(se, abs=1e-5)
 
 
+def test_generate_against_a_reference_with_a_wider_output_layer_keeps_kl_and_has_no_token_wise_kl(
+        models, prompts_file, tmp_path):
+    """The same tokenizer with output layers of different sizes (Qwen2.5-7B against 0.5B, say):
+    `kl` comes from each model's own log-probs as it always did; the token-wise KL compares
+    distributions over the same ids, which these are not, so it is null, not a crash."""
+    reference, tokenizer = load_model_and_tokenizer(str(models["ref"]))
+    reference.resize_token_embeddings(len(tokenizer) + 8, mean_resizing=False)  # rows no token uses
+    reference.save_pretrained(tmp_path / "wide_ref")
+    tokenizer.save_pretrained(tmp_path / "wide_ref")
+    rigged_reward(tmp_path, {})
+    result = invoke(["generate", "--model", models["pol"], "--reference", tmp_path / "wide_ref",
+                     "--prompts", prompts_file, "--judge", f"reward:{tmp_path / 'rigged.py'}:length",
+                     "--max-new-tokens", MAX_NEW, "--out", tmp_path / "out"])
+    assert result.exit_code == 0, result.output
+    assert "KL(pi||ref)" in result.output
+    assert "token-wise  none: the policy's and the reference's output layers differ in size" in result.output
+    record = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert record["kl_tokens"] is None and record["kl_tokens_se"] is None
+    rows = read_records(tmp_path / "out" / "samples.jsonl")
+    assert all(row["kl_tokens"] is None for row in rows)
+    assert record["kl"] == pytest.approx(sum(row["kl"] for row in rows) / len(rows)) and record["kl"] != 0.0
+
+
 def _policy_with_generation_config(models, tmp_path, generation_config):
     policy = tmp_path / "pol"
     shutil.copytree(models["pol"], policy)

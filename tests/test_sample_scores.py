@@ -86,3 +86,19 @@ def test_chunk_size_and_the_full_logits_path_give_the_same_numbers(policy, refer
         assert other.kl_tokens == pytest.approx(chunked.kl_tokens, rel=1e-5, abs=1e-6)
         assert other.policy_logps == pytest.approx(chunked.policy_logps, abs=1e-5)
         assert other.reference_logps == pytest.approx(chunked.reference_logps, abs=1e-5)
+
+
+@pytest.mark.parametrize("wider", ["reference", "policy"])
+def test_heads_of_different_sizes_give_the_log_probs_and_no_token_wise_kl(policy, reference, wider):
+    """One tokenizer, output layers of different sizes (Qwen2.5-7B scores 152,064 token ids, 0.5B
+    151,936): each model's log-probs, and so `kl`, are what they were before the token-wise KL
+    existed; the two next-token distributions range over different ids, so there is no token-wise
+    KL to give (None), and no size mismatch stops the evaluation."""
+    wide = build_model("llama", vocab_size=VOCAB + 4, hidden_size=16, num_layers=1, num_heads=2, seed=0).eval()
+    models = {"policy": policy, "reference": reference, wider: wide}
+    responses = sampler_outcomes()[:10]
+    scores = score_samples(models["policy"], models["reference"], [PROMPT] * len(responses), responses,
+                           pad_token_id=0, chunk_size=3)
+    assert scores.kl_tokens == [None] * len(responses)
+    assert scores.policy_logps == pytest.approx(sequence_logps(models["policy"], responses).tolist(), abs=1e-5)
+    assert scores.reference_logps == pytest.approx(sequence_logps(models["reference"], responses).tolist(), abs=1e-5)

@@ -119,6 +119,8 @@ def _print_generation_record(record: dict, folder: str) -> None:
     typer.echo(f"  KL(pi||ref) {_fmt(record['kl'], record['kl_se'])} nats per response")
     if record.get("kl_tokens") is not None:  # the same KL, estimated token by token (lower variance)
         typer.echo(f"  token-wise  {_fmt(record['kl_tokens'], record.get('kl_tokens_se'))} nats per response")
+    else:
+        typer.echo("  token-wise  none: the policy's and the reference's output layers differ in size")
     lengths = record["mean_length"]
     typer.echo(f"  length     policy {lengths['policy']:.1f}, reference {lengths['reference']:.1f} tokens")
     if record.get("kl_note"):

@@ -186,7 +186,8 @@ def summarize(rows: list[dict], policy: Samples, reference: Samples, judge: Judg
               settings: SamplingSettings, prompts_source: str | None) -> dict:
     """The eval.json record of one policy (docs/CONTRACTS.md), from its samples.jsonl rows."""
     kl = mean_with_se([r["kl"] for r in rows])
-    kl_tokens = mean_with_se([r["kl_tokens"] for r in rows])
+    token_kls = [r["kl_tokens"] for r in rows]  # None where the output layers differ in size
+    kl_tokens = None if None in token_kls else mean_with_se(token_kls)
     lengths = {who: mean_with_se([r["length"][who] for r in rows]) for who in ("policy", "reference")}
     record = {
         "kind": "generate", "model": policy.path, "reference": recorded_path(reference.path),
@@ -197,7 +198,8 @@ def summarize(rows: list[dict], policy: Samples, reference: Samples, judge: Judg
         "mean_reward_se": {"policy": None, "reference": None},
         "reward_margin": None, "reward_margin_se": None,
         "kl": kl.mean, "kl_se": _number(kl.se),
-        "kl_tokens": kl_tokens.mean, "kl_tokens_se": _number(kl_tokens.se),
+        "kl_tokens": None if kl_tokens is None else kl_tokens.mean,
+        "kl_tokens_se": None if kl_tokens is None else _number(kl_tokens.se),
         "mean_length": {who: m.mean for who, m in lengths.items()},
         "mean_length_se": {who: _number(m.se) for who, m in lengths.items()},
         "samples": "samples.jsonl",

@@ -17,6 +17,10 @@ at most one chunk of each model's logits exists at once (a 151,936-token vocabul
 full (T, V) float32 tensor 0.6 GB per 1,000 tokens). A model whose logits are not its head's
 output (soft-capping, logit scales: see `logprobs.supports_hidden_state_path`) gives its own
 logits instead, from which only the counted positions are kept.
+
+Two models with one tokenizer can still have output layers of different sizes (Qwen2.5-7B scores
+152,064 ids, 0.5B 151,936): their next-token distributions range over different ids, so there is
+no token-wise KL (None per response), while each model's log-probs, and so `kl`, stay as they are.
 """
 
 from __future__ import annotations
@@ -37,11 +41,12 @@ from preftune.logprobs import (
 
 @dataclass
 class SampleScores:
-    """Per response: log pi(y|x), log ref(y|x) and the token-wise KL estimate, in nats."""
+    """Per response: log pi(y|x), log ref(y|x) and the token-wise KL estimate, in nats (None
+    when the two output layers differ in size)."""
 
     policy_logps: list[float]
     reference_logps: list[float]
-    kl_tokens: list[float]
+    kl_tokens: list[float | None]
 
 
 @torch.no_grad()
@@ -63,6 +68,9 @@ def score_samples(policy, reference, prompt_ids: Sequence[list[int]], completion
                                                                counted.index.shape[0], chunk_size)
         for values, out in ((policy_token, scores.policy_logps), (reference_token, scores.reference_logps),
                             (kl_token, scores.kl_tokens)):
+            if values is None:  # no token-wise KL between output layers of different sizes
+                out.extend([None] * counted.num_sequences)
+                continue
             sums, _ = per_sequence_sums(values, counted.owner, counted.num_sequences)  # (B,)
             out.extend(sums.double().cpu().tolist())
     return scores
@@ -99,7 +107,8 @@ def counted_logits(model, input_ids, attention_mask, counted: CountedTokens) -> 
 def token_scores(policy_logits: Callable, reference_logits: Callable, targets: torch.Tensor, num_rows: int,
                  chunk_size: int = 1024):
     """log pi(y_t), log ref(y_t) and KL(pi || ref) of the next-token distributions, per counted
-    position (M,) each, one chunk of both models' logits at a time."""
+    position (M,) each, one chunk of both models' logits at a time; the KL is None when the two
+    models' logits have different widths (vocabularies)."""
     policy_token = torch.empty(num_rows, dtype=torch.float32, device=targets.device)  # (M,)
     reference_token = torch.empty_like(policy_token)
     kl_token = torch.empty_like(policy_token)
@@ -110,7 +119,10 @@ def token_scores(policy_logits: Callable, reference_logits: Callable, targets: t
         chosen = targets[rows].unsqueeze(1)  # (m, 1)
         policy_token[rows] = policy_logprobs.gather(1, chosen).squeeze(1)
         reference_token[rows] = reference_logprobs.gather(1, chosen).squeeze(1)
-        kl_token[rows] = token_kl_(policy_logprobs, reference_logprobs)
+        if kl_token is not None and policy_logprobs.shape[-1] == reference_logprobs.shape[-1]:
+            kl_token[rows] = token_kl_(policy_logprobs, reference_logprobs)
+        else:  # output layers of different sizes: no KL over the same ids
+            kl_token = None
         del policy_logprobs, reference_logprobs  # before the next chunk's logits exist
     return policy_token, reference_token, kl_token
 
