@@ -143,6 +143,10 @@ def test_a_fresh_run_holding_nothing_out_deletes_an_earlier_runs_file(tmp_path, 
     assert cli("train", config).exit_code == 0
     path = tmp_path / "run" / "eval_heldout.jsonl"
     assert path.is_file()
+    # A run that evaluates on that very file (data.eval) keeps it: it is this run's data.
+    result = cli("train", config, "--overwrite", "data.eval_fraction=0", f"data.eval={path}")
+    assert result.exit_code == 0, result.output
+    assert path.is_file() and "deleted" not in squash(result.output).replace("overwrite:deleted", "")
     result = cli("train", config, "--overwrite", "data.eval_fraction=0")
     assert result.exit_code == 0, result.output
     assert not path.exists()

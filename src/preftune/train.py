@@ -391,7 +391,7 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
         dump_config(_with_absolute_paths(config), output_dir / "config.yaml")
         if held_out:
             console.print(escape(write_heldout(output_dir, held_out, config.data.eval_fraction_by)))
-        elif checkpoint is None and (removed := remove_stale_heldout(output_dir)):
+        elif checkpoint is None and (removed := remove_stale_heldout(output_dir, _data_sources(config))):
             console.print(escape(removed))
 
     def save(step_state: TrainState) -> Path:
@@ -513,6 +513,12 @@ def _start_over(output_dir: Path, console, dist) -> None:
         console.print(escape(f"overwrite: deleted the earlier run's {', '.join(removed)} "
                              f"in {output_dir}{kept}"))
     dist.barrier()
+
+
+def _data_sources(config: Config) -> list[str]:
+    """Every data.train and data.eval source, local file or not."""
+    return [s for value in (config.data.train, config.data.eval) if value
+            for s in ([value] if isinstance(value, str) else value)]
 
 
 def _with_absolute_paths(config: Config) -> Config:

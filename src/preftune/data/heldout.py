@@ -107,12 +107,13 @@ def write_heldout(output_dir: Path, held_out: list[PreferencePair],
             f"on them with: preftune eval pairs --model MODEL --data {path}")
 
 
-def remove_stale_heldout(output_dir: Path) -> str | None:
+def remove_stale_heldout(output_dir: Path, data_sources: list[str]) -> str | None:
     """A fresh run that holds nothing out deletes an earlier run's eval_heldout.jsonl (left by
     --overwrite, or by a run stopped during set-up): beside this run's files it would pass for
-    pairs this run held out. Returns the line to print, or None when there was no file."""
+    pairs this run held out. A file this run reads as its data (data.eval pointing at it, say)
+    is kept. Returns the line to print, or None when nothing was deleted."""
     path = Path(output_dir) / HELDOUT_FILE
-    if not path.is_file():
+    if not path.is_file() or any(Path(s).is_file() and Path(s).samefile(path) for s in data_sources):
         return None
     path.unlink()
     return f"data: deleted {path}, an earlier run's held-out pairs; this run holds none out"
