@@ -50,7 +50,7 @@ def test_progress_against_overlap_two_and_one(db):
     assert result["progress"] == {"complete": 1, "partial": 2, "untouched": 2, "votes_needed": 6}
     assert result["progress"]["complete"] == done_flags(db)  # the store's own `done` agrees
     text = format_status(result, db)
-    assert ("against overlap 2 (of the last server): 1 pairs complete, 2 partly labelled, "
+    assert ("against overlap 2 (of the last server): 1 pair complete, 2 partly labelled, "
             "2 untouched; 6 votes still needed") in text
     Store(db, overlap=1).close()  # a server started again with overlap 1 records it
     result = status(db)

@@ -196,9 +196,10 @@ def _progress_lines(status: dict) -> list[str]:
                  "--overlap K to count what is left against K votes per pair"]
     else:
         origin = "from --overlap" if status["overlap_source"] == "option" else "of the last server"
-        lines = [f"against overlap {k} ({origin}): {left['complete']} pairs complete, "
+        complete, needed = left["complete"], left["votes_needed"]
+        lines = [f"against overlap {k} ({origin}): {complete} pair{'' if complete == 1 else 's'} complete, "
                  f"{left['partial']} partly labelled, {left['untouched']} untouched; "
-                 f"{left['votes_needed']} votes still needed"]
+                 f"{needed} vote{'' if needed == 1 else 's'} still needed"]
     rate = status["rate"]
     if rate is not None:
         end = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(rate["window_end"]))
