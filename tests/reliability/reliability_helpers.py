@@ -79,6 +79,18 @@ def start_training(config_path: Path, *args: str, log: Path) -> subprocess.Popen
     return proc
 
 
+def resume_to_the_end(config_path: Path, log: Path) -> None:
+    proc = start_training(config_path, "--resume", log=log)
+    code = finish(proc)
+    assert code == 0, log.read_text()[-3000:]
+
+
+def metrics_without_speed(output_dir: Path) -> list[dict]:
+    """metrics.jsonl's records less tokens_per_second, the one number a rerun does not repeat."""
+    lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_second"} for line in lines]
+
+
 def finish(proc: subprocess.Popen, timeout: float = 240) -> int:
     try:
         return proc.wait(timeout=timeout)

@@ -10,7 +10,6 @@ all restored exactly.
 
 from __future__ import annotations
 
-import json
 import random
 import signal
 import time
@@ -22,6 +21,8 @@ from reliability_helpers import (
     assert_bit_identical,
     checkpoint_dir,
     finish,
+    metrics_without_speed,
+    resume_to_the_end,
     run_config,
     start_training,
     train_in_process,
@@ -68,12 +69,6 @@ def kill_when(config_path: Path, condition, log: Path, resume: bool) -> str:
         code = finish(proc)
     assert fired or code == 0, f"training failed before the kill point (exit {code}): {log.read_text()[-2000:]}"
     return "killed" if fired else "finished first"
-
-
-def resume_to_the_end(config_path: Path, log: Path) -> None:
-    proc = start_training(config_path, "--resume", log=log)
-    code = finish(proc)
-    assert code == 0, log.read_text()[-3000:]
 
 
 def test_sigkill_after_a_checkpoint_then_resume_is_bit_identical(tmp_path, dropout_model, pairs_path,
@@ -152,8 +147,3 @@ def logged_steps(output_dir: Path) -> int:
         return sum('"grad_norm"' in line for line in (output_dir / "metrics.jsonl").read_text().splitlines())
     except FileNotFoundError:
         return 0
-
-
-def metrics_without_speed(output_dir: Path) -> list[dict]:
-    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_second"} for line in lines]
