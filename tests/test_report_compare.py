@@ -19,6 +19,7 @@ from preftune.report_compare import (
     run_labels,
     write_comparison,
 )
+from preftune.report_plots import TRAINING_PLOTS, Panel, PlotSpec
 
 
 def cli(*args):
@@ -109,7 +110,7 @@ def test_eight_runs_get_distinct_styles_and_a_legend_naming_each(tmp_path):
     for folder in folders:
         write_metrics(folder, n_steps=5, eval_every=5)
     runs = [load_run(f, label, n) for n, (f, label) in enumerate(zip(folders, run_labels(folders)))]
-    fig = draw_overlay(runs, [("loss", "Loss", "loss")], smoothing=0.6)
+    fig = draw_overlay(runs, [Panel("loss", "Loss", "loss", "loss")], smoothing=0.6)
     (legend,) = fig.legends
     assert [t.get_text() for t in legend.get_texts()] == [
         f"lr{n}" for n in range(8)] + ["train (EMA 0.6)", "eval"]
@@ -117,7 +118,7 @@ def test_eight_runs_get_distinct_styles_and_a_legend_naming_each(tmp_path):
     styles = {(line.get_color(), line.get_marker()) for line in ax.get_lines()
               if line.get_marker() not in (None, "None", "")}
     assert len(styles) == 8
-    fig = draw_overlay(runs, [("grad_norm", "Gradient norm", "norm")], smoothing=0.6)
+    fig = draw_overlay(runs, [Panel("grad_norm", "Gradient norm", "norm", "grad norm")], smoothing=0.6)
     assert [t.get_text() for t in fig.legends[0].get_texts()][-1] == "train (EMA 0.6)"  # no eval
 
 
@@ -129,7 +130,7 @@ def test_gradient_norms_spanning_decades_get_a_log_axis_as_in_one_runs_report(tm
     lines[0]["grad_norm"] = 500.0  # an early spike, 100x the calm run's norms
     (folders[1] / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     runs = [load_run(f, label, n) for n, (f, label) in enumerate(zip(folders, run_labels(folders)))]
-    panel = [("grad_norm", "Gradient norm", "norm")]
+    panel = [panel for spec in TRAINING_PLOTS for panel in spec.panels if panel.key == "grad_norm"]
     assert draw_overlay(runs[:1], panel, smoothing=0.6).axes[0].get_yscale() == "linear"
     assert draw_overlay(runs, panel, smoothing=0.6).axes[0].get_yscale() == "log"
 
@@ -256,3 +257,26 @@ def test_token_metrics_and_wpo_weight_overlay_the_runs_that_logged_them_and_name
     write_comparison([plain, tmp_path / "plain-too"], tmp_path / "compare-3")
     assert sorted(p.name for p in (tmp_path / "compare-3" / "plots").iterdir()) == sorted(TRAIN_PLOTS)
     assert "Not logged" not in (tmp_path / "compare-3" / "report.html").read_text()
+
+
+def test_a_curve_added_to_the_plot_table_shows_in_both_reports(tmp_path, monkeypatch):
+    """Both reports draw their training figures from report_plots.TRAINING_PLOTS, so one entry
+    there is a figure, with its heading and captions, in one run's report and in a comparison."""
+    import preftune.report as report
+    import preftune.report_compare as compare
+
+    logps = PlotSpec("logps.png", "Log-probabilities",
+                     (Panel("logps/chosen", "Chosen", "nats per response", "chosen"),
+                      Panel("logps/rejected", "Rejected", "nats per response", "rejected")),
+                     caption="Log-probs of this run.", compare_caption="Log-probs of each run.")
+    for module in (report, compare):
+        monkeypatch.setattr(module, "TRAINING_PLOTS", (*module.TRAINING_PLOTS, logps))
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for run in runs:
+        write_metrics(run, n_steps=10, eval_every=5)
+    html = write_report(runs[0]).read_text()
+    assert_real_picture(runs[0] / "plots" / "logps.png")
+    assert "<h3>Log-probabilities</h3>" in html and "Log-probs of this run." in html
+    html = write_comparison(runs, tmp_path / "compare").read_text()
+    assert_real_picture(tmp_path / "compare" / "plots" / "logps.png")
+    assert "<h3>Log-probabilities</h3>" in html and "Log-probs of each run." in html

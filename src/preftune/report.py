@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Sequence
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +24,12 @@ from preftune.bradley_terry import win_rate as wilson_win_rate
 from preftune.errors import UserError
 from preftune.records import read_records
 from preftune.report_html import render_html
+from preftune.report_plots import TRAINING_PLOTS, PlotSpec
 from preftune.sampling_settings import describe_sampling
 
 TRAIN_COLOR, EVAL_COLOR = "tab:blue", "tab:orange"
 CHOSEN_COLOR, REJECTED_COLOR = "tab:green", "tab:red"
 STEP_LABEL = "optimizer step"
-REWARD_UNIT = "β·log(π/π_ref), nats"
 PLOT_DIR = "plots"
 
 
@@ -207,31 +206,11 @@ def plot_loss(metrics: RunMetrics, path: Path, smoothing: float = 0.6,
     return _save(fig, path)
 
 
-def plot_rewards(metrics: RunMetrics, path: Path, smoothing: float = 0.6) -> Path | None:
-    """Implicit rewards of chosen and rejected responses: DPO should push them apart."""
-    fig, (ax,) = _new_figure()
-    drawn = _curve(ax, metrics, "rewards/chosen", "chosen", CHOSEN_COLOR, smoothing)
-    drawn |= _curve(ax, metrics, "rewards/rejected", "rejected", REJECTED_COLOR, smoothing)
-    if not drawn:
-        return None
-    ax.axhline(0.0, color="grey", linewidth=0.8)
-    _finish(ax, "Implicit rewards: chosen vs rejected", f"mean reward ({REWARD_UNIT})")
-    return _save(fig, path)
-
-
-def plot_accuracy_margins(metrics: RunMetrics, path: Path, smoothing: float = 0.6):
-    """Reward accuracy (chosen above rejected) and reward margin, side by side."""
-    fig, (acc, margin) = _new_figure(ncols=2)
-    drawn_acc = _curve(acc, metrics, "rewards/accuracies", "accuracy", TRAIN_COLOR, smoothing)
-    drawn_margin = _curve(margin, metrics, "rewards/margins", "margin", TRAIN_COLOR, smoothing)
-    if not (drawn_acc or drawn_margin):
-        return None
-    acc.axhline(0.5, color="grey", linestyle=":", linewidth=1, label="chance (0.5)")
-    acc.set_ylim(-0.02, 1.02)
-    _finish(acc, "Reward accuracy", "fraction of pairs, chosen reward > rejected")
-    margin.axhline(0.0, color="grey", linewidth=0.8)
-    _finish(margin, "Reward margin", f"chosen − rejected ({REWARD_UNIT})")
-    return _save(fig, path)
+# One run's colours: chosen and rejected as in every preftune plot, the schedule apart from the
+# noisy curves. The comparison colours each run instead.
+CURVE_COLORS = {"rewards/chosen": CHOSEN_COLOR, "rewards/rejected": REJECTED_COLOR,
+                "logits/chosen": CHOSEN_COLOR, "logits/rejected": REJECTED_COLOR,
+                "learning_rate": "tab:purple"}
 
 
 def spans_decades(values: np.ndarray) -> bool:
@@ -240,53 +219,48 @@ def spans_decades(values: np.ndarray) -> bool:
     return bool(values.size and values.min() > 0 and values.max() / values.min() > 100)
 
 
-def plot_optimization(metrics: RunMetrics, path: Path, smoothing: float = 0.6):
-    """Gradient norm (before clipping) and learning rate schedule."""
-    fig, (grad, lr) = _new_figure(ncols=2)
-    drawn_grad = _curve(grad, metrics, "grad_norm", "grad norm", TRAIN_COLOR, smoothing)
-    # A schedule is not noisy: smoothing it would only distort warmup and decay.
-    drawn_lr = _curve(lr, metrics, "learning_rate", "learning rate", "tab:purple", 0.0)
-    if not (drawn_grad or drawn_lr):
-        return None
-    if spans_decades(metrics.series("grad_norm")[1]):
-        grad.set_yscale("log")
-    _finish(grad, "Gradient norm", "global L2 norm of the gradient")
-    lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-    _finish(lr, "Learning rate", "learning rate (per step)")
-    return _save(fig, path)
-
-
-def plot_entropy_accuracy(metrics: RunMetrics, path: Path, smoothing: float = 0.6):
-    """train.token_metrics' entropy and token accuracy, side by side; None when not logged."""
-    fig, (entropy, accuracy) = _new_figure(ncols=2)
-    drawn_entropy = _curve(entropy, metrics, "entropy", "entropy", TRAIN_COLOR, smoothing)
-    drawn_acc = _curve(accuracy, metrics, "mean_token_accuracy", "token accuracy", TRAIN_COLOR, smoothing)
-    if not (drawn_entropy or drawn_acc):
-        return None
-    _finish(entropy, "Entropy of the policy", "nats per completion token")
-    accuracy.set_ylim(-0.02, 1.02)
-    _finish(accuracy, "Token accuracy", "fraction of chosen tokens, policy's top choice")
-    return _save(fig, path)
-
-
-def plot_logits(metrics: RunMetrics, path: Path, smoothing: float = 0.6) -> Path | None:
-    """train.token_metrics' mean logits of chosen and rejected tokens; None when not logged."""
-    fig, (ax,) = _new_figure()
-    drawn = _curve(ax, metrics, "logits/chosen", "chosen", CHOSEN_COLOR, smoothing)
-    drawn |= _curve(ax, metrics, "logits/rejected", "rejected", REJECTED_COLOR, smoothing)
+def plot_training(metrics: RunMetrics, spec: PlotSpec, path: Path,
+                  smoothing: float = 0.6) -> Path | None:
+    """One figure of TRAINING_PLOTS for one run: a panel per key, or all keys on one axis where
+    the spec says so; None when the run logged none of its keys."""
+    if spec.one_axis_title:
+        fig, (ax,) = _new_figure()
+        layout = [(ax, spec.one_axis_title, spec.panels)]  # (axis, its title, panels drawn on it)
+    else:
+        fig, axes = _new_figure(ncols=len(spec.panels))
+        layout = [(ax, panel.title, (panel,)) for ax, panel in zip(axes, spec.panels)]
+    drawn = False
+    for ax, _, panels in layout:
+        for panel in panels:
+            drawn |= _curve(ax, metrics, panel.key, panel.name,
+                            CURVE_COLORS.get(panel.key, TRAIN_COLOR),
+                            smoothing if panel.smooth else 0.0)
     if not drawn:
         return None
-    _finish(ax, "Mean logits: chosen vs rejected tokens", "logit, mean over the vocabulary")
+    for ax, title, panels in layout:
+        if any(p.log_if_spans_decades and spans_decades(metrics.series(p.key)[1]) for p in panels):
+            ax.set_yscale("log")
+        _guides(ax, {panel.key for panel in panels})
+        _finish(ax, title, panels[0].ylabel)
     return _save(fig, path)
 
 
-def plot_wpo_weight(metrics: RunMetrics, path: Path, smoothing: float = 0.6) -> Path | None:
-    """loss.wpo_weighting's mean pair weight; None when not logged."""
-    fig, (ax,) = _new_figure()
-    if not _curve(ax, metrics, "wpo/weight", "WPO weight", TRAIN_COLOR, smoothing):
-        return None
-    _finish(ax, "WPO weight", "mean pair weight w(y_w)·w(y_l)")
-    return _save(fig, path)
+def _guides(ax, keys: set[str]) -> None:
+    """One run's reference lines and axis ranges (the comparison has none)."""
+    if "rewards/accuracies" in keys:
+        ax.axhline(0.5, color="grey", linestyle=":", linewidth=1, label="chance (0.5)")
+    if keys & {"rewards/accuracies", "mean_token_accuracy"}:  # fractions
+        ax.set_ylim(-0.02, 1.02)
+    if keys & {"rewards/chosen", "rewards/rejected", "rewards/margins"}:
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+    if "learning_rate" in keys:
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+
+
+def plot_accuracy_margins(metrics: RunMetrics, path: Path, smoothing: float = 0.6):
+    """Reward accuracy and margin side by side (the demo's page shows them for each DPO run)."""
+    (spec,) = [spec for spec in TRAINING_PLOTS if spec.file == "accuracy_margins.png"]
+    return plot_training(metrics, spec, path, smoothing)
 
 
 # --------------------------------------------------------------------------- evaluation plots
@@ -423,8 +397,9 @@ SUMMARY_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen
                 "learning_rate", "tokens_per_second",
                 # Logged only with loss.wpo_weighting or train.token_metrics: rows only then.
                 "wpo/weight", "entropy", "mean_token_accuracy", "logits/chosen", "logits/rejected")
-PLOTTED_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
-                "rewards/margins", "grad_norm", "learning_rate")
+# Every run logs these; a run missing some gets a note, one missing all of them an error.
+PLOTTED_KEYS = ("loss", *(panel.key for spec in TRAINING_PLOTS if not spec.needs_setting
+                          for panel in spec.panels))
 # Leaf names of config keys worth a line in the summary (unset ones are left out); the full
 # config sits below the tables. Matching leaf names keeps this working as the schema grows.
 CONFIG_HIGHLIGHTS = {"path", "reference", "reference_path", "lora", "train", "eval", "max_length",
@@ -495,35 +470,15 @@ def _training_figures(metrics: RunMetrics, out: Path, smoothing: float, notes: l
     if missing:
         notes.append(f"{metrics.source.name} has no training values for "
                      f"{', '.join(missing)}; those curves are missing from the plots.")
-    title, unit = loss_labels(loss_types)
-    specs = [
-        (partial(plot_loss, loss_types=loss_types), "loss.png", "Loss",
-         f"{title}, {unit.removeprefix('loss (').rstrip(')')}. Faint lines are the raw per-step "
-         "values; bold lines their EMA."),
-        (plot_rewards, "rewards.png", "Implicit rewards",
-         ("β·log(π/π_ref) of chosen and rejected responses. Training should lift chosen above "
-          "rejected; both falling together is common and not by itself a problem.")),
-        (plot_accuracy_margins, "accuracy_margins.png", "Accuracy and margin",
-         "Share of pairs whose chosen response gets the higher implicit reward, and the mean gap."),
-        (plot_optimization, "optimization.png", "Optimization",
-         "Gradient norm and learning rate per optimizer step."),
-        # Only runs that logged them (train.token_metrics, loss.wpo_weighting) get these three.
-        (plot_entropy_accuracy, "entropy_token_accuracy.png", "Entropy and token accuracy",
-         ("Entropy: how unsure the policy is of the next token, in nats, averaged over chosen and "
-          "rejected completion tokens. Token accuracy: the share of chosen tokens that are the "
-          "policy's top choice.")),
-        (plot_logits, "logits.png", "Mean logits",
-         ("The policy's logits averaged over the vocabulary, then over chosen (and rejected) "
-          "completion tokens: their overall level; moving every logit alike leaves the "
-          "probabilities unchanged.")),
-        (plot_wpo_weight, "wpo_weight.png", "WPO weight",
-         ("WPO's pair weight w(y_w)·w(y_l), the step's mean: how likely the policy is to write "
-          "the pair itself; each pair's loss is scaled by it.")),
-    ]
     figures = []
-    for plot, name, title, caption in specs:
-        if plot(metrics, out / PLOT_DIR / name, smoothing) is not None:
-            figures.append((f"{PLOT_DIR}/{name}", title, caption))
+    if plot_loss(metrics, out / PLOT_DIR / "loss.png", smoothing, loss_types) is not None:
+        title, unit = loss_labels(loss_types)
+        figures.append((f"{PLOT_DIR}/loss.png", "Loss",
+                        f"{title}, {unit.removeprefix('loss (').rstrip(')')}. Faint lines are the "
+                        "raw per-step values; bold lines their EMA."))
+    for spec in TRAINING_PLOTS:
+        if plot_training(metrics, spec, out / PLOT_DIR / spec.file, smoothing) is not None:
+            figures.append((f"{PLOT_DIR}/{spec.file}", spec.heading, spec.caption))
     return figures
 
 

@@ -10,6 +10,7 @@ replaced.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,6 @@ from matplotlib.lines import Line2D
 from preftune.errors import UserError
 from preftune.report import (
     PLOT_DIR,
-    REWARD_UNIT,
     STEP_LABEL,
     RunMetrics,
     _flatten,
@@ -43,6 +43,7 @@ from preftune.report import (
     spans_decades,
 )
 from preftune.report_html import render_html
+from preftune.report_plots import TRAINING_PLOTS, Panel
 
 # Ten colours that stay apart, and a marker per run on top, so that runs can be told apart in
 # grey print and by colour-blind readers too; beyond ten runs the line style changes as well.
@@ -170,13 +171,13 @@ def _new_figure(ncols: int) -> tuple[Figure, list]:
     return fig, axes
 
 
-def _run_curve(ax, run: Run, key: str, smoothing: float) -> bool:
-    """One run's `key`: training (faint raw, bold EMA, solid) and `eval/key` (dashed, open markers)."""
+def _run_curve(ax, run: Run, panel: Panel, smoothing: float) -> bool:
+    """One run's panel.key: training (faint raw, bold EMA, solid) and eval/ (dashed, open markers)."""
     color, marker, linestyle = run.style["color"], run.style["marker"], run.style["linestyle"]
-    if key == "learning_rate":
-        smoothing = 0.0  # a schedule is not noisy: smoothing would only distort warmup and decay
+    if not panel.smooth:
+        smoothing = 0.0
     drawn = False
-    steps, values = run.metrics.series(key)
+    steps, values = run.metrics.series(panel.key)
     if steps.size:
         smooth = smoothing > 0 and steps.size > 2
         if smooth:
@@ -186,7 +187,7 @@ def _run_curve(ax, run: Run, key: str, smoothing: float) -> bool:
                 linewidth=1.8, linestyle=linestyle, marker=marker, markersize=5,
                 markevery=max(1, steps.size // 6))
         drawn = True
-    steps, values = run.metrics.series(f"eval/{key}")
+    steps, values = run.metrics.series(f"eval/{panel.key}")
     if steps.size:
         ax.plot(steps, values, color=color, linestyle="--", linewidth=1.2, marker=marker,
                 markersize=6, markerfacecolor="white")
@@ -206,107 +207,70 @@ def _legend(fig: Figure, runs: list[Run], smoothing: float, with_eval: bool) -> 
                fontsize=9, framealpha=0.85)
 
 
-def draw_overlay(runs: list[Run], panels: list[tuple[str, str, str]], smoothing: float):
-    """A figure with one panel per (key, title, y label), every run overlaid; None if empty."""
+def draw_overlay(runs: list[Run], panels: Sequence[Panel], smoothing: float):
+    """A figure with one panel per Panel, every run overlaid; None if empty."""
     runs = [run for run in runs if run.metrics is not None]
     fig, axes = _new_figure(len(panels))
     drawn_runs = set()
-    for ax, (key, title, ylabel) in zip(axes, panels):
+    for ax, panel in zip(axes, panels):
         for run in runs:
-            if _run_curve(ax, run, key, smoothing):
+            if _run_curve(ax, run, panel, smoothing):
                 drawn_runs.add(run.index)
-        if key == "grad_norm":  # as the one-run report: a log axis when the norms span decades
-            values = [run.metrics.series(key)[1] for run in runs]
+        if panel.log_if_spans_decades:  # judged on every run's values together
+            values = [run.metrics.series(panel.key)[1] for run in runs]
             if spans_decades(np.concatenate(values) if values else np.empty(0)):
                 ax.set_yscale("log")
-        ax.set_title(title)
+        ax.set_title(panel.title)
         ax.set_xlabel(STEP_LABEL)
-        ax.set_ylabel(ylabel)
+        ax.set_ylabel(panel.ylabel)
     if not drawn_runs:
         return None
-    with_eval = any(run.metrics.has(f"eval/{key}") for run in runs for key, _, _ in panels)
+    with_eval = any(run.metrics.has(f"eval/{panel.key}") for run in runs for panel in panels)
     _legend(fig, [run for run in runs if run.index in drawn_runs], smoothing, with_eval)
     return fig
 
 
-def _loss_panel(runs: list[Run]) -> tuple[str, str, str]:
+def _loss_panel(runs: list[Run]) -> Panel:
     types = {json.dumps(run.config.get("loss.type", "sigmoid")) for run in runs if run.config}
     if len(types) > 1:
-        return ("loss", "Loss (loss types differ: compare shapes, not values)", "loss")
+        return Panel("loss", "Loss (loss types differ: compare shapes, not values)", "loss", "loss")
     loss_type = json.loads(types.pop()) if types else None
     title, unit = loss_labels([loss_type] if isinstance(loss_type, str) else loss_type)
-    return ("loss", title, unit)
+    return Panel("loss", title, unit, "loss")
 
 
 def training_figures(runs: list[Run], out: Path, smoothing: float) -> list[tuple[str, str, str]]:
-    specs = [
-        ("loss.png", "Loss", [_loss_panel(runs)],
-         "Each run's loss; faint lines are raw per-step values, bold ones their EMA, dashed lines "
-         "with open markers evaluations."),
-        ("rewards.png", "Implicit rewards",
-         [("rewards/chosen", "Chosen responses", f"mean reward ({REWARD_UNIT})"),
-          ("rewards/rejected", "Rejected responses", f"mean reward ({REWARD_UNIT})")],
-         "β·log(π/π_ref) of chosen (left) and rejected (right) responses, per run. Runs with "
-         "different β have rewards on different scales."),
-        ("accuracy_margins.png", "Accuracy and margin",
-         [("rewards/accuracies", "Reward accuracy", "fraction of pairs, chosen reward > rejected"),
-          ("rewards/margins", "Reward margin", f"chosen − rejected ({REWARD_UNIT})")],
-         "Share of pairs whose chosen response gets the higher implicit reward, and the mean gap."),
-        ("optimization.png", "Optimization",
-         [("grad_norm", "Gradient norm", "global L2 norm of the gradient"),
-          ("learning_rate", "Learning rate", "learning rate (per step)")],
-         "Gradient norm (before clipping) and learning rate per optimizer step."),
-    ]
+    """The loss, then TRAINING_PLOTS' figures, every run overlaid. A figure of keys that only a
+    setting logs (spec.needs_setting) is drawn as soon as one run logged them; a run that did
+    not is absent from it, and the figure names it (at its top and in the caption)."""
     figures = []
-    for name, title, panels, caption in specs:
-        fig = draw_overlay(runs, panels, smoothing)
-        if fig is not None:
-            fig.savefig(out / PLOT_DIR / name, format="png")
-            figures.append((f"{PLOT_DIR}/{name}", title, caption))
-    return figures + settings_figures(runs, out, smoothing)
-
-
-# Curves that only runs with a setting on log (train.token_metrics, loss.wpo_weighting).
-SETTINGS_SPECS = [
-    ("entropy_token_accuracy.png", "Entropy and token accuracy",
-     [("entropy", "Entropy of the policy", "nats per completion token"),
-      ("mean_token_accuracy", "Token accuracy", "fraction of chosen tokens, policy's top choice")],
-     "Entropy: how unsure each run's policy is of the next token, in nats, over chosen and rejected "
-     "completion tokens. Token accuracy: the share of chosen tokens that are its top choice."),
-    ("logits.png", "Mean logits",
-     [("logits/chosen", "Chosen tokens", "logit, mean over the vocabulary"),
-      ("logits/rejected", "Rejected tokens", "logit, mean over the vocabulary")],
-     "Each policy's logits averaged over the vocabulary, then over chosen (left) and rejected "
-     "(right) completion tokens: their overall level; moving every logit alike leaves the "
-     "probabilities unchanged."),
-    ("wpo_weight.png", "WPO weight", [("wpo/weight", "WPO weight", "mean pair weight w(y_w)·w(y_l)")],
-     "WPO's pair weight w(y_w)·w(y_l), each step's mean: how likely the policy is to write the "
-     "pair itself; each pair's loss is scaled by it."),
-]
-
-
-def settings_figures(runs: list[Run], out: Path, smoothing: float) -> list[tuple[str, str, str]]:
-    """SETTINGS_SPECS' figures, for as soon as one run logged their keys; a run that did not is
-    absent from the figure, which names it (at its top and in the caption)."""
-    figures = []
-    for name, title, panels, caption in SETTINGS_SPECS:
-        keys = [key for key, _, _ in panels]
-        lacking = [run.label for run in runs if not _logged_any(run, keys)]
-        fig = draw_overlay(runs, panels, smoothing)
+    fig = draw_overlay(runs, [_loss_panel(runs)], smoothing)
+    if fig is not None:
+        figures.append(_save(fig, out, "loss.png", "Loss",
+                             "Each run's loss; faint lines are raw per-step values, bold ones their "
+                             "EMA, dashed lines with open markers evaluations."))
+    for spec in TRAINING_PLOTS:
+        fig = draw_overlay(runs, spec.panels, smoothing)
         if fig is None:
             continue
-        if lacking:
+        caption = spec.compare_caption or spec.caption
+        lacking = [run.label for run in runs if not _logged_any(run, spec.panels)]
+        if spec.needs_setting and lacking:  # absent, not flat: say so where the figure is read
             absent = f"Not logged by {', '.join(lacking)}, so absent here."
             fig.suptitle(absent, fontsize=10, color="dimgrey")
             caption = f"{caption} {absent}"
-        fig.savefig(out / PLOT_DIR / name, format="png")
-        figures.append((f"{PLOT_DIR}/{name}", title, caption))
+        figures.append(_save(fig, out, spec.file, spec.heading, caption))
     return figures
 
 
-def _logged_any(run: Run, keys: list[str]) -> bool:
+def _save(fig: Figure, out: Path, name: str, heading: str, caption: str) -> tuple[str, str, str]:
+    fig.savefig(out / PLOT_DIR / name, format="png")
+    return (f"{PLOT_DIR}/{name}", heading, caption)
+
+
+def _logged_any(run: Run, panels: Sequence[Panel]) -> bool:
     return run.metrics is not None and any(
-        run.metrics.has(key) or run.metrics.has(f"eval/{key}") for key in keys)
+        run.metrics.has(panel.key) or run.metrics.has(f"eval/{panel.key}") for panel in panels)
 
 
 def eval_figures(runs: list[Run], out: Path) -> list[tuple[str, str, str]]:
