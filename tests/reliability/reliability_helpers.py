@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from preftune.config import ModelConfig, validate_config
 
 REPO = Path(__file__).resolve().parents[2]
+KILL_AT = Path(__file__).resolve().with_name("kill_at.py")
 
 # Twenty-four distinct pairs (six steps of four per epoch), each with a pair_id.
 PAIRS = [
@@ -70,10 +71,13 @@ def child_env() -> dict:
     return env
 
 
-def start_training(config_path: Path, *args: str, log: Path) -> subprocess.Popen:
-    """`python -m preftune train CONFIG ARGS` in its own process, stdout+stderr into `log`."""
+def start_training(config_path: Path, *args: str, log: Path, kill_at: tuple[str, int] | None = None
+                   ) -> subprocess.Popen:
+    """`python -m preftune train CONFIG ARGS` in its own process, stdout+stderr into `log`.
+    `kill_at=(POINT, STEP)` runs it under kill_at.py, which SIGKILLs it at that point."""
     out = open(log, "ab")  # noqa: SIM115 - closed by finish()
-    proc = subprocess.Popen([sys.executable, "-m", "preftune", "train", str(config_path), *args],
+    launcher = [str(KILL_AT), kill_at[0], str(kill_at[1])] if kill_at else ["-m", "preftune"]
+    proc = subprocess.Popen([sys.executable, *launcher, "train", str(config_path), *args],
                             stdout=out, stderr=subprocess.STDOUT, env=child_env(), cwd=REPO)
     proc.log_file = out
     return proc
