@@ -71,12 +71,27 @@ def write_manifest(folder: Path, step: int) -> None:
 
 def is_complete(folder: Path) -> bool:
     """True when every file listed in the manifest exists with its checksum."""
+    return checkpoint_damage(folder) is None
+
+
+def checkpoint_damage(folder: Path) -> str | None:
+    """What keeps `folder` from being a complete checkpoint, naming the file or folder (a
+    reference/ deleted or truncated by hand, say), so a user knows what was lost; None if nothing."""
     folder = Path(folder)  # a str would fail inside the try and read as "incomplete"
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-        return all(_sha256(folder / name) == digest for name, digest in manifest["files"].items())
+        files = dict(json.loads((folder / MANIFEST).read_text())["files"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError):  # any damage at all
-        return False
+        return f"{folder / MANIFEST} is missing or unreadable"
+    for name, digest in files.items():
+        path = folder / name
+        if not path.parent.is_dir():  # a whole folder gone: name it rather than its first file
+            return f"the folder {path.parent} is missing"
+        try:
+            if _sha256(path) != digest:
+                return f"{path} is truncated or changed (its SHA-256 is not the manifest's)"
+        except OSError:
+            return f"{path} is missing or unreadable"
+    return None
 
 
 def save_checkpoint(folder: Path, step: int, save_model, training_state: dict) -> Path:
@@ -153,9 +168,11 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 def latest_good_checkpoint(output_dir: Path) -> Path | None:
     """The newest complete checkpoint; broken newer ones are reported and passed over."""
     for folder in reversed(list_checkpoints(output_dir)):
-        if is_complete(folder):
+        damage = checkpoint_damage(folder)
+        if damage is None:
             return folder
-        warnings.warn(f"checkpoint {folder} is incomplete or corrupt; using an earlier one.", stacklevel=2)
+        warnings.warn(f"checkpoint {folder} is incomplete or corrupt ({damage}); using an earlier one.",
+                      stacklevel=2)
     return None
 
 
@@ -256,6 +273,9 @@ def resolve_resume(resume: str | bool | None, output_dir: Path) -> Path | None:
                             "there cannot be resumed; start it again with --overwrite instead of --resume.")
         return found
     folder = Path(resume)
-    if not is_complete(folder):
-        raise UserError(f"--resume {folder}: not a complete checkpoint (missing or bad manifest).")
+    damage = checkpoint_damage(folder)
+    if damage is not None:
+        raise UserError(f"--resume {folder}: not a complete checkpoint ({damage}); restore the folder "
+                        "from a good copy, or resume from an earlier checkpoint (--resume alone takes "
+                        "the newest complete one).")
     return folder

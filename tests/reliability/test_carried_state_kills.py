@@ -6,11 +6,15 @@ Each kill is exact: kill_at.py runs `preftune train` and kills its own process a
 (inside the save of one checkpoint, or after one step), so no test races the run. After each
 kill the newest step-N folder is a complete checkpoint, --resume takes it, and the run resumed
 to the end ends with the policy, the reference and the metrics.jsonl of a run never stopped,
-bit for bit (as the other tests here: CPU, one thread, train.deterministic).
+bit for bit (as the other tests here: CPU, one thread, train.deterministic). A reference/ deleted
+or truncated by hand is refused in one sentence that names it.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
 import signal
 from pathlib import Path
 
@@ -29,6 +33,7 @@ from reliability_helpers import (
 )
 
 from preftune.checkpoint import is_complete, list_checkpoints
+from preftune.errors import UserError
 
 
 def synced_config(model: Path, data: Path, output_dir: Path, **sections) -> dict:
@@ -118,3 +123,33 @@ def test_a_sigkill_between_bco_pair_steps_then_resume_equals_a_run_never_stopped
     assert shifts[4] != 0.0  # step 5, the first after the resume, used the shift step 4 saved
     assert_bit_identical(weights(output_dir / "final"), weights(tmp_path / "whole" / "final"))
 
+
+# ------------------------------------------------------------------------------ damaged by hand
+
+
+@pytest.mark.parametrize("how, says", [
+    ("deleted", "the folder {reference} is missing"),
+    ("truncated", "{reference}/model.safetensors is truncated or changed"),
+])
+def test_a_reference_folder_damaged_by_hand_is_refused_in_one_sentence_naming_it(tmp_path, dropout_model,
+                                                                                 pairs_path, how, says):
+    """Disk trouble or a bad copy: --resume FOLDER refuses the checkpoint in one sentence naming
+    its reference/ and what to do; --resume alone warns so and takes the newest complete one."""
+    raw = synced_config(dropout_model, pairs_path, tmp_path / "run", train={"save_every": 2, "max_steps": 4})
+    uninterrupted = weights(train_in_process(raw))
+    damaged = checkpoint_dir(tmp_path / "run", 4)
+    reference = damaged / "reference"
+    if how == "deleted":
+        shutil.rmtree(reference)
+    else:
+        os.truncate(reference / "model.safetensors", (reference / "model.safetensors").stat().st_size // 2)
+    with pytest.raises(UserError) as caught:
+        train_in_process(raw, resume=str(damaged))
+    message = str(caught.value)
+    assert says.format(reference=reference) in message, message
+    assert "restore the folder from a good copy, or resume from an earlier checkpoint" in message
+    assert message.count(". ") == 0 and message.endswith(".")
+    with pytest.warns(UserWarning, match=re.escape(f"({says.format(reference=reference)}")):
+        train_in_process(raw, resume=True)  # from step 2, whose reference/ the sync at step 2 moved
+    assert_bit_identical(weights(tmp_path / "run" / "final"), uninterrupted)
+    assert is_complete(damaged)  # written again whole
