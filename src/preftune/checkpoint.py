@@ -275,7 +275,7 @@ def resolve_resume(resume: str | bool | None, output_dir: Path) -> Path | None:
     folder = Path(resume)
     damage = checkpoint_damage(folder)
     if damage is not None:
-        raise UserError(f"--resume {folder}: not a complete checkpoint ({damage}); restore the folder "
+        raise UserError(f"--resume-from {folder}: not a complete checkpoint ({damage}); restore the folder "
                         "from a good copy, or resume from an earlier checkpoint (--resume alone takes "
                         "the newest complete one).")
     return folder

@@ -133,7 +133,7 @@ def test_a_sigkill_between_bco_pair_steps_then_resume_equals_a_run_never_stopped
 ])
 def test_a_reference_folder_damaged_by_hand_is_refused_in_one_sentence_naming_it(tmp_path, dropout_model,
                                                                                  pairs_path, how, says):
-    """Disk trouble or a bad copy: --resume FOLDER refuses the checkpoint in one sentence naming
+    """Disk trouble or a bad copy: --resume-from FOLDER refuses the checkpoint in one sentence naming
     its reference/ and what to do; --resume alone warns so and takes the newest complete one."""
     raw = synced_config(dropout_model, pairs_path, tmp_path / "run", train={"save_every": 2, "max_steps": 4})
     uninterrupted = weights(train_in_process(raw))
@@ -146,6 +146,7 @@ def test_a_reference_folder_damaged_by_hand_is_refused_in_one_sentence_naming_it
     with pytest.raises(UserError) as caught:
         train_in_process(raw, resume=str(damaged))
     message = str(caught.value)
+    assert message.startswith(f"--resume-from {damaged}:"), message  # the CLI's option, as typed
     assert says.format(reference=reference) in message, message
     assert "restore the folder from a good copy, or resume from an earlier checkpoint" in message
     assert message.count(". ") == 0 and message.endswith(".")
