@@ -28,7 +28,7 @@ def hold_out(pairs: list[PreferencePair], fraction: float, seed: int,
     the data's order. by="prompt" holds out that share of the distinct prompts instead, each
     with all its pairs, so that no prompt is on both sides (data.eval_fraction_by)."""
     # The unit drawn for each pair: its row, or its prompt (compared as shared_prompts does).
-    units = list(range(len(pairs))) if by == "pair" else [_key(p.prompt) for p in pairs]
+    units = list(range(len(pairs))) if by == "pair" else [prompt_key(p.prompt) for p in pairs]
     distinct = list(dict.fromkeys(units))  # in the data's order, so the seed alone fixes the draw
     if by == "prompt" and len(distinct) == 1:
         raise UserError(f"data.eval_fraction_by: prompt needs two or more distinct prompts, but all {len(pairs)} "
@@ -43,7 +43,7 @@ def hold_out(pairs: list[PreferencePair], fraction: float, seed: int,
 
 def count_prompts(pairs: list[PreferencePair]) -> int:
     """How many distinct prompts `pairs` have (a message list compared as a whole)."""
-    return len({_key(p.prompt) for p in pairs})
+    return len({prompt_key(p.prompt) for p in pairs})
 
 
 def pair_row(pair: PreferencePair) -> dict:
@@ -55,18 +55,20 @@ def pair_row(pair: PreferencePair) -> dict:
 def shared_prompts(train: list[PreferencePair], held_out: list[PreferencePair]) -> int:
     """How many held-out pairs have a prompt that a training pair has too: the policy was
     trained on that prompt, so its evaluation there is optimistic."""
-    trained = {_key(p.prompt) for p in train}
-    return sum(_key(p.prompt) in trained for p in held_out)
+    trained = {prompt_key(p.prompt) for p in train}
+    return sum(prompt_key(p.prompt) in trained for p in held_out)
 
 
-def _key(text) -> str:
+def prompt_key(text) -> str:
+    """What two prompts (or texts) are compared by: equal keys, the same prompt. A message list
+    is compared whole; `data inspect` counts prompts with this too, so its numbers match the split."""
     return json.dumps(text, sort_keys=True, ensure_ascii=False)  # a prompt may be a message list
 
 
 def _what_is_scored(pair: PreferencePair) -> str:
     """What training and evaluation read of a pair; other metadata (scores, ids) may change."""
     flags = [bool(pair.metadata.get(k)) for k in TRUNCATED_KEYS]
-    return _key([pair.prompt, pair.chosen, pair.rejected, flags])
+    return prompt_key([pair.prompt, pair.chosen, pair.rejected, flags])
 
 
 def check_heldout(output_dir: Path, held_out: list[PreferencePair], dist) -> None:
