@@ -400,3 +400,62 @@ def test_data_inspect_reports_counts_lengths_and_an_example(tmp_path, tiny_llama
     for title in ("prompt length", "chosen length", "rejected length", "total length"):
         assert title in out
     assert "[chosen]" in out and "[rejected]" in out
+
+
+def _rows_with_pairs_per_prompt(prompts, counts, conversational):
+    """`counts[i]` distinct pairs for `prompts[i]`, the prompts interleaved as a real file has them."""
+    rows = []
+    for k in range(max(counts)):
+        for prompt, n in zip(prompts, counts):
+            if k < n:
+                chosen, rejected = f" Good answer {k}.", f" Bad answer {k}."
+                if conversational:
+                    chosen = [{"role": "assistant", "content": chosen.strip()}]
+                    rejected = [{"role": "assistant", "content": rejected.strip()}]
+                rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+@pytest.mark.parametrize("prompts, conversational", [
+    (["Question: Name a fast animal.\nAnswer:", "Question: Name a slow animal.\nAnswer:",
+      "Question: Name a fast animal.\nAnswer: "], False),  # a trailing space makes another prompt
+    # message lists compared whole: the third starts with the first's message but goes on
+    ([[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "2+2?"}],
+      [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+       {"role": "user", "content": "2+2?"}]], True),
+])
+def test_data_inspect_counts_prompts_and_their_pairs_as_the_held_out_split_does(tmp_path, tokenizer, prompts,
+                                                                                 conversational):
+    from io import StringIO
+
+    from rich.console import Console
+
+    from preftune.data.heldout import count_prompts
+    from preftune.data.inspect import inspect_file
+
+    path = write_jsonl(tmp_path / "d.jsonl", _rows_with_pairs_per_prompt(prompts, [1, 2, 4], conversational))
+    console = Console(file=StringIO(), width=1000)
+    result = inspect_file(str(path), tokenizer, DataConfig(train=str(path)), console)
+    out = console.file.getvalue()
+    assert (result["usable"], result["prompts"], result["prompts_with_several_pairs"],
+            result["most_pairs_per_prompt"]) == (7, 3, 2, 4)
+    assert "3 distinct prompts, 2 with more than one pair (at most 4 pairs for one prompt)" in out
+    assert ("if you hold out part of this data for evaluation (data.eval_fraction), set "
+            "data.eval_fraction_by: prompt") in out and "held-out evaluation is optimistic" in out
+    assert result["prompts"] == count_prompts(load_pairs(str(path)).pairs)  # the units eval_fraction_by: prompt draws
+
+
+def test_data_inspect_gives_no_split_advice_when_every_prompt_has_one_pair(tmp_path, tokenizer):
+    from io import StringIO
+
+    from rich.console import Console
+
+    from preftune.data.inspect import inspect_file
+
+    path = write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    console = Console(file=StringIO(), width=1000)
+    result = inspect_file(str(path), tokenizer, DataConfig(train=str(path)), console)
+    out = console.file.getvalue()
+    assert (result["prompts"], result["prompts_with_several_pairs"], result["most_pairs_per_prompt"]) == (4, 0, 1)
+    assert "4 distinct prompts, 0 with more than one pair (at most 1 pair for one prompt)" in out
+    assert "data.eval_fraction_by" not in out

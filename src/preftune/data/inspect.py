@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from preftune.data.heldout import prompt_key
 from preftune.data.io import load_pairs
 from preftune.data.tokenize import tokenize_pair, truncate_pair
 
@@ -65,12 +66,16 @@ def inspect_file(path: str, tokenizer, data_cfg, console: Console, split: str = 
     if repeats:
         console.print(f"  {repeats} {'rows repeat' if repeats > 1 else 'row repeats'} an earlier one "
                       "(same prompt, chosen and rejected): training counts each copy")
+    prompts = prompt_counts(loaded.pairs)
+    if loaded.pairs:
+        for line in prompt_lines(prompts):
+            console.print(f"  {line}")
     for name in ("prompt", "chosen", "rejected", "total"):
         console.print(_histogram_table(f"{name} length", lengths[name]))
     if first is not None:
         console.print(render_example(first, tokenizer))
     return {"rows": loaded.rows_read, "usable": len(loaded.pairs), "skipped": dict(loaded.skipped),
-            "outcomes": dict(outcomes), "lengths": lengths, "repeated_rows": repeats}
+            "outcomes": dict(outcomes), "lengths": lengths, "repeated_rows": repeats, **prompts}
 
 
 def length_bias(chosen: list[int], rejected: list[int]) -> str | None:
@@ -100,6 +105,31 @@ def repeated_rows(pairs) -> int:
     for pair in pairs:
         seen.add(json.dumps([pair.prompt, pair.chosen, pair.rejected], sort_keys=True))
     return len(pairs) - len(seen)
+
+
+def prompt_counts(pairs) -> dict:
+    """Distinct prompts, how many have more than one pair, and the most pairs one prompt has.
+
+    Prompts are compared as data.eval_fraction_by: prompt compares them (heldout.prompt_key),
+    so these are the units that option draws from.
+    """
+    per_prompt = Counter(prompt_key(pair.prompt) for pair in pairs)
+    return {"prompts": len(per_prompt),
+            "prompts_with_several_pairs": sum(n > 1 for n in per_prompt.values()),
+            "most_pairs_per_prompt": max(per_prompt.values(), default=0)}
+
+
+def prompt_lines(counts: dict) -> list[str]:
+    """The prompt count, and when a prompt has several pairs, which held-out split to use."""
+    n, several, most = counts["prompts"], counts["prompts_with_several_pairs"], counts["most_pairs_per_prompt"]
+    lines = [f"{n} distinct prompt{'s' if n != 1 else ''}, {several} with more than one pair "
+             f"(at most {most} pair{'s' if most != 1 else ''} for one prompt)"]
+    if several:
+        # data.eval_fraction_by: pair would put pairs of one prompt on both sides of the split.
+        lines.append("if you hold out part of this data for evaluation (data.eval_fraction), set "
+                     "data.eval_fraction_by: prompt, so that no prompt is both trained on and held out; "
+                     "otherwise the held-out evaluation is optimistic")
+    return lines
 
 
 def render_example(pair, tokenizer) -> Text:
