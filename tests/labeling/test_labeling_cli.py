@@ -45,6 +45,25 @@ def test_import_annotators_status_export(tmp_path):
     store.close()
 
 
+def test_export_prints_where_the_left_out_pairs_are(tmp_path):
+    db = tmp_path / "labels.sqlite"
+    pairs = write_pairs_file(tmp_path / "pairs.jsonl", make_pairs(3))
+    invoke("import", "--pairs", pairs, "--db", db)
+    out = tmp_path / "D.jsonl"
+    listed = tmp_path / "D.left_out.jsonl"
+    output = invoke("export", "--db", db, "--out", out).output
+    assert f"pairs left out: unlabelled 3 (listed in {listed})" in output
+    assert len(listed.read_text().splitlines()) == 3  # a fresh database: every pair listed
+    store = Store(db)
+    erin = store.authenticate(store.add_annotator("erin"))
+    for pair_id in ("p00000", "p00001", "p00002"):
+        store.next_pair(erin)
+        store.record_vote(erin, pair_id, "left", None, f"vote-{pair_id}")
+    store.close()
+    output = invoke("export", "--db", db, "--out", out).output
+    assert f"removed {listed}" in output and not listed.exists()
+
+
 def test_cli_mistakes_are_user_errors(tmp_path):
     db = tmp_path / "labels.sqlite"
     invoke("add-annotator", "frank", "--db", db)

@@ -7,7 +7,7 @@ import pytest
 from labeling_helpers import cast, make_pairs
 
 from preftune.errors import UserError
-from preftune.labeling.export import export, triplet_rows
+from preftune.labeling.export import export, format_report, triplet_rows
 from preftune.labeling.status import (
     agreement,
     cohen_kappa,
@@ -88,6 +88,62 @@ def test_export_files_and_raw_votes(voted, tmp_path):
         export(tmp_path / "missing.sqlite", out)
 
 
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("policy, reasons", [
+    ("majority", {"p00002": "no_majority", "p00003": "tie", "p00004": "both_bad",
+                  "p00005": "only_skips", "p00007": "unlabelled"}),
+    ("unanimous", {"p00000": "disagreement", "p00002": "disagreement", "p00003": "disagreement",
+                   "p00004": "both_bad", "p00005": "only_skips", "p00007": "unlabelled"}),
+])
+def test_every_pair_is_in_d_or_in_the_left_out_list(voted, tmp_path, policy, reasons):
+    """Nothing is dropped silently: each pair of the database is either a row of D.jsonl or a
+    row of D.left_out.jsonl, which says why and holds the votes it had."""
+    out = tmp_path / "D.jsonl"
+    report = export(voted.path, out, policy=policy)
+    listed = tmp_path / "D.left_out.jsonl"
+    assert report["left_out_file"] == str(listed)
+    exported = [r["pair_id"] for r in read_jsonl(out)]
+    left_out = {r["pair_id"]: r for r in read_jsonl(listed)}
+    assert sorted(exported + list(left_out)) == sorted(voted.pairs())  # each pair exactly once
+    assert {pair_id: r["reason"] for pair_id, r in left_out.items()} == reasons
+    tie = left_out["p00003"]
+    assert tie["responses"] == ["first answer 3", "second answer 3"]
+    assert tie["prompt"] == "prompt 3"
+    assert tie["votes"] == {"tie": 2, "response_0": 1}
+    assert [(v["annotator"], v["vote"]) for v in tie["annotators"]] == [
+        ("a", "tie"), ("b", "tie"), ("c", "response_0")]
+    assert left_out["p00005"]["votes"] == {"skip": 2}
+    assert left_out["p00007"]["votes"] == {} and left_out["p00007"]["annotators"] == []
+    if policy == "unanimous":  # a saw response 0 on the right, c response 1 on the right
+        assert left_out["p00000"]["votes"] == {"response_0": 2, "response_1": 1}
+        assert [v["vote"] for v in left_out["p00000"]["annotators"]] == [
+            "response_0", "response_0", "response_1"]
+    else:
+        assert left_out["p00002"]["prompt"][0] == {"role": "user", "content": "question 2"}
+        assert left_out["p00002"]["votes"] == {"response_0": 1, "response_1": 1}
+
+
+def test_a_stale_left_out_list_is_removed(voted, tmp_path):
+    out = tmp_path / "D.jsonl"
+    listed = tmp_path / "D.left_out.jsonl"
+    export(voted.path, out)
+    assert listed.is_file()
+    decided = Store(tmp_path / "decided.sqlite")
+    decided.add_pairs(make_pairs(1))
+    cast(decided, decided.authenticate(decided.add_annotator("a")), "p00000", 1)
+    decided.close()
+    report = export(decided.path, out)  # every pair has a winner: the earlier list is outdated
+    assert not listed.exists()
+    assert report["left_out_file"] is None and report["removed_stale"] == str(listed)
+    assert f"removed {listed}" in format_report(report, out)
+    report = export(decided.path, out)  # nothing left out, nothing stale
+    assert report["removed_stale"] is None and not listed.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".jsonl") == ["D.jsonl"]
+
+
 def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):
     out = tmp_path / "D.jsonl"
     out.write_text('{"old": 1}\n')
@@ -163,6 +219,8 @@ def test_pairs_with_an_empty_response_are_left_out_of_d(tmp_path):
     store.close()
     assert [r["pair_id"] for r in rows] == ["full"]
     assert report["left_out"] == {"empty response": 1}
+    assert [(r["pair_id"], r["reason"], r["votes"]) for r in report["left_out_rows"]] == [
+        ("empty", "empty response", {"response_0": 1})]
 
 
 def test_export_marks_responses_the_sampler_cut(tmp_path):

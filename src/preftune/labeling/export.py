@@ -7,7 +7,10 @@ order), or "tie", "both_bad", "skip". Skips are abstentions. Per pair, over the 
 - unanimous: all of them must be the same outcome.
 
 A pair whose winning outcome is a response becomes one (prompt, chosen, rejected) row; pairs whose
-outcome is a tie, both-bad, no majority / disagreement, or only skips are counted and left out.
+outcome is a tie, both-bad, no majority / disagreement, or only skips are counted and left out,
+as are unlabelled pairs and pairs with an empty response. Nothing is dropped silently: the
+left-out pairs are listed, one row each with the reason and the votes, in a file beside D.jsonl
+(`left_out_path`), so a lead can send disagreements back to annotators or check both-bad pairs.
 `raw=True` writes one row per live vote instead, with annotator, time and side, for analysis.
 """
 
@@ -64,6 +67,35 @@ def as_triplet(pair_id: str, pair: dict, winner: int) -> dict:
     return row
 
 
+def left_out_path(out: str | Path) -> Path:
+    """The list of left-out pairs beside `out`: D.jsonl -> D.left_out.jsonl."""
+    out = Path(out)
+    stem = out.name[: -len(".jsonl")] if out.name.endswith(".jsonl") else out.name
+    return out.with_name(f"{stem}.left_out.jsonl")
+
+
+def _outcome_name(outcome: int | str) -> str:
+    return f"response_{outcome}" if isinstance(outcome, int) else outcome
+
+
+def left_out_row(pair_id: str, pair: dict, reason: str, pair_votes: list[dict]) -> dict:
+    """One row of the left-out list: the pair, why it is not in D, and the live votes it had.
+
+    Votes are named by the response they prefer (response_0 / response_1, the left/right order
+    undone), so they read the same whichever side each annotator saw.
+    """
+    outcomes = [_outcome_name(vote_outcome(v["choice"], v["left_index"])) for v in pair_votes]
+    return {
+        "pair_id": pair_id,
+        "prompt": pair["prompt"],
+        "responses": list(pair["responses"]),
+        "reason": reason,
+        "votes": dict(Counter(outcomes)),
+        "annotators": [{"annotator": v["annotator"], "vote": outcome, "reason": v["reason"]}
+                       for v, outcome in zip(pair_votes, outcomes)],
+    }
+
+
 def _votes_by_pair(votes: list[dict]) -> dict[str, list[dict]]:
     grouped: dict[str, list[dict]] = defaultdict(list)
     for vote in votes:
@@ -82,19 +114,13 @@ def triplet_rows(store: Store, policy: str) -> tuple[list[dict], dict]:
     pairs = store.pairs()
     votes = store.live_votes()
     grouped = _votes_by_pair(votes)
-    rows, left_out = [], Counter()
+    rows, left_out_rows = [], []
     for pair_id, pair in pairs.items():
-        pair_votes = grouped.get(pair_id)
-        if not pair_votes:
-            left_out["unlabelled"] += 1
-            continue
-        if not all(text.strip() for text in pair["responses"]):  # training refuses these
-            left_out["empty response"] += 1
-            continue
+        pair_votes = grouped.get(pair_id, [])
         outcomes = [vote_outcome(v["choice"], v["left_index"]) for v in pair_votes]
-        decision = decide(outcomes, policy)
+        decision = _pair_decision(pair, outcomes, policy)
         if isinstance(decision, str):
-            left_out[decision] += 1
+            left_out_rows.append(left_out_row(pair_id, pair, decision, pair_votes))
             continue
         counted = [o for o in outcomes if o != "skip"]
         row = as_triplet(pair_id, pair, decision)
@@ -105,9 +131,19 @@ def triplet_rows(store: Store, policy: str) -> tuple[list[dict], dict]:
         "policy": policy,
         "exported": len(rows),
         "votes": dict(Counter(v["choice"] for v in votes)),
-        "left_out": dict(left_out),
+        "left_out": dict(Counter(r["reason"] for r in left_out_rows)),
+        "left_out_rows": left_out_rows,
     }
     return rows, report
+
+
+def _pair_decision(pair: dict, outcomes: list, policy: str) -> int | str:
+    """The winning response index, or the reason the pair stays out of D."""
+    if not outcomes:
+        return "unlabelled"
+    if not all(text.strip() for text in pair["responses"]):  # training refuses these
+        return "empty response"
+    return decide(outcomes, policy)
 
 
 def raw_rows(store: Store) -> tuple[list[dict], dict]:
@@ -135,14 +171,36 @@ def raw_rows(store: Store) -> tuple[list[dict], dict]:
 
 
 def export(db: str | Path, out: str | Path, policy: str = "majority", raw: bool = False) -> dict:
-    """Write D.jsonl (or the raw votes) atomically; returns the report."""
+    """Write D.jsonl (or the raw votes) atomically, and the left-out pairs beside it; returns the
+    report, whose `left_out_file` names the list (None when nothing is left out) and
+    `removed_stale` the list of an earlier export deleted because this one has none.
+    """
     store = Store(db, must_exist=True)
     try:
         rows, report = raw_rows(store) if raw else triplet_rows(store, policy)
     finally:
         store.close()
+    left_out_rows = report.pop("left_out_rows", [])
+    listed = left_out_path(out)
+    # The old list goes first: a kill before the new one is written then leaves no list rather
+    # than one that describes an earlier D. A raw export replaces D too, so its list goes. The
+    # folder fsync of the atomic write below makes the deletion durable as well.
+    removed = _remove(listed)
+    report["removed_stale"] = str(listed) if removed and not left_out_rows else None
     write_jsonl_atomic(out, rows)
+    report["left_out_file"] = str(listed) if left_out_rows else None
+    if left_out_rows:
+        write_jsonl_atomic(listed, left_out_rows)
     return report
+
+
+def _remove(path: Path) -> bool:
+    """Delete `path`; False when there was nothing to delete."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def format_report(report: dict, out: str | Path) -> str:
@@ -152,5 +210,9 @@ def format_report(report: dict, out: str | Path) -> str:
         lines.append(f"live votes: {votes}")
     if report["left_out"]:
         left_out = ", ".join(f"{k} {v}" for k, v in sorted(report["left_out"].items()))
-        lines.append(f"pairs left out: {left_out}")
+        listed = f" (listed in {report['left_out_file']})" if report.get("left_out_file") else ""
+        lines.append(f"pairs left out: {left_out}{listed}")
+    if report.get("removed_stale"):
+        lines.append(f"removed {report['removed_stale']}, the left-out list of an earlier export "
+                     "(this export lists no left-out pairs)")
     return "\n".join(lines)
