@@ -206,6 +206,10 @@ def test_human_demo_labels_over_http_then_trains_and_evaluates(quick_demo, tmp_p
         assert (world.sentiment_reward(row["prompt"], row["chosen"])
                 >= world.sentiment_reward(row["prompt"], row["rejected"]))
     assert (tmp_path / "labels.sqlite").is_file() and (tmp_path / "report.html").is_file()
+    # The pairs nobody voted on are listed, not lost, and the demo says where.
+    left_out = (tmp_path / "D.left_out.jsonl").read_text().splitlines()
+    assert len(left_out) + len(rows) == QUICK_SIZES.train_prompts
+    assert any(f"others are listed in {tmp_path / 'D.left_out.jsonl'}" in line for line in lines)
     assert result["summary"]["results"][1]["n_prompts"] == QUICK_SIZES.heldout_prompts
     with pytest.raises(httpx.TransportError):  # the server stopped once the votes were in
         httpx.get(link.split("/login")[0] + "/healthz", timeout=2)
