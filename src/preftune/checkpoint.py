@@ -273,6 +273,9 @@ def resolve_resume(resume: str | bool | None, output_dir: Path) -> Path | None:
                             "there cannot be resumed; start it again with --overwrite instead of --resume.")
         return found
     folder = Path(resume)
+    if not folder.is_dir():  # a typo, most often: "restore the folder" would send the user astray
+        raise UserError(f"--resume-from {folder}: no such folder; name a checkpoint folder "
+                        "(checkpoints/step-N of the run), or use --resume to take the newest complete one.")
     damage = checkpoint_damage(folder)
     if damage is not None:
         raise UserError(f"--resume-from {folder}: not a complete checkpoint ({damage}); restore the folder "

@@ -72,6 +72,17 @@ def test_no_complete_checkpoint_at_resume_is_a_user_error(tmp_path):
         checkpoint.resolve_resume(True, tmp_path)
 
 
+def test_resume_from_a_folder_that_does_not_exist_says_so_rather_than_to_restore_it(tmp_path):
+    """A mistyped --resume-from is the usual case: the sentence must name the missing folder and
+    not send the user to restore a checkpoint that never was."""
+    typo = tmp_path / "checkpoints" / "step-00004"
+    with pytest.raises(UserError) as caught:
+        checkpoint.resolve_resume(str(typo), tmp_path)
+    message = str(caught.value)
+    assert message.startswith(f"--resume-from {typo}: no such folder;"), message
+    assert "restore" not in message and message.count(". ") == 0 and message.endswith(".")
+
+
 def test_resume_passes_over_corrupt_and_partial_checkpoints_and_still_ends_bit_identical(
         tmp_path, dropout_model, pairs_path, uninterrupted, capsys):
     """Checkpoints every 3 steps; step 12's weights get a flipped byte, step 9 loses its
