@@ -241,6 +241,7 @@ def test_too_few_human_preferences_stop_the_demo_and_keep_the_votes(quick_demo, 
     worker.join(timeout=30)
     assert errors and "only 2 pairs have a preference" in str(errors[0])
     assert not (tmp_path / "D.jsonl").exists()  # a rerun serves the pairs again
+    assert not (tmp_path / "D.left_out.jsonl").exists()  # no list of the pairs left out of no D
     store = Store(tmp_path / "labels.sqlite", must_exist=True)
     try:  # the demo serves each pair to its one person: `label status` counts what is left against 1
         assert store.recorded_overlap() == 1

@@ -91,7 +91,7 @@ def label_with_people(pairs_path: str | Path, db_path: str | Path, out: str | Pa
     fewest preferences training can use (one optimizer step).
     """
     from preftune.labeling.app import create_app, is_loopback
-    from preftune.labeling.export import export
+    from preftune.labeling.export import export, left_out_path
     from preftune.labeling.pairs import load_pairs
     from preftune.labeling.store import Store
 
@@ -126,6 +126,7 @@ def label_with_people(pairs_path: str | Path, db_path: str | Path, out: str | Pa
     report = export(db_path, out, policy="majority")
     if report["exported"] < min_pairs:
         out.unlink()  # not a finished D: a rerun must serve the pairs again, not keep this
+        left_out_path(out).unlink(missing_ok=True)  # nor list the pairs left out of it
         raise UserError(f"only {report['exported']} pairs have a preference (ties, skips and "
                         f"'both bad' do not count); training needs at least {min_pairs}. Rerun "
                         f"the same command to label more: the votes are kept in {db_path}.")
