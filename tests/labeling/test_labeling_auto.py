@@ -400,3 +400,128 @@ def test_a_reward_model_without_a_pad_token_scores_where_its_config_says(tmp_pat
     assert load_reward(str(tmp_path / "rm"), batch_size=4)(prompts, responses) == pytest.approx(one, abs=1e-5)
     with torch.no_grad():
         assert one[0] == pytest.approx(model(**ids).logits[0, 0].item(), abs=1e-5)
+
+
+# ------------------------------------------------------------ N > 2 responses per prompt
+
+
+def test_argmax_with_four_responses_takes_the_best_and_the_worst(tmp_path, rewards_file):
+    pairs = [Pair("four", "p", ("medium one", "the longest answer", "x", "short")),
+             Pair("chat", [{"role": "user", "content": "hi"}], ("yo", "hello there", "hey", "hi")),
+             # an empty response and a repeat are left out before picking, and counted
+             Pair("gaps", "p", ("", "tiny", "a longer one", "tiny")),
+             Pair("ties", "p", ("abc", "xyz", "def")),
+             Pair("one-left", "p", ("", "only this", " ")),
+             Pair("all-same", "p", ("twin", "twin", "")),
+             Pair("two", "p", ("a long answer", "short"))]  # two responses: today's row
+    pairs_file = write_pairs_file(tmp_path / "pairs.jsonl", pairs)
+    out = tmp_path / "D.jsonl"
+    stats = label_auto(pairs_file, "my_rewards:length", out, mode="argmax", show_progress=False)
+    assert stats["written"] == 4 and stats["ties_skipped"] == 1
+    assert stats["empty_skipped"] == 1 and stats["identical_skipped"] == 1
+    assert stats["empty_dropped"] == 1 and stats["duplicates_dropped"] == 1
+    rows = {r["pair_id"]: r for r in read_jsonl(out)}
+    four = rows["four"]
+    assert (four["chosen"], four["rejected"]) == ("the longest answer", "x")
+    assert (four["chosen_index"], four["rejected_index"]) == (1, 2)
+    assert four["rewards"] == [10.0, 18.0, 1.0, 5.0] and four["candidates"] == [0, 1, 2, 3]
+    assert rows["chat"]["chosen"] == [{"role": "assistant", "content": "hello there"}]
+    assert rows["chat"]["rejected"] == [{"role": "assistant", "content": "yo"}]  # first of 2.0, 2.0
+    assert (rows["chat"]["chosen_index"], rows["chat"]["rejected_index"]) == (1, 0)
+    gaps = rows["gaps"]
+    assert (gaps["chosen_index"], gaps["rejected_index"], gaps["candidates"]) == (2, 1, [1, 2])
+    assert gaps["rewards"] == [0.0, 4.0, 12.0, 4.0]
+    assert set(rows["two"]) == {"prompt", "chosen", "rejected", "pair_id", "r1", "r2", "p",
+                                "chosen_index", "reward", "label", "seed"}
+    # A rerun finds every row its own and writes nothing more.
+    again = label_auto(pairs_file, "my_rewards:length", out, mode="argmax", show_progress=False)
+    assert again["resumed_from"] == 4 and again.get("written", 0) == 0
+    changed = [Pair("four", "p", ("medium one", "the longest answer", "y", "short")), *pairs[1:]]
+    with pytest.raises(UserError, match="the prompt or responses of pair 'four' differ"):
+        label_auto(write_pairs_file(tmp_path / "changed.jsonl", changed), "my_rewards:length",
+                   out, mode="argmax", show_progress=False)
+
+
+def test_bt_sample_with_three_responses_follows_plackett_luce(tmp_path):
+    # Rewards 0, 1, 2 (placed as responses 2, 0, 1): weights 1, e, e^2, their sum S.
+    n = 3000
+    reward_of = {"low": 0.0, "mid": 1.0, "high": 2.0}
+    pairs = [Pair(f"k{i:05d}", f"prompt {i}", (f"mid {i}", f"high {i}", f"low {i}")) for i in range(n)]
+    reward = lambda prompts, responses: [reward_of[r.split()[0]] for r in responses]  # noqa: E731
+    pairs_file = write_pairs_file(tmp_path / "pairs.jsonl", pairs)
+    out = tmp_path / "D.jsonl"
+    label_auto(pairs_file, reward, out, seed=11, batch_size=500, show_progress=False,
+               reward_name="fixed")
+    rows = read_jsonl(out)
+    assert len(rows) == n and all(r["rewards"] == [1.0, 2.0, 0.0] for r in rows)
+    e = math.e
+    s = 1 + e + e ** 2
+    # First place: exp(r_i) / S.
+    p_first_high, p_first_mid = e ** 2 / s, e / s
+    # Last place: the low one is last when high then mid, or mid then high, are drawn first;
+    # the high one is last when low then mid, or mid then low, are.
+    p_last_low = (e ** 2 / s) * (e / (1 + e)) + (e / s) * (e ** 2 / (1 + e ** 2))
+    p_last_high = (1 / s) * (e / (e + e ** 2)) + (e / s) * (1 / (1 + e ** 2))
+    for p, count in [(p_first_high, sum(r["chosen_index"] == 1 for r in rows)),
+                     (p_first_mid, sum(r["chosen_index"] == 0 for r in rows)),
+                     (p_last_low, sum(r["rejected_index"] == 2 for r in rows)),
+                     (p_last_high, sum(r["rejected_index"] == 1 for r in rows))]:
+        standard_error = math.sqrt(p * (1 - p) / n)
+        assert abs(count / n - p) < 5 * standard_error, (count / n, p)
+    assert all(r["chosen"].split()[0] == ("mid", "high", "low")[r["chosen_index"]] for r in rows)
+    # Seeded by (seed, pair_id): the same run writes the same file, whatever the batch size.
+    again = tmp_path / "again.jsonl"
+    label_auto(pairs_file, reward, again, seed=11, batch_size=7, show_progress=False,
+               reward_name="fixed")
+    assert again.read_bytes() == out.read_bytes()
+
+
+# Written by `label auto` before it took more than two responses (rewards len/4, seed 5):
+# records with two responses must still give these rows, byte for byte, draws included.
+TWO_RESPONSE_PAIRS = [
+    {"pair_id": "t0", "prompt": "Tell me about cats", "responses": ["cats purr", "cats nap all day"]},
+    {"pair_id": "t1", "prompt": [{"role": "user", "content": "hi"}], "responses": ["hello there", "hey"],
+     "truncated": [True, False]},
+    {"pair_id": "t2", "prompt": "p", "responses": ["same", "size"]},
+    {"pair_id": "t3", "prompt": "p", "responses": ["", "empty"]},
+    {"pair_id": "t4", "prompt": "q", "responses": ["twin", "twin"]},
+    {"pair_id": "t5", "prompt": "r", "responses": ["a much longer answer", "no"]},
+]
+TWO_RESPONSE_ROWS = {
+    "bt-sample": [
+        '{"prompt": "Tell me about cats", "chosen": "cats nap all day", "rejected": "cats purr", "pair_id": "t0", "r1": 2.25, "r2": 4.0, "p": 0.1480471980316895, "chosen_index": 1, "reward": "len/4", "label": "bt-sample", "seed": 5}',  # noqa: E501
+        '{"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "hello there"}], "rejected": [{"role": "assistant", "content": "hey"}], "pair_id": "t1", "chosen_truncated": true, "r1": 2.75, "r2": 0.75, "p": 0.8807970779778823, "chosen_index": 0, "reward": "len/4", "label": "bt-sample", "seed": 5}',  # noqa: E501
+        '{"prompt": "p", "chosen": "size", "rejected": "same", "pair_id": "t2", "r1": 1.0, "r2": 1.0, "p": 0.5, "chosen_index": 1, "reward": "len/4", "label": "bt-sample", "seed": 5}',  # noqa: E501
+        '{"prompt": "r", "chosen": "a much longer answer", "rejected": "no", "pair_id": "t5", "r1": 5.0, "r2": 0.5, "p": 0.9890130573694068, "chosen_index": 0, "reward": "len/4", "label": "bt-sample", "seed": 5}',  # noqa: E501
+    ],
+    "argmax": [
+        '{"prompt": "Tell me about cats", "chosen": "cats nap all day", "rejected": "cats purr", "pair_id": "t0", "r1": 2.25, "r2": 4.0, "p": 0.1480471980316895, "chosen_index": 1, "reward": "len/4", "label": "argmax", "seed": 5}',  # noqa: E501
+        '{"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "hello there"}], "rejected": [{"role": "assistant", "content": "hey"}], "pair_id": "t1", "chosen_truncated": true, "r1": 2.75, "r2": 0.75, "p": 0.8807970779778823, "chosen_index": 0, "reward": "len/4", "label": "argmax", "seed": 5}',  # noqa: E501
+        '{"prompt": "r", "chosen": "a much longer answer", "rejected": "no", "pair_id": "t5", "r1": 5.0, "r2": 0.5, "p": 0.9890130573694068, "chosen_index": 0, "reward": "len/4", "label": "argmax", "seed": 5}',  # noqa: E501
+    ],
+}
+
+
+@pytest.mark.parametrize("mode", ["bt-sample", "argmax"])
+def test_two_response_rows_are_unchanged(tmp_path, mode):
+    pairs_file = tmp_path / "pairs.jsonl"
+    pairs_file.write_text("".join(json.dumps(r) + "\n" for r in TWO_RESPONSE_PAIRS))
+    # A three-response record among them must not shift the others' draws or rows.
+    with open(pairs_file, "a") as f:
+        f.write(json.dumps({"pair_id": "t6", "prompt": "s", "responses": ["a", "bb", "ccc"]}) + "\n")
+    out = tmp_path / "D.jsonl"
+    stats = label_auto(pairs_file, lambda prompts, responses: [len(r) / 4 for r in responses], out,
+                       mode=mode, seed=5, show_progress=False, reward_name="len/4")
+    lines = out.read_text().splitlines()
+    assert lines[:-1] == TWO_RESPONSE_ROWS[mode]
+    three = json.loads(lines[-1])
+    assert three["pair_id"] == "t6" and three["rewards"] == [0.25, 0.5, 0.75]
+    assert stats["written"] == len(lines)
+    assert stats["empty_skipped"] == 1 and stats["identical_skipped"] == 1
+
+
+def test_every_response_of_a_record_must_be_text(tmp_path):
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text('{"pair_id": "a", "prompt": "p", "responses": ["x", "y", 3]}\n')
+    with pytest.raises(UserError, match="line 1: every one of the 'responses' must be a string"):
+        label_auto(bad, lambda p, r: [0.0] * len(r), tmp_path / "D.jsonl")

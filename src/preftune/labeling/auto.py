@@ -7,6 +7,21 @@ skipped (no preference to learn from it). In both modes a pair with an empty res
 counted and skipped, since training refuses empty responses, and so is a pair whose two
 responses are the same text (greedy decoding gives those), since neither can be preferred.
 
+A record with N > 2 responses (`preftune sample --n N`) becomes one row from the best and the
+worst of them, the on-policy recipe of SimPO (Meng et al. 2024, sec. 4). All N are scored.
+Empty responses are left out of the candidates first, and a text that repeats an earlier one
+is left out too (it would be compared with itself); a record with fewer than two distinct
+non-empty texts left is counted and skipped as `empty_skipped` (fewer than two non-empty) or
+`identical_skipped`, and the responses left out of written rows are counted as
+`empty_dropped` / `duplicates_dropped`. `argmax` takes the highest reward as chosen and the
+lowest as rejected (the first of equal ones), and skips the record as a tie when they are
+equal; `bt-sample` draws a full ranking from the Plackett-Luce model, the Bradley-Terry model
+for N responses (DPO paper, Rafailov et al. 2023, sec. 5 and appendix A.3): the next place goes
+to a remaining response with probability exp(r_i) / sum of exp(r_j) over the remaining; chosen
+is ranked first, rejected last. The row records `chosen_index`, `rejected_index`, every reward
+(`rewards`) and the indices compared (`candidates`). A record with exactly two responses is
+labeled as before, row for row and draw for draw.
+
 The run is crash-safe and resumable: rows are appended and fsynced per batch, and a rerun reads
 what is on disk (cutting a partial last line) and labels only the pairs not yet written. It
 resumes only a file written by the same job: every row must hold the same prompt and responses
@@ -97,6 +112,8 @@ def _already_written(out: Path, pairs: dict[str, Pair], job: dict) -> set[str]:
 
 def _row_labels_pair(row: dict, pair: Pair) -> bool:
     """Whether `row` is the D.jsonl row that labeling `pair` with its `chosen_index` gives."""
+    if len(pair.responses) > 2:
+        return _row_labels_ranked(row, pair)
     winner = row.get("chosen_index")
     if type(winner) is not int or winner not in (0, 1):
         return False
@@ -104,19 +121,106 @@ def _row_labels_pair(row: dict, pair: Pair) -> bool:
     return all(row.get(key) == value for key, value in expected.items())
 
 
+def _row_labels_ranked(row: dict, pair: Pair) -> bool:
+    """The same for a record of N > 2 responses: its chosen and rejected texts at the recorded
+    indices, and one reward per response (the row does not copy the other responses)."""
+    chosen, rejected, rewards = row.get("chosen_index"), row.get("rejected_index"), row.get("rewards")
+    n = len(pair.responses)
+    if not (type(chosen) is int and type(rejected) is int and 0 <= chosen < n and 0 <= rejected < n
+            and chosen != rejected and isinstance(rewards, list) and len(rewards) == n):
+        return False
+    expected = _best_and_worst_row(pair, chosen, rejected)
+    return all(row.get(key) == value for key, value in expected.items())
+
+
 def _as_dict(pair: Pair) -> dict:
     return {"prompt": pair.prompt, "responses": pair.responses, "truncated": pair.truncated}
 
 
+def _best_and_worst_row(pair: Pair, chosen: int, rejected: int) -> dict:
+    """The D.jsonl row with response `chosen` as chosen and `rejected` as rejected."""
+    two = {"prompt": pair.prompt, "responses": (pair.responses[chosen], pair.responses[rejected]),
+           "truncated": (pair.truncated[chosen], pair.truncated[rejected])}
+    return as_triplet(pair.pair_id, two, 0)
+
+
+def plackett_luce_ranking(rewards: list[float], rng: random.Random) -> list[int]:
+    """Indices of `rewards` in a ranking drawn from the Plackett-Luce model: each place goes to
+    a remaining index i with probability exp(r_i) / sum_j exp(r_j) over the remaining j."""
+    remaining = list(range(len(rewards)))
+    ranking = []
+    while len(remaining) > 1:
+        top = max(rewards[i] for i in remaining)  # subtracted so exp never overflows
+        weights = [math.exp(rewards[i] - top) for i in remaining]
+        u = rng.random() * sum(weights)
+        pick = len(remaining) - 1  # where rounding leaves u at the very end
+        for k, w in enumerate(weights):
+            if u < w:
+                pick = k
+                break
+            u -= w
+        ranking.append(remaining.pop(pick))
+    return ranking + remaining
+
+
+def _candidates(pair: Pair, stats: Counter) -> list[int] | None:
+    """Indices of the non-empty responses, each distinct text once (its first index); None,
+    counted as skipped, when fewer than two are left."""
+    non_empty = [i for i, text in enumerate(pair.responses) if text.strip()]
+    first_of_text: dict[str, int] = {}
+    for i in non_empty:
+        first_of_text.setdefault(pair.responses[i], i)
+    if len(non_empty) < 2:
+        stats["empty_skipped"] += 1
+        return None
+    if len(first_of_text) < 2:
+        stats["identical_skipped"] += 1
+        return None
+    stats["empty_dropped"] += len(pair.responses) - len(non_empty)
+    stats["duplicates_dropped"] += len(non_empty) - len(first_of_text)
+    return sorted(first_of_text.values())
+
+
+def _label_many(pair: Pair, rewards: list[float], job: dict, stats: Counter) -> dict | None:
+    """The row for a record of N > 2 responses (best and worst), or None when it is skipped."""
+    dropped = Counter()
+    candidates = _candidates(pair, dropped)
+    if candidates is None:
+        stats.update(dropped)
+        return None
+    scores = [rewards[i] for i in candidates]
+    if job["label"] == "argmax":
+        if max(scores) == min(scores):
+            stats["ties_skipped"] += 1
+            return None
+        chosen = candidates[scores.index(max(scores))]
+        rejected = candidates[scores.index(min(scores))]
+    else:
+        ranking = plackett_luce_ranking(scores, random.Random(f"{job['seed']}:{pair.pair_id}"))
+        chosen, rejected = candidates[ranking[0]], candidates[ranking[-1]]
+    stats.update(dropped)  # only for rows written: a skipped record's responses count as skipped
+    row = _best_and_worst_row(pair, chosen, rejected)
+    row.update(rewards=rewards, chosen_index=chosen, rejected_index=rejected,
+               candidates=candidates, **job)
+    return row
+
+
 def _label_batch(batch: list[Pair], values: list[float], job: dict, stats: Counter):
     rows = []
-    for i, pair in enumerate(batch):
-        r1, r2 = values[2 * i], values[2 * i + 1]
-        if not (math.isfinite(r1) and math.isfinite(r2)):
+    start = 0
+    for pair in batch:
+        rewards = list(values[start:start + len(pair.responses)])  # one per response, in order
+        start += len(pair.responses)
+        if not all(math.isfinite(r) for r in rewards):
             raise UserError(
-                f"the reward function returned {r1} and {r2} for pair {pair.pair_id!r}; "
-                f"rewards must be finite numbers."
+                f"the reward function returned {' and '.join(map(str, rewards))} for pair "
+                f"{pair.pair_id!r}; rewards must be finite numbers."
             )
+        if len(rewards) > 2:
+            row = _label_many(pair, rewards, job, stats)
+            rows += [row] if row is not None else []
+            continue
+        r1, r2 = rewards
         if not all(text.strip() for text in pair.responses[:2]):
             # `preftune train` refuses empty responses; a sampler may still write one.
             stats["empty_skipped"] += 1
@@ -172,7 +276,7 @@ def label_auto(
     with _progress(show_progress and bool(todo), len(todo)) as advance:  # no 0% bar for nothing to do
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
-            prompts = [p.prompt for p in batch for _ in range(2)]
+            prompts = [p.prompt for p in batch for _ in p.responses]
             responses = [r for p in batch for r in p.responses]
             values = reward_fn(prompts, responses)
             if len(values) != len(responses):

@@ -128,10 +128,13 @@ def auto(
     pairs: Path = typer.Option(..., help="pairs.jsonl written by `preftune sample`."),
     reward: str = typer.Option(..., help="MODULE:FUNCTION, FILE.py:FUNCTION or a folder."),
     out: Path = typer.Option(..., help="D.jsonl to append to (resumes after a kill)."),
-    bt_sample: bool = typer.Option(False, "--bt-sample", help="Draw the winner with p (default)."),
-    argmax: bool = typer.Option(False, "--argmax", help="The higher reward wins."),
+    bt_sample: bool = typer.Option(False, "--bt-sample", help=(
+        "Draw the winner with p (default); of N > 2 responses, draw a Plackett-Luce ranking: "
+        "first is chosen, last rejected.")),
+    argmax: bool = typer.Option(False, "--argmax", help=(
+        "The higher reward wins; of N > 2 responses, the highest is chosen, the lowest rejected.")),
     seed: int = typer.Option(0, help="Seed of the Bradley-Terry draws."),
-    batch_size: int = typer.Option(32, help="Pairs scored per call of the reward function."),
+    batch_size: int = typer.Option(32, help="Records (pairs) scored per call of the reward function."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Label pairs with a reward function through the Bradley-Terry model."""
@@ -147,6 +150,9 @@ def auto(
         ties += f", {stats['empty_skipped']} pairs with an empty response skipped"
     if stats.get("identical_skipped"):
         ties += f", {stats['identical_skipped']} pairs with identical responses skipped"
+    if stats.get("empty_dropped") or stats.get("duplicates_dropped"):  # only with --n above 2
+        ties += (f"; {stats.get('empty_dropped', 0)} empty and {stats.get('duplicates_dropped', 0)} "
+                 f"repeated responses left out before picking best and worst")
     typer.echo(
         f"{out}: wrote {stats.get('written', 0)} rows ({mode}), "
         f"{stats['resumed_from']} were already there{ties}"

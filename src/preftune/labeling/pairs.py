@@ -2,7 +2,10 @@
 
 Both the labeling server and `label auto` read the same file, so the checks live here once:
 every row must carry a pair id, a prompt (text or a list of chat messages) and at least two
-responses; labeling uses the first two. A bad row is a `UserError` naming the file and line.
+responses (`preftune sample --n N` writes N). A `Pair` keeps all of them: `label auto` scores
+every one, while people compare two at a time, so `load_pairs(..., for_people=True)` refuses a
+row with more than two rather than showing the first two and dropping the rest unseen. A bad
+row is a `UserError` naming the file and line.
 """
 
 from __future__ import annotations
@@ -21,10 +24,10 @@ Prompt = str | list  # text, or a list of {role, content} messages
 class Pair:
     pair_id: str
     prompt: Prompt
-    responses: tuple[str, str]
+    responses: tuple[str, ...]  # two or more, as sampled
     # Per response: cut by max_new_tokens rather than ended by the model (`preftune sample`
     # writes it; absent means ended). Training then closes it with no EOS.
-    truncated: tuple[bool, bool] = (False, False)
+    truncated: tuple[bool, ...] = (False, False)
 
 
 def _check_prompt(prompt, where: str) -> Prompt:
@@ -60,15 +63,25 @@ def pair_from_record(record: dict, where: str) -> Pair:
     responses = record.get("responses")
     if not isinstance(responses, list) or len(responses) < 2:
         raise UserError(f"{where}: 'responses' must be a list of at least two strings.")
-    if not all(isinstance(r, str) for r in responses[:2]):
-        raise UserError(f"{where}: the first two 'responses' must be strings.")
+    if not all(isinstance(r, str) for r in responses):
+        raise UserError(f"{where}: every one of the 'responses' must be a string.")
     truncated = record.get("truncated", [False] * len(responses))
     if (not isinstance(truncated, list) or len(truncated) != len(responses)
             or not all(isinstance(t, bool) for t in truncated)):
         raise UserError(f"{where}: 'truncated' must be a list of true/false, one per response "
                         f"({len(responses)}); fix it or remove the key.")
-    return Pair(pair_id=pair_id, prompt=prompt, responses=(responses[0], responses[1]),
-                truncated=(truncated[0], truncated[1]))
+    return Pair(pair_id=pair_id, prompt=prompt, responses=tuple(responses),
+                truncated=tuple(truncated))
+
+
+def _refuse_more_than_two(pair: Pair, where: str) -> None:
+    """People compare two responses; showing the first two of more would drop the rest unseen."""
+    if len(pair.responses) > 2:
+        raise UserError(
+            f"{where}: pair {pair.pair_id!r} has {len(pair.responses)} responses, but people "
+            f"compare two at a time; sample with `preftune sample --n 2` for people, or label "
+            f"this file with `preftune label auto`, which keeps the best and the worst."
+        )
 
 
 def _unterminated_last_record(path: Path) -> list[tuple[int, dict]]:
@@ -92,8 +105,12 @@ def _unterminated_last_record(path: Path) -> list[tuple[int, dict]]:
     return [(lineno, record)]
 
 
-def load_pairs(path: str | Path) -> list[Pair]:
-    """All pairs of a pairs.jsonl file, in file order; duplicate pair ids are an error."""
+def load_pairs(path: str | Path, for_people: bool = False) -> list[Pair]:
+    """All pairs of a pairs.jsonl file, in file order; duplicate pair ids are an error.
+
+    for_people: the pairs go to annotators (`label serve`, `label import`, the demo's --human),
+    who see exactly two responses, so a row with more is refused with its line.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file; pass the pairs.jsonl written by `preftune sample`.")
@@ -104,6 +121,8 @@ def load_pairs(path: str | Path) -> list[Pair]:
     for lineno, record in records:
         where = f"{path}, line {lineno}"
         pair = pair_from_record(record, where)
+        if for_people:
+            _refuse_more_than_two(pair, where)
         if pair.pair_id in seen:
             raise UserError(
                 f"{where}: pair_id {pair.pair_id!r} already used on line {seen[pair.pair_id]}; "
