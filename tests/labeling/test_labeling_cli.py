@@ -1,6 +1,7 @@
 """`preftune label ...` commands through typer's runner (the lead mounts this app as `label`)."""
 
 import json
+import re
 
 import pytest
 from labeling_helpers import make_pairs, write_pairs_file
@@ -123,3 +124,49 @@ def test_auto_command_counts_identical_pairs_and_refuses_another_pairs_file(tmp_
     result = invoke("auto", "--pairs", other, "--reward", reward, "--out", out)
     assert isinstance(result.exception, UserError)
     assert f"{out}, line 1" in str(result.exception)
+
+
+def test_auto_command_says_which_of_n_responses_it_left_out(tmp_path):
+    (tmp_path / "lenreward.py").write_text(
+        "def score(prompt, response):\n    return float(len(response))\n")
+    pairs = write_pairs_file(tmp_path / "pairs.jsonl", [
+        Pair("four", "p", ("", "short", "a longer one", "short"))])
+    result = invoke("auto", "--pairs", pairs, "--reward", f"{tmp_path / 'lenreward.py'}:score",
+                    "--out", tmp_path / "D.jsonl", "--argmax")
+    assert result.exit_code == 0, result.output
+    assert "wrote 1 rows (argmax)" in result.output
+    assert "1 empty and 1 repeated responses left out before picking best and worst" in result.output
+
+
+def test_paths_to_people_refuse_more_than_two_responses(tmp_path, monkeypatch):
+    """`label serve`, `label import` and the demo's --human show people two responses: a record
+    with three is refused by file and line, never cut to its first two."""
+    from types import SimpleNamespace
+
+    import uvicorn
+
+    import preftune.demo.human as human
+
+    def never_serve(*args, **kwargs):  # a path that accepted the file would serve it and block
+        raise AssertionError("served a file with three responses")
+
+    monkeypatch.setattr(uvicorn, "run", never_serve)
+    monkeypatch.setattr(human, "_start_server", never_serve)
+
+    pairs = write_pairs_file(tmp_path / "pairs.jsonl", [
+        *make_pairs(1), Pair("three", "p", ("one", "two", "three"))])
+    sentence = (rf"{pairs}, line 2: pair 'three' has 3 responses, but people compare two at a "
+                r"time; sample with `preftune sample --n 2` for people, or label this file with "
+                r"`preftune label auto`, which keeps the best and the worst\.")
+    db = tmp_path / "labels.sqlite"
+    for args in [("serve", "--db", db, "--pairs", pairs), ("import", "--db", db, "--pairs", pairs)]:
+        result = invoke(*args)
+        assert isinstance(result.exception, UserError), (args, result.output)
+        assert re.fullmatch(sentence, str(result.exception)), str(result.exception)
+    with pytest.raises(UserError, match=sentence):
+        human.label_with_people(pairs, db, tmp_path / "D.jsonl", SimpleNamespace(host="127.0.0.1"))
+    store = Store(db)
+    assert store.pair_count() == 0, "nothing from the refused file is queued"
+    with pytest.raises(UserError, match="pair 'three' has 3 responses, but a labeling database"):
+        store.add_pairs([Pair("three", "p", ("one", "two", "three"))])  # a caller building Pairs itself
+    store.close()

@@ -104,7 +104,7 @@ def label_with_people(pairs_path: str | Path, db_path: str | Path, out: str | Pa
         return f"kept the people's labels already in {out}"
     store = Store(db_path, overlap=1)  # one person labels: recorded, so `label status` knows what is left
     try:
-        store.add_pairs(load_pairs(pairs_path))
+        store.add_pairs(load_pairs(pairs_path, for_people=True))
         token = store.add_annotator(ANNOTATOR, reissue=True)  # a fresh link each run
         server, thread = _start_server(create_app(store), settings.host, settings.port)
         shown = f"[{settings.host}]" if ":" in settings.host else settings.host

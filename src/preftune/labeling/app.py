@@ -322,7 +322,7 @@ def serve(
     try:
         check_bind(host, open_mode, store)
         if pairs is not None:
-            added, present = store.add_pairs(load_pairs(pairs))
+            added, present = store.add_pairs(load_pairs(pairs, for_people=True))
             echo(f"{pairs}: {added} new pairs, {present} already in {db}")
         if store.pair_count() == 0:
             raise UserError(f"{db} holds no pairs yet; pass --pairs pairs.jsonl.")

@@ -49,7 +49,7 @@ def import_pairs(
 
     store = Store(db)
     try:
-        added, present = store.add_pairs(load_pairs(pairs))
+        added, present = store.add_pairs(load_pairs(pairs, for_people=True))
     finally:
         store.close()
     typer.echo(f"{pairs}: {added} new pairs, {present} already in {db}")

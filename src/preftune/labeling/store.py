@@ -249,6 +249,12 @@ class Store:
         added = present = 0
         with self._write() as db:
             for pair in pairs:
+                if len(pair.responses) != 2:  # shown to people side by side: two, never the first two
+                    raise UserError(
+                        f"{self.path}: pair {pair.pair_id!r} has {len(pair.responses)} responses, "
+                        f"but a labeling database holds two per pair; sample with `preftune sample "
+                        f"--n 2` for people, or label it with `preftune label auto`."
+                    )
                 prompt = json.dumps(pair.prompt, ensure_ascii=False)
                 row = db.execute(
                     "SELECT prompt, response_0, response_1 FROM pairs WHERE pair_id = ?",
