@@ -133,11 +133,11 @@ def auto(
         "first is chosen, last rejected.")),
     argmax: bool = typer.Option(False, "--argmax", help=(
         "The higher reward wins; of N > 2 responses, the highest is chosen, the lowest rejected.")),
-    seed: int = typer.Option(0, help="Seed of the Bradley-Terry draws."),
+    seed: int = typer.Option(0, help="Seed of the Bradley-Terry (Plackett-Luce) draws."),
     batch_size: int = typer.Option(32, help="Records (pairs) scored per call of the reward function."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
-    """Label pairs with a reward function through the Bradley-Terry model."""
+    """Label pairs with a reward function: a Bradley-Terry draw (Plackett-Luce for N > 2) or the argmax."""
     from preftune.labeling.auto import label_auto
 
     if bt_sample and argmax:
