@@ -305,10 +305,13 @@ def test_cli_samples_and_resumes(model_dir, tmp_path):
     assert result.exit_code == 0, result.output
     records = read_records(out)
     assert len(records) == 3 and all(len(r["responses"]) == 3 for r in records)
+    assert "3 responses per prompt: `preftune label auto` keeps the best and the worst" in " ".join(result.output.split())
     assert records[0]["sampling"] == {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 4, "seed": 5,
                                       "n": 3, "top_k": 40, "min_p": 0.05}
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0 and "nothing to do" in again.output
+    single = CliRunner().invoke(app, [*args[:5], str(tmp_path / "single.jsonl"), *args[6:], "--n", "1"])
+    assert single.exit_code == 0 and "nothing to compare" in single.output
     missing = CliRunner().invoke(app, args[:2] + ["--prompts", str(tmp_path / "no.txt")] + args[4:])
     assert isinstance(missing.exception, UserError)
 

@@ -66,3 +66,9 @@ def sample(
         console.print(f"resumed after {done} prompts; wrote {written} more to {out}.")
     else:
         console.print(f"wrote {written} prompts x {n} responses to {out}.")
+    # Labeling reads pairs: say now what it will do with this many responses, not at label time.
+    if n == 1:
+        console.print("one response per prompt: nothing to compare, so `preftune label` needs --n 2 or more.")
+    elif n > 2:
+        console.print(f"{n} responses per prompt: `preftune label auto` keeps the best and the worst of each; "
+                      "people (`label serve`) compare two at a time, so sample with --n 2 for them.")
