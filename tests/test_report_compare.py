@@ -269,6 +269,7 @@ def test_a_curve_added_to_the_plot_table_shows_in_both_reports(tmp_path, monkeyp
                      (Panel("logps/chosen", "Chosen", "nats per response", "chosen"),
                       Panel("logps/rejected", "Rejected", "nats per response", "rejected")),
                      caption="Log-probs of this run.", compare_caption="Log-probs of each run.")
+    assert report.TRAINING_PLOTS is compare.TRAINING_PLOTS is TRAINING_PLOTS  # one table, not two copies
     for module in (report, compare):
         monkeypatch.setattr(module, "TRAINING_PLOTS", (*module.TRAINING_PLOTS, logps))
     runs = [tmp_path / "a", tmp_path / "b"]
