@@ -122,7 +122,7 @@ def _load_sources(sources: str | list[str], split: str, name: str, console: Cons
     """Read every source of the train or eval data, printing for each what was read, kept and
     skipped, and why; returns the pairs and the skip counts of all sources together."""
     pairs, skipped = [], Counter()
-    for source in [sources] if isinstance(sources, str) else sources:
+    for source in _as_list(sources):
         loaded = load_pairs(source, split)
         pairs += loaded.pairs
         skipped.update(loaded.skipped)
@@ -187,9 +187,11 @@ def _no_pairs_left(rows_read: int, skipped: Counter, held_out: int, token_counts
 # ------------------------------------------------------------------------------ one step
 
 
-def train_step(policy_logps, reference_logps, step_pairs: list[TokenizedPair], ctx) -> tuple[dict, bool]:
+def train_step(policy_logps, reference_logps, step_pairs: list[TokenizedPair], ctx,
+               reward_shift: float = 0.0) -> tuple[dict, bool]:
     """Forward and backward over one optimizer step's pairs; returns metrics and whether the
-    gradients are finite. The optimizer itself is stepped by the caller."""
+    gradients are finite. The optimizer itself is stepped by the caller. `reward_shift` is
+    bco_pair's delta for this step (TrainState.reward_shift)."""
     config, device = ctx.config, ctx.device
     metrics = StepMetrics.for_config(config, device)
     local = micro_batches([p.index for p in step_pairs], ctx.rank, ctx.world_size, config.train.batch_size)
@@ -204,7 +206,7 @@ def train_step(policy_logps, reference_logps, step_pairs: list[TokenizedPair], c
         with sync:
             with ctx.autocast():
                 logps = pair_logps(policy_logps, reference_logps, batch)
-            losses = preference_loss(logps, config.loss, ctx.reward_shift)  # (B,)
+            losses = preference_loss(logps, config.loss, reward_shift)  # (B,)
             # Dividing by the step's pairs (not the micro-batch's) makes k micro-batches of n
             # pairs give exactly the gradient of one batch of k * n pairs.
             (losses.sum() / pairs_this_rank).backward()
@@ -231,7 +233,6 @@ class RunContext:
         self.collate = partial(collate_pairs, pad_token_id=pad_token_id)  # or pack_pairs: see train()
         self.wrapped = wrapped
         self.autocast = autocast_context(config.model.autocast, device)
-        self.reward_shift = 0.0  # bco_pair's delta for the coming step (TrainState.reward_shift)
 
     def no_sync(self):
         return self.wrapped.no_sync() if hasattr(self.wrapped, "no_sync") else contextlib.nullcontext()
@@ -425,8 +426,7 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
                 started = time.perf_counter()
                 policy.train()
                 step_pairs = [train_pairs[i] for i in step_indices]
-                ctx.reward_shift = state.reward_shift
-                metrics, finite = train_step(policy_logps, reference_logps, step_pairs, ctx)
+                metrics, finite = train_step(policy_logps, reference_logps, step_pairs, ctx, state.reward_shift)
                 # The rate this step's update uses (as the HF Trainer logs it), read before the
                 # schedule moves on to the next step's.
                 learning_rate = scheduler.get_last_lr()[0]
@@ -515,10 +515,14 @@ def _start_over(output_dir: Path, console, dist) -> None:
     dist.barrier()
 
 
+def _as_list(sources: str | list[str] | None) -> list[str]:
+    """data.train or data.eval as a list: one source, several, or none."""
+    return [sources] if isinstance(sources, str) else list(sources or [])
+
+
 def _data_sources(config: Config) -> list[str]:
     """Every data.train and data.eval source, local file or not."""
-    return [s for value in (config.data.train, config.data.eval) if value
-            for s in ([value] if isinstance(value, str) else value)]
+    return _as_list(config.data.train) + _as_list(config.data.eval)
 
 
 def _with_absolute_paths(config: Config) -> Config:
