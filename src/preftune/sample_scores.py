@@ -65,7 +65,7 @@ def score_samples(policy, reference, prompt_ids: Sequence[list[int]], completion
         policy_logits = counted_logits(policy, input_ids, attention_mask, counted)
         reference_logits = counted_logits(reference, input_ids, attention_mask, counted)
         policy_token, reference_token, kl_token = token_scores(policy_logits, reference_logits, targets,
-                                                               counted.index.shape[0], chunk_size)
+                                                               chunk_size)
         for values, out in ((policy_token, scores.policy_logps), (reference_token, scores.reference_logps),
                             (kl_token, scores.kl_tokens)):
             if values is None:  # no token-wise KL between output layers of different sizes
@@ -104,11 +104,12 @@ def counted_logits(model, input_ids, attention_mask, counted: CountedTokens) -> 
     return lambda rows: kept[rows].float()
 
 
-def token_scores(policy_logits: Callable, reference_logits: Callable, targets: torch.Tensor, num_rows: int,
+def token_scores(policy_logits: Callable, reference_logits: Callable, targets: torch.Tensor,
                  chunk_size: int = 1024):
     """log pi(y_t), log ref(y_t) and KL(pi || ref) of the next-token distributions, per counted
     position (M,) each, one chunk of both models' logits at a time; the KL is None when the two
     models' logits have different widths (vocabularies)."""
+    num_rows = targets.shape[0]  # M: one row per counted position
     policy_token = torch.empty(num_rows, dtype=torch.float32, device=targets.device)  # (M,)
     reference_token = torch.empty_like(policy_token)
     kl_token = torch.empty_like(policy_token)
