@@ -16,6 +16,28 @@ def test_a_name_that_is_no_folder_says_it_went_to_the_hub(tmp_path, monkeypatch)
             "so it was looked up on the Hugging Face Hub)") in str(caught.value)
 
 
+@pytest.mark.parametrize("path", ["/no/such/model", "./no-such-model", "~/no-such-model"])
+def test_a_path_that_names_no_folder_is_a_typo_not_a_hub_id(path, tmp_path, monkeypatch):
+    # Written as a path, it cannot be a hub id: the Hub's repo-id rules would only confuse.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(UserError) as caught:
+        load_tokenizer(path)
+    assert str(caught.value) == f"model folder {path} does not exist; check model.path."
+
+
+def test_a_reference_path_that_names_no_folder_names_its_own_key(tiny_llama):
+    from types import SimpleNamespace
+
+    from preftune.modeling import make_reference
+
+    model_cfg = SimpleNamespace(path=str(tiny_llama), reference_path="/no/such/reference", dtype="float32",
+                                attn_implementation=None, trust_remote_code=False)
+    with pytest.raises(UserError) as caught:
+        make_reference(load_causal_lm(str(tiny_llama)), model_cfg)
+    assert str(caught.value) == "model folder /no/such/reference does not exist; check model.reference_path."
+
+
 def test_a_hub_lookup_is_announced_once_before_it_starts(tmp_path, monkeypatch, capsys):
     # Offline, huggingface_hub retries for most of a minute: the user must know why at once.
     import transformers

@@ -77,7 +77,7 @@ def data_inspect(
     from preftune.modeling import load_tokenizer
 
     data_cfg = DataConfig(train=file, max_length=max_length, truncation=truncation)
-    inspect_file(file, load_tokenizer(model), data_cfg, Console(), split)
+    inspect_file(file, load_tokenizer(model, setting="--model"), data_cfg, Console(), split)
 
 
 @app.command("make-tiny-model")

@@ -88,9 +88,17 @@ def _load_error(what: str, path: str, error: Exception) -> UserError:
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json")
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
+def _check_local_folder(path: str, setting: str) -> None:
+    """A path written as one ('/', '.', '~') that names no folder is a typo, not a hub id: say
+    so, rather than pass it to the Hub and report its repo-id rules."""
+    if _is_local(path) and not os.path.isdir(os.path.expanduser(path)):
+        raise UserError(f"model folder {path} does not exist; check {setting}.")
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, setting: str = "model.path"):
     from transformers import AutoTokenizer
 
+    _check_local_folder(path, setting)
     base = adapter_base(path)
     if base is not None and not any(os.path.isfile(os.path.join(os.path.expanduser(path), name))
                                     for name in TOKENIZER_FILES):
@@ -158,7 +166,8 @@ def adapter_base(path: str) -> str | None:
 
 
 def load_causal_lm(path: str, dtype: str = "float32", attn_implementation: str | None = None,
-                   trust_remote_code: bool = False, merge_adapter: bool = False) -> nn.Module:
+                   trust_remote_code: bool = False, merge_adapter: bool = False,
+                   setting: str = "model.path") -> nn.Module:
     """The model at `path`: a model folder, a hub id, or a PEFT adapter folder on either.
 
     An adapter is loaded onto its base (itself loaded this way, so a chain of adapters works);
@@ -168,8 +177,7 @@ def load_causal_lm(path: str, dtype: str = "float32", attn_implementation: str |
     """
     from transformers import AutoModelForCausalLM
 
-    if _is_local(path) and not os.path.isdir(os.path.expanduser(path)):
-        raise UserError(f"model folder {path} does not exist; check model.path.")
+    _check_local_folder(path, setting)
     base = adapter_base(path)
     if base is not None:
         return _load_adapter(path, base, dtype, attn_implementation, trust_remote_code, merge_adapter)
@@ -289,7 +297,7 @@ def make_reference(policy: nn.Module, model_cfg) -> nn.Module:
     """A frozen copy of the starting policy, or the model at `reference_path`."""
     if model_cfg.reference_path:
         reference = load_causal_lm(model_cfg.reference_path, model_cfg.dtype, model_cfg.attn_implementation,
-                                   model_cfg.trust_remote_code, merge_adapter=True)
+                                   model_cfg.trust_remote_code, merge_adapter=True, setting="model.reference_path")
         check_reference_vocabulary(model_cfg.path, model_cfg.reference_path, reference, policy,
                                    model_cfg.trust_remote_code)
         reference.to(next(policy.parameters()).device)
