@@ -28,6 +28,22 @@ def test_an_unknown_key_gets_the_close_match_and_the_section_keys():
     assert "the keys of model are path, reference_path, reference," in message
 
 
+def test_a_bad_key_set_on_the_command_line_names_the_override_not_the_file(tmp_path):
+    # The user would search the YAML for a typo that is only on the command line.
+    path = tmp_path / "config.yaml"
+    path.write_text("model: {path: m}\ndata: {train: t.jsonl}\nloss: {beta: 0.1}\n")
+    with pytest.raises(UserError) as caught:
+        load_config(path, ["loss.bta=0.2", "optim.lr=1e-6"])
+    assert str(caught.value).startswith("override 'loss.bta=0.2': unknown key 'loss.bta' (did you mean")
+    with pytest.raises(UserError) as caught:
+        load_config(path, ["loss.beta=abc"])
+    assert str(caught.value).startswith("override 'loss.beta=abc': key 'loss.beta': Input should be a valid number")
+    path.write_text("model: {path: m}\ndata: {train: t.jsonl}\nloss: {bta: 0.1}\n")
+    with pytest.raises(UserError) as caught:  # in the file: the file is named
+        load_config(path, ["optim.lr=1e-6"])
+    assert str(caught.value).startswith(f"{path}: unknown key 'loss.bta'")
+
+
 def test_an_unknown_key_with_nothing_close_lists_the_section_keys():
     with pytest.raises(UserError) as caught:
         load_config(None, REQUIRED + ["optim.nesterov=true"])

@@ -514,13 +514,20 @@ def _describe(error: dict) -> str:
     return f"key {key!r}: {message}"
 
 
-def validate_config(raw: dict, source: str = "config") -> Config:
+def validate_config(raw: dict, source: str = "config", overrides: list[str] = ()) -> Config:
     if not isinstance(raw, dict):
         raise UserError(f"{source}: expected a mapping of sections (model, data, loss, optim, train).")
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
-        problems = "; ".join(_describe(err) for err in e.errors()[:3])
+        errors = e.errors()[:3]
+        problems = "; ".join(_describe(err) for err in errors)
+        # A key the command line set is not in the file: name the override, or the user searches
+        # the YAML for a typo that is not there.
+        set_by = {tuple(_parse_override(text)[0]): text for text in overrides}
+        culprits = [set_by.get(tuple(map(str, err["loc"]))) for err in errors]
+        if all(culprits):
+            source = ", ".join(f"override {text!r}" for text in dict.fromkeys(culprits))
         raise UserError(f"{source}: {problems}.") from None
 
 
@@ -540,7 +547,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if not isinstance(raw, dict):  # before the overrides, which index into it
         raise UserError(f"{source}: expected a mapping of sections (model, data, loss, optim, train).")
     raw = apply_overrides(raw, overrides or [])
-    return validate_config(raw, source)
+    return validate_config(raw, source, overrides or [])
 
 
 def dump_config(config: Config, path: str | Path) -> None:
