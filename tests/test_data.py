@@ -153,6 +153,18 @@ def test_implicit_prompt_is_the_common_prefix_cut_at_a_word(tmp_path):
     assert (pair.prompt, pair.chosen, pair.rejected) == ("The movie was", " great fun.", " grim.")
 
 
+def test_an_implicit_prompt_with_nothing_shared_is_refused_not_trained_empty(tmp_path):
+    # The prompt is then most likely under another name, kept as metadata and never trained on.
+    rows = [{"question": "Is the sky blue?", "chosen": " Yes, on a clear day.", "rejected": " No."}]
+    with pytest.raises(UserError) as caught:
+        load_pairs(str(write_jsonl(tmp_path / "d.jsonl", rows)))
+    assert str(caught.value) == (f"{tmp_path / 'd.jsonl'}, line 1: no 'prompt', and chosen and rejected share no "
+                                 "start to take as one; add a 'prompt' field (\"\" for none).")
+    rows = [{"prompt": "", "chosen": " Yes, on a clear day.", "rejected": " No."}]  # the way to say none
+    pair = load_pairs(str(write_jsonl(tmp_path / "d.jsonl", rows))).pairs[0]
+    assert (pair.prompt, pair.chosen, pair.rejected) == ("", " Yes, on a clear day.", " No.")
+
+
 def test_conversational_explicit_and_implicit(tmp_path):
     implicit = {"chosen": CONVERSATION["prompt"] + CONVERSATION["chosen"],
                 "rejected": CONVERSATION["prompt"] + CONVERSATION["rejected"]}

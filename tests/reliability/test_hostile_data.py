@@ -271,11 +271,11 @@ def test_csv_loads_or_names_the_line(rows, deco):
     (".json", b"", "line 1"),
     (".csv", b"", "file"),
     (".csv", b"prompt,chosen,rejected\r\n", "file"),
-    (".jsonl", b'{"chosen": "a", "rejected": "b"}\n\xff\xfe\n', "line 2"),
+    (".jsonl", b'{"prompt": "p", "chosen": "a", "rejected": "b"}\n\xff\xfe\n', "line 2"),
     (".jsonl", b"[" * 100_000 + b"\n", "line 1"),
     (".json", b"[" * 100_000, "file"),
     (".jsonl", b'{"chosen": "a", "rejected": ' + b"9" * 5000 + b"}\n", "line 1"),
-    (".jsonl", "\ufeff".encode() * 2 + b'{"chosen": "a", "rejected": "b"}\n', "line 1"),
+    (".jsonl", "\ufeff".encode() * 2 + b'{"prompt": "p", "chosen": "a", "rejected": "b"}\n', "line 1"),
 ])
 def test_hand_picked_hostile_files(tmp_path, suffix, content, names):
     path = tmp_path / f"prefs{suffix}"

@@ -193,6 +193,11 @@ def _split_implicit_prompt(chosen, rejected, where: str):
     if boundary > 0:
         n = boundary
     prompt, chosen_rest, rejected_rest = chosen[:n], chosen[n:], rejected[n:]
+    if not prompt.strip():
+        # Nothing shared: the prompt is most likely in a field of another name ("question",
+        # "instruction"), which would be kept as metadata and never trained on.
+        raise UserError(f"{where}: no 'prompt', and chosen and rejected share no start to take as "
+                        "one; add a 'prompt' field (\"\" for none).")
     return prompt, chosen_rest, rejected_rest
 
 
