@@ -135,3 +135,24 @@ def test_eval_on_the_training_data_and_split_is_refused_and_eval_split_picks_ano
         load_config(None, same)
     assert load_config(None, same + ["data.eval_split=test"]).data.eval_split == "test"
     assert load_config(None, REQUIRED + ["data.eval=other.jsonl"]).data.eval_split is None
+
+
+def test_compile_mode_without_compile_is_refused():
+    # Read only by torch.compile: without model.compile the run would stay eager, unannounced.
+    with pytest.raises(UserError) as caught:
+        load_config(None, REQUIRED + ["model.compile_mode=reduce-overhead"])
+    assert str(caught.value) == ("overrides: model.compile_mode is 'reduce-overhead', but model.compile is false, "
+                                 "so nothing is compiled; set model.compile: true, or remove model.compile_mode.")
+    assert load_config(None, REQUIRED + ["model.compile=true", "model.compile_mode=reduce-overhead"]).model.compile
+
+
+@pytest.mark.parametrize("distributed", ["auto", "ddp", "none"])
+def test_fsdp_cpu_offload_without_fsdp_is_refused(distributed):
+    # Read only when FSDP2 wraps the model: under ddp or one process nothing would be offloaded.
+    with pytest.raises(UserError) as caught:
+        load_config(None, REQUIRED + ["train.fsdp_cpu_offload=true", f"train.distributed={distributed}"])
+    assert str(caught.value) == (f"overrides: train.fsdp_cpu_offload offloads FSDP2's shards, but train.distributed "
+                                 f"is {distributed!r}; set train.distributed: fsdp, or remove "
+                                 "train.fsdp_cpu_offload.")
+    config = load_config(None, REQUIRED + ["train.fsdp_cpu_offload=true", "train.distributed=fsdp"])
+    assert config.train.fsdp_cpu_offload

@@ -377,6 +377,22 @@ class Config(Section):
         return self
 
     @model_validator(mode="after")
+    def _settings_of_a_path_not_taken(self):
+        # Both are read only on their own path (torch.compile, FSDP2's wrapping); elsewhere the run
+        # would go on without what the user asked for, and without a word.
+        if self.model.compile_mode != "default" and not self.model.compile:
+            raise ValueError(
+                f"model.compile_mode is {self.model.compile_mode!r}, but model.compile is false, so nothing "
+                "is compiled; set model.compile: true, or remove model.compile_mode"
+            )
+        if self.train.fsdp_cpu_offload and self.train.distributed != "fsdp":
+            raise ValueError(
+                f"train.fsdp_cpu_offload offloads FSDP2's shards, but train.distributed is "
+                f"{self.train.distributed!r}; set train.distributed: fsdp, or remove train.fsdp_cpu_offload"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _batch_wide_losses_sort_one_micro_batch(self):
         # aot sorts margins across the pairs of one forward: accumulation would sort each
         # micro-batch apart (not the step's pairs together), and one pair sorts to plain DPO.
