@@ -220,6 +220,35 @@ def test_prompt_shared_training_equals_padded(tmp_path, tiny_model_factory, pair
     assert_same_curves(tmp_path / "padded", tmp_path / "shared")
 
 
+@pytest.mark.parametrize("setting, why", [
+    ({"model": {"gradient_checkpointing": True}}, "model.gradient_checkpointing cannot run"),
+    ({"model": {"compile": True}}, "model.compile cannot run"),
+    ({"data": {"packing": "on"}}, "data.packing packs each micro-batch"),
+])
+def test_share_prompt_true_says_when_it_is_not_used(tiny_llama, setting, why):
+    # Asked for explicitly and dropped for another setting, it must not vanish without a word.
+    import io
+
+    from rich.console import Console
+
+    from preftune.data.shared_prompt import collate_shared_prompt
+    from preftune.modeling import load_causal_lm
+    from preftune.packing import choose_collate
+
+    model = load_causal_lm(tiny_llama)
+    raw = {"model": {"path": "x", **setting.get("model", {})},
+           "data": {"train": "x", "share_prompt": True, **setting.get("data", {})}}
+    out = io.StringIO()
+    collate = choose_collate(validate_config(raw), model, 0, torch.device("cpu"), Console(file=out, width=400))
+    assert collate.func is not collate_shared_prompt
+    said = " ".join(out.getvalue().split())
+    assert f"data.share_prompt is true, but each pair's prompt runs once per response: {why}" in said
+    raw["data"]["share_prompt"] = "auto"  # auto decides quietly, as documented
+    out = io.StringIO()
+    choose_collate(validate_config(raw), model, 0, torch.device("cpu"), Console(file=out, width=400))
+    assert "data.share_prompt" not in out.getvalue()
+
+
 # ------------------------------------------------------------------------------ precision, optimizer
 
 

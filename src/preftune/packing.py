@@ -113,6 +113,13 @@ def prompt_sharing_wanted(config, device) -> bool:
     return torch.device(device).type == "cpu" if share == "auto" else bool(share)
 
 
+def _not_shared(config, console, why: str) -> None:
+    """Say so when data.share_prompt: true was asked for and is not used (auto decides quietly)."""
+    if config.data.share_prompt is True and console is not None:
+        console.print(f"[yellow]data.share_prompt is true, but each pair's prompt runs once per response: "
+                      f"{why}; remove data.share_prompt to drop this note.[/yellow]")
+
+
 def choose_collate(config, model, pad_token_id: int, device, console=None, sharded: bool = False):
     """The function turning a micro-batch's pairs into a PairBatch: packed, prompt-shared or
     padded. Prompt sharing runs the decoder twice per forward with a key/value cache, which
@@ -120,13 +127,18 @@ def choose_collate(config, model, pad_token_id: int, device, console=None, shard
     forward) do not take; it is skipped there, as for models that fail the start-up check."""
     packed = _packed_collate(config, model, pad_token_id, device, console)
     if packed is not None:
+        _not_shared(config, console, "data.packing packs each micro-batch into one row instead")
         return packed
     padded = partial(collate_pairs, pad_token_id=pad_token_id)
     model_cfg = config.model
-    if (not prompt_sharing_wanted(config, device) or model_cfg.gradient_checkpointing or model_cfg.compile
-            or sharded):
+    blocking = [key for key, on in (("model.gradient_checkpointing", model_cfg.gradient_checkpointing),
+                                    ("model.compile", model_cfg.compile), ("train.distributed: fsdp", sharded)) if on]
+    if not prompt_sharing_wanted(config, device) or blocking:
+        _not_shared(config, console, f"{' and '.join(blocking)} cannot run its key/value-cache continuation")
         return padded
     if not prompt_sharing_is_exact(model, device, unwrap_causal_lm(model).config.vocab_size):
+        _not_shared(config, console, f"{type(unwrap_causal_lm(model)).__name__} failed the start-up check "
+                                     "that the shared layout gives the padded log-probs")
         return padded
     if console is not None:
         console.print("data: each pair's prompt runs through the model once (data.share_prompt)")
