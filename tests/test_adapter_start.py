@@ -93,6 +93,15 @@ def test_lora_on_an_adapter_remembers_the_chain(sft_adapter, tiny_llama, pairs_f
     # The chain matters: the DPO adapter on the bare base is another model.
     without_sft = _logits(_unmerged(tiny_llama, final))
     assert (without_sft - expected).abs().max() > 0.1
+    # `preftune export --merge` folds the whole chain into one model transformers loads alone
+    # (it once saved the SFT adapter's weights alone, and stopped on a PEFT version check).
+    from transformers import AutoModelForCausalLM
+
+    from preftune.export_cli import export
+
+    export(tmp_path / "run", merge=True, out=None, base=None)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "merged").eval()
+    assert torch.allclose(_logits(merged), expected, atol=1e-5)
 
 
 def test_an_adapter_whose_base_is_gone_says_where_the_base_is_named(sft_adapter, tmp_path):

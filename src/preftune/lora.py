@@ -67,7 +67,9 @@ def merge_adapter(adapter_folder: Path, base_path: str, dtype: str, out: Path,
     from preftune.checkpoint import write_folder_atomically
     from preftune.modeling import load_causal_lm, load_tokenizer
 
-    base = load_causal_lm(base_path, dtype)
+    # A base that is itself an adapter (a LoRA SFT) is folded in first, as training did: left
+    # attached, transformers would save only its adapter weights in place of the merged model.
+    base = load_causal_lm(base_path, dtype, merge_adapter=True)
     model = peft_module().PeftModel.from_pretrained(base, str(adapter_folder))
     merged = model.merge_and_unload()
     tokenizer_source = adapter_folder if (adapter_folder / "tokenizer_config.json").exists() else base_path
