@@ -183,6 +183,23 @@ def test_packed_training_equals_padded(tmp_path, tiny_model_factory, pairs_file,
     assert_same_curves(tmp_path / "padded", tmp_path / "packed")
 
 
+def test_packing_under_fsdp_packs_and_trains_like_padded(tmp_path, tiny_llama, pairs_file, capsys, recwarn):
+    # The start-up check once ran on the already sharded model, failed, and refused packing as
+    # if the model mixed packed rows.
+    import torch.distributed as torch_dist
+
+    train(make_config(tmp_path, tiny_llama, pairs_file, "padded", data={"packing": "off", "share_prompt": False}))
+    try:
+        train(make_config(tmp_path, tiny_llama, pairs_file, "packed", data={"packing": "on"},
+                          train={"distributed": "fsdp"}))
+    finally:
+        if torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+    assert "data: packing each micro-batch into one row" in capsys.readouterr().out
+    assert not [w for w in recwarn if "packed sequences apart" in str(w.message)]
+    assert_same_curves(tmp_path / "padded", tmp_path / "packed", tol=1e-4)  # fsdp rounds otherwise
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_prompt_shared_logps_and_gradients_equal_padded(tiny_model_factory, arch):
     from transformers import AutoModelForCausalLM

@@ -353,13 +353,16 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
         console.print(f"data: {len(train_pairs) % step_size} of the {len(train_pairs)} training pairs sit out "
                       f"each epoch (too few for another step of {step_size}); drawn anew each epoch")
 
+    # Its start-up checks run the whole model: once FSDP has sharded it, a forward outside the
+    # sharded root fails, and packing would be refused as if the model mixed packed rows.
+    collate = choose_collate(config, policy, tokenizer.pad_token_id, device, console,
+                             sharded=dist.strategy == "fsdp")
     policy_logps, wrapped = wrap_policy(policy, config, dist)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = build_optimizer(trainable, config.optim, device)
     scheduler = build_scheduler(optimizer, config.optim, total_steps)
     ctx = RunContext(config, device, dist, trainable, tokenizer.pad_token_id, wrapped)
-    ctx.collate = choose_collate(config, policy, tokenizer.pad_token_id, device, console,
-                                 sharded=dist.strategy == "fsdp")
+    ctx.collate = collate
     if dist.strategy != "fsdp":  # LoRA's frozen base; after choose_collate's checks, run in float32
         compacted = compact_frozen_linears(policy, config)
         if compacted:
