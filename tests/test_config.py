@@ -38,6 +38,10 @@ def test_a_bad_key_set_on_the_command_line_names_the_override_not_the_file(tmp_p
     with pytest.raises(UserError) as caught:
         load_config(path, ["loss.beta=abc"])
     assert str(caught.value).startswith("override 'loss.beta=abc': key 'loss.beta': Input should be a valid number")
+    with pytest.raises(UserError) as caught:  # a key inside a section the override wrote whole
+        load_config(path, ["model.reference_sync={every: 0}"])
+    assert str(caught.value).startswith("override 'model.reference_sync={every: 0}': key "
+                                        "'model.reference_sync.every': Input should be greater than 0")
     path.write_text("model: {path: m}\ndata: {train: t.jsonl}\nloss: {bta: 0.1}\n")
     with pytest.raises(UserError) as caught:  # in the file: the file is named
         load_config(path, ["optim.lr=1e-6"])

@@ -530,6 +530,14 @@ def _describe(error: dict) -> str:
     return f"key {key!r}: {message}"
 
 
+def _override_that_set(loc: tuple, overrides: list[str]) -> str | None:
+    """The last override that wrote the key at `loc` or a section holding it (it replaced the
+    section whole), or None when the key came from the file."""
+    key = tuple(map(str, loc))
+    setters = [text for text in overrides if key[:len(path := _parse_override(text)[0])] == tuple(path)]
+    return setters[-1] if setters else None
+
+
 def validate_config(raw: dict, source: str = "config", overrides: list[str] = ()) -> Config:
     if not isinstance(raw, dict):
         raise UserError(f"{source}: expected a mapping of sections (model, data, loss, optim, train).")
@@ -540,8 +548,7 @@ def validate_config(raw: dict, source: str = "config", overrides: list[str] = ()
         problems = "; ".join(_describe(err) for err in errors)
         # A key the command line set is not in the file: name the override, or the user searches
         # the YAML for a typo that is not there.
-        set_by = {tuple(_parse_override(text)[0]): text for text in overrides}
-        culprits = [set_by.get(tuple(map(str, err["loc"]))) for err in errors]
+        culprits = [_override_that_set(err["loc"], overrides) for err in errors]
         if all(culprits):
             source = ", ".join(f"override {text!r}" for text in dict.fromkeys(culprits))
         raise UserError(f"{source}: {problems}.") from None
