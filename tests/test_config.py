@@ -160,3 +160,14 @@ def test_fsdp_cpu_offload_without_fsdp_is_refused(distributed):
                                  "train.fsdp_cpu_offload.")
     config = load_config(None, REQUIRED + ["train.fsdp_cpu_offload=true", "train.distributed=fsdp"])
     assert config.train.fsdp_cpu_offload
+
+
+def test_adamw_settings_with_rmsprop_are_refused():
+    # RMSprop takes neither betas nor a fused kernel; the run would go on without them.
+    with pytest.raises(UserError) as caught:
+        load_config(None, REQUIRED + ["optim.name=rmsprop", "optim.fused=true"])
+    assert str(caught.value) == ("overrides: optim.fused is AdamW's, and optim.name is rmsprop, which "
+                                 "does not use it; remove optim.fused, or set optim.name: adamw.")
+    with pytest.raises(UserError, match="optim.betas and optim.fused are AdamW's"):
+        load_config(None, REQUIRED + ["optim.name=rmsprop", "optim.fused=false", "optim.betas=[0.8, 0.9]"])
+    assert load_config(None, REQUIRED + ["optim.name=rmsprop"]).optim.name == "rmsprop"

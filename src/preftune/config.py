@@ -278,6 +278,17 @@ class OptimConfig(Section):
             return int(value)
         return value
 
+    @model_validator(mode="after")
+    def _adamw_settings_need_adamw(self):
+        # RMSprop (preftune.optim.build_optimizer) takes neither: it would run without them, unannounced.
+        given = [key for key in ("betas", "fused") if getattr(self, key) != type(self).model_fields[key].default]
+        if self.name != "adamw" and given:
+            keys = " and ".join(f"optim.{key}" for key in given)
+            raise ValueError(f"{keys} {'are' if len(given) > 1 else 'is'} AdamW's, and optim.name is "
+                             f"{self.name}, which does not use {'them' if len(given) > 1 else 'it'}; "
+                             f"remove {keys}, or set optim.name: adamw")
+        return self
+
     def warmup_steps_in(self, total_steps: int) -> int:
         """The warmup's length in optimizer steps for a run of `total_steps`."""
         if isinstance(self.warmup_steps, float):
