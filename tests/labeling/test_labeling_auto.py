@@ -181,6 +181,17 @@ def test_auto_refuses_mixed_runs_and_bad_rewards(tmp_path, rewards_file):
         label_auto(pairs_file, "my_rewards:length", tmp_path / "x.jsonl", mode="coin")
 
 
+def test_out_in_a_new_folder_is_written_and_a_folder_as_out_is_named(tmp_path, rewards_file):
+    """label auto appended to --out without creating its folder (a traceback), and --out naming
+    a folder was a traceback too."""
+    pairs_file = write_pairs_file(tmp_path / "pairs.jsonl", make_pairs(2))
+    out = tmp_path / "new" / "D.jsonl"
+    label_auto(pairs_file, "my_rewards:length", out, mode="argmax", show_progress=False)
+    assert len(read_jsonl(out)) == 2
+    with pytest.raises(UserError, match="is a folder; name the file"):
+        label_auto(pairs_file, "my_rewards:length", tmp_path / "new", show_progress=False)
+
+
 def test_bad_pairs_files_name_the_line(tmp_path):
     bad = tmp_path / "pairs.jsonl"
     bad.write_text('{"pair_id": "a", "prompt": "p", "responses": ["x", "y"]}\n\n'

@@ -265,6 +265,8 @@ def label_auto(
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}.")
     out = Path(out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; name the file to write, e.g. --out {out / 'D.jsonl'}.")
     pairs = load_pairs(pairs_path)
     if reward_name is None:
         reward_name = reward if isinstance(reward, str) else _function_name(reward)
@@ -273,6 +275,7 @@ def label_auto(
     todo = [p for p in pairs if p.pair_id not in done]
     reward_fn = load_reward(reward) if isinstance(reward, str) else reward
     stats = Counter(pairs=len(pairs), resumed_from=len(done))
+    out.parent.mkdir(parents=True, exist_ok=True)  # as `preftune sample` does for its --out
     with _progress(show_progress and bool(todo), len(todo)) as advance:  # no 0% bar for nothing to do
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
