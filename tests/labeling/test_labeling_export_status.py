@@ -144,6 +144,16 @@ def test_a_stale_left_out_list_is_removed(voted, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".jsonl") == ["D.jsonl"]
 
 
+def test_a_folder_as_out_is_named_and_the_list_beside_it_kept(voted, tmp_path):
+    """--out naming a folder was a traceback, after deleting the left-out list beside it."""
+    export(voted.path, tmp_path / "D.jsonl")
+    listed = tmp_path / "D.left_out.jsonl"
+    (tmp_path / "D").mkdir()
+    with pytest.raises(UserError, match="is a folder; name the file"):
+        export(voted.path, tmp_path / "D")
+    assert listed.is_file()
+
+
 def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):
     out = tmp_path / "D.jsonl"
     out.write_text('{"old": 1}\n')

@@ -175,6 +175,8 @@ def export(db: str | Path, out: str | Path, policy: str = "majority", raw: bool 
     report, whose `left_out_file` names the list (None when nothing is left out) and
     `removed_stale` the list of an earlier export deleted because this one has none.
     """
+    if Path(out).is_dir():
+        raise UserError(f"--out {out} is a folder; name the file to write, e.g. --out {Path(out) / 'D.jsonl'}.")
     store = Store(db, must_exist=True)
     try:
         rows, report = raw_rows(store) if raw else triplet_rows(store, policy)
