@@ -130,6 +130,12 @@ def test_resume_refuses_a_file_from_another_job(model_dir, tmp_path):
         run(model_dir, write_txt(tmp_path / "other.txt", ["x", "y", "z"]), out)
 
 
+def test_a_folder_as_out_is_one_sentence(model_dir, tmp_path):
+    """--out naming a folder was an IsADirectoryError traceback."""
+    with pytest.raises(UserError, match="is a folder; name the file"):
+        run(model_dir, write_txt(tmp_path / "p.txt", PROMPTS[:1]), tmp_path)
+
+
 def test_chat_prompts_are_rendered_with_the_template(model_and_tokenizer, model_dir, tmp_path):
     model, tokenizer = model_and_tokenizer
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]

@@ -475,6 +475,8 @@ def sample_to_file(
     batch of k prompts is safely on disk (tests use it to simulate a kill).
     """
     out = Path(out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; name the file to write, e.g. --out {out / 'pairs.jsonl'}.")
     prompts = load_prompts(prompts_path)
     if not id_prefix or not all(c.isalnum() or c in "-_." for c in id_prefix):
         raise UserError(f"--id-prefix {id_prefix!r}: use letters, digits, '-', '_' or '.' (e.g. batch2-).")
