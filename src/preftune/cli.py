@@ -46,7 +46,7 @@ def train(
     resume_from: Optional[Path] = typer.Option(None, help="Continue from this checkpoint folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete the run already in train.output_dir "
                                    "(metrics, checkpoints, final policy, report) and start over."),
-    nproc: int = typer.Option(1, help="Processes on this node (launches torchrun)."),
+    nproc: int = typer.Option(1, min=1, help="Processes on this node (launches torchrun)."),
 ):
     """Train a policy with DPO (or another preference loss) against a frozen reference."""
     from preftune.config import load_config

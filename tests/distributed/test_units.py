@@ -95,3 +95,16 @@ def test_only_a_reference_that_runs_a_model_is_sharded():
     assert shard_reference(adapters_off, None, DistContext(world_size=2, strategy="ddp")) is adapters_off
     with pytest.raises(UserError, match="model.reference: precompute"):
         shard_reference(adapters_off, None, fsdp)
+
+
+@pytest.mark.parametrize("nproc", ["0", "-2"])
+def test_nproc_below_one_is_refused_not_run_as_one_process(tmp_path, nproc):
+    # It once trained in one process without a word, as if --nproc had not been given.
+    from typer.testing import CliRunner
+
+    from preftune.cli import app
+
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "never-read.yaml"), "--nproc", nproc])
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.output.replace("│", " ").split())  # the box's rows, as one line
+    assert "Invalid value for '--nproc': Input should be greater than or equal to 1" in said
