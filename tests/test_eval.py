@@ -329,6 +329,21 @@ def test_eval_pairs_without_a_reference_is_a_user_error(models, tmp_path):
     assert "--reference" in user_error(result)
 
 
+def test_eval_out_naming_a_file_is_one_sentence(models, prompts_file, tmp_path):
+    """--out naming an existing file was a FileExistsError traceback from mkdir, and for eval
+    generate only after all the sampling."""
+    taken = tmp_path / "taken.txt"
+    taken.write_text("not a folder\n")
+    data = write_pairs(tmp_path / "d.jsonl")
+    result = invoke(["pairs", "--model", models["pol"], "--reference", models["ref"], "--data", data,
+                     "--out", taken])
+    assert "taken.txt is a file; name a folder" in user_error(result)
+    result = invoke(["generate", "--model", models["pol"], "--reference", models["ref"], "--prompts",
+                     prompts_file, "--judge", "human", "--db", tmp_path / "e.sqlite", "--out", taken])
+    assert "taken.txt is a file; name a folder" in user_error(result)
+    assert not (tmp_path / "e.sqlite").exists()  # refused before anything was sampled or queued
+
+
 # ------------------------------------------------------------------ eval generate
 
 

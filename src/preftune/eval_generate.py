@@ -31,6 +31,7 @@ from pathlib import Path
 from preftune.bradley_terry import Outcome, fit_ratings, mean_with_se, win_rate
 from preftune.errors import UserError
 from preftune.evaluate import (
+    check_out_folder,
     read_eval_records,
     reference_of_run,
     run_config,
@@ -317,6 +318,8 @@ def compare_models(
         raise UserError("--judge human needs --db, the labeling database the pairs go to.")
     labels = system_labels(model_paths)
     folders = output_folders(model_paths, labels, out)
+    for folder in folders:
+        check_out_folder(folder)
 
     job.reference_model, job.reference_tokenizer = load_model_and_tokenizer(reference_path, dtype, device)
     echo(f"sampling the reference {reference_path} on {len(prompts)} prompts")

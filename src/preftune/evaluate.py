@@ -185,6 +185,7 @@ def evaluate_pairs_file(
     )
     from preftune.reference import FrozenModelReference, no_reference
 
+    check_out_folder(Path(out) if out else Path(model_path))
     run = run_config(model_path)
     run_model = run.get("model") or {}
     dtype = dtype or run_model.get("dtype") or "float32"
@@ -272,12 +273,20 @@ def read_eval_records(path: str | Path) -> list[dict]:
     return items
 
 
+def check_out_folder(folder: Path) -> None:
+    """eval.json goes into `folder`: an existing file there is one sentence, said before any
+    model is loaded, not a traceback from mkdir after the work."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--out {folder} is a file; name a folder for eval.json (created if missing).")
+
+
 def write_eval_record(folder: Path, record: dict) -> Path:
     """Add `record` to folder/eval.json, replacing an earlier run of the same evaluation.
 
     One model may be evaluated on pairs and on generations (and by several judges); a file with
     more than one evaluation holds {"evals": [...]}, which `preftune report` reads.
     """
+    check_out_folder(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "eval.json"
     records = [r for r in read_eval_records(path) if not same_evaluation(r, record)] + [record]
