@@ -344,6 +344,19 @@ def test_eval_out_naming_a_file_is_one_sentence(models, prompts_file, tmp_path):
     assert not (tmp_path / "e.sqlite").exists()  # refused before anything was sampled or queued
 
 
+def test_eval_pairs_max_length_zero_is_refused_not_read_as_the_default(models, tmp_path):
+    """`max_length or the run's` read 0 as "not given" and evaluated at 1024 tokens."""
+    from preftune.evaluate import evaluate_pairs_file
+
+    data = write_pairs(tmp_path / "d.jsonl")
+    with pytest.raises(UserError, match="max_length"):
+        evaluate_pairs_file(models["pol"], data, models["ref"], max_length=0, out=tmp_path / "o")
+    result = invoke(["pairs", "--model", models["pol"], "--reference", models["ref"], "--data", data,
+                     "--max-length", 0, "--out", tmp_path / "o"])
+    assert result.exit_code == 2 and "--max-length" in result.output
+    assert not (tmp_path / "o").exists()
+
+
 # ------------------------------------------------------------------ eval generate
 
 

@@ -38,7 +38,7 @@ def pairs(
         None, help="Loss type(s), comma separated (default: the run's, else sigmoid); the run's loss "
         "settings that these types do not use are left out."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Pairs per forward pass."),
-    max_length: int | None = typer.Option(None, "--max-length", help="Tokens per sequence (default: the run's, else 1024)."),
+    max_length: int | None = typer.Option(None, "--max-length", min=2, help="Tokens per sequence (default: the run's, else 1024)."),
     out: Path | None = typer.Option(None, help="Folder for eval.json (default: the model folder)."),
     device: str = typer.Option("auto", help="cuda, cpu, ... (auto: cuda if present)."),
     dtype: str | None = typer.Option(
