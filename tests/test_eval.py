@@ -357,6 +357,21 @@ def test_eval_pairs_max_length_zero_is_refused_not_read_as_the_default(models, t
     assert not (tmp_path / "o").exists()
 
 
+def test_eval_of_a_run_folder_or_a_missing_folder_says_so(models, prompts_file, tmp_path):
+    """Both said "no --reference given and no run config.yaml names one", which sent users
+    looking for a reference when the --model itself was wrong."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("model: {path: pi_sft}\n")
+    data = write_pairs(tmp_path / "d.jsonl")
+    for command in (["pairs", "--data", data],
+                    ["generate", "--prompts", prompts_file, "--judge", "reward:x.py:f"]):
+        message = user_error(invoke([*command, "--model", run]))
+        assert "training run's folder, not a model" in message and str(run / "final") in message
+        message = user_error(invoke([*command, "--model", tmp_path / "missing"]))
+        assert "missing is not a folder here" in message
+
+
 # ------------------------------------------------------------------ eval generate
 
 

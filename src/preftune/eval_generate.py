@@ -32,6 +32,7 @@ from preftune.bradley_terry import Outcome, fit_ratings, mean_with_se, win_rate
 from preftune.errors import UserError
 from preftune.evaluate import (
     check_out_folder,
+    no_reference_error,
     read_eval_records,
     reference_of_run,
     run_config,
@@ -308,8 +309,7 @@ def compare_models(
         raise UserError("pass at least one --model to evaluate.")
     reference_path = str(reference_path or reference_of_run(run_config(model_paths[0])) or "")
     if not reference_path:
-        raise UserError(f"{model_paths[0]}: no --reference given and no run config.yaml names "
-                        "one; pass --reference with the model the policy was trained against.")
+        raise no_reference_error(model_paths[0])
     prompts, source = _resolve_prompts(prompts, n_prompts)
     job = _Job(prompts, source, parse_judge(judge),
                SamplingSettings(temperature, top_p, max_new_tokens, seed, n=1, top_k=top_k, min_p=min_p),

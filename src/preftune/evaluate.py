@@ -107,6 +107,20 @@ def run_config(model_path: str | Path) -> dict:
     return {}
 
 
+def no_reference_error(model_path) -> UserError:
+    """Why no reference could be found for `model_path`: most often a run's own folder given for
+    its model, or a path that is no folder here, which the bare "no reference" hides."""
+    folder = Path(model_path)
+    if (folder / "config.yaml").is_file() and not (folder / "config.json").is_file():
+        return UserError(f"{folder} is a training run's folder, not a model; pass --model "
+                         f"{folder / 'final'} (or one of its checkpoints/step-N).")
+    if not folder.exists():
+        return UserError(f"{folder} is not a folder here; pass the trained model's folder "
+                         "(RUN/final), or, for a model from the Hub, --reference too.")
+    return UserError(f"{model_path}: no --reference given and no run config.yaml names one; "
+                     "pass --reference with the model the policy was trained against.")
+
+
 def reference_of_run(run: dict) -> str | None:
     """The reference a run trained against: model.reference_path, else its starting model."""
     model = run.get("model") or {}
@@ -204,8 +218,7 @@ def evaluate_pairs_file(
     if reference_path is None and not scored_without_reference:
         reference_path = reference_of_run(run)
     if reference_path is None and not reference_free:
-        raise UserError(f"{model_path}: no --reference given and no run config.yaml names one; "
-                        "pass --reference with the model the policy was trained against.")
+        raise no_reference_error(model_path)
     torch_device = pick_device(device, "--device")
     autocast = autocast_context(config.model.autocast, torch_device)
     tokenizer = load_tokenizer(str(model_path))
