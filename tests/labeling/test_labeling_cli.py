@@ -78,6 +78,7 @@ def test_cli_mistakes_are_user_errors(tmp_path):
         ("serve", "--db", db),  # no pairs to serve
         ("auto", "--pairs", tmp_path / "none.jsonl", "--reward", "m:f", "--out", db,
          "--argmax", "--bt-sample"),
+        ("export", "--db", db, "--out", tmp_path / "D.jsonl", "--raw", "--policy", "unanimous"),
     ]
     for args in cases:
         result = invoke(*args)

@@ -113,14 +113,18 @@ def status(
 def export(
     db: Path = typer.Option(..., help="SQLite labels database."),
     out: Path = typer.Option(..., help="D.jsonl to write (replaced atomically)."),
-    policy: str = typer.Option("majority", help="majority or unanimous."),
+    policy: str | None = typer.Option(None, help="majority (the default) or unanimous."),
     raw: bool = typer.Option(False, help="Every live vote with annotator, time and side."),
 ) -> None:
     """Write the data set D = {(prompt, chosen, rejected)} for `preftune train`."""
     from preftune.labeling.export import export as run_export
     from preftune.labeling.export import format_report
 
-    typer.echo(format_report(run_export(db, out, policy=policy, raw=raw), out))
+    if raw and policy is not None:  # a raw export decides nothing, so a policy would be ignored
+        raise UserError(f"--raw writes every vote rather than D, so --policy {policy} has no effect; "
+                        "drop one of them.")
+    report = run_export(db, out, policy=policy or "majority", raw=raw)
+    typer.echo(format_report(report, out))
 
 
 @app.command()
