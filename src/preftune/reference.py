@@ -196,24 +196,56 @@ def precompute_reference_logps(reference_fn: ReferenceFn, pairs: list[TokenizedP
     return torch.tensor(indices, dtype=torch.long), table
 
 
+def _process_group() -> tuple[int, int]:
+    """(rank, world size) of torchrun's process group; (0, 1) outside one."""
+    import torch.distributed as torch_dist
+
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        return torch_dist.get_rank(), torch_dist.get_world_size()
+    return 0, 1
+
+
+def _gathered(value) -> list:
+    """Every process's `value`, in rank order ([value] outside a process group)."""
+    import torch.distributed as torch_dist
+
+    if _process_group()[1] == 1:
+        return [value]
+    out = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(out, value)
+    return out
+
+
+def precompute_in_shares(reference_fn, pairs, batch_size: int, collate, device):
+    """`precompute_reference_logps`, each process of a group taking every N-th pair by length (so
+    every share holds like lengths and as much work), then gathered: every process holds the
+    whole table, for the time of one process's share."""
+    rank, world_size = _process_group()
+    share = sorted(pairs, key=lambda p: -p.length)[rank::world_size]
+    tables = _gathered(precompute_reference_logps(reference_fn, share, batch_size, collate, device))
+    return torch.cat([indices for indices, _ in tables]), torch.cat([table for _, table in tables])
+
+
 def cached_reference_table(config, reference_fn, pairs, split, collate, device, console, is_main):
     """Load the split's table from OUTPUT/reference_logps/<key>.safetensors, or compute and save it."""
     from safetensors.torch import load_file, save_file
 
     path = Path(config.train.output_dir) / CACHE_DIR / f"{cache_key(config, pairs, split)}.safetensors"
-    if path.exists():
+    if all(_gathered(path.exists())):  # all processes, or none: computing it is a collective
         saved = load_file(str(path))
         console.print(f"reference: {len(pairs)} {split} pairs' log-probs from the cache {path}")
         return saved["indices"], saved["logps"], True
     batch_size = 4 * max(config.train.batch_size, config.train.eval_batch_size or 0)
-    indices, table = precompute_reference_logps(reference_fn, pairs, batch_size, collate, device)
+    indices, table = precompute_in_shares(reference_fn, pairs, batch_size, collate, device)
     if is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         save_file({"indices": indices, "logps": table}, str(tmp),
                   metadata={"split": split, "pairs": str(len(pairs)), "model": config.model.path})
         os.replace(tmp, path)  # a killed run never leaves half a cache behind
-    console.print(f"reference: {len(pairs)} {split} pairs' log-probs computed and cached in {path}")
+    world_size = _process_group()[1]
+    shares = f" by {world_size} processes, a share each," if world_size > 1 else ""
+    console.print(f"reference: {len(pairs)} {split} pairs' log-probs computed{shares} and cached in {path}")
     return indices, table, False
 
 

@@ -19,6 +19,7 @@ from dist_helpers import (
     train_in_process,
     write_config,
 )
+from safetensors.torch import load_file
 
 from preftune.checkpoint import is_complete, load_training_state
 
@@ -92,6 +93,17 @@ def test_fsdp_with_lora_and_a_precomputed_reference_trains_like_one_process(tiny
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "fsdp" / "run" / "final" / "adapter_model.safetensors").exists()
     assert_runs_match(single, tmp_path / "fsdp" / "run", FSDP_TOLERANCE)
+    # Each process ran half of the reference's pass (not all of it), and the table gathered
+    # from the halves is the one process's.
+    _printed_once(result.stdout, "86 train pairs' log-probs computed by 2 processes, a share each,")
+    _printed_once(result.stdout, "10 eval pairs' log-probs computed by 2 processes, a share each,")
+    caches = sorted((single / "reference_logps").glob("*.safetensors"))
+    assert len(caches) == 2  # train and eval; the same keys, since data and model are the same
+    for cache in caches:
+        one, two = load_file(str(cache)), load_file(str(tmp_path / "fsdp" / "run" / "reference_logps" / cache.name))
+        assert sorted(one["indices"].tolist()) == sorted(two["indices"].tolist())
+        row_of = {int(i): row for row, i in enumerate(two["indices"])}
+        torch.testing.assert_close(two["logps"][[row_of[int(i)] for i in one["indices"]]], one["logps"])
     # lora_B starts at zero: the comparison means something only if training moved it well past.
     moved = max(t.abs().max().item() for n, t in final_weights(single / "final").items() if "lora_B" in n)
     assert moved > 10 * FSDP_TOLERANCE
