@@ -414,6 +414,20 @@ def test_data_inspect_reports_counts_lengths_and_an_example(tmp_path, tiny_llama
     assert "[chosen]" in out and "[rejected]" in out
 
 
+@pytest.mark.parametrize("option, said", [(["--truncation", "keep_middle"], "error: --truncation 'keep_middle': "
+                                                                          "Input should be 'keep_end' or 'keep_start'."),
+                                           (["--max-length", "0"], "error: --max-length 0: Input should be greater than 1.")])
+def test_data_inspect_names_a_bad_option_in_one_sentence(tmp_path, tiny_llama, option, said):
+    from typer.testing import CliRunner
+
+    from preftune.cli import app
+
+    path = write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    result = CliRunner().invoke(app, ["data", "inspect", str(path), "--model", str(tiny_llama), *option])
+    assert result.exit_code == 2, result.output
+    assert " ".join(result.output.split()) == said
+
+
 def _rows_with_pairs_per_prompt(prompts, counts, conversational):
     """`counts[i]` distinct pairs for `prompts[i]`, the prompts interleaved as a real file has them."""
     rows = []

@@ -72,11 +72,18 @@ def data_inspect(
     split: str = typer.Option("train"),
 ):
     """Counts, token-length histograms, skipped rows and one rendered example."""
+    from pydantic import ValidationError
+
     from preftune.config import DataConfig
     from preftune.data.inspect import inspect_file
     from preftune.modeling import load_tokenizer
 
-    data_cfg = DataConfig(train=file, max_length=max_length, truncation=truncation)
+    try:
+        data_cfg = DataConfig(train=file, max_length=max_length, truncation=truncation)
+    except ValidationError as e:  # a bad --max-length or --truncation: one sentence, not a traceback
+        error = e.errors()[0]
+        option = "--" + str(error["loc"][0]).replace("_", "-")
+        raise UserError(f"{option} {error['input']!r}: {error['msg']}.") from None
     inspect_file(file, load_tokenizer(model, setting="--model"), data_cfg, Console(), split)
 
 
