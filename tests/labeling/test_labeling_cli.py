@@ -79,6 +79,8 @@ def test_cli_mistakes_are_user_errors(tmp_path):
         ("auto", "--pairs", tmp_path / "none.jsonl", "--reward", "m:f", "--out", db,
          "--argmax", "--bt-sample"),
         ("export", "--db", db, "--out", tmp_path / "D.jsonl", "--raw", "--policy", "unanimous"),
+        ("serve", "--db", db, "--port", "99999",
+         "--pairs", write_pairs_file(tmp_path / "pairs.jsonl", make_pairs(1))),
     ]
     for args in cases:
         result = invoke(*args)

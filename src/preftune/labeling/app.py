@@ -315,6 +315,8 @@ def serve(
 
     from preftune.labeling.pairs import load_pairs
 
+    if not 0 < port < 65536:  # else a traceback from bind, after the pairs were imported
+        raise UserError(f"--port must be between 1 and 65535, got {port}.")
     if pairs is None and not Path(db).exists():  # refused before Store would create an empty one
         raise UserError(f"{db} does not exist and no --pairs were given; pass --pairs pairs.jsonl "
                         "to create it.")
