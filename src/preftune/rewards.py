@@ -41,7 +41,24 @@ def load_reward(spec: str, batch_size: int = 8, device: str | None = None) -> Re
     fn = getattr(module, name, None)
     if not callable(fn):
         raise UserError(f"reward {spec!r}: {target} has no function named {name!r}.")
+    _check_two_arguments(fn, spec)
     return _batched(fn, spec)
+
+
+def _check_two_arguments(fn: Callable, spec: str) -> None:
+    """A function that cannot be called with two arguments is one sentence now, not a TypeError
+    traceback from inside the labeling loop."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin without a signature: let the call tell
+        return
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        raise UserError(
+            f"reward {spec!r} takes {signature}; it must take (prompt, response) or "
+            f"(prompts, responses) and return a number or a list of them."
+        ) from None
 
 
 def _import_file(path: str, spec: str):

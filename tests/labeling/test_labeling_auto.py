@@ -36,6 +36,9 @@ def infinite(prompt: str, response: str) -> float:
     return float("inf")
 
 NOT_CALLABLE = 3
+
+def one_argument(response):
+    return 1.0
 '''
 
 
@@ -75,6 +78,7 @@ def test_load_reward_specs(rewards_file):
     ("missing_file.py:f", "does not exist"),
     ("my_rewards:absent", "no function named"),
     ("my_rewards:NOT_CALLABLE", "no function named"),
+    ("my_rewards:one_argument", r"takes \(response\); it must take \(prompt, response\)"),
 ])
 def test_bad_reward_specs_are_user_errors(rewards_file, spec, words):
     with pytest.raises(UserError, match=words):
