@@ -134,3 +134,19 @@ def test_the_reference_cache_key_follows_the_adapters_base(sft_adapter, tiny_lla
     weights = base / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")  # the base changed, the adapter did not
     assert cache_key(run_config, [], "train") != before
+
+
+def test_a_lora_target_module_that_matches_nothing_is_refused_beside_good_ones(tiny_llama):
+    # PEFT refuses only a list of which no name matches; a typo beside good names would leave
+    # the layers it meant untrained without a word.
+    from types import SimpleNamespace
+
+    from preftune.lora import apply_lora
+
+    lora = SimpleNamespace(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_prj"])
+    with pytest.raises(UserError) as caught:
+        apply_lora(load_causal_lm(str(tiny_llama)), lora)
+    assert str(caught.value) == ("model.lora.target_modules: 'v_prj' names no module of the model (the other "
+                                 "names matched 2); fix or remove it.")
+    lora.target_modules = ["q_proj", "layers.0.self_attn.v_proj"]  # PEFT's suffix match: a full name too
+    assert len(apply_lora(load_causal_lm(str(tiny_llama)), lora).targeted_module_names) == 3

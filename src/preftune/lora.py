@@ -40,9 +40,19 @@ def apply_lora(model: nn.Module, lora_cfg) -> nn.Module:
     config = peft.LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
                              target_modules=lora_cfg.target_modules, task_type="CAUSAL_LM")
     try:
-        return peft.get_peft_model(model, config)
+        model = peft.get_peft_model(model, config)
     except ValueError as e:
         raise UserError(f"model.lora.target_modules: {str(e).splitlines()[0][:200]}") from None
+    if isinstance(lora_cfg.target_modules, list):
+        # PEFT refuses a list none of whose names match, but passes over each one that does not
+        # (a typo beside good names), which would silently leave those layers untrained.
+        targeted = model.targeted_module_names
+        missing = [name for name in lora_cfg.target_modules
+                   if not any(t == name or t.endswith("." + name) for t in targeted)]
+        if missing:
+            raise UserError(f"model.lora.target_modules: {', '.join(map(repr, missing))} names no module of "
+                            f"the model (the other names matched {len(targeted)}); fix or remove it.")
+    return model
 
 
 def load_adapter_weights(model: nn.Module, folder: Path) -> None:
