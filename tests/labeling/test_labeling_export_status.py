@@ -233,6 +233,23 @@ def test_pairs_with_an_empty_response_are_left_out_of_d(tmp_path):
         ("empty", "empty response", {"response_0": 1})]
 
 
+def test_pairs_with_identical_responses_are_left_out_of_d_and_listed(tmp_path):
+    """Such a pair went into D as chosen == rejected, which training then skips; label auto
+    skips it too. It belongs in the left-out list, with its votes."""
+    from preftune.labeling.pairs import Pair
+
+    store = Store(tmp_path / "votes.sqlite")
+    store.add_pairs([Pair("same", "p", ("Yes.", "Yes.")), Pair("full", "p", ("one", "two"))])
+    who = store.authenticate(store.add_annotator("a"))
+    cast(store, who, "same", 0), cast(store, who, "full", 1)
+    rows, report = triplet_rows(store, "majority")
+    store.close()
+    assert [r["pair_id"] for r in rows] == ["full"]
+    assert report["left_out"] == {"identical responses": 1}
+    assert [(r["pair_id"], r["reason"], r["votes"]) for r in report["left_out_rows"]] == [
+        ("same", "identical responses", {"response_0": 1})]
+
+
 def test_export_marks_responses_the_sampler_cut(tmp_path):
     """A response cut by max_new_tokens (pairs.jsonl's `truncated`) stays marked through the
     labels database, so training closes it with no EOS (tests/test_loop_seams.py)."""

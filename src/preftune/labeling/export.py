@@ -8,7 +8,7 @@ order), or "tie", "both_bad", "skip". Skips are abstentions. Per pair, over the 
 
 A pair whose winning outcome is a response becomes one (prompt, chosen, rejected) row; pairs whose
 outcome is a tie, both-bad, no majority / disagreement, or only skips are counted and left out,
-as are unlabelled pairs and pairs with an empty response. Nothing is dropped silently: the
+as are unlabelled pairs and pairs with an empty response or two identical ones. Nothing is dropped silently: the
 left-out pairs are listed, one row each with the reason and the votes, in a file beside D.jsonl
 (`left_out_path`), so a lead can send disagreements back to annotators or check both-bad pairs.
 `raw=True` writes one row per live vote instead, with annotator, time and side, for analysis.
@@ -143,6 +143,8 @@ def _pair_decision(pair: dict, outcomes: list, policy: str) -> int | str:
         return "unlabelled"
     if not all(text.strip() for text in pair["responses"]):  # training refuses these
         return "empty response"
+    if pair["responses"][0] == pair["responses"][1]:  # no preference: training skips chosen == rejected
+        return "identical responses"
     return decide(outcomes, policy)
 
 
