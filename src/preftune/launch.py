@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
 from preftune.errors import UserError
 
@@ -64,6 +65,55 @@ def _quiet_agent() -> None:
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
+def _child_pids() -> list[int]:
+    """This process's children (torchrun's workers), read from /proc (Linux)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # the name may hold ") "
+        except (OSError, IndexError, ValueError):  # the process ended while we looked
+            continue
+        if ppid == os.getpid():
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+class StopForwarder:
+    """SIGTERM (a scheduler's preemption) and Ctrl-C are passed on to the workers, and the agent
+    keeps waiting for them: each finishes its step, checkpoints and exits 0, and so does the
+    launcher. torchrun's own handler would stop the agent at once, wait at most 30 s for the
+    workers, then exit 128 + the signal however cleanly they ended."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        from torch.distributed.elastic.multiprocessing.api import SignalException
+
+        self.signal_exception = SignalException
+        self.received: signal.Signals | None = None
+
+    def install(self, args) -> None:
+        """Our handlers for these two signals; `args` (torchrun's) keeps the agent's handlers,
+        which it installs when it starts the workers, to the other signals (a torch without
+        `--signals-to-handle` installs its own over ours: the old exit status)."""
+        ours = {sig.name for sig in self.SIGNALS}
+        handled = getattr(args, "signals_to_handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT").split(",")
+        args.signals_to_handle = ",".join(name for name in handled if name.strip() not in ours)
+        for sig in self.SIGNALS:
+            signal.signal(sig, self.forward)
+
+    def forward(self, signum, frame) -> None:
+        self.received = signal.Signals(signum)
+        workers = _child_pids()
+        if not workers:  # none started yet (or no /proc): torchrun's way, stop everything now
+            raise self.signal_exception(f"got {self.received.name}", sigval=self.received)
+        for pid in workers:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:  # it ended meanwhile
+                pass
+
+
 def launch_torchrun(nproc: int, argv: list[str]) -> int:
     """Run `preftune train` in `nproc` processes on this machine; returns the exit status."""
     # torchrun's own default for several workers (one thread each, so N workers do not fight
@@ -75,13 +125,18 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
 
     _quiet_agent()
     args = get_args_parser().parse_args(torchrun_args(nproc, argv))
+    stop = StopForwarder()
+    stop.install(args)
     try:
         run(args)
     except ChildFailedError as e:
         first_rank, first = e.get_first_failure()
+        if stop.received and first.exitcode == -stop.received:  # killed by it before saving could start
+            print(f"preftune: stopped by {stop.received.name}.", file=sys.stderr, flush=True)
+            return 128 + int(stop.received)
         print(f"preftune: {describe_failures(e.failures, first_rank, nproc)}", file=sys.stderr, flush=True)
         return first.exitcode if first.exitcode > 0 else 1
-    except SignalException as e:  # Ctrl-C or a scheduler's SIGTERM: the workers were stopped
+    except SignalException as e:  # SIGHUP, SIGQUIT, or a signal before any worker started
         print(f"preftune: stopped by {signal.Signals(e.sigval).name}.", file=sys.stderr, flush=True)
         return 128 + int(e.sigval)
     return 0

@@ -19,7 +19,7 @@ from dist_helpers import (
     write_config,
 )
 
-from preftune.checkpoint import latest_good_checkpoint
+from preftune.checkpoint import is_complete, latest_good_checkpoint
 
 STEPS = 16
 
@@ -34,12 +34,8 @@ def _wait_for_steps(run, count: int, proc, timeout: float = 180) -> None:
     raise AssertionError(f"no {count} steps logged in {timeout}s")
 
 
-@pytest.mark.slow  # about a minute: two 2-process launches and one single-process run
-def test_ddp_run_stopped_by_sigterm_resumes_like_a_run_never_stopped(tiny_llama, tmp_path):
-    single = train_in_process(write_config(tmp_path / "one", tiny_llama, nproc=1, max_steps=STEPS))
-    config = write_config(tmp_path / "two", tiny_llama, nproc=2, max_steps=STEPS)
-    run = tmp_path / "two" / "run"
-    # SIGTERM to the launcher, as a scheduler sends it: torchrun passes it to every worker.
+def _sigterm_the_launcher(config, run) -> tuple[int, str]:
+    """SIGTERM to `preftune train --nproc 2` alone, as a scheduler sends it, after step 2."""
     proc = subprocess.Popen(preftune_cmd(config, "--nproc", "2"), cwd=REPO, env=worker_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -51,9 +47,32 @@ def test_ddp_run_stopped_by_sigterm_resumes_like_a_run_never_stopped(tiny_llama,
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
+    return proc.returncode, out + err
+
+
+def test_sigterm_to_the_launcher_exits_0_once_the_workers_have_checkpointed(tiny_llama, tmp_path):
+    """The launcher passes the signal on and waits: the workers save and exit 0, so must it.
+    It exited 143 (torchrun's 128 + SIGTERM), which a scheduler reads as a failed job."""
+    config = write_config(tmp_path, tiny_llama, nproc=2, max_steps=40)
+    run = tmp_path / "run"
+    code, output = _sigterm_the_launcher(config, run)
+    assert code == 0, output
+    assert output.count("stopped by signal") == 1, output
     stopped_at = latest_good_checkpoint(run)
-    assert stopped_at is not None, out + err
-    assert out.count("stopped by signal") == 1, out + err
+    assert stopped_at is not None and is_complete(stopped_at), output
+    assert f"preftune train {run / 'config.yaml'} --resume --nproc 2" in output
+
+
+@pytest.mark.slow  # about a minute: two 2-process launches and one single-process run
+def test_ddp_run_stopped_by_sigterm_resumes_like_a_run_never_stopped(tiny_llama, tmp_path):
+    single = train_in_process(write_config(tmp_path / "one", tiny_llama, nproc=1, max_steps=STEPS))
+    config = write_config(tmp_path / "two", tiny_llama, nproc=2, max_steps=STEPS)
+    run = tmp_path / "two" / "run"
+    code, output = _sigterm_the_launcher(config, run)
+    assert code == 0, output
+    stopped_at = latest_good_checkpoint(run)
+    assert stopped_at is not None, output
+    assert output.count("stopped by signal") == 1, output
     assert int(stopped_at.name.split("-")[1]) < STEPS
     assert not (run / "final").exists()
 
