@@ -48,6 +48,19 @@ def test_a_bad_key_set_on_the_command_line_names_the_override_not_the_file(tmp_p
     assert str(caught.value).startswith(f"{path}: unknown key 'loss.bta'")
 
 
+@pytest.mark.parametrize("override, said", [
+    ("data.train=''", "key 'data.train': an empty name; give a data file, folder or hub id."),
+    ("data.train=[pairs.jsonl, '']", "key 'data.train': an empty name; give a data file, folder or hub id."),
+    ("data.train=[]", "key 'data.train': an empty list; name at least one data file, folder or hub id."),
+    ("data.eval=' '", "key 'data.eval': an empty name; give a data file, folder or hub id."),
+])
+def test_an_empty_data_source_is_refused_at_the_config(override, said):
+    # '' would be read as the current folder; [] as a run with no pairs and a garbled message.
+    with pytest.raises(UserError) as caught:
+        load_config(None, [*REQUIRED, override])
+    assert str(caught.value) == f"override {override!r}: {said}"
+
+
 def test_an_unknown_key_with_nothing_close_lists_the_section_keys():
     with pytest.raises(UserError) as caught:
         load_config(None, REQUIRED + ["optim.nesterov=true"])

@@ -89,6 +89,17 @@ class DataConfig(Section):
     # (bench/host_ops.py counts them).
     share_prompt: bool | Literal["auto"] = "auto"
 
+    @field_validator("train", "eval")
+    @classmethod
+    def _names_a_source(cls, value, info):
+        # An empty name would be read as the current folder, and an empty list as no data at all.
+        if value == [] and info.field_name == "train":
+            raise ValueError("an empty list; name at least one data file, folder or hub id")
+        names = value if isinstance(value, list) else [value]
+        if any(name is not None and not name.strip() for name in names):
+            raise ValueError("an empty name; give a data file, folder or hub id")
+        return value
+
     @field_validator("packing", mode="before")
     @classmethod
     def _packing_from_yaml_boolean(cls, value):
