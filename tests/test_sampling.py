@@ -1,5 +1,6 @@
 """`preftune sample` and `preftune.sampling` on a tiny model built in-process."""
 
+import copy
 import json
 
 import pytest
@@ -134,6 +135,16 @@ def test_a_folder_as_out_is_one_sentence(model_dir, tmp_path):
     """--out naming a folder was an IsADirectoryError traceback."""
     with pytest.raises(UserError, match="is a folder; name the file"):
         run(model_dir, write_txt(tmp_path / "p.txt", PROMPTS[:1]), tmp_path)
+
+
+def test_a_chat_prompt_without_a_chat_template_names_the_prompt(model_and_tokenizer):
+    """The sentence said "a prompt", leaving the user to search the file for it."""
+    _, tokenizer = model_and_tokenizer
+    bare = copy.copy(tokenizer)
+    bare.chat_template = None
+    chat = [{"role": "user", "content": "Hello"}]
+    with pytest.raises(UserError, match=r"^prompt 4 \(counting from 0, as its pair id does\) is a list"):
+        encode_prompts(bare, ["text", chat], indices=[3, 4])
 
 
 def test_chat_prompts_are_rendered_with_the_template(model_and_tokenizer, model_dir, tmp_path):

@@ -110,7 +110,7 @@ def render_prompt(tokenizer, prompt: Prompt, where: str = "a chat prompt") -> st
         return prompt
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(
-            "a prompt is a list of chat messages but the tokenizer has no chat template; "
+            f"{where} is a list of chat messages but the tokenizer has no chat template; "
             "use text prompts or a tokenizer that defines one."
         )
     return render_chat(tokenizer, prompt, True, where)
