@@ -138,14 +138,35 @@ class PrecomputedReference:
         return to_device(torch.cat([pairs[:, 0], pairs[:, 1]]), batch.input_ids.device)  # chosen rows first
 
 
+def _hub_snapshot(repo_id: str) -> Path | None:
+    """The hub cache's folder of the revision `from_pretrained(repo_id)` loads, named by its
+    commit hash (snapshots/<hash>/); None when `repo_id` resolves to none."""
+    from transformers.utils import cached_file
+
+    for name in ("config.json", "adapter_config.json"):
+        try:
+            found = cached_file(repo_id, name, _raise_exceptions_for_missing_entries=False)
+        except (OSError, ValueError):  # no such repo, or not a repo id: loading says why
+            return None
+        if found:
+            return Path(found).parent
+    return None
+
+
 def _weights_fingerprint(path: str, update) -> None:
     """The weight files' names, sizes, times and first and last MiB: changes when they do,
-    without reading gigabytes. An adapter folder's base model counts too."""
+    without reading gigabytes. An adapter folder's base model counts too. A hub id is its
+    snapshot's folder: a new revision on the Hub is a new key, not the old revision's cache."""
     folder = Path(os.path.expanduser(path))
     update(str(folder.resolve() if folder.exists() else path))
+    if not folder.exists():
+        folder = _hub_snapshot(path)
+        if folder is None:
+            return
+        update(f" snapshot {folder.name}")
     if not folder.is_dir():
         return
-    base = adapter_base(path)
+    base = adapter_base(str(folder))
     if base is not None:
         _weights_fingerprint(base, update)
     for file in sorted(folder.iterdir()):
