@@ -154,6 +154,16 @@ def test_a_folder_as_out_is_named_and_the_list_beside_it_kept(voted, tmp_path):
     assert listed.is_file()
 
 
+def test_out_naming_the_database_is_refused_and_the_votes_kept(voted):
+    """`--out labels.sqlite` (a slip for --db) replaced the database, every vote, with D."""
+    before = len(voted.live_votes())
+    with pytest.raises(UserError, match="is the labels database itself"):
+        export(voted.path, voted.path)
+    reopened = Store(voted.path, must_exist=True)
+    assert len(reopened.live_votes()) == before
+    reopened.close()
+
+
 def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):
     out = tmp_path / "D.jsonl"
     out.write_text('{"old": 1}\n')

@@ -179,6 +179,8 @@ def export(db: str | Path, out: str | Path, policy: str = "majority", raw: bool 
     """
     if Path(out).is_dir():
         raise UserError(f"--out {out} is a folder; name the file to write, e.g. --out {Path(out) / 'D.jsonl'}.")
+    if Path(out).resolve() == Path(db).resolve():  # the atomic write would replace every vote
+        raise UserError(f"--out {out} is the labels database itself; choose another --out, e.g. D.jsonl.")
     store = Store(db, must_exist=True)
     try:
         rows, report = raw_rows(store) if raw else triplet_rows(store, policy)
