@@ -181,6 +181,13 @@ def test_what_the_run_leaves_out_or_risks_is_said(tmp_path, tiny_llama, pairs_fi
     assert "model.dtype float16 trains the float16 weights themselves, without loss scaling" in out
 
 
+def test_eval_every_without_eval_pairs_is_said(tmp_path, tiny_llama, pairs_file, capsys):
+    train(make_config(tmp_path, tiny_llama, pairs_file, train={"max_steps": 1, "eval_every": 1}))
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert ("train.eval_every is 1, but no eval pairs are given (data.eval or data.eval_fraction), so no "
+            "evaluation will run") in out
+
+
 def test_eval_split_reads_the_held_out_split_of_the_training_data_set(tmp_path, tiny_llama, capsys):
     import datasets
     from preftune_test_data import PAIRS

@@ -160,6 +160,9 @@ def prepare_data(config: Config, tokenizer, console: Console):
         console.print(f"[yellow]data: none of the {len(eval_pairs)} eval pairs is left after tokenization "
                       f"({_describe_counts(eval_counts)}), so no evaluation will run; check data.max_length "
                       f"(now {data.max_length}).[/yellow]")
+    if config.train.eval_every and not eval_pairs:
+        console.print(f"[yellow]data: train.eval_every is {config.train.eval_every}, but no eval pairs are "
+                      "given (data.eval or data.eval_fraction), so no evaluation will run.[/yellow]")
     return train_tok, eval_tok, held_out
 
 
