@@ -175,6 +175,19 @@ def test_fsdp_cpu_offload_without_fsdp_is_refused(distributed):
     assert config.train.fsdp_cpu_offload
 
 
+def test_lora_with_a_live_reference_under_fsdp_is_refused_before_anything_loads():
+    # The sentence came from shard_reference, after the model and the data had loaded.
+    lora_fsdp = REQUIRED + ["model.lora={r: 4}", "train.distributed=fsdp"]
+    with pytest.raises(UserError) as caught:
+        load_config(None, lora_fsdp)
+    assert str(caught.value) == ("overrides: with train.distributed: fsdp, LoRA's reference (the policy with "
+                                 "its adapters off) cannot run beside the sharded policy; set model.reference: "
+                                 "precompute, or use train.distributed: ddp.")
+    for fits in (["model.reference=precompute"], ["model.reference_path=other/model"],
+                 ["loss.reference_free=true"], ["train.distributed=ddp"]):
+        load_config(None, lora_fsdp + fits)
+
+
 def test_adamw_settings_with_rmsprop_are_refused():
     # RMSprop takes neither betas nor a fused kernel; the run would go on without them.
     with pytest.raises(UserError) as caught:

@@ -387,6 +387,20 @@ class Config(Section):
         return self
 
     @model_validator(mode="after")
+    def _lora_reference_beside_fsdp(self):
+        # LoRA's live reference is the policy with its adapters off (preftune.reference): a
+        # forward outside the policy's sharded root would meet sharded embeddings. Said here,
+        # before the model and data load, not after.
+        live_adapter_reference = (self.model.lora is not None and self.model.reference == "copy"
+                                  and not self.model.reference_path and not self.loss.reference_free)
+        if self.train.distributed == "fsdp" and live_adapter_reference:
+            raise ValueError(
+                "with train.distributed: fsdp, LoRA's reference (the policy with its adapters off) cannot "
+                "run beside the sharded policy; set model.reference: precompute, or use train.distributed: ddp"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _cuda_graphs_need_one_micro_batch(self):
         # A CUDA graph's outputs live in its own memory and are overwritten by its next replay;
         # gradients accumulated over micro-batches would be summed into that memory (known to

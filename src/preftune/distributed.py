@@ -196,12 +196,8 @@ def shard_reference(reference_fn, config, dist: DistContext):
 
     if dist.strategy != "fsdp" or not hasattr(reference_fn, "model"):
         return reference_fn
-    if not isinstance(reference_fn, FrozenModelReference):
-        # LoRA's reference is the policy with its adapters off: a forward outside the policy's
-        # sharded root would meet sharded embeddings.
-        raise UserError("with train.distributed: fsdp, LoRA's reference (the policy with its adapters "
-                        "off) cannot run beside the sharded policy; set model.reference: precompute, "
-                        "or use train.distributed: ddp.")
+    # LoRA's reference (the policy with its adapters off) is refused beside fsdp by the config.
+    assert isinstance(reference_fn, FrozenModelReference), type(reference_fn).__name__
     module = _shard(CompletionLogps(reference_fn.model, reference_fn.chunk_size, reference_fn.ld_alpha), config, dist)
     return ShardedReference(module, reference_fn.autocast)
 
