@@ -115,6 +115,24 @@ def test_cli_train_end_to_end(tmp_path, tiny_llama, pairs_file):
     assert (out / "config.yaml").exists() and (out / "report.html").exists()
 
 
+def test_cli_prints_preftune_warnings_as_one_line_without_code(monkeypatch):
+    # A corrupt checkpoint passed over at --resume warns; the user should not read a source path
+    # and a line of preftune's code as if something had crashed.
+    import warnings
+    from pathlib import Path
+
+    from preftune import cli
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+    cli.show_warnings_as_one_line()
+    ours = str(Path(cli.__file__).with_name("checkpoint.py"))
+    assert warnings.formatwarning("checkpoint step-000004 is corrupt; using an earlier one.", UserWarning, ours,
+                                  174, "found = latest_good_checkpoint(output_dir)") == \
+        "warning: checkpoint step-000004 is corrupt; using an earlier one.\n"
+    theirs = warnings.formatwarning("deprecated", FutureWarning, "/site-packages/other/x.py", 3, "call()")
+    assert "/site-packages/other/x.py:3: FutureWarning: deprecated" in theirs
+
+
 def test_cli_user_errors_are_one_sentence(tmp_path, tiny_llama, pairs_file):
     from typer.testing import CliRunner
 

@@ -131,7 +131,25 @@ def _mount_subcommands() -> None:
 _mount_subcommands()
 
 
+def show_warnings_as_one_line() -> None:
+    """preftune's own warnings speak to the user (a corrupt checkpoint passed over, a prompt whose
+    last token merges with the completion); Python's default format adds the source file and the
+    line of code that warned, which read like a traceback. Other packages' keep that format."""
+    import warnings
+
+    package = str(Path(__file__).parent)
+    default = warnings.formatwarning
+
+    def one_line(message, category, filename, lineno, line=None):
+        if str(filename).startswith(package):
+            return f"warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = one_line
+
+
 def main() -> None:
+    show_warnings_as_one_line()
     app()
 
 
