@@ -137,6 +137,15 @@ def test_a_folder_as_out_is_one_sentence(model_dir, tmp_path):
         run(model_dir, write_txt(tmp_path / "p.txt", PROMPTS[:1]), tmp_path)
 
 
+def test_out_naming_the_prompt_file_is_refused_and_the_file_kept(model_dir, tmp_path):
+    """Resuming into the prompt file itself cut its last line when it had no newline."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a"}\n{"prompt": "b"}')
+    with pytest.raises(UserError, match="is the --prompts file itself"):
+        run(model_dir, prompts, prompts)
+    assert prompts.read_text() == '{"prompt": "a"}\n{"prompt": "b"}'
+
+
 def test_a_chat_prompt_without_a_chat_template_names_the_prompt(model_and_tokenizer):
     """The sentence said "a prompt", leaving the user to search the file for it."""
     _, tokenizer = model_and_tokenizer

@@ -477,6 +477,8 @@ def sample_to_file(
     out = Path(out)
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; name the file to write, e.g. --out {out / 'pairs.jsonl'}.")
+    if out.resolve() == Path(prompts_path).resolve():  # resuming would cut its unfinished last line
+        raise UserError(f"--out {out} is the --prompts file itself; choose another --out, e.g. pairs.jsonl.")
     prompts = load_prompts(prompts_path)
     if not id_prefix or not all(c.isalnum() or c in "-_." for c in id_prefix):
         raise UserError(f"--id-prefix {id_prefix!r}: use letters, digits, '-', '_' or '.' (e.g. batch2-).")
