@@ -196,6 +196,17 @@ def test_out_in_a_new_folder_is_written_and_a_folder_as_out_is_named(tmp_path, r
         label_auto(pairs_file, "my_rewards:length", tmp_path / "new", show_progress=False)
 
 
+def test_out_naming_the_pairs_file_is_refused_and_the_file_kept(tmp_path, rewards_file):
+    """Resuming into the pairs file itself cut its last line when it had no newline, then
+    advised deleting it."""
+    pairs_file = write_pairs_file(tmp_path / "pairs.jsonl", make_pairs(2))
+    text = pairs_file.read_text().rstrip("\n")
+    pairs_file.write_text(text)
+    with pytest.raises(UserError, match="is the --pairs file itself"):
+        label_auto(pairs_file, "my_rewards:length", pairs_file, show_progress=False)
+    assert pairs_file.read_text() == text
+
+
 def test_bad_pairs_files_name_the_line(tmp_path):
     bad = tmp_path / "pairs.jsonl"
     bad.write_text('{"pair_id": "a", "prompt": "p", "responses": ["x", "y"]}\n\n'

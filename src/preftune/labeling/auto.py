@@ -267,6 +267,8 @@ def label_auto(
     out = Path(out)
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; name the file to write, e.g. --out {out / 'D.jsonl'}.")
+    if out.resolve() == Path(pairs_path).resolve():  # resuming would cut its unfinished last line
+        raise UserError(f"--out {out} is the --pairs file itself; choose another --out, e.g. D.jsonl.")
     pairs = load_pairs(pairs_path)
     if reward_name is None:
         reward_name = reward if isinstance(reward, str) else _function_name(reward)
