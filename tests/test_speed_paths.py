@@ -392,6 +392,29 @@ def test_fused_adamw_is_the_default_on_cpu_and_matches_the_loop():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
+def test_cuda_graph_modes_off_cuda_say_they_compile_without_graphs(tmp_path, tiny_llama, pairs_file,
+                                                                  monkeypatch, capsys):
+    """torch skips CUDA graphs on a CPU without a word; the run says so, once, at start-up."""
+    from preftune.distributed import DistContext, start_notes
+
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)  # the note is tested, not compile
+    train(make_config(tmp_path, tiny_llama, pairs_file, model={"compile": True, "compile_mode": "reduce-overhead"},
+                      train={"device": "cpu"}))
+    said = " ".join(capsys.readouterr().out.split())
+    assert said.count("model.compile_mode 'reduce-overhead' records CUDA graphs, which need a CUDA device; "
+                      "on cpu the run compiles as in mode 'default'.") == 1
+
+    def notes(mode, device):
+        config = validate_config({"model": {"path": "x", "compile": True, "compile_mode": mode}, "data": {"train": "x"}})
+        return start_notes(config, DistContext(), torch.device(device))
+
+    assert notes("max-autotune", "cpu") == ["model.compile_mode 'max-autotune' records CUDA graphs, which need a "
+                                            "CUDA device; on cpu the run compiles as in mode "
+                                            "'max-autotune-no-cudagraphs'."]
+    assert notes("max-autotune-no-cudagraphs", "cpu") == notes("default", "cpu") == []
+    assert notes("reduce-overhead", "cuda") == []
+
+
 @pytest.mark.slow
 def test_compile_trains_like_eager_in_one_graph(tmp_path, tiny_llama, pairs_file):
     from torch._dynamo.utils import counters

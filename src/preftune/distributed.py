@@ -171,6 +171,19 @@ def wrap_policy(policy, config, dist: DistContext):
     return module, module
 
 
+def start_notes(config, dist: DistContext, device: torch.device) -> list[str]:
+    """What the config asks for that this launch or device cannot give, said once at start-up
+    instead of dropped without a word."""
+    notes = []
+    mode = config.model.compile_mode
+    if config.model.compile and mode in ("reduce-overhead", "max-autotune") and device.type != "cuda":
+        # torch skips CUDA graphs off CUDA; the rest of the mode still applies.
+        instead = "max-autotune-no-cudagraphs" if mode == "max-autotune" else "default"
+        notes.append(f"model.compile_mode {mode!r} records CUDA graphs, which need a CUDA device; on "
+                     f"{device.type} the run compiles as in mode {instead!r}.")
+    return notes
+
+
 class ShardedReference:
     """The frozen reference as an FSDP2 module: log-probs of a batch, computed without grad."""
 

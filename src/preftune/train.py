@@ -279,7 +279,7 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
     earlier run's files are deleted before the first step (its reference log-prob cache is kept).
     """
     from preftune.config import load_config, validate_config
-    from preftune.distributed import setup_distributed, shard_reference, wrap_policy
+    from preftune.distributed import setup_distributed, shard_reference, start_notes, wrap_policy
 
     if isinstance(config, (str, Path)):
         config = load_config(config)
@@ -312,6 +312,8 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
         console.print("[yellow]model.dtype float16 trains the float16 weights themselves, without loss "
                       "scaling: small updates vanish and large activations overflow. Prefer model.dtype: "
                       "bfloat16, or float32 with model.autocast: bfloat16.[/yellow]")
+    for note in start_notes(config, dist, device):
+        console.print(f"[yellow]{escape(note)}[/yellow]")
     tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code)
     policy = load_causal_lm(config.model.path, config.model.dtype, config.model.attn_implementation,
                             config.model.trust_remote_code, merge_adapter=True).to(device)
