@@ -286,6 +286,10 @@ def test_report_command(tmp_path):
     # Mistakes reach the top-level CLI as UserError, which prints them and exits 2.
     result = CliRunner().invoke(app, [str(tmp_path / "missing")])
     assert isinstance(result.exception, UserError)
+    # --out naming a file was a NotADirectoryError traceback, for one run and for several.
+    for runs in ([run_dir], [run_dir, tmp_path / "out"]):
+        result = CliRunner().invoke(app, [*map(str, runs), "--out", str(extra)])
+        assert isinstance(result.exception, UserError) and "is a file; name a folder" in str(result.exception)
 
 
 def test_evaluations_table_names_the_judge_and_data_and_waiting_votes(tmp_path):

@@ -55,6 +55,9 @@ def report(
 ) -> None:
     """Write report.html and PNG plots (loss, rewards, accuracy, reward vs KL, win rates);
     with several run folders, one page that overlays their curves and tabulates what differs."""
+    if out is not None and out.is_file():  # else a NotADirectoryError from mkdir of out/plots
+        raise UserError(f"--out {out} is a file; name a folder for report.html and plots/ "
+                        "(created if missing).")
     if len(run_dirs) == 1:
         check_run_dir(run_dirs[0], out)
         path = write_report(run_dirs[0], eval_paths=eval_files or [], smoothing=smoothing,
