@@ -61,6 +61,14 @@ def test_an_empty_data_source_is_refused_at_the_config(override, said):
     assert str(caught.value) == f"override {override!r}: {said}"
 
 
+def test_an_empty_loss_type_list_is_refused_at_the_config():
+    # It validated, and the first step's backward failed with a traceback.
+    with pytest.raises(UserError) as caught:
+        load_config(None, [*REQUIRED, "loss.type=[]"])
+    assert str(caught.value).startswith("override 'loss.type=[]': key 'loss.type': an empty list; name one or "
+                                        "more of aot, aot_unpaired, apo_down,")
+
+
 def test_an_unknown_key_with_nothing_close_lists_the_section_keys():
     with pytest.raises(UserError) as caught:
         load_config(None, REQUIRED + ["optim.nesterov=true"])

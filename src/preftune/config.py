@@ -176,6 +176,8 @@ class LossConfig(Section):
     def _known_types(cls, value):
         from preftune.losses import LOSSES
 
+        if value == []:  # no loss at all: the first backward would fail with a traceback
+            raise ValueError(f"an empty list; name one or more of {', '.join(sorted(LOSSES))}")
         for name in [value] if isinstance(value, str) else value:
             if name not in LOSSES:
                 raise ValueError(f"unknown loss {name!r}; choose from {', '.join(sorted(LOSSES))}")
