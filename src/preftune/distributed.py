@@ -181,6 +181,11 @@ def start_notes(config, dist: DistContext, device: torch.device) -> list[str]:
         instead = "max-autotune-no-cudagraphs" if mode == "max-autotune" else "default"
         notes.append(f"model.compile_mode {mode!r} records CUDA graphs, which need a CUDA device; on "
                      f"{device.type} the run compiles as in mode {instead!r}.")
+    if config.train.distributed in ("ddp", "fsdp") and dist.world_size == 1:
+        runs_as = "without DDP" if config.train.distributed == "ddp" else "FSDP2 over one rank"
+        notes.append(f"train.distributed is {config.train.distributed!r}, but this run is one process "
+                     f"({runs_as}); start several with `preftune train CONFIG --nproc N` on one node, "
+                     "or with torchrun (docs/DISTRIBUTED.md).")
     return notes
 
 

@@ -6,6 +6,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 from preftune.dist_checkpoint import _check_shape, _with_tied_twins
 from preftune.distributed import DistContext, decoder_layers, resolve_strategy
@@ -108,3 +109,29 @@ def test_nproc_below_one_is_refused_not_run_as_one_process(tmp_path, nproc):
     assert result.exit_code == 2, result.output
     said = " ".join(result.output.replace("│", " ").split())  # the box's rows, as one line
     assert "Invalid value for '--nproc': Input should be greater than or equal to 1" in said
+
+
+def test_ddp_or_fsdp_in_one_process_says_so_and_how_to_start_several(tmp_path, tiny_llama, pairs_file,
+                                                                     monkeypatch, capsys):
+    """Without torchrun or --nproc, train.distributed: ddp trained in one process without a word."""
+    from preftune_test_data import make_config
+
+    from preftune.config import validate_config
+    from preftune.distributed import start_notes
+    from preftune.train import train
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    train(make_config(tmp_path, tiny_llama, pairs_file, train={"distributed": "ddp"}))
+    said = " ".join(capsys.readouterr().out.split())
+    assert said.count("train.distributed is 'ddp', but this run is one process (without DDP); start several "
+                      "with `preftune train CONFIG --nproc N` on one node, or with torchrun "
+                      "(docs/DISTRIBUTED.md).") == 1
+
+    def notes(strategy, world_size):
+        config = validate_config({"model": {"path": "x"}, "data": {"train": "x"},
+                                  "train": {"distributed": strategy}})
+        return start_notes(config, DistContext(world_size=world_size), torch.device("cpu"))
+
+    [fsdp_alone] = notes("fsdp", 1)
+    assert fsdp_alone.startswith("train.distributed is 'fsdp', but this run is one process (FSDP2 over one rank)")
+    assert notes("ddp", 2) == notes("fsdp", 2) == notes("auto", 1) == notes("none", 1) == []
