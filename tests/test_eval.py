@@ -21,6 +21,7 @@ from preftune.errors import UserError
 from preftune.eval_cli import app
 from preftune.eval_generate import compare_models
 from preftune.evaluate import write_eval_record
+from preftune.labeling.pairs import Pair
 from preftune.labeling.store import Store
 from preftune.logprobs import naive_completion_logps
 from preftune.records import read_records
@@ -584,6 +585,12 @@ def test_human_judge_queues_blind_pairs_and_scores_the_votes(models, prompts_fil
 
     early = invoke(["score-human", out, "--db", db])
     assert "no votes yet" in user_error(early)
+    # Another database said "no votes yet" too, sending people to vote where nothing was queued.
+    other = Store(tmp_path / "other.db")
+    other.add_pairs([Pair("p0", "x", ("a", "b"))])
+    other.close()
+    elsewhere = user_error(invoke(["score-human", out, "--db", tmp_path / "other.db"]))
+    assert "holds none of the" in elsewhere and f"queued them in ({db})" in elsewhere
 
     rows = read_records(out / "samples.jsonl")
     store = Store(db)

@@ -125,10 +125,15 @@ def score_rows(rows: list[dict], votes_by_pair: dict[str, list[dict]]) -> tuple[
     return scores, n_votes
 
 
-def score_one(folder: Path, samples: Path, votes_by_pair: dict, db) -> tuple[dict, list[dict]]:
-    """Score one evaluation folder; rewrites its samples.jsonl and eval.json."""
+def score_one(folder: Path, samples: Path, votes_by_pair: dict, db,
+              stored: set | None = None) -> tuple[dict, list[dict]]:
+    """Score one evaluation folder; rewrites its samples.jsonl and eval.json. `stored`: the
+    pair ids `db` holds, to tell another database from one without votes yet."""
     record = dict(_pending_record(folder, samples.name))
     rows = read_records(samples)
+    if stored is not None and not any(row.get("pair_id") in stored for row in rows):
+        raise UserError(f"{db} holds none of the {len(rows)} pairs of {samples}; pass the --db "
+                        f"`eval generate --judge human` queued them in ({record.get('db')}).")
     scores, n_votes = score_rows(rows, votes_by_pair)
     if not scores:
         raise UserError(f"{db}: no votes yet on the {len(rows)} pairs of {samples}; serve them "
@@ -157,6 +162,7 @@ def score_human(db, targets: Sequence, out=None, n_bootstrap: int = 1000, seed: 
     store = Store(db, must_exist=True)
     try:
         votes = store.live_votes()
+        stored = set(store.pairs())
     finally:
         store.close()
     votes_by_pair: dict[str, list[dict]] = defaultdict(list)
@@ -165,7 +171,7 @@ def score_human(db, targets: Sequence, out=None, n_bootstrap: int = 1000, seed: 
     evals, outcomes, prompts = [], [], []
     for target in targets:
         folder, samples = _locate(target)
-        record, rows = score_one(folder, samples, votes_by_pair, db)
+        record, rows = score_one(folder, samples, votes_by_pair, db, stored)
         evals.append(record)
         system = record.get("system") or record["model"]
         for row in rows:
