@@ -167,12 +167,17 @@ def test_eval_pairs_reads_the_split_asked_for_and_keeps_one_record_per_split(mod
 def test_eval_pairs_counts_truncated_pairs_apart_from_skipped_ones(models, tmp_path):
     # Truncated pairs are evaluated, cut to --max-length; calling them skipped misleads.
     data = write_pairs(tmp_path / "D_eval.jsonl")
+    with data.open("a") as f:  # a pair the loader leaves out
+        f.write(json.dumps({"prompt": "hi", "chosen": " same", "rejected": " same"}) + "\n")
     result = invoke(["pairs", "--model", models["ref"], "--reference", models["ref"], "--data", data,
                      "--max-length", "12", "--out", tmp_path / "out"])
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert record["truncated"] > 0 and "truncated" not in record["skipped"]
-    assert record["n_pairs"] + sum(record["skipped"].values()) == 3
+    assert record["n_pairs"] + sum(record["skipped"].values()) == 4
+    # The printout said only "N pairs": left-out and cut pairs were in eval.json alone.
+    assert "left out (not evaluated): " in result.output and "chosen == rejected 1" in result.output
+    assert f"{record['truncated']} cut to max_length (evaluated as cut)" in result.output
 
 
 def test_eval_pairs_matches_a_direct_computation_and_reads_the_run_config(models, tmp_path):

@@ -57,6 +57,11 @@ def pairs(
                                  device=device, dtype=dtype, split=split,
                                  token_metrics=token_metrics)
     typer.echo(f"{record['n_pairs']} pairs, beta {record['beta']:g}, loss {record['loss_type']}:")
+    if record["skipped"]:  # said here too, not only in eval.json: these pairs are not in the numbers
+        reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(record["skipped"].items()))
+        typer.echo(f"  left out (not evaluated): {reasons}")
+    if record["truncated"]:
+        typer.echo(f"  {record['truncated']} cut to max_length (evaluated as cut)")
     for key in ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen",
                 "rewards/rejected", "logps/chosen", "logps/rejected", "lengths/chosen",
                 "lengths/rejected", WPO_KEY, *TOKEN_METRIC_KEYS):
