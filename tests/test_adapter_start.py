@@ -150,3 +150,21 @@ def test_a_lora_target_module_that_matches_nothing_is_refused_beside_good_ones(t
                                  "names matched 2); fix or remove it.")
     lora.target_modules = ["q_proj", "layers.0.self_attn.v_proj"]  # PEFT's suffix match: a full name too
     assert len(apply_lora(load_causal_lm(str(tiny_llama)), lora).targeted_module_names) == 3
+
+
+def test_an_adapter_whose_base_folder_is_gone_names_its_config_not_model_path(sft_adapter, tmp_path):
+    # model.path is the adapter, which exists; the path to fix is the base its config names.
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(sft_adapter, adapter)
+    config_file = adapter / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps(config | {"base_model_name_or_path": "/no/such/base"}))
+    said = f"model folder /no/such/base does not exist; check base_model_name_or_path in {config_file}."
+    with pytest.raises(UserError) as caught:
+        load_tokenizer(str(adapter))  # saved without a tokenizer: its base's
+    assert str(caught.value) == said
+    with pytest.raises(UserError) as caught:
+        load_causal_lm(str(adapter))
+    assert str(caught.value).endswith(f"which failed to load: {said}")

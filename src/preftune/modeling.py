@@ -102,7 +102,9 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, setting: str = "m
     base = adapter_base(path)
     if base is not None and not any(os.path.isfile(os.path.join(os.path.expanduser(path), name))
                                     for name in TOKENIZER_FILES):
-        return load_tokenizer(base, trust_remote_code)  # an adapter saved without one: its base's
+        # An adapter saved without one: its base's, named in the adapter's config.
+        return load_tokenizer(base, trust_remote_code,
+                              setting=f"base_model_name_or_path in {os.path.join(path, ADAPTER_CONFIG)}")
     _announce_hub_lookup(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -209,7 +211,8 @@ def _load_adapter(path: str, base_path: str, dtype: str, attn_implementation: st
     peft = peft_module(f"the adapter folder {path}")
     folder = os.path.abspath(os.path.expanduser(path))
     try:
-        model = load_causal_lm(base_path, dtype, attn_implementation, trust_remote_code, merge_adapter=True)
+        model = load_causal_lm(base_path, dtype, attn_implementation, trust_remote_code, merge_adapter=True,
+                               setting=f"base_model_name_or_path in {os.path.join(path, ADAPTER_CONFIG)}")
     except UserError as e:
         raise UserError(f"the PEFT adapter in {path} names {base_path!r} as its base model ({ADAPTER_CONFIG}'s "
                         f"base_model_name_or_path), which failed to load: {e}") from None
