@@ -173,3 +173,22 @@ def test_paths_to_people_refuse_more_than_two_responses(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="pair 'three' has 3 responses, but a labeling database"):
         store.add_pairs([Pair("three", "p", ("one", "two", "three"))])  # a caller building Pairs itself
     store.close()
+
+
+def test_serve_again_without_overlap_keeps_the_recorded_one(tmp_path, monkeypatch):
+    """A restart without --overlap served with 1 and recorded it, so pairs stopped going to the
+    second and third annotators; a start that then failed to bind had changed it too."""
+    import uvicorn
+
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: served.append(kwargs["port"]))
+    db = tmp_path / "labels.sqlite"
+    pairs = write_pairs_file(tmp_path / "pairs.jsonl", make_pairs(2))
+    assert "(overlap 3)" in invoke("serve", "--db", db, "--pairs", pairs, "--overlap", "3").output
+    assert "(overlap 3)" in invoke("serve", "--db", db).output
+    assert "(overlap 2)" in invoke("serve", "--db", db, "--overlap", "2").output
+    store = Store(db)
+    assert store.recorded_overlap() == 2
+    store.close()
+    assert "(overlap 1)" in invoke("serve", "--db", tmp_path / "new.sqlite", "--pairs", pairs).output
+    assert len(served) == 4

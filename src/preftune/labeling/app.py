@@ -305,7 +305,7 @@ def serve(
     pairs: str | Path | None = None,
     host: str = "127.0.0.1",
     port: int = 8000,
-    overlap: int = 1,
+    overlap: int | None = None,
     open_mode: bool = False,
     guidelines: str | Path | None = None,
     echo=print,
@@ -320,8 +320,12 @@ def serve(
     if pairs is None and not Path(db).exists():  # refused before Store would create an empty one
         raise UserError(f"{db} does not exist and no --pairs were given; pass --pairs pairs.jsonl "
                         "to create it.")
-    store = Store(db, overlap=overlap)
+    store = Store(db)
     try:
+        # A restart without --overlap keeps the one recorded: silently serving with 1 would
+        # stop sending pairs to the second and third annotators a lead had asked for.
+        overlap = overlap if overlap is not None else store.recorded_overlap() or 1
+        store.set_overlap(overlap)
         check_bind(host, open_mode, store)
         if pairs is not None:
             added, present = store.add_pairs(load_pairs(pairs, for_people=True))

@@ -25,7 +25,9 @@ def serve(
     pairs: Path | None = typer.Option(None, help="pairs.jsonl to import before serving."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default)."),
     port: int = typer.Option(8000, help="Port to listen on."),
-    overlap: int = typer.Option(1, help="How many different annotators label each pair."),
+    overlap: int | None = typer.Option(
+        None, help="How many different annotators label each pair (default: the overlap this "
+        "database was last served with, else 1)."),
     open_: bool = typer.Option(
         False, "--open", help="Anonymous voting without tokens (loopback addresses only)."
     ),
