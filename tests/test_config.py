@@ -69,6 +69,19 @@ def test_an_empty_loss_type_list_is_refused_at_the_config():
                                         "more of aot, aot_unpaired, apo_down,")
 
 
+@pytest.mark.parametrize("override, said", [
+    ("loss.type=5", "key 'loss.type': Input should be a valid string or a valid list."),
+    ("loss.type=[sigmoid,5]", "key 'loss.type.1': Input should be a valid string."),
+    ("data.share_prompt=maybe", "key 'data.share_prompt': Input should be a valid boolean, unable to interpret "
+                                "input or 'auto'."),
+])
+def test_a_value_that_fits_no_member_of_a_union_is_one_error_for_its_key(override, said):
+    # pydantic names each member ('loss.type.str', 'loss.type.list[str]'), which are no keys.
+    with pytest.raises(UserError) as caught:
+        load_config(None, [*REQUIRED, override])
+    assert str(caught.value) == f"override {override!r}: {said}"
+
+
 def test_an_unknown_key_with_nothing_close_lists_the_section_keys():
     with pytest.raises(UserError) as caught:
         load_config(None, REQUIRED + ["optim.nesterov=true"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -568,6 +569,29 @@ def _describe(error: dict) -> str:
     return f"key {key!r}: {message}"
 
 
+def _one_error_per_union(errors: list[dict]) -> list[dict]:
+    """pydantic reports a value that fits no member of a union (`str | list[str]`) once per member,
+    each loc holding the member's name ('data.train.str', 'data.train.list[str]'): one error per
+    union reads as the user wrote it. A member that went deeper (an item of the list) is the one
+    the value meant, so its error is kept alone; at equal depth the messages are joined."""
+    kept: dict = {}
+    for error in errors:
+        loc = error["loc"]
+        member = next((i for i, part in enumerate(loc) if error["type"] != "extra_forbidden"
+                       and isinstance(part, str) and re.fullmatch(r"str|int|float|bool|(list|literal)\[.*\]", part)),
+                      None)
+        if member is None:
+            kept[len(kept), loc] = error
+            continue
+        error = dict(error, loc=loc[:member] + loc[member + 1:])
+        union = loc[:member]
+        if union not in kept or len(error["loc"]) > len(kept[union]["loc"]):
+            kept[union] = error
+        elif len(error["loc"]) == len(kept[union]["loc"]):
+            kept[union]["msg"] += " or " + error["msg"].removeprefix("Input should be ")
+    return list(kept.values())
+
+
 def _override_that_set(loc: tuple, overrides: list[str]) -> str | None:
     """The last override that wrote the key at `loc` or a section holding it (it replaced the
     section whole), or None when the key came from the file."""
@@ -582,7 +606,7 @@ def validate_config(raw: dict, source: str = "config", overrides: list[str] = ()
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
-        errors = e.errors()[:3]
+        errors = _one_error_per_union(e.errors())[:3]
         problems = "; ".join(_describe(err) for err in errors)
         # A key the command line set is not in the file: name the override, or the user searches
         # the YAML for a typo that is not there.
