@@ -266,6 +266,10 @@ def resolve_resume(resume: str | bool | None, output_dir: Path) -> Path | None:
         return None
     if resume is True or resume == "latest":
         found = latest_good_checkpoint(output_dir)
+        if found is None and not earlier_run_entries(output_dir):
+            # A first start given --resume (a script's habit, or a typo in train.output_dir).
+            raise UserError(f"--resume: {output_dir} holds no run to resume; check train.output_dir, or "
+                            "leave --resume out to start a run there.")
         if found is None:
             # A run killed before its first checkpoint: nothing to resume, but its metrics make
             # a plain start refuse the folder, so say the way out.

@@ -72,6 +72,18 @@ def test_no_complete_checkpoint_at_resume_is_a_user_error(tmp_path):
         checkpoint.resolve_resume(True, tmp_path)
 
 
+@pytest.mark.parametrize("made", [False, True])
+def test_resume_where_no_run_is_says_so_rather_than_to_overwrite(tmp_path, made):
+    # A first start given --resume, or a typo in train.output_dir: there is nothing to overwrite.
+    output_dir = tmp_path / "run"
+    if made:
+        output_dir.mkdir()
+    with pytest.raises(UserError) as caught:
+        checkpoint.resolve_resume(True, output_dir)
+    assert str(caught.value) == (f"--resume: {output_dir} holds no run to resume; check train.output_dir, or "
+                                 "leave --resume out to start a run there.")
+
+
 def test_resume_from_a_folder_that_does_not_exist_says_so_rather_than_to_restore_it(tmp_path):
     """A mistyped --resume-from is the usual case: the sentence must name the missing folder and
     not send the user to restore a checkpoint that never was."""
