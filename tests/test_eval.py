@@ -708,3 +708,17 @@ def test_eval_json_keeps_one_record_per_evaluation_and_the_report_reads_them(tmp
                                      "sampling": {"temperature": temperature, "seed": seed}})
     evals = load_evals([tmp_path / "eval.json"])
     assert [e.get("kl") for e in evals] == [None, 2.0, 3.0, 5.0]
+
+
+def test_another_model_evaluated_into_the_same_folder_keeps_the_first_record(tmp_path):
+    """`eval pairs --model a --out E` then `--model b --out E` replaced a's record with b's."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    folder = tmp_path / "E"
+    pairs = {"kind": "pairs", "reference": "r", "data": "d"}
+    write_eval_record(folder, {**pairs, "model": str(tmp_path / "a"), "eval/loss": 1.0})
+    write_eval_record(folder, {**pairs, "model": str(tmp_path / "b"), "eval/loss": 2.0})
+    assert [e["eval/loss"] for e in load_evals([folder / "eval.json"])] == [1.0, 2.0]
+    # The same model named another way is a rerun, which replaces its record.
+    write_eval_record(folder, {**pairs, "model": str(tmp_path / "a" / ".." / "a"), "eval/loss": 3.0})
+    assert [e["eval/loss"] for e in load_evals([folder / "eval.json"])] == [2.0, 3.0]

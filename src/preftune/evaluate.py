@@ -7,6 +7,7 @@ metrics.jsonl and the output of `preftune eval pairs` mean the same thing.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -260,7 +261,8 @@ def same_evaluation(a: dict, b: dict) -> bool:
     """Whether two eval.json records are the same evaluation (a rerun replaces the earlier).
 
     Generations drawn otherwise (another temperature, top-k, top-p, min-p or max_new_tokens, as in a sweep
-    of win rate against temperature) are another evaluation; another seed is a rerun.
+    of win rate against temperature) are another evaluation; another seed is a rerun. So is
+    another model written into the same folder.
     """
     keys = ("kind", "reference", "judge", "data", "prompts")
 
@@ -269,7 +271,20 @@ def same_evaluation(a: dict, b: dict) -> bool:
 
     # Records written before `split` was recorded read the train split.
     return (all(a.get(k) == b.get(k) for k in keys) and drawn(a) == drawn(b)
-            and a.get("split", "train") == b.get("split", "train"))
+            and a.get("split", "train") == b.get("split", "train")
+            and _same_model(a.get("model"), b.get("model")))
+
+
+def _same_model(a: str | None, b: str | None) -> bool:
+    """Another model evaluated into the same --out folder is another evaluation, not a rerun
+    (one model's record would silently replace the other's); the same folder named two ways
+    (relative, absolute, through a link) is the same model."""
+    if a == b:
+        return True
+    try:
+        return a is not None and b is not None and os.path.samefile(a, b)
+    except OSError:  # a hub id, or a folder no longer there
+        return False
 
 
 def read_eval_records(path: str | Path) -> list[dict]:
