@@ -74,6 +74,21 @@ def test_a_moving_reference_is_said():
             "TR-DPO) |") in text
 
 
+def test_a_reference_free_run_claims_no_reference_and_another_reference_is_named():
+    simpo = config(reference="none")
+    simpo["loss"] = {"type": "simpo", "beta": 2.0}
+    text = model_card(simpo, [], adapter=False, world_size=1)
+    assert "(`simpo` loss) with preftune, with no reference model in its loss." in text
+    assert "frozen reference" not in text and "| reference | none |" in text
+    # Preferred-FT (the sft loss alone) reads no reference even when one is loaded for rewards/*.
+    sft = config()
+    sft["loss"] = {"type": "sft"}
+    assert "with no reference model in its loss." in model_card(sft, [], adapter=False, world_size=1)
+    other = model_card(config(reference_path="Qwen/Qwen2.5-1.5B-Instruct"), [], adapter=False, world_size=1)
+    assert "against the frozen reference `Qwen/Qwen2.5-1.5B-Instruct`." in other
+    assert "copy of the starting model" not in other
+
+
 def test_a_trained_run_leaves_a_card_in_final(tmp_path, tiny_llama):
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [dict(r) for r in PAIRS for _ in range(2)])
     final = train(make_config(tmp_path, tiny_llama, pairs, "my-run", train={"max_steps": 2}))

@@ -67,9 +67,8 @@ def model_card(config: dict, metrics: list[dict], *, adapter: bool, world_size: 
     sections = [
         f"---\n{yaml.safe_dump(metadata, sort_keys=False)}---",
         f"# {title}\n\n`{base}` trained on preference pairs ({', '.join(f'`{t}`' for t in types)} "
-        f"loss) with preftune, against a frozen reference "
-        "copy of the starting model." + (" This folder holds LoRA adapters; their base is "
-                                          f"`{base}`." if adapter else ""),
+        f"loss) with preftune, {_against(model, loss, types)}." + (" This folder holds LoRA adapters; their base is "
+                                                                  f"`{base}`." if adapter else ""),
         "## Training\n\n" + _table(("setting", "value"), _settings(config, world_size)),
         _results(metrics),
         "## Use\n\n```python\n" + _usage(adapter) + "```",
@@ -112,7 +111,7 @@ def _settings(config: dict, world_size: int | None) -> list[tuple[str, str]]:
         ("length", f"max_length {data.get('max_length')}, truncation {data.get('truncation', 'keep_end')}"),
         ("precision", f"weights {model.get('dtype', 'float32')}"
                       + (f", {model['autocast']} autocast" if model.get("autocast", "none") != "none" else "")),
-        ("reference", _reference(model)),
+        ("reference", _reference(model, loss)),
         ("seed", train.get("seed", 0)),
     ]
     lora = model.get("lora")
@@ -122,7 +121,20 @@ def _settings(config: dict, world_size: int | None) -> list[tuple[str, str]]:
     return [(name, str(value)) for name, value in rows]
 
 
-def _reference(model: dict) -> str:
+def _against(model: dict, loss: dict, types: list[str]) -> str:
+    """How the loss used a reference: none for reference-free runs, whose card must not claim one."""
+    from preftune.losses import REFERENCE_FREE
+
+    if model.get("reference") == "none" or loss.get("reference_free") or all(t in REFERENCE_FREE for t in types):
+        return "with no reference model in its loss"
+    if model.get("reference_path"):
+        return f"against the frozen reference `{model['reference_path']}`"
+    return "against a frozen reference copy of the starting model"
+
+
+def _reference(model: dict, loss: dict) -> str:
+    if model.get("reference") == "none" or loss.get("reference_free"):
+        return "none"  # no reference was loaded
     reference = model.get("reference_path") or f"the starting model ({model.get('reference', 'copy')})"
     sync = model.get("reference_sync")
     if sync:  # TR-DPO: the reference moved toward the policy during the run
