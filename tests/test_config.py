@@ -82,6 +82,22 @@ def test_a_value_that_fits_no_member_of_a_union_is_one_error_for_its_key(overrid
     assert str(caught.value) == f"override {override!r}: {said}"
 
 
+def test_a_key_written_twice_in_the_yaml_is_refused_with_its_line(tmp_path):
+    # yaml.safe_load keeps the second value and drops the first without a word.
+    path = tmp_path / "config.yaml"
+    path.write_text("model: {path: m}\ndata: {train: t.jsonl}\ntrain:\n  batch_size: 4\n  batch_size: 8\n")
+    with pytest.raises(UserError) as caught:
+        load_config(path)
+    assert str(caught.value) == f"{path}, line 5: not valid YAML (key 'batch_size' is written twice; keep one)."
+
+
+def test_a_run_folder_given_as_the_config_names_its_config_yaml(tmp_path):
+    with pytest.raises(UserError) as caught:
+        load_config(tmp_path)
+    assert str(caught.value) == (f"config file {tmp_path} is a folder; pass a YAML file (a run's is "
+                                 f"{tmp_path / 'config.yaml'}).")
+
+
 def test_an_unknown_key_with_nothing_close_lists_the_section_keys():
     with pytest.raises(UserError) as caught:
         load_config(None, REQUIRED + ["optim.nesterov=true"])

@@ -464,10 +464,30 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), _parse_yaml(raw, f"override {text!r}") if raw.strip() else None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a key written twice in one mapping is an error: safe_load keeps the
+    last value and drops the first without a word."""
+
+
+def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, (str, int, float, bool)) and key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is written twice; keep one",
+                                                    key_node.start_mark)
+        if isinstance(key, (str, int, float, bool)):
+            seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
 def _parse_yaml(text: str, source: str) -> Any:
     """yaml.safe_load with every failure it can raise turned into one sentence naming `source`."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f", line {mark.line + 1}" if mark else ""
@@ -623,6 +643,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if path is not None:
         path = Path(path)
         source = str(path)
+        if path.is_dir():  # a run folder, most often
+            raise UserError(f"config file {path} is a folder; pass a YAML file (a run's is {path / 'config.yaml'}).")
         if not path.is_file():
             raise UserError(f"config file {path} does not exist.")
         try:

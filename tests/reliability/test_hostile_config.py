@@ -135,7 +135,8 @@ def test_damaged_yaml_text_and_overrides_end_in_a_config_or_a_user_error(edits, 
     (b"model: {path: x}\ndata: {train: y}\noptim: {lr: .inf}\n", "'optim.lr'"),
     (b"\xff\xfe", "not UTF-8"),
     (b"model: {path: x}\ndata: {train: y}\n\tloss: {}\n", ", line 3: not valid YAML"),
-    (b"model: {path: x}\ndata: {train: y}\nmodel: {reference: none}\n", "'model.path'"),  # duplicate key
+    (b"model: {path: x}\ndata: {train: y}\nmodel: {reference: none}\n", "line 3: not valid YAML (key 'model' is "
+     "written twice"),  # duplicate key
 ])
 def test_hand_picked_hostile_configs(tmp_path, text, expected):
     path = tmp_path / "config.yaml"
