@@ -686,6 +686,17 @@ def test_a_reward_evaluation_beside_a_queued_human_one_keeps_its_samples(models,
 # ------------------------------------------------------------------ errors and eval.json
 
 
+def test_a_model_given_twice_is_refused_before_sampling(models, prompts_file, tmp_path):
+    """Both copies were sampled, then the leaderboard fit failed on a model compared with itself,
+    with its label mangled to '//...' and an output folder named after the whole path."""
+    message = user_error(invoke(["generate", "--model", models["pol"], "--model", models["pol"],
+                                 "--reference", models["ref"], "--prompts", prompts_file,
+                                 "--judge", rigged_reward(tmp_path, {}), "--max-new-tokens", 2,
+                                 "--out", tmp_path / "out"]))
+    assert "is given twice" in message
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_judges_are_user_errors(models, prompts_file, tmp_path):
     args = ["generate", "--model", models["pol"], "--reference", models["ref"],
             "--prompts", prompts_file, "--max-new-tokens", 2, "--out", tmp_path]

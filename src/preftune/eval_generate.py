@@ -23,6 +23,7 @@ prompt by the reward, and a Bradley-Terry leaderboard anchored at the reference 
 from __future__ import annotations
 
 import math
+import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -307,6 +308,12 @@ def compare_models(
     model_paths = [str(p) for p in model_paths]
     if not model_paths:
         raise UserError("pass at least one --model to evaluate.")
+    seen: dict[str, str] = {}
+    for path in model_paths:  # else both are sampled, then the leaderboard compares one with itself
+        key = os.path.realpath(path)
+        if key in seen:
+            raise UserError(f"--model {path} is given twice (as {seen[key]} too); pass each model once.")
+        seen[key] = path
     reference_path = str(reference_path or reference_of_run(run_config(model_paths[0])) or "")
     if not reference_path:
         raise no_reference_error(model_paths[0])
