@@ -226,6 +226,15 @@ def test_bad_rows_name_file_line_and_field(tmp_path, row, message):
     assert str(path) in str(info.value)
 
 
+def test_a_field_written_twice_in_a_jsonl_row_names_the_line(tmp_path):
+    # json.loads would keep the second 'chosen' and drop the first without a word.
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(PAIRS[0]) + "\n" + '{"prompt": "x", "chosen": " a", "rejected": " b", "chosen": " c"}\n')
+    with pytest.raises(UserError) as caught:
+        load_pairs(str(path))
+    assert str(caught.value) == f"{path}, line 2: field 'chosen' is written twice; keep one."
+
+
 def test_malformed_json_names_the_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(PAIRS[0]) + "\n" + '{"prompt": "x", "chosen": \n')

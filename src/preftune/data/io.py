@@ -270,10 +270,26 @@ def _rows_from_jsonl(path: Path) -> Iterator[tuple[str, object]]:
         yield where, _parse_json(line, where)
 
 
+class _RepeatedField(Exception):
+    pass
+
+
+def _unique_fields(pairs: list[tuple[str, object]]) -> dict:
+    """json.loads keeps the last of a field written twice and drops the first without a word."""
+    row = {}
+    for key, value in pairs:
+        if key in row:
+            raise _RepeatedField(key)
+        row[key] = value
+    return row
+
+
 def _parse_json(text: str, where: str):
     """json.loads with every failure it can raise turned into one sentence naming `where`."""
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique_fields)
+    except _RepeatedField as e:
+        raise UserError(f"{where}: field {e.args[0]!r} is written twice; keep one.") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{where}: malformed JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
                         "fix or remove it.") from None
