@@ -233,6 +233,11 @@ def test_a_field_written_twice_in_a_jsonl_row_names_the_line(tmp_path):
     with pytest.raises(UserError) as caught:
         load_pairs(str(path))
     assert str(caught.value) == f"{path}, line 2: field 'chosen' is written twice; keep one."
+    path = tmp_path / "bad.json"  # a JSON list
+    path.write_text('[{"prompt": "x", "chosen": " a", "rejected": " b", "chosen": " c"}]')
+    with pytest.raises(UserError) as caught:
+        load_pairs(str(path))
+    assert str(caught.value) == f"{path}: a row writes field 'chosen' twice; keep one."
 
 
 def test_malformed_json_names_the_line(tmp_path):

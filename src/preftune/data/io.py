@@ -302,7 +302,9 @@ def _parse_json(text: str, where: str):
 def _rows_from_json(path: Path) -> Iterator[tuple[str, object]]:
     text = _read_text(path)
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_unique_fields)
+    except _RepeatedField as e:
+        raise UserError(f"{path}: a row writes field {e.args[0]!r} twice; keep one.") from None
     except json.JSONDecodeError as e:
         if e.msg == "Extra data" and text.lstrip().startswith("{"):
             # One object per line under a .json name, as many Hub data sets ship them.
