@@ -192,3 +192,12 @@ def test_serve_again_without_overlap_keeps_the_recorded_one(tmp_path, monkeypatc
     store.close()
     assert "(overlap 1)" in invoke("serve", "--db", tmp_path / "new.sqlite", "--pairs", pairs).output
     assert len(served) == 4
+
+
+def test_a_db_in_a_missing_folder_or_a_folder_as_db_says_so(tmp_path):
+    """Both read "not a usable labels database (unable to open database file)", as if a
+    database were damaged."""
+    result = invoke("add-annotator", "gina", "--db", tmp_path / "no-such-folder" / "x.sqlite")
+    assert "which does not exist" in str(result.exception)
+    result = invoke("add-annotator", "gina", "--db", tmp_path)
+    assert f"--db {tmp_path} is a folder" in str(result.exception)

@@ -139,6 +139,9 @@ class Store:
                 f"{path}: no such labels database; check --db (it is created by `label serve` "
                 f"or `label import`)."
             )
+        if Path(path).is_dir() or not Path(path).parent.is_dir():  # sqlite would say only "unable to open"
+            problem = "is a folder" if Path(path).is_dir() else f"is in {Path(path).parent}, which does not exist"
+            raise UserError(f"--db {path} {problem}; name a database file in an existing folder.")
         self.path = Path(path)
         self.overlap = 1
         self.lease_s = lease_s
