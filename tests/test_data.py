@@ -226,7 +226,7 @@ def test_bad_rows_name_file_line_and_field(tmp_path, row, message):
     assert str(path) in str(info.value)
 
 
-def test_a_field_written_twice_in_a_jsonl_row_names_the_line(tmp_path):
+def test_a_field_written_twice_in_a_row_or_header_names_where(tmp_path):
     # json.loads would keep the second 'chosen' and drop the first without a word.
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(PAIRS[0]) + "\n" + '{"prompt": "x", "chosen": " a", "rejected": " b", "chosen": " c"}\n')
@@ -238,6 +238,11 @@ def test_a_field_written_twice_in_a_jsonl_row_names_the_line(tmp_path):
     with pytest.raises(UserError) as caught:
         load_pairs(str(path))
     assert str(caught.value) == f"{path}: a row writes field 'chosen' twice; keep one."
+    path = tmp_path / "bad.csv"
+    path.write_text("prompt,chosen,rejected,chosen\nx, a, b, c\n")
+    with pytest.raises(UserError) as caught:
+        load_pairs(str(path))
+    assert str(caught.value) == f"{path}, line 1: column 'chosen' appears twice in the header; keep one."
 
 
 def test_malformed_json_names_the_line(tmp_path):

@@ -328,6 +328,7 @@ def _rows_from_csv(path: Path) -> Iterator[tuple[str, object]]:
     csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
     # strict: a quoted field cut off by a truncated file is an error, not a shorter response.
     reader = csv.DictReader(io.StringIO(_read_text(path), newline=""), strict=True)
+    _refuse_a_repeated_column(reader, path)
     while True:
         try:
             _ = reader.fieldnames  # reads the header, if not yet read, so line_num counts past it
@@ -342,6 +343,17 @@ def _rows_from_csv(path: Path) -> Iterator[tuple[str, object]]:
         if None in row:
             raise UserError(f"{where}: more values than header columns.")
         yield where, {k: v for k, v in row.items() if v != "" or k != "prompt"}
+
+
+def _refuse_a_repeated_column(reader: csv.DictReader, path: Path) -> None:
+    """DictReader keeps the last of two columns of one name and drops the first without a word."""
+    try:
+        names = reader.fieldnames or []
+    except csv.Error:
+        return  # the row loop names the line
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise UserError(f"{path}, line 1: column {repeated[0]!r} appears twice in the header; keep one.")
 
 
 def _rows_from_parquet(path: Path) -> Iterator[tuple[str, object]]:
