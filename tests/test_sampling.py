@@ -131,6 +131,12 @@ def test_resume_refuses_a_file_from_another_job(model_dir, tmp_path):
         run(model_dir, write_txt(tmp_path / "other.txt", ["x", "y", "z"]), out)
 
 
+def test_a_folder_as_prompts_is_named_as_such(tmp_path):
+    """It said "prompt file not found" for a folder that is there."""
+    with pytest.raises(UserError, match="a folder, not a prompt file"):
+        load_prompts(tmp_path)
+
+
 def test_a_folder_as_out_is_one_sentence(model_dir, tmp_path):
     """--out naming a folder was an IsADirectoryError traceback."""
     with pytest.raises(UserError, match="is a folder; name the file"):

@@ -52,7 +52,8 @@ def load_prompts(path: str | Path) -> list[Prompt]:
     """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: prompt file not found.")
+        what = "a folder, not a prompt file" if path.is_dir() else "prompt file not found"
+        raise UserError(f"{path}: {what}; pass a .jsonl or .txt file of prompts.")
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".json", ".txt"):
         raise UserError(

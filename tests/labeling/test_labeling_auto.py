@@ -208,6 +208,8 @@ def test_out_naming_the_pairs_file_is_refused_and_the_file_kept(tmp_path, reward
 
 
 def test_bad_pairs_files_name_the_line(tmp_path):
+    with pytest.raises(UserError, match="a folder, not a file"):  # it said "no such file"
+        label_auto(tmp_path, lambda p, r: [0.0] * len(r), tmp_path / "D.jsonl")
     bad = tmp_path / "pairs.jsonl"
     bad.write_text('{"pair_id": "a", "prompt": "p", "responses": ["x", "y"]}\n\n'
                    '{"pair_id": "b", "prompt": "p", "responses": ["x"]}\n')

@@ -113,7 +113,8 @@ def load_pairs(path: str | Path, for_people: bool = False) -> list[Pair]:
     """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: no such file; pass the pairs.jsonl written by `preftune sample`.")
+        what = "a folder, not a file" if path.is_dir() else "no such file"
+        raise UserError(f"{path}: {what}; pass the pairs.jsonl written by `preftune sample`.")
     pairs: list[Pair] = []
     seen: dict[str, int] = {}
     records = list(zip(record_line_numbers(path), read_records(path)))
