@@ -98,6 +98,15 @@ def test_a_run_folder_given_as_the_config_names_its_config_yaml(tmp_path):
                                  f"{tmp_path / 'config.yaml'}).")
 
 
+def test_eval_split_without_eval_data_is_refused():
+    # It picks the split of data.eval; alone it read nothing, and the run evaluated nothing.
+    with pytest.raises(UserError) as caught:
+        load_config(None, [*REQUIRED, "data.eval_split=test"])
+    assert str(caught.value) == ("overrides: data.eval_split is 'test', but data.eval is not set, so no split is "
+                                 "read for evaluation; set data.eval to the data set holding that split (the "
+                                 "same as data.train for its held-out split), or remove data.eval_split.")
+
+
 def test_an_unknown_key_with_nothing_close_lists_the_section_keys():
     with pytest.raises(UserError) as caught:
         load_config(None, REQUIRED + ["optim.nesterov=true"])

@@ -124,6 +124,17 @@ class DataConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _eval_split_needs_eval_data(self):
+        # Without data.eval it would read nothing: no evaluation, and no word about it.
+        if self.eval_split is not None and not self.eval:
+            raise ValueError(
+                f"data.eval_split is {self.eval_split!r}, but data.eval is not set, so no split is read "
+                "for evaluation; set data.eval to the data set holding that split (the same as data.train "
+                "for its held-out split), or remove data.eval_split"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _one_source_of_eval_pairs(self):
         if self.eval is not None and self.eval_fraction > 0:
             raise ValueError(
