@@ -107,6 +107,15 @@ def test_eval_split_without_eval_data_is_refused():
                                  "same as data.train for its held-out split), or remove data.eval_split.")
 
 
+def test_max_prompt_length_without_max_length_is_refused():
+    # It is the prompt's floor when a sequence is cut to max_length; alone it did nothing.
+    with pytest.raises(UserError) as caught:
+        load_config(None, [*REQUIRED, "data.max_length=null", "data.max_prompt_length=128"])
+    assert str(caught.value) == ("overrides: data.max_prompt_length is set, but data.max_length is null, so nothing "
+                                 "is truncated and it has no effect; set data.max_length, or remove "
+                                 "data.max_prompt_length.")
+
+
 def test_an_unknown_key_with_nothing_close_lists_the_section_keys():
     with pytest.raises(UserError) as caught:
         load_config(None, REQUIRED + ["optim.nesterov=true"])

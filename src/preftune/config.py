@@ -124,6 +124,16 @@ class DataConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _prompt_budget_needs_a_length(self):
+        # The prompt's floor when a sequence is cut to max_length; with no max_length nothing is cut.
+        if self.max_prompt_length is not None and self.max_length is None:
+            raise ValueError(
+                "data.max_prompt_length is set, but data.max_length is null, so nothing is truncated and "
+                "it has no effect; set data.max_length, or remove data.max_prompt_length"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _eval_split_needs_eval_data(self):
         # Without data.eval it would read nothing: no evaluation, and no word about it.
         if self.eval_split is not None and not self.eval:
