@@ -286,7 +286,17 @@ def test_bad_prompt_files_name_the_file_and_line(tmp_path, name, text, message):
 def test_text_prompts_skip_blank_lines_and_keep_inner_spaces(tmp_path):
     path = tmp_path / "p.txt"
     path.write_text("The movie\n\n  was  \r\nlast\n")
-    assert load_prompts(path) == ["The movie", "  was  ", "last"]
+    with pytest.warns(UserWarning, match="skipped 1 blank line;") as caught:
+        assert load_prompts(path) == ["The movie", "  was  ", "last"]
+    assert str(path) in str(caught[0].message)
+
+
+def test_blank_lines_are_counted_not_dropped_silently(tmp_path):
+    """Pair ids number the prompts (files sampled earlier must resume), so the warning says so."""
+    path = tmp_path / "p.jsonl"
+    path.write_text('\n{"prompt": "a"}\n \n\n{"prompt": "b"}\n')
+    with pytest.warns(UserWarning, match="skipped 3 blank lines; pair ids number the 2 prompts"):
+        assert load_prompts(path) == ["a", "b"]
 
 
 def test_bad_settings_are_user_errors():

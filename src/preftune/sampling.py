@@ -47,8 +47,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def load_prompts(path: str | Path) -> list[Prompt]:
     """Read prompts from JSONL (`{"prompt": text | [messages]}` per line) or a .txt file.
 
-    A .txt file holds one prompt per line; blank lines are skipped. Any malformed line raises a
-    `UserError` that names the file and the line.
+    A .txt file holds one prompt per line; blank lines are skipped, with a warning that counts
+    them (pair ids number the prompts, not the lines). Any malformed line raises a `UserError`
+    that names the file and the line.
     """
     path = Path(path)
     if not path.is_file():
@@ -64,13 +65,17 @@ def load_prompts(path: str | Path) -> list[Prompt]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8.") from None
-    prompts = []
+    prompts, blank = [], 0
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
+            blank += 1
             continue
         prompts.append(line if suffix == ".txt" else _parse_jsonl_prompt(line, path, lineno))
     if not prompts:
         raise UserError(f"{path}: holds no prompts.")
+    if blank:  # ids stay prompt indices, as files sampled before this warning hold them
+        warnings.warn(f"{path}: skipped {blank} blank line{'s' * (blank > 1)}; pair ids number the "
+                      f"{len(prompts)} prompts, not the file's lines.")
     return prompts
 
 
