@@ -152,6 +152,16 @@ def test_every_shipped_config_loads(path):
     assert cfg.model.path and cfg.data.train
 
 
+def test_readme_train_commands_on_shipped_configs_validate():
+    """A README command line whose overrides a config refuses is the first thing a user copies."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text().replace("\\\n", " ")
+    commands = [line.split("#")[0].split()[2:] for line in readme.splitlines()
+                if line.startswith("preftune train configs/")]
+    assert commands
+    for config, *overrides in commands:
+        load_config(Path(__file__).parents[1] / config, overrides)
+
+
 def test_python_api_takes_a_config_a_dict_or_a_yaml_path(tmp_path, tiny_llama, pairs_file):
     import preftune
 
