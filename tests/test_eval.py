@@ -697,6 +697,22 @@ def test_a_model_given_twice_is_refused_before_sampling(models, prompts_file, tm
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("db", ["missing_dir/e.sqlite", "."])
+def test_a_human_judges_db_is_checked_before_any_model_loads(models, prompts_file, tmp_path,
+                                                              monkeypatch, db):
+    """It was refused only when the pairs were queued, after every model had been sampled."""
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before --db was checked")
+
+    monkeypatch.setattr("preftune.eval_generate.load_model_and_tokenizer", no_loading)
+    message = user_error(invoke(["generate", "--model", models["pol"], "--reference", models["ref"],
+                                 "--prompts", prompts_file, "--judge", "human",
+                                 "--db", tmp_path / db, "--out", tmp_path / "out"]))
+    problem = "is a folder" if db == "." else "which does not exist"
+    assert f"--db {tmp_path / db}" in message and problem in message
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_judges_are_user_errors(models, prompts_file, tmp_path):
     args = ["generate", "--model", models["pol"], "--reference", models["ref"],
             "--prompts", prompts_file, "--max-new-tokens", 2, "--out", tmp_path]

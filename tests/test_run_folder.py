@@ -89,6 +89,20 @@ def test_resume_and_overwrite_together_are_refused(tmp_path, run_config):
     assert "passoneofthem,notboth" in squash(result.output)
 
 
+def test_an_output_dir_that_is_a_file_or_cannot_be_made_is_one_sentence(tmp_path, tiny_llama, pairs_file,
+                                                                        one_torch_thread):
+    # Both ended in a FileExistsError / NotADirectoryError traceback, the first after the model loaded.
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    with pytest.raises(UserError) as caught:
+        train(make_config(tmp_path, tiny_llama, pairs_file, train={"output_dir": str(a_file)}))
+    assert str(caught.value) == f"train.output_dir {a_file} is a file, not a folder; choose another train.output_dir."
+    with pytest.raises(UserError) as caught:
+        train(make_config(tmp_path, tiny_llama, pairs_file, train={"output_dir": str(a_file / "run")}))
+    assert str(caught.value) == (f"train.output_dir {a_file / 'run'}: the folder cannot be made (Not a directory); "
+                                 "choose another train.output_dir.")
+
+
 def test_a_folder_with_only_a_config_or_a_reference_cache_is_no_run(tmp_path, tiny_llama, pairs_file,
                                                                    one_torch_thread):
     """The demo copies a reference cache into a run folder before training; a user may keep

@@ -323,6 +323,10 @@ def compare_models(
                batch_size, dtype, device, db)
     if job.judge.kind == "human" and db is None:
         raise UserError("--judge human needs --db, the labeling database the pairs go to.")
+    if job.judge.kind == "human":  # the votes go there only after all the sampling
+        from preftune.labeling.store import check_db_path
+
+        check_db_path(db)
     labels = system_labels(model_paths)
     folders = output_folders(model_paths, labels, out)
     for folder in folders:

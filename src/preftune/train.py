@@ -396,7 +396,11 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
     if start_over:
         _start_over(output_dir, console, dist)
     if dist.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"train.output_dir {output_dir}: the folder cannot be made ({e.strerror}); "
+                            "choose another train.output_dir.") from None
         dump_config(_with_absolute_paths(config), output_dir / "config.yaml")
         if held_out:
             console.print(escape(write_heldout(output_dir, held_out, config.data.eval_fraction_by)))
@@ -498,6 +502,8 @@ def _check_output_dir(output_dir: Path, resume, overwrite: bool, dist) -> bool:
     if resume and overwrite:
         raise UserError(f"--resume continues the run in {output_dir} and --overwrite deletes it; "
                         "pass one of them, not both.")
+    if output_dir.exists() and not output_dir.is_dir():  # said now, before the model and data load
+        raise UserError(f"train.output_dir {output_dir} is a file, not a folder; choose another train.output_dir.")
     if resume:
         return False
     found = earlier_run_entries(output_dir)

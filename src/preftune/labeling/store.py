@@ -102,6 +102,14 @@ class Rejected(Exception):
         self.extra = extra
 
 
+def check_db_path(path: str | Path) -> None:
+    """Refuse a --db that names a folder or sits in a missing one: sqlite would say only
+    "unable to open", and `eval generate` checks it before sampling, not after."""
+    if Path(path).is_dir() or not Path(path).parent.is_dir():
+        problem = "is a folder" if Path(path).is_dir() else f"is in {Path(path).parent}, which does not exist"
+        raise UserError(f"--db {path} {problem}; name a database file in an existing folder.")
+
+
 @dataclass(frozen=True)
 class Annotator:
     id: int
@@ -139,9 +147,7 @@ class Store:
                 f"{path}: no such labels database; check --db (it is created by `label serve` "
                 f"or `label import`)."
             )
-        if Path(path).is_dir() or not Path(path).parent.is_dir():  # sqlite would say only "unable to open"
-            problem = "is a folder" if Path(path).is_dir() else f"is in {Path(path).parent}, which does not exist"
-            raise UserError(f"--db {path} {problem}; name a database file in an existing folder.")
+        check_db_path(path)
         self.path = Path(path)
         self.overlap = 1
         self.lease_s = lease_s
