@@ -626,6 +626,17 @@ def test_human_judge_queues_blind_pairs_and_scores_the_votes(models, prompts_fil
     assert all(r["votes"][0]["annotator"] == "alice" for r in scored)
 
 
+def test_generate_says_where_the_leaderboard_went(models, prompts_file, tmp_path):
+    """leaderboard.json was written to --out (else the models' common folder) without a word."""
+    out = tmp_path / "out"
+    result = invoke(["generate", "--model", models["pol"], "--model", models["pol2"],
+                     "--reference", models["ref"], "--prompts", prompts_file,
+                     "--judge", rigged_reward(tmp_path, {}), "--max-new-tokens", 2,
+                     "--n-bootstrap", 10, "--out", out])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out / 'leaderboard.json'} and leaderboard.md beside it" in result.output
+
+
 def test_human_votes_of_several_annotators_and_models(models, prompts_file, tmp_path):
     # Two annotators per pair: a pair's score is the mean of its votes, the win rate the mean
     # over pairs (n pairs, not 2n votes), and the leaderboard resamples prompts, not votes.
@@ -644,6 +655,7 @@ def test_human_votes_of_several_annotators_and_models(models, prompts_file, tmp_
     result = invoke(["score-human", out / "pol", out / "pol2", "--db", db, "--out", out,
                      "--n-bootstrap", 50])
     assert result.exit_code == 0, result.output
+    assert f"wrote {out / 'leaderboard.json'} and leaderboard.md beside it" in result.output
     n = len(PROMPTS)
     pol = json.loads((out / "pol" / "eval.json").read_text())
     pol2 = json.loads((out / "pol2" / "eval.json").read_text())

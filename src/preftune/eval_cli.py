@@ -102,12 +102,18 @@ def generate(
     )
     for record, folder in zip(result["evals"], result["folders"]):
         _print_generation_record(record, folder)
-    if result["leaderboard_text"]:
-        typer.echo("\n" + result["leaderboard_text"])
+    _print_leaderboard(result)
     if judge == "human":
         from preftune.eval_human import serve_instructions
 
         typer.echo("\n" + serve_instructions(db, result["folders"]))
+
+
+def _print_leaderboard(result: dict) -> None:
+    """The table, and where it went: --out, else the folder holding all the models."""
+    if result["leaderboard_text"]:
+        typer.echo("\n" + result["leaderboard_text"])
+        typer.echo(f"wrote {result['leaderboard_file']} and leaderboard.md beside it")
 
 
 def _print_generation_record(record: dict, folder: str) -> None:
@@ -151,5 +157,4 @@ def score_human(
         typer.echo(f"{record['system']}: win rate {record['win_rate']:.3f} 95% CI [{low:.3f}, "
                    f"{high:.3f}] from {record['n_votes']} votes on {record['n_prompts']} prompts "
                    f"({record['n_unjudged']} not judged yet); updated {target}")
-    if result["leaderboard_text"]:
-        typer.echo("\n" + result["leaderboard_text"])
+    _print_leaderboard(result)

@@ -299,7 +299,8 @@ def compare_models(
         `human` (then `db` is the labeling database the pairs go to).
     reference_path: None means the reference named by the run's config.yaml.
     Returns {"evals": [eval.json record per model], "leaderboard": dict or None,
-    "leaderboard_text": the printed table or None, "folders": where each model's files went}.
+    "leaderboard_text": the printed table or None, "leaderboard_file": where leaderboard.json
+    went or None, "folders": where each model's files went}.
     """
     from preftune.modeling import quiet_transformers
 
@@ -343,12 +344,13 @@ def compare_models(
         record, policy = _evaluate_policy(job, path, label, folder)
         evals.append(record)
         systems.append(policy)
-    leaderboard = None
+    leaderboard, leaderboard_file = None, None
     if len(model_paths) > 1 and job.judge.kind == "reward":
         leaderboard = reward_leaderboard(systems, n_bootstrap, seed)
-        save_leaderboard(leaderboard, leaderboard_folder(model_paths, out))
+        leaderboard_file = save_leaderboard(leaderboard, leaderboard_folder(model_paths, out))
     return {"evals": evals, "leaderboard": leaderboard.to_dict() if leaderboard else None,
             "leaderboard_text": leaderboard.to_text() if leaderboard else None,
+            "leaderboard_file": str(leaderboard_file) if leaderboard_file else None,
             "folders": [str(f) for f in folders]}
 
 

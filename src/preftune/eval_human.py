@@ -155,7 +155,8 @@ def score_human(db, targets: Sequence, out=None, n_bootstrap: int = 1000, seed: 
     """Read the votes on queued comparisons back; write eval.json (and a leaderboard for several).
 
     targets: folders (or their samples.jsonl) written by `eval generate --judge human`.
-    Returns {"evals": [updated eval.json records], "leaderboard": dict or None}.
+    Returns {"evals": [updated eval.json records], "leaderboard": dict or None,
+    "leaderboard_text": the printed table or None, "leaderboard_file": its leaderboard.json or None}.
     """
     if not targets:
         raise UserError("pass the folder(s) that `preftune eval generate --judge human` wrote.")
@@ -185,13 +186,14 @@ def score_human(db, targets: Sequence, out=None, n_bootstrap: int = 1000, seed: 
                 # Votes on one prompt (several annotators, several models against one
                 # reference answer) are not independent: the bootstrap resamples prompts.
                 prompts.append(json.dumps(row["prompt"], sort_keys=True))
-    leaderboard = None
+    leaderboard, leaderboard_file = None, None
     if len(evals) > 1:
         systems = [REFERENCE] + [r.get("system") or r["model"] for r in evals]
         board = fit_ratings(outcomes, systems=systems, anchor=REFERENCE,
                             n_bootstrap=n_bootstrap, seed=seed, groups=prompts)
         folders = [_locate(target)[0] for target in targets]
-        save_leaderboard(board, leaderboard_folder(folders, out))
+        leaderboard_file = str(save_leaderboard(board, leaderboard_folder(folders, out)))
         leaderboard = board
     return {"evals": evals, "leaderboard": leaderboard.to_dict() if leaderboard else None,
-            "leaderboard_text": leaderboard.to_text() if leaderboard else None}
+            "leaderboard_text": leaderboard.to_text() if leaderboard else None,
+            "leaderboard_file": leaderboard_file}
