@@ -88,14 +88,15 @@ def demo(
 ):
     """Sample, label, train DPO and a baseline, evaluate: the DPO paper's sentiment task in small.
 
-    Ctrl-C or SIGTERM stop it with a message (exit status 130); the same command then continues.
+    Exit status 1 when a check of the result says NO (everything is still written); Ctrl-C or
+    SIGTERM stop it with a message (exit status 130); the same command then continues.
     """
     import torch
     from rich.console import Console
     from rich.markup import escape
 
     from preftune.demo.pipeline import DemoStopped, HumanLabeling, run_demo
-    from preftune.demo.summary import print_summary
+    from preftune.demo.summary import failed_checks, print_summary
 
     sizes = demo_sizes(quick, seed if 0 <= seed <= MAX_SEED else 0, betas)
     check_options(ctx, seed, threads, human, port, target, min_target=sizes.batch_size)
@@ -114,3 +115,5 @@ def demo(
         raise typer.Exit(130) from None
     console.print()
     print_summary(summary, console, out=out)
+    if failed_checks(summary):  # every file is written; the exit status says a claim failed
+        raise typer.Exit(1)

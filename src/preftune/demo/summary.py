@@ -203,9 +203,15 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def failed_checks(summary: dict) -> list[str]:
+    """The claims that do not hold: `preftune demo` exits 1 when there is any, so `make demo`
+    fails on a broken claim instead of printing NO and succeeding."""
+    return [check["claim"] for check in summary["checks"] if not check["holds"]]
+
+
 def print_summary(summary: dict, console, out: str | Path | None = None) -> None:
     """The results table, the checks, sample continuations side by side, the report's path
-    (below `out` as the user named it, when given)."""
+    (below `out` as the user named it, when given), and last how many checks failed, if any."""
     from rich.table import Table
 
     table = Table(title=f"Held-out prompts: {summary['results'][0]['n_prompts']}, judge: the "
@@ -230,3 +236,7 @@ def print_summary(summary: dict, console, out: str | Path | None = None) -> None
         console.print(samples)
     folder = Path(out) if out is not None else Path(summary["report"]).parent
     console.print(f"report: {folder / 'report.html'}\nsummary: {folder / 'demo.json'}")
+    failed = failed_checks(summary)
+    if failed:
+        console.print(f"[red]{len(failed)} of {len(summary['checks'])} checks failed (NO above); "
+                      f"see {folder / 'report.html'}[/red]", highlight=False, soft_wrap=True)
