@@ -147,6 +147,25 @@ def test_missing_local_file_is_named(tmp_path):
         load_pairs(str(tmp_path / "nope.jsonl"))
 
 
+def test_a_missing_data_file_names_the_setting_that_gave_it(tmp_path, tiny_llama):
+    """The sentence said 'check data.train / data.eval' to every command, `data inspect` too."""
+    from preftune_test_data import make_config
+    from rich.console import Console
+    from typer.testing import CliRunner
+
+    from preftune.cli import app
+    from preftune.train import prepare_data
+
+    missing, data = tmp_path / "nope.jsonl", write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    for config, setting in ((make_config(tmp_path, tiny_llama, missing), "data.train"),
+                            (make_config(tmp_path, tiny_llama, data, data={"eval": str(missing)}), "data.eval")):
+        with pytest.raises(UserError, match=f"{re.escape(str(missing))} does not exist; check {setting}.$"):
+            prepare_data(config, None, Console(quiet=True))
+    result = CliRunner().invoke(app, ["data", "inspect", str(missing), "--model", str(tiny_llama)])
+    assert result.exit_code == 2
+    assert "does not exist; check the file given to `preftune data inspect`." in " ".join(result.output.split())
+
+
 def test_implicit_prompt_is_the_common_prefix_cut_at_a_word(tmp_path):
     rows = [{"chosen": "The movie was great fun.", "rejected": "The movie was grim."}]
     pair = load_pairs(str(write_jsonl(tmp_path / "d.jsonl", rows))).pairs[0]

@@ -134,6 +134,13 @@ def test_eval_pairs_with_a_reference_of_another_tokenizer_is_one_sentence(models
     assert not (tmp_path / "out" / "eval.json").exists()
 
 
+def test_eval_pairs_names_its_own_option_for_a_missing_data_file(models, tmp_path):
+    """It said 'check data.train / data.eval', settings of training, not of this command."""
+    message = user_error(invoke(["pairs", "--model", models["ref"], "--reference", models["ref"],
+                                 "--data", tmp_path / "nope.jsonl"]))
+    assert message.rstrip().endswith("does not exist; check --data.")
+
+
 def test_eval_pairs_policy_equal_to_reference_has_zero_margins(models, tmp_path):
     data = write_pairs(tmp_path / "D_eval.jsonl")
     result = invoke(["pairs", "--model", models["ref"], "--reference", models["ref"],

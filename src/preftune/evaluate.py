@@ -223,7 +223,7 @@ def evaluate_pairs_file(
     torch_device = pick_device(device, "--device")
     autocast = autocast_context(config.model.autocast, torch_device)
     tokenizer = load_tokenizer(str(model_path))
-    loaded = load_pairs(str(data), split)
+    loaded = load_pairs(str(data), split, setting="--data")
     pairs, counts = tokenize_pairs(loaded.pairs, tokenizer, config.data)
     if not pairs:
         raise UserError(f"{data}: no pair is left after tokenization ({dict(counts)}); "

@@ -123,7 +123,7 @@ def _load_sources(sources: str | list[str], split: str, name: str, console: Cons
     skipped, and why; returns the pairs and the skip counts of all sources together."""
     pairs, skipped = [], Counter()
     for source in _as_list(sources):
-        loaded = load_pairs(source, split)
+        loaded = load_pairs(source, split, setting=f"data.{name}")
         pairs += loaded.pairs
         skipped.update(loaded.skipped)
         console.print(escape(f"data: {loaded.rows_read} rows read from {source} ({name}), "

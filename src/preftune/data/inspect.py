@@ -40,7 +40,7 @@ def _histogram_table(title: str, values: list[int]) -> Table:
 
 
 def inspect_file(path: str, tokenizer, data_cfg, console: Console, split: str = "train") -> dict:
-    loaded = load_pairs(path, split)
+    loaded = load_pairs(path, split, setting="the file given to `preftune data inspect`")
     console.print(f"[bold]{path}[/bold]: {loaded.rows_read} rows, {len(loaded.pairs)} usable")
     for reason, n in loaded.skipped.items():
         console.print(f"  skipped {n}: {reason}")

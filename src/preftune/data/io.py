@@ -38,16 +38,19 @@ class LoadResult:
         return len(self.pairs) + sum(self.skipped.values())
 
 
-def load_pairs(spec: str, split: str = "train") -> LoadResult:
-    """Load D from a file, a `datasets.save_to_disk` folder, or a hub data set id."""
+def load_pairs(spec: str, split: str = "train", setting: str = "data.train / data.eval") -> LoadResult:
+    """Load D from a file, a `datasets.save_to_disk` folder, or a hub data set id.
+
+    `setting` names where the user gave `spec` (`data.train`, `--data`), for the sentence that
+    says it is wrong."""
     path = Path(spec)
     if path.is_dir():
-        rows = _rows_from_saved_dataset(path, split)
+        rows = _rows_from_saved_dataset(path, split, setting)
     elif path.is_file():
         _refuse_a_split(spec, split)
         rows = _rows_from_file(path)
     elif _format_suffix(path) in FILE_SUFFIXES or spec.startswith((".", "/", "~")):
-        raise UserError(f"data file {spec} does not exist; check data.train / data.eval.")
+        raise UserError(f"data file {spec} does not exist; check {setting}.")
     else:
         rows = _rows_from_hub(spec, split)
     return parse_rows(rows, spec)
@@ -382,13 +385,13 @@ def _no_such_split(source, split: str, splits) -> UserError:
                      "data.eval_split for data.eval, or --split).")
 
 
-def _rows_from_saved_dataset(path: Path, split: str) -> Iterator[tuple[str, object]]:
+def _rows_from_saved_dataset(path: Path, split: str, setting: str) -> Iterator[tuple[str, object]]:
     import datasets
 
     if not ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
         # Not written by save_to_disk: a folder of data files, like a data set downloaded from
         # the Hub (data/train-00000-of-00002.parquet, ...), read as `load_dataset` reads it.
-        yield from _rows_from_data_folder(path, split)
+        yield from _rows_from_data_folder(path, split, setting)
         return
     try:
         ds = datasets.load_from_disk(str(path))
@@ -404,7 +407,7 @@ def _rows_from_saved_dataset(path: Path, split: str) -> Iterator[tuple[str, obje
         yield f"{path}, row {i}", row
 
 
-def _rows_from_data_folder(path: Path, split: str) -> Iterator[tuple[str, object]]:
+def _rows_from_data_folder(path: Path, split: str, setting: str) -> Iterator[tuple[str, object]]:
     """Data files in a folder, split by their names (train-*.parquet, test.jsonl.gz, ...) or by
     the folder's README.md, streamed: nothing is copied into the datasets cache."""
     import datasets
@@ -419,7 +422,7 @@ def _rows_from_data_folder(path: Path, split: str) -> Iterator[tuple[str, object
     except Exception as e:  # no data files, several configs, unreadable files: datasets says which
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise UserError(f"{path} is a folder neither written by datasets.save_to_disk nor readable as "
-                        f"data files ({reason}); point data.train / data.eval at a file or such a folder.") from None
+                        f"data files ({reason}); point {setting} at a file or such a folder.") from None
     for i, row in enumerate(ds):
         yield f"{path} ({split}), row {i}", row
 
