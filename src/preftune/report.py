@@ -290,13 +290,16 @@ def _reward_se(ev: dict, who: str = "policy") -> float:
 
 def plot_frontier(evals: Sequence[dict], path: str | Path,
                   title: str = "Reward vs KL: the DPO trade-off",
-                  colors: dict[str, str] | None = None) -> Path:
+                  colors: dict[str, str] | None = None,
+                  from_reference: Sequence[str] = ()) -> Path:
     """Mean reward against KL(policy || reference), one point per model (or beta).
 
     Each evaluation needs `kl` and `mean_reward.policy`; `kl_se` and `mean_reward_se.policy`
     give the error bars. Evaluations sharing a `method` share a colour and are joined in KL
     order, so DPO at several betas traces its frontier against single-point baselines.
     `colors` maps a group to its colour (a comparison keeps each run's colour of its curves).
+    Groups named in `from_reference` have their line start at the reference (KL 0): DPO tends
+    to it as beta grows, so its frontier runs from there through the betas' points.
     """
     points = [ev for ev in evals if _is_number(ev.get("kl")) and _policy_reward(ev) is not None]
     if not points:
@@ -306,6 +309,7 @@ def plot_frontier(evals: Sequence[dict], path: str | Path,
     for ev in points:
         groups.setdefault(str(ev.get("method") or eval_label(ev)), []).append(ev)
     fig, (ax,) = _new_figure()
+    reference = _reference_reward(points)
     cycle = [f"C{n % 10}" for n in range(len(groups))]
     for (group, members), color in zip(groups.items(), cycle):
         color = (colors or {}).get(group, color)
@@ -314,7 +318,11 @@ def plot_frontier(evals: Sequence[dict], path: str | Path,
         y = [_policy_reward(ev) for ev in members]
         xerr = [ev["kl_se"] if _is_number(ev.get("kl_se")) else 0.0 for ev in members]
         yerr = [_reward_se(ev) for ev in members]
-        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o-" if len(members) > 1 else "o",
+        joined = len(members) > 1
+        if group in from_reference and reference is not None:
+            ax.plot([0.0, *x], [reference, *y], "-", color=color, linewidth=1.2)
+            joined = False  # the line above already joins the points
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o-" if joined else "o",
                     color=color, capsize=3, markersize=6, linewidth=1.2, label=group)
         for ev, xi, yi in zip(members, x, y):
             if _is_number(ev.get("beta")):
@@ -322,7 +330,7 @@ def plot_frontier(evals: Sequence[dict], path: str | Path,
                             xytext=(7, -14), fontsize=8, color=color,
                             bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none",
                                   "alpha": 0.8})
-    _draw_reference(ax, points)
+    _draw_reference(ax, reference)
     ax.set_title(f"{title}\n(bars: ±1 standard error)", fontsize=11)
     ax.set_xlabel("KL(π ‖ π_ref), nats per sequence (estimated from samples)")
     ax.set_ylabel("mean reward of samples (reward-function units)")
@@ -330,16 +338,21 @@ def plot_frontier(evals: Sequence[dict], path: str | Path,
     return _save(fig, Path(path))
 
 
-def _draw_reference(ax, points: list[dict]) -> None:
-    """Put the reference policy at KL = 0, unless one of the points already is it."""
+def _reference_reward(points: list[dict]) -> float | None:
+    """The reference policy's reward at KL = 0; None when unknown or one of the points is it."""
     rewards = [_policy_reward(ev, "reference") for ev in points]
     rewards = [r for r in rewards if r is not None]
     if not rewards or any(abs(ev["kl"]) < 1e-12 for ev in points):
-        return
+        return None
     # Every evaluation samples the reference on its own prompts; their mean is the best
     # single estimate of its reward.
-    ax.plot([0.0], [float(np.mean(rewards))], marker="s", color="black", linestyle="none",
-            markersize=7, label="reference π_ref (KL = 0)")
+    return float(np.mean(rewards))
+
+
+def _draw_reference(ax, reference: float | None) -> None:
+    if reference is not None:
+        ax.plot([0.0], [reference], marker="s", color="black", linestyle="none",
+                markersize=7, label="reference π_ref (KL = 0)")
 
 
 def _win_rate_with_ci(ev: dict):

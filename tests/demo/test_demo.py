@@ -179,6 +179,31 @@ def test_demo_exits_1_when_a_check_fails(monkeypatch, tmp_path, holds, status):
         assert lines[-1] == f"summary: {out / 'demo.json'}"
 
 
+
+def test_reward_kl_plot_draws_dpo_from_pi_sft_through_the_betas(monkeypatch, tmp_path):
+    """README's frontier and the third check start DPO's line at pi_sft (KL 0); so does the plot."""
+    import numpy as np
+
+    import preftune.report as report
+    from preftune.demo.demo_report import draw_figures
+
+    figures = {}
+    monkeypatch.setattr(report, "_save", lambda fig, path: figures.setdefault(path.name, fig))
+
+    def evaluation(method, beta, kl, reward):
+        return {"method": method, "beta": beta, "label": f"{method}-{beta}", "kl": kl,
+                "kl_se": 0.1, "mean_reward": {"policy": reward, "reference": 0.07},
+                "mean_reward_se": {"policy": 0.1, "reference": 0.14}, "win_rate": 0.8,
+                "win_rate_ci": [0.7, 0.9], "n_prompts": 16}
+
+    evals = [evaluation("DPO", 0.1, 10.11, 3.60), evaluation("DPO", 1.0, 1.57, 2.46),
+             evaluation("DPO", 0.5, 2.92, 2.98), evaluation("Preferred-FT", None, 0.62, 0.56)]
+    draw_figures(DemoPaths(tmp_path), [], evals)
+    (ax,) = figures["reward_kl.png"].axes
+    lines = [np.column_stack(line.get_data()).tolist() for line in ax.get_lines()]
+    assert [[0.0, 0.07], [1.57, 2.46], [2.92, 2.98], [10.11, 3.60]] in lines
+
+
 # ------------------------------------------------------------------ --human
 
 

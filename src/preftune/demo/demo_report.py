@@ -25,14 +25,15 @@ def draw_figures(paths: DemoPaths, runs: list[Run], evals: list[dict]) -> list[t
     """Draw the page's plots into plots/; returns (relative src, title, caption) for each."""
     plots = paths.out / PLOT_DIR
     plots.mkdir(parents=True, exist_ok=True)
-    plot_frontier(evals, plots / "reward_kl.png",
+    plot_frontier(evals, plots / "reward_kl.png", from_reference=["DPO"],
                   title="Reward vs KL(π ‖ π_sft): DPO at several β and Preferred-FT")
     plot_win_rates(evals, plots / "win_rates.png")
     figures = [
         (f"{PLOT_DIR}/reward_kl.png", "Reward vs KL: the frontier",
          ("Mean latent reward of each model's samples on held-out prompts against its KL "
-          "divergence from pi_sft (the black square). Smaller β lets DPO move further from "
-          "pi_sft for more reward; up and to the left is better.")),
+          "divergence from pi_sft (the black square). DPO's line starts at pi_sft, its limit "
+          "as β grows; smaller β lets DPO move further from pi_sft for more reward; up and to "
+          "the left is better.")),
         (f"{PLOT_DIR}/win_rates.png", "Win rates against pi_sft",
          "Share of held-out prompts where the model's continuation has the higher latent reward."),
     ]
