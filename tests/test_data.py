@@ -81,12 +81,29 @@ def test_a_folder_of_data_files_like_a_hub_download_is_read_by_split(tmp_path, m
     assert [p.chosen for p in train.pairs] == [r["chosen"] for r in PAIRS]
     assert train.pairs[0].metadata == {"score_chosen": 8.0}
     assert [p.chosen for p in load_pairs(str(tmp_path / "snap"), "test").pairs] == [PAIRS[0]["chosen"]]
-    with pytest.raises(UserError, match=r"snap has no split 'validation', only 'train', 'test'; choose one"):
+    with pytest.raises(UserError, match=r"snap has no split 'validation': .* its splits are only 'train', "
+                                         r"'test' \(data/.*; .* or choose one of its splits"):
         load_pairs(str(tmp_path / "snap"), "validation")
     assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").rglob("*.arrow"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match=r"empty is a folder neither written by datasets.save_to_disk nor"):
         load_pairs(str(tmp_path / "empty"))
+
+
+def test_a_folder_of_run_folders_says_it_is_no_data_set_and_names_the_files_read(tmp_path):
+    """It said only "has no split 'train', only 'test'": datasets had taken a/eval.json as the
+    test split of a data set, and nothing said so."""
+    for run, name in (("a", "eval.json"), ("b", "metrics.jsonl"), ("c", "eval-2.json")):
+        (tmp_path / "runs" / run).mkdir(parents=True)
+        (tmp_path / "runs" / run / name).write_text('{"step": 1}\n')
+    with pytest.raises(UserError) as info:
+        load_pairs(str(tmp_path / "runs"), setting="--data")
+    assert str(info.value) == (
+        f"{tmp_path / 'runs'} has no split 'train': it is no datasets.save_to_disk folder (no "
+        "dataset_dict.json or state.json), and as a folder of data files its splits are only 'test' "
+        "(a/eval.json, c/eval-2.json); point --data at a data file (.csv, .json, .jsonl, .parquet), "
+        "a save_to_disk folder or a folder of data files with a 'train' split, or choose one of its "
+        "splits (data.split, data.eval_split for data.eval, or --split).")
 
 
 def test_a_missing_split_of_a_saved_dataset_dict_names_the_ones_there(tmp_path):

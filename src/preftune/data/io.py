@@ -415,7 +415,7 @@ def _rows_from_data_folder(path: Path, split: str, setting: str) -> Iterator[tup
     try:
         splits = datasets.get_dataset_split_names(str(path))
         if split not in splits:
-            raise _no_such_split(path, split, splits)
+            raise _no_split_in_data_folder(path, split, splits, setting)
         ds = datasets.load_dataset(str(path), split=split, streaming=True)
     except UserError:
         raise
@@ -425,6 +425,22 @@ def _rows_from_data_folder(path: Path, split: str, setting: str) -> Iterator[tup
                         f"data files ({reason}); point {setting} at a file or such a folder.") from None
     for i, row in enumerate(ds):
         yield f"{path} ({split}), row {i}", row
+
+
+def _no_split_in_data_folder(path: Path, split: str, splits, setting: str) -> UserError:
+    """A folder that is no data set (run folders, say) has its files taken as splits by their
+    names (a/eval.json is 'test'): name the files, so the user sees what was read as data."""
+    import datasets
+
+    data_files = datasets.load_dataset_builder(str(path)).config.data_files  # split -> files
+    files = [os.path.relpath(f, path) for found in data_files.values() for f in found]
+    shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    names = ", ".join(repr(name) for name in splits)
+    return UserError(f"{path} has no split {split!r}: it is no datasets.save_to_disk folder (no "
+                     f"dataset_dict.json or state.json), and as a folder of data files its splits are only "
+                     f"{names} ({shown}); point {setting} at a data file ({', '.join(sorted(FILE_SUFFIXES))}), "
+                     f"a save_to_disk folder or a folder of data files with a {split!r} split, or choose "
+                     "one of its splits (data.split, data.eval_split for data.eval, or --split).")
 
 
 def _rows_from_hub(spec: str, split: str) -> Iterator[tuple[str, object]]:
