@@ -154,6 +154,17 @@ def test_a_folder_as_out_is_named_and_the_list_beside_it_kept(voted, tmp_path):
     assert listed.is_file()
 
 
+def test_out_in_a_new_folder_is_written_with_its_list(voted, tmp_path):
+    """It said 'create it first', while sample, label auto, eval and report make their --out folder."""
+    out = tmp_path / "new" / "deeper" / "D.jsonl"
+    report = export(voted.path, out)
+    assert len(out.read_text().splitlines()) == report["exported"]
+    assert report["left_out_file"] == str(tmp_path / "new" / "deeper" / "D.left_out.jsonl")
+    with pytest.raises(UserError, match="no such labels database"):  # a mistake makes no folder
+        export(tmp_path / "missing.sqlite", tmp_path / "other" / "D.jsonl")
+    assert not (tmp_path / "other").exists()
+
+
 def test_out_naming_the_database_is_refused_and_the_votes_kept(voted):
     """`--out labels.sqlite` (a slip for --db) replaced the database, every vote, with D."""
     before = len(voted.live_votes())

@@ -187,6 +187,7 @@ def export(db: str | Path, out: str | Path, policy: str = "majority", raw: bool 
     finally:
         store.close()
     left_out_rows = report.pop("left_out_rows", [])
+    Path(out).parent.mkdir(parents=True, exist_ok=True)  # as sample, label auto, eval and report do
     listed = left_out_path(out)
     # The old list goes first: a kill before the new one is written then leaves no list rather
     # than one that describes an earlier D. A raw export replaces D too, so its list goes. The
