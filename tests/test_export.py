@@ -57,6 +57,18 @@ def test_the_adapter_and_the_merged_model_carry_cards_of_their_own_kind(lora_run
     assert "| LoRA | r 4, alpha 8" in merged_card  # how it was trained, still
 
 
+def test_the_merged_card_names_the_base_it_was_merged_onto(lora_run, tiny_llama, tmp_path):
+    import shutil
+
+    from preftune.export_cli import export
+
+    other = shutil.copytree(tiny_llama, tmp_path / "other-base")
+    export(lora_run, merge=True, out=tmp_path / "merged", base=str(other))
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert f"`{other}` trained on preference pairs" in card
+    assert str(tiny_llama) not in card  # the run's model.path is not what these weights hold
+
+
 def test_a_checkpoint_exports_beside_the_run_not_into_checkpoints(lora_run):
     from preftune.export_cli import export
 

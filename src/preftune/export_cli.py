@@ -67,7 +67,9 @@ def export(
     # What `preftune eval` reads to evaluate the merged model with the run's own settings
     # (beta, loss, max_length; the base as reference), as it does for RUN/final.
     record = {"adapter": str(adapter.resolve()), "base": base_path, "run_config": run_cfg}
-    card = model_card(run_cfg, run_metrics(_run_folder(adapter)), adapter=False, world_size=None,
+    # The card names the model these weights were merged onto (--base), not the run's model.path.
+    card_cfg = {**run_cfg, "model": {**model_cfg, "path": base_path}}
+    card = model_card(card_cfg, run_metrics(_run_folder(adapter)), adapter=False, world_size=None,
                       title=f"{_run_folder(adapter).name}, merged")
     written = merge_adapter(adapter, base_path, model_cfg.get("dtype", "float32"), target,
                             extra_files={EXPORT_RECORD: yaml.safe_dump(record, sort_keys=False),
