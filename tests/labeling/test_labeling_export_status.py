@@ -163,6 +163,9 @@ def test_out_in_a_new_folder_is_written_with_its_list(voted, tmp_path):
     with pytest.raises(UserError, match="no such labels database"):  # a mistake makes no folder
         export(tmp_path / "missing.sqlite", tmp_path / "other" / "D.jsonl")
     assert not (tmp_path / "other").exists()
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(UserError, match="a_file/D cannot be a folder, a file holds its place"):
+        export(voted.path, tmp_path / "a_file" / "D" / "D.jsonl")
 
 
 def test_out_naming_the_database_is_refused_and_the_votes_kept(voted):
