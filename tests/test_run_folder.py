@@ -58,6 +58,23 @@ def test_a_fresh_run_refuses_a_folder_that_holds_a_run(tmp_path, run_config):
     assert [c.name for c in list_checkpoints(run)] == ["step-000002", "step-000004"]
 
 
+def test_resuming_past_the_runs_end_is_refused_and_touches_nothing(tmp_path, run_config):
+    # A shorter max_steps at --resume trained nothing, yet rewrote final/ and a config.yaml whose
+    # max_steps no longer said how long the run was.
+    run = tmp_path / "run"
+    assert cli("train", run_config).exit_code == 0
+    config_before = (run / "config.yaml").read_text()
+    result = cli("train", run / "config.yaml", "--resume", "train.max_steps=2")
+    assert result.exit_code == 2
+    assert squash(result.output).endswith(squash(
+        f"error: checkpoint {run}/checkpoints/step-000004 is at step 4, past this run's 2 steps (train.max_steps, "
+        "train.epochs); raise them to extend the run, or pass --resume-from an earlier checkpoint."))
+    assert (run / "config.yaml").read_text() == config_before
+    result = cli("train", run / "config.yaml", "--resume-from", run / "checkpoints" / "step-000002",
+                 "train.max_steps=2")  # at its end: allowed, as after a kill while writing final/
+    assert result.exit_code == 0, result.output
+
+
 def test_overwrite_starts_over_keeping_only_the_reference_cache(tmp_path, run_config):
     run = tmp_path / "run"
     assert cli("train", run_config).exit_code == 0

@@ -377,6 +377,10 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
     checkpoint = resolve_resume(resume, output_dir)
     if checkpoint is not None:
         state = _restore(checkpoint, policy, optimizer, scheduler, config, dist, synced)
+        if state.step > total_steps:  # it would train nothing, yet rewrite final/ and config.yaml
+            raise UserError(f"checkpoint {checkpoint} is at step {state.step}, past this run's {total_steps} steps "
+                            "(train.max_steps, train.epochs); raise them to extend the run, or pass --resume-from "
+                            "an earlier checkpoint.")
         console.print(f"resumed from {checkpoint} at step {state.step}")
         if state.total_steps and state.total_steps != total_steps:
             schedule = (f"; the {config.optim.scheduler} schedule's remaining learning rates follow "
