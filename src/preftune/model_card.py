@@ -97,8 +97,8 @@ def _settings(config: dict, world_size: int | None) -> list[tuple[str, str]]:
     optim, train = config.get("optim", {}), config.get("train", {})
     types = loss.get("type", "sigmoid")
     rows = [
-        ("data", ", ".join(f"`{d}`" for d in ([data.get("train")] if isinstance(data.get("train"), str)
-                                              else data.get("train") or []))),
+        ("data", ", ".join(f"`{_data_name(d)}`" for d in ([data.get("train")] if isinstance(data.get("train"), str)
+                                                          else data.get("train") or []))),
         ("loss", f"{types if isinstance(types, str) else ' + '.join(types)}"
                  + (f", weights {loss['weights']}" if loss.get("weights") else "")),
         ("beta", loss.get("beta")),
@@ -119,6 +119,13 @@ def _settings(config: dict, world_size: int | None) -> list[tuple[str, str]]:
         rows.insert(1, ("LoRA", f"r {lora.get('r')}, alpha {lora.get('alpha')}, dropout {lora.get('dropout')}, "
                                 f"modules {lora.get('target_modules')}"))
     return [(name, str(value)) for name, value in rows]
+
+
+def _data_name(name: str) -> str:
+    """A Hub data set by its id, a local file by its name alone: the same in final/'s card (the
+    path as typed) and an export's (config.yaml's absolute path), and no folder of the uploader's
+    machine on the Hub."""
+    return hub_id(name) or Path(name).name
 
 
 def _against(model: dict, loss: dict, types: list[str]) -> str:
