@@ -143,6 +143,13 @@ def test_a_folder_as_out_is_one_sentence(model_dir, tmp_path):
         run(model_dir, write_txt(tmp_path / "p.txt", PROMPTS[:1]), tmp_path)
 
 
+def test_an_out_whose_folder_is_a_file_is_one_sentence(model_dir, tmp_path):
+    """Making --out's folder through a file was a FileExistsError traceback."""
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(UserError, match="a_file cannot be a folder, a file holds its place"):
+        run(model_dir, write_txt(tmp_path / "p.txt", PROMPTS[:1]), tmp_path / "a_file" / "pairs.jsonl")
+
+
 def test_out_naming_the_prompt_file_is_refused_and_the_file_kept(model_dir, tmp_path):
     """Resuming into the prompt file itself cut its last line when it had no newline."""
     prompts = tmp_path / "prompts.jsonl"

@@ -79,6 +79,16 @@ def record_line_numbers(path: str | Path) -> list[int]:
     return [n for n, raw in enumerate(complete.splitlines(), start=1) if raw.strip()]
 
 
+def make_parent_folder(path: str | Path, option: str = "--out") -> None:
+    """Create the folder `path` will be written in, as every command does for its --out; a file
+    standing where one of its folders goes is the user's to move, so it is one sentence."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"{option} {path}: {Path(path).parent} cannot be a folder, a file holds its place; "
+                        "name a file in a folder.") from None
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write `text` to a temporary file beside `path`, fsync, rename over it, fsync the folder.
 

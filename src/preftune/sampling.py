@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from preftune.errors import UserError
-from preftune.records import append_records, read_records, recorded_path
+from preftune.records import append_records, make_parent_folder, read_records, recorded_path
 from preftune.sampling_settings import SamplingSettings
 
 Prompt = str | list[dict]  # a text, or a conversation: [{"role": ..., "content": ...}, ...]
@@ -491,7 +491,7 @@ def sample_to_file(
     done = resume_position(out, read_records(out, repair=True), prompts, settings, str(model_path), id_prefix)
     if done == len(prompts):
         return done, 0
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_parent_folder(out)
     with _transformers_bars(progress):
         model, tokenizer = load_model_and_tokenizer(str(model_path), dtype, device)
     batches = iter_pair_batches(

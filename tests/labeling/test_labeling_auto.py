@@ -194,6 +194,8 @@ def test_out_in_a_new_folder_is_written_and_a_folder_as_out_is_named(tmp_path, r
     assert len(read_jsonl(out)) == 2
     with pytest.raises(UserError, match="is a folder; name the file"):
         label_auto(pairs_file, "my_rewards:length", tmp_path / "new", show_progress=False)
+    with pytest.raises(UserError, match="D.jsonl cannot be a folder, a file holds its place"):
+        label_auto(pairs_file, "my_rewards:length", out / "D.jsonl", show_progress=False)
 
 
 def test_out_naming_the_pairs_file_is_refused_and_the_file_kept(tmp_path, rewards_file):

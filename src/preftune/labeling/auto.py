@@ -40,7 +40,7 @@ from pathlib import Path
 from preftune.errors import UserError
 from preftune.labeling.export import as_triplet
 from preftune.labeling.pairs import Pair, load_pairs
-from preftune.records import append_records, read_records, record_line_numbers
+from preftune.records import append_records, make_parent_folder, read_records, record_line_numbers
 
 MODES = ("bt-sample", "argmax")
 
@@ -277,7 +277,7 @@ def label_auto(
     todo = [p for p in pairs if p.pair_id not in done]
     reward_fn = load_reward(reward) if isinstance(reward, str) else reward
     stats = Counter(pairs=len(pairs), resumed_from=len(done))
-    out.parent.mkdir(parents=True, exist_ok=True)  # as `preftune sample` does for its --out
+    make_parent_folder(out)
     with _progress(show_progress and bool(todo), len(todo)) as advance:  # no 0% bar for nothing to do
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from preftune.errors import UserError
 from preftune.labeling.store import Store
-from preftune.records import write_jsonl_atomic
+from preftune.records import make_parent_folder, write_jsonl_atomic
 
 POLICIES = ("majority", "unanimous")
 
@@ -187,11 +187,7 @@ def export(db: str | Path, out: str | Path, policy: str = "majority", raw: bool 
     finally:
         store.close()
     left_out_rows = report.pop("left_out_rows", [])
-    try:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)  # as sample, label auto, eval and report do
-    except (FileExistsError, NotADirectoryError):  # a file stands where a folder of the path goes
-        raise UserError(f"--out {out}: {Path(out).parent} cannot be a folder, a file holds its place; "
-                        "name a file in a folder.") from None
+    make_parent_folder(out)
     listed = left_out_path(out)
     # The old list goes first: a kill before the new one is written then leaves no list rather
     # than one that describes an earlier D. A raw export replaces D too, so its list goes. The
