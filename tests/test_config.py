@@ -116,6 +116,15 @@ def test_max_prompt_length_without_max_length_is_refused():
                                  "data.max_prompt_length.")
 
 
+@pytest.mark.parametrize("override", ["=5", "train.=4", ".batch_size=4", "train..batch_size=4"])
+def test_an_override_key_with_an_empty_part_is_named(override):
+    # "=5" said only "Extra inputs are not permitted." after the file's name.
+    with pytest.raises(UserError) as caught:
+        load_config(None, [*REQUIRED, override])
+    assert str(caught.value) == (f"override {override!r}: the key before '=' is empty or has an empty part; write "
+                                 "a dotted key such as optim.lr=1e-6.")
+
+
 def test_an_unknown_key_with_nothing_close_lists_the_section_keys():
     with pytest.raises(UserError) as caught:
         load_config(None, REQUIRED + ["optim.nesterov=true"])

@@ -482,7 +482,11 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise UserError(f"override {text!r} is not of the form key=value (for example optim.lr=1e-6).")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), _parse_yaml(raw, f"override {text!r}") if raw.strip() else None
+    path = key.strip().split(".")
+    if not all(path):  # "=5", ".lr=5", "optim..lr=5": no key for pydantic to name
+        raise UserError(f"override {text!r}: the key before '=' is empty or has an empty part; write a "
+                        "dotted key such as optim.lr=1e-6.")
+    return path, _parse_yaml(raw, f"override {text!r}") if raw.strip() else None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
