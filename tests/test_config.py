@@ -53,9 +53,12 @@ def test_a_bad_key_set_on_the_command_line_names_the_override_not_the_file(tmp_p
     ("data.train=[pairs.jsonl, '']", "key 'data.train': an empty name; give a data file, folder or hub id."),
     ("data.train=[]", "key 'data.train': an empty list; name at least one data file, folder or hub id."),
     ("data.eval=' '", "key 'data.eval': an empty name; give a data file, folder or hub id."),
+    ("model.path=''", "key 'model.path': an empty name; give a model folder or hub id."),
+    ("model.reference_path=''", "key 'model.reference_path': an empty name; give a model folder or hub id."),
 ])
-def test_an_empty_data_source_is_refused_at_the_config(override, said):
-    # '' would be read as the current folder; [] as a run with no pairs and a garbled message.
+def test_an_empty_data_source_or_model_is_refused_at_the_config(override, said):
+    # '' would be read as the current folder (data), a hub id (model.path) or no reference at all
+    # (model.reference_path); [] as a run with no pairs and a garbled message.
     with pytest.raises(UserError) as caught:
         load_config(None, [*REQUIRED, override])
     assert str(caught.value) == f"override {override!r}: {said}"

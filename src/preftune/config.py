@@ -62,6 +62,14 @@ class ModelConfig(Section):
     # TR-DPO: the frozen copy (model.reference: copy) moves toward the policy during training.
     reference_sync: ReferenceSyncConfig | None = None
 
+    @field_validator("path", "reference_path")
+    @classmethod
+    def _names_a_model(cls, value):
+        # '' went to the Hub as a repo id (path) or silently meant no reference (reference_path).
+        if value is not None and not value.strip():
+            raise ValueError("an empty name; give a model folder or hub id")
+        return value
+
 
 class DataConfig(Section):
     train: str | list[str]
