@@ -223,3 +223,25 @@ def test_the_summary_names_the_wandb_folder_only_when_wandb_writes_one(tmp_path,
     monkeypatch.setattr(loggers, "_open_wandb", lambda *args, **kwargs: noop)
     with MetricsLogger(tmp_path / "disabled", ["jsonl", "wandb"], run_name="r") as lg:
         assert lg.where() == [f"metrics: {tmp_path / 'disabled' / 'metrics.jsonl'}"]
+
+
+@pytest.mark.parametrize("variable, value, expected", [
+    ("WANDB_MODE", "ofline", "set it to online, offline or disabled"),
+    ("WANDB_PROJECT", "team/dpo", r"set it to the project's name alone \(the team goes in WANDB_ENTITY\)"),
+])
+def test_a_wandb_variable_wandb_refuses_is_named_before_the_model_loads(tmp_path, monkeypatch, variable,
+                                                                          value, expected):
+    # wandb.init answers a mistyped WANDB_MODE with a pydantic traceback, and an 'entity/project'
+    # WANDB_PROJECT with a message naming no variable; train checks the backends before loading.
+    pytest.importorskip("wandb")
+    from preftune.loggers import check_backends
+
+    monkeypatch.setenv("WANDB_MODE", "offline")  # never online, even where the check were missing
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv(variable, value)
+    sentence = f"the environment variable {variable}='{value}' is refused by wandb; {expected}, or unset it."
+    with pytest.raises(UserError, match=sentence):
+        check_backends(["jsonl", "wandb"])
+    with pytest.raises(UserError, match=sentence):
+        MetricsLogger(tmp_path / "run", ["jsonl", "wandb"])
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -204,7 +204,29 @@ def check_backends(backends: Iterable[str]) -> None:
         if backend not in BACKENDS:
             raise UserError(f"unknown logger backend {backend!r}; choose from {', '.join(BACKENDS)}.")
         if backend in _BACKEND_MODULES:
-            _import_backend(backend)
+            module = _import_backend(backend)
+            if backend == "wandb":
+                _check_wandb_environment(module)
+
+
+# The variables wandb.init reads that a typo makes fail, with what each should hold.
+_WANDB_VARIABLES = {"WANDB_MODE": ("mode", "online, offline or disabled"),
+                    "WANDB_PROJECT": ("project", "the project's name alone (the team goes in WANDB_ENTITY)")}
+
+
+def _check_wandb_environment(wandb) -> None:
+    """A WANDB_MODE or WANDB_PROJECT that wandb.init would refuse is one sentence naming the
+    variable, now: wandb says so with a pydantic traceback (a mode) or a message that names no
+    variable (a project), and only once the model and data are loaded."""
+    for variable, (setting, expected) in _WANDB_VARIABLES.items():
+        value = os.environ.get(variable)
+        if not value:
+            continue
+        try:
+            wandb.Settings(**{setting: value})  # checks the value alone: no login, no network
+        except (ValueError, wandb.errors.UsageError):  # pydantic's ValidationError is a ValueError
+            raise UserError(f"the environment variable {variable}={value!r} is refused by wandb; "
+                            f"set it to {expected}, or unset it.") from None
 
 
 def _drop_records_after(path: Path, step: int, evals_at_step: bool = False) -> None:
@@ -248,6 +270,7 @@ WANDB_RUN_ID = Path("wandb") / "preftune-run-id"
 def _open_wandb(output_dir: Path, run_name: str | None, config_dict: dict, project: str | None,
                 resumed: bool = False):
     wandb = _import_backend("wandb")
+    _check_wandb_environment(wandb)
     # wandb reads WANDB_MODE (online / offline / disabled) itself; an explicit project would
     # override WANDB_PROJECT, so the environment decides unless the caller named one.
     project = project or os.environ.get("WANDB_PROJECT", "preftune")
