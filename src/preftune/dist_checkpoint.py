@@ -192,16 +192,28 @@ FIXED_AT_RESUME = {
 }
 
 
+def _inert_keys(config: dict) -> set[str]:
+    """Fixed keys that did nothing in a run of `config` and that the config now refuses so
+    (data.max_prompt_length without data.max_length, optim.betas beside rmsprop): a run started
+    before the refusal must be able to drop them, as it says, and resume."""
+    inert = set()
+    if (config.get("data") or {}).get("max_length", 1024) is None:  # nothing was cut
+        inert.add("data.max_prompt_length")
+    if (config.get("optim") or {}).get("name", "adamw") != "adamw":  # RMSprop takes no betas
+        inert.add("optim.betas")
+    return inert
+
+
 def _check_fixed_keys(saved: dict, folder: Path, config) -> None:
     before, now = saved.get("config"), config.model_dump(mode="json")
     if not before:  # written before checkpoints held their config
         return
-    changed = []
+    changed, inert = [], _inert_keys(before)
     for section, keys in FIXED_AT_RESUME.items():
         old, new = before.get(section, {}), now.get(section, {})
         # Keys known to both: a key that a later preftune adds (or drops) is no change.
         for key in keys or sorted(old):
-            if key in old and key in new and old[key] != new[key]:
+            if key in old and key in new and old[key] != new[key] and f"{section}.{key}" not in inert:
                 changed.append(f"{section}.{key} {old.get(key)!r} (now {new.get(key)!r})")
     if changed:
         raise UserError(

@@ -186,3 +186,30 @@ def test_a_key_the_checkpoint_does_not_know_is_no_change(tmp_path, two_step_run)
     train_in_process(dict(raw, train={**raw["train"], "output_dir": str(output_dir), "max_steps": 3}),
                      resume=True)
     assert train_steps(output_dir) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("section, key, inert, acting", [
+    ("data", "max_prompt_length", {"max_length": None, "max_prompt_length": 128},
+     {"max_length": 512, "max_prompt_length": 128}),
+    ("optim", "betas", {"name": "rmsprop", "betas": [0.8, 0.99]}, {"name": "adamw", "betas": [0.8, 0.99]}),
+], ids=["max_prompt_length", "betas"])
+def test_a_run_started_before_a_refusal_resumes_once_the_inert_key_is_dropped(tmp_path, section, key, inert,
+                                                                               acting):
+    """Such a run's config.yaml is now refused with 'remove KEY'; removed, the resume goes on,
+    since the key did nothing. Dropped where it did act, it is still refused."""
+    from preftune.config import validate_config
+    from preftune.dist_checkpoint import _check_fixed_keys
+
+    def saved_and_resumed(values):
+        base = {"model": {"path": "m"}, "data": {"train": "d.jsonl"}}
+        base.setdefault(section, {}).update({k: v for k, v in values.items() if k != key})
+        resumed = validate_config(base)
+        saved = resumed.model_dump(mode="json")  # as its checkpoint holds it: validated back then
+        saved[section][key] = values[key]
+        return {"config": saved}, resumed
+
+    saved, resumed = saved_and_resumed(inert)
+    _check_fixed_keys(saved, tmp_path, resumed)  # the key did nothing: dropping it is no change
+    saved, resumed = saved_and_resumed(acting)
+    with pytest.raises(UserError, match=f"{section}.{key}"):
+        _check_fixed_keys(saved, tmp_path, resumed)
