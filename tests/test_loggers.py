@@ -245,3 +245,22 @@ def test_a_wandb_variable_wandb_refuses_is_named_before_the_model_loads(tmp_path
     with pytest.raises(UserError, match=sentence):
         MetricsLogger(tmp_path / "run", ["jsonl", "wandb"])
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_run_resumed_at_its_last_step_shows_its_eval_there_once_in_tensorboard(tmp_path):
+    # Killed while writing final/, after the last step's eval: the resumed run evaluates at that
+    # step again. metrics.jsonl drops the first eval line; TensorBoard must too, and keep the
+    # step's training line, which the resumed run does not log again.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with MetricsLogger(tmp_path, ["tensorboard"], run_name="r") as lg:
+        for step in range(1, 6):
+            lg.log({"loss": float(step)}, step=step)
+        lg.log({"eval/loss": 0.5}, step=5)
+    with MetricsLogger(tmp_path, ["tensorboard"], run_name="r", start_step=5, redo_eval_at_start=True) as lg:
+        lg.log({"eval/loss": 0.25}, step=5)
+    assert read_records(tmp_path / "metrics.jsonl")[-2:] == [{"step": 5, "loss": 5.0}, {"step": 5, "eval/loss": 0.25}]
+    events = EventAccumulator(str(tmp_path / "tensorboard" / "r"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("eval/loss")] == [(5, 0.25)]
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(s, float(s)) for s in range(1, 6)]

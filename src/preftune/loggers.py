@@ -95,7 +95,8 @@ class MetricsLogger:
                 self._wandb_dir = Path(self._wandb_run.dir).parent  # wandb/<offline-|>run-<time>-<id>
                 self._wandb_name = self._wandb_run.name or self._wandb_run.id
         if "tensorboard" in backends:
-            self._tensorboard = _open_tensorboard(self.output_dir, run_name, config_dict, start_step)
+            self._tensorboard = _open_tensorboard(self.output_dir, run_name, config_dict, start_step,
+                                                  redo_eval_at_start)
             self._tensorboard_dir = Path(self._tensorboard.log_dir)
         if start_step:
             _drop_records_after(self.output_dir / METRICS_FILE, start_step, redo_eval_at_start)
@@ -127,12 +128,7 @@ class MetricsLogger:
         record.update({key: _plain(value) for key, value in metrics.items() if key != "step"})
         self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._file.flush()
-        numbers = {
-            key: value
-            for key, value in record.items()
-            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
-        }
-        numbers = {viewer_key(key): value for key, value in numbers.items()}
+        numbers = _viewer_numbers(record)
         if self._tensorboard is not None:
             with self._viewer("tensorboard", step):
                 for key, value in numbers.items():
@@ -250,12 +246,28 @@ def _drop_records_after(path: Path, step: int, evals_at_step: bool = False) -> N
         write_jsonl_atomic(path, kept)  # a kill now leaves the old file or the new one
 
 
-def _open_tensorboard(output_dir: Path, run_name: str | None, config_dict: dict, start_step: int):
+def _viewer_numbers(record: dict) -> dict:
+    """A metrics.jsonl record's numbers under their TensorBoard and W&B names."""
+    return {viewer_key(key): value for key, value in record.items()
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+def _open_tensorboard(output_dir: Path, run_name: str | None, config_dict: dict, start_step: int,
+                      redo_eval_at_start: bool = False):
     SummaryWriter = _import_backend("tensorboard").SummaryWriter
     # A resumed run (start_step > 0) purges the steps logged after its checkpoint by the run
-    # it continues, so TensorBoard shows each step once, as metrics.jsonl's reader does.
+    # it continues, so TensorBoard shows each step once, as metrics.jsonl's reader does. One
+    # that evaluates at start_step again purges that step too (a purge takes every tag, eval/
+    # or not) and writes back the step's training line that metrics.jsonl keeps.
     writer = SummaryWriter(log_dir=str(output_dir / "tensorboard" / (run_name or "run")),
-                           purge_step=start_step + 1 if start_step else None)
+                           purge_step=(start_step if redo_eval_at_start else start_step + 1) or None)
+    if start_step and redo_eval_at_start and (output_dir / METRICS_FILE).exists():
+        from preftune.records import read_records
+
+        for record in read_records(output_dir / METRICS_FILE, repair=True):
+            if record.get("step") == start_step and not any(k.startswith("eval/") for k in record):
+                for key, value in _viewer_numbers(record).items():
+                    writer.add_scalar(key, value, global_step=start_step)
     if config_dict and not start_step:
         # TensorBoard's text plugin renders markdown; a fenced block keeps the layout.
         text = "```\n" + json.dumps(config_dict, indent=2, default=str) + "\n```"
