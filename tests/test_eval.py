@@ -370,6 +370,18 @@ def test_eval_pairs_max_length_zero_is_refused_not_read_as_the_default(models, t
     assert not (tmp_path / "o").exists()
 
 
+def test_eval_pairs_drops_the_prompt_budget_of_an_older_run_with_no_max_length():
+    """A run trained before the config refused data.max_prompt_length beside max_length: null (where
+    it cut nothing) is evaluated as it trained, not refused for a key eval pairs has no option for."""
+    from preftune.evaluate import pairs_eval_config
+
+    run = {"data": {"max_length": None, "max_prompt_length": 128, "truncation": "keep_start"}}
+    data = pairs_eval_config("m", "d.jsonl", run, None, None, 2, None, "float32").data
+    assert (data.max_length, data.max_prompt_length, data.truncation) == (None, None, "keep_start")
+    data = pairs_eval_config("m", "d.jsonl", run, None, None, 2, 64, "float32").data  # --max-length 64
+    assert (data.max_length, data.max_prompt_length) == (64, 128)
+
+
 def test_eval_of_a_run_folder_or_a_missing_folder_says_so(models, prompts_file, tmp_path):
     """Both said "no --reference given and no run config.yaml names one", which sent users
     looking for a reference when the --model itself was wrong."""

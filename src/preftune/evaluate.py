@@ -163,6 +163,8 @@ def pairs_eval_config(model_path, data, run: dict, beta: float | None, loss: str
                 if k in ("max_prompt_length", "truncation")}
     run_max_length = (run.get("data") or {}).get("max_length", 1024)
     data_cfg.update(train=str(data), max_length=run_max_length if max_length is None else max_length)
+    if data_cfg["max_length"] is None:  # nothing is cut, so a prompt budget did nothing (the config
+        data_cfg.pop("max_prompt_length", None)  # now refuses it; runs from before still evaluate)
     # The run's numerics: a run under bf16 autocast is evaluated under it, as its eval/ lines were.
     model_cfg = {"path": str(model_path), "dtype": dtype, "autocast": (run.get("model") or {}).get("autocast", "none")}
     # The run's eval/ lines carried TRL's token metrics when it trained with them: so does this record.
