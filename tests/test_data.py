@@ -483,6 +483,17 @@ def test_data_inspect_names_a_bad_option_in_one_sentence(tmp_path, tiny_llama, o
     assert " ".join(result.output.split()) == said
 
 
+
+def test_data_inspect_names_an_empty_file_argument_as_its_own(tiny_llama):
+    """DataConfig refuses an empty data.train; here that is the FILE argument, not a '--train' option."""
+    from typer.testing import CliRunner
+
+    from preftune.cli import app
+
+    result = CliRunner().invoke(app, ["data", "inspect", " ", "--model", str(tiny_llama)])
+    assert result.exit_code == 2, result.output
+    assert " ".join(result.output.split()) == "error: FILE ' ': an empty name; give a data file, folder or hub id."
+
 def _rows_with_pairs_per_prompt(prompts, counts, conversational):
     """`counts[i]` distinct pairs for `prompts[i]`, the prompts interleaved as a real file has them."""
     rows = []

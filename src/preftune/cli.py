@@ -80,10 +80,11 @@ def data_inspect(
 
     try:
         data_cfg = DataConfig(train=file, max_length=max_length, truncation=truncation)
-    except ValidationError as e:  # a bad --max-length or --truncation: one sentence, not a traceback
+    except ValidationError as e:  # a bad FILE, --max-length or --truncation: one sentence, not a traceback
         error = e.errors()[0]
-        option = "--" + str(error["loc"][0]).replace("_", "-")
-        raise UserError(f"{option} {error['input']!r}: {error['msg']}.") from None
+        field = str(error["loc"][0])
+        option = "FILE" if field == "train" else "--" + field.replace("_", "-")  # FILE is data.train here
+        raise UserError(f"{option} {error['input']!r}: {error['msg'].removeprefix('Value error, ')}.") from None
     inspect_file(file, load_tokenizer(model, setting="--model"), data_cfg, Console(), split)
 
 
