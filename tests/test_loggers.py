@@ -264,3 +264,22 @@ def test_a_run_resumed_at_its_last_step_shows_its_eval_there_once_in_tensorboard
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("eval/loss")] == [(5, 0.25)]
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(s, float(s)) for s in range(1, 6)]
+
+
+def test_a_resume_shows_its_config_in_tensorboard_at_the_step_it_starts_from(tmp_path):
+    # A resume may extend the run (max_steps) or change eval_every; TensorBoard kept only the
+    # first launch's config, so it showed settings the run no longer had (W&B's config updates).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with MetricsLogger(tmp_path, ["tensorboard"], run_name="r", config_dict={"max_steps": 6}) as lg:
+        for step in range(1, 7):
+            lg.log({"loss": 1.0}, step=step)
+    with MetricsLogger(tmp_path, ["tensorboard"], run_name="r", config_dict={"max_steps": 9}, start_step=4) as lg:
+        for step in range(5, 10):
+            lg.log({"loss": 2.0}, step=step)
+    events = EventAccumulator(str(tmp_path / "tensorboard" / "r"))
+    events.Reload()
+    shown = [(e.step, json.loads(e.tensor_proto.string_val[0].decode().strip("`\n")))
+             for e in events.Tensors("config/text_summary")]
+    assert shown == [(0, {"max_steps": 6}), (4, {"max_steps": 9})]
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(s, 1.0 if s <= 4 else 2.0) for s in range(1, 10)]

@@ -268,10 +268,12 @@ def _open_tensorboard(output_dir: Path, run_name: str | None, config_dict: dict,
             if record.get("step") == start_step and not any(k.startswith("eval/") for k in record):
                 for key, value in _viewer_numbers(record).items():
                     writer.add_scalar(key, value, global_step=start_step)
-    if config_dict and not start_step:
-        # TensorBoard's text plugin renders markdown; a fenced block keeps the layout.
+    if config_dict:
+        # TensorBoard's text plugin renders markdown; a fenced block keeps the layout. A resume
+        # may change some keys (max_steps, eval_every): its config is shown at the step it
+        # starts from, beside the first launch's at 0, as W&B updates its run config.
         text = "```\n" + json.dumps(config_dict, indent=2, default=str) + "\n```"
-        writer.add_text("config", text, global_step=0)
+        writer.add_text("config", text, global_step=start_step)
     return writer
 
 
