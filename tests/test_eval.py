@@ -382,6 +382,16 @@ def test_eval_pairs_drops_the_prompt_budget_of_an_older_run_with_no_max_length()
     assert (data.max_length, data.max_prompt_length) == (64, 128)
 
 
+def test_eval_pairs_names_its_own_option_for_a_missing_model_folder(models, tmp_path):
+    """A --model or --reference written as a path that names no folder said 'check model.path', a
+    training key eval pairs has no option for."""
+    data = write_pairs(tmp_path / "d.jsonl")
+    for option, args in (("--model", ["--model", "./no-such-policy", "--reference", models["ref"]]),
+                         ("--reference", ["--model", models["pol"], "--reference", "./no-such-reference"])):
+        message = user_error(invoke(["pairs", "--data", data, *args, "--out", tmp_path / "o"]))
+        assert message.endswith(f"does not exist; check {option}."), message
+
+
 def test_eval_of_a_run_folder_or_a_missing_folder_says_so(models, prompts_file, tmp_path):
     """Both said "no --reference given and no run config.yaml names one", which sent users
     looking for a reference when the --model itself was wrong."""

@@ -224,16 +224,16 @@ def evaluate_pairs_file(
         raise no_reference_error(model_path)
     torch_device = pick_device(device, "--device")
     autocast = autocast_context(config.model.autocast, torch_device)
-    tokenizer = load_tokenizer(str(model_path))
+    tokenizer = load_tokenizer(str(model_path), setting="--model")
     loaded = load_pairs(str(data), split, setting="--data")
     pairs, counts = tokenize_pairs(loaded.pairs, tokenizer, config.data)
     if not pairs:
         raise UserError(f"{data}: no pair is left after tokenization ({dict(counts)}); "
                         "raise --max-length or check the rows.")
     chunk = config.train.logprob_chunk_size
-    policy = freeze(load_causal_lm(str(model_path), dtype)).to(torch_device)
+    policy = freeze(load_causal_lm(str(model_path), dtype, setting="--model")).to(torch_device)
     reference_model = None if reference_free and reference_path is None else \
-        freeze(load_causal_lm(str(reference_path), dtype)).to(torch_device)
+        freeze(load_causal_lm(str(reference_path), dtype, setting="--reference")).to(torch_device)
     if reference_model is not None and str(reference_path) != str(model_path):
         check_reference_vocabulary(str(model_path), str(reference_path), reference_model, policy, setting="--reference")
     ld_alpha = config.loss.ld_alpha
