@@ -264,3 +264,11 @@ def test_adamw_settings_with_rmsprop_are_refused():
     with pytest.raises(UserError, match="optim.betas and optim.fused are AdamW's"):
         load_config(None, REQUIRED + ["optim.name=rmsprop", "optim.fused=false", "optim.betas=[0.8, 0.9]"])
     assert load_config(None, REQUIRED + ["optim.name=rmsprop"]).optim.name == "rmsprop"
+
+
+def test_one_logger_name_is_a_list_of_one():
+    """TRL users write `report_to=wandb`; `train.loggers=wandb` was refused as 'not a valid list'."""
+    assert load_config(None, REQUIRED + ["train.loggers=tensorboard"]).train.loggers == ["tensorboard"]
+    assert load_config(None, REQUIRED + ["train.loggers=[jsonl, wandb]"]).train.loggers == ["jsonl", "wandb"]
+    with pytest.raises(UserError, match="train.loggers"):
+        load_config(None, REQUIRED + ["train.loggers=mlflow"])

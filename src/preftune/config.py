@@ -363,6 +363,12 @@ class TrainConfig(Section):
     fsdp_cpu_offload: bool = False
     deterministic: bool = False
 
+    @field_validator("loggers", mode="before")
+    @classmethod
+    def _one_logger_as_a_list(cls, value):
+        # TRL's `report_to=wandb` habit: one name is a list of one, as `loss.type` takes one name.
+        return [value] if isinstance(value, str) else value
+
 
 class Config(Section):
     model: ModelConfig
