@@ -392,6 +392,19 @@ def test_eval_pairs_names_its_own_option_for_a_missing_model_folder(models, tmp_
         assert message.endswith(f"does not exist; check {option}."), message
 
 
+def test_eval_generate_names_its_own_option_for_a_missing_model_folder(models, prompts_file, tmp_path):
+    """A --model or --reference written as a path that names no folder went to transformers as a
+    hub id, which answered with its repo-id naming rules ("Repo id must use alphanumeric chars")."""
+    for option, args in (("--model", ["--model", "./no-such-policy", "--reference", models["ref"]]),
+                         ("--model", ["--model", models["pol"], "--model", "./no-such-policy",
+                                      "--reference", models["ref"]]),
+                         ("--reference", ["--model", models["pol"], "--reference", "./no-such-reference"])):
+        message = user_error(invoke(["generate", "--prompts", prompts_file, "--judge", "reward:x.py:f",
+                                     *args, "--out", tmp_path / "o"]))
+        assert message.endswith(f"does not exist; check {option}."), message
+    assert not (tmp_path / "o").exists()
+
+
 def test_eval_of_a_run_folder_or_a_missing_folder_says_so(models, prompts_file, tmp_path):
     """Both said "no --reference given and no run config.yaml names one", which sent users
     looking for a reference when the --model itself was wrong."""

@@ -365,6 +365,18 @@ def test_cli_samples_and_resumes(model_dir, tmp_path):
     assert isinstance(missing.exception, UserError)
 
 
+def test_a_model_path_that_names_no_folder_is_named_as_such(tmp_path, monkeypatch):
+    """'./missing' went to transformers as a hub id, which answered with its repo-id naming rules
+    ("Repo id must use alphanumeric chars") instead of saying the folder is not there."""
+    monkeypatch.chdir(tmp_path)
+    prompts = write_txt(tmp_path / "p.txt", PROMPTS[:1])
+    for path in ("./missing", str(tmp_path / "missing"), "~/no-such-preftune-model"):
+        result = CliRunner().invoke(app, ["--model", path, "--prompts", str(prompts),
+                                          "--out", str(tmp_path / "pairs.jsonl"), "--no-progress"])
+        assert isinstance(result.exception, UserError)
+        assert str(result.exception) == f"model folder {path} does not exist; check --model."
+
+
 def test_id_prefix_keeps_two_batches_apart_in_one_labeling_database(model_dir, tmp_path):
     from preftune.labeling.pairs import load_pairs as load_labeling_pairs
     from preftune.labeling.store import Store

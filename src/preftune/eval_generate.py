@@ -302,7 +302,7 @@ def compare_models(
     "leaderboard_text": the printed table or None, "leaderboard_file": where leaderboard.json
     went or None, "folders": where each model's files went}.
     """
-    from preftune.modeling import quiet_transformers
+    from preftune.modeling import check_local_folder, quiet_transformers
 
     quiet_transformers()  # our messages, not a weight-loading bar per model
     echo = echo or (lambda message: None)
@@ -318,6 +318,10 @@ def compare_models(
     reference_path = str(reference_path or reference_of_run(run_config(model_paths[0])) or "")
     if not reference_path:
         raise no_reference_error(model_paths[0])
+    # Every folder is checked before the reference is sampled, not when its turn comes.
+    for path in model_paths:
+        check_local_folder(path, "--model")
+    check_local_folder(reference_path, "--reference")
     prompts, source = _resolve_prompts(prompts, n_prompts)
     job = _Job(prompts, source, parse_judge(judge),
                SamplingSettings(temperature, top_p, max_new_tokens, seed, n=1, top_k=top_k, min_p=min_p),
@@ -333,7 +337,8 @@ def compare_models(
     for folder in folders:
         check_out_folder(folder)
 
-    job.reference_model, job.reference_tokenizer = load_model_and_tokenizer(reference_path, dtype, device)
+    job.reference_model, job.reference_tokenizer = load_model_and_tokenizer(reference_path, dtype, device,
+                                                                            setting="--reference")
     echo(f"sampling the reference {reference_path} on {len(prompts)} prompts")
     job.reference = sample_system(job.reference_model, job.reference_tokenizer, prompts,
                                   job.settings, batch_size, REFERENCE, reference_path)

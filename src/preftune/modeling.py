@@ -88,7 +88,7 @@ def _load_error(what: str, path: str, error: Exception) -> UserError:
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json")
 
 
-def _check_local_folder(path: str, setting: str) -> None:
+def check_local_folder(path: str, setting: str) -> None:
     """A path written as one ('/', '.', '~') that names no folder is a typo, not a hub id: say
     so, rather than pass it to the Hub and report its repo-id rules."""
     if _is_local(path) and not os.path.isdir(os.path.expanduser(path)):
@@ -98,7 +98,7 @@ def _check_local_folder(path: str, setting: str) -> None:
 def load_tokenizer(path: str, trust_remote_code: bool = False, setting: str = "model.path"):
     from transformers import AutoTokenizer
 
-    _check_local_folder(path, setting)
+    check_local_folder(path, setting)
     base = adapter_base(path)
     if base is not None and not any(os.path.isfile(os.path.join(os.path.expanduser(path), name))
                                     for name in TOKENIZER_FILES):
@@ -179,7 +179,7 @@ def load_causal_lm(path: str, dtype: str = "float32", attn_implementation: str |
     """
     from transformers import AutoModelForCausalLM
 
-    _check_local_folder(path, setting)
+    check_local_folder(path, setting)
     base = adapter_base(path)
     if base is not None:
         return _load_adapter(path, base, dtype, attn_implementation, trust_remote_code, merge_adapter)

@@ -416,12 +416,15 @@ def sample_pairs(
 # The `preftune sample` job: load, resume, append
 
 
-def load_model_and_tokenizer(path: str, dtype: str = "float32", device: str = "auto"):
-    """Load a causal LM and its tokenizer for generation, in eval mode on `device`."""
+def load_model_and_tokenizer(path: str, dtype: str = "float32", device: str = "auto",
+                             setting: str = "--model"):
+    """Load a causal LM and its tokenizer for generation, in eval mode on `device`; `setting`
+    is the option that named `path`, for the sentence a missing folder gets."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from preftune.modeling import (
         adapter_base,
+        check_local_folder,
         check_special_ids_fit,
         load_causal_lm,
         load_tokenizer,
@@ -431,6 +434,7 @@ def load_model_and_tokenizer(path: str, dtype: str = "float32", device: str = "a
     if dtype != "auto" and dtype not in DTYPES:
         raise UserError(f"--dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}.")
     device = pick_device(device, "--device")
+    check_local_folder(path, setting)  # else transformers reads './missing' as a bad hub id
     if adapter_base(path) is not None:  # a PEFT adapter (a LoRA run's final/), on a base that may be one too
         model = load_causal_lm(path, dtype)
         return model.to(device).eval(), load_tokenizer(path)
