@@ -72,6 +72,29 @@ def test_an_empty_loss_type_list_is_refused_at_the_config():
                                         "more of aot, aot_unpaired, apo_down,")
 
 
+@pytest.mark.parametrize("overrides, said", [
+    (["loss.type=[sigmoid]", "loss.weights=[-1]"],
+     "override 'loss.weights=[-1]': key 'loss.weights': -1 is negative, and a negative weight maximises that "
+     "loss (for a preference loss, training towards the rejected responses); use 0 or more."),
+    (["loss.type=[sigmoid,sft]", "loss.weights=[1,-0.5]"],
+     "override 'loss.weights=[1,-0.5]': key 'loss.weights': -0.5 is negative,"),
+    (["loss.type=[sigmoid,sigmoid]"],
+     "override 'loss.type=[sigmoid,sigmoid]': key 'loss.type': sigmoid: listed more than once; give each type "
+     "once and put the sum of its weights in its loss.weights entry."),
+])
+def test_a_negative_loss_weight_or_a_repeated_loss_type_is_refused(overrides, said):
+    """Both validated without a word: a negative weight turns DPO into gradient ascent on the
+    preference, and a repeated type silently doubles its weight."""
+    with pytest.raises(UserError) as caught:
+        load_config(None, [*REQUIRED, *overrides])
+    assert str(caught.value).startswith(said)
+
+
+def test_a_loss_weight_of_zero_is_allowed():
+    loss = load_config(None, [*REQUIRED, "loss.type=[sigmoid,sft]", "loss.weights=[1,0]"]).loss
+    assert loss.type_weights == [1.0, 0.0]
+
+
 @pytest.mark.parametrize("override, said", [
     ("loss.type=5", "key 'loss.type': Input should be a valid string or a valid list."),
     ("loss.type=[sigmoid,5]", "key 'loss.type.1': Input should be a valid string."),

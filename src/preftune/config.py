@@ -208,9 +208,24 @@ class LossConfig(Section):
 
         if value == []:  # no loss at all: the first backward would fail with a traceback
             raise ValueError(f"an empty list; name one or more of {', '.join(sorted(LOSSES))}")
-        for name in [value] if isinstance(value, str) else value:
+        names = [value] if isinstance(value, str) else value
+        for name in names:
             if name not in LOSSES:
                 raise ValueError(f"unknown loss {name!r}; choose from {', '.join(sorted(LOSSES))}")
+        if repeated := sorted({name for name in names if names.count(name) > 1}):
+            # Summed twice it is one type at a larger weight, which loss.weights says plainly.
+            raise ValueError(f"{', '.join(repeated)}: listed more than once; give each type once and put "
+                             "the sum of its weights in its loss.weights entry")
+        return value
+
+    @field_validator("weights")
+    @classmethod
+    def _no_negative_weight(cls, value):
+        # A negative weight turns that loss into one to maximise: with sigmoid, gradient ascent
+        # that teaches the policy to prefer the rejected responses. TRL's recipes (RPO, MPO) use none.
+        if value is not None and (negative := [w for w in value if w < 0]):
+            raise ValueError(f"{negative[0]:g} is negative, and a negative weight maximises that loss "
+                             "(for a preference loss, training towards the rejected responses); use 0 or more")
         return value
 
     @model_validator(mode="after")
