@@ -55,3 +55,13 @@ def read_metrics(run_dir, key="loss"):
     """The metrics.jsonl lines of a run that carry `key` (train lines by default)."""
     lines = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return [m for m in lines if key in m]
+
+
+def hub_revision(cache: Path, repo_id: str, model: Path, commit: str) -> None:
+    """`model`'s files where the hub cache keeps revision `commit` of `repo_id`, now its main."""
+    import shutil
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(model, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from preftune_test_data import hub_revision, read_metrics
 from preftune_test_data import make_config as shared_make_config
-from preftune_test_data import read_metrics
 from safetensors.torch import load_file
 
 from preftune.config import validate_config
@@ -73,16 +73,6 @@ def test_precompute_cache_misses_when_tokenization_or_data_change(tmp_path, tiny
     assert len(set(folder.glob("*.safetensors")) - second) >= 1
 
 
-def _hub_revision(cache: Path, repo_id: str, model: Path, commit: str) -> None:
-    """`model`'s files where the hub cache keeps revision `commit` of `repo_id`, now its main."""
-    import shutil
-
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    shutil.copytree(model, repo / "snapshots" / commit)
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / "main").write_text(commit)
-
-
 def test_precompute_cache_key_of_a_hub_model_follows_the_revision_loaded(tmp_path, tiny_llama, monkeypatch):
     """The key named only the hub id, so after the repo got new weights the old revision's
     log-probs were read back as the reference's: a wrong reference, without a word."""
@@ -93,10 +83,10 @@ def test_precompute_cache_key_of_a_hub_model_follows_the_revision_loaded(tmp_pat
     cache = tmp_path / "hub"
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # offline: conftest
     cfg = validate_config({"model": {"path": "org/tiny", "reference": "precompute"}, "data": {"train": "x"}})
-    _hub_revision(cache, "org/tiny", tiny_llama, "a" * 40)
+    hub_revision(cache, "org/tiny", tiny_llama, "a" * 40)
     first = cache_key(cfg, [], "train")
     assert cache_key(cfg, [], "train") == first  # the same revision reads its cache back
-    _hub_revision(cache, "org/tiny", tiny_llama, "b" * 40)  # a new commit on the Hub, downloaded
+    hub_revision(cache, "org/tiny", tiny_llama, "b" * 40)  # a new commit on the Hub, downloaded
     assert cache_key(cfg, [], "train") != first
     unknown = validate_config({"model": {"path": "org/unknown", "reference": "precompute"}, "data": {"train": "x"}})
     assert cache_key(unknown, [], "train")  # nothing to resolve: the name alone, as before

@@ -39,7 +39,7 @@ def pairs(
         "settings that these types do not use are left out."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Pairs per forward pass."),
     max_length: int | None = typer.Option(None, "--max-length", min=2, help="Tokens per sequence (default: the run's, else 1024)."),
-    out: Path | None = typer.Option(None, help="Folder for eval.json (default: the model folder)."),
+    out: Path | None = typer.Option(None, help="Folder for eval.json (default: the model folder; needed for a hub id)."),
     device: str = typer.Option("auto", help="cuda, cpu, ... (auto: cuda if present)."),
     dtype: str | None = typer.Option(
         None, help="float32, bfloat16 or float16 (default: the run's model.dtype, else float32; a run "

@@ -33,6 +33,7 @@ from preftune.bradley_terry import Outcome, fit_ratings, mean_with_se, win_rate
 from preftune.errors import UserError
 from preftune.evaluate import (
     check_out_folder,
+    default_out_folder,
     no_reference_error,
     read_eval_records,
     reference_of_run,
@@ -252,7 +253,7 @@ def _check_same_vocabulary(tokenizer, reference_tokenizer, path: str, reference_
 def output_folders(model_paths: Sequence[str], labels: Sequence[str], out) -> list[Path]:
     """Beside each model, or in --out (one sub-folder per model when there are several)."""
     if out is None:
-        return [Path(p) for p in model_paths]
+        return [default_out_folder(p) for p in model_paths]
     if len(model_paths) == 1:
         return [Path(out)]
     return [Path(out) / label.replace("/", "__").replace(":", "_") for label in labels]

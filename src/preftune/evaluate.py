@@ -203,7 +203,8 @@ def evaluate_pairs_file(
     )
     from preftune.reference import FrozenModelReference, no_reference
 
-    check_out_folder(Path(out) if out else Path(model_path))
+    out = Path(out) if out else default_out_folder(model_path)
+    check_out_folder(out)
     run = run_config(model_path)
     run_model = run.get("model") or {}
     dtype = dtype or run_model.get("dtype") or "float32"
@@ -252,7 +253,7 @@ def evaluate_pairs_file(
         "loss_type": config.loss.type, "beta": config.loss.beta,
         **{f"eval/{key}": value for key, value in results.items()},
     }
-    write_eval_record(Path(out) if out else Path(model_path), record)
+    write_eval_record(out, record)
     return record
 
 
@@ -302,6 +303,19 @@ def read_eval_records(path: str | Path) -> list[dict]:
     if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
         raise UserError(f"{path}: expected an eval.json object or a list of them; fix or delete it.")
     return items
+
+
+def default_out_folder(model_path) -> Path:
+    """Where eval.json goes without --out: the model's folder. A hub id names none here, and a
+    folder made under its name (./org/name) would be loaded instead of the Hub's model next time."""
+    from preftune.modeling import check_local_folder
+
+    check_local_folder(str(model_path), "--model")  # a path that names no folder is a typo
+    folder = Path(model_path).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"--model {model_path} is a hub id, not a folder here, so eval.json has no model "
+                        "folder to go in; pass --out FOLDER.")
+    return folder
 
 
 def check_out_folder(folder: Path) -> None:
