@@ -90,6 +90,20 @@ def test_a_resumed_run_shows_each_step_once_in_tensorboard(tmp_path):
         [(1, 1.0), (2, 1.0), (3, 1.0), (4, 1.0), (5, 2.0), (6, 2.0), (7, 2.0)]
 
 
+@pytest.mark.parametrize("blocker", ["tensorboard", "tensorboard/r"])
+def test_a_file_where_the_tensorboard_folder_goes_is_one_sentence(tmp_path, blocker):
+    """A run resumed with tensorboard added to train.loggers, whose OUT/tensorboard is a file,
+    ended in a NotADirectoryError traceback from inside tensorboard."""
+    (tmp_path / blocker).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / blocker).touch()
+    with pytest.raises(UserError) as caught:
+        MetricsLogger(tmp_path, ["jsonl", "tensorboard"], run_name="r", start_step=2)
+    assert str(caught.value) == (f"train.loggers tensorboard writes to {tmp_path / 'tensorboard' / 'r'}, but "
+                                 f"{tmp_path / blocker} is not a folder; move it away, or drop tensorboard from "
+                                 "train.loggers.")
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
 def test_a_backend_that_cannot_start_leaves_no_metrics_file(tmp_path, monkeypatch):
     # Otherwise the folder looks like a run, and the retry is refused as if one were there.
     pytest.importorskip("wandb")

@@ -252,6 +252,19 @@ def _viewer_numbers(record: dict) -> dict:
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
+def _make_log_dir(log_dir: Path) -> Path:
+    """TensorBoard's folder, made here: a file in its way (OUT/tensorboard, say) is one sentence
+    naming it, not a NotADirectoryError from deep inside tensorboard."""
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        blocker = next((p for p in (log_dir.parent, log_dir) if os.path.lexists(p) and not p.is_dir()), None)
+        why = f"{blocker} is not a folder; move it away" if blocker else f"it cannot be made ({e.strerror}); fix that"
+        raise UserError(f"train.loggers tensorboard writes to {log_dir}, but {why}, "
+                        "or drop tensorboard from train.loggers.") from None
+    return log_dir
+
+
 def _open_tensorboard(output_dir: Path, run_name: str | None, config_dict: dict, start_step: int,
                       redo_eval_at_start: bool = False):
     SummaryWriter = _import_backend("tensorboard").SummaryWriter
@@ -259,7 +272,8 @@ def _open_tensorboard(output_dir: Path, run_name: str | None, config_dict: dict,
     # it continues, so TensorBoard shows each step once, as metrics.jsonl's reader does. One
     # that evaluates at start_step again purges that step too (a purge takes every tag, eval/
     # or not) and writes back the step's training line that metrics.jsonl keeps.
-    writer = SummaryWriter(log_dir=str(output_dir / "tensorboard" / (run_name or "run")),
+    log_dir = _make_log_dir(output_dir / "tensorboard" / (run_name or "run"))
+    writer = SummaryWriter(log_dir=str(log_dir),
                            purge_step=(start_step if redo_eval_at_start else start_step + 1) or None)
     if start_step and redo_eval_at_start and (output_dir / METRICS_FILE).exists():
         from preftune.records import read_records
