@@ -3,6 +3,8 @@ as on a cluster without network: the cache is laid out here as the Hub's downloa
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from preftune_test_data import PAIRS, hub_revision, write_jsonl
 
@@ -45,3 +47,32 @@ def test_eval_generate_of_a_hub_model_asks_for_out(hub_model, tmp_path, monkeypa
     with pytest.raises(UserError, match=r"^--model org/tiny is a hub id, not a folder here.*pass --out FOLDER\.$"):
         evaluate_generations(hub_model, hub_model, ["hello"], "reward:operator:concat", device="cpu")
     assert not (tmp_path / "org").exists()
+
+
+def test_a_cached_hub_model_loads_and_a_missing_one_is_one_sentence_naming_its_option(hub_model, tmp_path):
+    """Offline, a hub id the cache lacks ended in transformers' "We couldn't connect to
+    'https://huggingface.co'": no network was tried, and the option and the fix went unnamed."""
+    import huggingface_hub
+
+    from preftune.modeling import load_causal_lm, load_tokenizer
+    from preftune.sampling import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(hub_model, "float32", "cpu", setting="--reference")
+    assert model.config.vocab_size == len(tokenizer)
+    cache = huggingface_hub.constants.HF_HUB_CACHE
+    for load, setting in ((load_tokenizer, "model.path"), (load_causal_lm, "model.reference_path"),
+                          (lambda path, setting: load_model_and_tokenizer(path, "float32", "cpu", setting=setting),
+                           "--reference")):
+        with pytest.raises(UserError) as caught:
+            load("org/missing", setting=setting)
+        assert str(caught.value) == (
+            f"{setting} 'org/missing' is not a folder under {os.getcwd()} and not in the Hugging Face cache "
+            f"{cache}, and HF_HUB_OFFLINE=1 keeps it from the Hub; download it into that cache first "
+            f"(hf download org/missing) where there is network, or set {setting} to a local model folder.")
+
+
+def test_export_merge_names_base_when_the_base_is_missing_offline(hub_model, tmp_path):
+    from preftune.lora import merge_adapter
+
+    with pytest.raises(UserError, match=r"^--base 'org/missing' is not a folder .* or set --base to a local"):
+        merge_adapter(tmp_path, "org/missing", "float32", tmp_path / "merged", setting="--base")

@@ -73,5 +73,6 @@ def export(
                       title=f"{_run_folder(adapter).name}, merged")
     written = merge_adapter(adapter, base_path, model_cfg.get("dtype", "float32"), target,
                             extra_files={EXPORT_RECORD: yaml.safe_dump(record, sort_keys=False),
-                                         CARD_NAME: card})
+                                         CARD_NAME: card},
+                            setting="--base" if base else "the run's model.path (or --base)")
     typer.echo(f"merged model: {written}")

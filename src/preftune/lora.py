@@ -71,7 +71,7 @@ def load_adapter_weights(model: nn.Module, folder: Path) -> None:
 
 
 def merge_adapter(adapter_folder: Path, base_path: str, dtype: str, out: Path,
-                  extra_files: dict[str, str] | None = None) -> Path:
+                  extra_files: dict[str, str] | None = None, setting: str = "model.path") -> Path:
     """Base model + adapter -> one model folder that `from_pretrained` loads without peft,
     written whole or not at all (an earlier folder at `out` is replaced only at the end)."""
     from preftune.checkpoint import write_folder_atomically
@@ -79,7 +79,7 @@ def merge_adapter(adapter_folder: Path, base_path: str, dtype: str, out: Path,
 
     # A base that is itself an adapter (a LoRA SFT) is folded in first, as training did: left
     # attached, transformers would save only its adapter weights in place of the merged model.
-    base = load_causal_lm(base_path, dtype, merge_adapter=True)
+    base = load_causal_lm(base_path, dtype, merge_adapter=True, setting=setting)
     model = peft_module().PeftModel.from_pretrained(base, str(adapter_folder))
     merged = model.merge_and_unload()
     tokenizer_source = adapter_folder if (adapter_folder / "tokenizer_config.json").exists() else base_path

@@ -79,7 +79,36 @@ def _announce_hub_lookup(path: str) -> None:
           "(HF_HUB_OFFLINE=1 makes that fail at once when offline).", file=sys.stderr)
 
 
-def _load_error(what: str, path: str, error: Exception) -> UserError:
+def not_in_offline_cache(path: str) -> bool:
+    """Whether `path` is a hub id that HF_HUB_OFFLINE=1 keeps from the Hub and the local cache
+    lacks: then the loaders' 'couldn't connect to huggingface.co' hides what to do."""
+    if os.path.isdir(os.path.expanduser(path)) or os.environ.get("HF_HUB_OFFLINE", "").upper() not in (
+            "1", "ON", "YES", "TRUE"):
+        return False
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        snapshot_download(path, local_files_only=True)  # refs/main and its snapshot, nothing fetched
+    except LocalEntryNotFoundError:
+        return True
+    except ValueError:  # not a valid repo id: the loader's own message says so
+        return False
+    return False
+
+
+def offline_error(path: str, setting: str) -> UserError:
+    from huggingface_hub import constants
+
+    return UserError(f"{setting} {path!r} is not a folder under {os.getcwd()} and not in the Hugging Face "
+                     f"cache {constants.HF_HUB_CACHE}, and HF_HUB_OFFLINE=1 keeps it from the Hub; download it "
+                     f"into that cache first (hf download {path}) where there is network, or set {setting} "
+                     "to a local model folder.")
+
+
+def _load_error(what: str, path: str, error: Exception, setting: str) -> UserError:
+    if not_in_offline_cache(path):
+        return offline_error(path, setting)
     remote = "" if os.path.isdir(os.path.expanduser(path)) else \
         f" ({path!r} is not a folder under {os.getcwd()}, so it was looked up on the Hugging Face Hub)"
     return UserError(f"could not load {what} from {path!r}{remote}: {str(error).splitlines()[0][:200]}")
@@ -109,7 +138,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, setting: str = "m
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise _load_error("a tokenizer", path, e) from None
+        raise _load_error("a tokenizer", path, e, setting) from None
     if tokenizer.pad_token_id is None:
         # Padding positions never count in a log-prob, so any id will do; EOS is the usual choice
         # (TRL's too). No token is added: the vocabulary stays the model's.
@@ -196,7 +225,7 @@ def load_causal_lm(path: str, dtype: str = "float32", attn_implementation: str |
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
-        raise _load_error("a causal LM", path, e) from None
+        raise _load_error("a causal LM", path, e, setting) from None
     # Which path its log-probs take (the chunked LM head or the model's own logits) is decided
     # now, on the whole model: not inside a training step (it reads a value from the device),
     # a torch.compile trace, or after FSDP has sharded it. Copies of the model keep the verdict.

@@ -428,6 +428,8 @@ def load_model_and_tokenizer(path: str, dtype: str = "float32", device: str = "a
         check_special_ids_fit,
         load_causal_lm,
         load_tokenizer,
+        not_in_offline_cache,
+        offline_error,
         pick_device,
     )
 
@@ -444,6 +446,8 @@ def load_model_and_tokenizer(path: str, dtype: str = "float32", device: str = "a
             path, dtype="auto" if dtype == "auto" else DTYPES[dtype]
         )
     except (OSError, ValueError) as e:  # no such folder, an unknown architecture, no usable tokenizer
+        if not_in_offline_cache(path):
+            raise offline_error(path, setting) from None
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: cannot load a model and tokenizer from it ({reason}).") from None
     check_special_ids_fit(tokenizer, path)  # a pad id past the embeddings would fail in generate
