@@ -141,10 +141,18 @@ def test_json_lines_under_a_json_name_are_read_line_by_line(tmp_path):
         load_pairs(str(path))
 
 
-def test_hub_id_offline_fails_with_one_sentence(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(UserError, match="could not load the hub data set 'nobody/no-such-set'"):
-        load_pairs("nobody/no-such-set")
+def test_hub_id_offline_fails_with_one_sentence_naming_the_key_and_what_to_do():
+    # HF_HUB_OFFLINE=1 (conftest): it said 'could not load the hub data set ...: Couldn't reach
+    # ... on the Hub (OfflineModeIsEnabled); check the id and the network', naming no key.
+    import datasets
+
+    with pytest.raises(UserError) as caught:
+        load_pairs("nobody/no-such-set", setting="data.train")
+    assert str(caught.value) == (
+        f"data.train 'nobody/no-such-set' is no file or folder here and not in the datasets cache "
+        f"{datasets.config.HF_DATASETS_CACHE}, and HF_HUB_OFFLINE=1 (or HF_DATASETS_OFFLINE=1) keeps it from "
+        "the Hub; load it once where there is network (load_dataset('nobody/no-such-set') with this HF_HOME), "
+        "or point data.train at a local file, a save_to_disk folder or a downloaded snapshot folder.")
 
 
 def test_a_missing_split_of_a_hub_data_set_is_not_blamed_on_the_network(monkeypatch):

@@ -76,3 +76,23 @@ def test_export_merge_names_base_when_the_base_is_missing_offline(hub_model, tmp
 
     with pytest.raises(UserError, match=r"^--base 'org/missing' is not a folder .* or set --base to a local"):
         merge_adapter(tmp_path, "org/missing", "float32", tmp_path / "merged", setting="--base")
+
+
+def test_a_hub_data_set_in_the_datasets_cache_is_read_offline(tmp_path, monkeypatch):
+    """As `load_dataset` leaves it: DATASETS_CACHE/org___prefs/default/0.0.0/<hash>/prefs-train.arrow."""
+    import shutil
+
+    import datasets
+
+    from preftune.data.io import load_pairs
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    datasets.load_dataset("json", data_files={"train": str(data)}, cache_dir=str(tmp_path / "built"))
+    built = next(p for p in (tmp_path / "built").glob("json/*/*/*") if p.is_dir())
+    cached = tmp_path / "datasets" / "org___prefs" / "default" / "0.0.0" / "abc"
+    cached.mkdir(parents=True)
+    shutil.copy(built / "json-train.arrow", cached / "prefs-train.arrow")
+    shutil.copy(built / "dataset_info.json", cached / "dataset_info.json")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    loaded = load_pairs("org/prefs", setting="data.train")
+    assert [p.chosen for p in loaded.pairs] == [r["chosen"] for r in PAIRS]

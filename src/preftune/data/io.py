@@ -52,7 +52,7 @@ def load_pairs(spec: str, split: str = "train", setting: str = "data.train / dat
     elif _format_suffix(path) in FILE_SUFFIXES or spec.startswith((".", "/", "~")):
         raise UserError(f"data file {spec} does not exist; check {setting}.")
     else:
-        rows = _rows_from_hub(spec, split)
+        rows = _rows_from_hub(spec, split, setting)
     return parse_rows(rows, spec)
 
 
@@ -443,13 +443,19 @@ def _no_split_in_data_folder(path: Path, split: str, splits, setting: str) -> Us
                      "one of its splits (data.split, data.eval_split for data.eval, or --split).")
 
 
-def _rows_from_hub(spec: str, split: str) -> Iterator[tuple[str, object]]:
+def _rows_from_hub(spec: str, split: str, setting: str) -> Iterator[tuple[str, object]]:
     import datasets
 
     try:
         ds = datasets.load_dataset(spec, split=split)
     except Exception as e:  # offline, unknown id, or gated: all end the same way for the user
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        if datasets.config.HF_HUB_OFFLINE and isinstance(e, ConnectionError):  # not in the datasets cache
+            raise UserError(f"{setting} {spec!r} is no file or folder here and not in the datasets cache "
+                            f"{datasets.config.HF_DATASETS_CACHE}, and HF_HUB_OFFLINE=1 (or HF_DATASETS_OFFLINE=1) "
+                            f"keeps it from the Hub; load it once where there is network (load_dataset({spec!r}) "
+                            f"with this HF_HOME), or point {setting} at a local file, a save_to_disk folder or a "
+                            "downloaded snapshot folder.") from None
         if isinstance(e, ValueError) and "split" in reason.lower():  # 'Unknown split "x". Should be one of [...]'
             raise UserError(f"the hub data set {spec!r} has no split {split!r} ({reason}); choose one of them "
                             "(data.split, data.eval_split for data.eval, or --split).") from None
