@@ -135,6 +135,28 @@ def test_gradient_norms_spanning_decades_get_a_log_axis_as_in_one_runs_report(tm
     assert draw_overlay(runs, panel, smoothing=0.6).axes[0].get_yscale() == "log"
 
 
+def test_accuracy_and_margin_get_the_chance_line_and_ranges_of_one_runs_report(tmp_path):
+    """The comparison draws report_plots.draw_guides as one run's report does: accuracy on
+    [0, 1] with chance at 0.5 (named in a legend), margin and token accuracy against their guides."""
+    folders = [tmp_path / "a", tmp_path / "b"]
+    for folder in folders:
+        write_metrics(folder, n_steps=5, eval_every=5, token_metrics=True)
+    runs = [load_run(f, label, n) for n, (f, label) in enumerate(zip(folders, run_labels(folders)))]
+
+    def guides(ax):  # horizontal lines across the whole axis: (y, label)
+        return [(line.get_ydata()[0], line.get_label()) for line in ax.get_lines()
+                if list(line.get_xdata()) == [0, 1] and len(set(line.get_ydata())) == 1]
+
+    (spec,) = [spec for spec in TRAINING_PLOTS if spec.file == "accuracy_margins.png"]
+    accuracy, margin = draw_overlay(runs, spec.panels, smoothing=0.6).axes
+    assert guides(accuracy) == [(0.5, "chance (0.5)")]
+    assert accuracy.get_ylim() == (-0.02, 1.02)
+    assert [t.get_text() for t in accuracy.get_legend().get_texts()] == ["chance (0.5)"]
+    assert [y for y, _ in guides(margin)] == [0.0]
+    (spec,) = [spec for spec in TRAINING_PLOTS if spec.file == "entropy_token_accuracy.png"]
+    assert draw_overlay(runs, spec.panels, smoothing=0.6).axes[1].get_ylim() == (-0.02, 1.02)
+
+
 def test_equal_folder_names_are_told_apart(tmp_path):
     folders = [tmp_path / "a" / "run", tmp_path / "b" / "run", tmp_path / "x" / "a" / "best",
                tmp_path / "y" / "a" / "best", tmp_path / "other"]

@@ -24,7 +24,7 @@ from preftune.bradley_terry import win_rate as wilson_win_rate
 from preftune.errors import UserError
 from preftune.records import read_records
 from preftune.report_html import render_html
-from preftune.report_plots import TRAINING_PLOTS, PlotSpec
+from preftune.report_plots import TRAINING_PLOTS, PlotSpec, draw_guides
 from preftune.sampling_settings import describe_sampling
 
 TRAIN_COLOR, EVAL_COLOR = "tab:blue", "tab:orange"
@@ -240,21 +240,9 @@ def plot_training(metrics: RunMetrics, spec: PlotSpec, path: Path,
     for ax, title, panels in layout:
         if any(p.log_if_spans_decades and spans_decades(metrics.series(p.key)[1]) for p in panels):
             ax.set_yscale("log")
-        _guides(ax, {panel.key for panel in panels})
+        draw_guides(ax, {panel.key for panel in panels})
         _finish(ax, title, panels[0].ylabel)
     return _save(fig, path)
-
-
-def _guides(ax, keys: set[str]) -> None:
-    """One run's reference lines and axis ranges (the comparison has none)."""
-    if "rewards/accuracies" in keys:
-        ax.axhline(0.5, color="grey", linestyle=":", linewidth=1, label="chance (0.5)")
-    if keys & {"rewards/accuracies", "mean_token_accuracy"}:  # fractions
-        ax.set_ylim(-0.02, 1.02)
-    if keys & {"rewards/chosen", "rewards/rejected", "rewards/margins"}:
-        ax.axhline(0.0, color="grey", linewidth=0.8)
-    if "learning_rate" in keys:
-        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
 
 
 def plot_accuracy_margins(metrics: RunMetrics, path: Path, smoothing: float = 0.6):

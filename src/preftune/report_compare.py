@@ -43,7 +43,7 @@ from preftune.report import (
     spans_decades,
 )
 from preftune.report_html import render_html
-from preftune.report_plots import TRAINING_PLOTS, Panel
+from preftune.report_plots import TRAINING_PLOTS, Panel, draw_guides
 
 # Ten colours that stay apart, and a marker per run on top, so that runs can be told apart in
 # grey print and by colour-blind readers too; beyond ten runs the line style changes as well.
@@ -220,6 +220,9 @@ def draw_overlay(runs: list[Run], panels: Sequence[Panel], smoothing: float):
             values = [run.metrics.series(panel.key)[1] for run in runs]
             if spans_decades(np.concatenate(values) if values else np.empty(0)):
                 ax.set_yscale("log")
+        draw_guides(ax, {panel.key})  # chance lines and ranges, as one run's report draws them
+        if ax.get_legend_handles_labels()[0]:  # the chance line's label; runs are in fig.legend
+            ax.legend(loc="best", fontsize=9, framealpha=0.85)
         ax.set_title(panel.title)
         ax.set_xlabel(STEP_LABEL)
         ax.set_ylabel(panel.ylabel)

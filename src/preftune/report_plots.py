@@ -96,3 +96,16 @@ TRAINING_PLOTS = (
                          "is to write the pair itself; each pair's loss is scaled by it."),
         needs_setting=True),
 )
+
+
+def draw_guides(ax, keys: set[str]) -> None:
+    """Reference lines and axis ranges of a plot of `keys`, the same in one run's report and in
+    the comparison: chance for the reward accuracy, [0, 1] for fractions, zero for rewards."""
+    if "rewards/accuracies" in keys:
+        ax.axhline(0.5, color="grey", linestyle=":", linewidth=1, label="chance (0.5)")
+    if keys & {"rewards/accuracies", "mean_token_accuracy"}:  # fractions
+        ax.set_ylim(-0.02, 1.02)
+    if keys & {"rewards/chosen", "rewards/rejected", "rewards/margins"}:
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+    if "learning_rate" in keys:
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
