@@ -483,3 +483,40 @@ def test_an_undo_whose_answer_was_lost_withdraws_one_vote_not_two(page, tmp_path
         assert shown_pair_index(page)[0] == second
     assert lost == [200]
     assert stored_votes(db) == [(f"p{first:05d}", "left")], "the first vote stays"
+
+
+def test_a_double_click_votes_once(page, tmp_path):
+    """The next pair is on screen within milliseconds of a vote: the second click of a double
+    click must not vote on (or undo) a pair the annotator has not read."""
+    db = tmp_path / "labels.sqlite"
+    # Prompts of one line each, so that the buttons stay where the first click found them.
+    token = prepare(db, [Pair(f"p{i:05d}", f"prompt {i}", (f"first answer {i}",
+                                                           f"second answer {i}"))
+                         for i in range(3)])
+
+    def first_click(name):
+        box = page.get_by_role("button", name=re.compile(name)).bounding_box()
+        page.mouse.click(box["x"] + 10, box["y"] + 10)
+
+    def second_click():  # at the same place, as the second click of a double click
+        page.mouse.down(click_count=2)
+        page.mouse.up(click_count=2)
+
+    with running_server(db) as (url, _):
+        page.goto(f"{url}/login?token={token}")
+        wait_progress(page, 0, 3)
+        first, _ = shown_pair_index(page)
+        first_click("Left is better")
+        # The worst case: the vote is saved and the next pair shown before the second click.
+        wait_progress(page, 1, 2)
+        second, _ = shown_pair_index(page)
+        second_click()
+        page.keyboard.press("t")
+        wait_progress(page, 2, 1)
+        assert stored_votes(db) == [(f"p{first:05d}", "left"), (f"p{second:05d}", "tie")]
+        first_click("Undo")  # withdraws the tie...
+        wait_progress(page, 1, 2)
+        second_click()  # ...and only the tie
+        page.keyboard.press("b")
+        wait_progress(page, 2, 1)
+    assert stored_votes(db) == [(f"p{first:05d}", "left"), (f"p{second:05d}", "both_bad")]

@@ -396,12 +396,19 @@
     }
   }
 
+  // A click that is the second (or third) of a double click is ignored: the next pair is on
+  // screen within a few milliseconds of the first, and the second click would vote on (or
+  // undo) a pair the annotator has not read. Keys and Enter on a button give detail 0.
+  function singleClick(action) {
+    return (event) => { if (event.detail <= 1) action(); };
+  }
+
   async function start() {
     for (const button of document.querySelectorAll("button.choice")) {
-      button.addEventListener("click", () => vote(button.dataset.choice));
+      button.addEventListener("click", singleClick(() => vote(button.dataset.choice)));
     }
-    $("undo").addEventListener("click", undo);
-    $("finished-undo").addEventListener("click", undo);
+    $("undo").addEventListener("click", singleClick(undo));
+    $("finished-undo").addEventListener("click", singleClick(undo));
     $("check-again").addEventListener("click", checkAgain);
     $("reason").addEventListener("input", showReasonLimit);
     $("guidelines-toggle").addEventListener("click", toggleGuidelines);
