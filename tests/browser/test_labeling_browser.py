@@ -520,3 +520,24 @@ def test_a_double_click_votes_once(page, tmp_path):
         page.keyboard.press("b")
         wait_progress(page, 2, 1)
     assert stored_votes(db) == [(f"p{first:05d}", "left"), (f"p{second:05d}", "both_bad")]
+
+
+def test_a_long_link_in_the_guidelines_fits_a_phone(browser, tmp_path):
+    db = tmp_path / "labels.sqlite"
+    token = prepare(db, make_pairs(1))
+    guidelines = tmp_path / "guidelines.txt"
+    guidelines.write_text("Read https://docs.example.com/annotation/guidelines/v3/"
+                          "helpfulness-and-harmlessness#ties before you start.\n")
+    context = browser.new_context(viewport={"width": 390, "height": 844})
+    page = context.new_page()
+    page.set_default_timeout(10_000)
+    try:
+        with running_server(db, "--guidelines", str(guidelines)) as (url, _):
+            page.goto(f"{url}/login?token={token}")
+            wait_progress(page, 0, 1)
+            page.keyboard.press("g")
+            assert page.locator("#guidelines-text").is_visible()
+            assert page.evaluate("document.documentElement.scrollWidth <= "
+                                 "document.documentElement.clientWidth"), "no sideways scroll"
+    finally:
+        context.close()
