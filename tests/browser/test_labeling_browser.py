@@ -541,3 +541,23 @@ def test_a_long_link_in_the_guidelines_fits_a_phone(browser, tmp_path):
                                  "document.documentElement.clientWidth"), "no sideways scroll"
     finally:
         context.close()
+
+
+def test_a_long_annotator_name_leaves_the_guidelines_button_on_a_phone(browser, tmp_path):
+    db = tmp_path / "labels.sqlite"
+    prepare(db, make_pairs(1))
+    # A name `label add-annotator` allows (up to 64 letters, digits, _ . @ -) with no space.
+    token = add_annotator(db, "vendor_batch_2026_11_annotator_0042_external_reviewer_team_b")
+    context = browser.new_context(viewport={"width": 390, "height": 844})
+    page = context.new_page()
+    page.set_default_timeout(10_000)
+    try:
+        with running_server(db) as (url, _):
+            page.goto(f"{url}/login?token={token}")
+            wait_progress(page, 0, 1)
+            box = page.locator("#guidelines-toggle").bounding_box()
+            assert box["x"] + box["width"] <= 390, box
+            assert page.evaluate("document.documentElement.scrollWidth <= "
+                                 "document.documentElement.clientWidth"), "no sideways scroll"
+    finally:
+        context.close()
