@@ -561,3 +561,21 @@ def test_a_long_annotator_name_leaves_the_guidelines_button_on_a_phone(browser, 
                                  "document.documentElement.clientWidth"), "no sideways scroll"
     finally:
         context.close()
+
+
+def test_space_after_a_mouse_vote_scrolls_and_does_not_vote(page, tmp_path):
+    """Space scrolls a page down; after a click it must not press the clicked button again,
+    which would vote on the next pair before the annotator has read it."""
+    db = tmp_path / "labels.sqlite"
+    token = prepare(db, make_pairs(3))
+    with running_server(db) as (url, _):
+        page.goto(f"{url}/login?token={token}")
+        wait_progress(page, 0, 3)
+        first, _ = shown_pair_index(page)
+        page.get_by_role("button", name=re.compile("Right is better")).click()
+        wait_progress(page, 1, 2)
+        second, _ = shown_pair_index(page)
+        page.keyboard.press(" ")
+        page.keyboard.press("t")
+        wait_progress(page, 2, 1)
+    assert stored_votes(db) == [(f"p{first:05d}", "right"), (f"p{second:05d}", "tie")]

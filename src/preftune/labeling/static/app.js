@@ -400,7 +400,14 @@
   // screen within a few milliseconds of the first, and the second click would vote on (or
   // undo) a pair the annotator has not read. Keys and Enter on a button give detail 0.
   function singleClick(action) {
-    return (event) => { if (event.detail <= 1) action(); };
+    return (event) => {
+      if (event.detail > 1) return;
+      // A mouse click leaves the focus on the button, where Space, pressed to scroll down the
+      // next pair, would press the button again: a vote on that unread pair. A press from the
+      // keyboard (detail 0) keeps the focus, so a Tab-and-Enter user stays on the button.
+      if (event.detail === 1) event.currentTarget.blur();
+      action();
+    };
   }
 
   async function start() {
