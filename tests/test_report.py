@@ -390,3 +390,12 @@ def test_evaluations_table_shows_the_token_wise_kl_and_an_older_record_without_i
     assert kl_cells("DPO β=0.1") == ["6 ± 0.3", "–"]
     assert kl_cells("DPO β=0.5") == ["2 ± 0.3", "1.75 ± 0.05"]
     assert_real_picture(tmp_path / "plots" / "reward_kl.png")  # the plot keeps using `kl`
+
+
+def test_a_model_path_with_dollar_signs_is_drawn_as_written_not_as_tex(run_dir):
+    """Win-rate rows and the reward-KL legend name a model by its path; matplotlib read the text
+    between two '$' as TeX and stopped the report on 'r$\\q$' (unknown symbol \\q)."""
+    evals = [{**generate_eval(0.1, 6.0, 1.5, 0.8), "method": None, "model": "runs/r$\\q$/final"}]
+    html = write_report(run_dir, evals=evals).read_text()
+    assert 'src="plots/win_rates.png"' in html and 'src="plots/reward_kl.png"' in html
+    assert "r$\\q$/final β=0.1" in html  # the table, which is HTML, shows it as it is

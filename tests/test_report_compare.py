@@ -5,6 +5,7 @@ import re
 
 import matplotlib.image as mpimg
 import pytest
+from matplotlib.cbook import is_math_text
 from preftune_test_data import make_config
 from test_report import TRAIN_PLOTS, assert_real_picture, generate_eval, write_metrics
 from typer.testing import CliRunner
@@ -155,6 +156,22 @@ def test_accuracy_and_margin_get_the_chance_line_and_ranges_of_one_runs_report(t
     assert [y for y, _ in guides(margin)] == [0.0]
     (spec,) = [spec for spec in TRAINING_PLOTS if spec.file == "entropy_token_accuracy.png"]
     assert draw_overlay(runs, spec.panels, smoothing=0.6).axes[1].get_ylim() == (-0.02, 1.02)
+
+
+def test_run_names_with_dollar_signs_are_drawn_as_written_not_as_tex(tmp_path):
+    """matplotlib reads text between two '$' as TeX: 'lr$1e-4$' lost its dollars in the legend,
+    and 'r$\\q$' stopped the whole comparison with a ParseFatalException (unknown symbol)."""
+    folders = [tmp_path / "lr$1e-4$", tmp_path / "r$\\q$"]
+    for folder in folders:
+        make_run(folder, n_steps=5, eval_every=5, evals=[generate_eval(0.1, 6.0, 1.5, 0.8)])
+    write_comparison(folders, tmp_path / "compare")
+    assert_real_picture(tmp_path / "compare" / "plots" / "reward_kl.png")  # runs in its legend
+    assert (tmp_path / "compare" / "plots" / "win_rates.png").is_file()  # and its row names
+    runs = [load_run(f, label, n) for n, (f, label) in enumerate(zip(folders, run_labels(folders)))]
+    fig = draw_overlay(runs, [Panel("loss", "Loss", "loss", "loss")], smoothing=0.6)
+    texts = [t.get_text() for t in fig.legends[0].get_texts()][:2]
+    assert not any(is_math_text(t) for t in texts)
+    assert [t.replace(r"\$", "$") for t in texts] == ["lr$1e-4$", "r$\\q$"]  # as matplotlib shows them
 
 
 def test_equal_folder_names_are_told_apart(tmp_path):

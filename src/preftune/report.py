@@ -136,6 +136,12 @@ def ema(values: Sequence[float], smoothing: float) -> np.ndarray:
     return out
 
 
+def literal(text: str) -> str:
+    """`text` (a run's folder, a model path) to show as written in a plot: matplotlib reads a pair
+    of '$' as TeX math, which would italicise 'lr$1e-4$' or fail on 'a$\\q$'."""
+    return text.replace("$", r"\$")
+
+
 def _new_figure(ncols: int = 1) -> tuple[Figure, list]:
     fig = Figure(figsize=(7.5 * ncols if ncols > 1 else 8.0, 4.6), dpi=110, layout="constrained")
     axes = [fig.add_subplot(1, ncols, c + 1) for c in range(ncols)]
@@ -311,7 +317,7 @@ def plot_frontier(evals: Sequence[dict], path: str | Path,
             ax.plot([0.0, *x], [reference, *y], "-", color=color, linewidth=1.2)
             joined = False  # the line above already joins the points
         ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o-" if joined else "o",
-                    color=color, capsize=3, markersize=6, linewidth=1.2, label=group)
+                    color=color, capsize=3, markersize=6, linewidth=1.2, label=literal(group))
         for ev, xi, yi in zip(members, x, y):
             if _is_number(ev.get("beta")):
                 ax.annotate(f"β={ev['beta']:g}", (xi, yi), textcoords="offset points",
@@ -382,7 +388,7 @@ def plot_win_rates(evals: Sequence[dict], path: str | Path) -> Path:
     ax.axvline(0.5, color="grey", linestyle=":")
     ax.annotate("0.5: as good as the reference", (0.5, 0), xycoords=("data", "axes fraction"),
                 xytext=(4, 4), textcoords="offset points", fontsize=8, color="dimgrey")
-    ax.set_yticks(range(len(rows)), [label for label, _ in rows])
+    ax.set_yticks(range(len(rows)), [literal(label) for label, _ in rows])
     ax.set_ylim(len(rows) - 0.5, -0.5)  # first evaluation on top, as in the table
     ax.set_xlim(0.0, 1.0)
     ax.set_xlabel("win rate against the reference (fraction of prompts; a tie counts ½)")

@@ -34,6 +34,7 @@ from preftune.report import (
     eval_label,
     find_eval_files,
     frontier_setting,
+    literal,
     load_config,
     load_evals,
     load_metrics,
@@ -197,7 +198,7 @@ def _run_curve(ax, run: Run, panel: Panel, smoothing: float) -> bool:
 
 def _legend(fig: Figure, runs: list[Run], smoothing: float, with_eval: bool) -> None:
     """One entry per run, and those that say which line is training and which evaluation."""
-    handles = [Line2D([], [], label=run.label, markersize=6, **run.style) for run in runs]
+    handles = [Line2D([], [], label=literal(run.label), markersize=6, **run.style) for run in runs]
     train = f"train (EMA {smoothing:g})" if smoothing > 0 else "train"
     handles.append(Line2D([], [], color="grey", linewidth=1.8, label=train))
     if with_eval:
@@ -260,7 +261,7 @@ def training_figures(runs: list[Run], out: Path, smoothing: float) -> list[tuple
         lacking = [run.label for run in runs if not _logged_any(run, spec.panels)]
         if spec.needs_setting and lacking:  # absent, not flat: say so where the figure is read
             absent = f"Not logged by {', '.join(lacking)}, so absent here."
-            fig.suptitle(absent, fontsize=10, color="dimgrey")
+            fig.suptitle(literal(absent), fontsize=10, color="dimgrey")
             caption = f"{caption} {absent}"
         figures.append(_save(fig, out, spec.file, spec.heading, caption))
     return figures
