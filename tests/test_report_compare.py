@@ -174,6 +174,20 @@ def test_run_names_with_dollar_signs_are_drawn_as_written_not_as_tex(tmp_path):
     assert [t.replace(r"\$", "$") for t in texts] == ["lr$1e-4$", "r$\\q$"]  # as matplotlib shows them
 
 
+def test_the_legend_says_the_learning_rate_is_drawn_unsmoothed(tmp_path):
+    """The learning rate is drawn raw (Panel.smooth False), as one run's report says ("learning
+    rate, train"); the comparison's legend called every train line of the figure an EMA."""
+    folders = [tmp_path / "a", tmp_path / "b"]
+    for folder in folders:
+        write_metrics(folder, n_steps=5, eval_every=5)
+    runs = [load_run(f, label, n) for n, (f, label) in enumerate(zip(folders, run_labels(folders)))]
+    (spec,) = [spec for spec in TRAINING_PLOTS if spec.file == "optimization.png"]
+    fig = draw_overlay(runs, spec.panels, smoothing=0.6)
+    assert [t.get_text() for t in fig.legends[0].get_texts()][2] == "train (EMA 0.6; learning rate raw)"
+    fig = draw_overlay(runs, spec.panels[1:], smoothing=0.6)
+    assert [t.get_text() for t in fig.legends[0].get_texts()][2] == "train"
+
+
 def test_equal_folder_names_are_told_apart(tmp_path):
     folders = [tmp_path / "a" / "run", tmp_path / "b" / "run", tmp_path / "x" / "a" / "best",
                tmp_path / "y" / "a" / "best", tmp_path / "other"]

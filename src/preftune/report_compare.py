@@ -196,10 +196,14 @@ def _run_curve(ax, run: Run, panel: Panel, smoothing: float) -> bool:
     return drawn
 
 
-def _legend(fig: Figure, runs: list[Run], smoothing: float, with_eval: bool) -> None:
+def _legend(fig: Figure, runs: list[Run], panels: Sequence[Panel], smoothing: float,
+            with_eval: bool) -> None:
     """One entry per run, and those that say which line is training and which evaluation."""
     handles = [Line2D([], [], label=literal(run.label), markersize=6, **run.style) for run in runs]
-    train = f"train (EMA {smoothing:g})" if smoothing > 0 else "train"
+    raw = [panel.name for panel in panels if not panel.smooth]  # a schedule is drawn as it is
+    train = "train"
+    if smoothing > 0 and len(raw) < len(panels):
+        train = f"train (EMA {smoothing:g}" + (f"; {', '.join(raw)} raw)" if raw else ")")
     handles.append(Line2D([], [], color="grey", linewidth=1.8, label=train))
     if with_eval:
         handles.append(Line2D([], [], color="grey", linestyle="--", marker="o",
@@ -230,7 +234,7 @@ def draw_overlay(runs: list[Run], panels: Sequence[Panel], smoothing: float):
     if not drawn_runs:
         return None
     with_eval = any(run.metrics.has(f"eval/{panel.key}") for run in runs for panel in panels)
-    _legend(fig, [run for run in runs if run.index in drawn_runs], smoothing, with_eval)
+    _legend(fig, [run for run in runs if run.index in drawn_runs], panels, smoothing, with_eval)
     return fig
 
 
