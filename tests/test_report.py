@@ -399,3 +399,14 @@ def test_a_model_path_with_dollar_signs_is_drawn_as_written_not_as_tex(run_dir):
     html = write_report(run_dir, evals=evals).read_text()
     assert 'src="plots/win_rates.png"' in html and 'src="plots/reward_kl.png"' in html
     assert "r$\\q$/final β=0.1" in html  # the table, which is HTML, shows it as it is
+
+
+def test_a_run_without_evaluations_says_so(tmp_path):
+    """Without data.eval or data.eval_fraction the last evaluation column was all '–' and nothing
+    said why; a run with eval/ lines gets no such note."""
+    write_metrics(tmp_path / "plain", n_steps=10, eval_every=1000)
+    html = write_report(tmp_path / "plain").read_text()
+    assert ("metrics.jsonl has no eval/ lines (no data.eval or data.eval_fraction in training), so "
+            "the plots have no evaluation curves and the last evaluation column is empty.") in html
+    write_metrics(tmp_path / "evaluated", n_steps=10, eval_every=5)
+    assert "has no eval/ lines" not in write_report(tmp_path / "evaluated").read_text()

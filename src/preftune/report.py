@@ -449,6 +449,11 @@ def write_report(run_dir: str | Path, eval_paths: Iterable[str | Path] = (),
         notes.append(f"No final/ in {run_dir}: the run is still training or was stopped, so these are "
                      f"its numbers up to step {metrics.train[-1]['step']}, not a finished run's; a "
                      f"stopped run continues with `preftune train {run_dir / 'config.yaml'} --resume`.")
+    if metrics and metrics.train and not metrics.eval:
+        # Else the only sign is an empty column, easy to read as a failed evaluation.
+        notes.append(f"{metrics_path.name} has no eval/ lines (no data.eval or data.eval_fraction "
+                     "in training), so the plots have no evaluation curves and the last evaluation "
+                     "column is empty.")
     loss_type = (config.get("loss") or {}).get("type") if config else None
     loss_types = [loss_type] if isinstance(loss_type, str) else loss_type
     figures = _training_figures(metrics, out, smoothing, notes, loss_types) if metrics else []
