@@ -410,3 +410,13 @@ def test_a_run_without_evaluations_says_so(tmp_path):
             "the plots have no evaluation curves and the last evaluation column is empty.") in html
     write_metrics(tmp_path / "evaluated", n_steps=10, eval_every=5)
     assert "has no eval/ lines" not in write_report(tmp_path / "evaluated").read_text()
+
+
+def test_the_loss_caption_says_how_the_curve_is_smoothed(tmp_path):
+    """With smoothing 0 there is no EMA, yet the caption spoke of faint raw lines and bold EMAs."""
+    write_metrics(tmp_path / "run", n_steps=10, eval_every=5)
+    html = write_report(tmp_path / "run", smoothing=0).read_text()
+    assert "Lines are the raw per-step values, unsmoothed (smoothing 0).</figcaption>" in html
+    assert "EMA" not in html
+    html = write_report(tmp_path / "run", smoothing=0.8).read_text()
+    assert "Faint lines are the raw per-step values, bold lines their EMA (weight 0.8)." in html

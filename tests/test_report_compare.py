@@ -188,6 +188,17 @@ def test_the_legend_says_the_learning_rate_is_drawn_unsmoothed(tmp_path):
     assert [t.get_text() for t in fig.legends[0].get_texts()][2] == "train"
 
 
+def test_the_loss_caption_says_how_the_curves_are_smoothed(tmp_path):
+    """With smoothing 0 there is no EMA, yet the caption spoke of faint raw lines and bold EMAs."""
+    folders = [tmp_path / "a", tmp_path / "b"]
+    for folder in folders:
+        write_metrics(folder, n_steps=10, eval_every=5)
+    html = write_comparison(folders, tmp_path / "compare", smoothing=0).read_text()
+    assert ("Each run&#x27;s loss. Lines are the raw per-step values, unsmoothed (smoothing 0). "
+            "Dashed lines with open markers are evaluations.</figcaption>") in html
+    assert "EMA" not in html
+
+
 def test_equal_folder_names_are_told_apart(tmp_path):
     folders = [tmp_path / "a" / "run", tmp_path / "b" / "run", tmp_path / "x" / "a" / "best",
                tmp_path / "y" / "a" / "best", tmp_path / "other"]

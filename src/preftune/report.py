@@ -24,7 +24,7 @@ from preftune.bradley_terry import win_rate as wilson_win_rate
 from preftune.errors import UserError
 from preftune.records import read_records
 from preftune.report_html import render_html
-from preftune.report_plots import TRAINING_PLOTS, PlotSpec, draw_guides
+from preftune.report_plots import TRAINING_PLOTS, PlotSpec, draw_guides, smoothing_caption
 from preftune.sampling_settings import describe_sampling
 
 TRAIN_COLOR, EVAL_COLOR = "tab:blue", "tab:orange"
@@ -486,8 +486,8 @@ def _training_figures(metrics: RunMetrics, out: Path, smoothing: float, notes: l
     if plot_loss(metrics, out / PLOT_DIR / "loss.png", smoothing, loss_types) is not None:
         title, unit = loss_labels(loss_types)
         figures.append((f"{PLOT_DIR}/loss.png", "Loss",
-                        f"{title}, {unit.removeprefix('loss (').rstrip(')')}. Faint lines are the "
-                        "raw per-step values; bold lines their EMA."))
+                        f"{title}, {unit.removeprefix('loss (').rstrip(')')}. "
+                        + smoothing_caption(smoothing)))
     for spec in TRAINING_PLOTS:
         if plot_training(metrics, spec, out / PLOT_DIR / spec.file, smoothing) is not None:
             figures.append((f"{PLOT_DIR}/{spec.file}", spec.heading, spec.caption))

@@ -44,7 +44,7 @@ from preftune.report import (
     spans_decades,
 )
 from preftune.report_html import render_html
-from preftune.report_plots import TRAINING_PLOTS, Panel, draw_guides
+from preftune.report_plots import TRAINING_PLOTS, Panel, draw_guides, smoothing_caption
 
 # Ten colours that stay apart, and a marker per run on top, so that runs can be told apart in
 # grey print and by colour-blind readers too; beyond ten runs the line style changes as well.
@@ -255,8 +255,8 @@ def training_figures(runs: list[Run], out: Path, smoothing: float) -> list[tuple
     fig = draw_overlay(runs, [_loss_panel(runs)], smoothing)
     if fig is not None:
         figures.append(_save(fig, out, "loss.png", "Loss",
-                             "Each run's loss; faint lines are raw per-step values, bold ones their "
-                             "EMA, dashed lines with open markers evaluations."))
+                             "Each run's loss. " + smoothing_caption(smoothing) + " Dashed lines "
+                             "with open markers are evaluations."))
     for spec in TRAINING_PLOTS:
         fig = draw_overlay(runs, spec.panels, smoothing)
         if fig is None:

@@ -109,3 +109,10 @@ def draw_guides(ax, keys: set[str]) -> None:
         ax.axhline(0.0, color="grey", linewidth=0.8)
     if "learning_rate" in keys:
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+
+
+def smoothing_caption(smoothing: float) -> str:
+    """How the loss plot's training lines are drawn, in both reports' captions."""
+    if smoothing > 0:
+        return f"Faint lines are the raw per-step values, bold lines their EMA (weight {smoothing:g})."
+    return "Lines are the raw per-step values, unsmoothed (smoothing 0)."
