@@ -420,3 +420,18 @@ def test_the_loss_caption_says_how_the_curve_is_smoothed(tmp_path):
     assert "EMA" not in html
     html = write_report(tmp_path / "run", smoothing=0.8).read_text()
     assert "Faint lines are the raw per-step values, bold lines their EMA (weight 0.8)." in html
+
+
+def test_a_log_axis_says_so_in_its_label(tmp_path, monkeypatch):
+    """Gradient norms spanning decades get a log axis; its label says so, the linear one beside
+    it does not."""
+    drawn = _drawn_figures(monkeypatch)
+    write_metrics(tmp_path, n_steps=10, eval_every=5)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lines[0]["grad_norm"] = 500.0  # an early spike, far above the others
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    write_report(tmp_path)
+    grad_norm, learning_rate = drawn["optimization.png"].axes
+    assert grad_norm.get_yscale() == "log"
+    assert grad_norm.get_ylabel() == "global L2 norm of the gradient, log scale"
+    assert learning_rate.get_ylabel() == "learning rate (per step)"

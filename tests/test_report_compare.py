@@ -134,6 +134,10 @@ def test_gradient_norms_spanning_decades_get_a_log_axis_as_in_one_runs_report(tm
     panel = [panel for spec in TRAINING_PLOTS for panel in spec.panels if panel.key == "grad_norm"]
     assert draw_overlay(runs[:1], panel, smoothing=0.6).axes[0].get_yscale() == "linear"
     assert draw_overlay(runs, panel, smoothing=0.6).axes[0].get_yscale() == "log"
+    assert draw_overlay(runs, panel, smoothing=0.6).axes[0].get_ylabel() == (
+        "global L2 norm of the gradient, log scale")  # the label says it, as one run's does
+    assert draw_overlay(runs[:1], panel, smoothing=0.6).axes[0].get_ylabel() == (
+        "global L2 norm of the gradient")
 
 
 def test_accuracy_and_margin_get_the_chance_line_and_ranges_of_one_runs_report(tmp_path):

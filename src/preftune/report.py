@@ -247,7 +247,7 @@ def plot_training(metrics: RunMetrics, spec: PlotSpec, path: Path,
         if any(p.log_if_spans_decades and spans_decades(metrics.series(p.key)[1]) for p in panels):
             ax.set_yscale("log")
         draw_guides(ax, {panel.key for panel in panels})
-        _finish(ax, title, panels[0].ylabel)
+        _finish(ax, title, panels[0].ylabel + (", log scale" if ax.get_yscale() == "log" else ""))
     return _save(fig, path)
 
 

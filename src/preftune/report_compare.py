@@ -230,7 +230,7 @@ def draw_overlay(runs: list[Run], panels: Sequence[Panel], smoothing: float):
             ax.legend(loc="best", fontsize=9, framealpha=0.85)
         ax.set_title(panel.title)
         ax.set_xlabel(STEP_LABEL)
-        ax.set_ylabel(panel.ylabel)
+        ax.set_ylabel(panel.ylabel + (", log scale" if ax.get_yscale() == "log" else ""))
     if not drawn_runs:
         return None
     with_eval = any(run.metrics.has(f"eval/{panel.key}") for run in runs for panel in panels)
