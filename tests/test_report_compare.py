@@ -203,6 +203,22 @@ def test_the_loss_caption_says_how_the_curves_are_smoothed(tmp_path):
     assert "EMA" not in html
 
 
+def test_a_run_missing_plotted_keys_is_named_as_one_runs_report_names_it(tmp_path):
+    """A run that logged no grad_norm (an older or foreign metrics.jsonl) is simply absent from
+    that plot; the page says so, as its own report does."""
+    folders = [tmp_path / "full", tmp_path / "old"]
+    for folder in folders:
+        write_metrics(folder, n_steps=5, eval_every=5)
+    lines = [json.loads(x) for x in (folders[1] / "metrics.jsonl").read_text().splitlines()]
+    (folders[1] / "metrics.jsonl").write_text(
+        "".join(json.dumps({k: v for k, v in x.items() if k != "grad_norm"}) + "\n" for x in lines))
+    html = write_comparison(folders, tmp_path / "compare").read_text()
+    assert ("old has no training values for grad_norm; those curves of it are missing from the "
+            "plots.") in html
+    assert "full has no training values" not in html
+    assert "has no training values for grad_norm" in write_report(folders[1]).read_text()
+
+
 def test_equal_folder_names_are_told_apart(tmp_path):
     folders = [tmp_path / "a" / "run", tmp_path / "b" / "run", tmp_path / "x" / "a" / "best",
                tmp_path / "y" / "a" / "best", tmp_path / "other"]

@@ -21,6 +21,7 @@ from matplotlib.lines import Line2D
 from preftune.errors import UserError
 from preftune.report import (
     PLOT_DIR,
+    PLOTTED_KEYS,
     STEP_LABEL,
     RunMetrics,
     _flatten,
@@ -445,6 +446,10 @@ def comparison_notes(runs: list[Run]) -> list[str]:
             notes.append(f"{run.label} has no final/: it is still training or was stopped, so its "
                          f"numbers are up to step {run.last_step}, not a finished run's; a stopped "
                          f"run continues with `preftune train {run.folder / 'config.yaml'} --resume`.")
+        missing = [k for k in PLOTTED_KEYS if run.metrics is not None and not run.metrics.has(k)]
+        if missing:  # as one run's report says it: the plots hold no curve of these for this run
+            notes.append(f"{run.label} has no training values for {', '.join(missing)}; those "
+                         "curves of it are missing from the plots.")
         if not run.evals and not (run.metrics and run.metrics.eval):
             notes.append(f"{run.label} has no evaluations (no eval/ lines in metrics.jsonl, no "
                          "eval.json), so its evaluation cells are empty.")
