@@ -180,7 +180,10 @@ def test_report_without_evaluations_has_training_plots_only(tmp_path):
 
 @pytest.mark.parametrize("loss_yaml, caption", [
     ("", "Preference loss (DPO), nats per pair."),
-    ("loss:\n  type: [ipo, sft]\n", "Preference loss (ipo + sft), nats per pair."),
+    ("loss:\n  type: [sigmoid, sft]\n", "Preference loss (sigmoid + sft), nats per pair."),  # RPO
+    # IPO's loss is a squared log-ratio gap and a hinge's a clipped one, neither in nats.
+    ("loss:\n  type: [ipo, sft]\n", "Preference loss (ipo + sft), loss per pair."),
+    ("loss:\n  type: hinge\n", "Preference loss (hinge), loss per pair."),
     ("loss:\n  type: sft\n", "NLL of the chosen responses, nats per token."),  # Preferred-FT
 ])
 def test_the_loss_plot_names_the_runs_loss_and_its_unit(tmp_path, loss_yaml, caption):

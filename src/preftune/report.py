@@ -193,7 +193,15 @@ def loss_labels(loss_types: list[str] | None) -> tuple[str, str]:
     if loss_types == ["sft"]:
         return "NLL of the chosen responses", "loss (nats per token)"
     name = "DPO" if loss_types in (None, ["sigmoid"]) else " + ".join(loss_types)
-    return f"Preference loss ({name})", "loss (nats per pair)"
+    if set(loss_types or ["sigmoid"]) <= NATS_LOSSES:
+        return f"Preference loss ({name})", "loss (nats per pair)"
+    return f"Preference loss ({name})", "loss per pair"
+
+
+# Loss types whose per-pair loss is a sum of log-likelihoods (or, exo_pair, a KL), so in nats;
+# the others are squares of log-ratios (ipo, sppo_hard), hinges or probabilities (hinge, apo_*).
+NATS_LOSSES = {"sigmoid", "robust", "sigmoid_norm", "simpo", "rdpo", "sft", "exo_pair", "nca_pair",
+               "aot", "aot_unpaired", "bco_pair"}
 
 
 def plot_loss(metrics: RunMetrics, path: Path, smoothing: float = 0.6,
