@@ -579,3 +579,35 @@ def test_space_after_a_mouse_vote_scrolls_and_does_not_vote(page, tmp_path):
         page.keyboard.press("t")
         wait_progress(page, 2, 1)
     assert stored_votes(db) == [(f"p{first:05d}", "right"), (f"p{second:05d}", "tie")]
+
+
+def test_a_reason_being_typed_survives_an_undo(page, tmp_path):
+    """Undo shows the previous pair; the reason half-written for the pair it replaced is kept
+    for that pair and is back in the box when the pair is, not lost and not moved."""
+    from playwright.sync_api import expect
+
+    db = tmp_path / "labels.sqlite"
+    token = prepare(db, make_pairs(3))
+    with running_server(db) as (url, _):
+        page.goto(f"{url}/login?token={token}")
+        wait_progress(page, 0, 3)
+        first, _ = shown_pair_index(page)
+        page.keyboard.press("1")
+        wait_progress(page, 1, 2)
+        second, _ = shown_pair_index(page)
+        page.locator("#reason").fill("a draft for the second pair")
+        page.locator("#reason").press("Escape")
+        page.keyboard.press("u")
+        wait_progress(page, 0, 3)
+        assert shown_pair_index(page)[0] == first
+        expect(page.locator("#reason")).to_have_value("")  # not moved to the first pair
+        page.keyboard.press("2")
+        wait_progress(page, 1, 2)
+        assert shown_pair_index(page)[0] == second
+        expect(page.locator("#reason")).to_have_value("a draft for the second pair")
+        page.keyboard.press("t")
+        wait_progress(page, 2, 1)
+        expect(page.locator("#reason")).to_have_value("")  # sent with its vote
+    votes = Store(db).live_votes()
+    assert [(v["pair_id"], v["reason"]) for v in votes] == [
+        (f"p{first:05d}", None), (f"p{second:05d}", "a draft for the second pair")]

@@ -151,8 +151,20 @@
     $("progress-text").textContent = `${done} done · ${remaining} left`;
   }
 
+  // Reasons typed but not sent, by pair id. An undo puts the previous pair on screen; the
+  // reason being written for the pair it replaces waits here until that pair comes back.
+  const drafts = new Map();
+
+  function swapDraft(nextPairId) {
+    const text = $("reason").value;
+    if (current && text.trim()) drafts.set(current.pair_id, text);
+    $("reason").value = drafts.get(nextPairId) || "";
+    drafts.delete(nextPairId);
+  }
+
   function renderPair(pair) {
     const samePair = current && current.pair_id === pair.pair_id;
+    if (!samePair) swapDraft(pair.pair_id);
     current = { pair_id: pair.pair_id, key: newKey() };
     renderPrompt(pair.prompt);
     renderResponse($("left"), pair.left);
@@ -160,7 +172,6 @@
     $("left-cut").hidden = !pair.left_truncated;
     $("right-cut").hidden = !pair.right_truncated;
     $("identical").hidden = pair.left !== pair.right;
-    $("reason").value = "";
     showReasonLimit();
     unpick();
     showOnly("task");
@@ -291,6 +302,7 @@
         }
         // After a lost answer the stored choice may differ from this retry's: name the stored.
         toast("Saved: " + LABELS[data.choice || choice]);
+        $("reason").value = "";  // sent with the vote: no draft left for this pair
         await loadNext();
       } else if (data.stale) {
         toast("Not saved: this pair was already answered (in another tab?); here is your " +
