@@ -438,3 +438,15 @@ def test_a_log_axis_says_so_in_its_label(tmp_path, monkeypatch):
     assert grad_norm.get_yscale() == "log"
     assert grad_norm.get_ylabel() == "global L2 norm of the gradient, log scale"
     assert learning_rate.get_ylabel() == "learning rate (per step)"
+
+
+def test_a_pairs_evaluation_shows_its_held_out_loss_beside_its_accuracy(tmp_path):
+    """`preftune eval pairs` writes eval/loss; the comparison showed it, one run's table did not."""
+    pairs = {"kind": "pairs", "model": "run/final", "data": "run/eval_heldout.jsonl",
+             "eval/rewards/accuracies": 0.75, "eval/loss": 0.5123}
+    (tmp_path / "eval.json").write_text(json.dumps({"evals": [pairs]}))
+    html = write_report(tmp_path).read_text()
+    assert "<th>accuracy</th><th>held-out loss</th>" in html
+    (cells,) = [re.findall(r"<td[^>]*>(.*?)</td>", r) for r in re.findall(r"<tr>(.*?)</tr>", html)
+                if "eval_heldout.jsonl" in r]
+    assert cells[8:10] == ["0.75", "0.5123"]

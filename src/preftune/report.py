@@ -604,7 +604,7 @@ def _with_se(ev: dict, key: str) -> str:
 def _evals_table(evals: list[dict]):
     header = ["model", "kind", "judge and data", "prompts", "win rate [95% CI]",
               "mean reward (policy / ref)", "KL ± se (nats)", "token-wise KL ± se (nats)", "accuracy",
-              "mean length (policy / ref)"]
+              "held-out loss", "mean length (policy / ref)"]
     rows = []
     for ev in evals:
         wr = _win_rate_with_ci(ev)
@@ -616,7 +616,7 @@ def _evals_table(evals: list[dict]):
             eval_label(ev), _fmt(ev.get("kind")), _judged_on(ev), _fmt(ev.get("n_prompts")),
             f"{wr[0]:.3f} [{wr[1]:.3f}, {wr[2]:.3f}]" if wr else "awaiting votes" if waiting else "–",
             reward if _policy_reward(ev) is not None else "–", kl, _with_se(ev, "kl_tokens"),
-            _fmt(ev.get("eval/rewards/accuracies")),
+            _fmt(ev.get("eval/rewards/accuracies")), _fmt(ev.get("eval/loss")),
             f"{_fmt(lengths.get('policy'))} / {_fmt(lengths.get('reference'))}" if lengths else "–",
         ])
     return ("Evaluations", header, rows)
