@@ -611,3 +611,31 @@ def test_a_reason_being_typed_survives_an_undo(page, tmp_path):
     votes = Store(db).live_votes()
     assert [(v["pair_id"], v["reason"]) for v in votes] == [
         (f"p{first:05d}", None), (f"p{second:05d}", "a draft for the second pair")]
+
+
+def test_text_direction_controls_are_shown_not_obeyed(page, tmp_path):
+    """U+202E makes "\u202eevil\u202c" display as "live": the page shows each control as a
+    visible mark, so the text reads in the order the model wrote it, and says it is there."""
+    from playwright.sync_api import expect
+
+    db = tmp_path / "labels.sqlite"
+    evil, isolated = "\u202eevil\u202c", "a \u2067b\u2069 c \u2066d\u2069"
+    token = prepare(db, [Pair("bidi", "say \u202eit", (evil, isolated))])
+    with running_server(db) as (url, _):
+        page.goto(f"{url}/login?token={token}")
+        wait_progress(page, 0, 1)
+        shown = {page.locator("#left").text_content(), page.locator("#right").text_content()}
+        assert shown == {"⟨U+202E⟩evil⟨U+202C⟩", "a ⟨U+2067⟩b⟨U+2069⟩ c ⟨U+2066⟩d⟨U+2069⟩"}
+        assert page.locator("#prompt").text_content() == "say ⟨U+202E⟩it"
+        evil_side = "left" if "evil" in page.locator("#left").text_content() else "right"
+        other_side = "right" if evil_side == "left" else "left"
+        expect(page.locator(f"#{evil_side}-bidi")).to_have_text(
+            "This response holds 2 invisible text-direction controls, shown as ⟨U+…⟩.")
+        expect(page.locator(f"#{other_side}-bidi")).to_have_text(
+            "This response holds 4 invisible text-direction controls, shown as ⟨U+…⟩.")
+        page.keyboard.press("1" if evil_side == "left" else "2")
+        wait_progress(page, 1, 0)
+    out = tmp_path / "D.jsonl"
+    export(db, out)
+    [row] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (row["chosen"], row["rejected"]) == (evil, isolated), "stored as written"

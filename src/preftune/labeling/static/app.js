@@ -117,29 +117,57 @@
     const turns = Array.isArray(prompt);
     box.classList.toggle("turns", turns);
     if (!turns) {
-      box.append(element("div", "message", prompt));
+      showText(box.appendChild(element("div", "message")), prompt);
       return;
     }
     for (const message of prompt) {
       const role = String(message.role).toLowerCase().replace(/[^a-z]/g, "");
       const wrap = element("div", "message role-" + role);
       wrap.append(element("div", "role", String(message.role)));
-      wrap.append(element("div", "content", String(message.content)));
+      showText(wrap.appendChild(element("div", "content")), String(message.content));
       box.append(wrap);
     }
     box.scrollTop = box.scrollHeight;  // the last turn is the one being answered
   }
 
+  // Invisible controls that reorder the text around them (embeddings, overrides, isolates):
+  // "\u202eevil\u202c" would read "live". Shown as visible marks so that the annotator sees
+  // the characters in the order the model wrote them; the stored text is not touched.
+  // LRM and RLM (U+200E, U+200F) are left alone: common in right-to-left text, they only
+  // place neutral characters such as punctuation.
+  const BIDI_CONTROL = /[\u202A-\u202E\u2066-\u2069]/g;
+
+  // `text` in `box` (replacing what it held), each direction control as a visible mark; the
+  // number of controls found.
+  function showText(box, text) {
+    const parts = [];
+    let last = 0;
+    for (const match of text.matchAll(BIDI_CONTROL)) {
+      parts.push(text.slice(last, match.index));
+      const code = match[0].codePointAt(0).toString(16).toUpperCase();
+      parts.push(element("span", "bidi-mark", `⟨U+${code}⟩`));
+      last = match.index + 1;
+    }
+    parts.push(text.slice(last));
+    box.replaceChildren(...parts);  // strings become text nodes: never parsed as markup
+    return (parts.length - 1) / 2;
+  }
+
   // A response that is empty or only whitespace would look like a page still loading.
-  function renderResponse(box, text) {
+  function renderResponse(box, text, note) {
     const blank = !text.trim();
     box.classList.toggle("blank", blank);
+    let controls = 0;
     if (blank) {
       box.replaceChildren(element("span", "blank-note",
         text ? "(this response is only whitespace)" : "(this response is empty)"));
     } else {
-      box.textContent = text;
+      controls = showText(box, text);
     }
+    note.hidden = !controls;
+    note.textContent = controls === 1
+      ? "This response holds 1 invisible text-direction control, shown as ⟨U+…⟩."
+      : `This response holds ${controls} invisible text-direction controls, shown as ⟨U+…⟩.`;
     box.scrollTop = 0;
   }
 
@@ -167,8 +195,8 @@
     if (!samePair) swapDraft(pair.pair_id);
     current = { pair_id: pair.pair_id, key: newKey() };
     renderPrompt(pair.prompt);
-    renderResponse($("left"), pair.left);
-    renderResponse($("right"), pair.right);
+    renderResponse($("left"), pair.left, $("left-bidi"));
+    renderResponse($("right"), pair.right, $("right-bidi"));
     $("left-cut").hidden = !pair.left_truncated;
     $("right-cut").hidden = !pair.right_truncated;
     $("identical").hidden = pair.left !== pair.right;
