@@ -450,3 +450,11 @@ def test_a_pairs_evaluation_shows_its_held_out_loss_beside_its_accuracy(tmp_path
     (cells,) = [re.findall(r"<td[^>]*>(.*?)</td>", r) for r in re.findall(r"<tr>(.*?)</tr>", html)
                 if "eval_heldout.jsonl" in r]
     assert cells[8:10] == ["0.75", "0.5123"]
+
+
+def test_the_mean_length_column_says_its_unit_is_tokens(tmp_path):
+    """`preftune eval generate` prints lengths in tokens; the table's column gave no unit."""
+    (tmp_path / "eval.json").write_text(json.dumps({"evals": [generate_eval(0.1, 6.0, 1.5, 0.8)]}))
+    html = write_report(tmp_path).read_text()
+    assert "<th>mean length, tokens (policy / ref)</th>" in html
+    assert re.search(r"<td[^>]*>30 / 28</td>", html)

@@ -604,7 +604,7 @@ def _with_se(ev: dict, key: str) -> str:
 def _evals_table(evals: list[dict]):
     header = ["model", "kind", "judge and data", "prompts", "win rate [95% CI]",
               "mean reward (policy / ref)", "KL ± se (nats)", "token-wise KL ± se (nats)", "accuracy",
-              "held-out loss", "mean length (policy / ref)"]
+              "held-out loss", "mean length, tokens (policy / ref)"]
     rows = []
     for ev in evals:
         wr = _win_rate_with_ci(ev)
