@@ -5,7 +5,7 @@ and `static/app.js` fetches pairs as JSON and shows them with `textContent`. Eve
 carries a Content-Security-Policy that allows scripts from our own static folder only.
 
 Routes: `/` page, `/login?token=` (sets the cookie), `/logout`, `/api/next`, `/api/vote`,
-`/api/undo`, `/api/progress`, `/api/guidelines`, `/healthz`, `/static/*`.
+`/api/undo`, `/api/progress`, `/api/guidelines`, `/healthz`, `/favicon.ico`, `/static/*`.
 """
 
 from __future__ import annotations
@@ -263,6 +263,10 @@ def create_app(store: Store, open_mode: bool = False, guidelines: str | None = N
     async def healthz(request: Request) -> Response:
         return JSONResponse({"ok": True})
 
+    async def favicon(request: Request) -> Response:
+        # Browsers ask for it on every page load; a 404 put an error in the console each time.
+        return Response(status_code=204)
+
     async def http_error(request: Request, exc: HTTPException) -> Response:
         return _error(exc.status_code, exc.detail)
 
@@ -276,6 +280,7 @@ def create_app(store: Store, open_mode: bool = False, guidelines: str | None = N
         Route("/api/progress", api(progress)),
         Route("/api/guidelines", api(guidelines_route)),
         Route("/healthz", healthz),
+        Route("/favicon.ico", favicon),
         # StaticFiles resolves every path inside its own directory and refuses anything else.
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
