@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,7 +129,13 @@ def score(judge: Judge, prompts: Sequence, samples: Samples) -> None:
     """Attach the judge's reward to each response (nothing to do for a human judge)."""
     if judge.kind != "reward":
         return
+    cut_before = getattr(judge.reward, "truncated", 0)
     rewards = judge.reward(list(prompts), samples.texts)
+    cut = getattr(judge.reward, "truncated", 0) - cut_before  # a reward model folder's count
+    if cut:
+        print(f"--judge {judge.spec}: {cut} of {len(rewards)} responses of {samples.label} (with "
+              f"their prompts) were longer than the reward model's {judge.reward.max_length} tokens "
+              f"and were scored cut to them.", file=sys.stderr)
     bad = [r for r in rewards if not math.isfinite(r)]
     if bad:
         raise UserError(f"--judge {judge.spec!r} returned {bad[0]} for a response of "

@@ -162,12 +162,12 @@ def render_text(tokenizer, prompt, response: str) -> str:
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages)
 
 
-def reward_model_ids(tokenizer, prompt, response: str, max_length: int) -> list[int]:
+def reward_model_ids(tokenizer, prompt, response: str, max_length: int | None) -> list[int]:
     """The token ids a reward model scores: a chat rendered by the template holds its special
     tokens already (as `apply_chat_template(tokenize=True)` gives them), so the tokenizer adds
     none; a second BOS in front would put every score off the inputs the model was trained on.
-    Text gets the tokenizer's own special tokens. Longer than `max_length`: cut on the
-    tokenizer's `truncation_side`."""
+    Text gets the tokenizer's own special tokens. Longer than `max_length` (None: no limit): cut
+    on the tokenizer's `truncation_side`."""
     from preftune.data.tokenize import encode_text
 
     text = render_text(tokenizer, prompt, response)
@@ -175,9 +175,13 @@ def reward_model_ids(tokenizer, prompt, response: str, max_length: int) -> list[
         ids = encode_text(tokenizer, text)
     else:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if len(ids) > max_length:
-        ids = ids[-max_length:] if tokenizer.truncation_side == "left" else ids[:max_length]
-    return ids
+    return _cut(tokenizer, ids, max_length)
+
+
+def _cut(tokenizer, ids: list[int], max_length: int | None) -> list[int]:
+    if max_length is None or len(ids) <= max_length:
+        return ids
+    return ids[-max_length:] if tokenizer.truncation_side == "left" else ids[:max_length]
 
 
 def _reward_model(folder: Path, batch_size: int, device: str | None) -> RewardFn:
@@ -214,7 +218,10 @@ def _reward_model(folder: Path, batch_size: int, device: str | None) -> RewardFn
 
     @torch.inference_mode()
     def reward(prompts: Sequence, responses: Sequence[str]) -> list[float]:
-        rows = [reward_model_ids(tokenizer, p, r, max_length) for p, r in zip(prompts, responses)]
+        rows = [reward_model_ids(tokenizer, p, r, None) for p, r in zip(prompts, responses)]
+        # A cut text is scored without its end (or start): callers say how many were cut.
+        reward.truncated += sum(len(row) > max_length for row in rows)
+        rows = [_cut(tokenizer, row, max_length) for row in rows]
         values: list[float] = []
         for start in range(0, len(rows), batch_size):
             batch = tokenizer.pad({"input_ids": rows[start:start + batch_size]}, return_tensors="pt").to(device)
@@ -222,4 +229,6 @@ def _reward_model(folder: Path, batch_size: int, device: str | None) -> RewardFn
             values.extend(scores.float().cpu().tolist())
         return values
 
+    reward.truncated = 0  # texts longer than max_length so far, scored as cut
+    reward.max_length = max_length
     return reward

@@ -432,6 +432,37 @@ def test_a_reward_model_without_a_pad_token_scores_where_its_config_says(tmp_pat
         assert one[0] == pytest.approx(model(**ids).logits[0, 0].item(), abs=1e-5)
 
 
+def test_texts_cut_at_the_reward_models_max_length_are_counted(tmp_path, capsys):
+    """A reward model cuts a text longer than its max_position_embeddings before scoring, so the
+    score misses the text's end; label auto and eval --judge say how many were cut, not a word
+    was said before."""
+    import torch
+    import transformers
+
+    from preftune.demo.tiny import train_tokenizer
+    from preftune.eval_generate import Judge, Samples, score
+
+    tokenizer = train_tokenizer()
+    config = reward_model_config(tokenizer)
+    config.max_position_embeddings = 8
+    torch.manual_seed(0)
+    transformers.LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    long = " jumps over the lazy dog, and naps in the sun."
+    lengths = [len(tokenizer("Hi" + r)["input_ids"]) for r in ("!", long)]
+    assert lengths[0] <= 8 < lengths[1]  # only the second response is cut
+
+    pairs = write_pairs_file(tmp_path / "pairs.jsonl", [Pair("a", "Hi", ("!", long))])
+    stats = label_auto(pairs, str(tmp_path / "rm"), tmp_path / "D.jsonl", show_progress=False)
+    assert stats["reward_truncated"] == 1 and stats["reward_max_length"] == 8
+
+    reward = load_reward(str(tmp_path / "rm"))
+    samples = Samples("pi", "pi", ["!", long], [[]] * 2, [[]] * 2, [1, 12])
+    score(Judge("reward", str(tmp_path / "rm"), reward), ["Hi", "Hi"], samples)
+    assert "1 of 2 responses of pi (with their prompts) were longer than the reward model's 8 tokens" in (
+        capsys.readouterr().err)
+
+
 # ------------------------------------------------------------ N > 2 responses per prompt
 
 

@@ -291,6 +291,9 @@ def label_auto(
                 )
             stats["written"] += append_records(out, _label_batch(batch, values, job, stats))
             advance(len(batch))
+    if getattr(reward_fn, "truncated", 0):  # a reward model folder cuts texts at its max length
+        stats["reward_truncated"] = reward_fn.truncated
+        stats["reward_max_length"] = reward_fn.max_length
     return dict(stats)
 
 

@@ -159,6 +159,9 @@ def auto(
     if stats.get("empty_dropped") or stats.get("duplicates_dropped"):  # only with --n above 2
         ties += (f"; {stats.get('empty_dropped', 0)} empty and {stats.get('duplicates_dropped', 0)} "
                  f"repeated responses left out before picking best and worst")
+    if stats.get("reward_truncated"):
+        ties += (f"; {stats['reward_truncated']} responses (with their prompts) were longer than the "
+                 f"reward model's {stats['reward_max_length']} tokens and were scored cut to them")
     typer.echo(
         f"{out}: wrote {stats.get('written', 0)} rows ({mode}), "
         f"{stats['resumed_from']} were already there{ties}"
