@@ -458,3 +458,14 @@ def test_the_mean_length_column_says_its_unit_is_tokens(tmp_path):
     html = write_report(tmp_path).read_text()
     assert "<th>mean length, tokens (policy / ref)</th>" in html
     assert re.search(r"<td[^>]*>30 / 28</td>", html)
+
+
+def test_step_axes_have_whole_number_ticks(tmp_path, monkeypatch):
+    """Steps are integers; a short run's axis was ticked at 1.5, 2.5."""
+    drawn = _drawn_figures(monkeypatch)
+    write_metrics(tmp_path, n_steps=3, eval_every=3)
+    write_report(tmp_path)
+    for name in ("loss.png", "rewards.png", "accuracy_margins.png", "optimization.png"):
+        for ax in drawn[name].axes:
+            ticks = ax.get_xticks()
+            assert ticks.size >= 2 and all(t == int(t) for t in ticks), (name, ticks)

@@ -365,3 +365,15 @@ def test_a_curve_added_to_the_plot_table_shows_in_both_reports(tmp_path, monkeyp
     html = write_comparison(runs, tmp_path / "compare").read_text()
     assert_real_picture(tmp_path / "compare" / "plots" / "logps.png")
     assert "<h3>Log-probabilities</h3>" in html and "Log-probs of each run." in html
+
+
+def test_step_axes_have_whole_number_ticks(tmp_path):
+    """Steps are integers; the comparison's axis was ticked at 2.5 and 7.5 for short runs."""
+    folders = [tmp_path / "a", tmp_path / "b"]
+    for folder in folders:
+        write_metrics(folder, n_steps=3, eval_every=3)
+    runs = [load_run(f, label, n) for n, (f, label) in enumerate(zip(folders, run_labels(folders)))]
+    for spec in TRAINING_PLOTS[:3]:
+        for ax in draw_overlay(runs, spec.panels, smoothing=0.6).axes:
+            ticks = ax.get_xticks()
+            assert ticks.size >= 2 and all(t == int(t) for t in ticks), (spec.file, ticks)

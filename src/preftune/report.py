@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from preftune.bradley_terry import win_rate as wilson_win_rate
 from preftune.errors import UserError
@@ -179,6 +180,7 @@ def _curve(ax, metrics: RunMetrics, key: str, label: str, color: str, smoothing:
 def _finish(ax, title: str, ylabel: str) -> None:
     ax.set_title(title)
     ax.set_xlabel(STEP_LABEL)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no tick at 2.5
     ax.set_ylabel(ylabel)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="best", fontsize=9, framealpha=0.85)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 from preftune.errors import UserError
 from preftune.report import (
@@ -231,6 +232,7 @@ def draw_overlay(runs: list[Run], panels: Sequence[Panel], smoothing: float):
             ax.legend(loc="best", fontsize=9, framealpha=0.85)
         ax.set_title(panel.title)
         ax.set_xlabel(STEP_LABEL)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no tick at 2.5
         ax.set_ylabel(panel.ylabel + (", log scale" if ax.get_yscale() == "log" else ""))
     if not drawn_runs:
         return None
