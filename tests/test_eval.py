@@ -603,6 +603,29 @@ def test_leaderboard_orders_systems_by_a_rigged_reward(models, prompts_file, tmp
         assert (out / name / "samples.jsonl").is_file()
 
 
+def test_a_reward_model_judge_goes_on_the_device_asked_for(tmp_path, monkeypatch):
+    """`eval generate --device cpu` put the policy and reference on the CPU but a reward-model
+    folder judge on "auto" (a GPU if any), so a judge meant to stay off a busy GPU went there."""
+    import transformers
+
+    import preftune.modeling
+    from preftune.demo.tiny import special_token_ids, train_tokenizer
+    from preftune.eval_generate import parse_judge
+
+    tokenizer = train_tokenizer()
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, intermediate_size=64, num_labels=1,
+                                      **special_token_ids(tokenizer))
+    transformers.LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    asked = []
+    real_pick_device = preftune.modeling.pick_device
+    monkeypatch.setattr(preftune.modeling, "pick_device",
+                        lambda device, setting: asked.append(device) or real_pick_device("cpu", setting))
+    parse_judge(str(tmp_path / "rm"), device="cpu")
+    assert asked == ["cpu"]
+
+
 # ------------------------------------------------------------------ human judge
 
 

@@ -81,14 +81,15 @@ class Judge:
     reward: Callable | None = None
 
 
-def parse_judge(spec: str) -> Judge:
-    """`human`, `reward:MODULE:FUNCTION` / `reward:FILE.py:FUNCTION`, or a reward-model folder."""
+def parse_judge(spec: str, device: str = "auto") -> Judge:
+    """`human`, `reward:MODULE:FUNCTION` / `reward:FILE.py:FUNCTION`, or a reward-model folder
+    (put on `device`, as the models it judges are)."""
     if spec == "human":
         return Judge("human", spec)
     target = spec.removeprefix("reward:")
     if not target:
         raise UserError("--judge reward: names no function; write reward:MODULE:FUNCTION.")
-    return Judge("reward", spec, load_reward(target))
+    return Judge("reward", spec, load_reward(target, device=device))
 
 
 def system_labels(paths: Sequence[str]) -> list[str]:
@@ -331,7 +332,7 @@ def compare_models(
         check_local_folder(path, "--model")
     check_local_folder(reference_path, "--reference")
     prompts, source = _resolve_prompts(prompts, n_prompts)
-    job = _Job(prompts, source, parse_judge(judge),
+    job = _Job(prompts, source, parse_judge(judge, device),
                SamplingSettings(temperature, top_p, max_new_tokens, seed, n=1, top_k=top_k, min_p=min_p),
                batch_size, dtype, device, db)
     if job.judge.kind == "human" and db is None:
