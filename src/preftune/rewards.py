@@ -189,7 +189,9 @@ def _reward_model(folder: Path, batch_size: int, device: str | None) -> RewardFn
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(folder)
+        # In the dtype its config.json names (bfloat16 for most published reward models), on
+        # every transformers version: 4.x would load float32, twice the memory, by default.
+        model = AutoModelForSequenceClassification.from_pretrained(folder, dtype="auto")
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as e:
         raise UserError(

@@ -463,6 +463,29 @@ def test_texts_cut_at_the_reward_models_max_length_are_counted(tmp_path, capsys)
         capsys.readouterr().err)
 
 
+def test_a_reward_model_scores_in_the_dtype_it_was_saved_in(tmp_path, monkeypatch):
+    """README: a reward-model folder runs in the dtype its config.json names. transformers 5
+    loads that by default but 4.x (which preftune allows) loads float32, so it is asked for."""
+    import torch
+    import transformers
+
+    from preftune.demo.tiny import train_tokenizer
+
+    tokenizer = train_tokenizer()
+    torch.manual_seed(0)
+    model = transformers.LlamaForSequenceClassification(reward_model_config(tokenizer)).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    asked = []
+    real = transformers.AutoModelForSequenceClassification.from_pretrained
+    monkeypatch.setattr(transformers.AutoModelForSequenceClassification, "from_pretrained",
+                        lambda *args, **kwargs: asked.append(kwargs.get("dtype")) or real(*args, **kwargs))
+    score = load_reward(str(tmp_path / "rm"))(["Hi"], [" there"])[0]
+    assert asked == ["auto"]
+    with torch.no_grad():
+        assert score == model.eval()(**tokenizer("Hi there", return_tensors="pt")).logits[0, 0].item()
+
+
 # ------------------------------------------------------------ N > 2 responses per prompt
 
 
