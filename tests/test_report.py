@@ -469,3 +469,14 @@ def test_step_axes_have_whole_number_ticks(tmp_path, monkeypatch):
         for ax in drawn[name].axes:
             ticks = ax.get_xticks()
             assert ticks.size >= 2 and all(t == int(t) for t in ticks), (name, ticks)
+
+
+def test_a_curve_too_short_to_smooth_is_not_called_an_ema(tmp_path, monkeypatch):
+    """Curves of 2 steps or fewer are drawn raw; the loss caption still spoke of an EMA."""
+    drawn = _drawn_figures(monkeypatch)
+    write_metrics(tmp_path, n_steps=2, eval_every=1000)
+    html = write_report(tmp_path, smoothing=0.6).read_text()
+    assert "Lines are the raw per-step values, unsmoothed: 2 steps or fewer are too few for an EMA." in html
+    assert "EMA (weight" not in html
+    (ax,) = drawn["loss.png"].axes
+    assert list(_named_lines(ax)) == ["loss, train"]  # one raw line, no EMA in the legend

@@ -377,3 +377,16 @@ def test_step_axes_have_whole_number_ticks(tmp_path):
         for ax in draw_overlay(runs, spec.panels, smoothing=0.6).axes:
             ticks = ax.get_xticks()
             assert ticks.size >= 2 and all(t == int(t) for t in ticks), (spec.file, ticks)
+
+
+def test_curves_too_short_to_smooth_are_not_called_an_ema(tmp_path):
+    """Curves of 2 steps or fewer are drawn raw; the legend and the loss caption said EMA."""
+    folders = [tmp_path / "a", tmp_path / "b"]
+    for folder in folders:
+        write_metrics(folder, n_steps=2, eval_every=1000)
+    runs = [load_run(f, label, n) for n, (f, label) in enumerate(zip(folders, run_labels(folders)))]
+    fig = draw_overlay(runs, [Panel("loss", "Loss", "loss", "loss")], smoothing=0.6)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["a", "b", "train"]
+    html = write_comparison(folders, tmp_path / "compare", smoothing=0.6).read_text()
+    assert "unsmoothed: 2 steps or fewer are too few for an EMA." in html
+    assert "EMA" not in html.replace("too few for an EMA", "")

@@ -25,7 +25,13 @@ from preftune.bradley_terry import win_rate as wilson_win_rate
 from preftune.errors import UserError
 from preftune.records import read_records
 from preftune.report_html import render_html
-from preftune.report_plots import TRAINING_PLOTS, PlotSpec, draw_guides, smoothing_caption
+from preftune.report_plots import (
+    TRAINING_PLOTS,
+    PlotSpec,
+    draw_guides,
+    is_smoothed,
+    smoothing_caption,
+)
 from preftune.sampling_settings import describe_sampling
 
 TRAIN_COLOR, EVAL_COLOR = "tab:blue", "tab:orange"
@@ -161,7 +167,7 @@ def _curve(ax, metrics: RunMetrics, key: str, label: str, color: str, smoothing:
     drawn = False
     steps, values = metrics.series(key)
     if steps.size:
-        if smoothing > 0 and steps.size > 2:
+        if is_smoothed(smoothing, steps.size):
             ax.plot(steps, values, color=color, alpha=0.25, linewidth=1)
             ax.plot(steps, ema(values, smoothing), color=color, linewidth=2,
                     label=f"{label}, train (EMA {smoothing:g})")
@@ -495,9 +501,10 @@ def _training_figures(metrics: RunMetrics, out: Path, smoothing: float, notes: l
     figures = []
     if plot_loss(metrics, out / PLOT_DIR / "loss.png", smoothing, loss_types) is not None:
         title, unit = loss_labels(loss_types)
+        smoothed = is_smoothed(smoothing, metrics.series("loss")[0].size)  # as _curve drew it
         figures.append((f"{PLOT_DIR}/loss.png", "Loss",
                         f"{title}, {unit.removeprefix('loss (').rstrip(')')}. "
-                        + smoothing_caption(smoothing)))
+                        + smoothing_caption(smoothing, smoothed)))
     for spec in TRAINING_PLOTS:
         if plot_training(metrics, spec, out / PLOT_DIR / spec.file, smoothing) is not None:
             figures.append((f"{PLOT_DIR}/{spec.file}", spec.heading, spec.caption))

@@ -46,7 +46,13 @@ from preftune.report import (
     spans_decades,
 )
 from preftune.report_html import render_html
-from preftune.report_plots import TRAINING_PLOTS, Panel, draw_guides, smoothing_caption
+from preftune.report_plots import (
+    TRAINING_PLOTS,
+    Panel,
+    draw_guides,
+    is_smoothed,
+    smoothing_caption,
+)
 
 # Ten colours that stay apart, and a marker per run on top, so that runs can be told apart in
 # grey print and by colour-blind readers too; beyond ten runs the line style changes as well.
@@ -182,7 +188,7 @@ def _run_curve(ax, run: Run, panel: Panel, smoothing: float) -> bool:
     drawn = False
     steps, values = run.metrics.series(panel.key)
     if steps.size:
-        smooth = smoothing > 0 and steps.size > 2
+        smooth = is_smoothed(smoothing, steps.size)
         if smooth:
             ax.plot(steps, values, color=color, alpha=0.15, linewidth=0.8, linestyle=linestyle)
         # A few markers per line (and always one on a lone point) tell the runs apart.
@@ -204,7 +210,7 @@ def _legend(fig: Figure, runs: list[Run], panels: Sequence[Panel], smoothing: fl
     handles = [Line2D([], [], label=literal(run.label), markersize=6, **run.style) for run in runs]
     raw = [panel.name for panel in panels if not panel.smooth]  # a schedule is drawn as it is
     train = "train"
-    if smoothing > 0 and len(raw) < len(panels):
+    if _any_smoothed(runs, panels, smoothing):
         train = f"train (EMA {smoothing:g}" + (f"; {', '.join(raw)} raw)" if raw else ")")
     handles.append(Line2D([], [], color="grey", linewidth=1.8, label=train))
     if with_eval:
@@ -212,6 +218,12 @@ def _legend(fig: Figure, runs: list[Run], panels: Sequence[Panel], smoothing: fl
                               markerfacecolor="white", label="eval"))
     fig.legend(handles=handles, loc="outside lower center", ncols=min(5, len(handles)),
                fontsize=9, framealpha=0.85)
+
+
+def _any_smoothed(runs: list[Run], panels: Sequence[Panel], smoothing: float) -> bool:
+    """Whether some run's training curve in `panels` is drawn as an EMA (see _run_curve)."""
+    return any(is_smoothed(smoothing, run.metrics.series(panel.key)[0].size)
+               for run in runs if run.metrics is not None for panel in panels if panel.smooth)
 
 
 def draw_overlay(runs: list[Run], panels: Sequence[Panel], smoothing: float):
@@ -255,10 +267,13 @@ def training_figures(runs: list[Run], out: Path, smoothing: float) -> list[tuple
     setting logs (spec.needs_setting) is drawn as soon as one run logged them; a run that did
     not is absent from it, and the figure names it (at its top and in the caption)."""
     figures = []
-    fig = draw_overlay(runs, [_loss_panel(runs)], smoothing)
+    loss = _loss_panel(runs)
+    fig = draw_overlay(runs, [loss], smoothing)
     if fig is not None:
         figures.append(_save(fig, out, "loss.png", "Loss",
-                             "Each run's loss. " + smoothing_caption(smoothing) + " Dashed lines "
+                             "Each run's loss. "
+                             + smoothing_caption(smoothing, _any_smoothed(runs, [loss], smoothing))
+                             + " Dashed lines "
                              "with open markers are evaluations."))
     for spec in TRAINING_PLOTS:
         fig = draw_overlay(runs, spec.panels, smoothing)

@@ -111,8 +111,17 @@ def draw_guides(ax, keys: set[str]) -> None:
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
 
 
-def smoothing_caption(smoothing: float) -> str:
-    """How the loss plot's training lines are drawn, in both reports' captions."""
-    if smoothing > 0:
+def is_smoothed(smoothing: float, n_steps: int) -> bool:
+    """Whether a curve of `n_steps` training values is drawn as an EMA: of 2 points or fewer
+    there is nothing to smooth, so both reports draw those raw."""
+    return smoothing > 0 and n_steps > 2
+
+
+def smoothing_caption(smoothing: float, smoothed: bool = True) -> str:
+    """How the loss plot's training lines are drawn, in both reports' captions; `smoothed`:
+    whether any curve was long enough to be drawn as an EMA (is_smoothed)."""
+    if smoothing > 0 and smoothed:
         return f"Faint lines are the raw per-step values, bold lines their EMA (weight {smoothing:g})."
+    if smoothing > 0:
+        return "Lines are the raw per-step values, unsmoothed: 2 steps or fewer are too few for an EMA."
     return "Lines are the raw per-step values, unsmoothed (smoothing 0)."
