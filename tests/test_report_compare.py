@@ -390,3 +390,17 @@ def test_curves_too_short_to_smooth_are_not_called_an_ema(tmp_path):
     html = write_comparison(folders, tmp_path / "compare", smoothing=0.6).read_text()
     assert "unsmoothed: 2 steps or fewer are too few for an EMA." in html
     assert "EMA" not in html.replace("too few for an EMA", "")
+
+
+def test_config_booleans_and_nulls_are_shown_as_config_yaml_writes_them(tmp_path):
+    """The settings rows showed Python's True/False/None; config.yaml says true/false/null."""
+    folders = [make_run(tmp_path / "a", n_steps=5, eval_every=5),
+               make_run(tmp_path / "b", n_steps=5, eval_every=5,
+                        loss={"wpo_weighting": True}, optim={"max_grad_norm": None})]
+    (tmp_path / "c").mkdir()
+    write_metrics(tmp_path / "c", n_steps=5, eval_every=5)  # no config.yaml: unknown, not null
+    html = write_comparison([*folders, tmp_path / "c"], tmp_path / "compare").read_text()
+    assert row(html, "loss.wpo_weighting") == ["false", "true", "–"]
+    assert row(html, "optim.max_grad_norm") == ["1", "null", "–"]
+    written = (tmp_path / "b" / "config.yaml").read_text()
+    assert "wpo_weighting: true" in written and "max_grad_norm: null" in written

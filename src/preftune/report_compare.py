@@ -345,8 +345,12 @@ def distinct_suffixes(texts: list[str]) -> list[str]:
 
 
 def _value_text(value) -> str:
+    """A config value as config.yaml writes it: true, false and null, not Python's True and None
+    (and not '–', which marks a run without a config.yaml)."""
     if isinstance(value, (list, tuple)):
-        return ", ".join(_fmt(v) for v in value) if value else "[]"
+        return ", ".join(_value_text(v) for v in value) if value else "[]"
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
     return _fmt(value)
 
 
@@ -366,7 +370,7 @@ def settings_rows(runs: list[Run]) -> list[list[str]]:
             continue
         if len(known) == 0 and key in ALWAYS_SHOWN:
             continue
-        texts = [_value_text(v) for v in values]
+        texts = [_value_text(v) if run.config else "–" for v, run in zip(values, runs)]
         if all(isinstance(v, str) and "/" in v for v in values):
             texts = distinct_suffixes(texts)  # paths are long and alike: keep what tells them apart
         rows.append([key, *texts])
