@@ -192,10 +192,16 @@ def _reward_model(folder: Path, batch_size: int, device: str | None) -> RewardFn
         # In the dtype its config.json names (bfloat16 for most published reward models), on
         # every transformers version: 4.x would load float32, twice the memory, by default.
         model = AutoModelForSequenceClassification.from_pretrained(folder, dtype="auto")
-        tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as e:
         raise UserError(
             f"reward {folder}: not a loadable sequence classifier ({str(e).splitlines()[0]})."
+        ) from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:  # weights saved without tokenizer.save_pretrained
+        raise UserError(
+            f"reward {folder}: the classifier loads but no tokenizer does ({str(e).splitlines()[0]}); "
+            f"save the reward model's tokenizer in that folder too."
         ) from None
     if model.config.num_labels != 1:
         raise UserError(

@@ -265,6 +265,12 @@ def test_a_local_reward_model_scores_prompt_plus_response(tmp_path):
         direct = model(**tokenizer(chat, return_tensors="pt")).logits[0, 0].item()
     assert batched[2] == pytest.approx(direct, abs=1e-4)
 
+    # Weights saved without their tokenizer: the sentence named the classifier, which loads fine.
+    model.save_pretrained(tmp_path / "no-tokenizer")
+    with pytest.raises(UserError, match="the classifier loads but no tokenizer does.*save the reward "
+                                        "model's tokenizer in that folder too"):
+        load_reward(str(tmp_path / "no-tokenizer"))
+
     config.num_labels = 2
     transformers.LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm2")
     tokenizer.save_pretrained(tmp_path / "rm2")
