@@ -32,6 +32,12 @@ def load_reward(spec: str, batch_size: int = 8, device: str | None = None) -> Re
     if Path(spec).is_dir():
         return _reward_model(Path(spec), batch_size, device)
     target, sep, name = spec.rpartition(":")
+    if not sep and spec.count("/") == 1 and not spec.endswith(".py"):  # org/name, as on the Hub
+        raise UserError(
+            f"reward {spec!r} is not a folder here; a reward model is read from a local folder, "
+            f"never downloaded: fetch it first (huggingface-cli download {spec} --local-dir "
+            f"DIR) and pass DIR."
+        )
     if not sep or not target or not name:
         raise UserError(
             f"reward {spec!r} is neither a folder nor MODULE:FUNCTION; write it as "

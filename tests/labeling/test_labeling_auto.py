@@ -265,6 +265,10 @@ def test_a_local_reward_model_scores_prompt_plus_response(tmp_path):
         direct = model(**tokenizer(chat, return_tensors="pt")).logits[0, 0].item()
     assert batched[2] == pytest.approx(direct, abs=1e-4)
 
+    # A hub id, as TRL scripts take one: one sentence, and nothing is downloaded.
+    with pytest.raises(UserError, match="'Skywork/Skywork-Reward-V2' is not a folder here.*never downloaded"):
+        load_reward("Skywork/Skywork-Reward-V2")
+
     # Weights saved without their tokenizer: the sentence named the classifier, which loads fine.
     model.save_pretrained(tmp_path / "no-tokenizer")
     with pytest.raises(UserError, match="the classifier loads but no tokenizer does.*save the reward "
