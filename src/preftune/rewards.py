@@ -35,7 +35,7 @@ def load_reward(spec: str, batch_size: int = 8, device: str | None = None) -> Re
     if not sep and spec.count("/") == 1 and not spec.endswith(".py"):  # org/name, as on the Hub
         raise UserError(
             f"reward {spec!r} is not a folder here; a reward model is read from a local folder, "
-            f"never downloaded: fetch it first (huggingface-cli download {spec} --local-dir "
+            f"never downloaded: fetch it first (hf download {spec} --local-dir "
             f"DIR) and pass DIR."
         )
     if not sep or not target or not name:
