@@ -417,7 +417,7 @@ def test_eval_of_a_run_folder_or_a_missing_folder_says_so(models, prompts_file, 
         message = user_error(invoke([*command, "--model", run]))
         assert "training run's folder, not a model" in message and str(run / "final") in message
         message = user_error(invoke([*command, "--model", tmp_path / "missing"]))
-        assert "missing is not a folder here" in message
+        assert message == f"model folder {tmp_path / 'missing'} does not exist; check --model.", message
 
 
 # ------------------------------------------------------------------ eval generate

@@ -324,12 +324,13 @@ def compare_models(
         if key in seen:
             raise UserError(f"--model {path} is given twice (as {seen[key]} too); pass each model once.")
         seen[key] = path
+    # Every folder is checked before the reference is sampled, not when its turn comes; a
+    # mistyped --model first, as eval pairs does, since no reference can be read from it.
+    for path in model_paths:
+        check_local_folder(path, "--model")
     reference_path = str(reference_path or reference_of_run(run_config(model_paths[0])) or "")
     if not reference_path:
         raise no_reference_error(model_paths[0])
-    # Every folder is checked before the reference is sampled, not when its turn comes.
-    for path in model_paths:
-        check_local_folder(path, "--model")
     check_local_folder(reference_path, "--reference")
     prompts, source = _resolve_prompts(prompts, n_prompts)
     job = _Job(prompts, source, parse_judge(judge, device),
