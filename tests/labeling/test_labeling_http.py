@@ -121,6 +121,10 @@ def test_bad_votes_are_refused_and_change_nothing(store, alice, body, status, wo
     (b"[" * 20_000 + b"]" * 20_000, "application/json", 400),  # json's parser recurses past the limit
     (b'{"pair_id": "p00000", "choice": "left", "key": "k-000001"}', "text/plain", 415),
     (b"pair_id=p00000&choice=left", "application/x-www-form-urlencoded", 415),
+    # A lone surrogate is valid JSON but not storable text; it was a 500 from SQLite.
+    (rb'{"pair_id": "p00000", "choice": "left", "key": "k-000001", "reason": "\ud800"}',
+     "application/json", 400),
+    (rb'{"pair_id": "p\udfff", "choice": "left", "key": "k-000001"}', "application/json", 400),
 ])
 def test_malformed_bodies_are_refused(store, alice, content, content_type, status):
     _, client = alice

@@ -155,6 +155,13 @@ async def _json_body(request: Request) -> dict:
         raise Rejected(400, "the request body is not valid JSON.") from None
     if not isinstance(data, dict):
         raise Rejected(400, "the request body must be a JSON object.")
+    try:
+        # JSON may spell a lone UTF-16 surrogate ("\\ud800"); SQLite cannot store it and
+        # raised UnicodeEncodeError, a 500, for a reason or pair id holding one.
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise Rejected(400, "the request body holds an unpaired surrogate (\\ud800-\\udfff); "
+                            "send valid UTF-8 text.") from None
     return data
 
 
