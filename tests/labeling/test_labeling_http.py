@@ -189,6 +189,7 @@ def test_undo_brings_the_pair_back(store, alice):
     assert second != first
     assert client.post("/api/undo", json={"vote_id": 999}).status_code == 409
     assert client.post("/api/undo", json={"vote_id": "1"}).status_code == 422
+    assert client.post("/api/undo", json={"vote_id": 2**63}).status_code == 422  # was a 500
     undone = client.post("/api/undo", json={}).json()["undone"]
     assert undone["pair_id"] == first and undone["choice"] == "right"
     assert store.live_votes() == []

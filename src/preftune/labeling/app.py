@@ -257,8 +257,11 @@ def create_app(store: Store, open_mode: bool = False, guidelines: str | None = N
     async def undo(request: Request, who: Annotator) -> Response:
         data = await _json_body(request)
         vote_id = data.get("vote_id")
-        if set(data) - {"vote_id"} or not (vote_id is None or type(vote_id) is int):
-            raise Rejected(422, "undo takes only an optional integer vote_id.")
+        # The bound: SQLite integers are 64-bit, a larger one raised OverflowError (a 500).
+        if set(data) - {"vote_id"} or not (
+            vote_id is None or (type(vote_id) is int and 0 < vote_id < 2**63)
+        ):
+            raise Rejected(422, "undo takes only an optional positive integer vote_id.")
         return JSONResponse({"undone": await run_in_threadpool(store.undo, who, vote_id)})
 
     async def progress(request: Request, who: Annotator) -> Response:
