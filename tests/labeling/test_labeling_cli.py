@@ -194,6 +194,20 @@ def test_serve_again_without_overlap_keeps_the_recorded_one(tmp_path, monkeypatc
     assert len(served) == 4
 
 
+def test_serve_on_a_public_address_warns_of_plain_http(tmp_path, monkeypatch):
+    """--host 0.0.0.0 printed only "serving ... at http://0.0.0.0", never that login links and
+    cookies then cross the network unencrypted."""
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)
+    db = tmp_path / "labels.sqlite"
+    pairs = write_pairs_file(tmp_path / "pairs.jsonl", make_pairs(2))
+    assert invoke("add-annotator", "alice", "--db", db).exit_code == 0
+    warning = "over plain HTTP: login links and cookies travel unencrypted"
+    assert warning in invoke("serve", "--db", db, "--pairs", pairs, "--host", "0.0.0.0").output
+    assert warning not in invoke("serve", "--db", db, "--host", "127.0.0.1").output
+
+
 def test_a_db_in_a_missing_folder_or_a_folder_as_db_says_so(tmp_path):
     """Both read "not a usable labels database (unable to open database file)", as if a
     database were damaged."""

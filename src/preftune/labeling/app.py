@@ -357,6 +357,11 @@ def serve(
         echo(f"serving {store.pair_count()} pairs at http://{shown}:{port}/ (overlap {overlap})")
         if open_mode:
             echo("--open: anyone who can reach this address votes, as one anonymous annotator")
+        elif not is_loopback(host):
+            # check_bind allowed it, but a lead may not know the server speaks plain HTTP.
+            echo(f"{host} is reachable from other machines over plain HTTP: login links and "
+                 "cookies travel unencrypted; on a network you do not trust, keep 127.0.0.1 "
+                 "and put a TLS reverse proxy in front (SECURITY.md)")
         elif store.active_token_count() == 0:
             echo(f"no annotators yet: `preftune label add-annotator NAME --db {db}` prints a link")
         # No access log: login URLs carry tokens in their query string.
