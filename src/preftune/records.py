@@ -79,6 +79,18 @@ def record_line_numbers(path: str | Path) -> list[int]:
     return [n for n, raw in enumerate(complete.splitlines(), start=1) if raw.strip()]
 
 
+def check_out_file(out: str | Path, example: str, source: str | Path, source_name: str) -> Path:
+    """`--out` as a command that appends or replaces it needs it: a file, and not the file the
+    command reads (`source`, named `source_name` to the user), which a resume or an atomic
+    write would cut or replace. `example` is the file name the sentence suggests."""
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; name the file to write, e.g. --out {out / example}.")
+    if out.resolve() == Path(source).resolve():
+        raise UserError(f"--out {out} is the {source_name} itself; choose another --out, e.g. {example}.")
+    return out
+
+
 def make_parent_folder(path: str | Path, option: str = "--out") -> None:
     """Create the folder `path` will be written in, as every command does for its --out; a file
     standing where one of its folders goes is the user's to move, so it is one sentence."""

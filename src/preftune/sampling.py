@@ -32,7 +32,13 @@ from pathlib import Path
 import torch
 
 from preftune.errors import UserError
-from preftune.records import append_records, make_parent_folder, read_records, recorded_path
+from preftune.records import (
+    append_records,
+    check_out_file,
+    make_parent_folder,
+    read_records,
+    recorded_path,
+)
 from preftune.sampling_settings import SamplingSettings
 
 Prompt = str | list[dict]  # a text, or a conversation: [{"role": ..., "content": ...}, ...]
@@ -488,11 +494,7 @@ def sample_to_file(
     Returns (prompts already present, prompts written now). `on_batch(k)` is called after each
     batch of k prompts is safely on disk (tests use it to simulate a kill).
     """
-    out = Path(out)
-    if out.is_dir():
-        raise UserError(f"--out {out} is a folder; name the file to write, e.g. --out {out / 'pairs.jsonl'}.")
-    if out.resolve() == Path(prompts_path).resolve():  # resuming would cut its unfinished last line
-        raise UserError(f"--out {out} is the --prompts file itself; choose another --out, e.g. pairs.jsonl.")
+    out = check_out_file(out, "pairs.jsonl", prompts_path, "--prompts file")
     prompts = load_prompts(prompts_path)
     if not id_prefix or not all(c.isalnum() or c in "-_." for c in id_prefix):
         raise UserError(f"--id-prefix {id_prefix!r}: use letters, digits, '-', '_' or '.' (e.g. batch2-).")

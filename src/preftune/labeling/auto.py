@@ -40,7 +40,13 @@ from pathlib import Path
 from preftune.errors import UserError
 from preftune.labeling.export import as_triplet
 from preftune.labeling.pairs import Pair, load_pairs
-from preftune.records import append_records, make_parent_folder, read_records, record_line_numbers
+from preftune.records import (
+    append_records,
+    check_out_file,
+    make_parent_folder,
+    read_records,
+    record_line_numbers,
+)
 
 MODES = ("bt-sample", "argmax")
 
@@ -264,11 +270,7 @@ def label_auto(
         raise UserError(f"the labeling mode must be one of {', '.join(MODES)}, got {mode!r}.")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}.")
-    out = Path(out)
-    if out.is_dir():
-        raise UserError(f"--out {out} is a folder; name the file to write, e.g. --out {out / 'D.jsonl'}.")
-    if out.resolve() == Path(pairs_path).resolve():  # resuming would cut its unfinished last line
-        raise UserError(f"--out {out} is the --pairs file itself; choose another --out, e.g. D.jsonl.")
+    out = check_out_file(out, "D.jsonl", pairs_path, "--pairs file")
     pairs = load_pairs(pairs_path)
     if reward_name is None:
         reward_name = reward if isinstance(reward, str) else _function_name(reward)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from preftune.errors import UserError
 from preftune.labeling.store import Store
-from preftune.records import make_parent_folder, write_jsonl_atomic
+from preftune.records import check_out_file, make_parent_folder, write_jsonl_atomic
 
 POLICIES = ("majority", "unanimous")
 
@@ -177,10 +177,7 @@ def export(db: str | Path, out: str | Path, policy: str = "majority", raw: bool 
     report, whose `left_out_file` names the list (None when nothing is left out) and
     `removed_stale` the list of an earlier export deleted because this one has none.
     """
-    if Path(out).is_dir():
-        raise UserError(f"--out {out} is a folder; name the file to write, e.g. --out {Path(out) / 'D.jsonl'}.")
-    if Path(out).resolve() == Path(db).resolve():  # the atomic write would replace every vote
-        raise UserError(f"--out {out} is the labels database itself; choose another --out, e.g. D.jsonl.")
+    check_out_file(out, "D.jsonl", db, "labels database")  # an atomic write over it would replace every vote
     store = Store(db, must_exist=True)
     try:
         rows, report = raw_rows(store) if raw else triplet_rows(store, policy)
