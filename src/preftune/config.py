@@ -527,11 +527,12 @@ def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, d
     seen = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
-        if isinstance(key, (str, int, float, bool)) and key in seen:
+        if not isinstance(key, (str, int, float, bool)):  # unhashable keys: construct_mapping says so
+            continue
+        if key in seen:
             raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is written twice; keep one",
                                                     key_node.start_mark)
-        if isinstance(key, (str, int, float, bool)):
-            seen.add(key)
+        seen.add(key)
     return loader.construct_mapping(node, deep)
 
 
