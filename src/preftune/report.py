@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import yaml
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from preftune.bradley_terry import win_rate as wilson_win_rate
 from preftune.errors import UserError
@@ -29,6 +28,7 @@ from preftune.report_plots import (
     TRAINING_PLOTS,
     PlotSpec,
     draw_guides,
+    finish_step_axes,
     is_smoothed,
     smoothing_caption,
 )
@@ -36,7 +36,6 @@ from preftune.sampling_settings import describe_sampling
 
 TRAIN_COLOR, EVAL_COLOR = "tab:blue", "tab:orange"
 CHOSEN_COLOR, REJECTED_COLOR = "tab:green", "tab:red"
-STEP_LABEL = "optimizer step"
 PLOT_DIR = "plots"
 
 
@@ -183,15 +182,6 @@ def _curve(ax, metrics: RunMetrics, key: str, label: str, color: str, smoothing:
     return drawn
 
 
-def _finish(ax, title: str, ylabel: str) -> None:
-    ax.set_title(title)
-    ax.set_xlabel(STEP_LABEL)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no tick at 2.5
-    ax.set_ylabel(ylabel)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="best", fontsize=9, framealpha=0.85)
-
-
 # --------------------------------------------------------------------------- training plots
 
 
@@ -224,7 +214,7 @@ def plot_loss(metrics: RunMetrics, path: Path, smoothing: float = 0.6,
     for line in ax.get_lines():
         if line.get_label().endswith(", eval"):
             line.set_color(EVAL_COLOR)
-    _finish(ax, *loss_labels(loss_types))
+    finish_step_axes(ax, *loss_labels(loss_types))
     return _save(fig, path)
 
 
@@ -263,7 +253,7 @@ def plot_training(metrics: RunMetrics, spec: PlotSpec, path: Path,
         if any(p.log_if_spans_decades and spans_decades(metrics.series(p.key)[1]) for p in panels):
             ax.set_yscale("log")
         draw_guides(ax, {panel.key for panel in panels})
-        _finish(ax, title, panels[0].ylabel + (", log scale" if ax.get_yscale() == "log" else ""))
+        finish_step_axes(ax, title, panels[0].ylabel)
     return _save(fig, path)
 
 

@@ -17,13 +17,11 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import MaxNLocator
 
 from preftune.errors import UserError
 from preftune.report import (
     PLOT_DIR,
     PLOTTED_KEYS,
-    STEP_LABEL,
     RunMetrics,
     _flatten,
     _fmt,
@@ -50,6 +48,7 @@ from preftune.report_plots import (
     TRAINING_PLOTS,
     Panel,
     draw_guides,
+    finish_step_axes,
     is_smoothed,
     smoothing_caption,
 )
@@ -240,12 +239,7 @@ def draw_overlay(runs: list[Run], panels: Sequence[Panel], smoothing: float):
             if spans_decades(np.concatenate(values) if values else np.empty(0)):
                 ax.set_yscale("log")
         draw_guides(ax, {panel.key})  # chance lines and ranges, as one run's report draws them
-        if ax.get_legend_handles_labels()[0]:  # the chance line's label; runs are in fig.legend
-            ax.legend(loc="best", fontsize=9, framealpha=0.85)
-        ax.set_title(panel.title)
-        ax.set_xlabel(STEP_LABEL)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no tick at 2.5
-        ax.set_ylabel(panel.ylabel + (", log scale" if ax.get_yscale() == "log" else ""))
+        finish_step_axes(ax, panel.title, panel.ylabel)
     if not drawn_runs:
         return None
     with_eval = any(run.metrics.has(f"eval/{panel.key}") for run in runs for panel in panels)

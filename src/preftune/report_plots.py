@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from matplotlib.ticker import MaxNLocator
+
 REWARD_UNIT = "β·log(π/π_ref), nats"
+STEP_LABEL = "optimizer step"
 
 
 class Panel(NamedTuple):
@@ -109,6 +112,17 @@ def draw_guides(ax, keys: set[str]) -> None:
         ax.axhline(0.0, color="grey", linewidth=0.8)
     if "learning_rate" in keys:
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+
+
+def finish_step_axes(ax, title: str, ylabel: str) -> None:
+    """Title, axis labels and legend of a plot against the optimizer step, the same in both
+    reports: steps are whole (no tick at 2.5), and a log y axis says so in its label."""
+    ax.set_title(title)
+    ax.set_xlabel(STEP_LABEL)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(ylabel + (", log scale" if ax.get_yscale() == "log" else ""))
+    if ax.get_legend_handles_labels()[0]:  # the guides' labels (chance); runs are in fig.legend
+        ax.legend(loc="best", fontsize=9, framealpha=0.85)
 
 
 def is_smoothed(smoothing: float, n_steps: int) -> bool:
