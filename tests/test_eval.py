@@ -626,6 +626,24 @@ def test_a_reward_model_judge_goes_on_the_device_asked_for(tmp_path, monkeypatch
     assert asked == ["cpu"]
 
 
+@pytest.mark.parametrize("flag, trusted", [([], False), (["--trust-remote-code"], True)])
+def test_trust_remote_code_reaches_the_judge_only(models, prompts_file, tmp_path, monkeypatch, flag, trusted):
+    """An ArmoRM-style judge folder runs its own code only with --trust-remote-code (see
+    tests/labeling/test_labeling_auto.py); the flag goes to the reward model, not the policies."""
+    import preftune.eval_generate
+
+    asked = []
+
+    def fake_load_reward(target, device=None, trust_remote_code=False):
+        asked.append(trust_remote_code)
+        raise UserError("stop here")
+
+    monkeypatch.setattr(preftune.eval_generate, "load_reward", fake_load_reward)
+    result = invoke(["generate", "--model", models["pol"], "--reference", models["ref"], "--prompts",
+                     prompts_file, "--judge", tmp_path, "--device", "cpu", *flag])
+    assert user_error(result) == "stop here" and asked == [trusted]
+
+
 # ------------------------------------------------------------------ human judge
 
 

@@ -91,6 +91,9 @@ def generate(
     n_bootstrap: int = typer.Option(1000, "--n-bootstrap", min=0, help="Resamples behind leaderboard intervals."),
     device: str = typer.Option("auto", help="cuda, cpu, ... (auto: cuda if present)."),
     dtype: str = typer.Option("float32", help="float32, bfloat16, float16 or auto."),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code", help="Let a --judge reward-model folder run the Python code "
+        "it ships (its config.json auto_map), as ArmoRM needs; only for code you trust."),
 ) -> None:
     """Sample policy and reference on the same prompts; win rate, rewards, KL(pi || ref), lengths."""
     from preftune.eval_generate import compare_models
@@ -99,6 +102,7 @@ def generate(
         model, reference, prompts, judge, n_prompts=n_prompts, max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, batch_size=batch_size, out=out, db=db,
         device=device, dtype=dtype, n_bootstrap=n_bootstrap, echo=typer.echo,
+        trust_remote_code=trust_remote_code,
     )
     for record, folder in zip(result["evals"], result["folders"]):
         _print_generation_record(record, folder)

@@ -81,15 +81,16 @@ class Judge:
     reward: Callable | None = None
 
 
-def parse_judge(spec: str, device: str = "auto") -> Judge:
+def parse_judge(spec: str, device: str = "auto", trust_remote_code: bool = False) -> Judge:
     """`human`, `reward:MODULE:FUNCTION` / `reward:FILE.py:FUNCTION`, or a reward-model folder
-    (put on `device`, as the models it judges are)."""
+    (put on `device`, as the models it judges are; running the code it ships only when
+    `trust_remote_code`)."""
     if spec == "human":
         return Judge("human", spec)
     target = spec.removeprefix("reward:")
     if not target:
         raise UserError("--judge reward: names no function; write reward:MODULE:FUNCTION.")
-    return Judge("reward", spec, load_reward(target, device=device))
+    return Judge("reward", spec, load_reward(target, device=device, trust_remote_code=trust_remote_code))
 
 
 def system_labels(paths: Sequence[str]) -> list[str]:
@@ -299,13 +300,14 @@ def compare_models(
     top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, seed: int = 0, batch_size: int = 16,
     out=None, db=None,
     device: str = "auto", dtype: str = "float32", n_bootstrap: int = 1000,
-    echo: Echo | None = None,
+    echo: Echo | None = None, trust_remote_code: bool = False,
 ) -> dict:
     """Evaluate each model against the reference; with several, also a Bradley-Terry leaderboard.
 
     prompts: a prompt file (.jsonl / .txt, as `preftune sample` reads) or a list of prompts.
     judge: `reward:MODULE:FUNCTION`, `reward:FILE.py:FUNCTION`, a reward-model folder or
         `human` (then `db` is the labeling database the pairs go to).
+    trust_remote_code: let a reward-model folder judge run the code it ships (the judge only).
     reference_path: None means the reference named by the run's config.yaml.
     Returns {"evals": [eval.json record per model], "leaderboard": dict or None,
     "leaderboard_text": the printed table or None, "leaderboard_file": where leaderboard.json
@@ -333,7 +335,7 @@ def compare_models(
         raise no_reference_error(model_paths[0])
     check_local_folder(reference_path, "--reference")
     prompts, source = _resolve_prompts(prompts, n_prompts)
-    job = _Job(prompts, source, parse_judge(judge, device),
+    job = _Job(prompts, source, parse_judge(judge, device, trust_remote_code),
                SamplingSettings(temperature, top_p, max_new_tokens, seed, n=1, top_k=top_k, min_p=min_p),
                batch_size, dtype, device, db)
     if job.judge.kind == "human" and db is None:

@@ -4,7 +4,9 @@
 - `MODULE:FUNCTION`, importable from sys.path (the current folder is tried too);
 - `path/to/file.py:FUNCTION`;
 - a local folder holding a sequence classifier with one output (a reward model), applied to
-  the prompt followed by the response, in batches, without gradients.
+  the prompt followed by the response, in batches, without gradients. A folder whose
+  config.json (or tokenizer_config.json) maps it to its own Python code (`auto_map`, as ArmoRM
+  does) is loaded only with `trust_remote_code=True`, the user's `--trust-remote-code`.
 
 It always returns a `RewardFn(prompts, responses) -> list[float]`. A user function may be
 written for one pair, `f(prompt, response) -> float`; it is then called pair by pair.
@@ -25,12 +27,14 @@ from preftune.errors import UserError
 RewardFn = Callable[[Sequence, Sequence[str]], list]
 
 
-def load_reward(spec: str, batch_size: int = 8, device: str | None = None) -> RewardFn:
-    """Resolve `spec` into a batched reward function; a bad spec is a `UserError`."""
+def load_reward(spec: str, batch_size: int = 8, device: str | None = None,
+                trust_remote_code: bool = False) -> RewardFn:
+    """Resolve `spec` into a batched reward function; a bad spec is a `UserError`.
+    `trust_remote_code` lets a reward-model folder run the Python code it ships."""
     if not isinstance(spec, str) or not spec.strip():
         raise UserError("the reward is empty; pass MODULE:FUNCTION, FILE.py:FUNCTION or a folder.")
     if Path(spec).is_dir():
-        return _reward_model(Path(spec), batch_size, device)
+        return _reward_model(Path(spec), batch_size, device, trust_remote_code)
     target, sep, name = spec.rpartition(":")
     if not sep and spec.count("/") == 1 and not spec.endswith(".py"):  # org/name, as on the Hub
         raise UserError(
@@ -190,20 +194,49 @@ def _cut(tokenizer, ids: list[int], max_length: int | None) -> list[int]:
     return ids[-max_length:] if tokenizer.truncation_side == "left" else ids[:max_length]
 
 
-def _reward_model(folder: Path, batch_size: int, device: str | None) -> RewardFn:
+def _custom_code(folder: Path) -> list[str]:
+    """What the folder's config.json and tokenizer_config.json map to Python code of their own
+    (`auto_map`), as "FILE: CLASS -> module.Class"; empty for a model transformers ships."""
+    import json
+
+    found = []
+    for name, classes in (("config.json", ("AutoConfig", "AutoModelForSequenceClassification")),
+                          ("tokenizer_config.json", ("AutoTokenizer",))):
+        try:
+            auto_map = json.loads((folder / name).read_text(encoding="utf-8")).get("auto_map") or {}
+        except (OSError, ValueError, AttributeError):  # missing or unreadable: loading will say
+            continue
+        if not isinstance(auto_map, dict):
+            continue
+        found += [f"{name}: {key} -> {auto_map[key]}" for key in classes if auto_map.get(key)]
+    return found
+
+
+def _reward_model(folder: Path, batch_size: int, device: str | None,
+                  trust_remote_code: bool = False) -> RewardFn:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    custom = _custom_code(folder)
+    if custom and not trust_remote_code:
+        # Refused here, not left to transformers: for a known model_type (ArmoRM's is llama) it
+        # would quietly build the stock classifier instead, whose head the weights do not fill,
+        # and score with random numbers; for an unknown one it would ask on stdin.
+        raise UserError(
+            f"reward {folder}: the model runs on Python code that ships in that folder "
+            f"({'; '.join(custom)}); add --trust-remote-code if you trust that code."
+        )
     try:
         # In the dtype its config.json names (bfloat16 for most published reward models), on
         # every transformers version: 4.x would load float32, twice the memory, by default.
-        model = AutoModelForSequenceClassification.from_pretrained(folder, dtype="auto")
+        model = AutoModelForSequenceClassification.from_pretrained(
+            folder, dtype="auto", trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(
             f"reward {folder}: not a loadable sequence classifier ({str(e).splitlines()[0]})."
         ) from None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:  # weights saved without tokenizer.save_pretrained
         raise UserError(
             f"reward {folder}: the classifier loads but no tokenizer does ({str(e).splitlines()[0]}); "

@@ -496,6 +496,81 @@ def test_a_reward_model_scores_in_the_dtype_it_was_saved_in(tmp_path, monkeypatc
         assert score == model.eval()(**tokenizer("Hi there", return_tensors="pt")).logits[0, 0].item()
 
 
+# ArmoRM's layout: a Llama config (a model_type transformers knows) whose auto_map sends
+# AutoModelForSequenceClassification to a class in the folder, with a head of its own name.
+ARMO_STYLE_PY = '''
+import torch
+from transformers import LlamaModel, LlamaPreTrainedModel
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+
+class ArmoStyleReward(LlamaPreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = LlamaModel(config)
+        self.regression_layer = torch.nn.Linear(config.hidden_size, 1, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = self.model(input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        last = attention_mask.cumsum(-1).argmax(-1)  # (B,) the last real token, either padding side
+        score = self.regression_layer(hidden[torch.arange(len(last)), last])  # (B, 1)
+        return SequenceClassifierOutput(logits=score)
+'''
+
+
+def test_a_reward_model_with_its_own_code_needs_trust_remote_code(tmp_path):
+    """An ArmoRM-style folder ships its model class. Without --trust-remote-code it gets one
+    sentence naming the flag (transformers would build the stock Llama classifier, with a head
+    the weights do not fill, and score at random); with it, the folder's class scores."""
+    import importlib.util
+
+    import torch
+
+    from preftune.demo.tiny import train_tokenizer
+    from preftune.labeling.cli import app
+
+    folder = tmp_path / "armo"
+    folder.mkdir()
+    (folder / "armo_style.py").write_text(ARMO_STYLE_PY)
+    module_spec = importlib.util.spec_from_file_location("armo_style_in_test", folder / "armo_style.py")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    tokenizer = train_tokenizer()
+    config = reward_model_config(tokenizer)
+    config.auto_map = {"AutoModelForSequenceClassification": "armo_style.ArmoStyleReward"}
+    torch.manual_seed(0)
+    model = module.ArmoStyleReward(config).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert json.loads((folder / "config.json").read_text())["auto_map"]
+
+    with pytest.raises(UserError, match=r"Python code that ships in that folder .*armo_style\.ArmoStyleReward.*"
+                                        r"add --trust-remote-code if you trust that code\."):
+        load_reward(str(folder))
+    reward = load_reward(str(folder), batch_size=2, trust_remote_code=True)
+    prompts, responses = ["The quick brown fox", "Hi"], [" jumps over the lazy dog.", " there"]
+    with torch.no_grad():
+        direct = [model(**tokenizer(p + r, return_tensors="pt")).logits[0, 0].item()
+                  for p, r in zip(prompts, responses)]
+    assert reward(prompts, responses) == pytest.approx(direct, abs=1e-4)
+
+    # The command line: the flag is named without it, and passed on with it.
+    from typer.testing import CliRunner
+
+    pairs = write_pairs_file(tmp_path / "pairs.jsonl", [Pair("a", prompts[0], (responses[0], " naps."))])
+    args = ["auto", "--pairs", str(pairs), "--reward", str(folder), "--out", str(tmp_path / "D.jsonl"),
+            "--argmax", "--no-progress"]
+    refused = CliRunner().invoke(app, args)
+    assert isinstance(refused.exception, UserError) and "--trust-remote-code" in str(refused.exception)
+    assert not (tmp_path / "D.jsonl").exists()
+    result = CliRunner().invoke(app, [*args, "--trust-remote-code"])
+    assert result.exit_code == 0, result.output
+    assert "wrote 1 rows" in result.output
+
+
 # ------------------------------------------------------------ N > 2 responses per prompt
 
 

@@ -258,11 +258,13 @@ def label_auto(
     batch_size: int = 32,
     show_progress: bool = True,
     reward_name: str | None = None,
+    trust_remote_code: bool = False,
 ) -> dict:
     """Label every pair of `pairs_path` not yet in `out`; returns counts for the summary.
 
     Each row records the reward as `reward`: the spec when `reward` is one, otherwise
     `reward_name`, or the function's module and name. A resumed run must use the same.
+    `trust_remote_code` lets a reward-model folder run the Python code it ships.
     """
     from preftune.rewards import load_reward
 
@@ -277,7 +279,7 @@ def label_auto(
     job = {"reward": reward_name, "label": mode, "seed": seed}
     done = _already_written(out, {p.pair_id: p for p in pairs}, job)
     todo = [p for p in pairs if p.pair_id not in done]
-    reward_fn = load_reward(reward) if isinstance(reward, str) else reward
+    reward_fn = load_reward(reward, trust_remote_code=trust_remote_code) if isinstance(reward, str) else reward
     stats = Counter(pairs=len(pairs), resumed_from=len(done))
     make_parent_folder(out)
     with _progress(show_progress and bool(todo), len(todo)) as advance:  # no 0% bar for nothing to do

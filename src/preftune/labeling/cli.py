@@ -142,6 +142,9 @@ def auto(
     seed: int = typer.Option(0, help="Seed of the Bradley-Terry (Plackett-Luce) draws."),
     batch_size: int = typer.Option(32, help="Records (pairs) scored per call of the reward function."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=(
+        "Let a --reward model folder run the Python code it ships (its config.json auto_map), "
+        "as ArmoRM needs; only for code you trust.")),
 ) -> None:
     """Label pairs with a reward function: a Bradley-Terry draw (Plackett-Luce for N > 2) or the argmax."""
     from preftune.labeling.auto import label_auto
@@ -150,7 +153,7 @@ def auto(
         raise UserError("pass either --bt-sample or --argmax, not both.")
     mode = "argmax" if argmax else "bt-sample"
     stats = label_auto(pairs, reward, out, mode=mode, seed=seed, batch_size=batch_size,
-                       show_progress=progress)
+                       show_progress=progress, trust_remote_code=trust_remote_code)
     ties = f", {stats['ties_skipped']} ties skipped" if stats.get("ties_skipped") else ""
     if stats.get("empty_skipped"):
         ties += f", {stats['empty_skipped']} pairs with an empty response skipped"
