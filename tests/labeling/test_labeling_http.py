@@ -23,9 +23,9 @@ def snapshot(store):
         )
 
 
-def vote(client, pair_id, choice="left", key="k-000001", **extra):
+def vote(client, pair_id, choice="left", key="k-000001", headers=None, **extra):
     return client.post("/api/vote", json={"pair_id": pair_id, "choice": choice, "key": key,
-                                          **extra})
+                                          **extra}, headers=headers)
 
 
 def test_page_needs_login_and_has_no_inline_script(store, alice):
@@ -216,8 +216,51 @@ def test_progress_and_guidelines(store, alice):
 def test_logout_and_healthz(alice):
     _, client = alice
     assert client.get("/healthz").json() == {"ok": True}
-    assert client.post("/logout").status_code == 200
+    response = client.post("/logout", headers={"origin": "http://testserver"})
+    assert response.status_code == 200
+    cookie = response.headers["set-cookie"].lower()  # the cookie that deletes the token's
+    assert "httponly" in cookie and "samesite=lax" in cookie
     assert client.get("/api/next").status_code == 401
+
+
+@pytest.mark.parametrize("headers", [
+    {"origin": "http://evil.example"},
+    {"origin": "null"},  # what a sandboxed frame or a no-referrer page sends
+    {"origin": "https://testserver"},  # same host, other scheme: another origin
+    {"origin": "http://testserver:8080"},
+    {"origin": "http://testserver.evil.example"},
+    {"referer": "http://evil.example/prize.html?x=1"},  # no Origin: the Referer decides
+    {"origin": "http://evil.example", "referer": "http://testserver/"},
+])
+@pytest.mark.parametrize("path", ["/api/vote", "/api/undo", "/logout"])
+def test_another_sites_page_cannot_vote_undo_or_sign_out(store, alice, headers, path):
+    """A form or script on another site rode on the annotator's cookie: a cross-site form could
+    sign them out. Every POST from a page of another origin is now refused, unread."""
+    _, client = alice
+    vote(client, client.get("/api/next").json()["pair"]["pair_id"], key="k-before")
+    shown = client.get("/api/next").json()["pair"]["pair_id"]
+    body = {"/api/vote": {"pair_id": shown, "choice": "left", "key": "k-forged"},
+            "/api/undo": {}, "/logout": None}[path]
+    before = snapshot(store)
+    response = client.post(path, json=body, headers=headers)
+    assert response.status_code == 403 and "set-cookie" not in response.headers
+    error = response.json()["error"]
+    assert "came from another site" in error and "http://testserver" in error
+    assert "prize.html" not in error, "only the origin is repeated"
+    assert snapshot(store) == before
+    assert client.get("/api/next").status_code == 200, "still signed in"
+
+
+@pytest.mark.parametrize("headers", [
+    {}, {"origin": "http://testserver"}, {"origin": "http://TestServer:80"},
+    {"referer": "http://testserver/"},
+])
+def test_own_pages_and_scripts_without_an_origin_may_vote(store, alice, headers):
+    _, client = alice
+    pair_id = client.get("/api/next").json()["pair"]["pair_id"]
+    assert vote(client, pair_id, headers=headers).status_code == 200
+    assert client.get("/api/next", headers={"origin": "http://evil.example"}).status_code == 200, \
+        "a GET changes nothing, and no CORS header lets another site read its answer"
 
 
 @pytest.mark.parametrize("path", ["/static/%2e%2e/store.py", "/static/..%2fstore.py",

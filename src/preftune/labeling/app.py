@@ -14,6 +14,7 @@ import ipaddress
 import json
 import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -35,6 +36,8 @@ MAX_REASON = 2000
 COOKIE = "preftune_token"
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]{8,100}$")
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
+SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}  # change nothing here; every other method is checked
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
@@ -77,13 +80,45 @@ def _host_without_port(host: str) -> str:
     return host.rsplit(":", 1)[0]
 
 
+def _origin(url: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of a URL or an Origin header; None for `null` or anything unparsable."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port or DEFAULT_PORTS.get(parts.scheme.lower())
+    except ValueError:  # a port that is not a number, or out of range
+        return None
+    if not parts.scheme or not parts.hostname or port is None:
+        return None
+    return parts.scheme.lower(), parts.hostname.lower(), port
+
+
+def foreign_origin(scheme: str, headers: dict[str, str]) -> str | None:
+    """The other site a request came from (by its Origin, else its Referer), as
+    `scheme://host`; None when it came from this server's own pages or from no page at all
+    (curl, scripts: a browser always sends Origin with a POST)."""
+    claimed = (headers.get("origin") or headers.get("referer") or "").strip()
+    if not claimed:
+        return None
+    own = _origin(f"{scheme}://{headers.get('host', '')}")
+    if own is not None and _origin(claimed) == own:
+        return None
+    try:  # only the origin is repeated back, never a Referer's path and query
+        parts = urlsplit(claimed)
+        shown = f"{parts.scheme}://{parts.netloc}" if parts.netloc else claimed
+    except ValueError:
+        shown = claimed
+    return shown[:100]
+
+
 def _error(status: int, message: str, **extra) -> JSONResponse:
     return JSONResponse({"error": message, **extra}, status_code=status)
 
 
 class GuardMiddleware:
-    """Security headers on every response, a 64 KiB cap on bodies, and (for `--open`) a Host
-    check so that a web page using DNS rebinding cannot reach an unauthenticated server."""
+    """Security headers on every response, a 64 KiB cap on bodies, an Origin check on every
+    request that may change something (no other site's page can vote, undo, sign in or sign out
+    for the annotator), and (for `--open`) a Host check so that a web page using DNS rebinding
+    cannot reach an unauthenticated server."""
 
     def __init__(self, app, max_body: int = MAX_BODY, loopback_hosts_only: bool = False):
         self.app = app
@@ -107,6 +142,14 @@ class GuardMiddleware:
         host = _host_without_port(headers.get("host", ""))
         if self.loopback_hosts_only and not is_loopback(host):
             return await _error(400, "unknown host.")(scope, receive, send_with_headers)
+        foreign = foreign_origin(scope["scheme"], headers)
+        if scope["method"] not in SAFE_METHODS and foreign is not None:
+            own = f"{scope['scheme']}://{headers.get('host', '')}"
+            return await _error(
+                403, f"refused: this request came from another site ({foreign}), not from this "
+                     f"server's own pages at {own}; if you reach the server through a reverse "
+                     "proxy, make it pass the Host header and X-Forwarded-Proto (SECURITY.md)."
+            )(scope, receive, send_with_headers)
         declared = headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
             status = 413 if declared.isdigit() else 400
@@ -233,7 +276,8 @@ def create_app(store: Store, open_mode: bool = False, guidelines: str | None = N
 
     async def logout(request: Request) -> Response:
         response = JSONResponse({"logged_out": True})
-        response.delete_cookie(COOKIE)
+        response.delete_cookie(COOKIE, httponly=True, samesite="lax",
+                               secure=request.url.scheme == "https")
         return response
 
     async def next_pair(request: Request, who: Annotator) -> Response:
