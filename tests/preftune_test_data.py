@@ -65,3 +65,15 @@ def hub_revision(cache: Path, repo_id: str, model: Path, commit: str) -> None:
     shutil.copytree(model, repo / "snapshots" / commit)
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / "main").write_text(commit)
+
+
+def online_wandb_without_credentials(monkeypatch, folder: Path) -> None:
+    """W&B online with no API key anywhere wandb looks: the environment, a .netrc, its settings
+    files (the global one under WANDB_CONFIG_DIR, the workspace one under the current folder,
+    which becomes `folder`). pytest's captured streams are no terminal to prompt on."""
+    monkeypatch.setenv("WANDB_MODE", "online")
+    for variable in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("NETRC", str(folder / "no-netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(folder / "wandb-config"))
+    monkeypatch.chdir(folder)

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from preftune_test_data import online_wandb_without_credentials
 
 from preftune.errors import UserError
 from preftune.loggers import MetricsLogger
@@ -259,6 +260,38 @@ def test_a_wandb_variable_wandb_refuses_is_named_before_the_model_loads(tmp_path
     with pytest.raises(UserError, match=sentence):
         MetricsLogger(tmp_path / "run", ["jsonl", "wandb"])
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_an_online_wandb_without_an_api_key_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    # wandb.init refused it only once the model and data were loaded, after --overwrite had
+    # deleted the earlier run. Where wandb would find a key, or would not go online, it passes.
+    pytest.importorskip("wandb")
+    from preftune.loggers import check_backends
+
+    online_wandb_without_credentials(monkeypatch, tmp_path)
+    with pytest.raises(UserError) as caught:
+        check_backends(["jsonl", "wandb"])
+    assert str(caught.value) == (
+        "train.loggers has wandb, and W&B is online (WANDB_MODE, else its default) but no API key is "
+        "configured and there is no terminal to ask for one; run `wandb login` or set WANDB_API_KEY, set "
+        "WANDB_MODE=offline to log locally and `wandb sync` later, or drop wandb from train.loggers.")
+    check_backends(["jsonl", "tensorboard"])  # only wandb needs a key
+    key = "k" * 40
+    (tmp_path / "no-netrc").write_text(f"machine api.wandb.ai\n  login user\n  password {key}\n")
+    check_backends(["wandb"])  # what `wandb login` writes
+    (tmp_path / "no-netrc").unlink()
+    monkeypatch.delenv("WANDB_MODE")  # online by default: refused, unless a settings file says otherwise
+    with pytest.raises(UserError):
+        check_backends(["wandb"])
+    (tmp_path / "wandb").mkdir()
+    (tmp_path / "wandb" / "settings").write_text("[default]\nmode = offline\n")  # what `wandb offline` writes
+    check_backends(["wandb"])
+    (tmp_path / "wandb" / "settings").unlink()
+    monkeypatch.setenv("WANDB_API_KEY", key)
+    check_backends(["wandb"])
+    monkeypatch.delenv("WANDB_API_KEY")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    check_backends(["wandb"])
 
 
 def test_a_run_resumed_at_its_last_step_shows_its_eval_there_once_in_tensorboard(tmp_path):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from preftune_test_data import make_config, read_metrics
+from preftune_test_data import make_config, online_wandb_without_credentials, read_metrics
 from typer.testing import CliRunner
 
 from preftune.checkpoint import list_checkpoints
@@ -98,6 +98,21 @@ def test_overwrite_starts_over_keeping_only_the_reference_cache(tmp_path, run_co
     assert result.exit_code == 0, result.output
     assert f"resumedfrom{run / 'checkpoints' / 'step-000002'}atstep2" in squash(result.output)
     assert [m["step"] for m in read_metrics(run)] == [1, 2, 3]
+
+
+def test_overwrite_keeps_the_earlier_run_when_wandb_cannot_start(tmp_path, run_config, monkeypatch):
+    # --overwrite deleted the earlier run once the model and data were ready, and then wandb.init
+    # refused to go online without an API key: the old run was gone and no new one was made.
+    pytest.importorskip("wandb")
+    run = tmp_path / "run"
+    assert cli("train", run_config).exit_code == 0
+    before = {p.relative_to(run): p.stat().st_mtime_ns for p in run.rglob("*")}
+    online_wandb_without_credentials(monkeypatch, tmp_path)
+    result = cli("train", run_config, "--overwrite", "train.loggers=[jsonl,wandb]")
+    assert result.exit_code == 2
+    assert {p.relative_to(run): p.stat().st_mtime_ns for p in run.rglob("*")} == before
+    assert "deleted" not in result.output
+    assert "no API key is configured" in result.output
 
 
 def test_resume_and_overwrite_together_are_refused(tmp_path, run_config):

@@ -203,6 +203,7 @@ def check_backends(backends: Iterable[str]) -> None:
             module = _import_backend(backend)
             if backend == "wandb":
                 _check_wandb_environment(module)
+                _check_wandb_login(module)
 
 
 # The variables wandb.init reads that a typo makes fail, with what each should hold.
@@ -223,6 +224,37 @@ def _check_wandb_environment(wandb) -> None:
         except (ValueError, wandb.errors.UsageError):  # pydantic's ValidationError is a ValueError
             raise UserError(f"the environment variable {variable}={value!r} is refused by wandb; "
                             f"set it to {expected}, or unset it.") from None
+
+
+def _check_wandb_login(wandb) -> None:
+    """An online W&B run with no API key where wandb looks for one (WANDB_API_KEY, .netrc, its
+    settings files) and no terminal to ask for one on: wandb.init refuses it, but only once the
+    model and data are loaded and `--overwrite` has deleted the earlier run, so say so now.
+
+    The settings are read as wandb.setup reads them, into a Settings of our own: wandb.setup's
+    singleton would keep them for the whole process. What this cannot tell (another wandb
+    version's internals) passes, and wandb.init has the last word as before."""
+    try:
+        from wandb.errors import term
+        from wandb.integration.sagemaker import is_using_sagemaker
+        from wandb.sdk.lib.wbauth import HostUrl, wbnetrc
+
+        settings = wandb.Settings(silent=True)  # silent: no "Loading settings from" line twice
+        config_dir = os.environ.get("WANDB_CONFIG_DIR")
+        settings.settings_system = str(Path(config_dir or "~/.config/wandb").expanduser() / "settings")
+        settings.update_from_system_settings()  # where `wandb offline` writes its mode
+        settings.update_from_env_vars(dict(os.environ))
+        if (settings.mode in ("offline", "dryrun", "disabled") or settings.api_key or os.environ.get("WANDB_IDENTITY_TOKEN_FILE")
+                or is_using_sagemaker()  # wandb reads SageMaker's secrets too
+                or wbnetrc.read_netrc_auth_with_source(host=HostUrl(settings.base_url))
+                or term.can_use_terminput()):  # wandb asks for the key at the prompt
+            return
+    except Exception:  # wandb's internals moved: leave the question to wandb.init
+        return
+    raise UserError("train.loggers has wandb, and W&B is online (WANDB_MODE, else its default) but no "
+                    "API key is configured and there is no terminal to ask for one; run `wandb login` "
+                    "or set WANDB_API_KEY, set WANDB_MODE=offline to log locally and `wandb sync` later, "
+                    "or drop wandb from train.loggers.")
 
 
 def _drop_records_after(path: Path, step: int, evals_at_step: bool = False) -> None:
