@@ -392,6 +392,23 @@ def test_curves_too_short_to_smooth_are_not_called_an_ema(tmp_path):
     assert "EMA" not in html.replace("too few for an EMA", "")
 
 
+def test_a_short_run_beside_a_long_one_is_named_raw_in_the_legend(tmp_path):
+    """A 2-step run compared with a 10-step one is drawn raw, the long one as an EMA; the legend
+    said 'train (EMA 0.6)' for both, so the short run's line read as smoothed."""
+    folders = [tmp_path / "long", tmp_path / "short"]
+    write_metrics(folders[0], n_steps=10, eval_every=1000)
+    write_metrics(folders[1], n_steps=2, eval_every=1000)
+    runs = [load_run(f, label, n) for n, (f, label) in enumerate(zip(folders, run_labels(folders)))]
+    fig = draw_overlay(runs, [Panel("loss", "Loss", "loss", "loss")], smoothing=0.6)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [
+        "long (train EMA 0.6)", "short (train raw, 2 steps or fewer)", "train"]
+    (spec,) = [spec for spec in TRAINING_PLOTS if spec.file == "optimization.png"]
+    fig = draw_overlay(runs, spec.panels, smoothing=0.6)
+    assert [t.get_text() for t in fig.legends[0].get_texts()][2] == "train (learning rate raw)"
+    html = write_comparison(folders, tmp_path / "compare", smoothing=0.6).read_text()
+    assert "bold lines their EMA (weight 0.6). short: 2 steps or fewer, drawn raw." in html
+
+
 def test_config_booleans_and_nulls_are_shown_as_config_yaml_writes_them(tmp_path):
     """The settings rows showed Python's True/False/None; config.yaml says true/false/null."""
     folders = [make_run(tmp_path / "a", n_steps=5, eval_every=5),

@@ -205,12 +205,24 @@ def _run_curve(ax, run: Run, panel: Panel, smoothing: float) -> bool:
 
 def _legend(fig: Figure, runs: list[Run], panels: Sequence[Panel], smoothing: float,
             with_eval: bool) -> None:
-    """One entry per run, and those that say which line is training and which evaluation."""
-    handles = [Line2D([], [], label=literal(run.label), markersize=6, **run.style) for run in runs]
+    """One entry per run, and those that say which line is training and which evaluation. When
+    some runs are drawn as an EMA and others raw (2 steps or fewer), each run's entry says which."""
+    smoothed = {run.index: _run_smoothed(run, panels, smoothing) for run in runs}
+    mixed = len(set(smoothed.values())) > 1
+
+    def run_label(run: Run) -> str:
+        if not mixed:
+            return literal(run.label)
+        drawn = f"train EMA {smoothing:g}" if smoothed[run.index] else "train raw, 2 steps or fewer"
+        return literal(f"{run.label} ({drawn})")
+
+    handles = [Line2D([], [], label=run_label(run), markersize=6, **run.style) for run in runs]
     raw = [panel.name for panel in panels if not panel.smooth]  # a schedule is drawn as it is
     train = "train"
-    if _any_smoothed(runs, panels, smoothing):
+    if any(smoothed.values()) and not mixed:
         train = f"train (EMA {smoothing:g}" + (f"; {', '.join(raw)} raw)" if raw else ")")
+    elif mixed and raw:  # the runs' entries tell EMA from raw; the schedule is raw for all
+        train = f"train ({', '.join(raw)} raw)"
     handles.append(Line2D([], [], color="grey", linewidth=1.8, label=train))
     if with_eval:
         handles.append(Line2D([], [], color="grey", linestyle="--", marker="o",
@@ -219,10 +231,15 @@ def _legend(fig: Figure, runs: list[Run], panels: Sequence[Panel], smoothing: fl
                fontsize=9, framealpha=0.85)
 
 
+def _run_smoothed(run: Run, panels: Sequence[Panel], smoothing: float) -> bool:
+    """Whether the run's training curves in `panels` are drawn as an EMA (see _run_curve)."""
+    return run.metrics is not None and any(
+        is_smoothed(smoothing, run.metrics.series(panel.key)[0].size) for panel in panels if panel.smooth)
+
+
 def _any_smoothed(runs: list[Run], panels: Sequence[Panel], smoothing: float) -> bool:
     """Whether some run's training curve in `panels` is drawn as an EMA (see _run_curve)."""
-    return any(is_smoothed(smoothing, run.metrics.series(panel.key)[0].size)
-               for run in runs if run.metrics is not None for panel in panels if panel.smooth)
+    return any(_run_smoothed(run, panels, smoothing) for run in runs)
 
 
 def draw_overlay(runs: list[Run], panels: Sequence[Panel], smoothing: float):
@@ -264,11 +281,13 @@ def training_figures(runs: list[Run], out: Path, smoothing: float) -> list[tuple
     loss = _loss_panel(runs)
     fig = draw_overlay(runs, [loss], smoothing)
     if fig is not None:
+        smoothed = _any_smoothed(runs, [loss], smoothing)
+        short = [run.label for run in runs if run.metrics is not None and run.metrics.has("loss")
+                 and not _run_smoothed(run, [loss], smoothing)]
+        drawn_raw = f" {', '.join(short)}: 2 steps or fewer, drawn raw." if smoothed and short else ""
         figures.append(_save(fig, out, "loss.png", "Loss",
-                             "Each run's loss. "
-                             + smoothing_caption(smoothing, _any_smoothed(runs, [loss], smoothing))
-                             + " Dashed lines "
-                             "with open markers are evaluations."))
+                             "Each run's loss. " + smoothing_caption(smoothing, smoothed) + drawn_raw
+                             + " Dashed lines with open markers are evaluations."))
     for spec in TRAINING_PLOTS:
         fig = draw_overlay(runs, spec.panels, smoothing)
         if fig is None:
