@@ -446,13 +446,14 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
                 # The rate this step's update uses (as the HF Trainer logs it), read before the
                 # schedule moves on to the next step's.
                 learning_rate = scheduler.get_last_lr()[0]
+                stop_error = None
                 if finite:
                     optimizer.step()
                     scheduler.step()
                 else:
                     state.bad_steps += 1
-                    _report_bad_step(console, state, metrics, step_indices, train_pairs, config, save,
-                                     ctx)
+                    stop_error = _report_bad_step(console, state, metrics, step_indices, train_pairs, config,
+                                                  save, ctx)
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
                 state.step_in_epoch += 1
@@ -463,6 +464,8 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
                                tokens_per_second=metrics.pop("_tokens") / elapsed)
                 logger.log(metrics, step=state.step)
                 progress.update(state.step, metrics)
+                if stop_error is not None:  # raised once logged: the step that stops the run is shown too
+                    raise stop_error
                 if config.train.eval_every and state.step % config.train.eval_every == 0:
                     run_eval(state.step)
                 # A signal can reach the ranks during different steps; they must all stop after
@@ -558,7 +561,10 @@ def _with_absolute_paths(config: Config) -> Config:
     return config.model_copy(update={"model": model, "data": data, "train": train})
 
 
-def _report_bad_step(console, state, metrics, step_indices, train_pairs, config, save, ctx) -> None:
+def _report_bad_step(console, state, metrics, step_indices, train_pairs, config, save,
+                     ctx) -> UserError | None:
+    """Print the skipped step and its pairs. Past train.max_bad_steps, save the checkpoint before
+    it and return the error that stops the run, for the caller to raise once the step is logged."""
     # A row is named by its pair_id, else by where it was read ("file.jsonl, line 12").
     ids = [train_pairs[i].pair_id or train_pairs[i].origin or f"pair {train_pairs[i].index}"
            for i in step_indices]
@@ -567,17 +573,17 @@ def _report_bad_step(console, state, metrics, step_indices, train_pairs, config,
                   f"(loss {metrics['loss']}, grad_norm {metrics['grad_norm']}); skipped. "
                   f"Pairs: {escape(shown)}[/yellow]")
     if state.bad_steps <= config.train.max_bad_steps:
-        return
+        return None
     if not _count_nonfinite(ctx.trainable, ctx.dist):
         where = f"stopped with checkpoint {save(state)}"
     else:  # saving would only preserve the damage; point at the last checkpoint before it
         last = latest_good_checkpoint(Path(config.train.output_dir))
         where = (f"the weights themselves are non-finite, so no checkpoint was written; the last "
                  f"good one is {last or 'none'}")
-    raise UserError(f"{state.bad_steps} steps had a non-finite loss or gradient "
-                    f"(train.max_bad_steps is {config.train.max_bad_steps}); {where}. "
-                    "Check the data and dtype, or lower optim.lr and start a new run (another "
-                    "train.output_dir): a resumed run keeps the optimizer settings it was started with.")
+    return UserError(f"{state.bad_steps} steps had a non-finite loss or gradient "
+                     f"(train.max_bad_steps is {config.train.max_bad_steps}); {where}. "
+                     "Check the data and dtype, or lower optim.lr and start a new run (another "
+                     "train.output_dir): a resumed run keeps the optimizer settings it was started with.")
 
 
 def _count_nonfinite(params, dist) -> float:

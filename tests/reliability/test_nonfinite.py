@@ -78,6 +78,10 @@ def test_past_max_bad_steps_the_run_stops_with_a_checkpoint(tmp_path, dropout_mo
     assert not (run / "final").exists()
     # The checkpoint is taken before the bad step, so a resume with the data fixed retries it.
     assert json.loads((saved / "manifest.json").read_text())["step"] == int(saved.name.split("-")[1])
+    # The step that stopped the run is logged like every other, so the user sees it.
+    metrics = metric_lines(run)
+    stopped_at = int(saved.name.split("-")[1]) + 1
+    assert sorted(metrics)[-1:] == [stopped_at] and metrics[stopped_at]["loss"] is None
 
 
 @pytest.mark.parametrize("save_every", [None, 1])
