@@ -95,6 +95,15 @@ def test_a_loss_weight_of_zero_is_allowed():
     assert loss.type_weights == [1.0, 0.0]
 
 
+@pytest.mark.parametrize("overrides", [["loss.weights=[0]"], ["loss.type=[sigmoid,sft]", "loss.weights=[0,0.0]"]])
+def test_loss_weights_all_zero_are_refused(overrides):
+    """Every loss times 0 was accepted: the run spent its steps and trained nothing."""
+    with pytest.raises(UserError) as caught:
+        load_config(None, [*REQUIRED, *overrides])
+    assert str(caught.value) == (f"override {overrides[-1]!r}: key 'loss.weights': every weight is 0, so the run "
+                                 "would train nothing; give at least one loss type a weight above 0.")
+
+
 @pytest.mark.parametrize("override, said", [
     ("loss.type=5", "key 'loss.type': Input should be a valid string or a valid list."),
     ("loss.type=[sigmoid,5]", "key 'loss.type.1': Input should be a valid string."),

@@ -226,6 +226,9 @@ class LossConfig(Section):
         if value is not None and (negative := [w for w in value if w < 0]):
             raise ValueError(f"{negative[0]:g} is negative, and a negative weight maximises that loss "
                              "(for a preference loss, training towards the rejected responses); use 0 or more")
+        if value and not any(value):  # every loss times 0: the run would train nothing, at full cost
+            raise ValueError("every weight is 0, so the run would train nothing; give at least one loss "
+                             "type a weight above 0")
         return value
 
     @model_validator(mode="after")
