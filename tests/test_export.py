@@ -65,24 +65,29 @@ def test_the_merged_card_names_the_base_it_was_merged_onto(lora_run, tiny_llama,
     other = shutil.copytree(tiny_llama, tmp_path / "other-base")
     export(lora_run, merge=True, out=tmp_path / "merged", base=str(other))
     card = (tmp_path / "merged" / "README.md").read_text()
-    assert f"`{other}` trained on preference pairs" in card
+    assert "`other-base` trained on preference pairs" in card and str(tmp_path) not in card
     assert str(tiny_llama) not in card  # the run's model.path is not what these weights hold
 
 
-def test_both_cards_name_local_data_the_same_way(tmp_path, tiny_llama, monkeypatch):
-    """The training card had the path as typed, the export's config.yaml's absolute one: on the
-    Hub each card names a local file by its name, without the uploader's folders."""
+def test_both_cards_name_local_data_and_models_the_same_way(tmp_path, tiny_llama, monkeypatch):
+    """The training card had the paths as typed, the export's config.yaml's absolute ones: on the
+    Hub each card names a local file or model folder by its name, without the uploader's folders."""
+    import shutil
+
     from preftune.export_cli import export
 
     (tmp_path / "data").mkdir()
     write_jsonl(tmp_path / "data" / "prefs.jsonl", [dict(r) for r in PAIRS for _ in range(2)])
+    shutil.copytree(tiny_llama, tmp_path / "models" / "pi_sft")
     monkeypatch.chdir(tmp_path)
-    train(make_config(tmp_path, tiny_llama, "data/prefs.jsonl", "run", model={"lora": LORA},
+    train(make_config(tmp_path, "models/pi_sft", "data/prefs.jsonl", "run", model={"lora": LORA},
                       train={"max_steps": 1}))
     export(tmp_path / "run", merge=True, out=None, base=None)
     for card in ("final", "merged"):
         text = (tmp_path / "run" / card / "README.md").read_text()
         assert "| data | `prefs.jsonl` |" in text.splitlines(), card
+        assert "\n\n`pi_sft` trained on preference pairs" in text, card
+        assert "models/pi_sft" not in text and str(tmp_path) not in text, card
 
 
 def test_a_checkpoint_exports_beside_the_run_not_into_checkpoints(lora_run):

@@ -89,6 +89,21 @@ def test_a_reference_free_run_claims_no_reference_and_another_reference_is_named
     assert "copy of the starting model" not in other
 
 
+@pytest.mark.parametrize("path, named", [
+    ("Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct"),  # a Hub id, as given
+    ("/home/alice/models/pi_sft", "pi_sft"),
+    ("/home/alice/sft-run/final", "sft-run/final"),  # a run's final/ by its run
+    ("/home/alice/sft-run/checkpoints/step-000300", "sft-run/checkpoints/step-000300"),
+])
+def test_a_local_model_is_named_without_the_uploaders_folders(path, named):
+    """final/'s card named the model path as typed and an export's card config.yaml's absolute
+    path; both now name a Hub id as given and a local folder by its name, as they name data."""
+    text = model_card(config(path=path, reference_path=path), [], adapter=False, world_size=1)
+    assert f"\n\n`{named}` trained on preference pairs" in text
+    assert f"against the frozen reference `{named}`." in text and f"| reference | {named} |" in text
+    assert "alice" not in text
+
+
 def test_a_trained_run_leaves_a_card_in_final(tmp_path, tiny_llama):
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [dict(r) for r in PAIRS for _ in range(2)])
     final = train(make_config(tmp_path, tiny_llama, pairs, "my-run", train={"max_steps": 2}))

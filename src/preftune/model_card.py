@@ -10,6 +10,7 @@ folder uploaded as it is (`hf upload`) explains itself. PEFT's own placeholder c
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -21,6 +22,9 @@ CARD_NAME = "README.md"
 
 # A hub id ("org/name" or "name"); a local folder is not one, and the Hub rejects it as base_model.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+# Folder names preftune gives every run (final/, an export, a checkpoint): alone they say nothing.
+_RUN_FOLDER = re.compile(r"^(final|merged(-step-\d+)?|step-\d+)$")
 
 # Tags the Hub already uses for these methods; other loss types are tagged by their own name.
 _LOSS_TAGS = {"sigmoid": "dpo", "sft": "sft"}
@@ -63,7 +67,7 @@ def model_card(config: dict, metrics: list[dict], *, adapter: bool, world_size: 
     datasets = [name for name in trains if hub_id(name)]
     if datasets:
         metadata["datasets"] = datasets
-    base = model.get("path", "the starting model")
+    base = _model_name(model.get("path")) or "the starting model"
     sections = [
         f"---\n{yaml.safe_dump(metadata, sort_keys=False)}---",
         f"# {title}\n\n`{base}` trained on preference pairs ({', '.join(f'`{t}`' for t in types)} "
@@ -128,6 +132,20 @@ def _data_name(name: str) -> str:
     return hub_id(name) or Path(name).name
 
 
+def _model_name(path: object) -> object:
+    """A Hub model by its id, a local folder by its name (with the run's when the name is one
+    preftune gives every run, as final/ or a checkpoint). The same in final/'s card (the path as
+    typed) and an export's (config.yaml's absolute path); and a card published on the Hub names
+    no folder of the uploader's machine, which its readers could not open anyway."""
+    if not isinstance(path, str) or not path or hub_id(path):
+        return path
+    parts = Path(os.path.abspath(path)).parts
+    keep = 1
+    if _RUN_FOLDER.match(parts[-1]):
+        keep = 3 if len(parts) > 3 and parts[-2] == "checkpoints" else 2
+    return "/".join(parts[-keep:])
+
+
 def _against(model: dict, loss: dict, types: list[str]) -> str:
     """How the loss used a reference: none for reference-free runs, whose card must not claim one."""
     from preftune.losses import REFERENCE_FREE
@@ -135,14 +153,14 @@ def _against(model: dict, loss: dict, types: list[str]) -> str:
     if model.get("reference") == "none" or loss.get("reference_free") or all(t in REFERENCE_FREE for t in types):
         return "with no reference model in its loss"
     if model.get("reference_path"):
-        return f"against the frozen reference `{model['reference_path']}`"
+        return f"against the frozen reference `{_model_name(model['reference_path'])}`"
     return "against a frozen reference copy of the starting model"
 
 
 def _reference(model: dict, loss: dict) -> str:
     if model.get("reference") == "none" or loss.get("reference_free"):
         return "none"  # no reference was loaded
-    reference = model.get("reference_path") or f"the starting model ({model.get('reference', 'copy')})"
+    reference = _model_name(model.get("reference_path")) or f"the starting model ({model.get('reference', 'copy')})"
     sync = model.get("reference_sync")
     if sync:  # TR-DPO: the reference moved toward the policy during the run
         reference += f", moved toward the policy every {sync.get('every')} steps (alpha {sync.get('alpha')}, TR-DPO)"
