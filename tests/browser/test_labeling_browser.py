@@ -3,6 +3,7 @@
 import json
 import os
 import re
+from urllib.parse import urlsplit
 
 import pytest
 from labeling_helpers import make_pairs, running_server
@@ -30,6 +31,13 @@ def add_annotator(db, name):
     return token
 
 
+def sign_in(page, url, token):
+    """Open a login link and answer its question, as an annotator does."""
+    page.goto(f"{url}/login?token={token}")
+    page.get_by_role("button", name=re.compile("^Sign in as ")).click()
+    page.wait_for_url(f"{url}/")
+
+
 def shown_pair_index(page):
     """Which pair is on screen, and whether its first response is on the left."""
     left = page.locator("#left").text_content()
@@ -52,6 +60,9 @@ def test_vote_by_keyboard_and_mouse_then_undo(page, tmp_path):
     token = prepare(db, make_pairs(4))
     with running_server(db) as (url, _):
         page.goto(f"{url}/login?token={token}")
+        expect(page.get_by_role("heading", name="Sign in as grace?")).to_be_visible()
+        page.get_by_role("button", name="Sign in as grace").click()
+        wait_progress(page, 0, 4)
         assert page.url == f"{url}/", "the token leaves the address bar"
         wait_progress(page, 0, 4)
         expect(page.locator("#annotator")).to_have_text("grace")
@@ -105,7 +116,7 @@ def test_hostile_responses_show_as_text(page, tmp_path):
     page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
     page.on("console", lambda m: csp_reports.append(m.text))
     with running_server(db) as (url, _):
-        page.goto(f"{url}/login?token={token}")
+        sign_in(page, url, token)
         wait_progress(page, 0, 1)
         shown = {page.locator("#left").text_content(), page.locator("#right").text_content()}
         assert shown == set(PAYLOADS)
@@ -122,7 +133,7 @@ def test_left_right_order_is_balanced(page, tmp_path):
     token = prepare(db, make_pairs(n))
     first_on_left = 0
     with running_server(db) as (url, _):
-        page.goto(f"{url}/login?token={token}")
+        sign_in(page, url, token)
         for done in range(n):
             wait_progress(page, done, n - done)
             first_on_left += shown_pair_index(page)[1]
@@ -166,7 +177,7 @@ def test_a_stopped_server_is_said_and_no_vote_is_lost_or_doubled(page, tmp_path)
 
     page.route("**/api/vote", maybe_lose_the_answer)
     with running_server(db) as (url, proc):
-        page.goto(f"{url}/login?token={token}")
+        sign_in(page, url, token)
         wait_progress(page, 0, 3)
         first, _ = shown_pair_index(page)
         proc.terminate()
@@ -206,7 +217,7 @@ def test_two_tabs_and_a_second_sign_in_in_one_browser(page, tmp_path):
     token = prepare(db, make_pairs(4))
     ada = add_annotator(db, "ada")
     with running_server(db) as (url, _):
-        page.goto(f"{url}/login?token={token}")
+        sign_in(page, url, token)
         wait_progress(page, 0, 4)
         tab = page.context.new_page()
         tab.goto(url)
@@ -222,6 +233,9 @@ def test_two_tabs_and_a_second_sign_in_in_one_browser(page, tmp_path):
 
         # Ada opens her link in this browser: the cookie, so the identity, is now hers.
         tab.goto(f"{url}/login?token={ada}")
+        expect(tab.locator(".note")).to_have_text("This browser is signed in as grace now; "
+                                                  "signing in replaces that.")
+        tab.get_by_role("button", name="Sign in as ada").click()
         expect(tab.locator("#annotator")).to_have_text("ada")
         page.keyboard.press("t")
         expect(page.locator("#banner")).to_contain_text("now votes as ada, not grace")
@@ -235,7 +249,7 @@ def test_keyboard_only_focus_typing_and_undo(page, tmp_path):
     db = tmp_path / "labels.sqlite"
     token = prepare(db, make_pairs(3))
     with running_server(db) as (url, _):
-        page.goto(f"{url}/login?token={token}")
+        sign_in(page, url, token)
         wait_progress(page, 0, 3)
         tie = page.get_by_role("button", name=re.compile("^Tie"))
         visited = []
@@ -315,7 +329,7 @@ def test_long_and_odd_responses_stay_readable(browser, tmp_path, width, height):
                           "document.documentElement.clientWidth")
     try:
         with running_server(db) as (url, _):
-            page.goto(f"{url}/login?token={token}")
+            sign_in(page, url, token)
             wait_progress(page, 0, 3)
             assert page.evaluate(no_sideways_scroll), "6,000 unbroken characters wrap"
             stacked = width < 860  # then "left" is the top card, and its heading says so
@@ -358,9 +372,9 @@ def test_the_end_offers_undo_and_says_what_others_hold(page, tmp_path):
     bob = add_annotator(db, "bob")
     with running_server(db) as (url, _):
         other = page.context.browser.new_context().new_page()
-        other.goto(f"{url}/login?token={bob}")  # bob looks at a pair and leaves it open
+        sign_in(other, url, bob)  # bob looks at a pair and leaves it open
         wait_progress(other, 0, 3)
-        page.goto(f"{url}/login?token={token}")
+        sign_in(page, url, token)
         for done in range(2):
             wait_progress(page, done, 3 - done)
             page.keyboard.press("1")
@@ -391,7 +405,7 @@ def test_a_response_cut_at_the_token_limit_says_so(page, tmp_path):
                               truncated=(True, False)),
                          Pair("whole", "Say hi.", ("hi", "hello"))])
     with running_server(db) as (url, _):
-        page.goto(f"{url}/login?token={token}")
+        sign_in(page, url, token)
         wait_progress(page, 0, 2)
         cut_side = "left" if page.locator("#left").text_content() == "Once upon a time the" \
             else "right"
@@ -416,7 +430,7 @@ def test_keys_work_on_hebrew_russian_and_french_layouts(page, tmp_path):
                       "'keydown', {key, code, bubbles: true, cancelable: true}))", [key, code])
 
     with running_server(db) as (url, _):
-        page.goto(f"{url}/login?token={token}")
+        sign_in(page, url, token)
         wait_progress(page, 0, 4)
         press("y", "KeyT")  # Dvorak: "y" is no shortcut, whatever its place
         page.wait_for_timeout(300)
@@ -439,7 +453,7 @@ def test_a_reason_in_hebrew_reads_right_to_left(page, tmp_path):
     db = tmp_path / "labels.sqlite"
     token = prepare(db, make_pairs(1))
     with running_server(db) as (url, _):
-        page.goto(f"{url}/login?token={token}")
+        sign_in(page, url, token)
         wait_progress(page, 0, 1)
         reason = page.locator("#reason")
         reason.fill("התשובה השמאלית נכונה.")
@@ -465,7 +479,7 @@ def test_an_undo_whose_answer_was_lost_withdraws_one_vote_not_two(page, tmp_path
 
     page.route("**/api/undo", maybe_lose_the_answer)
     with running_server(db) as (url, _):
-        page.goto(f"{url}/login?token={token}")
+        sign_in(page, url, token)
         wait_progress(page, 0, 3)
         first, _ = shown_pair_index(page)
         page.keyboard.press("1")
@@ -503,7 +517,7 @@ def test_a_double_click_votes_once(page, tmp_path):
         page.mouse.up(click_count=2)
 
     with running_server(db) as (url, _):
-        page.goto(f"{url}/login?token={token}")
+        sign_in(page, url, token)
         wait_progress(page, 0, 3)
         first, _ = shown_pair_index(page)
         first_click("Left is better")
@@ -533,7 +547,7 @@ def test_a_long_link_in_the_guidelines_fits_a_phone(browser, tmp_path):
     page.set_default_timeout(10_000)
     try:
         with running_server(db, "--guidelines", str(guidelines)) as (url, _):
-            page.goto(f"{url}/login?token={token}")
+            sign_in(page, url, token)
             wait_progress(page, 0, 1)
             page.keyboard.press("g")
             assert page.locator("#guidelines-text").is_visible()
@@ -553,7 +567,7 @@ def test_a_long_annotator_name_leaves_the_guidelines_button_on_a_phone(browser, 
     page.set_default_timeout(10_000)
     try:
         with running_server(db) as (url, _):
-            page.goto(f"{url}/login?token={token}")
+            sign_in(page, url, token)
             wait_progress(page, 0, 1)
             box = page.locator("#guidelines-toggle").bounding_box()
             assert box["x"] + box["width"] <= 390, box
@@ -569,7 +583,7 @@ def test_space_after_a_mouse_vote_scrolls_and_does_not_vote(page, tmp_path):
     db = tmp_path / "labels.sqlite"
     token = prepare(db, make_pairs(3))
     with running_server(db) as (url, _):
-        page.goto(f"{url}/login?token={token}")
+        sign_in(page, url, token)
         wait_progress(page, 0, 3)
         first, _ = shown_pair_index(page)
         page.get_by_role("button", name=re.compile("Right is better")).click()
@@ -589,7 +603,7 @@ def test_a_reason_being_typed_survives_an_undo(page, tmp_path):
     db = tmp_path / "labels.sqlite"
     token = prepare(db, make_pairs(3))
     with running_server(db) as (url, _):
-        page.goto(f"{url}/login?token={token}")
+        sign_in(page, url, token)
         wait_progress(page, 0, 3)
         first, _ = shown_pair_index(page)
         page.keyboard.press("1")
@@ -622,7 +636,7 @@ def test_text_direction_controls_are_shown_not_obeyed(page, tmp_path):
     evil, isolated = "\u202eevil\u202c", "a \u2067b\u2069 c \u2066d\u2069"
     token = prepare(db, [Pair("bidi", "say \u202eit", (evil, isolated))])
     with running_server(db) as (url, _):
-        page.goto(f"{url}/login?token={token}")
+        sign_in(page, url, token)
         wait_progress(page, 0, 1)
         shown = {page.locator("#left").text_content(), page.locator("#right").text_content()}
         assert shown == {"⟨U+202E⟩evil⟨U+202C⟩", "a ⟨U+2067⟩b⟨U+2069⟩ c ⟨U+2066⟩d⟨U+2069⟩"}
@@ -649,9 +663,44 @@ def test_loading_the_page_logs_no_console_errors(page, tmp_path):
     errors = []
     page.on("console", lambda m: m.type == "error" and errors.append(m.text))
     with running_server(db) as (url, _):
-        page.goto(f"{url}/login?token={token}")
+        sign_in(page, url, token)
         wait_progress(page, 0, 2)
         # Chromium's own favicon fetch is not among Playwright's network events; one made by
         # the page is awaited here, and a 404 logs the same console error.
         assert page.evaluate("fetch('/favicon.ico').then((r) => r.status)") == 204
     assert errors == []
+
+
+def test_another_sites_page_cannot_sign_the_browser_in_or_out(page, tmp_path):
+    """Login CSRF: a page elsewhere could sign the browser in as the holder of a token of its
+    choosing, or out. Its form's POST carries its own Origin and is refused; a bare link only
+    asks "Sign in as NAME?"."""
+    from playwright.sync_api import expect
+
+    db = tmp_path / "labels.sqlite"
+    token = prepare(db, make_pairs(2))
+    mallory = add_annotator(db, "mallory")
+    with running_server(db) as (url, _):
+        # The attacker's page: another origin (localhost, not 127.0.0.1), served by the test.
+        elsewhere = url.replace("127.0.0.1", "localhost") + "/prize.html"
+        targets = {"in": f"{url}/login?token={mallory}", "out": f"{url}/logout"}
+
+        def attacker_page(route):
+            target = targets[urlsplit(route.request.url).query]
+            route.fulfill(content_type="text/html", body=f'<form method="post" action="{target}">'
+                                                         "<button>Claim your prize</button></form>")
+
+        page.route(elsewhere + "*", attacker_page)
+        sign_in(page, url, token)
+        wait_progress(page, 0, 2)
+        for which in ["in", "out"]:
+            page.goto(f"{elsewhere}?{which}")
+            page.get_by_role("button", name="Claim your prize").click()
+            expect(page.locator("body")).to_contain_text("came from another site")
+        page.goto(f"{url}/login?token={mallory}")
+        expect(page.get_by_role("heading", name="Sign in as mallory?")).to_be_visible()
+        page.goto(url)
+        expect(page.locator("#annotator")).to_have_text("grace")
+        page.keyboard.press("1")
+        wait_progress(page, 1, 1)
+    assert [v["annotator"] for v in Store(db).live_votes()] == ["grace"]

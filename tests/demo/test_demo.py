@@ -218,7 +218,8 @@ def _vote_as_the_latent_reward(link: str, n: int) -> int:
     base = link.split("/login")[0]
     votes = 0
     with httpx.Client(base_url=base, timeout=10, follow_redirects=True) as client:
-        assert client.get(link.removeprefix(base)).status_code == 200  # redirect to the page
+        # The link asks "Sign in as researcher?"; its button POSTs, then redirects to the page.
+        assert client.post(link.removeprefix(base)).status_code == 200
         while votes < n:
             pair = client.get("/api/next").json()["pair"]
             left, right = (world.sentiment_reward(pair["prompt"], pair[side])

@@ -16,8 +16,8 @@ def store(tmp_path):
 
 @pytest.fixture
 def alice(store):
-    """(annotator token, TestClient logged in through the login link)."""
+    """(annotator token, TestClient logged in through the login link's button)."""
     token = store.add_annotator("alice")
     client = TestClient(create_app(store))
-    assert client.get("/login", params={"token": token}, follow_redirects=False).status_code == 303
+    assert client.post("/login", params={"token": token}, follow_redirects=False).status_code == 303
     return token, client

@@ -43,15 +43,52 @@ def test_page_needs_login_and_has_no_inline_script(store, alice):
 def test_login_sets_a_private_cookie_and_refuses_bad_tokens(store):
     token = store.add_annotator("bob")
     client = TestClient(create_app(store))
-    response = client.get("/login", params={"token": token}, follow_redirects=False)
+    response = client.post("/login", params={"token": token}, follow_redirects=False)
     assert response.status_code == 303 and response.headers["location"] == "/"
     cookie = response.headers["set-cookie"].lower()
     assert "httponly" in cookie and "samesite=lax" in cookie
     for bad in ["", "nonsense", token[:-1] + ("A" if token[-1] != "A" else "B"),
                 "000000000000." + token.split(".")[1]]:
-        response = TestClient(create_app(store)).get(
-            "/login", params={"token": bad}, follow_redirects=False)
-        assert response.status_code == 401 and "set-cookie" not in response.headers
+        for method in ["GET", "POST"]:
+            response = TestClient(create_app(store)).request(
+                method, "/login", params={"token": bad}, follow_redirects=False)
+            assert response.status_code == 401 and "set-cookie" not in response.headers
+
+
+def test_a_login_link_only_asks_and_another_site_cannot_answer(store, alice):
+    """Login CSRF: a link to /login?token= with someone else's token signed the browser in as
+    them at once, and the annotator's votes went to that name. Opening a link now only asks
+    "Sign in as NAME?"; the page's button POSTs, and a POST from another site is refused."""
+    _, client = alice
+    mallory = store.add_annotator("mallory")
+    question = client.get("/login", params={"token": mallory}, follow_redirects=False)
+    assert question.status_code == 200 and "set-cookie" not in question.headers
+    assert "Sign in as mallory?" in question.text
+    assert "This browser is signed in as alice now" in question.text
+    assert '<form method="post"' in question.text and "action=" not in question.text
+    assert not re.search(r"<script", question.text), "no script at all"
+    assert client.get("/api/next").json()["annotator"] == "alice", "the link changed nothing"
+
+    forged = client.post("/login", params={"token": mallory}, follow_redirects=False,
+                         headers={"origin": "http://evil.example"})
+    assert forged.status_code == 403 and "set-cookie" not in forged.headers
+    assert client.get("/api/next").json()["annotator"] == "alice"
+
+    # The button on the question page: the browser names this server as the Origin.
+    answered = client.post("/login", params={"token": mallory}, follow_redirects=False,
+                           headers={"origin": "http://testserver"})
+    assert answered.status_code == 303 and "preftune_token=" in answered.headers["set-cookie"]
+    assert client.get("/api/next").json()["annotator"] == "mallory"
+
+
+def test_opening_ones_own_link_again_goes_straight_to_the_page(store, alice):
+    token, client = alice
+    again = client.get("/login", params={"token": token}, follow_redirects=False)
+    assert again.status_code == 303 and again.headers["location"] == "/"
+    assert "set-cookie" not in again.headers
+    fresh = TestClient(create_app(store)).get("/login", params={"token": token})
+    assert fresh.status_code == 200 and "Sign in as alice?" in fresh.text
+    assert "signed in as" not in fresh.text.replace("Sign in as", "")
 
 
 @pytest.mark.parametrize("path", ["/", "/login?token=x", "/api/next", "/healthz",

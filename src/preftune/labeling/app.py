@@ -1,15 +1,19 @@
 """The annotators' web page and its JSON API (Starlette).
 
-Model outputs are untrusted, so the server never puts data into HTML: the page is a fixed file,
-and `static/app.js` fetches pairs as JSON and shows them with `textContent`. Every response
-carries a Content-Security-Policy that allows scripts from our own static folder only.
+Model outputs are untrusted, so the server never puts them into HTML: the page is a fixed file,
+and `static/app.js` fetches pairs as JSON and shows them with `textContent`. The one page the
+server fills in is the sign-in question, with the annotator's name (letters, digits and _ . @ -
+only, escaped all the same). Every response carries a Content-Security-Policy that allows
+scripts from our own static folder only.
 
-Routes: `/` page, `/login?token=` (sets the cookie), `/logout`, `/api/next`, `/api/vote`,
-`/api/undo`, `/api/progress`, `/api/guidelines`, `/healthz`, `/favicon.ico`, `/static/*`.
+Routes: `/` page, `/login?token=` (GET asks "Sign in as NAME?", POST sets the cookie),
+`/logout`, `/api/next`, `/api/vote`, `/api/undo`, `/api/progress`, `/api/guidelines`,
+`/healthz`, `/favicon.ico`, `/static/*`.
 """
 
 from __future__ import annotations
 
+import html
 import ipaddress
 import json
 import re
@@ -21,7 +25,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from starlette.responses import (
+    FileResponse,
+    HTMLResponse,
+    JSONResponse,
+    RedirectResponse,
+    Response,
+)
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -47,7 +57,9 @@ SECURITY_HEADERS = {
     "content-security-policy": CSP,
     "x-content-type-options": "nosniff",
     "x-frame-options": "DENY",
-    "referrer-policy": "no-referrer",
+    # Not no-referrer: under it a browser sends `Origin: null` with a form's POST, and the sign-in
+    # form's own POST would fail the Origin check. same-origin still sends nothing to other sites.
+    "referrer-policy": "same-origin",
     "cross-origin-opener-policy": "same-origin",
 }
 
@@ -188,6 +200,16 @@ class GuardMiddleware:
                 return b"".join(chunks), False
 
 
+def _sign_in_question(name: str, current: Annotator | None) -> str:
+    """The page a login link opens: whose link it is, and a button that signs in."""
+    page = (TEMPLATES_DIR / "confirm.html").read_text(encoding="utf-8")
+    note = ""
+    if current is not None:
+        note = (f'<p class="note">This browser is signed in as {html.escape(current.name)} now; '
+                "signing in replaces that.</p>")
+    return page.replace("{current}", note).replace("{name}", html.escape(name))
+
+
 async def _json_body(request: Request) -> dict:
     if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
         # Also a CSRF guard: a cross-site form cannot send application/json without CORS.
@@ -261,12 +283,27 @@ def create_app(store: Store, open_mode: bool = False, guidelines: str | None = N
             return FileResponse(TEMPLATES_DIR / "login.html", status_code=401)
         return FileResponse(TEMPLATES_DIR / "index.html")
 
+    async def signed_in_as(request: Request) -> Annotator | None:
+        token = request.cookies.get(COOKIE)
+        return await run_in_threadpool(store.authenticate, token) if token else None
+
     async def login(request: Request) -> Response:
+        """GET asks "Sign in as NAME?"; only the POST of that page's button sets the cookie.
+        A link is not enough, so another site cannot sign a browser in as the holder of a token
+        of its choosing (whose name the annotator's votes would then go to): its page's POST
+        fails the Origin check, and a link to GET only shows the question."""
         token = request.query_params.get("token", "")
-        if await run_in_threadpool(store.authenticate, token) is None:
+        who = await run_in_threadpool(store.authenticate, token)
+        if who is None:
             return FileResponse(TEMPLATES_DIR / "login.html", status_code=401)
-        # Redirect so the token leaves the address bar; Lax (not Strict) so that the cookie
-        # is sent on this redirect even when the link was opened from another site.
+        if request.method == "GET":
+            current = await signed_in_as(request)
+            if current is None or current.id != who.id:
+                return HTMLResponse(_sign_in_question(who.name, current))
+            return RedirectResponse("/", status_code=303)  # signed in as this annotator already
+        # Redirect so the token leaves the address bar. Lax (not Strict), so that a link to the
+        # page from mail or chat opens it signed in: the cookie crosses sites only with top-level
+        # GETs, and no GET stores a vote or changes who is signed in.
         response = RedirectResponse("/", status_code=303)
         response.set_cookie(
             COOKIE, token, max_age=90 * 24 * 3600, httponly=True, samesite="lax",
@@ -326,7 +363,7 @@ def create_app(store: Store, open_mode: bool = False, guidelines: str | None = N
 
     routes = [
         Route("/", page),
-        Route("/login", login),
+        Route("/login", login, methods=["GET", "POST"]),
         Route("/logout", logout, methods=["POST"]),
         Route("/api/next", api(next_pair)),
         Route("/api/vote", api(vote), methods=["POST"]),
