@@ -704,3 +704,45 @@ def test_another_sites_page_cannot_sign_the_browser_in_or_out(page, tmp_path):
         page.keyboard.press("1")
         wait_progress(page, 1, 1)
     assert [v["annotator"] for v in Store(db).live_votes()] == ["grace"]
+
+
+def test_a_phone_in_landscape_shows_both_responses_and_the_buttons(browser, tmp_path):
+    """On an 844x390 screen the prompt card, the stacked response cards and the sticky
+    controls took the whole height: no response was in view without scrolling."""
+    db = tmp_path / "labels.sqlite"
+    long_turns = [{"role": "user", "content": "A question of several lines. " * 12},
+                  {"role": "assistant", "content": "An earlier answer. " * 12},
+                  {"role": "user", "content": "And the follow-up? " * 6}]
+    token = prepare(db, [Pair("long", long_turns, ("Left answer. " * 200, "Right answer. " * 200))])
+    context = browser.new_context(viewport={"width": 844, "height": 390})
+    page = context.new_page()
+    page.set_default_timeout(10_000)
+
+    def uncovered(selector, x, y):
+        """Whether the point (x, y) shows `selector` itself, not something drawn over it."""
+        return page.evaluate("([s, x, y]) => { const hit = document.elementFromPoint(x, y); "
+                             "return hit !== null && hit.closest(s) !== null; }", [selector, x, y])
+
+    try:
+        with running_server(db) as (url, _):
+            sign_in(page, url, token)
+            wait_progress(page, 0, 1)
+            shot = os.environ.get("PREFTUNE_SCREENSHOT_LANDSCAPE") or str(tmp_path / "landscape.png")
+            page.screenshot(path=shot)
+            assert page.evaluate("window.scrollY") == 0
+            for side in ["left", "right"]:
+                box = page.locator(f"#{side}").bounding_box()
+                line = page.locator(f"#{side}").evaluate(
+                    "el => parseFloat(getComputedStyle(el).lineHeight)")
+                # The first two lines of each response, clear of the top bar and the controls.
+                for y in (box["y"] + line / 2, box["y"] + 1.5 * line):
+                    assert uncovered(f"#{side}", box["x"] + 20, y), (side, box, y)
+            for button in page.locator(".controls button").all():
+                box = button.bounding_box()
+                assert box["y"] >= 0 and box["y"] + box["height"] <= 390, box
+                assert box["x"] >= 0 and box["x"] + box["width"] <= 844, box
+                center = (box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+                assert button.evaluate("(b, [x, y]) => b.contains(document.elementFromPoint(x, y))",
+                                       list(center)), button.text_content()
+    finally:
+        context.close()
