@@ -69,7 +69,7 @@ def data_inspect(
     model: str = typer.Option(..., "--model", "--tokenizer", help="Model or tokenizer folder for token counts."),
     max_length: Optional[int] = typer.Option(1024, help="data.max_length to check against."),
     truncation: str = typer.Option("keep_end", help="keep_end or keep_start"),
-    split: str = typer.Option("train"),
+    split: str = typer.Option("train", help="The split to read when FILE is a hub id or a DatasetDict folder."),
 ):
     """Counts, token-length histograms, skipped rows and one rendered example."""
     from pydantic import ValidationError
@@ -92,7 +92,7 @@ def data_inspect(
 def make_tiny_model(
     folder: Path = typer.Argument(..., help="Where to write the model and tokenizer."),
     arch: str = typer.Option("llama", help="llama, qwen2 or gpt2"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Seed of the random weights."),
     texts: Optional[Path] = typer.Option(
         None, help="A text file whose lines train the tokenizer (default: a small built-in corpus)."),
 ):

@@ -79,9 +79,10 @@ def generate(
     reference: str | None = typer.Option(
         None, "--reference", help="Reference model folder (default: the one in RUN/config.yaml)."),
     n_prompts: int | None = typer.Option(None, "--n-prompts", help="Use only the first N prompts."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+    max_new_tokens: int = typer.Option(
+        64, "--max-new-tokens", help="Longest response in tokens; one cut there is scored as sampled."),
     temperature: float = typer.Option(1.0, help="1 samples from the policy itself (needed for an unbiased KL)."),
-    top_p: float = typer.Option(1.0, "--top-p"),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass, in (0, 1]; 1: off."),
     top_k: int = typer.Option(0, "--top-k", help="Sample among the K likeliest tokens; 0: off."),
     min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below MIN_P times the likeliest one's; 0: off."),
     seed: int = typer.Option(0, help="Prompt i is seeded from (seed, i) for every model alike."),
@@ -150,7 +151,7 @@ def score_human(
         ..., help="Folders (or their samples.jsonl) written by `eval generate --judge human`."),
     db: Path = typer.Option(..., help="The labeling database the comparisons were queued in."),
     out: Path | None = typer.Option(None, help="Folder for leaderboard.json when scoring several."),
-    n_bootstrap: int = typer.Option(1000, "--n-bootstrap", min=0),
+    n_bootstrap: int = typer.Option(1000, "--n-bootstrap", min=0, help="Resamples behind leaderboard intervals."),
 ) -> None:
     """Read people's votes back and write the win rate into eval.json (and samples.jsonl)."""
     from preftune.eval_human import score_human as run_scoring

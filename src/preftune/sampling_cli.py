@@ -33,7 +33,9 @@ def sample(
     min_p: Annotated[float, typer.Option(
         "--min-p", help="Drop tokens below MIN_P times the likeliest one's probability; 0: off."
     )] = 0.0,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 64,
+    max_new_tokens: Annotated[int, typer.Option(
+        "--max-new-tokens", help="Longest response in tokens; one cut there is marked truncated."
+    )] = 64,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per generate call.")] = 16,
     seed: Annotated[int, typer.Option(
         "--seed", help="Prompt i's responses are seeded from (seed, i)."
@@ -44,7 +46,7 @@ def sample(
     device: Annotated[str, typer.Option(
         "--device", help="cuda, cpu, ... (auto: cuda if present)."
     )] = "auto",
-    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
     id_prefix: Annotated[str, typer.Option(
         "--id-prefix", help="Pair ids are PREFIX000000, PREFIX000001, ...: give each batch of prompts "
         "its own prefix when several go into one labeling database or D.jsonl."

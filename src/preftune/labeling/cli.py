@@ -141,7 +141,7 @@ def auto(
         "The higher reward wins; of N > 2 responses, the highest is chosen, the lowest rejected.")),
     seed: int = typer.Option(0, help="Seed of the Bradley-Terry (Plackett-Luce) draws."),
     batch_size: int = typer.Option(32, help="Records (pairs) scored per call of the reward function."),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=(
         "Let a --reward model folder run the Python code it ships (its config.json auto_map), "
         "as ArmoRM needs; only for code you trust.")),
