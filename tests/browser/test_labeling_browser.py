@@ -746,3 +746,18 @@ def test_a_phone_in_landscape_shows_both_responses_and_the_buttons(browser, tmp_
                                        list(center)), button.text_content()
     finally:
         context.close()
+
+
+def test_a_long_conversation_opens_at_its_last_turn(page, tmp_path):
+    """The prompt box scrolls; it is meant to open at the turn being answered. The first pair
+    opened at the first turn: it was scrolled while the page was still hidden."""
+    db = tmp_path / "labels.sqlite"
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i}. " * 40}
+             for i in range(9)]
+    token = prepare(db, [Pair("talk", turns, ("one", "two"))])
+    with running_server(db) as (url, _):
+        sign_in(page, url, token)
+        wait_progress(page, 0, 1)
+        at_end = "el => el.scrollHeight > el.clientHeight && " \
+                 "el.scrollTop + el.clientHeight >= el.scrollHeight - 1"
+        assert page.locator("#prompt").evaluate(at_end)

@@ -127,7 +127,6 @@
       showText(wrap.appendChild(element("div", "content")), String(message.content));
       box.append(wrap);
     }
-    box.scrollTop = box.scrollHeight;  // the last turn is the one being answered
   }
 
   // Invisible controls that reorder the text around them (embeddings, overrides, isolates):
@@ -203,6 +202,11 @@
     showReasonLimit();
     unpick();
     showOnly("task");
+    // A conversation opens at its last turn, the one being answered; a text at its start.
+    // Scrolled once shown: a hidden box (the first pair's, or after the end) has no height to
+    // scroll, and a conversation stayed at its first turn.
+    const prompt = $("prompt");
+    prompt.scrollTop = prompt.classList.contains("turns") ? prompt.scrollHeight : 0;
     // A new pair starts at its prompt, not where the last one was scrolled to.
     if (!samePair) window.scrollTo(0, 0);
   }
