@@ -115,6 +115,20 @@ def test_overwrite_keeps_the_earlier_run_when_wandb_cannot_start(tmp_path, run_c
     assert "no API key is configured" in result.output
 
 
+def test_overwrite_refuses_to_delete_the_model_or_data_it_trains_from(tmp_path, run_config):
+    # A second round trained from the first's final policy (or its `preftune export`) into the same
+    # folder: --overwrite deleted final/ after loading it, and the round's starting model was lost.
+    run = tmp_path / "run"
+    assert cli("train", run_config).exit_code == 0
+    before = {p.relative_to(run): p.stat().st_mtime_ns for p in run.rglob("*")}
+    result = cli("train", run_config, "--overwrite", f"model.path={run / 'final'}")
+    assert result.exit_code == 2
+    assert {p.relative_to(run): p.stat().st_mtime_ns for p in run.rglob("*")} == before
+    assert squash(result.output).endswith(squash(
+        f"error: --overwrite would delete {run / 'final'}, and model.path {run / 'final'} is in it; copy it out "
+        f"of {run} first, or choose another train.output_dir."))
+
+
 def test_resume_and_overwrite_together_are_refused(tmp_path, run_config):
     result = cli("train", run_config, "--resume", "--overwrite")
     assert result.exit_code == 2

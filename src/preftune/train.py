@@ -23,6 +23,7 @@ import types
 from array import array
 from collections import Counter
 from dataclasses import asdict, dataclass
+from fnmatch import fnmatch
 from functools import partial
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from preftune.carried_state import (
     sync_reference,
 )
 from preftune.checkpoint import (
+    RUN_ENTRIES,
     earlier_run_entries,
     latest_good_checkpoint,
     prune_checkpoints,
@@ -301,6 +303,8 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
     # Checked before the model loads, so a refusal costs nothing; deleted only once everything
     # else has been checked, so a bad config or data set never costs the earlier run.
     start_over = _check_output_dir(output_dir, resume, overwrite, dist)
+    if start_over:
+        _check_overwrite_spares_inputs(config, output_dir)
     device = dist.device or pick_device(config.train.device)
     seed_everything(config.train.seed)
     if config.train.deterministic:
@@ -522,6 +526,26 @@ def _check_output_dir(output_dir: Path, resume, overwrite: bool, dist) -> bool:
     raise UserError(f"train.output_dir {output_dir} already holds a run ({shown}); resume it with "
                     "--resume, choose another train.output_dir, or pass --overwrite to delete it "
                     "and start over.")
+
+
+def _check_overwrite_spares_inputs(config: Config, output_dir: Path) -> None:
+    """--overwrite deletes the earlier run's entries (RUN_ENTRIES); refuse it when the model or
+    data this run reads lies in one of them, as when a second round trains from the first's
+    final/ or merged/ into the same folder: loaded first, then deleted, it would be lost."""
+    reads = [("model.path", config.model.path), ("model.reference_path", config.model.reference_path)]
+    reads += [(f"data.{name}", source) for name in ("train", "eval")
+              for source in _as_list(getattr(config.data, name))]
+    for setting, path in reads:
+        if not path or not os.path.exists(path):  # a hub id, or nothing
+            continue
+        # Named through a link or not, it is lost if either way of writing it leads into an entry.
+        for inside, folder in ((os.path.abspath(path), os.path.abspath(output_dir)),
+                               (os.path.realpath(path), os.path.realpath(output_dir))):
+            relative = Path(os.path.relpath(inside, folder)).parts
+            if relative and relative[0] != ".." and any(fnmatch(relative[0], p) for p in RUN_ENTRIES):
+                raise UserError(f"--overwrite would delete {output_dir / relative[0]}, and {setting} {path} "
+                                f"is in it; copy it out of {output_dir} first, or choose another "
+                                "train.output_dir.")
 
 
 def _start_over(output_dir: Path, console, dist) -> None:
