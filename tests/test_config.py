@@ -95,6 +95,26 @@ def test_a_loss_weight_of_zero_is_allowed():
     assert loss.type_weights == [1.0, 0.0]
 
 
+def test_paths_starting_with_a_tilde_are_in_the_home_folder(tmp_path, monkeypatch):
+    """YAML and overrides keep ~ as written: train.output_dir ~/runs/dpo made a folder named '~'
+    in the current one, and a data file under ~ was 'not found' (model folders were expanded)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(None, ["model.path=~/model", "model.reference_path=~/ref", "data.train=[~/a.jsonl,org/data]",
+                             "data.eval=~/e.jsonl", "train.output_dir=~/runs/dpo"])
+    assert (cfg.model.path, cfg.model.reference_path) == (f"{tmp_path}/model", f"{tmp_path}/ref")
+    assert (cfg.data.train, cfg.data.eval) == ([f"{tmp_path}/a.jsonl", "org/data"], f"{tmp_path}/e.jsonl")
+    assert cfg.train.output_dir == f"{tmp_path}/runs/dpo"
+
+
+def test_an_empty_output_dir_is_refused():
+    """'' was the current folder: the run's files mixed with whatever is there, and --overwrite
+    deleted its checkpoints/ and final/."""
+    with pytest.raises(UserError) as caught:
+        load_config(None, [*REQUIRED, "train.output_dir=''"])
+    assert str(caught.value) == ("override \"train.output_dir=''\": key 'train.output_dir': an empty name; give "
+                                 "the folder the run is written in, e.g. runs/dpo.")
+
+
 @pytest.mark.parametrize("overrides", [["loss.weights=[0]"], ["loss.type=[sigmoid,sft]", "loss.weights=[0,0.0]"]])
 def test_loss_weights_all_zero_are_refused(overrides):
     """Every loss times 0 was accepted: the run spent its steps and trained nothing."""
@@ -304,3 +324,41 @@ def test_one_logger_name_is_a_list_of_one():
     assert load_config(None, REQUIRED + ["train.loggers=[jsonl, wandb]"]).train.loggers == ["jsonl", "wandb"]
     with pytest.raises(UserError, match="train.loggers"):
         load_config(None, REQUIRED + ["train.loggers=mlflow"])
+
+
+def _schema_defaults(model, prefix=""):
+    """{dotted key: default as config.yaml writes it, or 'required'} for every key of `model`."""
+    from pydantic import BaseModel
+
+    keys = {}
+    for name, field in model.model_fields.items():
+        key = prefix + name
+        default = field.default
+        keys[key] = "required" if field.is_required() else list(default) if isinstance(default, tuple) else default
+        members = [field.annotation, *getattr(field.annotation, "__args__", ())]
+        sections = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
+        if sections:
+            keys.update(_schema_defaults(sections[0], key + "."))
+    return keys
+
+
+def test_docs_config_lists_every_key_with_its_default():
+    # A key missing from the page is one a user never learns exists; a stale default misleads.
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from preftune.config import Config
+
+    page = (Path(__file__).parents[1] / "docs" / "CONFIG.md").read_text(encoding="utf-8")
+    documented, section = {}, None
+    for line in page.splitlines():
+        if line.startswith("## "):
+            section = line[3:].strip()
+        elif match := re.match(r"\| `([\w.]+)` \| (required|`[^`]*`) \|", line):
+            cell = match.group(2)
+            documented[f"{section}.{match.group(1)}"] = cell if cell == "required" else yaml.safe_load(cell[1:-1])
+    # The five sections are headings, not rows: keep the keys inside them.
+    expected = {key: value for key, value in _schema_defaults(Config).items() if "." in key}
+    assert documented == expected

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -68,7 +69,14 @@ class ModelConfig(Section):
         # '' went to the Hub as a repo id (path) or silently meant no reference (reference_path).
         if value is not None and not value.strip():
             raise ValueError("an empty name; give a model folder or hub id")
-        return value
+        return _home_expanded(value)
+
+
+def _home_expanded(path: str | None) -> str | None:
+    """A path as the shell would read it: YAML and `key=value` overrides keep a leading ~ as it
+    is, and train.output_dir: ~/runs/dpo made a folder named '~' in the current one. A hub id
+    never starts with ~, so it passes unchanged."""
+    return os.path.expanduser(path) if path else path
 
 
 class DataConfig(Section):
@@ -107,7 +115,7 @@ class DataConfig(Section):
         names = value if isinstance(value, list) else [value]
         if any(name is not None and not name.strip() for name in names):
             raise ValueError("an empty name; give a data file, folder or hub id")
-        return value
+        return [_home_expanded(name) for name in value] if isinstance(value, list) else _home_expanded(value)
 
     @field_validator("packing", mode="before")
     @classmethod
@@ -380,6 +388,14 @@ class TrainConfig(Section):
     distributed: Literal["auto", "none", "ddp", "fsdp"] = "auto"
     fsdp_cpu_offload: bool = False
     deterministic: bool = False
+
+    @field_validator("output_dir")
+    @classmethod
+    def _names_a_folder(cls, value):
+        # '' was the current folder, where --overwrite deletes whatever checkpoints/ or final/ it holds.
+        if not value.strip():
+            raise ValueError("an empty name; give the folder the run is written in, e.g. runs/dpo")
+        return _home_expanded(value)
 
     @field_validator("loggers", mode="before")
     @classmethod
