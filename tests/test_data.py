@@ -90,6 +90,42 @@ def test_a_folder_of_data_files_like_a_hub_download_is_read_by_split(tmp_path, m
         load_pairs(str(tmp_path / "empty"))
 
 
+def test_a_folder_of_data_files_names_a_bad_row_by_file_and_line_and_takes_shards_of_other_columns(tmp_path):
+    """Streamed through `datasets`, a malformed line crashed with pyarrow's ArrowInvalid naming
+    no file, and a shard with one more column (a score) with a CastError."""
+    import datasets
+
+    (tmp_path / "snap" / "data").mkdir(parents=True)
+    datasets.Dataset.from_list(PAIRS[:2]).to_parquet(str(tmp_path / "snap" / "data" / "train-00000-of-00002.parquet"))
+    scored = [dict(r, score=1.0) for r in PAIRS[2:]]
+    datasets.Dataset.from_list(scored).to_parquet(str(tmp_path / "snap" / "data" / "train-00001-of-00002.parquet"))
+    loaded = load_pairs(str(tmp_path / "snap"))
+    assert [p.chosen for p in loaded.pairs] == [r["chosen"] for r in PAIRS]
+    assert loaded.pairs[-1].metadata == {"score": 1.0}
+    assert loaded.pairs[0].origin == f"{tmp_path / 'snap' / 'data' / 'train-00000-of-00002.parquet'}, row 0"
+    (tmp_path / "lines" / "data").mkdir(parents=True)
+    write_jsonl(tmp_path / "lines" / "data" / "test.jsonl", PAIRS[:1])
+    with open(tmp_path / "lines" / "data" / "test.jsonl", "a") as f:
+        f.write('{"prompt": "x", "chosen": "y",\n')
+    with pytest.raises(UserError, match=r"lines/data/test\.jsonl, line 2: malformed JSON"):
+        load_pairs(str(tmp_path / "lines"), "test")
+
+
+def test_a_damaged_shard_of_a_format_read_by_datasets_is_one_sentence_naming_the_folder_and_split(tmp_path):
+    import pyarrow as pa
+
+    (tmp_path / "snap" / "data").mkdir(parents=True)
+    table = pa.Table.from_pylist(PAIRS)
+    good, damaged = (tmp_path / "snap" / "data" / f"train-0000{i}-of-00002.arrow" for i in (0, 1))
+    with pa.ipc.new_stream(str(good), table.schema) as writer:
+        writer.write_table(table)
+    assert [p.chosen for p in load_pairs(str(tmp_path / "snap")).pairs] == [r["chosen"] for r in PAIRS]
+    damaged.write_bytes(good.read_bytes()[:-40])
+    with pytest.raises(UserError, match=rf"snap \(train\), row {len(PAIRS)}: its data files cannot be read "
+                                        r"\(.*\); check the files of that split"):
+        load_pairs(str(tmp_path / "snap"))
+
+
 def test_a_folder_of_run_folders_says_it_is_no_data_set_and_names_the_files_read(tmp_path):
     """It said only "has no split 'train', only 'test'": datasets had taken a/eval.json as the
     test split of a data set, and nothing said so."""

@@ -9,6 +9,7 @@ skipped and counted. Nothing is dropped silently: `LoadResult` carries the count
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 from collections import Counter
@@ -215,19 +216,21 @@ def _format_suffix(path: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
-def _rows_from_file(path: Path) -> Iterator[tuple[str, object]]:
+def _file_reader(path: Path):
+    """The function that reads a file of this name's format, or None for a format it is not."""
     suffix = _format_suffix(path)
-    if suffix == ".jsonl":
-        return _rows_from_jsonl(path)
-    if suffix == ".json":
-        return _rows_from_json(path)
-    if suffix == ".csv":
-        return _rows_from_csv(path)
-    if suffix == ".parquet" and path.suffix.lower() == ".parquet":
-        return _rows_from_parquet(path)
-    raise UserError(f"{path}: unknown file type {''.join(path.suffixes[-2:]) or '(none)'}; "
-                    "use .jsonl, .json, .csv (each may be compressed: .gz, .bz2, .xz), .parquet "
-                    "or a data set folder.")
+    if suffix == ".parquet":
+        return _rows_from_parquet if path.suffix.lower() == ".parquet" else None  # not compressed
+    return {".jsonl": _rows_from_jsonl, ".json": _rows_from_json, ".csv": _rows_from_csv}.get(suffix)
+
+
+def _rows_from_file(path: Path) -> Iterator[tuple[str, object]]:
+    reader = _file_reader(path)
+    if reader is None:
+        raise UserError(f"{path}: unknown file type {''.join(path.suffixes[-2:]) or '(none)'}; "
+                        "use .jsonl, .json, .csv (each may be compressed: .gz, .bz2, .xz), .parquet "
+                        "or a data set folder.")
+    return reader(path)
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -409,30 +412,52 @@ def _rows_from_saved_dataset(path: Path, split: str, setting: str) -> Iterator[t
 
 def _rows_from_data_folder(path: Path, split: str, setting: str) -> Iterator[tuple[str, object]]:
     """Data files in a folder, split by their names (train-*.parquet, test.jsonl.gz, ...) or by
-    the folder's README.md, streamed: nothing is copied into the datasets cache."""
+    the folder's README.md, as `load_dataset` finds them. Each file is read as it would be given
+    alone, so a bad row is named by its file and line, and shards need not share their columns;
+    formats preftune does not read itself (.arrow, ...) are streamed by `datasets`. Nothing is
+    copied into the datasets cache."""
     import datasets
 
     try:
-        splits = datasets.get_dataset_split_names(str(path))
-        if split not in splits:
-            raise _no_split_in_data_folder(path, split, splits, setting)
-        ds = datasets.load_dataset(str(path), split=split, streaming=True)
-    except UserError:
-        raise
+        found = datasets.load_dataset_builder(str(path)).config.data_files or {}
     except Exception as e:  # no data files, several configs, unreadable files: datasets says which
-        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise UserError(f"{path} is a folder neither written by datasets.save_to_disk nor readable as "
-                        f"data files ({reason}); point {setting} at a file or such a folder.") from None
-    for i, row in enumerate(ds):
+        raise _no_data_folder(path, e, setting) from None
+    data_files = {str(name): files for name, files in found.items()}  # split -> files
+    if split not in data_files:
+        raise _no_split_in_data_folder(path, split, data_files, setting)
+    files = [Path(f) for f in data_files[split]]
+    if all(_file_reader(f) for f in files):
+        for f in files:
+            yield from _rows_from_file(f)
+        return
+    try:
+        rows = iter(datasets.load_dataset(str(path), split=split, streaming=True))
+    except Exception as e:
+        raise _no_data_folder(path, e, setting) from None
+    for i in itertools.count():
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as e:  # a damaged shard shows only when it is read
+            raise UserError(f"{path} ({split}), row {i}: its data files cannot be read ({_first_line(e)}); "
+                            "check the files of that split, or convert them to .parquet or .jsonl.") from None
         yield f"{path} ({split}), row {i}", row
 
 
-def _no_split_in_data_folder(path: Path, split: str, splits, setting: str) -> UserError:
+def _first_line(error: Exception) -> str:
+    return str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+
+
+def _no_data_folder(path: Path, error: Exception, setting: str) -> UserError:
+    return UserError(f"{path} is a folder neither written by datasets.save_to_disk nor readable as "
+                     f"data files ({_first_line(error)}); point {setting} at a file or such a folder.")
+
+
+def _no_split_in_data_folder(path: Path, split: str, data_files, setting: str) -> UserError:
     """A folder that is no data set (run folders, say) has its files taken as splits by their
     names (a/eval.json is 'test'): name the files, so the user sees what was read as data."""
-    import datasets
-
-    data_files = datasets.load_dataset_builder(str(path)).config.data_files  # split -> files
+    splits = list(data_files)
     files = [os.path.relpath(f, path) for found in data_files.values() for f in found]
     shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
     names = ", ".join(repr(name) for name in splits)
@@ -449,7 +474,7 @@ def _rows_from_hub(spec: str, split: str, setting: str) -> Iterator[tuple[str, o
     try:
         ds = datasets.load_dataset(spec, split=split)
     except Exception as e:  # offline, unknown id, or gated: all end the same way for the user
-        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        reason = _first_line(e)
         if datasets.config.HF_HUB_OFFLINE and isinstance(e, ConnectionError):  # not in the datasets cache
             raise UserError(f"{setting} {spec!r} is no file or folder here and not in the datasets cache "
                             f"{datasets.config.HF_DATASETS_CACHE}, and HF_HUB_OFFLINE=1 (or HF_DATASETS_OFFLINE=1) "
