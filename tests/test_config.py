@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from preftune.config import load_config
+from preftune.config import LossConfig, OptimConfig, load_config
 from preftune.errors import UserError
 
 REQUIRED = ["model.path=some/model", "data.train=pairs.jsonl"]
@@ -104,6 +104,19 @@ def test_paths_starting_with_a_tilde_are_in_the_home_folder(tmp_path, monkeypatc
     assert (cfg.model.path, cfg.model.reference_path) == (f"{tmp_path}/model", f"{tmp_path}/ref")
     assert (cfg.data.train, cfg.data.eval) == ([f"{tmp_path}/a.jsonl", "org/data"], f"{tmp_path}/e.jsonl")
     assert cfg.train.output_dir == f"{tmp_path}/runs/dpo"
+
+
+def test_a_section_left_empty_takes_its_defaults(tmp_path):
+    """`loss:` with its keys commented out was 'Input should be a valid dictionary or instance of
+    LossConfig', though an override into the same empty section was accepted."""
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  path: m\ndata:\n  train: d.jsonl\nloss:\n  # beta: 0.2\noptim:\n")
+    cfg = load_config(path)
+    assert (cfg.loss, cfg.optim) == (LossConfig(), OptimConfig())
+    path.write_text("model:\ndata:\n  train: d.jsonl\n")
+    with pytest.raises(UserError) as caught:
+        load_config(path)
+    assert str(caught.value) == f"{path}: missing required key 'model.path'."
 
 
 def test_an_empty_output_dir_is_refused():

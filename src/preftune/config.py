@@ -697,6 +697,9 @@ def _override_that_set(loc: tuple, overrides: list[str]) -> str | None:
 def validate_config(raw: dict, source: str = "config", overrides: list[str] = ()) -> Config:
     if not isinstance(raw, dict):
         raise UserError(f"{source}: expected a mapping of sections (model, data, loss, optim, train).")
+    # A section left empty in the YAML (`loss:`, its keys commented out) is an empty section, as
+    # apply_overrides reads it: its defaults, not "Input should be a valid dictionary".
+    raw = {key: {} if value is None and key in Config.model_fields else value for key, value in raw.items()}
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
