@@ -168,6 +168,30 @@ def test_a_split_named_for_data_without_splits_is_refused_not_ignored(tmp_path, 
         load_pairs(str(source), "test")
 
 
+def test_an_eval_file_beside_training_data_of_another_split_is_read_whole(tmp_path, tokenizer):
+    """data.split: train_prefs (HuggingFaceH4's layout) carries over to data.eval when
+    data.eval_split is unset; an eval file has no splits, and was refused with advice to remove
+    the split that training needs. A split named for the eval file itself is still refused."""
+    import datasets
+    from preftune_test_data import make_config
+    from rich.console import Console
+
+    from preftune.train import prepare_data
+
+    ds = datasets.Dataset.from_list(PAIRS)
+    datasets.DatasetDict({"train_prefs": ds, "test_prefs": ds}).save_to_disk(str(tmp_path / "dd"))
+    eval_file = write_jsonl(tmp_path / "eval.jsonl", PAIRS[:3])
+    datasets.Dataset.from_list(PAIRS[:2]).save_to_disk(str(tmp_path / "one"))
+    for source, n in ((eval_file, 3), (tmp_path / "one", 2)):
+        config = make_config(tmp_path, "unused", tmp_path / "dd", data={"split": "train_prefs", "eval": str(source)})
+        train, evaluated, _ = prepare_data(config, tokenizer, Console(quiet=True))
+        assert (len(train), len(evaluated)) == (len(PAIRS), n)
+    config = make_config(tmp_path, "unused", tmp_path / "dd", data={"split": "train_prefs", "eval": str(eval_file),
+                                                                    "eval_split": "test_prefs"})
+    with pytest.raises(UserError, match=r"eval.jsonl has no splits, so split 'test_prefs' cannot be chosen"):
+        prepare_data(config, tokenizer, Console(quiet=True))
+
+
 def test_json_lines_under_a_json_name_are_read_line_by_line(tmp_path):
     # Hub data sets often name JSON Lines files train.json; datasets reads them, so do we.
     path = write_jsonl(tmp_path / "train.json", PAIRS)

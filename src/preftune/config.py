@@ -87,8 +87,8 @@ class DataConfig(Section):
     # (prompt), so that data with several pairs per prompt has no prompt on both sides.
     eval_fraction_by: Literal["pair", "prompt"] = "pair"
     split: str = "train"  # the split to read when `train` is a hub id or a DatasetDict folder
-    # The split to read for `eval` (default: `split`): UltraFeedback's test_prefs, say, when
-    # `eval` names the same data set as `train`.
+    # The split to read for `eval` (default: `split`, where `eval` has splits; an eval file is
+    # read whole): UltraFeedback's test_prefs, say, when `eval` names the same data set as `train`.
     eval_split: str | None = None
     max_length: int | None = Field(1024, gt=1)
     max_prompt_length: int | None = Field(None, gt=0)

@@ -120,12 +120,14 @@ def _describe_counts(counts) -> str:
     return ", ".join(f"{n} {why}" for why, n in counts.items()) or "none"
 
 
-def _load_sources(sources: str | list[str], split: str, name: str, console: Console):
+def _load_sources(sources: str | list[str], split: str, name: str, console: Console,
+                  split_inherited: bool = False):
     """Read every source of the train or eval data, printing for each what was read, kept and
-    skipped, and why; returns the pairs and the skip counts of all sources together."""
+    skipped, and why; returns the pairs and the skip counts of all sources together.
+    `split_inherited`: see `load_pairs`."""
     pairs, skipped = [], Counter()
     for source in _as_list(sources):
-        loaded = load_pairs(source, split, setting=f"data.{name}")
+        loaded = load_pairs(source, split, setting=f"data.{name}", split_inherited=split_inherited)
         pairs += loaded.pairs
         skipped.update(loaded.skipped)
         console.print(escape(f"data: {loaded.rows_read} rows read from {source} ({name}), "
@@ -141,7 +143,9 @@ def prepare_data(config: Config, tokenizer, console: Console):
     rows_read = len(train_pairs) + sum(train_skipped.values())
     eval_pairs, held_out = [], []
     if data.eval:
-        eval_pairs, _ = _load_sources(data.eval, data.eval_split or data.split, "eval", console)
+        # data.split (train_prefs, say) is for data.eval too when it has splits; an eval file has none.
+        eval_pairs, _ = _load_sources(data.eval, data.eval_split or data.split, "eval", console,
+                                      split_inherited=data.eval_split is None)
     elif data.eval_fraction > 0:
         train_pairs, held_out = hold_out(train_pairs, data.eval_fraction, config.train.seed,
                                          data.eval_fraction_by)
@@ -515,14 +519,24 @@ def _check_output_dir(output_dir: Path, resume, overwrite: bool, dist) -> bool:
                         "pass one of them, not both.")
     if output_dir.exists() and not output_dir.is_dir():  # said now, before the model and data load
         raise UserError(f"train.output_dir {output_dir} is a file, not a folder; choose another train.output_dir.")
-    if resume:
+    if resume is True or resume == "latest":
         return False
     found = earlier_run_entries(output_dir)
-    if not dist.all_reduce_sum(float(bool(found)) if dist.is_main else 0.0):
+    held = dist.all_reduce_sum(float(bool(found)) if dist.is_main else 0.0)
+    shown = ", ".join(found) if found else "an earlier run's files"
+    if resume:  # --resume-from FOLDER: resumed in its own run, or branched into a folder of its own
+        folder = Path(resume)
+        owner = folder.parent.parent if folder.parent.name == "checkpoints" else None
+        if held and (owner is None or os.path.realpath(owner) != os.path.realpath(output_dir)):
+            of = f"a checkpoint of {owner}" if owner else f"no checkpoint of {output_dir}"
+            raise UserError(f"--resume-from {folder} is {of}, and train.output_dir {output_dir} holds another "
+                            f"run ({shown}); continue it in {f'{owner} or in ' if owner else ''}an empty "
+                            "train.output_dir.")
+        return False
+    if not held:
         return False
     if overwrite:
         return True
-    shown = ", ".join(found) if found else "an earlier run's files"
     raise UserError(f"train.output_dir {output_dir} already holds a run ({shown}); resume it with "
                     "--resume, choose another train.output_dir, or pass --overwrite to delete it "
                     "and start over.")

@@ -39,16 +39,19 @@ class LoadResult:
         return len(self.pairs) + sum(self.skipped.values())
 
 
-def load_pairs(spec: str, split: str = "train", setting: str = "data.train / data.eval") -> LoadResult:
+def load_pairs(spec: str, split: str = "train", setting: str = "data.train / data.eval",
+               split_inherited: bool = False) -> LoadResult:
     """Load D from a file, a `datasets.save_to_disk` folder, or a hub data set id.
 
     `setting` names where the user gave `spec` (`data.train`, `--data`), for the sentence that
-    says it is wrong."""
+    says it is wrong. `split_inherited`: `split` was not chosen for this source but carried over
+    (data.split to data.eval when data.eval_split is unset), so a source without splits, a file,
+    is read whole rather than refused."""
     path = Path(spec)
     if path.is_dir():
-        rows = _rows_from_saved_dataset(path, split, setting)
+        rows = _rows_from_saved_dataset(path, split, setting, split_inherited)
     elif path.is_file():
-        _refuse_a_split(spec, split)
+        _refuse_a_split(spec, split, split_inherited)
         rows = _rows_from_file(path)
     elif _format_suffix(path) in FILE_SUFFIXES or spec.startswith((".", "/", "~")):
         raise UserError(f"data file {spec} does not exist; check {setting}.")
@@ -373,11 +376,11 @@ def _rows_from_parquet(path: Path) -> Iterator[tuple[str, object]]:
         yield f"{path}, row {i}", row
 
 
-def _refuse_a_split(source, split: str) -> None:
+def _refuse_a_split(source, split: str, inherited: bool) -> None:
     """A file, or a single saved Dataset, is read whole. A split other than the default asked of
     it would be ignored, and `data.eval_split: test` on the training file would then evaluate on
     training pairs, so it is refused."""
-    if split != "train":
+    if split != "train" and not inherited:
         raise UserError(f"{source} has no splits, so split {split!r} cannot be chosen from it; remove "
                         "the split (data.split, data.eval_split or --split) or name the file holding it.")
 
@@ -388,7 +391,8 @@ def _no_such_split(source, split: str, splits) -> UserError:
                      "data.eval_split for data.eval, or --split).")
 
 
-def _rows_from_saved_dataset(path: Path, split: str, setting: str) -> Iterator[tuple[str, object]]:
+def _rows_from_saved_dataset(path: Path, split: str, setting: str,
+                             split_inherited: bool) -> Iterator[tuple[str, object]]:
     import datasets
 
     if not ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
@@ -405,7 +409,7 @@ def _rows_from_saved_dataset(path: Path, split: str, setting: str) -> Iterator[t
             raise _no_such_split(path, split, ds)
         ds = ds[split]
     else:
-        _refuse_a_split(path, split)
+        _refuse_a_split(path, split, split_inherited)
     for i, row in enumerate(ds):
         yield f"{path}, row {i}", row
 
