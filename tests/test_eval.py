@@ -6,6 +6,7 @@ table the test fills with texts it sampled itself, so the expected winner is kno
 
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -642,6 +643,33 @@ def test_trust_remote_code_reaches_the_judge_only(models, prompts_file, tmp_path
     result = invoke(["generate", "--model", models["pol"], "--reference", models["ref"], "--prompts",
                      prompts_file, "--judge", tmp_path, "--device", "cpu", *flag])
     assert user_error(result) == "stop here" and asked == [trusted]
+
+
+def test_pairs_and_prompts_longer_than_the_models_positions_are_one_sentence(tiny_model_factory, tmp_path):
+    """A GPT-2 of 32 learned positions: eval pairs (max_length 1024 by default) and eval generate
+    on a long prompt failed with an IndexError traceback from the position embedding."""
+    short = tiny_model_factory("gpt2", hidden_size=32, max_positions=32)
+    data = write_pairs(tmp_path / "d.jsonl")
+    with data.open("a", encoding="utf-8") as f:
+        f.write(json.dumps({"prompt": "Tell me a story.", "rejected": " No.",
+                            "chosen": " The quick brown fox jumps over the lazy dog." * 4}) + "\n")
+    message = user_error(invoke(["pairs", "--model", short, "--reference", short, "--data", data,
+                                 "--device", "cpu", "--out", tmp_path / "e"]))
+    assert re.fullmatch(rf"{re.escape(str(data))}, line 4: the pair runs to \d+ tokens, more than the 32 "
+                        rf"positions of --model {re.escape(str(short))} \(max_position_embeddings in its "
+                        r"config.json\); pass --max-length 32 or less\.", message), message
+    result = invoke(["pairs", "--model", short, "--reference", short, "--data", data, "--device", "cpu",
+                     "--max-length", 32, "--out", tmp_path / "e"])
+    assert result.exit_code == 0, result.output
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello\n" + "The quick brown fox jumps over the lazy dog. " * 3 + "\n")
+    message = user_error(invoke(["generate", "--model", short, "--reference", short, "--prompts", prompts,
+                                 "--judge", rigged_reward(tmp_path, {}), "--max-new-tokens", 8,
+                                 "--device", "cpu", "--out", tmp_path / "g"]))
+    assert re.fullmatch(r"prompt 1 \(counting from 0, as its pair id does\) is (\d+) tokens, so with "
+                        r"--max-new-tokens 8 it needs \d+ positions, more than the 32 of .*; shorten or drop "
+                        r"that prompt, or lower --max-new-tokens\.", message), message
 
 
 # ------------------------------------------------------------------ human judge

@@ -237,6 +237,7 @@ def evaluate_pairs_file(
         freeze(load_causal_lm(str(reference_path), dtype, setting="--reference")).to(torch_device)
     if reference_model is not None and str(reference_path) != str(model_path):
         check_reference_vocabulary(str(model_path), str(reference_path), reference_model, policy, setting="--reference")
+    check_pairs_fit(pairs, data, ((policy, "--model", model_path), (reference_model, "--reference", reference_path)))
     ld_alpha = config.loss.ld_alpha
     reference = no_reference if reference_model is None else \
         FrozenModelReference(reference_model, chunk, autocast, ld_alpha)
@@ -255,6 +256,23 @@ def evaluate_pairs_file(
     }
     write_eval_record(out, record)
     return record
+
+
+def check_pairs_fit(pairs, data, models) -> None:
+    """The longest pair fits every model's positions, else one sentence: a model with learned
+    positions (GPT-2) failed with an IndexError traceback mid-evaluation, and one with rotary
+    positions scored tokens past the lengths it was trained on. `models`: (model or None, option,
+    path) triples."""
+    from preftune.modeling import context_length
+
+    longest = max(pairs, key=lambda pair: pair.length)
+    for model, option, path in models:
+        limit = None if model is None else context_length(model)
+        if limit is not None and longest.length > limit:
+            raise UserError(
+                f"{longest.origin or data}: the pair runs to {longest.length} tokens, more than the "
+                f"{limit} positions of {option} {path} (max_position_embeddings in its config.json); "
+                f"pass --max-length {limit} or less.")
 
 
 # ------------------------------------------------------------------ eval.json

@@ -293,6 +293,13 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def context_length(model: nn.Module) -> int | None:
+    """The positions a model was built for: config.json's max_position_embeddings (GPT-2's
+    n_positions reads as it too); None when its config names none."""
+    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
 def freeze(model: nn.Module) -> nn.Module:
     """Eval mode (dropout off), no gradients: the reference never changes."""
     model.eval()

@@ -297,6 +297,7 @@ def generate_token_ids(
     from transformers import LogitsProcessorList
 
     input_ids, attention_mask = encode_prompts(tokenizer, prompts, prompt_indices)  # (B, T)
+    check_fits_context(model, attention_mask.sum(dim=1).tolist(), prompt_indices, settings.max_new_tokens)
     n = settings.n
     input_ids = input_ids.repeat_interleave(n, dim=0).to(model.device)  # (B*n, T)
     attention_mask = attention_mask.repeat_interleave(n, dim=0).to(model.device)  # (B*n, T)
@@ -336,6 +337,24 @@ def generate_token_ids(
     new_tokens = [_cut_after_stop(row, stop_ids) for row in output[:, input_ids.shape[1]:].tolist()]
     prompt_ids = [row[mask.bool()].tolist() for row, mask in zip(input_ids[::n], attention_mask[::n])]
     return prompt_ids, [new_tokens[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def check_fits_context(model, prompt_lengths: Sequence[int], prompt_indices: Sequence[int],
+                       max_new_tokens: int) -> None:
+    """A prompt that with max_new_tokens runs past the model's positions is one sentence: a model
+    with learned positions (GPT-2) failed halfway through sampling with an IndexError, and one
+    with rotary positions writes past the lengths it was trained on."""
+    from preftune.modeling import context_length
+
+    limit = context_length(model)
+    for index, length in zip(prompt_indices, prompt_lengths):
+        if limit is not None and length + max_new_tokens > limit:
+            raise UserError(
+                f"prompt {index} (counting from 0, as its pair id does) is {length} tokens, so with "
+                f"--max-new-tokens {max_new_tokens} it needs {length + max_new_tokens} positions, more "
+                f"than the {limit} of {getattr(model, 'name_or_path', None) or 'the model'} "
+                "(max_position_embeddings in its config.json); shorten or drop that prompt, or lower "
+                "--max-new-tokens.")
 
 
 def _cut_after_stop(token_ids: list[int], stop_ids: list[int]) -> list[int]:
