@@ -129,6 +129,27 @@ def test_overwrite_refuses_to_delete_the_model_or_data_it_trains_from(tmp_path, 
         f"of {run} first, or choose another train.output_dir."))
 
 
+def test_resume_from_another_runs_checkpoint_leaves_a_run_in_output_dir_alone(tmp_path, run_config):
+    # It continued run A's checkpoint in run B's folder: B's metrics after the step were dropped,
+    # the two runs' lines and checkpoints mixed, and B's final policy was replaced.
+    run_a, run_b = tmp_path / "run", tmp_path / "b"
+    assert cli("train", run_config).exit_code == 0
+    assert cli("train", run_config, f"train.output_dir={run_b}").exit_code == 0
+    before = {p.relative_to(run_b): p.stat().st_mtime_ns for p in run_b.rglob("*")}
+    checkpoint = run_a / "checkpoints" / "step-000002"
+    result = cli("train", run_config, f"train.output_dir={run_b}", "--resume-from", checkpoint)
+    assert result.exit_code == 2
+    assert {p.relative_to(run_b): p.stat().st_mtime_ns for p in run_b.rglob("*")} == before
+    assert squash(result.output).endswith(squash(
+        f"error: --resume-from {checkpoint} is a checkpoint of {run_a}, and train.output_dir {run_b} holds "
+        f"another run (metrics.jsonl, checkpoints, final, report.html, plots); continue it in {run_a} or "
+        "in an empty train.output_dir."))
+    # Into a folder of its own, a checkpoint starts a branch of its run.
+    result = cli("train", run_config, f"train.output_dir={tmp_path / 'branch'}", "--resume-from", checkpoint)
+    assert result.exit_code == 0, result.output
+    assert [m["step"] for m in read_metrics(tmp_path / "branch")] == [3, 4]
+
+
 def test_resume_and_overwrite_together_are_refused(tmp_path, run_config):
     result = cli("train", run_config, "--resume", "--overwrite")
     assert result.exit_code == 2

@@ -519,14 +519,24 @@ def _check_output_dir(output_dir: Path, resume, overwrite: bool, dist) -> bool:
                         "pass one of them, not both.")
     if output_dir.exists() and not output_dir.is_dir():  # said now, before the model and data load
         raise UserError(f"train.output_dir {output_dir} is a file, not a folder; choose another train.output_dir.")
-    if resume:
+    if resume is True or resume == "latest":
         return False
     found = earlier_run_entries(output_dir)
-    if not dist.all_reduce_sum(float(bool(found)) if dist.is_main else 0.0):
+    held = dist.all_reduce_sum(float(bool(found)) if dist.is_main else 0.0)
+    shown = ", ".join(found) if found else "an earlier run's files"
+    if resume:  # --resume-from FOLDER: resumed in its own run, or branched into a folder of its own
+        folder = Path(resume)
+        owner = folder.parent.parent if folder.parent.name == "checkpoints" else None
+        if held and (owner is None or os.path.realpath(owner) != os.path.realpath(output_dir)):
+            of = f"a checkpoint of {owner}" if owner else f"no checkpoint of {output_dir}"
+            raise UserError(f"--resume-from {folder} is {of}, and train.output_dir {output_dir} holds another "
+                            f"run ({shown}); continue it in {f'{owner} or in ' if owner else ''}an empty "
+                            "train.output_dir.")
+        return False
+    if not held:
         return False
     if overwrite:
         return True
-    shown = ", ".join(found) if found else "an earlier run's files"
     raise UserError(f"train.output_dir {output_dir} already holds a run ({shown}); resume it with "
                     "--resume, choose another train.output_dir, or pass --overwrite to delete it "
                     "and start over.")
