@@ -150,6 +150,16 @@ def test_resume_from_another_runs_checkpoint_leaves_a_run_in_output_dir_alone(tm
     assert [m["step"] for m in read_metrics(tmp_path / "branch")] == [3, 4]
 
 
+def test_resume_with_nothing_to_resume_is_said_before_the_model_loads(tmp_path, run_config):
+    # Said only once the model, the data and the reference's log-probs were ready: minutes on a
+    # large model, for a typo in train.output_dir. A model that is not there shows which comes first.
+    result = cli("train", run_config, "--resume", f"model.path={tmp_path / 'no-model'}")
+    assert result.exit_code == 2
+    assert squash(result.output).endswith(squash(
+        f"error: --resume: {tmp_path / 'run'} holds no run to resume; check train.output_dir, or leave "
+        "--resume out to start a run there."))
+
+
 def test_resume_and_overwrite_together_are_refused(tmp_path, run_config):
     result = cli("train", run_config, "--resume", "--overwrite")
     assert result.exit_code == 2

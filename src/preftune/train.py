@@ -309,6 +309,9 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
     start_over = _check_output_dir(output_dir, resume, overwrite, dist)
     if start_over:
         _check_overwrite_spares_inputs(config, output_dir)
+    # Before the model, the data and the reference's log-probs: --resume in a folder with no
+    # checkpoint (a typo in train.output_dir) is said in seconds, not once they are ready.
+    checkpoint = resolve_resume(resume, output_dir)
     device = dist.device or pick_device(config.train.device)
     seed_everything(config.train.seed)
     if config.train.deterministic:
@@ -382,7 +385,6 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
             console.print(f"model: {compacted} frozen linear layers held in bf16 (exact under autocast)")
 
     state = TrainState()
-    checkpoint = resolve_resume(resume, output_dir)
     if checkpoint is not None:
         state = _restore(checkpoint, policy, optimizer, scheduler, config, dist, synced)
         if state.step > total_steps:  # it would train nothing, yet rewrite final/ and config.yaml
