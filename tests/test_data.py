@@ -366,6 +366,23 @@ def test_a_csv_row_spanning_lines_is_named_by_all_of_them(tmp_path):
         load_pairs(str(path))
 
 
+def test_a_conversation_written_to_csv_as_text_is_refused_not_trained_on_as_text(tmp_path):
+    """Dataset.to_csv writes a message list as its Python repr; it was read as a text prompt and
+    text responses, so the model trained on "[{'role': 'assistant', ...}]"."""
+    import datasets
+
+    datasets.Dataset.from_list([CONVERSATION]).to_csv(str(tmp_path / "conv.csv"), index=False)
+    with pytest.raises(UserError, match=r"conv.csv, line 2: field 'prompt' holds a list of messages written out "
+                                        r"as text .*; save the data as JSONL \(Dataset.to_json\) or Parquet"):
+        load_pairs(str(tmp_path / "conv.csv"))
+    (tmp_path / "json.csv").write_text('prompt,chosen,rejected\nHi,"[{""role"": ""assistant"", ""content"": '
+                                       '""yes""}]",no\n')
+    with pytest.raises(UserError, match=r"json.csv, line 2: field 'chosen' holds a list of messages"):
+        load_pairs(str(tmp_path / "json.csv"))
+    (tmp_path / "text.csv").write_text('prompt,chosen,rejected\nList it,"[{1, 2}]",[{]\n')  # text that only looks so
+    assert load_pairs(str(tmp_path / "text.csv")).pairs[0].chosen == "[{1, 2}]"
+
+
 def test_identical_responses_are_skipped_and_counted(tmp_path):
     rows = PAIRS + [{"prompt": "p", "chosen": "same", "rejected": "same"}]
     loaded = load_pairs(str(write_jsonl(tmp_path / "d.jsonl", rows)))

@@ -351,7 +351,26 @@ def _rows_from_csv(path: Path) -> Iterator[tuple[str, object]]:
         where = f"{path}, line {last}" if first == last else f"{path}, lines {first}-{last}"
         if None in row:
             raise UserError(f"{where}: more values than header columns.")
+        for name in ("prompt", "chosen", "rejected"):
+            if _message_list_as_text(row.get(name)):
+                # Trained on as text, the Python repr of a conversation looks like any response.
+                raise UserError(f"{where}: field {name!r} holds a list of messages written out as text "
+                                "(as pandas' and datasets' to_csv write one), which CSV cannot hold; save "
+                                "the data as JSONL (Dataset.to_json) or Parquet.")
         yield where, {k: v for k, v in row.items() if v != "" or k != "prompt"}
+
+
+def _message_list_as_text(text) -> bool:
+    """Whether a CSV cell holds a list of {role, content} messages as its Python or JSON text."""
+    if not isinstance(text, str) or not (text.lstrip().startswith("[{") and text.rstrip().endswith("}]")):
+        return False
+    import ast
+
+    try:
+        value = ast.literal_eval(text.strip())
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return False
+    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
 
 
 def _refuse_a_repeated_column(reader: csv.DictReader, path: Path) -> None:
