@@ -22,7 +22,7 @@ import time
 import types
 from array import array
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from fnmatch import fnmatch
 from functools import partial
 from pathlib import Path
@@ -615,7 +615,8 @@ def _report_bad_step(console, state, metrics, step_indices, train_pairs, config,
     if state.bad_steps <= config.train.max_bad_steps:
         return None
     if not _count_nonfinite(ctx.trainable, ctx.dist):
-        where = f"stopped with checkpoint {save(state)}"
+        # The state before this step, which a resume retries: its count leaves this step out.
+        where = f"stopped with checkpoint {save(replace(state, bad_steps=state.bad_steps - 1))}"
     else:  # saving would only preserve the damage; point at the last checkpoint before it
         last = latest_good_checkpoint(Path(config.train.output_dir))
         where = (f"the weights themselves are non-finite, so no checkpoint was written; the last "

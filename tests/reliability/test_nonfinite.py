@@ -84,6 +84,24 @@ def test_past_max_bad_steps_the_run_stops_with_a_checkpoint(tmp_path, dropout_mo
     assert sorted(metrics)[-1:] == [stopped_at] and metrics[stopped_at]["loss"] is None
 
 
+def test_a_run_stopped_by_max_bad_steps_resumes_counting_the_retried_step_once(tmp_path, dropout_model,
+                                                                                poisoned_data):
+    # The checkpoint is from before the bad step, yet it counted that step: resumed with one more
+    # step allowed, the retried step was counted twice and the run stopped again at once.
+    run = tmp_path / "run"
+    raw = run_config(dropout_model, poisoned_data, run, train={"max_bad_steps": 0, "save_every": None})
+    with pytest.raises(UserError, match=r"^1 steps"):
+        train(validate_config(raw))
+    [first_stop] = list_checkpoints(run)
+    raw["train"]["max_bad_steps"] = 1
+    with pytest.raises(UserError, match=r"^2 steps had a non-finite loss or gradient \(train.max_bad_steps is 1\)"):
+        train(validate_config(raw), resume=True)
+    # Skipped once more, then stopped at the poisoned row's next epoch, not again at once.
+    bad = sorted(step for step, m in metric_lines(run).items() if m["loss"] is None)
+    first = int(first_stop.name.split("-")[1]) + 1
+    assert len(bad) == 2 and bad[0] == first and bad[1] > first
+
+
 @pytest.mark.parametrize("save_every", [None, 1])
 def test_float16_overflow_from_a_huge_lr_stops_clearly_and_saves_no_poisoned_weights(
         tmp_path, dropout_model, pairs_path, save_every):
