@@ -201,6 +201,18 @@ def test_json_lines_under_a_json_name_are_read_line_by_line(tmp_path):
         load_pairs(str(path))
 
 
+def test_json_lines_of_one_row_under_a_json_name_are_that_row(tmp_path):
+    """Dataset.to_json writes a one-pair data set as one object: refused as 'must hold a list of rows'."""
+    import datasets
+
+    datasets.Dataset.from_list(PAIRS[:1]).to_json(str(tmp_path / "one.json"))
+    loaded = load_pairs(str(tmp_path / "one.json"))
+    assert [(p.chosen, p.origin) for p in loaded.pairs] == [(PAIRS[0]["chosen"], f"{tmp_path / 'one.json'}, line 1")]
+    (tmp_path / "other.json").write_text('{"rows": []}')
+    with pytest.raises(UserError, match=r"other.json: a .json data file must hold a list of rows"):
+        load_pairs(str(tmp_path / "other.json"))
+
+
 def test_hub_id_offline_fails_with_one_sentence_naming_the_key_and_what_to_do():
     # HF_HUB_OFFLINE=1 (conftest): it said 'could not load the hub data set ...: Couldn't reach
     # ... on the Hub (OfflineModeIsEnabled); check the id and the network', naming no key.

@@ -324,6 +324,10 @@ def _rows_from_json(path: Path) -> Iterator[tuple[str, object]]:
         data = _parse_json(text, str(path))
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
+    elif isinstance(data, dict) and ("chosen" in data or "rejected" in data):
+        # JSON Lines of one row: what Dataset.to_json writes for a one-pair data set.
+        yield from _rows_from_jsonl(path)
+        return
     if not isinstance(data, list):
         raise UserError(f"{path}: a .json data file must hold a list of rows; use .jsonl for one row per line.")
     for i, row in enumerate(data):
