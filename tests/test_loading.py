@@ -91,6 +91,22 @@ def test_make_tiny_model_is_the_same_from_any_folder(tmp_path, monkeypatch):
     assert result.exit_code == 2 and "--texts" in result.output and "does not exist" in result.output
 
 
+@pytest.mark.parametrize("folder, args, said", [
+    ("model", ["--arch", "mistral"], "error: --arch 'mistral' is not a tiny model family; use llama, qwen2 or gpt2."),
+    ("notes.txt", [], "notes.txt is a file; pass a folder to write the model and tokenizer into."),
+])
+def test_make_tiny_model_refuses_a_bad_family_or_a_file_in_one_sentence(tmp_path, folder, args, said):
+    # Both were tracebacks: build_model's ValueError, and mkdir's FileExistsError on the file.
+    from typer.testing import CliRunner
+
+    from preftune.cli import app
+
+    (tmp_path / "notes.txt").write_text("a file, not a folder\n")
+    result = CliRunner().invoke(app, ["make-tiny-model", str(tmp_path / folder), *args])
+    assert result.exit_code == 2, result.output
+    assert said in result.output and "Traceback" not in result.output
+
+
 def test_a_pad_token_added_without_resizing_the_model_is_refused_at_load(tmp_path, tiny_llama):
     # The half-done recipe: tokenizer.add_special_tokens({"pad_token": "[PAD]"}), model not
     # resized. Padding with that id would stop the first forward with an IndexError.

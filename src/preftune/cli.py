@@ -97,8 +97,14 @@ def make_tiny_model(
         None, help="A text file whose lines train the tokenizer (default: a small built-in corpus)."),
 ):
     """Build a tiny random model and tokenizer for smoke tests, offline."""
-    from preftune.demo.tiny import save_tiny_model
+    from preftune.demo.tiny import FAMILIES, save_tiny_model
     from preftune.modeling import quiet_transformers
+
+    # Said here in one sentence: deeper down they are build_model's ValueError and mkdir's FileExistsError.
+    if arch not in FAMILIES:
+        raise UserError(f"--arch {arch!r} is not a tiny model family; use {', '.join(FAMILIES[:-1])} or {FAMILIES[-1]}.")
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} is a file; pass a folder to write the model and tokenizer into.")
 
     quiet_transformers()  # no "Writing model shards" bar for a one-file model
     kwargs = {}

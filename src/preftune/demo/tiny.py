@@ -57,6 +57,10 @@ def train_tokenizer(texts: Iterable[str] = DEFAULT_CORPUS, vocab_size: int = 512
     return wrapped
 
 
+# The model families build_model makes (`preftune make-tiny-model --arch`).
+FAMILIES = ("llama", "qwen2", "gpt2")
+
+
 def build_model(
     arch: str,
     vocab_size: int,
