@@ -119,6 +119,14 @@ def test_a_section_left_empty_takes_its_defaults(tmp_path):
     assert str(caught.value) == f"{path}: missing required key 'model.path'."
 
 
+def test_numbers_with_an_exponent_and_no_dot_are_numbers(tmp_path):
+    """YAML 1.1 reads 1e3 as a string: `max_steps: 1e3` was 'unable to parse string as an integer'."""
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {path: m}\ndata: {train: d.jsonl}\noptim: {lr: 5e-7}\ntrain: {max_steps: 1e3}\n")
+    cfg = load_config(path, ["train.save_every=2E+2"])
+    assert (cfg.optim.lr, cfg.train.max_steps, cfg.train.save_every) == (5e-7, 1000, 200)
+
+
 def test_an_empty_output_dir_is_refused():
     """'' was the current folder: the run's files mixed with whatever is there, and --overwrite
     deleted its checkpoints/ and final/."""

@@ -556,6 +556,12 @@ def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, d
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+# YAML 1.1 (PyYAML) reads 1e3 and 5e-7, exponents without a dot, as strings: `max_steps: 1e3` was
+# "unable to parse string as an integer" (a float key took the string). YAML 1.2 reads them as
+# numbers, as Python and TRL's command line do.
+_UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                       re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+                                       list("-+0123456789."))
 
 
 def _parse_yaml(text: str, source: str) -> Any:
