@@ -239,6 +239,16 @@ def test_ratings_the_data_leave_unbounded_get_open_intervals(outcomes, open_syst
     assert ("unbounded" in board.to_markdown()) == bool(open_systems)
 
 
+def test_no_bootstrap_resamples_give_no_interval_not_a_zero_width_one():
+    """--n-bootstrap 0 printed every rating's interval as 'R to R', certainty the data do not give."""
+    board = fit_ratings([("A", "B")] * 7 + [("B", "A")] * 3, anchor="B", n_bootstrap=0)
+    assert all(math.isnan(r.lower) and math.isnan(r.upper) for r in board.ratings)
+    text = board.to_text()
+    assert " to " not in text.split("Bradley-Terry")[0] and "no intervals (0 bootstrap resamples)." in text
+    as_json = json.loads(json.dumps(board.to_dict(), allow_nan=False))  # strict JSON
+    assert [row["ci"] for row in as_json["ratings"]] == [[None, None]] * 2 and as_json["n_bootstrap"] == 0
+
+
 def test_bootstrap_resamples_whole_groups_when_comparisons_are_not_independent():
     # Each prompt's outcome copied four times (four annotators who always agree, say) is one
     # prompt's worth of evidence: resampling the prompts gives the single copy's interval, while

@@ -289,7 +289,8 @@ class Leaderboard:
     Ratings are `anchor_rating + scale * (r - r_anchor)`, with r in natural units (log-odds), so
     the anchor sits exactly at `anchor_rating` and its interval has zero width: every interval is
     the uncertainty of a system *relative to the anchor*. An interval of (-inf, inf) (null in
-    `to_dict`) marks a rating the data leave unbounded, fitted finite by the prior alone.
+    `to_dict`) marks a rating the data leave unbounded, fitted finite by the prior alone; NaN
+    (null too; n_bootstrap says which) an interval not computed, with no bootstrap resamples.
     """
 
     ratings: list[Rating]
@@ -363,7 +364,8 @@ class Leaderboard:
         text = (
             f"Bradley-Terry ratings from {self.n_comparisons} comparisons (ties count half); "
             f"{self.anchor} fixed at {self.anchor_rating:.0f}; 400 points = 10:1 odds; "
-            f"intervals from {self.n_bootstrap} bootstrap resamples of the {self.resampled}."
+            + (f"intervals from {self.n_bootstrap} bootstrap resamples of the {self.resampled}."
+               if self.n_bootstrap else "no intervals (0 bootstrap resamples).")
         )
         if any(math.isinf(r.lower) or math.isinf(r.upper) for r in self.ratings):
             text += (" 'unbounded': the system never lost (or never won) against the rest, so "
@@ -382,6 +384,8 @@ def _finite_or_none(x: float) -> float | None:
 def _interval_text(r: Rating) -> str:
     if math.isinf(r.lower) or math.isinf(r.upper):
         return "unbounded"
+    if math.isnan(r.lower) or math.isnan(r.upper):
+        return "–"  # not computed (no bootstrap resamples)
     return f"{r.lower:.0f} to {r.upper:.0f}"
 
 
@@ -443,7 +447,9 @@ def fit_ratings(
 
     scores = (counts @ kind_scores).reshape(1, k, k)
     point = to_points(_fit_natural(scores, games[None], prior_strength))[0]
-    lower, upper = point.copy(), point.copy()
+    # No resamples, no interval: NaN (null in to_dict, "–" in the tables), not a zero-width
+    # interval at the point, which would read as certainty.
+    lower, upper = np.full_like(point, math.nan), np.full_like(point, math.nan)
     if n_bootstrap > 0:
         draws = _bootstrap(group_counts, kind_scores, kind_games, k, n_bootstrap, seed,
                            prior_strength)
