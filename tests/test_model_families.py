@@ -260,6 +260,31 @@ def test_train_eval_and_sample_a_family_as_downloaded(tmp_path, family_folder, o
     assert ids[0].tolist() == expected[0].prompt_ids
 
 
+def test_sampling_stops_at_the_tokenizers_eos_when_the_model_config_names_another(tokenizers):
+    # A chat fine-tune whose tokenizer closes texts with <end_of_turn> (training appended it to
+    # every completion) while its config.json still says <eos>: the model ends its response with
+    # <end_of_turn>. Sampling ran on past it, wrote what followed as the response and marked it
+    # cut by max_new_tokens.
+    import copy
+
+    from preftune.sampling import generate_token_ids, sample_pairs
+    from preftune.sampling_settings import SamplingSettings
+
+    tokenizer = copy.deepcopy(tokenizers["gemma"])
+    model = family_model("mistral", tokenizer).eval()
+    greedy = SamplingSettings(temperature=0, max_new_tokens=6, n=1)
+    first = generate_token_ids(model, tokenizer, ["The quick brown fox"], [0], greedy)[1][0][0][0]
+    end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    with torch.no_grad():  # <end_of_turn> outscores the token the model would write first
+        model.lm_head.weight[end_of_turn] = 3 * model.lm_head.weight[first]
+    tokenizer.eos_token = "<end_of_turn>"
+    assert model.generation_config.eos_token_id == tokenizer.convert_tokens_to_ids("<eos>")
+    _, rows = generate_token_ids(model, tokenizer, ["The quick brown fox"], [0], greedy)
+    assert rows == [[[end_of_turn]]]
+    record = sample_pairs(model, tokenizer, ["The quick brown fox"], n=1, temperature=0, max_new_tokens=6)[0]
+    assert record["responses"] == [""] and record["truncated"] == [False]
+
+
 def test_a_chat_template_that_refuses_a_conversation_names_the_row_or_prompt(tokenizers):
     # Gemma's and Mistral's templates raise on a system turn or turns that do not alternate.
     import copy

@@ -68,9 +68,13 @@ def load_prompts(path: str | Path) -> list[Prompt]:
             "or .txt (one prompt per line)."
         )
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # utf-8-sig drops a byte-order mark that Windows editors add, which would start the first prompt.
+        text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8.") from None
+    # Lines end at "\n" alone: str.splitlines() also breaks at U+2028, U+0085, form feeds and other
+    # characters a prompt (or a JSON string) may hold raw, cutting one prompt in two.
+    lines = [line.removesuffix("\r") for line in text.removesuffix("\n").split("\n")]
     prompts, blank = [], 0
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
@@ -274,12 +278,15 @@ def set_aside_settings(generation_config) -> list[str]:
 
 
 def _stop_token_ids(model, tokenizer) -> list[int]:
+    """The model's generation-config EOS ids, and the tokenizer's EOS: training closes every text
+    completion with the tokenizer's (preftune.data.tokenize), so a chat fine-tune whose tokenizer
+    ends texts with <|im_end|> while its config.json still says <|endoftext|> has ended its
+    response there, and what it writes after is no part of it."""
     eos = getattr(model.generation_config, "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        return []
-    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    stops = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stops:
+        stops.append(tokenizer.eos_token_id)
+    return stops
 
 
 @torch.no_grad()
