@@ -127,6 +127,19 @@ def test_numbers_with_an_exponent_and_no_dot_are_numbers(tmp_path):
     assert (cfg.optim.lr, cfg.train.max_steps, cfg.train.save_every) == (5e-7, 1000, 200)
 
 
+@pytest.mark.parametrize("override, said", [
+    ("train.save_every=yes", "key 'train.save_every': true is not a number; give a number, or null for none."),
+    ("train.eval_every=true", "key 'train.eval_every': true is not a number; give a number, or null for none."),
+    ("loss.beta=on", "key 'loss.beta': true is not a number; give a number."),
+])
+def test_a_yaml_boolean_is_no_number(override, said):
+    """pydantic took true for 1: `save_every: yes` saved after every step."""
+    with pytest.raises(UserError) as caught:
+        load_config(None, [*REQUIRED, override])
+    assert str(caught.value) == f"override {override!r}: {said}"
+    assert load_config(None, [*REQUIRED, "train.report=no"]).train.report is False  # a boolean key takes one
+
+
 def test_an_empty_output_dir_is_refused():
     """'' was the current folder: the run's files mixed with whatever is there, and --overwrite
     deleted its checkpoints/ and final/."""

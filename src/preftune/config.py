@@ -11,7 +11,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -23,6 +23,19 @@ class Section(BaseModel):
     # Typos must fail loudly: a silently ignored `optim.learning_rate` costs a whole run.
     # A NaN or infinite number is always a typo or junk (`lr: .nan`), never a setting.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_for_a_number(cls, value, info):
+        # YAML reads yes/no/true/false/on/off as booleans, and pydantic took them for 1 and 0:
+        # `save_every: yes` saved after every step, `eval_every: true` evaluated after every one.
+        if isinstance(value, bool):
+            annotation = cls.model_fields[info.field_name].annotation
+            members = get_args(annotation) or (annotation,)
+            if all(member in (int, float, type(None)) for member in members):
+                none = ", or null for none" if type(None) in members else ""
+                raise ValueError(f"{str(value).lower()} is not a number; give a number{none}")
+        return value
 
 
 class LoraConfig(Section):
