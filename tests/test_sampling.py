@@ -298,6 +298,16 @@ def test_text_prompts_skip_blank_lines_and_keep_inner_spaces(tmp_path):
     assert str(path) in str(caught[0].message)
 
 
+def test_a_prompt_holding_a_line_separator_or_a_file_starting_with_a_bom_reads_as_written(tmp_path):
+    """str.splitlines() broke a line at U+2028 and U+0085 too: a JSONL prompt holding one raw (as
+    json.dumps(ensure_ascii=False) writes it) was 'not valid JSON', a .txt prompt became two; and a
+    .txt file's byte-order mark began the first prompt."""
+    (tmp_path / "p.jsonl").write_text('{"prompt": "one\u2028line"}\n{"prompt": "two\x85"}\n', encoding="utf-8")
+    assert load_prompts(tmp_path / "p.jsonl") == ["one\u2028line", "two\x85"]
+    (tmp_path / "p.txt").write_bytes("\ufefffirst\r\nsecond\u2028half\x0cpage\n".encode())
+    assert load_prompts(tmp_path / "p.txt") == ["first", "second\u2028half\x0cpage"]
+
+
 def test_blank_lines_are_counted_not_dropped_silently(tmp_path):
     """Pair ids number the prompts (files sampled earlier must resume), so the warning says so."""
     path = tmp_path / "p.jsonl"
