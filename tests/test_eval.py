@@ -363,7 +363,7 @@ def test_eval_pairs_max_length_zero_is_refused_not_read_as_the_default(models, t
     from preftune.evaluate import evaluate_pairs_file
 
     data = write_pairs(tmp_path / "d.jsonl")
-    with pytest.raises(UserError, match="max_length"):
+    with pytest.raises(UserError, match="--max-length"):
         evaluate_pairs_file(models["pol"], data, models["ref"], max_length=0, out=tmp_path / "o")
     result = invoke(["pairs", "--model", models["pol"], "--reference", models["ref"], "--data", data,
                      "--max-length", 0, "--out", tmp_path / "o"])
@@ -381,6 +381,20 @@ def test_eval_pairs_drops_the_prompt_budget_of_an_older_run_with_no_max_length()
     assert (data.max_length, data.max_prompt_length, data.truncation) == (None, None, "keep_start")
     data = pairs_eval_config("m", "d.jsonl", run, None, None, 2, 64, "float32").data  # --max-length 64
     assert (data.max_length, data.max_prompt_length) == (64, 128)
+
+
+@pytest.mark.parametrize("beta, loss, dtype, said", [
+    (-1.0, None, "float32", "preftune eval pairs: --beta: Input should be greater than 0."),
+    (None, "sigmoid,foo", "float32", "preftune eval pairs: --loss: unknown loss 'foo'; choose from"),
+    (None, None, "fp8", "preftune eval pairs: --dtype: Input should be 'float32', 'bfloat16' or 'float16'."),
+])
+def test_eval_pairs_names_its_own_option_for_a_bad_value(beta, loss, dtype, said):
+    """It said "key 'loss.beta'", a training key, for the --beta the user typed."""
+    from preftune.evaluate import pairs_eval_config
+
+    with pytest.raises(UserError) as caught:
+        pairs_eval_config("m", "d.jsonl", {}, beta, loss, 2, None, dtype)
+    assert str(caught.value).startswith(said), str(caught.value)
 
 
 def test_eval_pairs_names_its_own_option_for_a_missing_model_folder(models, tmp_path):

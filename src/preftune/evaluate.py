@@ -172,7 +172,19 @@ def pairs_eval_config(model_path, data, run: dict, beta: float | None, loss: str
         token_metrics = (run.get("train") or {}).get("token_metrics", False)
     raw = {"model": model_cfg, "data": data_cfg,
            "loss": loss_cfg, "train": {"eval_batch_size": batch_size, "token_metrics": token_metrics}}
-    return validate_config(raw, source="preftune eval pairs options")
+    try:
+        return validate_config(raw, source="preftune eval pairs")
+    except UserError as e:  # a bad option is named as the user typed it, not as the config key it fills
+        message = str(e)
+        for key, option in OPTION_OF_KEY.items():
+            message = message.replace(f"key '{key}'", option)
+        raise UserError(message) from None
+
+
+# The config keys `eval pairs` fills from its options.
+OPTION_OF_KEY = {"model.path": "--model", "model.dtype": "--dtype", "data.train": "--data",
+                 "data.max_length": "--max-length", "loss.type": "--loss", "loss.beta": "--beta",
+                 "train.eval_batch_size": "--batch-size"}
 
 
 def evaluate_pairs_file(
