@@ -305,6 +305,10 @@ def test_eval_on_the_training_data_and_split_is_refused_and_eval_split_picks_ano
         load_config(None, same)
     assert load_config(None, same + ["data.eval_split=test"]).data.eval_split == "test"
     assert load_config(None, REQUIRED + ["data.eval=other.jsonl"]).data.eval_split is None
+    # One of several eval sources: with data.split carried over to it, it read the training split.
+    with pytest.raises(UserError, match=r"data.eval names 'pairs.jsonl', which data.train names too, with the "
+                                        r"same split \('train'\), so evaluation would run on its training pairs"):
+        load_config(None, REQUIRED + ["data.eval=[pairs.jsonl,other.jsonl]"])
 
 
 def test_compile_mode_without_compile_is_refused():

@@ -143,12 +143,19 @@ class DataConfig(Section):
         def as_list(sources):
             return [sources] if isinstance(sources, str) else list(sources or [])
 
-        if as_list(self.eval) and as_list(self.eval) == as_list(self.train) \
-                and (self.eval_split or self.split) == self.split:
+        if (self.eval_split or self.split) != self.split:
+            return self
+        if as_list(self.eval) and as_list(self.eval) == as_list(self.train):
             raise ValueError(
                 f"data.eval names the same data as data.train, and the same split ({self.split!r}), "
                 "so evaluation would run on training pairs; set data.eval_split (e.g. test), or "
                 "remove data.eval and hold out data.eval_fraction instead"
+            )
+        if shared := [name for name in as_list(self.eval) if name in as_list(self.train)]:
+            raise ValueError(
+                f"data.eval names {shared[0]!r}, which data.train names too, with the same split "
+                f"({self.split!r}), so evaluation would run on its training pairs; give data.eval_split "
+                "(e.g. test) and data.eval only sources that have that split, or leave it out of data.eval"
             )
         return self
 
