@@ -184,8 +184,13 @@ def test_an_eval_file_beside_training_data_of_another_split_is_read_whole(tmp_pa
     datasets.Dataset.from_list(PAIRS[:2]).save_to_disk(str(tmp_path / "one"))
     for source, n in ((eval_file, 3), (tmp_path / "one", 2)):
         config = make_config(tmp_path, "unused", tmp_path / "dd", data={"split": "train_prefs", "eval": str(source)})
-        train, evaluated, _ = prepare_data(config, tokenizer, Console(quiet=True))
+        console = Console(record=True, width=1000)
+        train, evaluated, _ = prepare_data(config, tokenizer, console)
         assert (len(train), len(evaluated)) == (len(PAIRS), n)
+        # The split read is said; "(train)" names the role, and said alone it read as the split.
+        said = console.export_text()
+        assert f"rows read from {tmp_path / 'dd'}, split 'train_prefs' (train)" in said
+        assert f"rows read from {source} (eval)" in said
     config = make_config(tmp_path, "unused", tmp_path / "dd", data={"split": "train_prefs", "eval": str(eval_file),
                                                                     "eval_split": "test_prefs"})
     with pytest.raises(UserError, match=r"eval.jsonl has no splits, so split 'test_prefs' cannot be chosen"):

@@ -130,7 +130,8 @@ def _load_sources(sources: str | list[str], split: str, name: str, console: Cons
         loaded = load_pairs(source, split, setting=f"data.{name}", split_inherited=split_inherited)
         pairs += loaded.pairs
         skipped.update(loaded.skipped)
-        console.print(escape(f"data: {loaded.rows_read} rows read from {source} ({name}), "
+        split_read = f", split {loaded.split!r}" if loaded.split else ""  # "(train)" is the role, not the split
+        console.print(escape(f"data: {loaded.rows_read} rows read from {source}{split_read} ({name}), "
                              f"{len(loaded.pairs)} kept, skipped: {_describe_counts(loaded.skipped)}"))
     return pairs, skipped
 

@@ -33,6 +33,7 @@ class LoadResult:
     pairs: list[PreferencePair]
     skipped: Counter = field(default_factory=Counter)  # reason -> count
     source: str = ""
+    split: str | None = None  # the split read; None for a source without splits (a file)
 
     @property
     def rows_read(self) -> int:
@@ -48,16 +49,21 @@ def load_pairs(spec: str, split: str = "train", setting: str = "data.train / dat
     (data.split to data.eval when data.eval_split is unset), so a source without splits, a file,
     is read whole rather than refused."""
     path = Path(spec)
+    split_read = split
     if path.is_dir():
         rows = _rows_from_saved_dataset(path, split, setting, split_inherited)
+        if (path / "state.json").is_file() and not (path / "dataset_dict.json").is_file():
+            split_read = None  # one saved Dataset
     elif path.is_file():
         _refuse_a_split(spec, split, split_inherited)
-        rows = _rows_from_file(path)
+        rows, split_read = _rows_from_file(path), None
     elif _format_suffix(path) in FILE_SUFFIXES or spec.startswith((".", "/", "~")):
         raise UserError(f"data file {spec} does not exist; check {setting}.")
     else:
         rows = _rows_from_hub(spec, split, setting)
-    return parse_rows(rows, spec)
+    result = parse_rows(rows, spec)
+    result.split = split_read
+    return result
 
 
 def parse_rows(rows: Iterable[tuple[str, object]], source: str) -> LoadResult:
