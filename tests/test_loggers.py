@@ -276,6 +276,7 @@ def test_an_online_wandb_without_an_api_key_is_refused_before_the_model_loads(tm
         "configured and there is no terminal to ask for one; run `wandb login` or set WANDB_API_KEY, set "
         "WANDB_MODE=offline to log locally and `wandb sync` later, or drop wandb from train.loggers.")
     check_backends(["jsonl", "tensorboard"])  # only wandb needs a key
+    check_backends(["wandb"], logs=False)  # and only on the rank that logs
     key = "k" * 40
     (tmp_path / "no-netrc").write_text(f"machine api.wandb.ai\n  login user\n  password {key}\n")
     check_backends(["wandb"])  # what `wandb login` writes

@@ -193,9 +193,11 @@ def _import_backend(backend: str):
         ) from None
 
 
-def check_backends(backends: Iterable[str]) -> None:
+def check_backends(backends: Iterable[str], logs: bool = True) -> None:
     """Refuse, before a run loads its model and data, backends it could not open at its first
-    step: an unknown name, or a package that is not installed."""
+    step: an unknown name, a package that is not installed, an online W&B with no API key.
+    `logs`: False on the ranks of a distributed run that do not log, which need no API key
+    (another node may well have none)."""
     for backend in backends:
         if backend not in BACKENDS:
             raise UserError(f"unknown logger backend {backend!r}; choose from {', '.join(BACKENDS)}.")
@@ -203,7 +205,8 @@ def check_backends(backends: Iterable[str]) -> None:
             module = _import_backend(backend)
             if backend == "wandb":
                 _check_wandb_environment(module)
-                _check_wandb_login(module)
+                if logs:
+                    _check_wandb_login(module)
 
 
 # The variables wandb.init reads that a typo makes fail, with what each should hold.

@@ -304,7 +304,7 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
     output_dir = Path(config.train.output_dir)
     # Every rank, so that all stop together; a missing package surfaces now, not after the
     # model, the data and the reference's log-probs are ready.
-    check_backends(config.train.loggers)
+    check_backends(config.train.loggers, logs=dist.is_main)
     # Checked before the model loads, so a refusal costs nothing; deleted only once everything
     # else has been checked, so a bad config or data set never costs the earlier run.
     start_over = _check_output_dir(output_dir, resume, overwrite, dist)
