@@ -471,6 +471,18 @@ def test_step_axes_have_whole_number_ticks(tmp_path, monkeypatch):
             assert ticks.size >= 2 and all(t == int(t) for t in ticks), (name, ticks)
 
 
+
+def test_a_one_step_run_is_ticked_at_its_step(tmp_path, monkeypatch):
+    """A run of one step: MaxNLocator found no two whole numbers around it and ticked the step
+    axis at 0.96, 0.975, ..., 1.05."""
+    drawn = _drawn_figures(monkeypatch)
+    write_metrics(tmp_path, n_steps=1, eval_every=1)
+    write_report(tmp_path)
+    for name in ("loss.png", "rewards.png", "accuracy_margins.png", "optimization.png"):
+        for ax in drawn[name].axes:
+            assert list(ax.get_xticks()) == [1], name
+
+
 def test_a_curve_too_short_to_smooth_is_not_called_an_ema(tmp_path, monkeypatch):
     """Curves of 2 steps or fewer are drawn raw; the loss caption still spoke of an EMA."""
     drawn = _drawn_figures(monkeypatch)

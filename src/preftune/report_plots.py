@@ -120,6 +120,11 @@ def finish_step_axes(ax, title: str, ylabel: str) -> None:
     ax.set_title(title)
     ax.set_xlabel(STEP_LABEL)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    low, high = ax.get_xlim()
+    if high - low < 1:  # one step: no two whole numbers in view, and MaxNLocator fell back to 0.96, 0.975
+        step = round((low + high) / 2)
+        ax.set_xlim(step - 0.5, step + 0.5)
+        ax.set_xticks([step])
     ax.set_ylabel(ylabel + (", log scale" if ax.get_yscale() == "log" else ""))
     if ax.get_legend_handles_labels()[0]:  # the guides' labels (chance); runs are in fig.legend
         ax.legend(loc="best", fontsize=9, framealpha=0.85)
