@@ -321,6 +321,12 @@ def test_hub_layouts_become_prompt_chosen_rejected(tmp_path, row, prompt, chosen
     assert set(pair.metadata) == set(row) - {"prompt", "chosen", "rejected"}  # kept, never trained on
 
 
+def test_a_conversational_response_with_no_text_but_a_tool_call_is_kept(tmp_path):
+    call = [{"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "f"}}]}]
+    pair = load_pairs(str(write_jsonl(tmp_path / "d.jsonl", [dict(CONVERSATION, chosen=call)]))).pairs[0]
+    assert pair.chosen == call
+
+
 def test_a_text_prompt_that_the_conversations_do_not_hold_is_refused(tmp_path):
     row = dict(ULTRAFEEDBACK, prompt="Something else entirely")
     with pytest.raises(UserError, match=r"d.jsonl, line 1: field 'prompt' is text found in none of the messages"):
@@ -338,6 +344,10 @@ def test_a_text_prompt_that_the_conversations_do_not_hold_is_refused(tmp_path):
     ({"prompt": "x", "chosen": [{"role": "assistant"}], "rejected": [{"role": "a", "content": "b"}]},
      r"line 2: chosen\[0\] must be an object"),
     ([1, 2], "line 2: expected an object"),
+    # A conversational response with no content trained on the template's empty turn.
+    (dict(CONVERSATION, chosen=[{"role": "assistant", "content": " "}]), "line 2: field 'chosen' is empty"),
+    ({"chosen": CONVERSATION["prompt"] + CONVERSATION["chosen"],
+      "rejected": CONVERSATION["prompt"] + [{"role": "assistant", "content": ""}]}, "line 2: field 'rejected' is empty"),
 ])
 def test_bad_rows_name_file_line_and_field(tmp_path, row, message):
     path = tmp_path / "bad.jsonl"

@@ -122,6 +122,12 @@ def parse_row(row: object, where: str) -> PreferencePair:
         _check_messages(prompt, where, "prompt", allow_empty=False)
     else:
         _check_text(prompt, where, "prompt", allow_empty=True)
+    if conversational and chosen != rejected:
+        for name, response in (("chosen", chosen), ("rejected", rejected)):
+            if all(_says_nothing(message) for message in response):
+                # The template's empty assistant turn would be trained on as the response.
+                raise UserError(f"{where}: field {name!r} is empty (its messages after the prompt have no "
+                                "content); remove the row or fill in the response.")
     for name in TRUNCATED_KEYS:
         if name in row and not isinstance(row[name], bool):
             raise UserError(f"{where}: field {name!r} must be true or false, got {row[name]!r}.")
@@ -163,6 +169,12 @@ def _check_messages(value, where: str, name: str, allow_empty: bool = False) -> 
             raise UserError(f"{where}: {name}[{i}] must be an object with string 'role' and 'content'.")
         _check_encodable(message["role"], where, f"{name}[{i}].role")
         _check_encodable(message["content"], where, f"{name}[{i}].content")
+
+
+def _says_nothing(message: dict) -> bool:
+    """A message of blank content and nothing else (a tool call, say, is something)."""
+    return not message["content"].strip() and not any(
+        value for key, value in message.items() if key not in ("role", "content"))
 
 
 def _conversations_with_text_prompt(prompt: str, chosen: list, rejected: list, where: str):
