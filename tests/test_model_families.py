@@ -198,6 +198,42 @@ def test_prompt_sharing_is_refused_for_soft_capped_logits_even_when_they_are_sma
     assert (shared - expected).abs().max() > 1.0
 
 
+@pytest.mark.parametrize("config_class, extra", [
+    ("MistralConfig", {}), ("Gemma3TextConfig", {"head_dim": 8, "layer_types": ["sliding_attention", "full_attention"]}),
+    ("Qwen2Config", {"use_sliding_window": True, "max_window_layers": 0}),
+])
+def test_prompt_sharing_is_refused_for_sliding_window_attention(tokenizers, config_class, extra):
+    # A window of 8 here; Gemma 3 270M's is 512. The start-up probe's sequences fit in any
+    # window, so it passed; then a pair whose prompt and chosen response outran the window
+    # stopped training with a RuntimeError from the cache's crop, and prompts of unlike lengths
+    # gave the rejected responses other log-probs (the padding after a short prompt filled the
+    # window). Packing keeps each sequence's slots together, so it stays exact.
+    from preftune.config import validate_config
+    from preftune.data.collate import collate_pairs, pack_pairs
+    from preftune.logprobs import completion_logps, naive_completion_logps
+    from preftune.packing import choose_collate
+
+    tokenizer = tokenizers["gemma"]
+    config = getattr(transformers, config_class)(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128, sliding_window=8,
+        pad_token_id=tokenizer.pad_token_id, **extra)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    cfg = validate_config({"model": {"path": "x"}, "data": {"train": "x", "packing": "off", "share_prompt": True}})
+    assert choose_collate(cfg, model, tokenizer.pad_token_id, torch.device("cpu")).func is collate_pairs
+
+    texts = [PreferencePair("Question: What is the best ice cream?\nAnswer:", " Haagen-Dazs.", " GB"),
+             PreferencePair("The quick brown fox", " jumps over the lazy dog.", " sleeps.")]
+    pairs = [tokenize_pair(p, tokenizer, i) for i, p in enumerate(texts)]
+    padded = collate_pairs(pairs, tokenizer.pad_token_id)
+    with torch.no_grad():
+        expected, _ = naive_completion_logps(model, padded.input_ids, padded.attention_mask, padded.completion_mask)
+        packed = pack_pairs(pairs)
+        got, _ = completion_logps(model, packed.input_ids, None, packed.completion_mask,
+                                  position_ids=packed.position_ids, sequence_ids=packed.sequence_ids)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
+
+
 def test_packing_is_refused_with_a_warning_for_a_model_that_mixes_packed_rows(tokenizers):
     # OPT takes no position ids from the caller: packed sequences would attend to each other.
     from preftune.config import validate_config

@@ -71,8 +71,10 @@ def prompt_sharing_is_exact(model, device, vocab_size: int, tolerance: float = 1
 
     The shared layout applies the bare LM head to hidden states, so a model whose logits are
     post-processed (Gemma 2's soft-capping) is refused outright: with small logits, as in a
-    freshly initialised model, the probe below could not tell the difference."""
-    if not supports_hidden_state_path(model):
+    freshly initialised model, the probe below could not tell the difference. So is a model
+    with sliding-window attention (see `uses_sliding_window`), which the probe's short
+    sequences never reach."""
+    if not supports_hidden_state_path(model) or uses_sliding_window(model):
         return False
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(1, max(2, vocab_size), (20,), generator=generator).tolist()
@@ -90,6 +92,25 @@ def prompt_sharing_is_exact(model, device, vocab_size: int, tolerance: float = 1
         model.train(was_training)
     scale = expected.abs().max().clamp(min=1.0)
     return bool(((got.float() - expected.float()).abs().max() / scale) <= tolerance)
+
+
+def uses_sliding_window(model) -> bool:
+    """Whether any layer attends within a sliding window (Mistral, Gemma 2 and 3, Qwen 2 with
+    use_sliding_window, Phi-3 with sliding_window), as transformers' own cache reads the config.
+
+    Such a layer sees the last `sliding_window` slots of its cache, not positions: in the
+    prompt-shared layout the padding between a short prompt and its rejected response takes
+    slots of the window, so the response sees less of its prompt than in the padded layout; and
+    the model's cache keeps only a window of keys, which cannot be cropped back to the prompt
+    once a prompt and its chosen response outrun the window (a RuntimeError mid-training)."""
+    from transformers import DynamicCache
+
+    config = unwrap_causal_lm(model).config
+    try:
+        layers = DynamicCache(config=config).layers
+    except Exception:  # a config this transformers cannot read a cache from: judge by the key
+        return getattr(config, "sliding_window", None) is not None
+    return any(getattr(layer, "is_sliding", False) for layer in layers)
 
 
 def _packed_collate(config, model, pad_token_id: int, device, console):
