@@ -40,7 +40,7 @@ app.add_typer(data_app, name="data")
 
 @app.command()
 def train(
-    config: Path = typer.Argument(..., help="YAML config (see configs/)."),
+    config: Path = typer.Argument(..., help="YAML config (examples in configs/; every key in docs/CONFIG.md)."),
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. optim.lr=5e-7"),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest good checkpoint."),
     resume_from: Optional[Path] = typer.Option(None, help="Continue from this checkpoint folder."),
