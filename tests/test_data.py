@@ -310,6 +310,13 @@ ULTRAFEEDBACK = {  # HuggingFaceH4/ultrafeedback_binarized: the prompt as text A
     ({"prompt": "What is 2+2?", "chosen": [{"role": "assistant", "content": "4"}],
       "rejected": [{"role": "assistant", "content": "5"}]},
      [QUESTION], [{"role": "assistant", "content": "4"}], [{"role": "assistant", "content": "5"}]),
+    # the prompt messages beside whole conversations that start with them: the prompt was read
+    # twice, its user turn trained on as part of the response
+    (dict(ULTRAFEEDBACK, prompt=[{"role": "system", "content": "Be brief."}, QUESTION],
+          chosen=[{"role": "system", "content": "Be brief."}] + ULTRAFEEDBACK["chosen"],
+          rejected=[{"role": "system", "content": "Be brief."}] + ULTRAFEEDBACK["rejected"]),
+     [{"role": "system", "content": "Be brief."}, QUESTION], [{"role": "assistant", "content": "4"}],
+     [{"role": "assistant", "content": "5"}]),
     # Anthropic HH: whole dialogues as text, the prompt implicit
     ({"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: 2+2?\n\nAssistant: Four.",
       "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: 2+2?\n\nAssistant: No idea."},
@@ -325,6 +332,12 @@ def test_a_conversational_response_with_no_text_but_a_tool_call_is_kept(tmp_path
     call = [{"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "f"}}]}]
     pair = load_pairs(str(write_jsonl(tmp_path / "d.jsonl", [dict(CONVERSATION, chosen=call)]))).pairs[0]
     assert pair.chosen == call
+
+
+def test_prompt_messages_beside_a_conversation_that_is_only_them_are_refused(tmp_path):
+    row = dict(CONVERSATION, chosen=CONVERSATION["prompt"], rejected=CONVERSATION["prompt"] + CONVERSATION["rejected"])
+    with pytest.raises(UserError, match=r"line 1: chosen holds only the prompt's messages, no response"):
+        load_pairs(str(write_jsonl(tmp_path / "d.jsonl", [row])))
 
 
 def test_a_text_prompt_that_the_conversations_do_not_hold_is_refused(tmp_path):

@@ -120,6 +120,7 @@ def parse_row(row: object, where: str) -> PreferencePair:
         prompt, chosen, rejected = _split_implicit_prompt(chosen, rejected, where)
     elif conversational:
         _check_messages(prompt, where, "prompt", allow_empty=False)
+        chosen, rejected = _after_a_repeated_prompt(prompt, chosen, rejected, where)
     else:
         _check_text(prompt, where, "prompt", allow_empty=True)
     if conversational and chosen != rejected:
@@ -175,6 +176,19 @@ def _says_nothing(message: dict) -> bool:
     """A message of blank content and nothing else (a tool call, say, is something)."""
     return not message["content"].strip() and not any(
         value for key, value in message.items() if key not in ("role", "content"))
+
+
+def _after_a_repeated_prompt(prompt: list, chosen: list, rejected: list, where: str):
+    """Full conversations beside their prompt messages (chosen = prompt + answer): kept whole, the
+    prompt would be read twice and its turns trained on as the response's."""
+    n = len(prompt)
+    if chosen[:n] != prompt or rejected[:n] != prompt:
+        return chosen, rejected
+    for name, value in (("chosen", chosen), ("rejected", rejected)):
+        if len(value) == n:
+            raise UserError(f"{where}: {name} holds only the prompt's messages, no response; fill in the "
+                            "response or remove the row.")
+    return chosen[n:], rejected[n:]
 
 
 def _conversations_with_text_prompt(prompt: str, chosen: list, rejected: list, where: str):
