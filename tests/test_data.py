@@ -489,6 +489,19 @@ def test_conversational_tokenization_uses_the_chat_template(tokenizer):
     assert tokenizer.decode(tok.chosen_ids) == "The cheetah.<|eos|>\n"  # the template closes the turn
 
 
+def test_conversational_rows_for_a_tokenizer_without_a_chat_template_name_the_row(tokenizer):
+    """It said 'the data is conversational but the tokenizer has no chat template', naming no row."""
+    import copy
+
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    pair = PreferencePair(CONVERSATION["prompt"], CONVERSATION["chosen"], CONVERSATION["rejected"],
+                          origin="d.jsonl, line 3")
+    with pytest.raises(UserError, match=r"^d.jsonl, line 3: the row is conversational \(message lists\) but the "
+                                        r"model's tokenizer has no chat template"):
+        tokenize_pair(pair, plain)
+
+
 def test_truncation_prompt_first_then_completions():
     pair = TokenizedPair(list(range(10)), [100, 101, 102, 103, 104, 105], [200, 201])
     kept, status = truncate_pair(pair, max_length=12, max_prompt_length=None, mode="keep_end")

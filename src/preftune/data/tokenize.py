@@ -85,8 +85,9 @@ def encode_prompt_text(tokenizer, prompt: str) -> list[int]:
 
 def _encode_chat(tokenizer, messages: list, generation_prompt: bool, origin: str = "") -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
-        raise UserError("the data is conversational but the tokenizer has no chat template; "
-                        "use a tokenizer with one or convert the rows to prompt/chosen/rejected text.")
+        raise UserError(f"{origin or 'a conversational row'}: the row is conversational (message lists) but "
+                        "the model's tokenizer has no chat template; use a model whose tokenizer has one, or "
+                        "convert the rows to prompt/chosen/rejected text.")
     text = render_chat(tokenizer, messages, generation_prompt, origin or "a conversational row")
     # The rendered template already holds its special tokens (BOS and the like).
     return tokenizer(text, add_special_tokens=False)["input_ids"]
