@@ -33,9 +33,13 @@ def load_reward(spec: str, batch_size: int = 8, device: str | None = None,
     `trust_remote_code` lets a reward-model folder run the Python code it ships."""
     if not isinstance(spec, str) or not spec.strip():
         raise UserError("the reward is empty; pass MODULE:FUNCTION, FILE.py:FUNCTION or a folder.")
-    if Path(spec).is_dir():
-        return _reward_model(Path(spec), batch_size, device, trust_remote_code)
+    folder = Path(spec).expanduser()
+    if folder.is_dir():
+        return _reward_model(folder, batch_size, device, trust_remote_code)
     target, sep, name = spec.rpartition(":")
+    written_as_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec
+    if not sep and written_as_path:  # ./rm, ../rm, ~/rm, /models/rm: a folder mistyped or gone
+        raise UserError(f"reward {spec!r}: no such folder; check the path to the reward model's folder.")
     if not sep and spec.count("/") == 1 and not spec.endswith(".py"):  # org/name, as on the Hub
         raise UserError(
             f"reward {spec!r} is not a folder here; a reward model is read from a local folder, "

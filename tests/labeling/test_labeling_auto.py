@@ -79,6 +79,10 @@ def test_load_reward_specs(rewards_file):
     ("my_rewards:absent", "no function named"),
     ("my_rewards:NOT_CALLABLE", "no function named"),
     ("my_rewards:one_argument", r"takes \(response\); it must take \(prompt, response\)"),
+    # A mistyped or missing folder: not a hub id to download, nor a function to write.
+    ("./no_such_rm", r"^reward './no_such_rm': no such folder; check the path to the reward model's folder\.$"),
+    ("/no/such/rm", r"^reward '/no/such/rm': no such folder"),
+    ("~/no_such_rm", r"^reward '~/no_such_rm': no such folder"),
 ])
 def test_bad_reward_specs_are_user_errors(rewards_file, spec, words):
     with pytest.raises(UserError, match=words):
@@ -280,6 +284,19 @@ def test_a_local_reward_model_scores_prompt_plus_response(tmp_path):
     tokenizer.save_pretrained(tmp_path / "rm2")
     with pytest.raises(UserError, match="exactly one"):
         load_reward(str(tmp_path / "rm2"))
+
+
+def test_a_reward_model_folder_under_home_is_found_by_tilde(tmp_path, monkeypatch):
+    """--reward ~/rm (quoted, or from a script) read '~' as a folder name and said to download it."""
+    import transformers
+
+    from preftune.demo.tiny import train_tokenizer
+
+    tokenizer = train_tokenizer()
+    transformers.LlamaForSequenceClassification(reward_model_config(tokenizer)).save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert len(load_reward("~/rm")(["Hi"], [" there"])) == 1
 
 
 def test_a_last_line_without_newline_is_kept_or_named(tmp_path):
