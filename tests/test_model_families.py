@@ -113,6 +113,8 @@ FAMILIES = {
     "mistral": ("MistralConfig", "llama", False, {"sliding_window": None}),
     "phi3": ("Phi3Config", "llama", False, {}),
     "gemma2": ("Gemma2Config", "gemma", True, {"head_dim": 8}),
+    "gemma": ("GemmaConfig", "gemma", True, {"head_dim": 8}),  # embeddings scaled by sqrt(hidden)
+    "gpt_neox": ("GPTNeoXConfig", "gpt2", False, {}),  # parallel residual, rotary on part of each head
 }
 
 
@@ -151,10 +153,10 @@ def family_folder(tmp_path_factory):
     return make
 
 
-def test_packed_and_prompt_shared_logps_equal_padded_on_other_families(tokenizers):
+def test_padded_packed_and_prompt_shared_logps_equal_full_logits_on_other_families(tokenizers):
     from preftune.data.collate import collate_pairs, pack_pairs
     from preftune.data.shared_prompt import collate_shared_prompt
-    from preftune.logprobs import completion_logps, shared_prompt_logps
+    from preftune.logprobs import completion_logps, naive_completion_logps, shared_prompt_logps
     from preftune.packing import prompt_sharing_is_exact
 
     texts = [PreferencePair("Question: What is the best ice cream?\nAnswer:", " Haagen-Dazs.", " GB"),
@@ -164,7 +166,11 @@ def test_packed_and_prompt_shared_logps_equal_padded_on_other_families(tokenizer
         model = family_model(family, tokenizer).eval()
         pairs = [tokenize_pair(p, tokenizer, i) for i, p in enumerate(texts)]
         padded = collate_pairs(pairs, tokenizer.pad_token_id)
-        expected, _ = completion_logps(model, padded.input_ids, padded.attention_mask, padded.completion_mask)
+        with torch.no_grad():  # the model's own logits, log-softmaxed whole
+            expected, _ = naive_completion_logps(model, padded.input_ids, padded.attention_mask,
+                                                 padded.completion_mask)
+        got, _ = completion_logps(model, padded.input_ids, padded.attention_mask, padded.completion_mask)
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5, msg=f"{family} padded")
         packed = pack_pairs(pairs)
         got, _ = completion_logps(model, packed.input_ids, None, packed.completion_mask,
                                   position_ids=packed.position_ids, sequence_ids=packed.sequence_ids)
