@@ -229,6 +229,27 @@ def test_every_rank_follows_rank_0_and_only_rank_0_deletes(tmp_path):
     assert (held / "metrics.jsonl").exists() and other.barriers == 1  # waited, deleted nothing
 
 
+def test_a_config_yaml_that_cannot_be_written_whole_leaves_the_old_one(tmp_path):
+    # The command that resumes a run reads its config.yaml, rewritten at every launch; a full disk
+    # (here a file size limit) cut it to nothing, and the run's settings were lost.
+    import subprocess
+    import sys
+
+    from preftune.config import dump_config, validate_config
+
+    path = tmp_path / "config.yaml"
+    dump_config(validate_config({"model": {"path": "m"}, "data": {"train": "d.jsonl"}}), path)
+    before = path.read_text()
+    script = ("import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100)); "
+              "from preftune.config import dump_config, load_config; import sys; "
+              "dump_config(load_config(sys.argv[1], ['optim.lr=1e-5']), sys.argv[1])")
+    result = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True)
+    assert "File too large" in result.stderr
+    assert path.read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]  # no temporary file left
+
+
 # ------------------------------------------------------------------------------ paths in config.yaml
 
 

@@ -761,6 +761,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def dump_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(
-        yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8"
-    )
+    """Write `config` as YAML, atomically: a run's config.yaml is what its resume command reads,
+    and a full disk or a kill mid-write must leave the old one, not a truncated one."""
+    from preftune.records import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
