@@ -259,14 +259,15 @@ def test_saved_config_holds_absolute_local_paths_and_leaves_hub_ids(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     Path("model").mkdir()
     Path("a.jsonl").write_text("")
+    Path("e.jsonl").write_text("")
     cfg = validate_config({"model": {"path": "model", "reference_path": "org/hub-model"},
-                           "data": {"train": ["a.jsonl", "org/hub-data"], "eval": "a.jsonl"},
+                           "data": {"train": ["a.jsonl", "org/hub-data"], "eval": "e.jsonl"},
                            "train": {"output_dir": "runs/x"}})
     saved = _with_absolute_paths(cfg)
     assert saved.model.path == str(tmp_path / "model")
     assert saved.model.reference_path == "org/hub-model"
     assert saved.data.train == [str(tmp_path / "a.jsonl"), "org/hub-data"]
-    assert saved.data.eval == str(tmp_path / "a.jsonl")
+    assert saved.data.eval == str(tmp_path / "e.jsonl")
     assert saved.train.output_dir == str(tmp_path / "runs" / "x")
     assert cfg.model.path == "model"  # the run itself keeps what the user typed
 
