@@ -95,6 +95,9 @@ def test_a_checkpoint_exports_beside_the_run_not_into_checkpoints(lora_run):
 
     export(lora_run / "checkpoints" / "step-000001", merge=True, out=None, base=None)
     assert (lora_run / "merged-step-000001" / "config.json").is_file()
+    # Its card: the checkpoint's step and numbers, not those of the run's last step (2).
+    card = (lora_run / "merged-step-000001" / "README.md").read_text()
+    assert "# run, step 1, merged" in card and "Last training step (1)" in card, card
     assert not (lora_run / "checkpoints" / "merged").exists()
 
 

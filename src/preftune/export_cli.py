@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import typer
@@ -28,6 +29,12 @@ def _adapter_folder(run: Path) -> Path:
 def _run_folder(adapter: Path) -> Path:
     """The run an adapter belongs to: the parent of final/, two levels above a checkpoint."""
     return adapter.parent.parent if adapter.parent.name == "checkpoints" else adapter.parent
+
+
+def _checkpoint_step(adapter: Path) -> int | None:
+    """The step of a checkpoint folder (checkpoints/step-000300), None for final/."""
+    match = re.fullmatch(r"step-(\d+)", adapter.name)
+    return int(match.group(1)) if match and adapter.parent.name == "checkpoints" else None
 
 
 def _default_target(adapter: Path) -> Path:
@@ -69,8 +76,11 @@ def export(
     record = {"adapter": str(adapter.resolve()), "base": base_path, "run_config": run_cfg}
     # The card names the model these weights were merged onto (--base), not the run's model.path.
     card_cfg = {**run_cfg, "model": {**model_cfg, "path": base_path}}
-    card = model_card(card_cfg, run_metrics(_run_folder(adapter)), adapter=False, world_size=None,
-                      title=f"{_run_folder(adapter).name}, merged")
+    # A checkpoint's card holds the numbers up to its step, not the steps the run took after it.
+    step = _checkpoint_step(adapter)
+    metrics = [m for m in run_metrics(_run_folder(adapter)) if step is None or m.get("step", 0) <= step]
+    title = f"{_run_folder(adapter).name}{'' if step is None else f', step {step}'}, merged"
+    card = model_card(card_cfg, metrics, adapter=False, world_size=None, title=title)
     written = merge_adapter(adapter, base_path, model_cfg.get("dtype", "float32"), target,
                             extra_files={EXPORT_RECORD: yaml.safe_dump(record, sort_keys=False),
                                          CARD_NAME: card},
