@@ -308,6 +308,16 @@ def test_a_prompt_holding_a_line_separator_or_a_file_starting_with_a_bom_reads_a
     assert load_prompts(tmp_path / "p.txt") == ["first", "second\u2028half\x0cpage"]
 
 
+def test_a_json_prompt_file_may_hold_one_list_of_prompt_objects(tmp_path):
+    """Read line by line, a pretty-printed list was refused at its "[" as 'line 1: not valid JSON'."""
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps([{"prompt": "a"}, {"prompt": [{"role": "user", "content": "b"}]}], indent=2))
+    assert load_prompts(path) == ["a", [{"role": "user", "content": "b"}]]
+    path.write_text('[{"prompt": "a"}, {"text": "b"}]')
+    with pytest.raises(UserError, match=r"p.json, row 1: expected an object with a \"prompt\" key"):
+        load_prompts(path)
+
+
 def test_blank_lines_are_counted_not_dropped_silently(tmp_path):
     """Pair ids number the prompts (files sampled earlier must resume), so the warning says so."""
     path = tmp_path / "p.jsonl"

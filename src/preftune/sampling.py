@@ -51,7 +51,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def load_prompts(path: str | Path) -> list[Prompt]:
-    """Read prompts from JSONL (`{"prompt": text | [messages]}` per line) or a .txt file.
+    """Read prompts from JSONL (`{"prompt": text | [messages]}` per line), a .json list of such
+    objects, or a .txt file.
 
     A .txt file holds one prompt per line; blank lines are skipped, with a warning that counts
     them (pair ids number the prompts, not the lines). Any malformed line raises a `UserError`
@@ -72,6 +73,8 @@ def load_prompts(path: str | Path) -> list[Prompt]:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8.") from None
+    if suffix == ".json" and text.lstrip().startswith("["):
+        return _prompts_from_json_list(text, path)
     # Lines end at "\n" alone: str.splitlines() also breaks at U+2028, U+0085, form feeds and other
     # characters a prompt (or a JSON string) may hold raw, cutting one prompt in two.
     lines = [line.removesuffix("\r") for line in text.removesuffix("\n").split("\n")]
@@ -89,12 +92,29 @@ def load_prompts(path: str | Path) -> list[Prompt]:
     return prompts
 
 
+def _prompts_from_json_list(text: str, path: Path) -> list[Prompt]:
+    """A .json file holding one list of {"prompt": ...} objects (it was read line by line, its
+    "[" refused as 'not valid JSON')."""
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}, line {e.lineno}: not valid JSON ({e.msg}); fix the file.") from None
+    prompts = [_prompt_of(row, f"{path}, row {i}") for i, row in enumerate(rows)]
+    if not prompts:
+        raise UserError(f"{path}: holds no prompts.")
+    return prompts
+
+
 def _parse_jsonl_prompt(line: str, path: Path, lineno: int) -> Prompt:
     where = f"{path}, line {lineno}"
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
         raise UserError(f"{where}: not valid JSON ({e.msg}); fix or remove that line.") from None
+    return _prompt_of(row, where)
+
+
+def _prompt_of(row, where: str) -> Prompt:
     if not isinstance(row, dict) or "prompt" not in row:
         raise UserError(f"{where}: expected an object with a \"prompt\" key.")
     prompt = row["prompt"]
@@ -322,8 +342,11 @@ def generate_token_ids(
                       "them.",
                       stacklevel=2)
     # Greedy over the one-hot scores of _PerRowSampler; the sampling knobs live in the sampler.
+    # use_cache: a config.json saved with "use_cache": false (training with gradient
+    # checkpointing turns it off) and no generation_config.json made `generate` run every step
+    # over the whole sequence again: the same tokens, at a cost growing with the square of the length.
     config.update(
-        do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None,
+        do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None, use_cache=True,
         max_new_tokens=settings.max_new_tokens, min_new_tokens=None, max_length=None,
         pad_token_id=_pad_token_id(tokenizer), eos_token_id=stop_ids or None,
         **dict.fromkeys(MODEL_PROCESSOR_SETTINGS),
