@@ -277,6 +277,15 @@ def test_an_online_wandb_without_an_api_key_is_refused_before_the_model_loads(tm
         "WANDB_MODE=offline to log locally and `wandb sync` later, or drop wandb from train.loggers.")
     check_backends(["jsonl", "tensorboard"])  # only wandb needs a key
     check_backends(["wandb"], logs=False)  # and only on the rank that logs
+    from wandb.errors import term
+
+    monkeypatch.setattr(term, "can_use_terminput", lambda: True)
+    check_backends(["wandb"])  # at a terminal wandb asks for the key...
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    with pytest.raises(UserError):  # ...unless told to be silent
+        check_backends(["wandb"])
+    monkeypatch.delenv("WANDB_SILENT")
+    monkeypatch.setattr(term, "can_use_terminput", lambda: False)
     key = "k" * 40
     (tmp_path / "no-netrc").write_text(f"machine api.wandb.ai\n  login user\n  password {key}\n")
     check_backends(["wandb"])  # what `wandb login` writes

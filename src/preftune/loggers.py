@@ -247,10 +247,14 @@ def _check_wandb_login(wandb) -> None:
         settings.settings_system = str(Path(config_dir or "~/.config/wandb").expanduser() / "settings")
         settings.update_from_system_settings()  # where `wandb offline` writes its mode
         settings.update_from_env_vars(dict(os.environ))
+        # wandb asks for the key at a terminal, unless WANDB_SILENT or WANDB_SHOW_INFO=false
+        # silence it (term's own flags say so only once wandb.setup has run).
+        quiet = wandb.Settings()
+        quiet.update_from_env_vars(dict(os.environ))
+        can_ask = term.can_use_terminput() and not quiet.silent and quiet.show_info
         if (settings.mode in ("offline", "dryrun", "disabled") or settings.api_key or os.environ.get("WANDB_IDENTITY_TOKEN_FILE")
                 or is_using_sagemaker()  # wandb reads SageMaker's secrets too
-                or wbnetrc.read_netrc_auth_with_source(host=HostUrl(settings.base_url))
-                or term.can_use_terminput()):  # wandb asks for the key at the prompt
+                or wbnetrc.read_netrc_auth_with_source(host=HostUrl(settings.base_url)) or can_ask):
             return
     except Exception:  # wandb's internals moved: leave the question to wandb.init
         return
