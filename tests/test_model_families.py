@@ -327,6 +327,26 @@ def test_sampling_stops_at_the_tokenizers_eos_when_the_model_config_names_anothe
     assert record["responses"] == [""] and record["truncated"] == [False]
 
 
+def test_sampling_keeps_a_key_value_cache_when_config_json_turns_it_off(tmp_path, tokenizers):
+    # Fine-tunes saved after gradient checkpointing say "use_cache": false in config.json; with no
+    # generation_config.json, generate took that up and ran every step over the whole sequence.
+    from preftune.sampling import load_model_and_tokenizer, sample_pairs
+
+    tokenizer = tokenizers["llama"]
+    model = family_model("mistral", tokenizer)
+    model.config.use_cache = False
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").unlink()
+    model, tokenizer = load_model_and_tokenizer(str(tmp_path), device="cpu")
+    assert model.generation_config.use_cache is False
+    widths = []
+    model.model.register_forward_pre_hook(lambda _, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
+                                          with_kwargs=True)
+    record = sample_pairs(model, tokenizer, ["The quick brown fox"], n=1, temperature=0, max_new_tokens=4)[0]
+    assert widths[1:] == [1] * (len(widths) - 1) and len(widths) == 4 and record["truncated"] == [True]
+
+
 def test_a_chat_template_that_refuses_a_conversation_names_the_row_or_prompt(tokenizers):
     # Gemma's and Mistral's templates raise on a system turn or turns that do not alternate.
     import copy
