@@ -278,6 +278,10 @@ def test_a_file_written_before_top_k_and_min_p_existed_resumes(model_dir, tmp_pa
         ("bad.jsonl", '{"prompt": 7}\n', "line 1: \"prompt\" must be"),
         ("bad.jsonl", '{"prompt": [{"role": "user"}]}\n', "line 1: \"prompt\" must be"),
         ("bad.jsonl", '{"prompt": "   "}\n', "line 1: \"prompt\" is empty"),
+        # a broken \u escape: the tokenizer raised a TypeError from deep inside sampling
+        ("bad.jsonl", '{"prompt": "ok"}\n{"prompt": "a \\ud800"}\n', "line 2: field 'prompt' holds an invalid character"),
+        ("bad.jsonl", '{"prompt": [{"role": "user", "content": "\\udc00"}]}\n',
+         r"line 1: field 'prompt\[0\].content' holds an invalid character"),
         ("empty.txt", "\n  \n", "holds no prompts"),
         ("prompts.csv", "a,b\n", "unknown prompt file type"),
     ],

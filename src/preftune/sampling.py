@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from preftune.data.io import check_encodable
 from preftune.errors import UserError
 from preftune.records import (
     append_records,
@@ -121,8 +122,11 @@ def _prompt_of(row, where: str) -> Prompt:
     if isinstance(prompt, str):
         if not prompt.strip():
             raise UserError(f"{where}: \"prompt\" is empty.")
+        check_encodable(prompt, where, "prompt")
         return prompt
     if isinstance(prompt, list) and prompt and all(_is_message(m) for m in prompt):
+        for i, message in enumerate(prompt):
+            check_encodable(message["content"], where, f"prompt[{i}].content")
         return prompt
     raise UserError(
         f"{where}: \"prompt\" must be a string or a non-empty list of "

@@ -146,10 +146,10 @@ def _check_text(value, where: str, name: str, allow_empty: bool = False) -> None
         raise UserError(f"{where}: field {name!r} must be a string, got {type(value).__name__}.")
     if not allow_empty and not value.strip():
         raise UserError(f"{where}: field {name!r} is empty; remove the row or fill in the response.")
-    _check_encodable(value, where, name)
+    check_encodable(value, where, name)
 
 
-def _check_encodable(value: str, where: str, name: str) -> None:
+def check_encodable(value: str, where: str, name: str) -> None:
     """JSON escapes like \\ud800 decode to lone surrogates, which no tokenizer can encode."""
     try:
         value.encode("utf-8")
@@ -168,8 +168,8 @@ def _check_messages(value, where: str, name: str, allow_empty: bool = False) -> 
         if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
                 or not isinstance(message.get("content"), str):
             raise UserError(f"{where}: {name}[{i}] must be an object with string 'role' and 'content'.")
-        _check_encodable(message["role"], where, f"{name}[{i}].role")
-        _check_encodable(message["content"], where, f"{name}[{i}].content")
+        check_encodable(message["role"], where, f"{name}[{i}].role")
+        check_encodable(message["content"], where, f"{name}[{i}].content")
 
 
 def _says_nothing(message: dict) -> bool:
