@@ -287,6 +287,29 @@ def test_eval_pairs_on_a_run_in_bf16_gives_the_eval_numbers_it_logged(models, tm
         assert record[f"eval/{key}"] == logged[f"eval/{key}"], key
 
 
+@pytest.mark.parametrize("train_section, extra, expected", [
+    ({"batch_size": 2}, [], 2),
+    ({"batch_size": 2, "eval_batch_size": 4}, [], 4),
+    ({}, [], 8),
+    ({"batch_size": 2}, ["--batch-size", "6"], 6),
+])
+def test_eval_pairs_evaluates_in_the_run_s_batches(models, tmp_path, monkeypatch, train_section, extra, expected):
+    """aot's eval/ loss sorts margins within each evaluation batch (train.eval_batch_size, else
+    train.batch_size). `eval pairs` always took 8 pairs a batch, so on a run that evaluated 2 at a
+    time its loss was not the run's eval/loss it is named after."""
+    import preftune.evaluate
+
+    run = write_run(tmp_path, models["pol"], {"model": {"path": str(models["ref"])}, "data": {"train": "x.jsonl"},
+                                              "loss": {"type": "aot"}, "train": train_section})
+    used = []
+    build = preftune.evaluate.pairs_eval_config
+    monkeypatch.setattr(preftune.evaluate, "pairs_eval_config",
+                        lambda *args, **kwargs: used.append(build(*args, **kwargs)) or used[-1])
+    result = invoke(["pairs", "--model", run / "final", "--data", write_pairs(tmp_path / "d.jsonl"), *extra])
+    assert result.exit_code == 0, result.output
+    assert used[0].train.eval_batch_size == expected
+
+
 def test_eval_pairs_naming_the_run_loss_again_keeps_its_weights(models, tmp_path):
     """--loss sigmoid,sft on an RPO run ([sigmoid, sft] weighted 1, 0.25) is the run's loss: its
     weights stay (another list of types drops them, as they belonged to the run's types)."""

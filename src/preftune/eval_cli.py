@@ -37,7 +37,9 @@ def pairs(
     loss: str | None = typer.Option(
         None, help="Loss type(s), comma separated (default: the run's, else sigmoid); the run's loss "
         "settings that these types do not use are left out."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Pairs per forward pass."),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", min=1, help="Pairs per forward pass (default: the run's train.eval_batch_size, "
+        "else its train.batch_size, else 8; aot and aot_unpaired sort margins within one)."),
     max_length: int | None = typer.Option(None, "--max-length", min=2, help="Tokens per sequence (default: the run's, else 1024)."),
     out: Path | None = typer.Option(None, help="Folder for eval.json (default: the model folder; needed for a hub id)."),
     device: str = typer.Option("auto", help="cuda, cpu, ... (auto: cuda if present)."),

@@ -189,14 +189,14 @@ OPTION_OF_KEY = {"model.path": "--model", "model.dtype": "--dtype", "data.train"
 
 def evaluate_pairs_file(
     model_path: str | Path, data: str | Path, reference_path: str | Path | None = None, *,
-    beta: float | None = None, loss: str | None = None, batch_size: int = 8,
+    beta: float | None = None, loss: str | None = None, batch_size: int | None = None,
     max_length: int | None = None, out: str | Path | None = None, device: str = "auto",
     dtype: str | None = None, split: str = "train", token_metrics: bool | None = None,
 ) -> dict:
     """Implicit-reward accuracy, margins, log-probs and lengths of a model on held-out pairs.
 
-    Defaults for beta, loss, reference, max_length and dtype come from the run's config.yaml when
-    the model is RUN/final or RUN/checkpoints/step-N, and a run that computed under bf16 autocast
+    Defaults for beta, loss, reference, max_length, dtype and batch_size come from the run's
+    config.yaml when the model is RUN/final or RUN/checkpoints/step-N, and a run that computed under bf16 autocast
     is evaluated under it, so the numbers are the run's own `eval/` ones. token_metrics: also TRL's
     entropy, mean_token_accuracy and logits/* (None: as the run's train.token_metrics, else off).
     The record (training's `eval/` keys plus what was evaluated) is added to eval.json in `out`
@@ -220,6 +220,9 @@ def evaluate_pairs_file(
     run = run_config(model_path)
     run_model = run.get("model") or {}
     dtype = dtype or run_model.get("dtype") or "float32"
+    if batch_size is None:  # the run's evaluation batches: aot's eval/ loss sorts within each one
+        run_train = run.get("train") or {}
+        batch_size = run_train.get("eval_batch_size") or run_train.get("batch_size") or 8
     config = pairs_eval_config(model_path, data, run, beta, loss, batch_size, max_length, dtype, token_metrics)
     reference_free = config.loss.reference_free or all(
         t in REFERENCE_FREE for t in config.loss.types)
