@@ -261,3 +261,31 @@ def test_a_reference_with_another_tokenizer_is_one_sentence(tmp_path, tiny_llama
     for file in Path(tiny_llama).iterdir():  # the policy's own model under another name: accepted
         (same / file.name).write_bytes(file.read_bytes())
     train(make_config(tmp_path, tiny_llama, pairs_file, out="ok", model={"reference_path": str(same)}))
+
+
+def test_pairs_longer_than_the_models_positions_are_refused_at_start(tmp_path, tiny_model_factory, pairs_file,
+                                                                       capsys):
+    """A GPT-2 of 32 learned positions, data.max_length 64: the first forward stopped with an
+    IndexError traceback from the position embedding (an eval pair only at the first evaluation).
+    Packed rows restart positions at each sequence, so a packed row longer than 32 trains."""
+    import re
+
+    from preftune_test_data import write_jsonl
+
+    from preftune.errors import UserError
+
+    short = tiny_model_factory("gpt2", hidden_size=32, max_positions=32)
+    long_pair = {"prompt": "Tell me a story.", "rejected": " No.",
+                 "chosen": " The quick brown fox jumps over the lazy dog." * 4}
+    for name, data in (("train", {"train": str(write_jsonl(tmp_path / "long.jsonl", [long_pair] * 4))}),
+                       ("eval", {"eval": str(write_jsonl(tmp_path / "eval.jsonl", [long_pair]))})):
+        with pytest.raises(UserError) as caught:
+            train(make_config(tmp_path, short, pairs_file, data=data))
+        where = tmp_path / ("long.jsonl" if name == "train" else "eval.jsonl")
+        assert re.fullmatch(rf"{re.escape(str(where))}, line 1: the pair runs to \d+ tokens, more than the 32 "
+                            rf"positions of model.path {re.escape(str(short))} \(max_position_embeddings in "
+                            r"its config.json\); set data.max_length to 32 or less\.", str(caught.value)), name
+        assert not (tmp_path / "run").exists()
+    capsys.readouterr()
+    train(make_config(tmp_path, short, pairs_file, data={"max_length": 32, "packing": "on"}))
+    assert "packing each micro-batch into one row" in capsys.readouterr().out

@@ -273,11 +273,11 @@ def evaluate_pairs_file(
     return record
 
 
-def check_pairs_fit(pairs, data, models) -> None:
+def check_pairs_fit(pairs, data, models, advice: str = "pass --max-length {limit} or less") -> None:
     """The longest pair fits every model's positions, else one sentence: a model with learned
     positions (GPT-2) failed with an IndexError traceback mid-evaluation, and one with rotary
     positions scored tokens past the lengths it was trained on. `models`: (model or None, option,
-    path) triples."""
+    path) triples; `advice`: what to change, `{limit}` standing for the model's positions."""
     from preftune.modeling import context_length
 
     longest = max(pairs, key=lambda pair: pair.length)
@@ -287,7 +287,7 @@ def check_pairs_fit(pairs, data, models) -> None:
             raise UserError(
                 f"{longest.origin or data}: the pair runs to {longest.length} tokens, more than the "
                 f"{limit} positions of {option} {path} (max_position_embeddings in its config.json); "
-                f"pass --max-length {limit} or less.")
+                f"{advice.format(limit=limit)}.")
 
 
 # ------------------------------------------------------------------ eval.json

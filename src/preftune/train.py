@@ -63,7 +63,7 @@ from preftune.data.io import load_pairs
 from preftune.data.tokenize import TokenizedPair, tokenize_pairs
 from preftune.distributed import full_tensor
 from preftune.errors import UserError
-from preftune.evaluate import evaluate_pairs, pair_logps
+from preftune.evaluate import check_pairs_fit, evaluate_pairs, pair_logps
 from preftune.loggers import check_backends
 from preftune.losses import BATCH_WIDE, preference_loss
 from preftune.metrics import StepMetrics
@@ -342,6 +342,11 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
         enable_activation_checkpointing(policy)
     policy.config.use_cache = False
     train_pairs, eval_pairs, held_out = prepare_data(config, tokenizer, console)
+    # Before the reference's log-probs: a pair longer than the model's positions stopped the first
+    # forward with an IndexError (learned positions, GPT-2), or trained past the lengths a rotary
+    # model knows. A packed row restarts positions at each sequence: a pair's own length counts.
+    check_pairs_fit(train_pairs + eval_pairs, "data.train", ((policy, "model.path", config.model.path),),
+                    advice="set data.max_length to {limit} or less")
     autocast = autocast_context(config.model.autocast, device)
     reference_logps = build_reference(config, policy, autocast, train_pairs, eval_pairs, tokenizer.pad_token_id,
                                       device, console, dist.is_main)
