@@ -144,6 +144,12 @@ def test_resume_from_another_runs_checkpoint_leaves_a_run_in_output_dir_alone(tm
         f"error: --resume-from {checkpoint} is a checkpoint of {run_a}, and train.output_dir {run_b} holds "
         f"another run (metrics.jsonl, checkpoints, final, report.html, plots); continue it in {run_a} or "
         "in an empty train.output_dir."))
+    # The run's own folder or checkpoints/ given for a checkpoint of it: said what it is.
+    result = cli("train", run_config, "--resume-from", run_a / "checkpoints")
+    assert result.exit_code == 2
+    assert squash(result.output).endswith(squash(
+        f"error: --resume-from {run_a / 'checkpoints'} is a run's checkpoints folder, not a checkpoint; name "
+        f"one of its checkpoints, e.g. --resume-from {run_a / 'checkpoints' / 'step-000004'}."))
     # Into a folder of its own, a checkpoint starts a branch of its run.
     result = cli("train", run_config, f"train.output_dir={tmp_path / 'branch'}", "--resume-from", checkpoint)
     assert result.exit_code == 0, result.output

@@ -280,6 +280,19 @@ def resolve_resume(resume: str | bool | None, output_dir: Path) -> Path | None:
     if not folder.is_dir():  # a typo, most often: "restore the folder" would send the user astray
         raise UserError(f"--resume-from {folder}: no such folder; name a checkpoint folder "
                         "(checkpoints/step-N of the run), or use --resume to take the newest complete one.")
+    # A run folder or its checkpoints/ is a slip for one checkpoint, not a damaged one to restore.
+    run = folder if (folder / "checkpoints").is_dir() else folder.parent if folder.name == "checkpoints" else None
+    if run is not None and not (folder / MANIFEST).exists():
+        what = "a run folder" if run == folder else "a run's checkpoints folder"
+        newest = latest_good_checkpoint(run)
+        raise UserError(f"--resume-from {folder} is {what}, not a checkpoint; "
+                        + (f"name one of its checkpoints, e.g. --resume-from {newest}." if newest else
+                           "it holds no complete checkpoint to resume from."))
+    # final/ or merged/: a model, without the manifest and training state of a checkpoint.
+    if (folder / "config.json").is_file() and not any((folder / name).exists() for name in (MANIFEST, STATE_FILE)):
+        raise UserError(f"--resume-from {folder} is a model folder, not a checkpoint: it holds no optimizer state "
+                        f"or data position; to train on from it, start a new run with model.path: {folder} "
+                        "in another train.output_dir.")
     damage = checkpoint_damage(folder)
     if damage is not None:
         raise UserError(f"--resume-from {folder}: not a complete checkpoint ({damage}); restore the folder "

@@ -534,13 +534,14 @@ def _check_output_dir(output_dir: Path, resume, overwrite: bool, dist) -> bool:
     shown = ", ".join(found) if found else "an earlier run's files"
     if resume:  # --resume-from FOLDER: resumed in its own run, or branched into a folder of its own
         folder = Path(resume)
-        owner = folder.parent.parent if folder.parent.name == "checkpoints" else None
-        if held and (owner is None or os.path.realpath(owner) != os.path.realpath(output_dir)):
-            of = f"a checkpoint of {owner}" if owner else f"no checkpoint of {output_dir}"
+        inside = os.path.relpath(os.path.realpath(folder), os.path.realpath(output_dir))
+        if held and (inside == ".." or inside.startswith(".." + os.sep)):
+            owner = folder.parent.parent if folder.parent.name == "checkpoints" else None
+            of = f"a checkpoint of {owner}" if owner else f"outside {output_dir}"
             raise UserError(f"--resume-from {folder} is {of}, and train.output_dir {output_dir} holds another "
                             f"run ({shown}); continue it in {f'{owner} or in ' if owner else ''}an empty "
                             "train.output_dir.")
-        return False
+        return False  # one inside output_dir is this run's, or resolve_resume says what it is not
     if not held:
         return False
     if overwrite:

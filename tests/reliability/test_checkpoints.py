@@ -95,6 +95,30 @@ def test_resume_from_a_folder_that_does_not_exist_says_so_rather_than_to_restore
     assert "restore" not in message and message.count(". ") == 0 and message.endswith(".")
 
 
+def test_resume_from_a_run_its_checkpoints_or_its_final_policy_says_which_it_is(tmp_path):
+    """All three were 'not a complete checkpoint (manifest.json is missing); restore the folder
+    from a good copy': sent to restore what was never damaged."""
+    run = tmp_path / "run"
+    write_fake_checkpoint(run, 2)
+    newest = write_fake_checkpoint(run, 4)
+    for given, what in ((run, "a run folder"), (run / "checkpoints", "a run's checkpoints folder")):
+        with pytest.raises(UserError) as caught:
+            checkpoint.resolve_resume(str(given), run)
+        assert str(caught.value) == (f"--resume-from {given} is {what}, not a checkpoint; name one of its "
+                                     f"checkpoints, e.g. --resume-from {newest}.")
+    (run / "final").mkdir()
+    (run / "final" / "config.json").write_text("{}")
+    with pytest.raises(UserError) as caught:
+        checkpoint.resolve_resume(str(run / "final"), run)
+    assert str(caught.value) == (f"--resume-from {run / 'final'} is a model folder, not a checkpoint: it holds no "
+                                 f"optimizer state or data position; to train on from it, start a new run with "
+                                 f"model.path: {run / 'final'} in another train.output_dir.")
+    (newest / "manifest.json").unlink()  # a damaged checkpoint is still told to restore it
+    (newest / "config.json").write_text("{}")  # as a real checkpoint holds, beside its training state
+    with pytest.raises(UserError, match="not a complete checkpoint .* restore the folder"):
+        checkpoint.resolve_resume(str(newest), run)
+
+
 def test_resume_passes_over_corrupt_and_partial_checkpoints_and_still_ends_bit_identical(
         tmp_path, dropout_model, pairs_path, uninterrupted, capsys):
     """Checkpoints every 3 steps; step 12's weights get a flipped byte, step 9 loses its
