@@ -214,8 +214,15 @@ def test_json_lines_of_one_row_under_a_json_name_are_that_row(tmp_path):
     loaded = load_pairs(str(tmp_path / "one.json"))
     assert [(p.chosen, p.origin) for p in loaded.pairs] == [(PAIRS[0]["chosen"], f"{tmp_path / 'one.json'}, line 1")]
     (tmp_path / "other.json").write_text('{"rows": []}')
-    with pytest.raises(UserError, match=r"other.json: a .json data file must hold a list of rows"):
+    with pytest.raises(UserError, match=r"other.json: a .json data file must hold a list of rows;"):
         load_pairs(str(tmp_path / "other.json"))
+    conversation = tmp_path / "conversation.json"
+    conversation.write_text(json.dumps(CONVERSATION))
+    assert load_pairs(str(conversation)).pairs[0].chosen == CONVERSATION["chosen"]
+    (tmp_path / "columns.json").write_text(json.dumps(datasets.Dataset.from_list(PAIRS).to_dict()))
+    with pytest.raises(UserError, match=r"columns.json: a .json data file must hold a list of rows \(this one "
+                                        r"holds a dict of columns\)"):
+        load_pairs(str(tmp_path / "columns.json"))
 
 
 def test_hub_id_offline_fails_with_one_sentence_naming_the_key_and_what_to_do():

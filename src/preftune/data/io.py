@@ -356,14 +356,23 @@ def _rows_from_json(path: Path) -> Iterator[tuple[str, object]]:
         data = _parse_json(text, str(path))
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
-    elif isinstance(data, dict) and ("chosen" in data or "rejected" in data):
+    elif isinstance(data, dict) and ("chosen" in data or "rejected" in data) and not _columns(data):
         # JSON Lines of one row: what Dataset.to_json writes for a one-pair data set.
         yield from _rows_from_jsonl(path)
         return
     if not isinstance(data, list):
-        raise UserError(f"{path}: a .json data file must hold a list of rows; use .jsonl for one row per line.")
+        shape = " (this one holds a dict of columns)" if isinstance(data, dict) and _columns(data) else ""
+        raise UserError(f"{path}: a .json data file must hold a list of rows{shape}; use .jsonl for one "
+                        "row per line.")
     for i, row in enumerate(data):
         yield f"{path}, row {i}", row
+
+
+def _columns(data: dict) -> bool:
+    """Whether a JSON object holds the data set column by column ({"chosen": [text, ...], ...},
+    json.dump of Dataset.to_dict) rather than being one row, whose chosen is text or messages."""
+    chosen = data.get("chosen", data.get("rejected"))
+    return isinstance(chosen, list) and not all(isinstance(item, dict) for item in chosen)
 
 
 def _rows_from_csv(path: Path) -> Iterator[tuple[str, object]]:
@@ -434,7 +443,7 @@ def _rows_from_parquet(path: Path) -> Iterator[tuple[str, object]]:
 def _refuse_a_split(source, split: str, inherited: bool) -> None:
     """A file, or a single saved Dataset, is read whole. A split other than the default asked of
     it would be ignored, and `data.eval_split: test` on the training file would then evaluate on
-    training pairs, so it is refused."""
+    training pairs, so it is refused, unless `inherited` (data.split carried over to data.eval)."""
     if split != "train" and not inherited:
         raise UserError(f"{source} has no splits, so split {split!r} cannot be chosen from it; remove "
                         "the split (data.split, data.eval_split or --split) or name the file holding it.")
