@@ -194,6 +194,11 @@ def test_a_few_pairs_short_of_one_step_still_advise_a_smaller_batch(tmp_path, ti
     with pytest.raises(UserError, match="16 training pairs are fewer than one optimizer step .* lower "
                                         "train.batch_size"):
         train(make_config(tmp_path, tiny_llama, pairs_file, train={"batch_size": 32}))
+    # At batch_size 1 only the accumulation can shrink; the advice was "lower train.batch_size".
+    with pytest.raises(UserError, match=r"\(32 = batch_size x grad_accum x processes\); lower train.grad_accum\.$"):
+        train(make_config(tmp_path, tiny_llama, pairs_file, train={"batch_size": 1, "grad_accum": 32}))
+    with pytest.raises(UserError, match=r"; lower train.batch_size or train.grad_accum\.$"):
+        train(make_config(tmp_path, tiny_llama, pairs_file, train={"batch_size": 4, "grad_accum": 8}))
 
 
 def test_what_the_run_leaves_out_or_risks_is_said(tmp_path, tiny_llama, pairs_file, capsys):

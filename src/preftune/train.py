@@ -367,9 +367,13 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
     lengths = [p.length for p in train_pairs]
     steps_per_epoch = len(train_pairs) // step_size
     if steps_per_epoch == 0:
+        # Only a factor above 1 can be lowered: "lower train.batch_size" at batch_size 1 left no way out.
+        factors = [name for name, value in (("train.batch_size", config.train.batch_size),
+                                            ("train.grad_accum", config.train.grad_accum),
+                                            ("the number of processes", dist.world_size)) if value > 1]
         raise UserError(f"{len(train_pairs)} training pair{'s are' if len(train_pairs) != 1 else ' is'} "
                         f"fewer than one optimizer step "
-                        f"({step_size} = batch_size x grad_accum x processes); lower train.batch_size.")
+                        f"({step_size} = batch_size x grad_accum x processes); lower {' or '.join(factors)}.")
     total_steps = config.train.max_steps or config.train.epochs * steps_per_epoch
     if len(train_pairs) % step_size:
         console.print(f"data: {len(train_pairs) % step_size} of the {len(train_pairs)} training pairs sit out "
