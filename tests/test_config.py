@@ -140,6 +140,19 @@ def test_a_yaml_boolean_is_no_number(override, said):
     assert load_config(None, [*REQUIRED, "train.report=no"]).train.report is False  # a boolean key takes one
 
 
+def test_a_name_that_reads_as_a_number_is_text_where_only_text_goes(tmp_path):
+    """train.output_dir=20241129 (a run named by its date) was 'Input should be a valid string'."""
+    cfg = load_config(None, [*REQUIRED, "train.output_dir=20241129", "data.split=1e3"])
+    assert (cfg.train.output_dir, cfg.data.split) == ("20241129", "1e3")  # as typed: no shell keeps quotes
+    assert load_config(None, [*REQUIRED, "train.max_steps=5"]).train.max_steps == 5  # numbers stay numbers
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {path: m}\ndata: {train: d.jsonl}\ntrain: {output_dir: 20241129}\n")
+    with pytest.raises(UserError) as caught:  # in a file, the quotes are the way
+        load_config(path)
+    assert str(caught.value) == (f"{path}: key 'train.output_dir': 20241129 is read as a number; put it in "
+                                 "quotes to give it as text ('20241129').")
+
+
 def test_an_empty_output_dir_is_refused():
     """'' was the current folder: the run's files mixed with whatever is there, and --overwrite
     deleted its checkpoints/ and final/."""

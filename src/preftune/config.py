@@ -26,16 +26,40 @@ class Section(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _no_boolean_for_a_number(cls, value, info):
+    def _scalar_of_the_keys_kind(cls, value, info):
+        members = get_args(cls.model_fields[info.field_name].annotation) or \
+            (cls.model_fields[info.field_name].annotation,)
         # YAML reads yes/no/true/false/on/off as booleans, and pydantic took them for 1 and 0:
         # `save_every: yes` saved after every step, `eval_every: true` evaluated after every one.
-        if isinstance(value, bool):
-            annotation = cls.model_fields[info.field_name].annotation
-            members = get_args(annotation) or (annotation,)
-            if all(member in (int, float, type(None)) for member in members):
-                none = ", or null for none" if type(None) in members else ""
-                raise ValueError(f"{str(value).lower()} is not a number; give a number{none}")
+        if isinstance(value, bool) and all(member in (int, float, type(None)) for member in members):
+            none = ", or null for none" if type(None) in members else ""
+            raise ValueError(f"{str(value).lower()} is not a number; give a number{none}")
+        # And it reads `output_dir: 20241129` as a number, which was only "Input should be a valid string".
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and _text_only(members):
+            raise ValueError(f"{value} is read as a number; put it in quotes to give it as text ('{value}')")
         return value
+
+
+def _text_only(members) -> bool:
+    """Whether a key of these types takes text and nothing else (or null)."""
+    return str in members and all(member in (str, type(None)) for member in members)
+
+
+def _takes_text_only(path: list[str]) -> bool:
+    """Whether the config key at `path` (["train", "output_dir"]) takes text and nothing else."""
+    model: type[BaseModel] = Config
+    for depth, part in enumerate(path):
+        field = model.model_fields.get(part)
+        if field is None:
+            return False
+        members = get_args(field.annotation) or (field.annotation,)
+        if depth == len(path) - 1:
+            return _text_only(members)
+        sections = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
+        if not sections:
+            return False
+        model = sections[0]
+    return False
 
 
 class LoraConfig(Section):
@@ -601,6 +625,9 @@ def _parse_yaml(text: str, source: str) -> Any:
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     for text in overrides:
         path, value = _parse_override(text)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and _takes_text_only(path):
+            # train.output_dir=20241129 names a folder as typed; quotes would not survive the shell.
+            value = text.split("=", 1)[1].strip()
         node = raw
         for part in path[:-1]:
             if node.get(part) is None:  # `train:` left empty in the YAML is an empty section
