@@ -527,6 +527,18 @@ def test_truncation_prompt_first_then_completions():
     assert truncate_pair(pair, 20, None, "keep_end") == (pair, None)
 
 
+def test_responses_cut_to_the_start_they_share_are_dropped_and_counted(tokenizer):
+    """Kept, such a pair was one response twice: no gradient from DPO, and a wrong answer in
+    rewards/accuracies for ever, so a run's accuracy could not reach 1."""
+    pair = TokenizedPair(list(range(10)), [100, 101, 102, 7], [100, 101, 102, 8, 9])
+    assert truncate_pair(pair, 12, 9, "keep_end") == (None, "chosen == rejected once cut to data.max_length")
+    assert truncate_pair(pair, 13, 9, "keep_end")[1] == "truncated"
+    start = " The answer to that question, as far as anyone knows, is"
+    pairs = [PreferencePair("Hi", start + " yes.", start + " no."), PreferencePair("Hi", " yes", " no")]
+    kept, counts = tokenize_pairs(pairs, tokenizer, DataConfig(train="x", max_length=8))
+    assert len(kept) == 1 and counts == {"chosen == rejected once cut to data.max_length": 1}
+
+
 def test_prompt_longer_than_max_length_is_dropped_and_counted(tokenizer):
     pairs = [PreferencePair("word " * 50, " yes", " no"), PreferencePair("Hi", " yes", " no")]
     kept, counts = tokenize_pairs(pairs, tokenizer, DataConfig(train="x", max_length=16))

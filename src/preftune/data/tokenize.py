@@ -177,7 +177,8 @@ def truncate_pair(
     """Fit a pair into `max_length` tokens per sequence: the prompt first, then the completions.
 
     Returns (pair, None) when it already fits, (pair, "truncated") when cut, and
-    (None, reason) when the prompt alone leaves no room for a completion token.
+    (None, reason) when the prompt alone leaves no room for a completion token, or when the cut
+    leaves only a start the two completions share (CUT_TO_THE_SAME).
     """
     if max_length is None or pair.length <= max_length:
         return pair, None
@@ -192,11 +193,15 @@ def truncate_pair(
     # keep_end keeps the prompt's last tokens (nearest the response); keep_start its first.
     prompt = prompt[len(prompt) - keep:] if mode == "keep_end" else prompt[:keep]
     room = max_length - len(prompt)
-    return (
-        TokenizedPair(prompt, pair.chosen_ids[:room], pair.rejected_ids[:room], pair.index, pair.pair_id,
-                      pair.origin),
-        "truncated",
-    )
+    chosen, rejected = pair.chosen_ids[:room], pair.rejected_ids[:room]
+    if chosen == rejected:
+        # One response twice, as a chosen == rejected row (skipped when read): a margin of 0, so
+        # no gradient from DPO, and a wrong answer in rewards/accuracies however well trained.
+        return None, CUT_TO_THE_SAME
+    return TokenizedPair(prompt, chosen, rejected, pair.index, pair.pair_id, pair.origin), "truncated"
+
+
+CUT_TO_THE_SAME = "chosen == rejected once cut to data.max_length"
 
 
 def tokenize_pairs(pairs: list[PreferencePair], tokenizer, data_cfg) -> tuple[list[TokenizedPair], Counter]:
