@@ -75,7 +75,7 @@ def pairs(
 @app.command()
 def generate(
     model: list[str] = typer.Option(..., "--model", help="Policy folder; repeat for a leaderboard of several."),
-    prompts: Path = typer.Option(..., "--prompts", help=".jsonl ({\"prompt\": ...} per line) or .txt (one per line)."),
+    prompts: Path = typer.Option(..., "--prompts", help=".jsonl ({\"prompt\": ...} per line), a .json list of such objects, or .txt (one per line)."),
     judge: str = typer.Option(
         ..., "--judge", help="reward:MODULE:FUNCTION, reward:FILE.py:FUNCTION, a reward-model folder, or human."),
     reference: str | None = typer.Option(

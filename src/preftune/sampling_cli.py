@@ -22,8 +22,8 @@ def sample(
     model: Annotated[str, typer.Option("--model", help="Model folder or hub id (pi_sft).")],
     prompts: Annotated[Path, typer.Option(
         "--prompts",
-        help='Prompt file: .jsonl with {"prompt": text or chat messages} per line, '
-        "or .txt with one prompt per line.",
+        help='Prompt file: .jsonl with {"prompt": text or chat messages} per line, a .json list '
+        "of such objects, or .txt with one prompt per line.",
     )],
     out: Annotated[Path, typer.Option("--out", help="pairs.jsonl to write or resume.")],
     n: Annotated[int, typer.Option("--n", help="Responses per prompt.")] = 2,
