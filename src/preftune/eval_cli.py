@@ -91,7 +91,7 @@ def generate(
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Prompts per generate call."),
     out: Path | None = typer.Option(None, help="Output folder (default: beside each model)."),
     db: Path | None = typer.Option(None, help="Labeling database for --judge human."),
-    n_bootstrap: int = typer.Option(1000, "--n-bootstrap", min=0, help="Resamples behind leaderboard intervals."),
+    n_bootstrap: int = typer.Option(1000, "--n-bootstrap", min=0, help="Resamples behind leaderboard intervals; 0: none."),
     device: str = typer.Option("auto", help="cuda, cpu, ... (auto: cuda if present)."),
     dtype: str = typer.Option("float32", help="float32, bfloat16, float16 or auto."),
     trust_remote_code: bool = typer.Option(
@@ -153,7 +153,7 @@ def score_human(
         ..., help="Folders (or their samples.jsonl) written by `eval generate --judge human`."),
     db: Path = typer.Option(..., help="The labeling database the comparisons were queued in."),
     out: Path | None = typer.Option(None, help="Folder for leaderboard.json when scoring several."),
-    n_bootstrap: int = typer.Option(1000, "--n-bootstrap", min=0, help="Resamples behind leaderboard intervals."),
+    n_bootstrap: int = typer.Option(1000, "--n-bootstrap", min=0, help="Resamples behind leaderboard intervals; 0: none."),
 ) -> None:
     """Read people's votes back and write the win rate into eval.json (and samples.jsonl)."""
     from preftune.eval_human import score_human as run_scoring
