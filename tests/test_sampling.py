@@ -479,6 +479,18 @@ def test_no_progress_means_no_transformers_bars_either(model_dir, tmp_path):
     assert loud.exit_code == 0 and "Loading weights" in loud.output
 
 
+@pytest.mark.usefixtures("transformers_bars_on")
+def test_cli_refuses_batch_size_zero_before_loading_or_drawing_a_bar(model_dir, tmp_path):
+    """--batch-size 0 was refused only when the first batch was drawn: after the weight-loading
+    bar and a 0% sampling bar."""
+    prompts = write_txt(tmp_path / "p.txt", PROMPTS[:2])
+    result = CliRunner().invoke(app, ["--model", str(model_dir), "--prompts", str(prompts),
+                                      "--out", str(tmp_path / "pairs.jsonl"), "--batch-size", "0"])
+    assert isinstance(result.exception, UserError)
+    assert str(result.exception) == "--batch-size must be at least 1, got 0."
+    assert "Loading weights" not in result.output and "sampling" not in result.output
+
+
 def test_resume_knows_the_model_folder_however_it_is_named(tmp_path, monkeypatch):
     # Records name a local model by its absolute path; files from before hold it as typed.
     from preftune.sampling import resume_position

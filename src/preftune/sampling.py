@@ -547,6 +547,8 @@ def sample_to_file(
     Returns (prompts already present, prompts written now). `on_batch(k)` is called after each
     batch of k prompts is safely on disk (tests use it to simulate a kill).
     """
+    if batch_size < 1:  # here, not only when the first batch is drawn: after the model load and bar
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}.")
     out = check_out_file(out, "pairs.jsonl", prompts_path, "--prompts file")
     prompts = load_prompts(prompts_path)
     if not id_prefix or not all(c.isalnum() or c in "-_." for c in id_prefix):
