@@ -248,6 +248,27 @@ def test_prompt_shared_logps_and_gradients_equal_padded(tiny_model_factory, arch
         torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)
 
 
+def test_prompt_shared_layout_stays_within_learned_positions(tiny_model_factory):
+    """A GPT-2 of 32 positions, pairs of 31 tokens at most: a long prompt's short rejected response
+    was padded with positions counted on to 22 + 23 - 1, and the first forward stopped with an
+    IndexError from the position embedding (on CPU, where prompt sharing is the default)."""
+    from transformers import AutoModelForCausalLM
+
+    from preftune.data.shared_prompt import collate_shared_prompt
+    from preftune.logprobs import completion_logps, shared_prompt_logps
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_factory("gpt2", hidden_size=32, max_positions=32))
+    pairs = [TokenizedPair(list(range(5, 27)), [30, 31], [32, 33], index=0),
+             TokenizedPair([5, 6], [30, 31], list(range(40, 63)), index=1)]
+    assert max(pair.length for pair in pairs) <= 32
+    batch = collate_shared_prompt(pairs, pad_token_id=0)
+    assert int(batch.shared.second_positions.max()) <= 31
+    with torch.no_grad():
+        padded, _ = completion_logps(model.eval(), batch.input_ids, batch.attention_mask, batch.completion_mask)
+        shared, _ = shared_prompt_logps(model, batch.shared)
+    torch.testing.assert_close(shared, padded, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_prompt_shared_training_equals_padded(tmp_path, tiny_model_factory, pairs_file, arch):
     model = tiny_model_factory(arch)

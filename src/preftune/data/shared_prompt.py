@@ -61,6 +61,7 @@ def collate_shared_prompt(pairs: list[TokenizedPair], pad_token_id: int) -> Pair
     width_first = max(map(len, first))
     prompt_width = max(prompts)
     width_second = max(len(p.rejected_ids) for p in pairs)
+    rejected_lengths = torch.tensor([len(p.rejected_ids) for p in pairs])
     second_mask = torch.zeros(len(pairs), prompt_width + width_second, dtype=torch.long)
     for i, (prompt, pair) in enumerate(zip(prompts, pairs)):
         second_mask[i, :prompt] = 1
@@ -71,8 +72,17 @@ def collate_shared_prompt(pairs: list[TokenizedPair], pad_token_id: int) -> Pair
         chosen_mask=_padded([[0] * n + [1] * len(p.chosen_ids) for n, p in zip(prompts, pairs)], width_first),
         second_ids=_padded([p.rejected_ids for p in pairs], width_second, pad_token_id),
         second_mask=second_mask,
-        second_positions=torch.tensor(prompts).unsqueeze(1) + torch.arange(width_second),
+        second_positions=_continued_positions(prompts, rejected_lengths, width_second),
         prompt_lengths=torch.tensor(prompts),
-        rejected_lengths=torch.tensor([len(p.rejected_ids) for p in pairs]),
+        rejected_lengths=rejected_lengths,
     )
     return batch
+
+
+def _continued_positions(prompts: list[int], rejected_lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, width) position ids of the rejected rows: each prompt's, continued, and on the padding
+    after a short response its last one again. Counted on, the padding after a long prompt's short
+    response went past the longest pair (prompt 22 + the 23 of another pair's response), which a
+    model with learned positions (GPT-2) cannot look up: an IndexError on pairs that all fit."""
+    steps = torch.minimum(torch.arange(width).unsqueeze(0), (rejected_lengths - 1).clamp(min=0).unsqueeze(1))
+    return torch.tensor(prompts).unsqueeze(1) + steps
