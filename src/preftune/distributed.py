@@ -186,6 +186,40 @@ def start_notes(config, dist: DistContext, device: torch.device) -> list[str]:
         notes.append(f"train.distributed is {config.train.distributed!r}, but this run is one process "
                      f"({runs_as}); start several with `preftune train CONFIG --nproc N` on one node, "
                      "or with torchrun (docs/DISTRIBUTED.md).")
+    notes += accelerate_notes(config, dist)
+    return notes
+
+
+def accelerate_notes(config, dist: DistContext) -> list[str]:
+    """`accelerate launch` starts workers with torchrun's environment, so preftune runs under it
+    as under torchrun; but accelerate's own settings (its flags, `accelerate config`) reach the
+    workers only as ACCELERATE_* variables, which preftune does not read. Say which were asked
+    for and what to set instead, rather than train without them and without a word."""
+    env = os.environ
+    if "ACCELERATE_MIXED_PRECISION" not in env:  # every `accelerate launch` sets it
+        return []
+    ignored = []
+    precision = env["ACCELERATE_MIXED_PRECISION"].lower()
+    if precision == "bf16" and config.model.autocast != "bfloat16":
+        ignored.append("--mixed_precision bf16 (set model.autocast: bfloat16)")
+    elif precision not in ("no", "bf16"):
+        ignored.append(f"--mixed_precision {precision} (preftune's mixed precision is model.autocast: bfloat16)")
+    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true" and dist.strategy != "fsdp":
+        ignored.append("FSDP (set train.distributed: fsdp)")
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        ignored.append("DeepSpeed (preftune shards with train.distributed: fsdp)")
+    if env.get("ACCELERATE_DYNAMO_BACKEND", "NO").upper() != "NO" and not config.model.compile:
+        ignored.append("--dynamo_backend (set model.compile: true)")
+    notes = []
+    if ignored:
+        notes.append(f"started by `accelerate launch`, whose settings preftune does not read: {'; '.join(ignored)}. "
+                     "This run trains as its config says (docs/DISTRIBUTED.md).")
+    # accelerate sets MASTER_ADDR for --num_processes above 1, yet on CPU (or with --cpu) it
+    # starts one process, with no WORLD_SIZE: the run would be one process where two were asked.
+    if dist.world_size == 1 and "WORLD_SIZE" not in env and "MASTER_ADDR" in env:
+        notes.append("`accelerate launch` started one process: it does so on CPU (or with --cpu) whatever "
+                     "--num_processes says; start several with `preftune train CONFIG --nproc N` or with "
+                     "torchrun (docs/DISTRIBUTED.md).")
     return notes
 
 

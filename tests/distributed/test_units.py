@@ -135,3 +135,40 @@ def test_ddp_or_fsdp_in_one_process_says_so_and_how_to_start_several(tmp_path, t
     [fsdp_alone] = notes("fsdp", 1)
     assert fsdp_alone.startswith("train.distributed is 'fsdp', but this run is one process (FSDP2 over one rank)")
     assert notes("ddp", 2) == notes("fsdp", 2) == notes("auto", 1) == notes("none", 1) == []
+
+
+ACCELERATE_ENV = ("ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED",
+                  "ACCELERATE_DYNAMO_BACKEND", "WORLD_SIZE", "MASTER_ADDR")
+
+
+@pytest.mark.parametrize(("env", "distributed", "said"), [
+    # `accelerate launch --multi_gpu --mixed_precision bf16`: two workers in float32, without a word.
+    ({"ACCELERATE_MIXED_PRECISION": "bf16", "WORLD_SIZE": "2"}, "auto",
+     ["started by `accelerate launch`, whose settings preftune does not read: --mixed_precision bf16 "
+      "(set model.autocast: bfloat16). This run trains as its config says (docs/DISTRIBUTED.md)."]),
+    # `accelerate config` with FSDP: every GPU held the whole model under DDP.
+    ({"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "2"}, "auto",
+     ["started by `accelerate launch`, whose settings preftune does not read: FSDP (set "
+      "train.distributed: fsdp). This run trains as its config says (docs/DISTRIBUTED.md)."]),
+    ({"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "2"}, "fsdp", []),
+    # `accelerate launch --num_processes 2` on CPU: one process, and nothing said.
+    ({"ACCELERATE_MIXED_PRECISION": "no", "MASTER_ADDR": "127.0.0.1"}, "auto",
+     ["`accelerate launch` started one process: it does so on CPU (or with --cpu) whatever "
+      "--num_processes says; start several with `preftune train CONFIG --nproc N` or with torchrun "
+      "(docs/DISTRIBUTED.md)."]),
+    ({"ACCELERATE_MIXED_PRECISION": "no", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}, "auto", []),
+    ({"MASTER_ADDR": "127.0.0.1"}, "auto", []),  # not accelerate: nothing to say
+])
+def test_accelerate_launch_settings_preftune_does_not_follow_are_said(monkeypatch, env, distributed, said):
+    from preftune.config import validate_config
+    from preftune.distributed import start_notes
+
+    for key in ACCELERATE_ENV:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    config = validate_config({"model": {"path": "x"}, "data": {"train": "x"}, "train": {"distributed": distributed}})
+    world_size = int(env.get("WORLD_SIZE", "1"))
+    strategy = "fsdp" if distributed == "fsdp" else ("ddp" if world_size > 1 else "none")
+    notes = start_notes(config, DistContext(world_size=world_size, strategy=strategy), torch.device("cpu"))
+    assert notes == said
