@@ -294,3 +294,21 @@ def test_pairs_longer_than_the_models_positions_are_refused_at_start(tmp_path, t
     capsys.readouterr()
     train(make_config(tmp_path, short, pairs_file, data={"max_length": 32, "packing": "on"}))
     assert "packing each micro-batch into one row" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("optim, message", [
+    # clip_grad_norm_ scales by max_norm / norm: a negative norm turned every step into ascent.
+    ({"max_grad_norm": -1.0}, "key 'optim.max_grad_norm': Input should be greater than or equal to 0"),
+    # 0 / (sqrt(0) + 0): the weights a step gave no gradient (unseen tokens' embeddings) became NaN.
+    ({"eps": 0.0}, "key 'optim.eps': Input should be greater than 0"),
+    # torch's ValueError traceback came once the model and the reference's log-probs were ready.
+    ({"betas": [0.9, 1.0]}, "key 'optim.betas': [0.9, 1.0]: each of AdamW's two decay rates is at least 0 and "
+                            "below 1"),
+])
+def test_optimizer_settings_that_wreck_or_stop_a_run_are_refused_by_the_config(tmp_path, optim, message):
+    from preftune.errors import UserError
+
+    with pytest.raises(UserError) as caught:
+        make_config(tmp_path, "model", "data.jsonl", optim=optim)
+    assert message in str(caught.value)
+    make_config(tmp_path, "model", "data.jsonl", optim={"max_grad_norm": 0.0})  # 0: no clipping, as null

@@ -373,13 +373,24 @@ class OptimConfig(Section):
     lr: float = Field(1.0e-6, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1.0e-8
+    # Above 0: at 0 a parameter whose gradient is 0 (a token the data never holds) is moved by 0 / 0.
+    eps: float = Field(1.0e-8, gt=0.0)
     scheduler: Literal["constant", "linear", "cosine"] = "constant"
     # Whole steps, or below 1 a share of the run's optimizer steps, rounded up (transformers 5's
     # convention, which replaced its `warmup_ratio`): 0.1 warms up over the first tenth.
     warmup_steps: int | float = Field(0, ge=0)
-    max_grad_norm: float | None = 1.0
+    # 0 or null: no clipping. A negative norm turned every gradient around (clip_grad_norm_ scales by it).
+    max_grad_norm: float | None = Field(1.0, ge=0.0)
     fused: bool | None = None  # None: fused AdamW where torch has it (CUDA, and CPU since torch 2.4)
+
+    @field_validator("betas")
+    @classmethod
+    def _decay_rates(cls, value):
+        # Checked here, not by torch once the model and the reference's log-probs are ready.
+        if not all(0.0 <= beta < 1.0 for beta in value):
+            raise ValueError(f"{list(value)}: each of AdamW's two decay rates is at least 0 and below 1, "
+                             "e.g. [0.9, 0.999]")
+        return value
 
     @field_validator("warmup_steps")
     @classmethod
