@@ -167,12 +167,23 @@ def save_training_checkpoint(folder: Path, step: int, policy, tokenizer, optimiz
 
 def _check_shape(saved: dict, folder: Path, config, dist: DistContext) -> None:
     before, now = saved.get("distributed"), run_shape(config, dist)
-    if before and before["global_batch"] != now["global_batch"]:
-        raise UserError(
-            f"checkpoint {folder} was written with {before['global_batch']} pairs per optimizer step "
-            f"({before['world_size']} processes); this run has {now['global_batch']} "
-            f"(train.batch_size x train.grad_accum x {dist.world_size} processes): set "
-            f"train.batch_size or train.grad_accum so the product is {before['global_batch']}.")
+    if not before or before["global_batch"] == now["global_batch"]:
+        return
+    wanted, processes, accum = before["global_batch"], dist.world_size, config.train.grad_accum
+    written = "1 process" if before["world_size"] == 1 else f"{before['world_size']} processes"
+    said = (f"checkpoint {folder} was written with {wanted} pairs per optimizer step ({written}); this run "
+            f"has {now['global_batch']} (train.batch_size {config.train.batch_size} x train.grad_accum "
+            f"{accum} x {processes} process{'es' if processes != 1 else ''})")
+    if wanted % processes:  # no batch size restores it: each process takes an equal share
+        counts = ", ".join(str(n) for n in range(1, wanted + 1) if wanted % n == 0)
+        raise UserError(f"{said}, and {wanted} pairs cannot be shared out equally over {processes} processes: "
+                        f"resume on {counts} processes, with train.batch_size x train.grad_accum x processes "
+                        f"= {wanted}.")
+    per_process = wanted // processes
+    fix = (f"set train.batch_size: {per_process // accum}" if per_process % accum == 0 else
+           f"set train.batch_size x train.grad_accum to {per_process} (e.g. train.batch_size: {per_process}, "
+           "train.grad_accum: 1)")
+    raise UserError(f"{said}: {fix}, so that each step again sees {wanted} pairs.")
 
 
 # Keys that fix what a run computes: its data order, loss, optimizer and schedule. A resume must

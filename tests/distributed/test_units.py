@@ -75,8 +75,29 @@ def _config(batch_size, grad_accum):
 def test_resume_with_the_same_global_batch_on_another_process_count_is_allowed():
     saved = {"distributed": {"world_size": 2, "strategy": "fsdp", "global_batch": 16}}
     _check_shape(saved, Path("ckpt"), _config(4, 1), DistContext(world_size=4, strategy="fsdp"))
-    with pytest.raises(UserError, match="so the product is 16"):
+    with pytest.raises(UserError) as refused:
         _check_shape(saved, Path("ckpt"), _config(4, 2), DistContext(world_size=4, strategy="fsdp"))
+    assert str(refused.value) == (
+        "checkpoint ckpt was written with 16 pairs per optimizer step (2 processes); this run has 32 "
+        "(train.batch_size 4 x train.grad_accum 2 x 4 processes): set train.batch_size: 2, so that each "
+        "step again sees 16 pairs.")
+
+
+def test_a_global_batch_that_the_processes_cannot_share_names_the_counts_that_can():
+    """It said 'set train.batch_size or train.grad_accum so the product is 8' to a run on 3
+    processes, where no setting gives 8 (and '1 processes' for a one-process checkpoint)."""
+    saved = {"distributed": {"world_size": 1, "strategy": "none", "global_batch": 8}}
+    with pytest.raises(UserError) as refused:
+        _check_shape(saved, Path("ckpt"), _config(2, 1), DistContext(world_size=3, strategy="ddp"))
+    assert str(refused.value) == (
+        "checkpoint ckpt was written with 8 pairs per optimizer step (1 process); this run has 6 "
+        "(train.batch_size 2 x train.grad_accum 1 x 3 processes), and 8 pairs cannot be shared out "
+        "equally over 3 processes: resume on 1, 2, 4, 8 processes, with train.batch_size x "
+        "train.grad_accum x processes = 8.")
+    # 4 per process, which grad_accum 3 cannot divide: batch size and accumulation together.
+    with pytest.raises(UserError, match=r"set train.batch_size x train.grad_accum to 4 \(e.g. train.batch_size: 4, "
+                                        r"train.grad_accum: 1\), so that each step again sees 8 pairs.$"):
+        _check_shape(saved, Path("ckpt"), _config(1, 3), DistContext(world_size=2, strategy="ddp"))
 
 
 def test_one_process_context_needs_no_process_group():
