@@ -623,6 +623,9 @@ def test_data_inspect_reports_counts_lengths_and_an_example(tmp_path, tiny_llama
     assert "chosen longer than rejected in " in out
     for title in ("prompt length", "chosen length", "rejected length", "total length"):
         assert title in out
+    one = CliRunner().invoke(app, ["data", "inspect", str(write_jsonl(tmp_path / "one.jsonl", PAIRS[:1])),
+                                   "--model", str(tiny_llama)])
+    assert one.exit_code == 0 and "1 row, 1 usable" in " ".join(one.output.split()), one.output  # not "1 rows"
     assert "[chosen]" in out and "[rejected]" in out
 
 

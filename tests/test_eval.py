@@ -163,13 +163,14 @@ def test_eval_pairs_reads_the_split_asked_for_and_keeps_one_record_per_split(mod
 
     rows = [json.loads(line) for line in write_pairs(tmp_path / "D.jsonl").read_text().splitlines()]
     datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
-                          "test": datasets.Dataset.from_list(rows[:2])}).save_to_disk(str(tmp_path / "dd"))
-    for split, n_pairs in (("test", 2), ("train", 3)):
+                          "test": datasets.Dataset.from_list(rows[:1])}).save_to_disk(str(tmp_path / "dd"))
+    for split, said in (("test", "1 pair, beta"), ("train", "3 pairs, beta")):
         result = invoke(["pairs", "--model", models["ref"], "--reference", models["ref"],
                          "--data", tmp_path / "dd", "--split", split, "--out", tmp_path / "out"])
         assert result.exit_code == 0, result.output
+        assert said in result.output  # not "1 pairs"
     records = json.loads((tmp_path / "out" / "eval.json").read_text())["evals"]
-    assert [(r["split"], r["n_pairs"]) for r in records] == [("test", 2), ("train", 3)]
+    assert [(r["split"], r["n_pairs"]) for r in records] == [("test", 1), ("train", 3)]
 
 
 def test_eval_pairs_counts_truncated_pairs_apart_from_skipped_ones(models, tmp_path):
@@ -486,6 +487,33 @@ def test_generate_policy_equal_to_reference_has_zero_kl_and_only_ties(models, pr
         assert row["reward"]["policy"] == len(row["responses"]["policy"])
         assert 1 <= row["length"]["policy"] <= MAX_NEW
     assert record["mean_length"]["policy"] == sum(r["length"]["policy"] for r in rows) / len(rows)
+
+
+def test_generate_printout_counts_one_in_the_singular(capsys):
+    """It said "on 1 prompts (... 1 wins, 0 ties, 0 losses)"."""
+    from preftune.eval_cli import _print_generation_record
+
+    record = {"system": "pol", "n_prompts": 1, "judge": "reward:r.py:f", "win_rate": 1.0,
+              "win_rate_ci": [0.2, 1.0], "wins": 1, "ties": 0, "losses": 0, "kl": 0.0, "kl_se": 0.0,
+              "kl_tokens": 0.0, "mean_length": {"policy": 3.0, "reference": 3.0}}
+    _print_generation_record(record, "out")
+    said = capsys.readouterr().out
+    assert "pol vs reference on 1 prompt (judge" in said and "(1 win, 0 ties, 0 losses)" in said
+    _print_generation_record({**record, "n_prompts": 3, "wins": 0, "ties": 1, "losses": 2}, "out")
+    assert "on 3 prompts" in (said := capsys.readouterr().out) and "(0 wins, 1 tie, 2 losses)" in said
+
+
+def test_score_human_printout_counts_one_in_the_singular(monkeypatch, tmp_path):
+    """It said "from 1 votes on 1 prompts"."""
+    import preftune.eval_human
+
+    record = {"system": "pol", "win_rate": 1.0, "win_rate_ci": [0.2, 1.0], "n_votes": 1, "n_prompts": 1,
+              "n_unjudged": 0}
+    monkeypatch.setattr(preftune.eval_human, "score_human",
+                        lambda db, targets, out, n_bootstrap: {"evals": [record], "leaderboard_text": None})
+    result = invoke(["score-human", tmp_path, "--db", tmp_path / "labels.db"])
+    assert result.exit_code == 0, result.output
+    assert "from 1 vote on 1 prompt (0 not judged yet)" in result.output
 
 
 def test_generate_rigged_reward_gives_win_rate_one_and_exact_kl(models, prompts_file, tmp_path,

@@ -385,6 +385,7 @@ def test_cli_samples_and_resumes(model_dir, tmp_path):
     assert again.exit_code == 0 and "nothing to do" in again.output
     single = CliRunner().invoke(app, [*args[:5], str(tmp_path / "single.jsonl"), *args[6:], "--n", "1"])
     assert single.exit_code == 0 and "nothing to compare" in single.output
+    assert "wrote 3 prompts x 1 response to" in single.output  # not "1 responses"
     missing = CliRunner().invoke(app, args[:2] + ["--prompts", str(tmp_path / "no.txt")] + args[4:])
     assert isinstance(missing.exception, UserError)
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import typer
 
+from preftune.wording import counted
+
 app = typer.Typer(
     help="Evaluate a policy: on held-out pairs (accuracy, margins) or on generations "
     "(win rate, reward, KL), for one model or a leaderboard of several.",
@@ -58,7 +60,7 @@ def pairs(
                                  batch_size=batch_size, max_length=max_length, out=out,
                                  device=device, dtype=dtype, split=split,
                                  token_metrics=token_metrics)
-    typer.echo(f"{record['n_pairs']} pairs, beta {record['beta']:g}, loss {record['loss_type']}:")
+    typer.echo(f"{counted(record['n_pairs'], 'pair')}, beta {record['beta']:g}, loss {record['loss_type']}:")
     if record["skipped"]:  # said here too, not only in eval.json: these pairs are not in the numbers
         reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(record["skipped"].items()))
         typer.echo(f"  left out (not evaluated): {reasons}")
@@ -124,12 +126,13 @@ def _print_leaderboard(result: dict) -> None:
 
 
 def _print_generation_record(record: dict, folder: str) -> None:
-    typer.echo(f"\n{record['system']} vs reference on {record['n_prompts']} prompts "
+    typer.echo(f"\n{record['system']} vs reference on {counted(record['n_prompts'], 'prompt')} "
                f"(judge {record['judge']}):")
     if record.get("win_rate") is not None:
         low, high = record["win_rate_ci"]
         typer.echo(f"  win rate   {record['win_rate']:.3f}  95% CI [{low:.3f}, {high:.3f}]  "
-                   f"({record['wins']} wins, {record['ties']} ties, {record['losses']} losses)")
+                   f"({counted(record['wins'], 'win')}, {counted(record['ties'], 'tie')}, "
+                   f"{counted(record['losses'], 'loss', 'losses')})")
     if record.get("mean_reward", {}).get("policy") is not None:
         reward, se = record["mean_reward"], record["mean_reward_se"]
         typer.echo(f"  reward     policy {_fmt(reward['policy'], se['policy'])}, "
@@ -162,6 +165,6 @@ def score_human(
     for record, target in zip(result["evals"], targets):
         low, high = record["win_rate_ci"]
         typer.echo(f"{record['system']}: win rate {record['win_rate']:.3f} 95% CI [{low:.3f}, "
-                   f"{high:.3f}] from {record['n_votes']} votes on {record['n_prompts']} prompts "
+                   f"{high:.3f}] from {counted(record['n_votes'], 'vote')} on {counted(record['n_prompts'], 'prompt')} "
                    f"({record['n_unjudged']} not judged yet); updated {target}")
     _print_leaderboard(result)

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from preftune.sampling import SamplingSettings, sample_to_file
+from preftune.wording import counted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True)
 
@@ -67,7 +68,7 @@ def sample(
     elif done:
         console.print(f"resumed after {done} prompts; wrote {written} more to {out}.")
     else:
-        console.print(f"wrote {written} prompts x {n} responses to {out}.")
+        console.print(f"wrote {counted(written, 'prompt')} x {counted(n, 'response')} to {out}.")
     # Labeling reads pairs: say now what it will do with this many responses, not at label time.
     if n == 1:
         console.print("one response per prompt: nothing to compare, so `preftune label` needs --n 2 or more.")

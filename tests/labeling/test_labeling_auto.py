@@ -585,7 +585,7 @@ def test_a_reward_model_with_its_own_code_needs_trust_remote_code(tmp_path):
     assert not (tmp_path / "D.jsonl").exists()
     result = CliRunner().invoke(app, [*args, "--trust-remote-code"])
     assert result.exit_code == 0, result.output
-    assert "wrote 1 rows" in result.output
+    assert "wrote 1 row (argmax)" in result.output
 
 
 # ------------------------------------------------------------ N > 2 responses per prompt

@@ -38,7 +38,7 @@ def test_import_annotators_status_export(tmp_path):
     assert status["votes"] == 1 and status["annotators"][0]["name"] == "erin"
     assert "erin" in invoke("status", "--db", db).output
     out = tmp_path / "D.jsonl"
-    assert "wrote 1 rows" in invoke("export", "--db", db, "--out", out).output
+    assert "wrote 1 row to" in invoke("export", "--db", db, "--out", out).output
     assert json.loads(out.read_text())["pair_id"] == "p00000"
     assert "revoked erin" in invoke("revoke-annotator", "erin", "--db", db).output
     store = Store(db)
@@ -120,7 +120,7 @@ def test_auto_command_counts_identical_pairs_and_refuses_another_pairs_file(tmp_
     result = invoke("auto", "--pairs", first, "--reward", reward, "--out", out)
     assert result.exit_code == 0, result.output
     assert "wrote 2 rows (bt-sample)" in result.output
-    assert "1 pairs with identical responses skipped" in result.output
+    assert "1 pair with identical responses skipped" in result.output
     # Another pairs file that reuses the same pair ids must not count as already labeled.
     other = write_pairs_file(tmp_path / "other.jsonl",
                              [Pair(p.pair_id, "another prompt", p.responses) for p in pairs])
@@ -137,8 +137,11 @@ def test_auto_command_says_which_of_n_responses_it_left_out(tmp_path):
     result = invoke("auto", "--pairs", pairs, "--reward", f"{tmp_path / 'lenreward.py'}:score",
                     "--out", tmp_path / "D.jsonl", "--argmax")
     assert result.exit_code == 0, result.output
-    assert "wrote 1 rows (argmax)" in result.output
+    assert "wrote 1 row (argmax)" in result.output
     assert "1 empty and 1 repeated responses left out before picking best and worst" in result.output
+    again = invoke("auto", "--pairs", pairs, "--reward", f"{tmp_path / 'lenreward.py'}:score",
+                   "--out", tmp_path / "D.jsonl", "--argmax")
+    assert "wrote 0 rows (argmax), 1 was already there" in again.output  # not "1 were"
 
 
 def test_paths_to_people_refuse_more_than_two_responses(tmp_path, monkeypatch):
@@ -206,6 +209,16 @@ def test_serve_on_a_public_address_warns_of_plain_http(tmp_path, monkeypatch):
     warning = "over plain HTTP: login links and cookies travel unencrypted"
     assert warning in invoke("serve", "--db", db, "--pairs", pairs, "--host", "0.0.0.0").output
     assert warning not in invoke("serve", "--db", db, "--host", "127.0.0.1").output
+
+
+def test_serve_counts_one_pair_in_the_singular(tmp_path, monkeypatch):
+    """It said "1 new pairs" and "serving 1 pairs"."""
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)
+    pairs = write_pairs_file(tmp_path / "pairs.jsonl", make_pairs(1))
+    output = invoke("serve", "--db", tmp_path / "labels.sqlite", "--pairs", pairs).output
+    assert "1 new pair, 0 already in" in output and "serving 1 pair at" in output
 
 
 def test_a_db_in_a_missing_folder_or_a_folder_as_db_says_so(tmp_path):

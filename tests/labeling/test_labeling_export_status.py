@@ -242,6 +242,15 @@ def test_status_of_two_annotators(tmp_path):
     store.close()
 
 
+def test_status_counts_one_pair_and_one_vote_in_the_singular(tmp_path):
+    """It said "1 pairs, 1 live votes"."""
+    store = Store(tmp_path / "one.sqlite")
+    store.add_pairs(make_pairs(1))
+    cast(store, store.authenticate(store.add_annotator("a")), "p00000", 0)
+    assert format_status(compute_status(store), "one.sqlite").startswith("one.sqlite: 1 pair, 1 live vote\n")
+    store.close()
+
+
 def test_pairs_with_an_empty_response_are_left_out_of_d(tmp_path):
     from preftune.labeling.pairs import Pair
 

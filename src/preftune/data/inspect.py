@@ -12,6 +12,7 @@ from rich.text import Text
 from preftune.data.heldout import prompt_key
 from preftune.data.io import load_pairs
 from preftune.data.tokenize import tokenize_pair, truncate_pair
+from preftune.wording import counted
 
 
 def histogram(values: list[int], bins: int = 10, width: int = 40) -> list[tuple[str, int, str]]:
@@ -41,7 +42,7 @@ def _histogram_table(title: str, values: list[int]) -> Table:
 
 def inspect_file(path: str, tokenizer, data_cfg, console: Console, split: str = "train") -> dict:
     loaded = load_pairs(path, split, setting="the file given to `preftune data inspect`")
-    console.print(f"[bold]{path}[/bold]: {loaded.rows_read} rows, {len(loaded.pairs)} usable")
+    console.print(f"[bold]{path}[/bold]: {counted(loaded.rows_read, 'row')}, {len(loaded.pairs)} usable")
     for reason, n in loaded.skipped.items():
         console.print(f"  skipped {n}: {reason}")
     lengths = {"prompt": [], "chosen": [], "rejected": [], "total": []}

@@ -37,6 +37,7 @@ from starlette.staticfiles import StaticFiles
 
 from preftune.errors import UserError
 from preftune.labeling.store import CHOICES, Annotator, Rejected, Store
+from preftune.wording import counted
 
 HERE = Path(__file__).parent
 STATIC_DIR = HERE / "static"
@@ -425,7 +426,7 @@ def serve(
         check_bind(host, open_mode, store)
         if pairs is not None:
             added, present = store.add_pairs(load_pairs(pairs, for_people=True))
-            echo(f"{pairs}: {added} new pairs, {present} already in {db}")
+            echo(f"{pairs}: {counted(added, 'new pair')}, {present} already in {db}")
         if store.pair_count() == 0:
             raise UserError(f"{db} holds no pairs yet; pass --pairs pairs.jsonl.")
         text = None
@@ -435,7 +436,7 @@ def serve(
             text = Path(guidelines).read_text(encoding="utf-8")
         app = create_app(store, open_mode=open_mode, guidelines=text)
         shown = f"[{host}]" if ":" in host else host
-        echo(f"serving {store.pair_count()} pairs at http://{shown}:{port}/ (overlap {overlap})")
+        echo(f"serving {counted(store.pair_count(), 'pair')} at http://{shown}:{port}/ (overlap {overlap})")
         if open_mode:
             echo("--open: anyone who can reach this address votes, as one anonymous annotator")
         elif not is_loopback(host):

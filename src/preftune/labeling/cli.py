@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 
 from preftune.errors import UserError
+from preftune.wording import counted
 
 app = typer.Typer(
     help="Label response pairs: in the browser (serve) or with a reward function (auto).",
@@ -154,11 +155,11 @@ def auto(
     mode = "argmax" if argmax else "bt-sample"
     stats = label_auto(pairs, reward, out, mode=mode, seed=seed, batch_size=batch_size,
                        show_progress=progress, trust_remote_code=trust_remote_code)
-    ties = f", {stats['ties_skipped']} ties skipped" if stats.get("ties_skipped") else ""
+    ties = f", {counted(stats['ties_skipped'], 'tie')} skipped" if stats.get("ties_skipped") else ""
     if stats.get("empty_skipped"):
-        ties += f", {stats['empty_skipped']} pairs with an empty response skipped"
+        ties += f", {counted(stats['empty_skipped'], 'pair')} with an empty response skipped"
     if stats.get("identical_skipped"):
-        ties += f", {stats['identical_skipped']} pairs with identical responses skipped"
+        ties += f", {counted(stats['identical_skipped'], 'pair')} with identical responses skipped"
     if stats.get("empty_dropped") or stats.get("duplicates_dropped"):  # only with --n above 2
         ties += (f"; {stats.get('empty_dropped', 0)} empty and {stats.get('duplicates_dropped', 0)} "
                  f"repeated responses left out before picking best and worst")
@@ -166,8 +167,8 @@ def auto(
         ties += (f"; {stats['reward_truncated']} responses (with their prompts) were longer than the "
                  f"reward model's {stats['reward_max_length']} tokens and were scored cut to them")
     typer.echo(
-        f"{out}: wrote {stats.get('written', 0)} rows ({mode}), "
-        f"{stats['resumed_from']} were already there{ties}"
+        f"{out}: wrote {counted(stats.get('written', 0), 'row')} ({mode}), "
+        f"{stats['resumed_from']} {'was' if stats['resumed_from'] == 1 else 'were'} already there{ties}"
     )
 
 

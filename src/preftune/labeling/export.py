@@ -23,6 +23,7 @@ from pathlib import Path
 from preftune.errors import UserError
 from preftune.labeling.store import Store
 from preftune.records import check_out_file, make_parent_folder, write_jsonl_atomic
+from preftune.wording import counted
 
 POLICIES = ("majority", "unanimous")
 
@@ -208,7 +209,7 @@ def _remove(path: Path) -> bool:
 
 
 def format_report(report: dict, out: str | Path) -> str:
-    lines = [f"wrote {report['exported']} rows to {out} (policy: {report['policy']})"]
+    lines = [f"wrote {counted(report['exported'], 'row')} to {out} (policy: {report['policy']})"]
     if report["votes"]:
         votes = ", ".join(f"{k} {v}" for k, v in sorted(report["votes"].items()))
         lines.append(f"live votes: {votes}")

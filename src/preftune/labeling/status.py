@@ -24,6 +24,7 @@ from pathlib import Path
 from preftune.errors import UserError
 from preftune.labeling.export import vote_outcome
 from preftune.labeling.store import Store
+from preftune.wording import counted
 
 RATE_WINDOW_S = 3600.0  # the rate is votes in the last hour of voting
 
@@ -160,7 +161,7 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def format_status(status: dict, db: str | Path) -> str:
-    lines = [f"{db}: {status['pairs']} pairs, {status['votes']} live votes"]
+    lines = [f"{db}: {counted(status['pairs'], 'pair')}, {counted(status['votes'], 'live vote')}"]
     counts = ", ".join(f"{k} vote(s): {v}" for k, v in status["pairs_by_vote_count"].items())
     lines.append(f"pairs by non-skip votes: {counts or 'none'}")
     lines.extend(_progress_lines(status))
