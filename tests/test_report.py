@@ -293,6 +293,10 @@ def test_report_command(tmp_path):
     for runs in ([run_dir], [run_dir, tmp_path / "out"]):
         result = CliRunner().invoke(app, [*map(str, runs), "--out", str(extra)])
         assert isinstance(result.exception, UserError) and "is a file; name a folder" in str(result.exception)
+    # It said "smoothing must be ...", not naming the option typed, for one run and for several.
+    for runs in ([run_dir], [run_dir, run_dir]):
+        result = CliRunner().invoke(app, [*map(str, runs), "--smoothing", "5", "--out", str(tmp_path / "o")])
+        assert str(result.exception) == "--smoothing must be in [0, 1), got 5; 0 turns it off."
 
 
 def test_evaluations_table_names_the_judge_and_data_and_waiting_votes(tmp_path):

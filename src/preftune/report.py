@@ -125,7 +125,7 @@ def load_config(run_dir: Path) -> dict:
 
 def _check_smoothing(smoothing: float) -> None:
     if not 0.0 <= smoothing < 1.0:
-        raise UserError(f"smoothing must be in [0, 1), got {smoothing}; 0 turns it off.")
+        raise UserError(f"--smoothing must be in [0, 1), got {smoothing:g}; 0 turns it off.")
 
 
 def ema(values: Sequence[float], smoothing: float) -> np.ndarray:
