@@ -223,6 +223,16 @@ def accelerate_notes(config, dist: DistContext) -> list[str]:
     return notes
 
 
+def resume_command(config_path, world_size: int) -> str:
+    """How to continue a stopped run. `--nproc N` starts N processes on this machine: right for a
+    run of one machine, however started, but a run over several machines would be squeezed onto
+    one; that run resumes by the torchrun command that started it."""
+    if world_size > 1 and int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) != world_size:
+        return "the torchrun command that started the run, on every machine, with --resume added"
+    nproc = f" --nproc {world_size}" if world_size > 1 else ""
+    return f"preftune train {config_path} --resume{nproc}"
+
+
 class ShardedReference:
     """The frozen reference as an FSDP2 module: log-probs of a batch, computed without grad."""
 

@@ -61,7 +61,7 @@ from preftune.data.heldout import (
 )
 from preftune.data.io import load_pairs
 from preftune.data.tokenize import TokenizedPair, tokenize_pairs
-from preftune.distributed import full_tensor
+from preftune.distributed import full_tensor, resume_command
 from preftune.errors import UserError
 from preftune.evaluate import check_pairs_fit, evaluate_pairs, pair_logps
 from preftune.loggers import check_backends
@@ -494,10 +494,9 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
                 if (config.train.save_every and state.step % config.train.save_every == 0) or stopping:
                     saved = save(state)
                 if stopping:
-                    nproc = f" --nproc {dist.world_size}" if dist.world_size > 1 else ""
+                    resume_with = resume_command(output_dir / "config.yaml", dist.world_size)
                     console.print(escape(f"stopped by signal after step {state.step}; checkpoint {saved}. "
-                                         f"Resume with: preftune train {output_dir / 'config.yaml'} "
-                                         f"--resume{nproc}"), soft_wrap=True)  # a command to copy whole
+                                         f"Resume with: {resume_with}"), soft_wrap=True)  # a command to copy whole
                     dist.shutdown()
                     return saved
                 if state.step >= total_steps:

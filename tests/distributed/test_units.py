@@ -193,3 +193,19 @@ def test_accelerate_launch_settings_preftune_does_not_follow_are_said(monkeypatc
     strategy = "fsdp" if distributed == "fsdp" else ("ddp" if world_size > 1 else "none")
     notes = start_notes(config, DistContext(world_size=world_size, strategy=strategy), torch.device("cpu"))
     assert notes == said
+
+
+@pytest.mark.parametrize(("world_size", "local_world_size", "expected"), [
+    (1, None, "preftune train run/config.yaml --resume"),
+    (2, "2", "preftune train run/config.yaml --resume --nproc 2"),  # --nproc 2, or torchrun on one machine
+    # 4 machines x 8 processes: it said `--nproc 32`, which starts 32 processes on one machine.
+    (32, "8", "the torchrun command that started the run, on every machine, with --resume added"),
+])
+def test_the_resume_command_of_a_stopped_run_fits_how_it_was_started(monkeypatch, world_size,
+                                                                      local_world_size, expected):
+    from preftune.distributed import resume_command
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    if local_world_size:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world_size)
+    assert resume_command(Path("run") / "config.yaml", world_size) == expected
