@@ -142,6 +142,70 @@ def test_a_folder_of_run_folders_says_it_is_no_data_set_and_names_the_files_read
         "splits (data.split, data.eval_split for data.eval, or --split).")
 
 
+SEVERAL_CONFIGS = """---
+configs:
+- config_name: en
+  data_files:
+  - split: train
+    path: en/train.jsonl
+  - split: test
+    path: en/test.jsonl
+- config_name: de
+  data_files:
+  - split: train
+    path: de/*.jsonl
+---
+"""
+
+
+def write_multi_config_folder(folder: Path) -> Path:
+    """A hub repo laid out with two configs declared in its README.md: en (train, test), de (train)."""
+    for name, rows in (("en/train.jsonl", PAIRS[:2]), ("en/test.jsonl", PAIRS[2:3]), ("de/train.jsonl", PAIRS[3:])):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(folder / name, rows)
+    (folder / "README.md").write_text(SEVERAL_CONFIGS)
+    return folder
+
+
+def test_data_config_picks_one_of_the_configs_a_folders_readme_declares(tmp_path, tokenizer):
+    """There was no way to choose: load_dataset's 'Config name is missing' ended as 'a folder
+    neither written by datasets.save_to_disk nor readable as data files'."""
+    from preftune_test_data import make_config
+    from rich.console import Console
+
+    from preftune.train import prepare_data
+
+    repo = write_multi_config_folder(tmp_path / "repo")
+    assert [p.chosen for p in load_pairs(str(repo), config="de").pairs] == [r["chosen"] for r in PAIRS[3:]]
+    assert [p.chosen for p in load_pairs(str(repo), "test", config="en").pairs] == [PAIRS[2]["chosen"]]
+    with pytest.raises(UserError) as caught:
+        load_pairs(str(repo), setting="data.train")
+    assert str(caught.value) == (f"{repo} has several configs (subsets), 'de', 'en', and none is its default; "
+                                 "choose one with data.config.")
+    with pytest.raises(UserError) as caught:
+        load_pairs(str(repo), "test", setting="data.eval", config="fr")
+    assert str(caught.value) == f"{repo} has no config 'fr', only 'de', 'en'; choose one of them with data.eval_config."
+    # Sources without configs refuse one rather than ignore it.
+    (tmp_path / "plain").mkdir()
+    write_jsonl(tmp_path / "plain" / "train.jsonl", PAIRS)
+    for source in (tmp_path / "plain", tmp_path / "plain" / "train.jsonl"):
+        with pytest.raises(UserError, match=rf"^{re.escape(str(source))} has no configs \(subsets\), so "
+                                            r"data.config 'en' cannot be chosen from it; remove data.config"):
+            load_pairs(str(source), setting="data.train", config="en")
+    # Through a run's settings: train on en's train split, evaluate on de.
+    config = make_config(tmp_path, "unused", repo, data={"config": "en", "eval": str(repo), "eval_config": "de"})
+    train, evaluated, _ = prepare_data(config, tokenizer, Console(quiet=True))
+    assert (len(train), len(evaluated)) == (2, len(PAIRS) - 3)
+
+
+def test_data_eval_config_is_another_config_of_the_training_set_and_needs_data_eval():
+    DataConfig(train="org/prefs", eval="org/prefs", config="en", eval_config="de")
+    with pytest.raises(ValueError, match="same split"):
+        DataConfig(train="org/prefs", eval="org/prefs", config="en", eval_config="en")
+    with pytest.raises(ValueError, match="data.eval_config is 'de', but data.eval is not set"):
+        DataConfig(train="org/prefs", eval_config="de")
+
+
 def test_a_missing_split_of_a_saved_dataset_dict_names_the_ones_there(tmp_path):
     import datasets
 

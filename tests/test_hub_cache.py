@@ -96,3 +96,36 @@ def test_a_hub_data_set_in_the_datasets_cache_is_read_offline(tmp_path, monkeypa
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
     loaded = load_pairs("org/prefs", setting="data.train")
     assert [p.chosen for p in loaded.pairs] == [r["chosen"] for r in PAIRS]
+
+
+def test_a_hub_data_set_of_several_configs_in_the_datasets_cache_is_read_by_data_config(tmp_path, monkeypatch):
+    """As `load_dataset('org/prefs', 'en')` and `(..., 'de')` leave it: one folder per config.
+    Without a config it said 'could not load the hub data set ... There are multiple 'org/prefs'
+    configurations in the cache: en, de; check the id and the network', and no key chose one."""
+    import json
+    import shutil
+
+    import datasets
+
+    from preftune.data.io import load_pairs
+
+    for config, rows in (("en", PAIRS[:2]), ("de", PAIRS[2:])):
+        data = write_jsonl(tmp_path / f"{config}.jsonl", rows)
+        built_in = tmp_path / "built" / config
+        datasets.load_dataset("json", data_files={"train": str(data)}, cache_dir=str(built_in))
+        built = next(p for p in built_in.glob("json/*/*/*") if p.is_dir())
+        cached = tmp_path / "datasets" / "org___prefs" / config / "0.0.0" / "abc"
+        cached.mkdir(parents=True)
+        shutil.copy(built / "json-train.arrow", cached / "prefs-train.arrow")
+        info = json.loads((built / "dataset_info.json").read_text())
+        (cached / "dataset_info.json").write_text(json.dumps(dict(info, config_name=config)))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    assert [p.chosen for p in load_pairs("org/prefs", config="de").pairs] == [r["chosen"] for r in PAIRS[2:]]
+    with pytest.raises(UserError) as caught:
+        load_pairs("org/prefs", setting="data.train")
+    assert str(caught.value) == ("the hub data set 'org/prefs' has several configs (subsets), 'de', 'en', and none "
+                                 "is its default; choose one with data.config.")
+    with pytest.raises(UserError) as caught:
+        load_pairs("org/prefs", setting="data.eval", config="fr")
+    assert str(caught.value) == ("the hub data set 'org/prefs' has no config 'fr', only 'de', 'en'; choose one of "
+                                 "them with data.eval_config.")

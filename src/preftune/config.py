@@ -127,6 +127,10 @@ class DataConfig(Section):
     # The split to read for `eval` (default: `split`, where `eval` has splits; an eval file is
     # read whole): UltraFeedback's test_prefs, say, when `eval` names the same data set as `train`.
     eval_split: str | None = None
+    # The config (subset) to read when `train` is a hub id or data folder whose README.md declares
+    # several (load_dataset's `name`, TRL's dataset_config); eval_config is `eval`'s.
+    config: str | None = None
+    eval_config: str | None = None
     max_length: int | None = Field(1024, gt=1)
     max_prompt_length: int | None = Field(None, gt=0)
     truncation: Literal["keep_end", "keep_start"] = "keep_end"
@@ -167,7 +171,7 @@ class DataConfig(Section):
         def as_list(sources):
             return [sources] if isinstance(sources, str) else list(sources or [])
 
-        if (self.eval_split or self.split) != self.split:
+        if (self.eval_split or self.split) != self.split or self.eval_config != self.config:
             return self
         if as_list(self.eval) and as_list(self.eval) == as_list(self.train):
             raise ValueError(
@@ -201,6 +205,11 @@ class DataConfig(Section):
                 f"data.eval_split is {self.eval_split!r}, but data.eval is not set, so no split is read "
                 "for evaluation; set data.eval to the data set holding that split (the same as data.train "
                 "for its held-out split), or remove data.eval_split"
+            )
+        if self.eval_config is not None and not self.eval:
+            raise ValueError(
+                f"data.eval_config is {self.eval_config!r}, but data.eval is not set, so no config is read "
+                "for evaluation; set data.eval to the data set holding that config, or remove data.eval_config"
             )
         return self
 

@@ -121,13 +121,13 @@ def _describe_counts(counts) -> str:
 
 
 def _load_sources(sources: str | list[str], split: str, name: str, console: Console,
-                  split_inherited: bool = False):
+                  split_inherited: bool = False, config: str | None = None):
     """Read every source of the train or eval data, printing for each what was read, kept and
     skipped, and why; returns the pairs and the skip counts of all sources together.
     `split_inherited`: see `load_pairs`."""
     pairs, skipped = [], Counter()
     for source in _as_list(sources):
-        loaded = load_pairs(source, split, setting=f"data.{name}", split_inherited=split_inherited)
+        loaded = load_pairs(source, split, setting=f"data.{name}", split_inherited=split_inherited, config=config)
         pairs += loaded.pairs
         skipped.update(loaded.skipped)
         split_read = f", split {loaded.split!r}" if loaded.split else ""  # "(train)" is the role, not the split
@@ -140,13 +140,13 @@ def prepare_data(config: Config, tokenizer, console: Console):
     """Load, split and tokenize; print what was kept, skipped and truncated, and why. Returns
     the tokenized train and eval pairs, and the pairs data.eval_fraction held out (else [])."""
     data = config.data
-    train_pairs, train_skipped = _load_sources(data.train, data.split, "train", console)
+    train_pairs, train_skipped = _load_sources(data.train, data.split, "train", console, config=data.config)
     rows_read = len(train_pairs) + sum(train_skipped.values())
     eval_pairs, held_out = [], []
     if data.eval:
         # data.split (train_prefs, say) is for data.eval too when it has splits; an eval file has none.
         eval_pairs, _ = _load_sources(data.eval, data.eval_split or data.split, "eval", console,
-                                      split_inherited=data.eval_split is None)
+                                      split_inherited=data.eval_split is None, config=data.eval_config)
     elif data.eval_fraction > 0:
         train_pairs, held_out = hold_out(train_pairs, data.eval_fraction, config.train.seed,
                                          data.eval_fraction_by)

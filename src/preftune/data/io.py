@@ -41,26 +41,28 @@ class LoadResult:
 
 
 def load_pairs(spec: str, split: str = "train", setting: str = "data.train / data.eval",
-               split_inherited: bool = False) -> LoadResult:
+               split_inherited: bool = False, config: str | None = None) -> LoadResult:
     """Load D from a file, a `datasets.save_to_disk` folder, or a hub data set id.
 
     `setting` names where the user gave `spec` (`data.train`, `--data`), for the sentence that
     says it is wrong. `split_inherited`: `split` was not chosen for this source but carried over
     (data.split to data.eval when data.eval_split is unset), so a source without splits, a file,
-    is read whole rather than refused."""
+    is read whole rather than refused. `config`: the config (subset) of a hub data set or data
+    folder whose README.md declares several, `load_dataset`'s `name`."""
     path = Path(spec)
     split_read = split
     if path.is_dir():
-        rows = _rows_from_saved_dataset(path, split, setting, split_inherited)
+        rows = _rows_from_saved_dataset(path, split, setting, split_inherited, config)
         if (path / "state.json").is_file() and not (path / "dataset_dict.json").is_file():
             split_read = None  # one saved Dataset
     elif path.is_file():
         _refuse_a_split(spec, split, split_inherited)
+        _refuse_a_config(spec, config, setting)
         rows, split_read = _rows_from_file(path), None
     elif _format_suffix(path) in FILE_SUFFIXES or spec.startswith((".", "/", "~")):
         raise UserError(f"data file {spec} does not exist; check {setting}.")
     else:
-        rows = _rows_from_hub(spec, split, setting)
+        rows = _rows_from_hub(spec, split, setting, config)
     result = parse_rows(rows, spec)
     result.split = split_read
     return result
@@ -449,21 +451,67 @@ def _refuse_a_split(source, split: str, inherited: bool) -> None:
                         "the split (data.split, data.eval_split or --split) or name the file holding it.")
 
 
+def _config_key(setting: str) -> str:
+    """The key that picks the config of the source given in `setting`."""
+    return "data.eval_config" if setting == "data.eval" else "data.config"
+
+
+def _refuse_a_config(source, config: str | None, setting: str) -> None:
+    """A file or a save_to_disk folder has no configs: a config named for it would be ignored."""
+    if config is not None:
+        raise _no_configs(source, config, setting)
+
+
+def _no_configs(source, config: str, setting: str) -> UserError:
+    key = _config_key(setting)
+    return UserError(f"{source} has no configs (subsets), so {key} {config!r} cannot be chosen from it; "
+                     f"remove {key} or point {setting} at the data set that has it.")
+
+
+def _config_error(source, config: str | None, error: Exception, setting: str) -> UserError | None:
+    """One sentence for a data set of several configs read without one, or with one it lacks;
+    None for any other error. `datasets` lists the configs in its message: 'Please pick one among
+    the available configs: ['en', 'de']', "BuilderConfig 'x' not found. Available: ['en', 'de']",
+    and offline, from its cache, "configurations in the cache: en, de" or 'Available configs in
+    the cache: ['de', 'en']'."""
+    import ast
+    import re
+
+    text = str(error)
+    found = re.search(r"(?:configs|Available|in the cache): (\[[^\]\n]*\]|[^\n]*)", text)
+    if not isinstance(error, ValueError) or "config" not in text.lower() or not found:
+        return None
+    listed = found.group(1)
+    try:
+        names = [str(n) for n in ast.literal_eval(listed)] if listed.startswith("[") else listed.split(", ")
+    except (ValueError, SyntaxError):
+        return None
+    key = _config_key(setting)
+    shown = ", ".join(repr(name) for name in sorted(names))  # the cache lists them in file-system order
+    if config is None:
+        return UserError(f"{source} has several configs (subsets), {shown}, and none is its default; "
+                         f"choose one with {key}.")
+    if names == ["default"]:
+        return _no_configs(source, config, setting)
+    return UserError(f"{source} has no config {config!r}, only {shown}; choose one of them with {key}.")
+
+
 def _no_such_split(source, split: str, splits) -> UserError:
     names = ", ".join(repr(name) for name in splits)
     return UserError(f"{source} has no split {split!r}, only {names}; choose one of them (data.split, "
                      "data.eval_split for data.eval, or --split).")
 
 
-def _rows_from_saved_dataset(path: Path, split: str, setting: str,
-                             split_inherited: bool) -> Iterator[tuple[str, object]]:
+def _rows_from_saved_dataset(path: Path, split: str, setting: str, split_inherited: bool,
+                             config: str | None) -> Iterator[tuple[str, object]]:
     import datasets
 
     if not ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
         # Not written by save_to_disk: a folder of data files, like a data set downloaded from
         # the Hub (data/train-00000-of-00002.parquet, ...), read as `load_dataset` reads it.
-        yield from _rows_from_data_folder(path, split, setting)
+        yield from _rows_from_data_folder(path, split, setting, config)
         return
+    _refuse_a_config(path, config, setting)
     try:
         ds = datasets.load_from_disk(str(path))
     except FileNotFoundError:
@@ -478,18 +526,19 @@ def _rows_from_saved_dataset(path: Path, split: str, setting: str,
         yield f"{path}, row {i}", row
 
 
-def _rows_from_data_folder(path: Path, split: str, setting: str) -> Iterator[tuple[str, object]]:
+def _rows_from_data_folder(path: Path, split: str, setting: str,
+                           config: str | None) -> Iterator[tuple[str, object]]:
     """Data files in a folder, split by their names (train-*.parquet, test.jsonl.gz, ...) or by
-    the folder's README.md, as `load_dataset` finds them. Each file is read as it would be given
-    alone, so a bad row is named by its file and line, and shards need not share their columns;
-    formats preftune does not read itself (.arrow, ...) are streamed by `datasets`. Nothing is
-    copied into the datasets cache."""
+    the folder's README.md (its `configs:` block, of which `config` picks one), as `load_dataset`
+    finds them. Each file is read as it would be given alone, so a bad row is named by its file
+    and line, and shards need not share their columns; formats preftune does not read itself
+    (.arrow, ...) are streamed by `datasets`. Nothing is copied into the datasets cache."""
     import datasets
 
     try:
-        found = datasets.load_dataset_builder(str(path)).config.data_files or {}
+        found = datasets.load_dataset_builder(str(path), name=config).config.data_files or {}
     except Exception as e:  # no data files, several configs, unreadable files: datasets says which
-        raise _no_data_folder(path, e, setting) from None
+        raise _config_error(path, config, e, setting) or _no_data_folder(path, e, setting) from None
     data_files = {str(name): files for name, files in found.items()}  # split -> files
     if split not in data_files:
         raise _no_split_in_data_folder(path, split, data_files, setting)
@@ -499,7 +548,7 @@ def _rows_from_data_folder(path: Path, split: str, setting: str) -> Iterator[tup
             yield from _rows_from_file(f)
         return
     try:
-        rows = iter(datasets.load_dataset(str(path), split=split, streaming=True))
+        rows = iter(datasets.load_dataset(str(path), name=config, split=split, streaming=True))
     except Exception as e:
         raise _no_data_folder(path, e, setting) from None
     for i in itertools.count():
@@ -536,12 +585,14 @@ def _no_split_in_data_folder(path: Path, split: str, data_files, setting: str) -
                      "one of its splits (data.split, data.eval_split for data.eval, or --split).")
 
 
-def _rows_from_hub(spec: str, split: str, setting: str) -> Iterator[tuple[str, object]]:
+def _rows_from_hub(spec: str, split: str, setting: str, config: str | None) -> Iterator[tuple[str, object]]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(spec, split=split)
+        ds = datasets.load_dataset(spec, name=config, split=split)
     except Exception as e:  # offline, unknown id, or gated: all end the same way for the user
+        if wrong_config := _config_error(f"the hub data set {spec!r}", config, e, setting):
+            raise wrong_config from None
         reason = _first_line(e)
         if datasets.config.HF_HUB_OFFLINE and isinstance(e, ConnectionError):  # not in the datasets cache
             raise UserError(f"{setting} {spec!r} is no file or folder here and not in the datasets cache "
