@@ -206,6 +206,30 @@ def test_data_eval_config_is_another_config_of_the_training_set_and_needs_data_e
         DataConfig(train="org/prefs", eval_config="de")
 
 
+def test_a_folder_mixing_data_formats_names_the_files_load_dataset_would_leave_out(tmp_path):
+    """load_dataset reads a folder's most common format only: the JSONL shard beside two Parquet
+    shards was dropped without a word, and training ran on three of the four pairs."""
+    import datasets
+
+    (tmp_path / "snap" / "data").mkdir(parents=True)
+    for i, rows in enumerate((PAIRS[:2], PAIRS[2:3])):
+        datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "snap" / "data" / f"train-{i}.parquet"))
+    write_jsonl(tmp_path / "snap" / "data" / "train-2.jsonl", PAIRS[3:])
+    datasets.Dataset.from_list(PAIRS[:1]).to_parquet(str(tmp_path / "snap" / "data" / "test.parquet"))
+    # A split all of one format is read.
+    assert [p.chosen for p in load_pairs(str(tmp_path / "snap"), "test").pairs] == [PAIRS[0]["chosen"]]
+    with pytest.raises(UserError) as caught:
+        load_pairs(str(tmp_path / "snap"), setting="data.train")
+    assert str(caught.value) == (
+        f"{tmp_path / 'snap'} mixes data formats in split 'train': load_dataset reads only data/train-0.parquet, "
+        "data/train-1.parquet and leaves out data/train-2.jsonl; list the files to read in data.train, or move "
+        "the others out of the folder.")
+    # A README's configs name their files: those are read, whatever their formats.
+    (tmp_path / "snap" / "README.md").write_text(
+        "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/train-*\n---\n")
+    assert [p.chosen for p in load_pairs(str(tmp_path / "snap")).pairs] == [r["chosen"] for r in PAIRS]
+
+
 def test_a_missing_split_of_a_saved_dataset_dict_names_the_ones_there(tmp_path):
     import datasets
 

@@ -534,14 +534,18 @@ def _rows_from_data_folder(path: Path, split: str, setting: str,
     and line, and shards need not share their columns; formats preftune does not read itself
     (.arrow, ...) are streamed by `datasets`. Nothing is copied into the datasets cache."""
     import datasets
+    from datasets.load import dataset_module_factory
 
     try:
+        declared = dataset_module_factory(str(path)).builder_configs_parameters.metadata_configs
         found = datasets.load_dataset_builder(str(path), name=config).config.data_files or {}
     except Exception as e:  # no data files, several configs, unreadable files: datasets says which
         raise _config_error(path, config, e, setting) or _no_data_folder(path, e, setting) from None
     data_files = {str(name): files for name, files in found.items()}  # split -> files
     if split not in data_files:
         raise _no_split_in_data_folder(path, split, data_files, setting)
+    if not declared:  # a README's configs name their files; found by name, one format is kept
+        _refuse_files_left_out(path, split, data_files[split], setting)
     files = [Path(f) for f in data_files[split]]
     if all(_file_reader(f) for f in files):
         for f in files:
@@ -562,6 +566,30 @@ def _rows_from_data_folder(path: Path, split: str, setting: str,
         yield f"{path} ({split}), row {i}", row
 
 
+def _refuse_files_left_out(path: Path, split: str, files: list, setting: str) -> None:
+    """`load_dataset` reads only a folder's most common data format and leaves the split's other
+    files out without a word. They are often the same data again (data/train.parquet beside the
+    train.jsonl it was converted from), so reading them too could train on every pair twice: the
+    user says which files are the data."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+    from datasets.packaged_modules import _ALL_ALLOWED_EXTENSIONS
+
+    every = DataFilesDict.from_patterns(get_data_patterns(str(path)), base_path=str(path),
+                                        allowed_extensions=_ALL_ALLOWED_EXTENSIONS)
+    kept = set(files)
+    left_out = [f for name, found in every.items() if str(name) == split for f in found if f not in kept]
+    if left_out:
+        raise UserError(f"{path} mixes data formats in split {split!r}: load_dataset reads only "
+                        f"{_some_files(path, files)} and leaves out {_some_files(path, left_out)}; list the "
+                        f"files to read in {setting}, or move the others out of the folder.")
+
+
+def _some_files(folder: Path, files: list) -> str:
+    """The first three files, relative to `folder`, and how many more."""
+    names = [os.path.relpath(f, folder) for f in files]
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
 def _first_line(error: Exception) -> str:
     return str(error).splitlines()[0][:200] if str(error) else type(error).__name__
 
@@ -575,8 +603,7 @@ def _no_split_in_data_folder(path: Path, split: str, data_files, setting: str) -
     """A folder that is no data set (run folders, say) has its files taken as splits by their
     names (a/eval.json is 'test'): name the files, so the user sees what was read as data."""
     splits = list(data_files)
-    files = [os.path.relpath(f, path) for found in data_files.values() for f in found]
-    shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    shown = _some_files(path, [f for found in data_files.values() for f in found])
     names = ", ".join(repr(name) for name in splits)
     return UserError(f"{path} has no split {split!r}: it is no datasets.save_to_disk folder (no "
                      f"dataset_dict.json or state.json), and as a folder of data files its splits are only "
