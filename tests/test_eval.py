@@ -421,6 +421,20 @@ def test_eval_pairs_names_its_own_option_for_a_bad_value(beta, loss, dtype, said
     assert str(caught.value).startswith(said), str(caught.value)
 
 
+def test_eval_pairs_exo_pair_without_label_smoothing_says_what_eval_pairs_can_do():
+    """It said "set loss.label_smoothing: 0.001", a training key eval pairs has no option for."""
+    from preftune.evaluate import pairs_eval_config
+
+    with pytest.raises(UserError) as caught:
+        pairs_eval_config("m", "d.jsonl", {"loss": {"type": "sigmoid"}}, None, "exo_pair", 2, None, "float32")
+    assert str(caught.value).startswith("preftune eval pairs: --loss exo_pair needs label smoothing above 0")
+    assert "(set in training)" in str(caught.value) and "pass another --loss" in str(caught.value)
+    # A run trained with label smoothing is evaluated under exo_pair with it.
+    run = {"loss": {"type": "sigmoid", "label_smoothing": 0.001}}
+    config = pairs_eval_config("m", "d.jsonl", run, None, "exo_pair", 2, None, "float32")
+    assert config.loss.types == ["exo_pair"] and config.loss.label_smoothing == 0.001
+
+
 def test_eval_pairs_names_its_own_option_for_a_missing_model_folder(models, tmp_path):
     """A --model or --reference written as a path that names no folder said 'check model.path', a
     training key eval pairs has no option for."""

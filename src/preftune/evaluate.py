@@ -154,6 +154,12 @@ def pairs_eval_config(model_path, data, run: dict, beta: float | None, loss: str
             loss_cfg.pop("ld_alpha", None)
     if beta is not None:
         loss_cfg["beta"] = beta
+    if "exo_pair" in types and not loss_cfg.get("label_smoothing"):  # the config would say "set
+        # loss.label_smoothing", a training key this command has no option for
+        raise UserError("preftune eval pairs: --loss exo_pair needs label smoothing above 0, its epsilon, "
+                        "which eval pairs takes from the run's loss.label_smoothing (set in training), and "
+                        "this model's run sets none; pass another --loss, or evaluate a run trained with "
+                        "loss.label_smoothing above 0 (0.001 is the EXO paper's).")
     wide = sorted(BATCH_WIDE & set(types))
     if wide and batch_size < 2:  # said here in the option's name, not as train.eval_batch_size
         raise UserError(f"preftune eval pairs: loss {' and '.join(wide)} sorts margins across a batch, and "
