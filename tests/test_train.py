@@ -3,6 +3,7 @@ equals an uninterrupted run, the reference never moves, and the CLI runs end to 
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -273,8 +274,6 @@ def test_pairs_longer_than_the_models_positions_are_refused_at_start(tmp_path, t
     """A GPT-2 of 32 learned positions, data.max_length 64: the first forward stopped with an
     IndexError traceback from the position embedding (an eval pair only at the first evaluation).
     Packed rows restart positions at each sequence, so a packed row longer than 32 trains."""
-    import re
-
     from preftune_test_data import write_jsonl
 
     from preftune.errors import UserError
@@ -312,3 +311,24 @@ def test_optimizer_settings_that_wreck_or_stop_a_run_are_refused_by_the_config(t
         make_config(tmp_path, "model", "data.jsonl", optim=optim)
     assert message in str(caught.value)
     make_config(tmp_path, "model", "data.jsonl", optim={"max_grad_norm": 0.0})  # 0: no clipping, as null
+
+
+@pytest.mark.parametrize("reference", ["copy", "precompute"])
+def test_pairs_longer_than_the_references_positions_are_refused(tmp_path, tiny_model_factory, reference):
+    """model.reference_path with fewer positions than the policy (the policy's are checked first):
+    the precompute, or the first step, stopped with an IndexError traceback."""
+    from preftune_test_data import write_jsonl
+
+    from preftune.errors import UserError
+
+    policy = tiny_model_factory("gpt2", hidden_size=32, max_positions=64)
+    short = tiny_model_factory("gpt2", hidden_size=32, max_positions=32)
+    pair = {"prompt": "Tell me a story.", "rejected": " No.",
+            "chosen": " The quick brown fox jumps over the lazy dog." * 3}
+    data = write_jsonl(tmp_path / "long.jsonl", [pair] * 4)
+    cfg = make_config(tmp_path, policy, data, model={"reference_path": str(short), "reference": reference})
+    with pytest.raises(UserError, match=rf"^{re.escape(str(data))}, line 1: the pair runs to \d+ tokens, more than the "
+                                        rf"32 positions of model.reference_path {re.escape(str(short))} "
+                                        r"\(max_position_embeddings in its config.json\); set data.max_length to 32 "
+                                        r"or less\.$"):
+        train(cfg)

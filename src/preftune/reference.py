@@ -302,18 +302,35 @@ def _precompute_collate(config, model, pad_token_id, device):
     return partial(collate_pairs, pad_token_id=pad_token_id)
 
 
+# What train says to change when a pair outruns a model's positions (evaluate.check_pairs_fit).
+MAX_LENGTH_ADVICE = "set data.max_length to {limit} or less"
+
+
+def _check_reference_fits(config, live: ReferenceFn, pairs: list[TokenizedPair]) -> None:
+    """A model.reference_path model may have fewer positions than the policy, which train checks:
+    a pair past them stopped the precompute, or the first step, with an IndexError traceback."""
+    if config.model.reference_path and pairs:
+        from preftune.evaluate import check_pairs_fit
+
+        check_pairs_fit(pairs, "data.train", ((live.model, "model.reference_path", config.model.reference_path),),
+                        advice=MAX_LENGTH_ADVICE)
+
+
 def build_reference(config, policy, autocast, train_pairs=None, eval_pairs=None, pad_token_id=None,
                     device=None, console=None, is_main: bool = True) -> ReferenceFn:
     if config.model.reference == "none" or config.loss.reference_free:
         return no_reference
     if config.model.reference != "precompute":
-        return _live_reference(config, policy, autocast, for_precompute=False)
+        live = _live_reference(config, policy, autocast, for_precompute=False)
+        _check_reference_fits(config, live, (train_pairs or []) + (eval_pairs or []))
+        return live
     if train_pairs is None:
         raise ValueError("model.reference: precompute needs the training pairs")
     from rich.console import Console
 
     console = console or Console(quiet=True)
     live = _live_reference(config, policy, autocast, for_precompute=True)
+    _check_reference_fits(config, live, train_pairs + (eval_pairs or []))
     device = device or next(policy.parameters()).device
     collate = _precompute_collate(config, live.model, pad_token_id, device)
     tables = {}

@@ -80,7 +80,12 @@ from preftune.optim import build_optimizer, build_scheduler, follow_schedule
 from preftune.packing import choose_collate
 from preftune.progress import TrainProgress
 from preftune.records import recorded_path
-from preftune.reference import build_reference, compact_frozen_linears, compact_reference
+from preftune.reference import (
+    MAX_LENGTH_ADVICE,
+    build_reference,
+    compact_frozen_linears,
+    compact_reference,
+)
 
 
 @dataclass
@@ -346,7 +351,7 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
     # forward with an IndexError (learned positions, GPT-2), or trained past the lengths a rotary
     # model knows. A packed row restarts positions at each sequence: a pair's own length counts.
     check_pairs_fit(train_pairs + eval_pairs, "data.train", ((policy, "model.path", config.model.path),),
-                    advice="set data.max_length to {limit} or less")
+                    advice=MAX_LENGTH_ADVICE)
     autocast = autocast_context(config.model.autocast, device)
     reference_logps = build_reference(config, policy, autocast, train_pairs, eval_pairs, tokenizer.pad_token_id,
                                       device, console, dist.is_main)
