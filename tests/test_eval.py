@@ -421,6 +421,16 @@ def test_eval_pairs_names_its_own_option_for_a_bad_value(beta, loss, dtype, said
     assert str(caught.value).startswith(said), str(caught.value)
 
 
+def test_eval_pairs_loss_listed_twice_is_told_without_a_training_key():
+    """It said "put the sum of its weights in its loss.weights entry", a key eval pairs has no option for."""
+    from preftune.evaluate import pairs_eval_config
+
+    with pytest.raises(UserError) as caught:
+        pairs_eval_config("m", "d.jsonl", {}, None, "sigmoid, sigmoid", 2, None, "float32")
+    assert str(caught.value) == ("preftune eval pairs: --loss sigmoid, sigmoid: sigmoid is listed more than once; "
+                                 "give each type once.")
+
+
 def test_eval_pairs_exo_pair_without_label_smoothing_says_what_eval_pairs_can_do():
     """It said "set loss.label_smoothing: 0.001", a training key eval pairs has no option for."""
     from preftune.evaluate import pairs_eval_config

@@ -141,6 +141,10 @@ def pairs_eval_config(model_path, data, run: dict, beta: float | None, loss: str
     types = [run_types] if isinstance(run_types, str) else list(run_types)
     if loss is not None:
         given = [t.strip() for t in loss.split(",")]
+        if repeated := sorted({t for t in given if t and given.count(t) > 1}):  # the config's advice
+            # names loss.weights, which eval pairs has no option for
+            raise UserError(f"preftune eval pairs: --loss {loss}: {', '.join(repeated)} is listed more than "
+                            "once; give each type once.")
         if given != types:
             loss_cfg.pop("weights", None)  # the run's weights belonged to the run's loss types
         types = given
