@@ -34,6 +34,31 @@ def write_jsonl(path, rows):
     return path
 
 
+SEVERAL_CONFIGS = """---
+configs:
+- config_name: en
+  data_files:
+  - split: train
+    path: en/train.jsonl
+  - split: test
+    path: en/test.jsonl
+- config_name: de
+  data_files:
+  - split: train
+    path: de/*.jsonl
+---
+"""
+
+
+def write_multi_config_folder(folder: Path) -> Path:
+    """A hub repo laid out with two configs declared in its README.md: en (train, test), de (train)."""
+    for name, rows in (("en/train.jsonl", PAIRS[:2]), ("en/test.jsonl", PAIRS[2:3]), ("de/train.jsonl", PAIRS[3:])):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(folder / name, rows)
+    (folder / "README.md").write_text(SEVERAL_CONFIGS)
+    return folder
+
+
 def make_config(tmp_path, model_path, data_path, out="run", **sections):
     """A small, fast training config; `sections` update its sections key by key."""
     from preftune.config import validate_config

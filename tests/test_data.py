@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
-from preftune_test_data import PAIRS, write_jsonl
+from preftune_test_data import PAIRS, write_jsonl, write_multi_config_folder
 
 from preftune.config import DataConfig
 from preftune.data.collate import collate_pairs, epoch_order, micro_batches
@@ -142,31 +142,6 @@ def test_a_folder_of_run_folders_says_it_is_no_data_set_and_names_the_files_read
         "splits (data.split, data.eval_split for data.eval, or --split).")
 
 
-SEVERAL_CONFIGS = """---
-configs:
-- config_name: en
-  data_files:
-  - split: train
-    path: en/train.jsonl
-  - split: test
-    path: en/test.jsonl
-- config_name: de
-  data_files:
-  - split: train
-    path: de/*.jsonl
----
-"""
-
-
-def write_multi_config_folder(folder: Path) -> Path:
-    """A hub repo laid out with two configs declared in its README.md: en (train, test), de (train)."""
-    for name, rows in (("en/train.jsonl", PAIRS[:2]), ("en/test.jsonl", PAIRS[2:3]), ("de/train.jsonl", PAIRS[3:])):
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        write_jsonl(folder / name, rows)
-    (folder / "README.md").write_text(SEVERAL_CONFIGS)
-    return folder
-
-
 def test_data_config_picks_one_of_the_configs_a_folders_readme_declares(tmp_path, tokenizer):
     """There was no way to choose: load_dataset's 'Config name is missing' ended as 'a folder
     neither written by datasets.save_to_disk nor readable as data files'."""
@@ -196,6 +171,19 @@ def test_data_config_picks_one_of_the_configs_a_folders_readme_declares(tmp_path
     config = make_config(tmp_path, "unused", repo, data={"config": "en", "eval": str(repo), "eval_config": "de"})
     train, evaluated, _ = prepare_data(config, tokenizer, Console(quiet=True))
     assert (len(train), len(evaluated)) == (2, len(PAIRS) - 3)
+
+
+def test_data_inspect_reads_the_config_data_config_names(tmp_path, tiny_llama):
+    from typer.testing import CliRunner
+
+    from preftune.cli import app
+
+    repo = write_multi_config_folder(tmp_path / "repo")
+    result = CliRunner().invoke(app, ["data", "inspect", str(repo), "--model", str(tiny_llama), "--data-config", "en"])
+    assert result.exit_code == 0 and "2 rows, 2 usable" in " ".join(result.output.split()), result.output
+    result = CliRunner().invoke(app, ["data", "inspect", str(repo), "--model", str(tiny_llama)])
+    assert result.exit_code != 0
+    assert "'de', 'en', and none is its default; choose one with --data-config." in " ".join(result.output.split())
 
 
 def test_data_eval_config_is_another_config_of_the_training_set_and_needs_data_eval():

@@ -173,6 +173,22 @@ def test_eval_pairs_reads_the_split_asked_for_and_keeps_one_record_per_split(mod
     assert [(r["split"], r["n_pairs"]) for r in records] == [("test", 1), ("train", 3)]
 
 
+def test_eval_pairs_reads_the_config_data_config_names_and_keeps_one_record_per_config(models, tmp_path):
+    from preftune_test_data import write_multi_config_folder
+
+    repo = write_multi_config_folder(tmp_path / "repo")
+    for config, said in (("en", "2 pairs, beta"), ("de", "1 pair, beta")):
+        result = invoke(["pairs", "--model", models["ref"], "--reference", models["ref"],
+                         "--data", repo, "--data-config", config, "--out", tmp_path / "out"])
+        assert result.exit_code == 0, result.output
+        assert said in result.output
+    records = json.loads((tmp_path / "out" / "eval.json").read_text())["evals"]
+    assert [(r["data_config"], r["n_pairs"]) for r in records] == [("en", 2), ("de", 1)]
+    result = invoke(["pairs", "--model", models["ref"], "--reference", models["ref"], "--data", repo,
+                     "--out", tmp_path / "out"])
+    assert str(result.exception).endswith("'de', 'en', and none is its default; choose one with --data-config.")
+
+
 def test_eval_pairs_counts_truncated_pairs_apart_from_skipped_ones(models, tmp_path):
     # Truncated pairs are evaluated, cut to --max-length; calling them skipped misleads.
     data = write_pairs(tmp_path / "D_eval.jsonl")

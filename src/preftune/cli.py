@@ -70,6 +70,8 @@ def data_inspect(
     max_length: Optional[int] = typer.Option(1024, help="data.max_length to check against."),
     truncation: str = typer.Option("keep_end", help="keep_end or keep_start"),
     split: str = typer.Option("train", help="The split to read when FILE is a hub id or a DatasetDict folder."),
+    data_config: Optional[str] = typer.Option(
+        None, "--data-config", help="The config (subset) of FILE, a hub id or folder whose README.md declares several."),
 ):
     """Counts, token-length histograms, skipped rows and one rendered example."""
     from pydantic import ValidationError
@@ -85,7 +87,7 @@ def data_inspect(
         field = str(error["loc"][0])
         option = "FILE" if field == "train" else "--" + field.replace("_", "-")  # FILE is data.train here
         raise UserError(f"{option} {error['input']!r}: {error['msg'].removeprefix('Value error, ')}.") from None
-    inspect_file(file, load_tokenizer(model, setting="--model"), data_cfg, Console(), split)
+    inspect_file(file, load_tokenizer(model, setting="--model"), data_cfg, Console(), split, data_config)
 
 
 @app.command("make-tiny-model")

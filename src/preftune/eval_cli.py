@@ -32,6 +32,8 @@ def pairs(
     model: str = typer.Option(..., "--model", help="Policy folder, e.g. RUN/final."),
     data: str = typer.Option(..., "--data", help="Held-out pairs (prompt/chosen/rejected), e.g. D_eval.jsonl."),
     split: str = typer.Option("train", help="The split to read when --data is a hub id or a DatasetDict folder."),
+    data_config: str | None = typer.Option(
+        None, "--data-config", help="The config (subset) of --data, a hub id or folder whose README.md declares several."),
     reference: str | None = typer.Option(
         None, "--reference", help="Reference model folder (default: the one in RUN/config.yaml; none "
         "for a run trained without one)."),
@@ -59,7 +61,7 @@ def pairs(
     record = evaluate_pairs_file(model, data, reference, beta=beta, loss=loss,
                                  batch_size=batch_size, max_length=max_length, out=out,
                                  device=device, dtype=dtype, split=split,
-                                 token_metrics=token_metrics)
+                                 token_metrics=token_metrics, data_config=data_config)
     typer.echo(f"{counted(record['n_pairs'], 'pair')}, beta {record['beta']:g}, loss {record['loss_type']}:")
     if record["skipped"]:  # said here too, not only in eval.json: these pairs are not in the numbers
         reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(record["skipped"].items()))

@@ -202,6 +202,7 @@ def evaluate_pairs_file(
     beta: float | None = None, loss: str | None = None, batch_size: int | None = None,
     max_length: int | None = None, out: str | Path | None = None, device: str = "auto",
     dtype: str | None = None, split: str = "train", token_metrics: bool | None = None,
+    data_config: str | None = None,
 ) -> dict:
     """Implicit-reward accuracy, margins, log-probs and lengths of a model on held-out pairs.
 
@@ -251,7 +252,7 @@ def evaluate_pairs_file(
     torch_device = pick_device(device, "--device")
     autocast = autocast_context(config.model.autocast, torch_device)
     tokenizer = load_tokenizer(str(model_path), setting="--model")
-    loaded = load_pairs(str(data), split, setting="--data")
+    loaded = load_pairs(str(data), split, setting="--data", config=data_config)
     pairs, counts = tokenize_pairs(loaded.pairs, tokenizer, config.data)
     if not pairs:
         raise UserError(f"{data}: no pair is left after tokenization ({dict(counts)}); "
@@ -273,6 +274,7 @@ def evaluate_pairs_file(
     record = {
         "kind": "pairs", "model": str(model_path),
         "reference": recorded_path(reference_path), "data": recorded_path(data), "split": split,
+        **({"data_config": data_config} if data_config else {}),
         # Truncated pairs are evaluated (cut to max_length); skipped ones are not.
         "n_pairs": len(pairs), "truncated": counts.pop("truncated", 0),
         "skipped": dict(loaded.skipped + counts),
@@ -317,7 +319,7 @@ def same_evaluation(a: dict, b: dict) -> bool:
 
     # Records written before `split` was recorded read the train split.
     return (all(a.get(k) == b.get(k) for k in keys) and drawn(a) == drawn(b)
-            and a.get("split", "train") == b.get("split", "train")
+            and a.get("split", "train") == b.get("split", "train") and a.get("data_config") == b.get("data_config")
             and _same_model(a.get("model"), b.get("model")))
 
 

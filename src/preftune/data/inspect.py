@@ -40,8 +40,9 @@ def _histogram_table(title: str, values: list[int]) -> Table:
     return table
 
 
-def inspect_file(path: str, tokenizer, data_cfg, console: Console, split: str = "train") -> dict:
-    loaded = load_pairs(path, split, setting="the file given to `preftune data inspect`")
+def inspect_file(path: str, tokenizer, data_cfg, console: Console, split: str = "train",
+                 data_config: str | None = None) -> dict:
+    loaded = load_pairs(path, split, setting="the file given to `preftune data inspect`", config=data_config)
     console.print(f"[bold]{path}[/bold]: {counted(loaded.rows_read, 'row')}, {len(loaded.pairs)} usable")
     for reason, n in loaded.skipped.items():
         console.print(f"  skipped {n}: {reason}")

@@ -452,8 +452,10 @@ def _refuse_a_split(source, split: str, inherited: bool) -> None:
 
 
 def _config_key(setting: str) -> str:
-    """The key that picks the config of the source given in `setting`."""
-    return "data.eval_config" if setting == "data.eval" else "data.config"
+    """The key or option that picks the config of the source given in `setting`."""
+    keys = {"data.train": "data.config", "data.eval": "data.eval_config",
+            "data.train / data.eval": "data.config (data.eval_config for data.eval)"}
+    return keys.get(setting, "--data-config")  # eval pairs' --data, data inspect's FILE
 
 
 def _refuse_a_config(source, config: str | None, setting: str) -> None:
