@@ -573,11 +573,15 @@ def _refuse_files_left_out(path: Path, split: str, files: list, setting: str) ->
     files out without a word. They are often the same data again (data/train.parquet beside the
     train.jsonl it was converted from), so reading them too could train on every pair twice: the
     user says which files are the data."""
+    from datasets import packaged_modules
     from datasets.data_files import DataFilesDict, get_data_patterns
-    from datasets.packaged_modules import _ALL_ALLOWED_EXTENSIONS
 
+    # datasets' full list of extensions is a private name; should a later version rename it,
+    # the formats preference data comes in still keep the check working.
+    extensions = getattr(packaged_modules, "_ALL_ALLOWED_EXTENSIONS",
+                         [".jsonl", ".json", ".ndjson", ".csv", ".tsv", ".parquet", ".arrow", ".txt"])
     every = DataFilesDict.from_patterns(get_data_patterns(str(path)), base_path=str(path),
-                                        allowed_extensions=_ALL_ALLOWED_EXTENSIONS)
+                                        allowed_extensions=extensions)
     kept = set(files)
     left_out = [f for name, found in every.items() if str(name) == split for f in found if f not in kept]
     if left_out:
