@@ -390,6 +390,23 @@ def test_cli_samples_and_resumes(model_dir, tmp_path):
     assert isinstance(missing.exception, UserError)
 
 
+def test_cli_counts_one_prompt_in_the_singular(model_dir, tmp_path):
+    """It said "already holds all 1 prompts" and "resumed after 1 prompts"."""
+    out = tmp_path / "pairs.jsonl"
+    args = ["--model", str(model_dir), "--prompts", str(tmp_path / "p.txt"), "--out", str(out),
+            "--max-new-tokens", "2", "--no-progress"]
+
+    def said() -> str:  # as one line: rich wraps at the terminal width
+        return " ".join(CliRunner().invoke(app, args).output.split())
+
+    write_txt(tmp_path / "p.txt", PROMPTS[:1])
+    assert "wrote 1 prompt x 2 responses" in said()
+    assert "already holds the 1 prompt; nothing to do." in said()
+    write_txt(tmp_path / "p.txt", PROMPTS[:2])  # one more prompt: the run resumes after the first
+    assert "resumed after 1 prompt; wrote 1 more" in said()
+    assert "already holds all 2 prompts; nothing to do." in said()
+
+
 def test_a_model_path_that_names_no_folder_is_named_as_such(tmp_path, monkeypatch):
     """'./missing' went to transformers as a hub id, which answered with its repo-id naming rules
     ("Repo id must use alphanumeric chars") instead of saying the folder is not there."""

@@ -64,9 +64,9 @@ def sample(
     )
     console = Console(stderr=True)
     if written == 0:
-        console.print(f"{out} already holds all {done} prompts; nothing to do.")
+        console.print(f"{out} already holds {'the' if done == 1 else 'all'} {counted(done, 'prompt')}; nothing to do.")
     elif done:
-        console.print(f"resumed after {done} prompts; wrote {written} more to {out}.")
+        console.print(f"resumed after {counted(done, 'prompt')}; wrote {written} more to {out}.")
     else:
         console.print(f"wrote {counted(written, 'prompt')} x {counted(n, 'response')} to {out}.")
     # Labeling reads pairs: say now what it will do with this many responses, not at label time.
