@@ -88,6 +88,12 @@ def _process_device(config, local_rank: int) -> torch.device:
     device = pick_device(name)  # checked to exist on this machine
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)  # one GPU per process, by local rank
+    elif device.type == "cuda" and (here := int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) > 1:
+        # Every process of this machine would take that one GPU, which nccl refuses at the first
+        # collective ("Duplicate GPU detected"), after the model and data have loaded.
+        raise UserError(f"train.device is {name!r}, but {here} processes of this run share this machine and "
+                        "each needs a GPU of its own: set train.device to cuda or auto, which give each "
+                        "process the GPU of its local rank (CUDA_VISIBLE_DEVICES picks which GPUs).")
     return device
 
 

@@ -209,3 +209,22 @@ def test_the_resume_command_of_a_stopped_run_fits_how_it_was_started(monkeypatch
     if local_world_size:
         monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world_size)
     assert resume_command(Path("run") / "config.yaml", world_size) == expected
+
+
+def test_one_named_gpu_for_several_processes_of_a_machine_is_refused(monkeypatch):
+    """train.device: cuda:0 (a one-GPU config) under --nproc 2 put both ranks on GPU 0, which nccl
+    refuses only at the first collective, after the model and data had loaded."""
+    import preftune.modeling
+    from preftune.distributed import _process_device
+
+    monkeypatch.setattr(preftune.modeling, "pick_device", lambda name: torch.device(name))  # no GPU here
+    config = types.SimpleNamespace(train=types.SimpleNamespace(device="cuda:0"))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(UserError, match=r"^train.device is 'cuda:0', but 2 processes of this run share this "
+                                        r"machine and each needs a GPU of its own: set train.device to cuda"):
+        _process_device(config, local_rank=1)
+    config.train.device = "cuda"
+    assert _process_device(config, local_rank=1) == torch.device("cuda", 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one process per machine: its GPU may be named
+    config.train.device = "cuda:1"
+    assert _process_device(config, local_rank=0) == torch.device("cuda", 1)
