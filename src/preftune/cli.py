@@ -58,6 +58,12 @@ def train(
             from preftune.launch import launch_torchrun
 
             raise typer.Exit(launch_torchrun(nproc, sys.argv))
+        if nproc > 1 and (here := int(os.environ.get("LOCAL_WORLD_SIZE", nproc))) != nproc:
+            # It trained on torchrun's number of processes, and so on another global batch.
+            from preftune.errors import UserError
+
+            raise UserError(f"--nproc {nproc}, but torchrun started {here} processes on this machine; under "
+                            "torchrun its --nproc-per-node decides, so leave --nproc out.")
         from preftune.train import train as run_training
 
         run_training(cfg, resume=str(resume_from) if resume_from else resume, overwrite=overwrite)

@@ -228,3 +228,21 @@ def test_one_named_gpu_for_several_processes_of_a_machine_is_refused(monkeypatch
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one process per machine: its GPU may be named
     config.train.device = "cuda:1"
     assert _process_device(config, local_rank=0) == torch.device("cuda", 1)
+
+
+def test_nproc_that_disagrees_with_torchrun_is_refused(tmp_path, monkeypatch):
+    """`torchrun --nproc-per-node 2 -m preftune train CFG --nproc 4` trained on 2 processes, and so
+    on half the global batch that --nproc 4 promised, without a word."""
+    from typer.testing import CliRunner
+
+    from preftune.cli import app
+
+    (tmp_path / "c.yaml").write_text("model: {path: m}\ndata: {train: d.jsonl}\n")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    for key in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_ERROR_FILE"):
+        monkeypatch.delenv(key, raising=False)
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "c.yaml"), "--nproc", "4"])
+    assert result.exit_code == 2, result.output
+    assert result.output == ("[rank 0] error: --nproc 4, but torchrun started 2 processes on this machine; "
+                             "under torchrun its --nproc-per-node decides, so leave --nproc out.\n")
