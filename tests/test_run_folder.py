@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from preftune.checkpoint import list_checkpoints
 from preftune.cli import app
 from preftune.errors import UserError
-from preftune.train import _check_output_dir, _start_over, _with_absolute_paths, train
+from preftune.train import LOCK_FILE, _check_output_dir, _start_over, _with_absolute_paths, train
 
 
 def squash(text: str) -> str:
@@ -164,6 +164,34 @@ def test_resume_with_nothing_to_resume_is_said_before_the_model_loads(tmp_path, 
     assert squash(result.output).endswith(squash(
         f"error: --resume: {tmp_path / 'run'} holds no run to resume; check train.output_dir, or leave "
         "--resume out to start a run there."))
+
+
+def test_a_run_folder_another_train_is_using_is_refused(tmp_path, run_config):
+    # Nothing kept a second `preftune train` out of a folder a run was training in: --overwrite
+    # deleted the running run's files, --resume wrote checkpoints and metrics among its own.
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    assert cli("train", run_config).exit_code == 0
+    hold = ("import fcntl, sys; h = open(sys.argv[1], 'a+'); fcntl.flock(h, fcntl.LOCK_EX); h.truncate(0); "
+            "h.write('4242'); h.flush(); print('held', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(run / LOCK_FILE)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        before = {p.relative_to(run): p.stat().st_mtime_ns for p in run.rglob("*")}
+        for args in (["--overwrite"], ["--resume", "train.max_steps=6"]):
+            result = cli("train", run_config, *args)
+            assert result.exit_code == 2
+            assert squash(result.output).endswith(squash(
+                f"error: train.output_dir {run} is in use by another preftune train (process 4242); wait for "
+                "it to end, or choose another train.output_dir."))
+        assert {p.relative_to(run): p.stat().st_mtime_ns for p in run.rglob("*")} == before
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    assert cli("train", run_config, "--resume", "train.max_steps=6").exit_code == 0  # free once it ends
 
 
 def test_resume_and_overwrite_together_are_refused(tmp_path, run_config):

@@ -318,6 +318,8 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
     # Before the model, the data and the reference's log-probs: --resume in a folder with no
     # checkpoint (a typo in train.output_dir) is said in seconds, not once they are ready.
     checkpoint = resolve_resume(resume, output_dir)
+    if dist.is_main and output_dir.is_dir():  # else once it is made, before anything is written
+        _lock_run_folder(output_dir)
     device = dist.device or pick_device(config.train.device)
     seed_everything(config.train.seed)
     if config.train.deterministic:
@@ -430,6 +432,8 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
         except OSError as e:
             raise UserError(f"train.output_dir {output_dir}: the folder cannot be made ({e.strerror}); "
                             "choose another train.output_dir.") from None
+        if os.path.realpath(output_dir) not in _held_locks:  # a folder new to this run
+            _lock_run_folder(output_dir)
         dump_config(_with_absolute_paths(config), output_dir / "config.yaml")
         if held_out:
             console.print(escape(write_heldout(output_dir, held_out, config.data.eval_fraction_by)))
@@ -503,6 +507,7 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
                     console.print(escape(f"stopped by signal after step {state.step}; checkpoint {saved}. "
                                          f"Resume with: {resume_with}"), soft_wrap=True)  # a command to copy whole
                     dist.shutdown()
+                    _release_run_folder(output_dir)
                     return saved
                 if state.step >= total_steps:
                     break
@@ -520,6 +525,7 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
         console.print(f"report: {write_report(output_dir)}")
     console.print(f"final policy: {final}")
     dist.shutdown()
+    _release_run_folder(output_dir)
     return final
 
 
@@ -579,12 +585,50 @@ def _check_overwrite_spares_inputs(config: Config, output_dir: Path) -> None:
                                 "train.output_dir.")
 
 
+# Held (flock) by the process that trains in a run folder; rank 0 of a distributed run.
+LOCK_FILE = ".preftune-train.lock"
+_held_locks: dict[str, object] = {}  # run folder (real path) -> its open lock file
+
+
+def _lock_run_folder(output_dir: Path) -> None:
+    """Hold train.output_dir until this run ends: a second `preftune train` there (a script run
+    twice, an --overwrite or --resume in another terminal) would delete or mix with its files.
+    The operating system drops the lock with the process, however it ends."""
+    try:
+        import fcntl
+    except ImportError:  # no flock on this system: unguarded, as before
+        return
+    _release_run_folder(output_dir)  # left by an earlier train() of this process that raised
+    handle = open(output_dir / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 (held past this call)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise UserError(f"train.output_dir {output_dir} is in use by another preftune train (process {holder}); "
+                        "wait for it to end, or choose another train.output_dir.") from None
+    except OSError:  # a file system without locks (some network mounts): unguarded, as before
+        handle.close()
+        return
+    handle.truncate(0)
+    handle.write(str(os.getpid()))
+    handle.flush()
+    _held_locks[os.path.realpath(output_dir)] = handle
+
+
+def _release_run_folder(output_dir: Path) -> None:
+    handle = _held_locks.pop(os.path.realpath(output_dir), None)
+    if handle is not None:
+        handle.close()  # closing the file drops its lock
+
+
 def _start_over(output_dir: Path, console, dist) -> None:
     """--overwrite: rank 0 deletes the earlier run, the others wait until it is gone."""
     if dist.is_main:
         removed, left = remove_earlier_run(output_dir)
         # Rewritten, or deleted when this run holds nothing out, once the run is set up.
-        left = [name for name in left if name not in ("config.yaml", HELDOUT_FILE)]
+        left = [name for name in left if name not in ("config.yaml", HELDOUT_FILE, LOCK_FILE)]
         kept = f"; kept: {', '.join(left)}" if left else ""
         console.print(escape(f"overwrite: deleted the earlier run's {', '.join(removed)} "
                              f"in {output_dir}{kept}"))
