@@ -233,7 +233,8 @@ def test_eval_split_reads_the_held_out_split_of_the_training_data_set(tmp_path, 
     train(make_config(tmp_path, tiny_llama, folder, data={"eval": str(folder), "eval_split": "test"},
                       train={"max_steps": 1}))
     out = "".join(capsys.readouterr().out.split())
-    assert f"data:16rowsreadfrom{folder}(train)" in out and f"data:3rowsreadfrom{folder}(eval)" in out
+    assert f"data:16rowsreadfrom{folder},split'train'(train)" in out
+    assert f"data:3rowsreadfrom{folder},split'test'(eval)" in out
 
 
 def test_eval_sources_report_rows_read_kept_and_skipped(tmp_path, tiny_llama, pairs_file, capsys):
