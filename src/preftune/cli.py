@@ -59,11 +59,12 @@ def train(
 
             raise typer.Exit(launch_torchrun(nproc, sys.argv))
         if nproc > 1 and (here := int(os.environ.get("LOCAL_WORLD_SIZE", nproc))) != nproc:
-            # It trained on torchrun's number of processes, and so on another global batch.
+            # It trained on the launcher's number of processes, and so on another global batch.
+            # (torchrun itself refuses --nproc as ambiguous; accelerate launch passes it on.)
             from preftune.errors import UserError
 
-            raise UserError(f"--nproc {nproc}, but torchrun started {here} processes on this machine; under "
-                            "torchrun its --nproc-per-node decides, so leave --nproc out.")
+            raise UserError(f"--nproc {nproc}, but the launcher (torchrun, accelerate launch) started {here} "
+                            "processes on this machine, and its count decides; leave --nproc out.")
         from preftune.train import train as run_training
 
         run_training(cfg, resume=str(resume_from) if resume_from else resume, overwrite=overwrite)

@@ -231,8 +231,9 @@ def test_one_named_gpu_for_several_processes_of_a_machine_is_refused(monkeypatch
 
 
 def test_nproc_that_disagrees_with_torchrun_is_refused(tmp_path, monkeypatch):
-    """`torchrun --nproc-per-node 2 -m preftune train CFG --nproc 4` trained on 2 processes, and so
-    on half the global batch that --nproc 4 promised, without a word."""
+    """`accelerate launch --multi_gpu --num_processes 2 -m preftune train CFG --nproc 4` trained on 2
+    processes, and so on half the global batch that --nproc 4 promised, without a word (torchrun
+    itself refuses --nproc, as an ambiguous abbreviation of its --nproc-per-node)."""
     from typer.testing import CliRunner
 
     from preftune.cli import app
@@ -244,5 +245,5 @@ def test_nproc_that_disagrees_with_torchrun_is_refused(tmp_path, monkeypatch):
         monkeypatch.delenv(key, raising=False)
     result = CliRunner().invoke(app, ["train", str(tmp_path / "c.yaml"), "--nproc", "4"])
     assert result.exit_code == 2, result.output
-    assert result.output == ("[rank 0] error: --nproc 4, but torchrun started 2 processes on this machine; "
-                             "under torchrun its --nproc-per-node decides, so leave --nproc out.\n")
+    assert result.output == ("[rank 0] error: --nproc 4, but the launcher (torchrun, accelerate launch) "
+                             "started 2 processes on this machine, and its count decides; leave --nproc out.\n")
