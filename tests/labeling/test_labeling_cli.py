@@ -24,6 +24,8 @@ def test_import_annotators_status_export(tmp_path):
     pairs = write_pairs_file(tmp_path / "pairs.jsonl", make_pairs(3))
     assert "3 new pairs" in invoke("import", "--pairs", pairs, "--db", db).output
     assert "0 new pairs, 3 already" in invoke("import", "--pairs", pairs, "--db", db).output
+    one_more = write_pairs_file(tmp_path / "more.jsonl", make_pairs(4))
+    assert "1 new pair, 3 already" in invoke("import", "--pairs", one_more, "--db", db).output
     result = invoke("add-annotator", "erin", "--db", db, "--url", "https://label.example/")
     link = result.output.strip().splitlines()[-1]
     assert link.startswith("https://label.example/login?token=")
@@ -43,6 +45,21 @@ def test_import_annotators_status_export(tmp_path):
     assert "revoked erin" in invoke("revoke-annotator", "erin", "--db", db).output
     store = Store(db)
     assert store.authenticate(token) is None
+    store.close()
+
+
+def test_a_second_batch_with_the_first_batchs_ids_is_refused_naming_id_prefix(tmp_path):
+    db = tmp_path / "labels.sqlite"
+    first = write_pairs_file(tmp_path / "pairs.jsonl", make_pairs(2))
+    invoke("import", "--pairs", first, "--db", db)
+    second = write_pairs_file(tmp_path / "more.jsonl",
+                              [Pair(p.pair_id, f"new {p.prompt}", p.responses) for p in make_pairs(3)])
+    result = invoke("import", "--pairs", second, "--db", db)
+    assert isinstance(result.exception, UserError)
+    assert "'p00000' is already stored" in str(result.exception)
+    assert "nothing was added" in str(result.exception) and "--id-prefix" in str(result.exception)
+    store = Store(db)
+    assert store.pair_count() == 2  # all or nothing: p00002, new, was not added either
     store.close()
 
 
@@ -138,7 +155,7 @@ def test_auto_command_says_which_of_n_responses_it_left_out(tmp_path):
                     "--out", tmp_path / "D.jsonl", "--argmax")
     assert result.exit_code == 0, result.output
     assert "wrote 1 row (argmax)" in result.output
-    assert "1 empty and 1 repeated responses left out before picking best and worst" in result.output
+    assert "1 empty and 1 repeated response left out before picking best and worst" in result.output
     again = invoke("auto", "--pairs", pairs, "--reward", f"{tmp_path / 'lenreward.py'}:score",
                    "--out", tmp_path / "D.jsonl", "--argmax")
     assert "wrote 0 rows (argmax), 1 was already there" in again.output  # not "1 were"

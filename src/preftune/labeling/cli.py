@@ -55,7 +55,7 @@ def import_pairs(
         added, present = store.add_pairs(load_pairs(pairs, for_people=True))
     finally:
         store.close()
-    typer.echo(f"{pairs}: {added} new pairs, {present} already in {db}")
+    typer.echo(f"{pairs}: {counted(added, 'new pair')}, {present} already in {db}")
 
 
 @app.command("add-annotator")
@@ -161,8 +161,9 @@ def auto(
     if stats.get("identical_skipped"):
         ties += f", {counted(stats['identical_skipped'], 'pair')} with identical responses skipped"
     if stats.get("empty_dropped") or stats.get("duplicates_dropped"):  # only with --n above 2
-        ties += (f"; {stats.get('empty_dropped', 0)} empty and {stats.get('duplicates_dropped', 0)} "
-                 f"repeated responses left out before picking best and worst")
+        empty, repeated = stats.get("empty_dropped", 0), stats.get("duplicates_dropped", 0)
+        ties += (f"; {empty} empty and {counted(repeated, 'repeated response')} left out before "
+                 f"picking best and worst")
     if stats.get("reward_truncated"):
         ties += (f"; {stats['reward_truncated']} responses (with their prompts) were longer than the "
                  f"reward model's {stats['reward_max_length']} tokens and were scored cut to them")

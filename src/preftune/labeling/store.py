@@ -280,9 +280,13 @@ class Store:
                 elif tuple(row) == (prompt, *pair.responses):
                     present += 1
                 else:
+                    # `preftune sample` numbers every file p000000, p000001, ...: a second batch
+                    # of prompts added to a round meets the first batch's ids here.
                     raise UserError(
                         f"{self.path}: pair {pair.pair_id!r} is already stored with a different "
-                        f"prompt or responses; give changed pairs new pair ids."
+                        f"prompt or responses, so nothing was added; give changed pairs new pair "
+                        f"ids (sample a second batch of prompts with `preftune sample --id-prefix "
+                        f"b2-`, so its ids differ from the first's)."
                     )
         return added, present
 
