@@ -194,6 +194,23 @@ def test_a_run_folder_another_train_is_using_is_refused(tmp_path, run_config):
     assert cli("train", run_config, "--resume", "train.max_steps=6").exit_code == 0  # free once it ends
 
 
+def test_lora_without_peft_is_said_before_the_model_loads(tmp_path, tiny_llama, pairs_file, monkeypatch):
+    # Said once the model had loaded: minutes on a large one, for a package that was missing.
+    import sys
+
+    import preftune.train as train_module
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` now fails
+
+    def load_causal_lm(*args, **kwargs):
+        raise AssertionError("the model was loaded before the missing peft was noticed")
+
+    monkeypatch.setattr(train_module, "load_causal_lm", load_causal_lm)
+    with pytest.raises(UserError) as caught:
+        train(make_config(tmp_path, tiny_llama, pairs_file, model={"lora": {"r": 4}}))
+    assert str(caught.value) == "model.lora needs the peft package: pip install 'preftune[lora]'."
+
+
 def test_resume_and_overwrite_together_are_refused(tmp_path, run_config):
     result = cli("train", run_config, "--resume", "--overwrite")
     assert result.exit_code == 2

@@ -310,6 +310,10 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
     # Every rank, so that all stop together; a missing package surfaces now, not after the
     # model, the data and the reference's log-probs are ready.
     check_backends(config.train.loggers, logs=dist.is_main)
+    if config.model.lora is not None:  # likewise a missing peft
+        from preftune.lora import peft_module
+
+        peft_module()
     # Checked before the model loads, so a refusal costs nothing; deleted only once everything
     # else has been checked, so a bad config or data set never costs the earlier run.
     start_over = _check_output_dir(output_dir, resume, overwrite, dist)
