@@ -306,3 +306,28 @@ def test_export_marks_responses_the_sampler_cut(tmp_path):
     assert "chosen_truncated" not in rows["old"] and "rejected_truncated" not in rows["old"]
     assert rows["cut"]["rejected_truncated"] is True and "chosen_truncated" not in rows["cut"]
     assert rows["chat"]["chosen_truncated"] is True and rows["chat"]["chosen"][0]["role"] == "assistant"
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_export_reads_pairs_and_votes_at_one_moment(tmp_path, monkeypatch, raw):
+    """A pair imported and voted on while export runs, between its reading the pairs and the
+    votes, is in neither: the raw export stopped with a KeyError, the other counted the vote."""
+    db = tmp_path / "labels.sqlite"
+    store = Store(db, overlap=1)
+    store.add_pairs(make_pairs(1))
+    alice = store.authenticate(store.add_annotator("alice"))
+    cast(store, alice, "p00000", 0)
+    read_pairs = Store.pairs
+
+    def pairs_then_a_new_voted_pair(self):
+        found = read_pairs(self)
+        if self is not store:  # the export's own store: the server adds a pair and a vote now
+            store.add_pairs(make_pairs(1, prefix="late"))
+            cast(store, alice, "late00000", 1)
+        return found
+
+    monkeypatch.setattr(Store, "pairs", pairs_then_a_new_voted_pair)
+    report = export(db, tmp_path / "D.jsonl", raw=raw)
+    store.close()
+    assert report["exported"] == 1 and report["votes"] == {"left": 1}
+

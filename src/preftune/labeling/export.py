@@ -112,8 +112,8 @@ def triplet_rows(store: Store, policy: str) -> tuple[list[dict], dict]:
     """The exported rows and a report: votes by choice and left-out pairs by reason."""
     if policy not in POLICIES:
         raise UserError(f"--policy must be one of {', '.join(POLICIES)}, got {policy!r}.")
-    pairs = store.pairs()
-    votes = store.live_votes()
+    with store.snapshot():
+        pairs, votes = store.pairs(), store.live_votes()
     grouped = _votes_by_pair(votes)
     rows, left_out_rows = [], []
     for pair_id, pair in pairs.items():
@@ -151,9 +151,10 @@ def _pair_decision(pair: dict, outcomes: list, policy: str) -> int | str:
 
 def raw_rows(store: Store) -> tuple[list[dict], dict]:
     """One row per live vote; decisive votes also carry prompt/chosen/rejected."""
-    pairs = store.pairs()
+    with store.snapshot():
+        pairs, votes = store.pairs(), store.live_votes()
     rows = []
-    for vote in store.live_votes():
+    for vote in votes:
         pair = pairs[vote["pair_id"]]
         outcome = vote_outcome(vote["choice"], vote["left_index"])
         row = {"pair_id": vote["pair_id"], "prompt": pair["prompt"]}

@@ -244,6 +244,13 @@ class Store:
         finally:
             conn.execute("COMMIT")
 
+    def snapshot(self):
+        """A context in which this thread's reads (pairs, votes, annotators) all see the database
+        at one moment, so that a report made while the server runs adds up: without it, a pair
+        imported and voted on between reading the pairs and reading the votes gave a vote whose
+        pair was not in the export."""
+        return self._read()
+
     def close(self) -> None:
         with self._connections_lock:
             for conn in self._connections:
