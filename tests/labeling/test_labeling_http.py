@@ -374,6 +374,19 @@ def test_an_abandoned_assignment_frees_its_slot_after_the_lease(tmp_path):
     store.close()
 
 
+def test_the_pair_a_revoked_annotator_held_goes_to_others_at_once(tmp_path):
+    store = Store(tmp_path / "l.sqlite", overlap=1)
+    store.add_pairs(make_pairs(1))
+    a, b = (store.authenticate(store.add_annotator(n)) for n in ["a", "b"])
+    assert store.next_pair(a)["pair_id"] == "p00000"
+    assert store.next_pair(b) is None  # a holds the only slot
+    store.revoke_annotator("a")
+    assert store.next_pair(b)["pair_id"] == "p00000"
+    store.add_annotator("a", reissue=True)
+    assert store.next_pair(a)["pair_id"] == "p00000"  # still theirs to answer too
+    store.close()
+
+
 def test_binding_rules():
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4")

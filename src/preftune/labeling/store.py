@@ -345,7 +345,10 @@ class Store:
         return token
 
     def revoke_annotator(self, name: str) -> None:
-        """The annotator's token stops working at once; their votes are kept."""
+        """The annotator's token stops working at once; their votes are kept, and the pairs
+        they were shown but had not answered go to others now, not once their lease runs out
+        (30 minutes in which nobody could label them). Reissued, they get those pairs back
+        first, as before."""
         with self._write() as db:
             cur = db.execute(
                 "UPDATE annotators SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
@@ -356,6 +359,11 @@ class Store:
                     f"no active annotator named {name!r} in {self.path}; "
                     f"`preftune label status` lists them."
                 )
+            db.execute(  # an updated_at of 0 is a lease long expired
+                "UPDATE assignments SET updated_at = 0 WHERE state = 'open' AND annotator_id = "
+                "(SELECT id FROM annotators WHERE name = ?)",
+                (name,),
+            )
 
     def active_token_count(self) -> int:
         return self._conn().execute(
