@@ -245,3 +245,20 @@ def test_a_db_in_a_missing_folder_or_a_folder_as_db_says_so(tmp_path):
     assert "which does not exist" in str(result.exception)
     result = invoke("add-annotator", "gina", "--db", tmp_path)
     assert f"--db {tmp_path} is a folder" in str(result.exception)
+
+
+def test_import_and_serve_name_the_pairs_export_will_leave_out_whatever_the_votes(tmp_path, monkeypatch):
+    """Pairs with identical responses or an empty one were served without a word, and every
+    vote on them was spent for nothing: export leaves them out of D."""
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)
+    pairs = write_pairs_file(tmp_path / "pairs.jsonl", [
+        *make_pairs(2), Pair("same", "p", ("Yes.", "Yes.")), Pair("blank", "p", ("an answer", " ")),
+        Pair("same too", "p", ("No.", "No."))])
+    note = (f"{pairs}: 3 pairs (empty response 1, identical responses 2) will be left out of D by "
+            f"`label export` whatever the votes")
+    assert note in invoke("import", "--pairs", pairs, "--db", tmp_path / "a.sqlite").output
+    assert note in invoke("serve", "--pairs", pairs, "--db", tmp_path / "b.sqlite").output
+    clean = write_pairs_file(tmp_path / "clean.jsonl", make_pairs(2))
+    assert "left out of D" not in invoke("import", "--pairs", clean, "--db", tmp_path / "c.sqlite").output

@@ -410,6 +410,7 @@ def serve(
     """Import `pairs` (if given) into `db` and serve the labeling page until interrupted."""
     import uvicorn
 
+    from preftune.labeling.export import unusable_note
     from preftune.labeling.pairs import load_pairs
 
     if not 0 < port < 65536:  # else a traceback from bind, after the pairs were imported
@@ -425,8 +426,12 @@ def serve(
         store.set_overlap(overlap)
         check_bind(host, open_mode, store)
         if pairs is not None:
-            added, present = store.add_pairs(load_pairs(pairs, for_people=True))
+            loaded = load_pairs(pairs, for_people=True)
+            added, present = store.add_pairs(loaded)
             echo(f"{pairs}: {counted(added, 'new pair')}, {present} already in {db}")
+            note = unusable_note(pairs, loaded)
+            if note:
+                echo(note)
         if store.pair_count() == 0:
             raise UserError(f"{db} holds no pairs yet; pass --pairs pairs.jsonl.")
         text = None

@@ -47,15 +47,20 @@ def import_pairs(
     db: Path = typer.Option(..., help="SQLite labels database (created if missing)."),
 ) -> None:
     """Add pairs to the database (pairs already there are kept as they are)."""
+    from preftune.labeling.export import unusable_note
     from preftune.labeling.pairs import load_pairs
     from preftune.labeling.store import Store
 
+    loaded = load_pairs(pairs, for_people=True)
     store = Store(db)
     try:
-        added, present = store.add_pairs(load_pairs(pairs, for_people=True))
+        added, present = store.add_pairs(loaded)
     finally:
         store.close()
     typer.echo(f"{pairs}: {counted(added, 'new pair')}, {present} already in {db}")
+    note = unusable_note(pairs, loaded)
+    if note:
+        typer.echo(note)
 
 
 @app.command("add-annotator")

@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from preftune.errors import UserError
+from preftune.labeling.pairs import Pair
 from preftune.labeling.store import Store
 from preftune.records import check_out_file, make_parent_folder, write_jsonl_atomic
 from preftune.wording import counted
@@ -142,11 +143,29 @@ def _pair_decision(pair: dict, outcomes: list, policy: str) -> int | str:
     """The winning response index, or the reason the pair stays out of D."""
     if not outcomes:
         return "unlabelled"
-    if not all(text.strip() for text in pair["responses"]):  # training refuses these
+    return unusable_reason(pair["responses"]) or decide(outcomes, policy)
+
+
+def unusable_reason(responses) -> str | None:
+    """Why a pair stays out of D whatever its votes, or None when a vote can put it in."""
+    if not all(text.strip() for text in responses):  # training refuses these
         return "empty response"
-    if pair["responses"][0] == pair["responses"][1]:  # no preference: training skips chosen == rejected
+    if responses[0] == responses[1]:  # no preference: training skips chosen == rejected
         return "identical responses"
-    return decide(outcomes, policy)
+    return None
+
+
+def unusable_note(source, pairs: list[Pair]) -> str | None:
+    """A sentence for `label import` / `label serve --pairs` naming the pairs annotators would
+    vote on for nothing (export leaves them out whatever the votes); None when there are none."""
+    reasons = Counter(r for r in (unusable_reason(p.responses) for p in pairs) if r)
+    if not reasons:
+        return None
+    listed = ", ".join(f"{reason} {n}" for reason, n in sorted(reasons.items()))
+    return (f"{source}: {counted(sum(reasons.values()), 'pair')} ({listed}) will be left out of D "
+            f"by `label export` whatever the votes, since training cannot use them; to spare the "
+            f"annotators that work, remove them from {source} and import it into a new database "
+            f"before anyone votes")
 
 
 def raw_rows(store: Store) -> tuple[list[dict], dict]:
