@@ -4,8 +4,8 @@ A checkpoint folder (written atomically by `checkpoint.save_checkpoint`: temp fo
 rename) holds:
   model.safetensors, config.json, tokenizer files  the full policy, loadable by from_pretrained;
                         under fsdp gathered from every rank, written by rank 0 only
-  training_state.pt     step, data position, scheduler, RNG (and the optimizer under none/ddp,
-                        where every rank holds the same whole optimizer state)
+  training_state.pt     step, data position, scheduler, each rank's RNG (and the optimizer
+                        under none/ddp, where every rank holds the same whole optimizer state)
   optimizer/            under fsdp: the optimizer state as torch.distributed.checkpoint (DCP)
                         shards, one file per rank plus `.metadata`. DCP reshards on load, so a
                         checkpoint written by N processes resumes on M.
@@ -25,6 +25,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import torch.distributed as torch_dist
 from torch import nn
 
 from preftune.checkpoint import load_model_weights, load_training_state, save_checkpoint
@@ -146,6 +147,11 @@ def save_training_checkpoint(folder: Path, step: int, policy, tokenizer, optimiz
     staging = folder.with_name(folder.name + ".shards.tmp")
     training_state = dict(training_state, distributed=run_shape(config, dist),
                           config=config.model_dump(mode="json"))
+    if dist.active and dist.world_size > 1:
+        # Each rank's own RNG (dropout draws as many numbers as its own micro-batches hold, so
+        # the ranks' streams part after the first step); "rng" alone is rank 0's.
+        training_state["rng_by_rank"] = [None] * dist.world_size
+        torch_dist.all_gather_object(training_state["rng_by_rank"], training_state["rng"])
     if dist.sharded:
         _save_sharded_optimizer(policy, optimizer, staging, dist)
         training_state["optimizer"] = None
@@ -259,4 +265,9 @@ def restore_training_checkpoint(folder: Path, policy, optimizer, config, dist: D
             _load_weights_sharded(reference, folder / REFERENCE_DIR, dist)
         else:
             load_model_weights(reference, folder / REFERENCE_DIR)
+    by_rank = saved.get("rng_by_rank")
+    if by_rank and len(by_rank) == dist.world_size:
+        # This rank's stream; on another number of processes no rank's continues (its pairs
+        # are others), and every rank takes rank 0's.
+        saved["rng"] = by_rank[dist.rank]
     return saved
