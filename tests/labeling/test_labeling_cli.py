@@ -262,3 +262,18 @@ def test_import_and_serve_name_the_pairs_export_will_leave_out_whatever_the_vote
     assert note in invoke("serve", "--pairs", pairs, "--db", tmp_path / "b.sqlite").output
     clean = write_pairs_file(tmp_path / "clean.jsonl", make_pairs(2))
     assert "left out of D" not in invoke("import", "--pairs", clean, "--db", tmp_path / "c.sqlite").output
+
+
+@pytest.mark.parametrize("cut, words", [
+    (1, "1 response (with their prompts) was longer than the reward model's 8 tokens and was scored"),
+    (2, "2 responses (with their prompts) were longer than the reward model's 8 tokens and were scored"),
+])
+def test_auto_counts_the_responses_the_reward_model_cut(tmp_path, monkeypatch, cut, words):
+    """It said "1 responses ... were longer"."""
+    import preftune.labeling.auto
+
+    stats = {"written": 1, "resumed_from": 0, "reward_truncated": cut, "reward_max_length": 8}
+    monkeypatch.setattr(preftune.labeling.auto, "label_auto", lambda *args, **kwargs: stats)
+    result = invoke("auto", "--pairs", tmp_path / "pairs.jsonl", "--reward", "rm",
+                    "--out", tmp_path / "D.jsonl")
+    assert words in result.output, result.output

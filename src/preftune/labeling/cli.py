@@ -170,8 +170,10 @@ def auto(
         ties += (f"; {empty} empty and {counted(repeated, 'repeated response')} left out before "
                  f"picking best and worst")
     if stats.get("reward_truncated"):
-        ties += (f"; {stats['reward_truncated']} responses (with their prompts) were longer than the "
-                 f"reward model's {stats['reward_max_length']} tokens and were scored cut to them")
+        cut = stats["reward_truncated"]
+        ties += (f"; {counted(cut, 'response')} (with their prompts) {'was' if cut == 1 else 'were'} "
+                 f"longer than the reward model's {stats['reward_max_length']} tokens and "
+                 f"{'was' if cut == 1 else 'were'} scored cut to them")
     typer.echo(
         f"{out}: wrote {counted(stats.get('written', 0), 'row')} ({mode}), "
         f"{stats['resumed_from']} {'was' if stats['resumed_from'] == 1 else 'were'} already there{ties}"
