@@ -211,6 +211,25 @@ def test_lora_without_peft_is_said_before_the_model_loads(tmp_path, tiny_llama, 
     assert str(caught.value) == "model.lora needs the peft package: pip install 'preftune[lora]'."
 
 
+def test_resume_with_another_model_under_model_path_is_refused(tmp_path, run_config, tiny_llama,
+                                                               tiny_model_factory):
+    # The policy's weights come from the checkpoint, but the reference is built from model.path
+    # again: another model there (a seed of the same architecture) changed the loss mid-run unseen.
+    run = tmp_path / "run"
+    assert cli("train", run_config).exit_code == 0
+    other = tiny_model_factory("llama", seed=1)
+    result = cli("train", run / "config.yaml", "--resume", "train.max_steps=6", f"model.path={other}")
+    assert result.exit_code == 2
+    assert squash(result.output).endswith(squash(
+        f"error: checkpoint {run / 'checkpoints' / 'step-000004'} was written for another starting model: the "
+        f"weight files under model.path {other} differ from those the run started from, and the reference built "
+        "from them would change mid-run; point it back to the model the run started with, or start a new run in "
+        "another train.output_dir."))
+    moved = shutil.copytree(tiny_llama, tmp_path / "moved")  # the same model elsewhere: paths may change
+    result = cli("train", run / "config.yaml", "--resume", "train.max_steps=6", f"model.path={moved}")
+    assert result.exit_code == 0, result.output
+
+
 def test_resume_and_overwrite_together_are_refused(tmp_path, run_config):
     result = cli("train", run_config, "--resume", "--overwrite")
     assert result.exit_code == 2

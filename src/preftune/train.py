@@ -100,6 +100,7 @@ class TrainState:
     # rewards (2 per pair) it averages (0 in older checkpoints).
     reward_shift: float = 0.0
     rewards_seen: int = 0
+    model: str = ""  # models_fingerprint of the starting model and reference ("" in older checkpoints)
 
 
 def data_fingerprint(pairs: list[TokenizedPair]) -> str:
@@ -110,6 +111,29 @@ def data_fingerprint(pairs: list[TokenizedPair]) -> str:
         for ids in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids):
             digest.update(array("q", ids).tobytes() + b"|")
     return f"{len(pairs)} pairs {digest.hexdigest()}"
+
+
+def models_fingerprint(paths: list[str | None]) -> str:
+    """A cheap identity of the local model folders a run starts from (model.path, and
+    model.reference_path): each weight file's name, size and first and last MiB. The policy's
+    weights come from a checkpoint at a resume, but its reference is built from these again; this
+    tells another model under the same path (another seed of the same architecture) from a moved
+    copy without reading gigabytes. Hub ids add nothing."""
+    digest = hashlib.blake2b(digest_size=12)
+    for path in paths:
+        folder = Path(os.path.expanduser(path)) if path else None
+        if folder is None or not folder.is_dir():
+            continue
+        for file in sorted(folder.iterdir()):
+            if file.is_file() and file.suffix in (".safetensors", ".bin"):
+                size = file.stat().st_size
+                digest.update(f"{file.name}|{size}|".encode())
+                with open(file, "rb") as f:
+                    digest.update(f.read(1 << 20))
+                    if size > 2 << 20:
+                        f.seek(-(1 << 20), os.SEEK_END)
+                        digest.update(f.read())
+    return digest.hexdigest()
 
 
 def seed_everything(seed: int) -> None:
@@ -425,9 +449,16 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
                         f"pairs, now {data.split()[0]}, or the same number with other tokens); its data "
                         "position means nothing on these, so restore the data the run started with or "
                         "start a new run in another train.output_dir.")
+    models = models_fingerprint([config.model.path, config.model.reference_path])
+    if state.model and state.model != models:
+        raise UserError(f"checkpoint {checkpoint} was written for another starting model: the weight files under "
+                        f"model.path {config.model.path}{' or model.reference_path' if config.model.reference_path else ''} "
+                        "differ from those the run started from, and the reference built from them would change "
+                        "mid-run; point it back to the model the run started with, or start a new run in another "
+                        "train.output_dir.")
     if checkpoint is not None and held_out:  # the fingerprint above covers the training pairs only
         check_heldout(output_dir, held_out, dist)
-    state.total_steps, state.data = total_steps, data
+    state.total_steps, state.data, state.model = total_steps, data, models
     if start_over:
         _start_over(output_dir, console, dist)
     if dist.is_main:
