@@ -114,6 +114,13 @@ class StopForwarder:
                 pass
 
 
+def ended_by(received: signal.Signals, exitcode: int) -> bool:
+    """Whether a worker's exit status says it stopped because of the signal passed on to it:
+    killed by it, or, for Ctrl-C, interrupted (status 128 + SIGINT: typer's, once the command
+    runs, and `python -m preftune`'s while it imports)."""
+    return exitcode in (-received, 128 + received)
+
+
 def launch_torchrun(nproc: int, argv: list[str]) -> int:
     """Run `preftune train` in `nproc` processes on this machine; returns the exit status."""
     # torchrun's own default for several workers (one thread each, so N workers do not fight
@@ -131,7 +138,7 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
         run(args)
     except ChildFailedError as e:
         first_rank, first = e.get_first_failure()
-        if stop.received and first.exitcode == -stop.received:  # killed by it before saving could start
+        if stop.received and ended_by(stop.received, first.exitcode):  # before saving could start
             print(f"preftune: stopped by {stop.received.name}.", file=sys.stderr, flush=True)
             return 128 + int(stop.received)
         print(f"preftune: {describe_failures(e.failures, first_rank, nproc)}", file=sys.stderr, flush=True)

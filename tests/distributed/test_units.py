@@ -247,3 +247,39 @@ def test_nproc_that_disagrees_with_torchrun_is_refused(tmp_path, monkeypatch):
     assert result.exit_code == 2, result.output
     assert result.output == ("[rank 0] error: --nproc 4, but the launcher (torchrun, accelerate launch) "
                              "started 2 processes on this machine, and its count decides; leave --nproc out.\n")
+
+
+class _InterruptedImport(types.ModuleType):
+    """preftune.cli as Ctrl-C finds it: still importing (torch, transformers take seconds)."""
+
+    def __getattr__(self, name):
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_while_a_worker_imports_ends_it_quietly(monkeypatch):
+    """Every worker of `preftune train --nproc 2` printed a KeyboardInterrupt traceback of the module
+    it was importing; a worker now ends with status 130, as typer ends a running command."""
+    import runpy
+    import sys
+
+    monkeypatch.setitem(sys.modules, "preftune.cli", _InterruptedImport("preftune.cli"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as stopped:
+        runpy.run_module("preftune", run_name="__main__")
+    assert stopped.value.code == 130
+    assert stopped.value.__suppress_context__  # no "During handling of the above exception" traceback
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: Python's own Ctrl-C, as for any command
+    with pytest.raises(KeyboardInterrupt):
+        runpy.run_module("preftune", run_name="__main__")
+
+
+def test_a_worker_stopped_by_ctrl_c_is_said_to_be_stopped_not_failed():
+    """Ctrl-C once the command runs ends a worker with typer's status 130, which the launcher
+    reported as 'rank 1 of 2 failed (exit code 130); rank 0 stopped with it.'"""
+    import signal
+
+    from preftune.launch import ended_by
+
+    assert ended_by(signal.SIGINT, 130) and ended_by(signal.SIGINT, -signal.SIGINT)
+    assert ended_by(signal.SIGTERM, -signal.SIGTERM) and ended_by(signal.SIGTERM, 143)
+    assert not ended_by(signal.SIGINT, 2) and not ended_by(signal.SIGTERM, 130) and not ended_by(signal.SIGINT, 1)
