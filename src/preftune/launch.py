@@ -43,12 +43,22 @@ def _ranks(ranks: list[int]) -> str:
     return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {', '.join(map(str, sorted(ranks)))}"
 
 
+def _error_file_text(failure) -> str:
+    """The message a rank wrote to its error file: torchrun keeps the file's "message" entry,
+    a dict in the layout rank_errors writes, or a plain string."""
+    message = getattr(failure, "message", "")
+    return str(message.get("message", "") if isinstance(message, dict) else message)
+
+
 def describe_failures(failures: dict, first_rank: int, nproc: int) -> str:
     """One line for torchrun's failure records: the ranks that failed like the first one, and
     the ranks that were stopped because of it (torchrun's SIGTERM, a broken collective)."""
     first = failures[first_rank]
     end = f"signal {first.signal_name()}" if first.exitcode < 0 else f"exit code {first.exitcode}"
-    failed = [r for r, f in failures.items() if f.exitcode == first.exitcode]
+    # A rank that wrote its own error (rank_errors' file) failed too, though torchrun may have
+    # killed it while it exited, after another rank's exit.
+    failed = [r for r, f in failures.items()
+              if f.exitcode == first.exitcode or _error_file_text(f).startswith(f"[rank {r}] error:")]
     stopped = [r for r in failures if r not in failed]
     line = f"{_ranks(failed)} of {nproc} failed ({end})"
     if stopped:

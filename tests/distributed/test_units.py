@@ -37,6 +37,19 @@ def test_failure_summary_names_failed_and_stopped_ranks():
     assert describe_failures({0: failure(-15)}, 0, 2) == "rank 0 of 2 failed (signal SIGTERM)."
 
 
+def test_a_rank_that_reported_its_error_but_was_killed_while_exiting_counts_as_failed():
+    """Rank 0 printed '[rank 0] error: ...', then torchrun, seeing rank 1 exit first, killed it while
+    it exited: the summary said 'rank 1 of 3 failed (exit code 2); ranks 0, 2 stopped with it.'"""
+    def failure(code, message=""):
+        return types.SimpleNamespace(exitcode=code, signal_name=lambda: "SIGTERM", message=message)
+
+    failures = {1: failure(2, "[rank 1] error: 8 pairs cannot be shared out."),
+                # as torchrun reads the file rank_errors writes
+                0: failure(-15, {"message": "[rank 0] error: 8 pairs cannot be shared out.", "extraInfo": {}}),
+                2: failure(-15, "Signal 15 (SIGTERM) received by PID 7")}
+    assert describe_failures(failures, 1, 3) == "ranks 0, 1 of 3 failed (exit code 2); rank 2 stopped with them."
+
+
 @pytest.mark.parametrize(("requested", "world_size", "expected"), [
     ("auto", 1, "none"), ("auto", 2, "ddp"), ("ddp", 1, "none"), ("ddp", 4, "ddp"),
     ("fsdp", 1, "fsdp"), ("fsdp", 2, "fsdp"), ("none", 1, "none"),
