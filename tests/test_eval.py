@@ -977,3 +977,45 @@ def test_another_model_evaluated_into_the_same_folder_keeps_the_first_record(tmp
     # The same model named another way is a rerun, which replaces its record.
     write_eval_record(folder, {**pairs, "model": str(tmp_path / "a" / ".." / "a"), "eval/loss": 3.0})
     assert [e["eval/loss"] for e in load_evals([folder / "eval.json"])] == [2.0, 3.0]
+
+
+@pytest.mark.parametrize("max_positions, rope_scaling, usable", [
+    (32, None, 32),
+    # Qwen2.5's long-context YaRN: 4x its base length.
+    (32, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}, 128),
+    (32, {"type": "yarn", "factor": 4.0}, 128),  # the base length is max_position_embeddings
+    # DeepSeek-V3's YaRN: max_position_embeddings is already the stretched length.
+    (128, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}, 128),
+    (32, {"rope_type": "linear", "factor": 2.0}, 64),
+    (32, {"rope_type": "dynamic", "factor": 2.0}, 64),
+    # Llama 3.1: max_position_embeddings is the stretched length, 8x original_max_position_embeddings.
+    (32, {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 4,
+          "low_freq_factor": 1.0, "high_freq_factor": 4.0}, 32),
+], ids=["plain", "yarn", "yarn-no-original", "yarn-stretched", "linear", "dynamic", "llama3"])
+def test_pairs_may_run_to_the_length_a_rope_scaling_stretches_the_model_to(max_positions, rope_scaling, usable):
+    """A model whose rope_scaling stretches its positions past max_position_embeddings (Qwen2.5
+    with YaRN) was refused at its base length; it takes pairs up to the stretched length."""
+    import types
+
+    import transformers
+
+    from preftune.evaluate import check_pairs_fit
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=32, max_position_embeddings=max_positions,
+                                      rope_scaling=rope_scaling)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+
+    def fits(length):
+        check_pairs_fit([types.SimpleNamespace(length=length, origin="d.jsonl, line 1")], "d.jsonl",
+                        ((model, "--model", "m"),))
+
+    fits(usable)
+    kind = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type"))
+    source = (f"{rope_scaling.get('original_max_position_embeddings', max_positions)} positions stretched "
+              f"{rope_scaling['factor']:g}x by the {kind} rope_scaling in its config.json") \
+        if kind in ("yarn", "linear", "dynamic") else "max_position_embeddings in its config.json"
+    with pytest.raises(UserError, match=rf"^d.jsonl, line 1: the pair runs to {usable + 1} tokens, more than the "
+                                        rf"{usable} positions of --model m \({source}\); pass --max-length "
+                                        rf"{usable} or less\.$"):
+        fits(usable + 1)

@@ -290,7 +290,7 @@ def check_pairs_fit(pairs, data, models, advice: str = "pass --max-length {limit
     positions (GPT-2) failed with an IndexError traceback mid-evaluation, and one with rotary
     positions scored tokens past the lengths it was trained on. `models`: (model or None, option,
     path) triples; `advice`: what to change, `{limit}` standing for the model's positions."""
-    from preftune.modeling import context_length
+    from preftune.modeling import context_length, context_length_source
 
     longest = max(pairs, key=lambda pair: pair.length)
     for model, option, path in models:
@@ -298,7 +298,7 @@ def check_pairs_fit(pairs, data, models, advice: str = "pass --max-length {limit
         if limit is not None and longest.length > limit:
             raise UserError(
                 f"{longest.origin or data}: the pair runs to {longest.length} tokens, more than the "
-                f"{limit} positions of {option} {path} (max_position_embeddings in its config.json); "
+                f"{limit} positions of {option} {path} ({context_length_source(model)}); "
                 f"{advice.format(limit=limit)}.")
 
 

@@ -293,11 +293,47 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+# RoPE scalings whose factor stretches the positions a model takes past its base length
+# (max_position_embeddings, or rope_scaling's original_max_position_embeddings where given, as
+# Qwen2.5's YaRN configs have it), as vLLM reads them. Llama 3.1's "llama3" and Phi-3's "longrope"
+# already give the stretched length as max_position_embeddings.
+STRETCHING_ROPE = ("linear", "dynamic", "yarn")
+
+
 def context_length(model: nn.Module) -> int | None:
-    """The positions a model was built for: config.json's max_position_embeddings (GPT-2's
-    n_positions reads as it too); None when its config names none."""
-    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    return value if isinstance(value, int) and value > 0 else None
+    """The positions a model takes: config.json's max_position_embeddings (GPT-2's n_positions
+    reads as it too), times the factor of a rope_scaling that stretches them; None when its
+    config names none."""
+    config = getattr(model, "config", None)
+    value = getattr(config, "max_position_embeddings", None)
+    if not (isinstance(value, int) and value > 0):
+        return None
+    scaling = rope_stretch(config)
+    return max(value, int(scaling[1] * scaling[2])) if scaling else value
+
+
+def rope_stretch(config) -> tuple[str, float, int] | None:
+    """(rope type, factor, base length) of a config whose rope_scaling (rope_parameters since
+    transformers 5) stretches its positions; None for any other, and for one that sets RoPE per
+    layer type (Gemma 3, whose max_position_embeddings is already the stretched length)."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if not isinstance(rope, dict) or any(isinstance(v, dict) for v in rope.values()) \
+            or "gemma3" in str(getattr(config, "model_type", "")):  # its flat rope_scaling before transformers 5
+        return None
+    kind, factor = rope.get("rope_type", rope.get("type")), rope.get("factor")
+    base = rope.get("original_max_position_embeddings") or config.max_position_embeddings
+    if kind not in STRETCHING_ROPE or not isinstance(factor, (int, float)) or factor <= 1 or not isinstance(base, int):
+        return None
+    return kind, float(factor), base
+
+
+def context_length_source(model: nn.Module) -> str:
+    """Where `context_length` comes from, for a message: the config key, or the stretch."""
+    scaling = rope_stretch(getattr(model, "config", None))
+    if scaling is None:
+        return "max_position_embeddings in its config.json"
+    kind, factor, base = scaling
+    return f"{base} positions stretched {factor:g}x by the {kind} rope_scaling in its config.json"
 
 
 def freeze(model: nn.Module) -> nn.Module:

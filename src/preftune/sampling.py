@@ -378,7 +378,7 @@ def check_fits_context(model, prompt_lengths: Sequence[int], prompt_indices: Seq
     """A prompt that with max_new_tokens runs past the model's positions is one sentence: a model
     with learned positions (GPT-2) failed halfway through sampling with an IndexError, and one
     with rotary positions writes past the lengths it was trained on."""
-    from preftune.modeling import context_length
+    from preftune.modeling import context_length, context_length_source
 
     limit = context_length(model)
     for index, length in zip(prompt_indices, prompt_lengths):
@@ -387,7 +387,7 @@ def check_fits_context(model, prompt_lengths: Sequence[int], prompt_indices: Seq
                 f"prompt {index} (counting from 0, as its pair id does) is {length} tokens, so with "
                 f"--max-new-tokens {max_new_tokens} it needs {length + max_new_tokens} positions, more "
                 f"than the {limit} of {getattr(model, 'name_or_path', None) or 'the model'} "
-                "(max_position_embeddings in its config.json); shorten or drop that prompt, or lower "
+                f"({context_length_source(model)}); shorten or drop that prompt, or lower "
                 "--max-new-tokens.")
 
 
