@@ -102,3 +102,18 @@ def online_wandb_without_credentials(monkeypatch, folder: Path) -> None:
     monkeypatch.setenv("NETRC", str(folder / "no-netrc"))
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(folder / "wandb-config"))
     monkeypatch.chdir(folder)
+
+
+def deny_reading(monkeypatch, denied) -> None:
+    """Path.read_bytes raises PermissionError for the file `denied`, as it does for a file of
+    another account; chmod 000 would not do, since root (whom tests may run as) reads it anyway."""
+    import os
+
+    read_bytes = Path.read_bytes
+
+    def read_unless_denied(self):
+        if os.path.abspath(self) == os.path.abspath(denied):
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_unless_denied)

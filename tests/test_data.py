@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
-from preftune_test_data import PAIRS, write_jsonl, write_multi_config_folder
+from preftune_test_data import PAIRS, deny_reading, write_jsonl, write_multi_config_folder
 
 from preftune.config import DataConfig
 from preftune.data.collate import collate_pairs, epoch_order, micro_batches
@@ -336,6 +336,18 @@ def test_a_missing_split_of_a_hub_data_set_is_not_blamed_on_the_network(monkeypa
 def test_missing_local_file_is_named(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_pairs(str(tmp_path / "nope.jsonl"))
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.jsonl.gz"])
+def test_a_data_file_without_read_permission_is_one_sentence(tmp_path, monkeypatch, name):
+    """It was a PermissionError traceback (and for d.jsonl.gz 'not a readable .gz file; check
+    the download')."""
+    path = tmp_path / name
+    path.write_bytes(b"")
+    deny_reading(monkeypatch, path)
+    with pytest.raises(UserError, match=f"^{re.escape(str(path))} cannot be read: no permission to read it; "
+                                        r"make it readable for this user \(chmod a\+r\)"):
+        load_pairs(str(path))
 
 
 def test_a_missing_data_file_names_the_setting_that_gave_it(tmp_path, tiny_llama):

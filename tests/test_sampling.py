@@ -137,6 +137,16 @@ def test_a_folder_as_prompts_is_named_as_such(tmp_path):
         load_prompts(tmp_path)
 
 
+def test_a_prompt_file_without_read_permission_is_one_sentence(tmp_path, monkeypatch):
+    """`preftune sample --prompts` on a file of another account printed a PermissionError traceback."""
+    from preftune_test_data import deny_reading
+
+    prompts = write_txt(tmp_path / "prompts.txt", PROMPTS)
+    deny_reading(monkeypatch, prompts)
+    with pytest.raises(UserError, match=f"{prompts} cannot be read: no permission to read it"):
+        load_prompts(prompts)
+
+
 def test_a_folder_as_out_is_one_sentence(model_dir, tmp_path):
     """--out naming a folder was an IsADirectoryError traceback."""
     with pytest.raises(UserError, match="is a folder; name the file"):

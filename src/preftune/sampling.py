@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from preftune.data.io import check_encodable
-from preftune.errors import UserError
+from preftune.errors import UserError, unreadable_file
 from preftune.records import (
     append_records,
     check_out_file,
@@ -72,6 +72,8 @@ def load_prompts(path: str | Path) -> list[Prompt]:
     try:
         # utf-8-sig drops a byte-order mark that Windows editors add, which would start the first prompt.
         text = path.read_bytes().decode("utf-8-sig")
+    except OSError as e:  # no permission to read it: one sentence, not a traceback
+        raise unreadable_file(path, e) from None
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8.") from None
     if suffix == ".json" and text.lstrip().startswith("["):

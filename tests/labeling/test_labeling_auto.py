@@ -311,6 +311,18 @@ def test_a_last_line_without_newline_is_kept_or_named(tmp_path):
         load_pairs(path)
 
 
+def test_a_pairs_file_without_read_permission_is_one_sentence(tmp_path, monkeypatch):
+    """`preftune label auto --pairs` (and serve, import) printed a PermissionError traceback."""
+    from preftune_test_data import deny_reading
+
+    from preftune.labeling.pairs import load_pairs
+
+    path = write_pairs_file(tmp_path / "pairs.jsonl", make_pairs(2))
+    deny_reading(monkeypatch, path)
+    with pytest.raises(UserError, match=f"{path} cannot be read: no permission to read it"):
+        load_pairs(path)
+
+
 # Empty responses: training refuses them. Identical ones (greedy decoding writes them): neither
 # can be preferred, and bt-sample would turn them into chosen == rejected rows.
 @pytest.mark.parametrize("skipped, counter", [

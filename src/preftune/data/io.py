@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from preftune.data.schema import PreferencePair
-from preftune.errors import UserError
+from preftune.errors import UserError, unreadable_file
 
 FILE_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet"}
 # A response cut by max_new_tokens when it was sampled (`label auto` / `label export` mark it):
@@ -272,16 +272,20 @@ def _rows_from_file(path: Path) -> Iterator[tuple[str, object]]:
 
 def _read_bytes(path: Path) -> bytes:
     """The file's bytes, decompressed when its name ends in .gz, .bz2 or .xz."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:  # no permission to read it: one sentence, not a traceback
+        raise unreadable_file(path, e) from None
     compression = COMPRESSIONS.get(path.suffix.lower())
     if compression is None:
-        return path.read_bytes()
+        return data
     import bz2
     import gzip
     import lzma
 
     module = {"gzip": gzip, "bz2": bz2, "lzma": lzma}[compression]
     try:
-        return module.decompress(path.read_bytes())
+        return module.decompress(data)
     except (OSError, EOFError, ValueError, lzma.LZMAError) as e:  # a damaged or truncated file
         raise UserError(f"{path}: not a readable {path.suffix} file ({e}); check the download "
                         "or decompress it yourself.") from None

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from preftune.errors import UserError
+from preftune.errors import UserError, unreadable_file
 from preftune.records import read_records, record_line_numbers
 
 Prompt = str | list  # text, or a list of {role, content} messages
@@ -117,8 +117,11 @@ def load_pairs(path: str | Path, for_people: bool = False) -> list[Pair]:
         raise UserError(f"{path}: {what}; pass the pairs.jsonl written by `preftune sample`.")
     pairs: list[Pair] = []
     seen: dict[str, int] = {}
-    records = list(zip(record_line_numbers(path), read_records(path)))
-    records += _unterminated_last_record(path)
+    try:
+        records = list(zip(record_line_numbers(path), read_records(path)))
+        records += _unterminated_last_record(path)
+    except OSError as e:  # no permission to read it: one sentence, not a traceback
+        raise unreadable_file(path, e) from None
     for lineno, record in records:
         where = f"{path}, line {lineno}"
         pair = pair_from_record(record, where)
