@@ -31,6 +31,7 @@ from torch import nn
 from preftune.checkpoint import load_model_weights, load_training_state, save_checkpoint
 from preftune.distributed import DistContext
 from preftune.errors import UserError
+from preftune.optim import regroup_saved_state
 
 OPTIMIZER_DIR = "optimizer"
 REFERENCE_DIR = "reference"
@@ -113,11 +114,22 @@ def _load_sharded_optimizer(policy, optimizer, path: Path) -> None:
     )
 
     # The template holds this run's shards; DCP fills them from whatever layout was saved.
-    state = {"optimizer": get_optimizer_state_dict(policy, optimizer)}
+    template = get_optimizer_state_dict(policy, optimizer)
+    groups = template["param_groups"]
+    # Written before biases and norm weights went undecayed, the state holds one group: load it
+    # as one, then lay it over this run's groups, each parameter keeping its moments and step.
+    one_group = "optimizer.param_groups.1.lr" not in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    if one_group:
+        template["param_groups"] = [dict(groups[0], params=[name for g in groups for name in g["params"]])]
+    state = {"optimizer": template}
     with warnings.catch_warnings():
         # Without a process group DCP reads every shard itself, as wanted, and says so.
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=str(path))
+    if one_group:
+        [saved] = state["optimizer"]["param_groups"]
+        state["optimizer"]["param_groups"] = [dict(saved, params=g["params"], weight_decay=g["weight_decay"])
+                                              for g in groups]
     set_optimizer_state_dict(policy, optimizer, state["optimizer"])
 
 
@@ -126,7 +138,10 @@ def _load_whole_optimizer_sharded(policy, optimizer, saved: dict) -> None:
     by its parameter, in the order the optimizer was built (trainable parameters), and shard."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    names = [n for n, p in policy.named_parameters() if p.requires_grad]
+    # Saved positions match this optimizer's parameters group by group, as load_state_dict reads them.
+    name_of = {id(p): n for n, p in policy.named_parameters()}
+    names = dict(zip((i for g in saved["param_groups"] for i in g["params"]),
+                     (name_of[id(p)] for g in optimizer.param_groups for p in g["params"])))
     groups = [dict(g, params=[names[i] for i in g["params"]]) for g in saved["param_groups"]]
     state = {names[i]: value for i, value in saved["state"].items()}
     set_optimizer_state_dict(policy, optimizer, {"state": state, "param_groups": groups},
@@ -256,10 +271,14 @@ def restore_training_checkpoint(folder: Path, policy, optimizer, config, dist: D
         load_model_weights(policy, folder)
     if (folder / OPTIMIZER_DIR).is_dir():
         _load_sharded_optimizer(policy, optimizer, folder / OPTIMIZER_DIR)
-    elif dist.sharded:
-        _load_whole_optimizer_sharded(policy, optimizer, saved["optimizer"])
     else:
-        optimizer.load_state_dict(saved["optimizer"])
+        # Written before biases and norm weights went undecayed: one group, laid over this run's.
+        whole = regroup_saved_state(saved["optimizer"], optimizer,
+                                    [p for p in policy.parameters() if p.requires_grad])
+        if dist.sharded:
+            _load_whole_optimizer_sharded(policy, optimizer, whole)
+        else:
+            optimizer.load_state_dict(whole)
     if reference is not None and (folder / REFERENCE_DIR).is_dir():
         if dist.sharded:
             _load_weights_sharded(reference, folder / REFERENCE_DIR, dist)

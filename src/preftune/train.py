@@ -76,7 +76,13 @@ from preftune.modeling import (
     load_tokenizer,
     pick_device,
 )
-from preftune.optim import build_optimizer, build_scheduler, follow_schedule
+from preftune.optim import (
+    build_optimizer,
+    build_scheduler,
+    follow_schedule,
+    load_scheduler_state,
+    parameter_groups,
+)
 from preftune.packing import choose_collate
 from preftune.progress import TrainProgress
 from preftune.records import recorded_path
@@ -420,7 +426,7 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
                              sharded=dist.strategy == "fsdp")
     policy_logps, wrapped = wrap_policy(policy, config, dist)
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = build_optimizer(trainable, config.optim, device)
+    optimizer = build_optimizer(parameter_groups(policy, config.optim.weight_decay), config.optim, device)
     scheduler = build_scheduler(optimizer, config.optim, total_steps)
     ctx = RunContext(config, device, dist, trainable, tokenizer.pad_token_id, wrapped)
     ctx.collate = collate
@@ -771,7 +777,7 @@ def _restore(folder: Path, policy, optimizer, scheduler, config, dist, reference
     from preftune.dist_checkpoint import restore_training_checkpoint
 
     saved = restore_training_checkpoint(folder, policy, optimizer, config, dist, reference)
-    scheduler.load_state_dict(saved["scheduler"])
+    load_scheduler_state(scheduler, saved["scheduler"])
     set_rng_state(saved["rng"])
     return TrainState(**saved["state"])
 
