@@ -451,6 +451,10 @@ class TrainConfig(Section):
     progress: bool = True
     distributed: Literal["auto", "none", "ddp", "fsdp"] = "auto"
     fsdp_cpu_offload: bool = False
+    # Seconds a rank waits in a collective before the run is stopped (Hugging Face's ddp_timeout):
+    # the other ranks wait while rank 0 alone writes a checkpoint or final/, which on slow shared
+    # storage outlasts torch's own default (10 minutes for nccl).
+    ddp_timeout: int = Field(1800, gt=0)
     deterministic: bool = False
 
     @field_validator("output_dir")

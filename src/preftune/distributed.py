@@ -21,6 +21,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as torch_dist
@@ -111,11 +112,12 @@ def setup_distributed(config) -> DistContext:
     if not torch_dist.is_initialized():
         # Naming the device binds nccl's communicator to it (and silences torch's guess).
         device_id = device if device.type == "cuda" else None
+        timeout = timedelta(seconds=config.train.ddp_timeout)
         if world_size == 1:  # fsdp on one device: an in-memory store, no rendezvous needed
             torch_dist.init_process_group(backend, store=torch_dist.HashStore(), rank=0, world_size=1,
-                                          device_id=device_id)
+                                          device_id=device_id, timeout=timeout)
         else:
-            torch_dist.init_process_group(backend, device_id=device_id)
+            torch_dist.init_process_group(backend, device_id=device_id, timeout=timeout)
     return DistContext(rank, world_size, local_rank, device, strategy)
 
 
@@ -285,8 +287,6 @@ def _store():
         if torch_dist.is_initialized():
             return torch_dist.distributed_c10d._get_default_store()
         if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
-            from datetime import timedelta
-
             return torch_dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                                        is_master=False, timeout=timedelta(seconds=5))
     except Exception:  # noqa: BLE001 -- reporting an error must never raise one of its own

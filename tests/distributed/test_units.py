@@ -63,6 +63,34 @@ def test_no_strategy_under_torchrun_is_a_user_error():
         resolve_strategy("none", 2)
 
 
+def test_train_ddp_timeout_is_the_process_groups_timeout(monkeypatch, tmp_path):
+    """Torch's default (10 minutes for nccl) stopped a DDP run whose rank 0 took longer to write a
+    large checkpoint to slow shared storage while the other ranks waited in a collective."""
+    from datetime import timedelta
+
+    import torch.distributed as torch_dist
+    from preftune_test_data import make_config
+
+    from preftune.distributed import setup_distributed
+
+    timeouts, init_process_group = [], torch_dist.init_process_group
+
+    def recorded(*args, **kwargs):
+        timeouts.append(kwargs.get("timeout"))
+        if kwargs.get("world_size") == 1:  # the in-memory one-process group: a real one
+            init_process_group(*args, **kwargs)
+
+    monkeypatch.setattr(torch_dist, "init_process_group", recorded)
+    config = make_config(tmp_path, "model", "d.jsonl", train={"device": "cpu", "ddp_timeout": 7200,
+                                                               "distributed": "fsdp"})
+    setup_distributed(config).shutdown()  # fsdp in one process
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun starts a rank (its rendezvous left out)
+    monkeypatch.setattr(torch_dist, "is_initialized", lambda: False)
+    setup_distributed(config)
+    assert timeouts == [timedelta(seconds=7200)] * 2
+    assert make_config(tmp_path, "model", "d.jsonl").train.ddp_timeout == 1800  # Hugging Face's default
+
+
 @pytest.mark.parametrize(("arch", "block"), [("llama", "LlamaDecoderLayer"), ("gpt2", "GPT2Block"),
                                              ("qwen2", "Qwen2DecoderLayer")])
 def test_decoder_layers_are_the_repeated_blocks(arch, block):
