@@ -55,8 +55,10 @@ def train(
     with rank_errors():  # under torchrun: one message for a failure, not one per process
         cfg = load_config(config, overrides or [])
         if nproc > 1 and "WORLD_SIZE" not in os.environ:
+            from preftune.distributed import resolve_strategy
             from preftune.launch import launch_torchrun
 
+            resolve_strategy(cfg.train.distributed, nproc, nproc_option=True)  # before any worker starts
             raise typer.Exit(launch_torchrun(nproc, sys.argv))
         if nproc > 1 and (here := int(os.environ.get("LOCAL_WORLD_SIZE", nproc))) != nproc:
             # It trained on the launcher's number of processes, and so on another global batch.

@@ -69,12 +69,18 @@ class DistContext:
             torch_dist.destroy_process_group()
 
 
-def resolve_strategy(requested: str, world_size: int) -> str:
+def resolve_strategy(requested: str, world_size: int, nproc_option: bool = False) -> str:
     """The strategy to run: "auto" is ddp under torchrun and none alone; fsdp also runs alone
-    (useful with CPU offload, and to resume a sharded checkpoint on one device)."""
+    (useful with CPU offload, and to resume a sharded checkpoint on one device).
+    `nproc_option`: the processes are asked for by `preftune train --nproc`, not yet started."""
     if requested == "none" and world_size > 1:
-        raise UserError(f"train.distributed is 'none' but torchrun started {world_size} processes; "
-                        "set train.distributed to ddp or fsdp, or run without torchrun.")
+        if nproc_option:  # the user typed no torchrun to run without
+            raise UserError(f"train.distributed is 'none' but --nproc {world_size} asks for {world_size} "
+                            "processes; set train.distributed to auto, ddp or fsdp, or leave --nproc out.")
+        # accelerate launch starts its workers as torchrun does; every one of its launches sets this.
+        launcher = "`accelerate launch`" if "ACCELERATE_MIXED_PRECISION" in os.environ else "torchrun"
+        raise UserError(f"train.distributed is 'none' but {launcher} started {world_size} processes; "
+                        f"set train.distributed to ddp or fsdp, or run without {launcher}.")
     if requested == "fsdp":
         return "fsdp"
     return "ddp" if world_size > 1 else "none"

@@ -58,9 +58,31 @@ def test_strategy_resolution(requested, world_size, expected):
     assert resolve_strategy(requested, world_size) == expected
 
 
-def test_no_strategy_under_torchrun_is_a_user_error():
-    with pytest.raises(UserError, match="torchrun started 2 processes"):
+def test_no_strategy_under_torchrun_is_a_user_error(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    with pytest.raises(UserError, match="torchrun started 2 processes; .* or run without torchrun.$"):
         resolve_strategy("none", 2)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # as every `accelerate launch` sets it
+    with pytest.raises(UserError, match="`accelerate launch` started 2 processes; .* run without `accelerate launch`.$"):
+        resolve_strategy("none", 2)
+
+
+def test_no_strategy_with_nproc_is_refused_before_any_worker_starts(monkeypatch, tmp_path):
+    """It started the workers, each said 'torchrun started 2 processes; ... or run without
+    torchrun', to a user who typed no torchrun, and the launcher added 'ranks 0, 1 of 2 failed'."""
+    from dist_helpers import write_config
+    from typer.testing import CliRunner
+
+    import preftune.launch
+    from preftune.cli import app
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(preftune.launch, "launch_torchrun", lambda *args: pytest.fail("workers started"))
+    config = write_config(tmp_path, tmp_path / "model", 2, distributed="none")
+    result = CliRunner().invoke(app, ["train", str(config), "--nproc", "2"])
+    assert result.exit_code == 2
+    assert ("train.distributed is 'none' but --nproc 2 asks for 2 processes; set train.distributed to auto, "
+            "ddp or fsdp, or leave --nproc out.") in " ".join(result.output.split())
 
 
 def test_train_ddp_timeout_is_the_process_groups_timeout(monkeypatch, tmp_path):
