@@ -8,6 +8,7 @@ at most one partial last line. `read_records` returns the complete records and, 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -23,11 +24,33 @@ def append_records(path: str | Path, records: Iterable[dict]) -> int:
     lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in records]
     if not lines:
         return 0
-    with open(path, "a", encoding="utf-8") as f:
-        f.write("".join(lines))
-        f.flush()
-        os.fsync(f.fileno())
+    data = memoryview("".join(lines).encode("utf-8"))
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        size_before = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            while data:  # a write to a nearly full disk may take only part of the bytes
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
+        except OSError as e:
+            if not is_full_disk(e):
+                raise
+            # Cut the part of this batch that did fit, so the file ends on a whole record and
+            # a rerun (which resumes after the last record) finds what it expects.
+            os.ftruncate(fd, size_before)
+            raise UserError(f"out of disk space while writing {path}; the records written before "
+                            "are kept; free some space and run the same command again to continue.") from None
+    finally:
+        os.close(fd)
     return len(lines)
+
+
+_FULL_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+
+
+def is_full_disk(error: BaseException) -> bool:
+    """A write refused for want of space: a full disk, or the user's quota spent."""
+    return isinstance(error, OSError) and error.errno in _FULL_DISK_ERRNOS
 
 
 def read_records(path: str | Path, repair: bool = False) -> list[dict]:
@@ -116,8 +139,11 @@ def write_text_atomic(path: str | Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if is_full_disk(e):
+            raise UserError(f"out of disk space while writing {path}; any earlier {path.name} there is "
+                            "unchanged; free some space and run the command again.") from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

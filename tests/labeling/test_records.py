@@ -1,5 +1,6 @@
 """`preftune.records`' atomic writers (label export's D.jsonl, eval.json, samples.jsonl)."""
 
+import errno
 import json
 import os
 import stat
@@ -7,7 +8,8 @@ from contextlib import contextmanager
 
 import pytest
 
-from preftune.records import write_json_atomic, write_jsonl_atomic
+from preftune.errors import UserError
+from preftune.records import append_records, read_records, write_json_atomic, write_jsonl_atomic
 
 
 @contextmanager
@@ -46,3 +48,56 @@ def test_a_rewritten_file_keeps_its_permissions(tmp_path):
     assert mode(path) == 0o640
     assert json.loads(path.read_text()) == {"a": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["D.jsonl"], "no temporary file left behind"
+
+
+def _no_space(*args):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_while_appending_keeps_the_file_as_it_was(tmp_path, monkeypatch):
+    # sample and label auto append each batch; a full disk printed an OSError traceback and could
+    # leave part of the batch (a torn last line) behind.
+    path = tmp_path / "pairs.jsonl"
+    append_records(path, [{"id": 0}])
+    before = path.read_bytes()
+    monkeypatch.setattr(os, "fsync", _no_space)  # some file systems report a full disk only here
+    with pytest.raises(UserError, match=r"out of disk space while writing .*pairs\.jsonl; the records "
+                                        r"written before are kept; free some space and run the same command"):
+        append_records(path, [{"id": 1}, {"id": 2}])
+    assert path.read_bytes() == before
+    monkeypatch.undo()
+    append_records(path, [{"id": 1}])
+    assert read_records(path) == [{"id": 0}, {"id": 1}]
+
+
+def test_a_write_cut_short_by_a_full_disk_is_taken_back(tmp_path, monkeypatch):
+    path = tmp_path / "labels.jsonl"
+    append_records(path, [{"id": 0}])
+    before = path.read_bytes()
+    real_write = os.write
+    calls = []
+
+    def half_then_full(fd, data):  # as the kernel does: part of the bytes, then ENOSPC
+        calls.append(fd)
+        if len(calls) == 1:
+            return real_write(fd, bytes(data[: len(data) // 2]))
+        _no_space()
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(UserError, match="out of disk space"):
+        append_records(path, [{"id": 1, "text": "x" * 100}])
+    monkeypatch.undo()
+    assert calls, "append_records writes through os.write"
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("write", [write_jsonl_atomic, write_json_atomic])
+def test_a_full_disk_while_replacing_keeps_the_earlier_file(tmp_path, monkeypatch, write):
+    path = tmp_path / "out.json"
+    path.write_text("earlier\n")
+    monkeypatch.setattr(os, "fsync", _no_space)
+    with pytest.raises(UserError, match=r"out of disk space while writing .*out\.json; any earlier out\.json "
+                                        r"there is unchanged; free some space and run the command again\."):
+        write(path, [{"a": 1}])
+    assert path.read_text() == "earlier\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"], "no temporary file left behind"
