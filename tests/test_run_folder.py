@@ -174,7 +174,7 @@ def test_a_run_folder_another_train_is_using_is_refused(tmp_path, run_config):
 
     run = tmp_path / "run"
     assert cli("train", run_config).exit_code == 0
-    hold = ("import fcntl, sys; h = open(sys.argv[1], 'a+'); fcntl.flock(h, fcntl.LOCK_EX); h.truncate(0); "
+    hold = ("import fcntl, sys; h = open(sys.argv[1], 'a+'); fcntl.flock(h, fcntl.LOCK_EX | fcntl.LOCK_NB); h.truncate(0); "
             "h.write('4242'); h.flush(); print('held', flush=True); sys.stdin.read()")
     holder = subprocess.Popen([sys.executable, "-c", hold, str(run / LOCK_FILE)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
@@ -192,6 +192,12 @@ def test_a_run_folder_another_train_is_using_is_refused(tmp_path, run_config):
         holder.stdin.close()
         holder.wait()
     assert cli("train", run_config, "--resume", "train.max_steps=6").exit_code == 0  # free once it ends
+    # A run of this process that stopped with an error frees it too, for a run in another process.
+    assert cli("train", run_config, "--resume", "train.max_steps=2").exit_code == 2  # past its steps
+    import fcntl
+
+    with open(run / LOCK_FILE, "a+") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def test_lora_without_peft_is_said_before_the_model_loads(tmp_path, tiny_llama, pairs_file, monkeypatch):

@@ -320,6 +320,15 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
     already holds a run is refused unless the run resumes it, or `overwrite` is True: then the
     earlier run's files are deleted before the first step (its reference log-prob cache is kept).
     """
+    held_before = set(_held_locks)
+    try:
+        return _train(config, resume, overwrite)
+    finally:  # however the run ended, its folder is free again, to this process or another
+        for folder in set(_held_locks) - held_before:
+            _held_locks.pop(folder).close()  # closing the file drops its lock
+
+
+def _train(config: Config | dict | str | Path, resume: str | bool | None, overwrite: bool) -> Path:
     from preftune.config import load_config, validate_config
     from preftune.distributed import setup_distributed, shard_reference, start_notes, wrap_policy
 
@@ -548,7 +557,6 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
                     console.print(escape(f"stopped by signal after step {state.step}; checkpoint {saved}. "
                                          f"Resume with: {resume_with}"), soft_wrap=True)  # a command to copy whole
                     dist.shutdown()
-                    _release_run_folder(output_dir)
                     return saved
                 if state.step >= total_steps:
                     break
@@ -566,7 +574,6 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
         console.print(f"report: {write_report(output_dir)}")
     console.print(f"final policy: {final}")
     dist.shutdown()
-    _release_run_folder(output_dir)
     return final
 
 
@@ -639,7 +646,6 @@ def _lock_run_folder(output_dir: Path) -> None:
         import fcntl
     except ImportError:  # no flock on this system: unguarded, as before
         return
-    _release_run_folder(output_dir)  # left by an earlier train() of this process that raised
     handle = open(output_dir / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 (held past this call)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -656,12 +662,6 @@ def _lock_run_folder(output_dir: Path) -> None:
     handle.write(str(os.getpid()))
     handle.flush()
     _held_locks[os.path.realpath(output_dir)] = handle
-
-
-def _release_run_folder(output_dir: Path) -> None:
-    handle = _held_locks.pop(os.path.realpath(output_dir), None)
-    if handle is not None:
-        handle.close()  # closing the file drops its lock
 
 
 def _start_over(output_dir: Path, console, dist) -> None:
