@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from preftune_test_data import PAIRS, make_config, write_jsonl
 
@@ -116,3 +118,55 @@ def test_an_export_replaces_an_earlier_export_and_nothing_else(lora_run, tmp_pat
     with pytest.raises(UserError, match=r"--out .*base already exists and is not a model preftune exported"):
         export(lora_run, merge=True, out=base_like, base=None)
     assert [p.name for p in base_like.iterdir()] == ["config.json"]
+
+
+def test_a_full_disk_mid_export_keeps_the_earlier_export_and_says_to_export_again(lora_run, tmp_path, monkeypatch):
+    # It said "the earlier checkpoints are intact; ... resume with --resume", which export has not.
+    import errno
+
+    from preftune import checkpoint
+    from preftune.export_cli import export
+
+    target = tmp_path / "merged"
+    export(lora_run, merge=True, out=target, base=None)
+    weights = (target / "model.safetensors").read_bytes()
+
+    def full(folder):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "_fsync_tree", full)
+    with pytest.raises(UserError, match=r"out of disk space while saving the merged model .*merged; any earlier "
+                                        r"export there is intact; free some space and run the export again\.$"):
+        export(lora_run, merge=True, out=target, base=None)
+    assert (target / "model.safetensors").read_bytes() == weights
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]
+
+
+class Killed(BaseException):
+    """SIGKILL, as far as the code under test can tell: nothing after it runs."""
+
+
+def test_an_export_killed_while_the_earlier_one_is_deleted_leaves_a_whole_model(lora_run, tmp_path, monkeypatch):
+    # The earlier export was deleted in place before the new one was renamed in: a kill during
+    # the deletion left half a folder, without its export record, which the rerun then refused
+    # ("already exists and is not a model preftune exported").
+    from preftune import checkpoint
+    from preftune.export_cli import export
+
+    target = tmp_path / "merged"
+    export(lora_run, merge=True, out=target, base=None)
+    real_rmtree = checkpoint.shutil.rmtree
+
+    def killed_midway(path, *args, **kwargs):
+        if (Path(path) / EXPORT_RECORD).exists() and (Path(path) / "model.safetensors").exists():
+            (Path(path) / EXPORT_RECORD).unlink()  # the first file gone, then the kill
+            raise Killed
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_midway)
+    with pytest.raises(Killed):
+        export(lora_run, merge=True, out=target, base=None)
+    monkeypatch.undo()
+    assert (target / EXPORT_RECORD).is_file() and (target / "model.safetensors").is_file()
+    export(lora_run, merge=True, out=target, base=None)  # the rerun goes through
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"], "the old copy is cleared away"

@@ -104,28 +104,35 @@ def save_checkpoint(folder: Path, step: int, save_model, training_state: dict) -
     return write_folder_atomically(folder, fill, "the checkpoint")
 
 
-def write_folder_atomically(folder: Path, fill, what: str) -> Path:
+def write_folder_atomically(folder: Path, fill, what: str,
+                            then: str = "the earlier checkpoints are intact; free some space and resume "
+                                        "with --resume") -> Path:
     """`fill(tmp)` writes the contents into a temporary folder beside `folder`, which is then
     fsynced and renamed into place, so a kill leaves the old folder or the new one, never half
-    of one. A full disk is a UserError naming `what`, with the temporary folder removed."""
+    of one. A full disk is a UserError naming `what`, then saying `then` (what is intact and
+    what to do), with the temporary folder removed."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
+    # An earlier folder is renamed aside and deleted only once the new one is in place: deleted
+    # in place, a kill during the deletion left half of it (an export that its rerun refused).
+    old = folder.with_name(folder.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)  # what a kill left behind
     try:
         tmp.mkdir(parents=True)
         fill(tmp)
         _fsync_tree(tmp)
         if folder.exists():
-            shutil.rmtree(folder)
+            os.replace(folder, old)
         os.replace(tmp, folder)
         _fsync_dir(folder.parent)  # the rename itself must reach the disk
     except Exception as e:
         full = _out_of_space(e, tmp)
         shutil.rmtree(tmp, ignore_errors=True)  # a half-written folder only takes space
         if full:
-            raise UserError(f"out of disk space while saving {what} {folder}; the earlier "
-                            "checkpoints are intact; free some space and resume with --resume.") from None
+            raise UserError(f"out of disk space while saving {what} {folder}; {then}.") from None
         raise
+    shutil.rmtree(old, ignore_errors=True)
     return folder
 
 

@@ -91,4 +91,5 @@ def merge_adapter(adapter_folder: Path, base_path: str, dtype: str, out: Path,
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
 
-    return write_folder_atomically(out, fill, "the merged model")
+    return write_folder_atomically(out, fill, "the merged model",
+                                   then="any earlier export there is intact; free some space and run the export again")
