@@ -37,3 +37,24 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth():
     assert learning_rate_at(0, QUICK) == peak / QUICK.warmup_steps
     assert learning_rate_at(QUICK.warmup_steps, QUICK) == peak
     assert abs(learning_rate_at(QUICK.steps, QUICK) - peak / 10) < 1e-12
+
+
+def test_a_full_disk_at_pretrain_json_leaves_pi_sft_to_be_trained_again(tmp_path, monkeypatch):
+    # pretrain.json marks pi_sft complete and the next demo reads it back. It was written in
+    # place: a full disk printed an OSError traceback and could leave an empty pretrain.json,
+    # which the rerun took for a finished pi_sft and failed to parse.
+    import errno
+    import os
+    from dataclasses import replace
+
+    from preftune.demo.pipeline import pi_sft_is_complete
+    from preftune.errors import UserError
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(UserError, match=r"out of disk space while writing .*pretrain\.json; .*free some space"):
+        pretrain_sft(tmp_path, replace(QUICK, steps=2))
+    assert not (tmp_path / "pretrain.json").exists()
+    assert not pi_sft_is_complete(tmp_path)  # so the rerun trains it again

@@ -34,6 +34,7 @@ import torch
 
 from preftune.demo import world
 from preftune.demo.tiny import build_model, special_token_ids, train_tokenizer
+from preftune.records import write_text_atomic
 
 IGNORE_INDEX = -100  # label value that torch's cross-entropy skips (padding here)
 
@@ -139,7 +140,9 @@ def pretrain_sft(out: str | Path, config: PretrainConfig = FULL, progress: bool 
         "parameters": sum(p.numel() for p in model.parameters()),
         "final_loss": statistics.mean(losses[-10:]), "losses": losses,
     }
-    (out / "pretrain.json").write_text(json.dumps(summary, indent=1))
+    # Atomic: pretrain.json marks pi_sft complete, and a rerun reads it, so a kill or a full disk
+    # must not leave an empty or half one (which the rerun could not parse).
+    write_text_atomic(out / "pretrain.json", json.dumps(summary, indent=1))
     return summary
 
 
