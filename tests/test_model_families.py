@@ -327,6 +327,30 @@ def test_sampling_stops_at_the_tokenizers_eos_when_the_model_config_names_anothe
     assert record["responses"] == [""] and record["truncated"] == [False]
 
 
+def test_sampling_of_a_chat_prompt_stops_where_the_chat_template_closes_the_turn(tokenizers):
+    # A chat fine-tune of a base model (Qwen2.5, Llama 3) keeps the base's EOS in its tokenizer and
+    # config.json, while its chat template, which training renders every chat completion with,
+    # closes a turn with a special token of its own (<end_of_turn> here, <|im_end|> for Qwen): the
+    # model ends its answer there. Sampling ran on past it into a turn of its own invention, and
+    # marked the response cut by max_new_tokens, so training never saw the end of turn either.
+    from preftune.sampling import generate_token_ids, sample_pairs
+    from preftune.sampling_settings import SamplingSettings
+
+    tokenizer = tokenizers["gemma"]
+    model = family_model("mistral", tokenizer).eval()
+    chat = [{"role": "user", "content": "The quick brown fox"}]
+    greedy = SamplingSettings(temperature=0, max_new_tokens=6, n=1)
+    first = generate_token_ids(model, tokenizer, [chat], [0], greedy)[1][0][0][0]
+    end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    with torch.no_grad():  # <end_of_turn> outscores the token the model would write first
+        model.lm_head.weight[end_of_turn] = 3 * model.lm_head.weight[first]
+    assert tokenizer.eos_token == "<eos>" and model.generation_config.eos_token_id == tokenizer.eos_token_id
+    _, rows = generate_token_ids(model, tokenizer, [chat], [0], greedy)
+    assert rows == [[[end_of_turn]]]
+    record = sample_pairs(model, tokenizer, [chat], n=1, temperature=0, max_new_tokens=6)[0]
+    assert record["responses"] == [""] and record["truncated"] == [False]
+
+
 def test_sampling_keeps_a_key_value_cache_when_config_json_turns_it_off(tmp_path, tokenizers):
     # Fine-tunes saved after gradient checkpointing say "use_cache": false in config.json; with no
     # generation_config.json, generate took that up and ran every step over the whole sequence.

@@ -310,9 +310,31 @@ def _stop_token_ids(model, tokenizer) -> list[int]:
     response there, and what it writes after is no part of it."""
     eos = getattr(model.generation_config, "eos_token_id", None)
     stops = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stops:
-        stops.append(tokenizer.eos_token_id)
+    for stop in (tokenizer.eos_token_id, _end_of_turn_id(tokenizer)):
+        if stop is not None and stop not in stops:
+            stops.append(stop)
     return stops
+
+
+def _end_of_turn_id(tokenizer) -> int | None:
+    """The special token the chat template closes an assistant turn with (<|im_end|>, <|eot_id|>,
+    <end_of_turn>), or None. Training renders a chat completion with the template, so a model
+    trained on it ends its answer there; a chat fine-tune of a base model (Qwen2.5, Llama 3) keeps
+    the base's EOS in its tokenizer and config.json, and sampling ran on past its end of turn."""
+    from preftune.data.tokenize import render_chat
+
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    marker = "preftune-end-of-turn"
+    try:
+        text = render_chat(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": marker}],
+                           False, "the chat template")
+    except Exception:  # a template that wants other turns: no stop of its own, as before
+        return None
+    after = text[text.rfind(marker) + len(marker):] if marker in text else ""
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    token = tokenizer.added_tokens_decoder.get(ids[0]) if ids else None
+    return ids[0] if token is not None and token.special else None
 
 
 @torch.no_grad()
