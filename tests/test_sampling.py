@@ -285,6 +285,10 @@ def test_a_file_written_before_top_k_and_min_p_existed_resumes(model_dir, tmp_pa
     [
         ("bad.jsonl", '{"prompt": "ok"}\n{"prompt": "unclosed\n', "line 2: not valid JSON"),
         ("bad.jsonl", '{"prompt": "ok"}\n\n{"text": "x"}\n', 'line 3: expected an object with a "prompt"'),
+        # chat data as TRL's "messages" rows, or a bare list of messages: say where they go
+        ("bad.jsonl", '{"messages": [{"role": "user", "content": "Hi"}]}\n',
+         'line 1: expected an object with a "prompt" key: put the messages to answer'),
+        ("bad.jsonl", '[{"role": "user", "content": "Hi"}]\n', 'line 1: expected .* key: put the messages to answer'),
         ("bad.jsonl", '{"prompt": 7}\n', "line 1: \"prompt\" must be"),
         ("bad.jsonl", '{"prompt": [{"role": "user"}]}\n', "line 1: \"prompt\" must be"),
         ("bad.jsonl", '{"prompt": "   "}\n', "line 1: \"prompt\" is empty"),

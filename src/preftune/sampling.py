@@ -119,7 +119,11 @@ def _parse_jsonl_prompt(line: str, path: Path, lineno: int) -> Prompt:
 
 def _prompt_of(row, where: str) -> Prompt:
     if not isinstance(row, dict) or "prompt" not in row:
-        raise UserError(f"{where}: expected an object with a \"prompt\" key.")
+        # Chat data often comes as {"messages": [...]} or a bare list of messages per line.
+        messages = row.get("messages") if isinstance(row, dict) else row
+        hint = (": put the messages to answer, ending with the user's turn, under \"prompt\""
+                if isinstance(messages, list) and messages and all(_is_message(m) for m in messages) else "")
+        raise UserError(f"{where}: expected an object with a \"prompt\" key{hint}.")
     prompt = row["prompt"]
     if isinstance(prompt, str):
         if not prompt.strip():
