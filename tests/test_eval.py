@@ -1019,3 +1019,29 @@ def test_pairs_may_run_to_the_length_a_rope_scaling_stretches_the_model_to(max_p
                                         rf"{usable} positions of --model m \({source}\); pass --max-length "
                                         rf"{usable} or less\.$"):
         fits(usable + 1)
+
+
+def test_a_full_disk_at_leaderboard_md_keeps_the_earlier_table(tmp_path, monkeypatch):
+    # leaderboard.md was written in place: a full disk (or a kill) left half a table over the
+    # earlier one, with an OSError traceback.
+    import errno
+    import os
+
+    from preftune.bradley_terry import fit_ratings
+    from preftune.eval_generate import save_leaderboard
+
+    board = fit_ratings([("dpo", "sft")] * 6 + [("sft", "dpo")] * 2, anchor="sft", n_bootstrap=20)
+    save_leaderboard(board, tmp_path)
+    earlier = (tmp_path / "leaderboard.md").read_text()
+    real_fsync = os.fsync
+
+    def full_at_the_table(fd):  # the disk fills up at leaderboard.md, after leaderboard.json
+        if "leaderboard.md" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_at_the_table)
+    with pytest.raises(UserError, match=r"out of disk space while writing .*leaderboard\.md; any earlier "
+                                        r"leaderboard\.md there is unchanged"):
+        save_leaderboard(fit_ratings([("sft", "dpo")] * 6, anchor="sft", n_bootstrap=20), tmp_path)
+    assert (tmp_path / "leaderboard.md").read_text() == earlier

@@ -496,3 +496,37 @@ def test_a_curve_too_short_to_smooth_is_not_called_an_ema(tmp_path, monkeypatch)
     assert "EMA (weight" not in html
     (ax,) = drawn["loss.png"].axes
     assert list(_named_lines(ax)) == ["loss, train"]  # one raw line, no EMA in the legend
+
+
+@pytest.mark.parametrize("compared", [False, True], ids=["one run", "runs compared"])
+def test_a_full_disk_while_rewriting_a_report_keeps_the_earlier_one_and_says_so(run_dir, tmp_path, monkeypatch,
+                                                                              compared):
+    # report.html and the plots were written in place: a full disk (or a kill) left half of
+    # them over the earlier report, and printed an OSError traceback.
+    import errno
+    import os
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from preftune.cli import app
+
+    if compared:
+        shutil.copytree(run_dir, tmp_path / "other")
+        args, out = [str(run_dir), str(tmp_path / "other"), "--out", str(tmp_path / "both")], tmp_path / "both"
+    else:
+        args, out = [str(run_dir)], run_dir
+    assert CliRunner().invoke(app, ["report", *args]).exit_code == 0
+    earlier = {p.name: p.read_bytes() for p in [out / "report.html", *(out / "plots").iterdir()]}
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    result = CliRunner().invoke(app, ["report", *args])
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert re.fullmatch(r"error: out of disk space while writing \S+\.png; any earlier \w+\.png there is "
+                        r"unchanged; free some space and run the command again\.", message), message
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in [out / "report.html", *(out / "plots").iterdir()]} == earlier

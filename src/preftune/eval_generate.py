@@ -42,7 +42,7 @@ from preftune.evaluate import (
     same_evaluation,
     write_eval_record,
 )
-from preftune.records import recorded_path, write_json_atomic, write_jsonl_atomic
+from preftune.records import recorded_path, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from preftune.rewards import load_reward
 from preftune.sample_scores import SampleScores, score_samples
 from preftune.sampling import (
@@ -459,5 +459,5 @@ def save_leaderboard(leaderboard, folder: Path) -> Path:
     """leaderboard.json (the fit, for programs) and leaderboard.md (the table, for people)."""
     folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(folder / "leaderboard.json", leaderboard.to_dict())
-    (folder / "leaderboard.md").write_text(leaderboard.to_markdown() + "\n", encoding="utf-8")
+    write_text_atomic(folder / "leaderboard.md", leaderboard.to_markdown() + "\n")
     return folder / "leaderboard.json"

@@ -129,13 +129,18 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
     A crash leaves either the old file or the new one, never half of one.
     """
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """`write_text_atomic` for bytes (a PNG plot)."""
     path = Path(path)
     if not path.parent.is_dir():
         raise UserError(f"{path}: the folder {path.parent} does not exist; create it first.")
     fd, tmp = _create_temp_beside(path)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

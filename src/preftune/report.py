@@ -11,6 +11,7 @@ never changes the plotting backend or state of the process that calls it.
 
 from __future__ import annotations
 
+import io
 import math
 import re
 from collections.abc import Iterable, Sequence
@@ -22,7 +23,7 @@ from matplotlib.figure import Figure
 
 from preftune.bradley_terry import win_rate as wilson_win_rate
 from preftune.errors import UserError
-from preftune.records import read_records
+from preftune.records import read_records, write_bytes_atomic, write_text_atomic
 from preftune.report_html import render_html
 from preftune.report_plots import (
     TRAINING_PLOTS,
@@ -157,8 +158,16 @@ def _new_figure(ncols: int = 1) -> tuple[Figure, list]:
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    fig.savefig(path, format="png")
+    write_bytes_atomic(path, png_bytes(fig))
     return path
+
+
+def png_bytes(fig: Figure) -> bytes:
+    """The figure as PNG, to be written atomically: a rerun of the report replaces the plots,
+    and a kill or a full disk must leave the earlier picture, not half of one."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
 
 
 def _curve(ax, metrics: RunMetrics, key: str, label: str, color: str, smoothing: float) -> bool:
@@ -475,7 +484,7 @@ def write_report(run_dir: str | Path, eval_paths: Iterable[str | Path] = (),
                        tables=tables, figures=figures, notes=notes,
                        config_text=yaml.safe_dump(config, sort_keys=False) if config else "")
     report_path = out / "report.html"
-    report_path.write_text(html, encoding="utf-8")
+    write_text_atomic(report_path, html)
     return report_path
 
 

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from preftune.errors import UserError
+from preftune.records import write_bytes_atomic, write_text_atomic
 from preftune.report import (
     PLOT_DIR,
     PLOTTED_KEYS,
@@ -41,6 +42,7 @@ from preftune.report import (
     loss_labels,
     plot_frontier,
     plot_win_rates,
+    png_bytes,
     spans_decades,
 )
 from preftune.report_html import render_html
@@ -303,7 +305,7 @@ def training_figures(runs: list[Run], out: Path, smoothing: float) -> list[tuple
 
 
 def _save(fig: Figure, out: Path, name: str, heading: str, caption: str) -> tuple[str, str, str]:
-    fig.savefig(out / PLOT_DIR / name, format="png")
+    write_bytes_atomic(out / PLOT_DIR / name, png_bytes(fig))
     return (f"{PLOT_DIR}/{name}", heading, caption)
 
 
@@ -532,5 +534,5 @@ def write_comparison(run_dirs, output_dir: str | Path, smoothing: float = 0.6) -
                        run_dir=", ".join(str(f) for f in folders), tables=[comparison_table(runs)],
                        figures=figures, notes=comparison_notes(runs), folder_label="Run folders")
     path = out / "report.html"
-    path.write_text(html, encoding="utf-8")
+    write_text_atomic(path, html)
     return path

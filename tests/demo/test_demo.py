@@ -495,3 +495,23 @@ def test_report_of_a_folder_with_neither_metrics_nor_evals_is_one_sentence(tmp_p
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 2 and "neither metrics.jsonl nor any eval.json" in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_full_disk_while_writing_the_prompt_files_is_one_sentence(tmp_path, monkeypatch):
+    # Step 1 wrote the prompt files in place: a full disk printed an OSError traceback.
+    import errno
+
+    from preftune.demo.pipeline import write_prompts
+
+    paths = DemoPaths(tmp_path / "demo")
+    write_prompts(paths, QUICK_SIZES)
+    earlier = paths.train_prompts.read_bytes()
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(UserError, match=rf"out of disk space while writing .*{paths.train_prompts.name}; "
+                                        "any earlier .* there is unchanged; free some space and run the command again"):
+        write_prompts(paths, QUICK_SIZES)
+    assert paths.train_prompts.read_bytes() == earlier

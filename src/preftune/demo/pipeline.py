@@ -34,6 +34,7 @@ from pathlib import Path
 from preftune.demo import world
 from preftune.demo.pretrain import FULL, QUICK, PretrainConfig
 from preftune.errors import UserError
+from preftune.records import write_text_atomic
 
 REWARD_SPEC = "preftune.demo.world:sentiment_rewards"
 JUDGE_SPEC = f"reward:{REWARD_SPEC}"
@@ -192,7 +193,7 @@ def write_prompts(paths: DemoPaths, sizes: DemoSizes) -> str:
     for path, n, split in ((paths.train_prompts, sizes.train_prompts, "train"),
                            (paths.heldout_prompts, sizes.heldout_prompts, "heldout")):
         lines = [json.dumps({"prompt": p}) + "\n" for p in world.make_prompts(n, split, sizes.seed)]
-        path.write_text("".join(lines), encoding="utf-8")
+        write_text_atomic(path, "".join(lines))
     return (f"{sizes.train_prompts} training prompts from {len(world.review_openings('train'))} "
             f"openings, {sizes.heldout_prompts} evaluation prompts from "
             f"{len(world.review_openings('heldout'))} held-out openings")
