@@ -723,3 +723,35 @@ def test_every_response_of_a_record_must_be_text(tmp_path):
     bad.write_text('{"pair_id": "a", "prompt": "p", "responses": ["x", "y", 3]}\n')
     with pytest.raises(UserError, match="line 1: every one of the 'responses' must be a string"):
         label_auto(bad, lambda p, r: [0.0] * len(r), tmp_path / "D.jsonl")
+
+
+def test_a_full_disk_mid_run_is_one_sentence_and_the_rerun_ends_as_an_uninterrupted_run(tmp_path, monkeypatch):
+    # It was an OSError traceback, with part of the batch left as a torn last line.
+    import errno
+    import os
+
+    pairs, reward = random_reward_pairs(100)
+    pairs_file = write_pairs_file(tmp_path / "pairs.jsonl", pairs)
+    named = {"show_progress": False, "reward_name": "gauss", "seed": 3, "batch_size": 16}
+    full = tmp_path / "full.jsonl"
+    label_auto(pairs_file, reward, full, **named)
+
+    out = tmp_path / "D.jsonl"
+    real_write, writes = os.write, []
+
+    def full_at_the_fourth_batch(fd, data):  # part of the batch fits, then the disk is full
+        writes.append(fd)
+        if len(writes) == 4:
+            real_write(fd, bytes(data[: len(data) // 3]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", full_at_the_fourth_batch)
+    with pytest.raises(UserError, match=r"^out of disk space while writing .*D\.jsonl; the records written "
+                                        r"before are kept; free some space and run the same command again"):
+        label_auto(pairs_file, reward, out, **named)
+    monkeypatch.undo()
+    assert out.read_bytes().endswith(b"\n") and len(read_jsonl(out)) == 48
+    stats = label_auto(pairs_file, reward, out, **named)
+    assert stats["resumed_from"] == 48
+    assert out.read_bytes() == full.read_bytes()
