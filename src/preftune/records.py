@@ -25,7 +25,12 @@ def append_records(path: str | Path, records: Iterable[dict]) -> int:
     if not lines:
         return 0
     data = memoryview("".join(lines).encode("utf-8"))
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    except OSError as e:  # a new file on a disk without room for one more
+        if is_full_disk(e):
+            raise _no_space_to_append(path) from None
+        raise
     try:
         size_before = os.lseek(fd, 0, os.SEEK_END)
         try:
@@ -38,8 +43,7 @@ def append_records(path: str | Path, records: Iterable[dict]) -> int:
             # Cut the part of this batch that did fit, so the file ends on a whole record and
             # a rerun (which resumes after the last record) finds what it expects.
             os.ftruncate(fd, size_before)
-            raise UserError(f"out of disk space while writing {path}; the records written before "
-                            "are kept; free some space and run the same command again to continue.") from None
+            raise _no_space_to_append(path) from None
     finally:
         os.close(fd)
     return len(lines)
@@ -51,6 +55,16 @@ _FULL_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 def is_full_disk(error: BaseException) -> bool:
     """A write refused for want of space: a full disk, or the user's quota spent."""
     return isinstance(error, OSError) and error.errno in _FULL_DISK_ERRNOS
+
+
+def _no_space_to_append(path) -> UserError:
+    return UserError(f"out of disk space while writing {path}; the records written before are kept; "
+                     "free some space and run the same command again to continue.")
+
+
+def _no_space_to_replace(path: Path) -> UserError:
+    return UserError(f"out of disk space while writing {path}; any earlier {path.name} there is "
+                     "unchanged; free some space and run the command again.")
 
 
 def read_records(path: str | Path, repair: bool = False) -> list[dict]:
@@ -137,7 +151,12 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     path = Path(path)
     if not path.parent.is_dir():
         raise UserError(f"{path}: the folder {path.parent} does not exist; create it first.")
-    fd, tmp = _create_temp_beside(path)
+    try:
+        fd, tmp = _create_temp_beside(path)
+    except OSError as e:  # no room for even an empty file (no free inodes)
+        if is_full_disk(e):
+            raise _no_space_to_replace(path) from None
+        raise
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -147,8 +166,7 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         if is_full_disk(e):
-            raise UserError(f"out of disk space while writing {path}; any earlier {path.name} there is "
-                            "unchanged; free some space and run the command again.") from None
+            raise _no_space_to_replace(path) from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

@@ -101,3 +101,21 @@ def test_a_full_disk_while_replacing_keeps_the_earlier_file(tmp_path, monkeypatc
         write(path, [{"a": 1}])
     assert path.read_text() == "earlier\n"
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"], "no temporary file left behind"
+
+
+def test_no_room_for_a_new_file_is_the_same_sentence(tmp_path, monkeypatch):
+    # Creating the file itself fails on a disk without free inodes: that was still a traceback.
+    real_open = os.open
+
+    def no_new_files(path, flags, *args, **kwargs):
+        if flags & os.O_CREAT:
+            _no_space()
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", no_new_files)
+    with pytest.raises(UserError, match=r"out of disk space while writing .*pairs\.jsonl; the records"):
+        append_records(tmp_path / "pairs.jsonl", [{"id": 0}])
+    with pytest.raises(UserError, match=r"out of disk space while writing .*eval\.json; any earlier"):
+        write_json_atomic(tmp_path / "eval.json", {"a": 1})
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
