@@ -155,6 +155,8 @@ def test_an_export_killed_while_the_earlier_one_is_deleted_leaves_a_whole_model(
 
     target = tmp_path / "merged"
     export(lora_run, merge=True, out=target, base=None)
+    (tmp_path / "merged.old").mkdir()  # the user's own backup, beside it: not preftune's to delete
+    (tmp_path / "merged.old" / "model.safetensors").write_bytes(b"kept")
     real_rmtree = checkpoint.shutil.rmtree
 
     def killed_midway(path, *args, **kwargs):
@@ -169,4 +171,5 @@ def test_an_export_killed_while_the_earlier_one_is_deleted_leaves_a_whole_model(
     monkeypatch.undo()
     assert (target / EXPORT_RECORD).is_file() and (target / "model.safetensors").is_file()
     export(lora_run, merge=True, out=target, base=None)  # the rerun goes through
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"], "the old copy is cleared away"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "merged.old"], "the old copy is cleared away"
+    assert (tmp_path / "merged.old" / "model.safetensors").read_bytes() == b"kept"

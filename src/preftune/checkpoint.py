@@ -115,7 +115,8 @@ def write_folder_atomically(folder: Path, fill, what: str,
     tmp = folder.with_name(folder.name + ".tmp")
     # An earlier folder is renamed aside and deleted only once the new one is in place: deleted
     # in place, a kill during the deletion left half of it (an export that its rerun refused).
-    old = folder.with_name(folder.name + ".old")
+    # ".tmp-old", not ".old": a name preftune's own, unlike a backup a user may keep beside it.
+    old = folder.with_name(folder.name + ".tmp-old")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)  # what a kill left behind
     try:
