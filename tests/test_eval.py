@@ -8,6 +8,7 @@ import json
 import math
 import re
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -673,6 +674,25 @@ def test_generate_samples_the_policy_itself_whatever_its_generation_config(
         return [row["responses"]["policy"] for row in read_records(tmp_path / out / "samples.jsonl")]
 
     assert responses("shaped") == responses("plain")
+
+
+def test_generate_says_which_sampling_settings_of_the_models_generation_config_it_does_not_use(
+        models, prompts_file, tmp_path):
+    """Qwen2.5-Instruct's generation_config.json suggests temperature 0.7, top-k 20, top-p 0.8;
+    sampling draws from the full distribution unless told, and said nothing of it."""
+    rigged_reward(tmp_path, {})
+    judge = f"reward:{tmp_path / 'rigged.py'}:length"
+    policy = _policy_with_generation_config(
+        models, tmp_path, {"do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.8})
+    with pytest.warns(UserWarning, match=r"its generation config suggests temperature=0\.7, top_k=20, "
+                                         r"top_p=0\.8; sampling uses --temperature 1\.0, --top-k 0, "
+                                         r"--top-p 1\.0, --min-p 0\.0 as given"):
+        compare_models([policy], models["ref"], prompts_file, judge, max_new_tokens=2, out=tmp_path / "a")
+    with warnings.catch_warnings(record=True) as caught:  # drawn as suggested: nothing to say
+        warnings.simplefilter("always")
+        compare_models([policy], models["ref"], prompts_file, judge, max_new_tokens=2, out=tmp_path / "b",
+                       temperature=0.7, top_k=20, top_p=0.8)
+    assert not [w for w in caught if "suggests" in str(w.message)]
 
 
 @pytest.mark.parametrize("drawn, said", [({"temperature": 0.7}, "temperature 0.7"),

@@ -307,6 +307,27 @@ def set_aside_settings(generation_config) -> list[str]:
     return changes
 
 
+# The model's suggested sampling knobs and what each is called in SamplingSettings and on the
+# command line.
+SUGGESTED_SAMPLING = {"temperature": ("temperature", "--temperature"), "top_k": ("top_k", "--top-k"),
+                      "top_p": ("top_p", "--top-p"), "min_p": ("min_p", "--min-p")}
+
+
+def unused_suggestions(generation_config, settings: SamplingSettings) -> list[str]:
+    """`name=value` for each sampling knob the model's generation config sets (to other than the
+    library's default) and sampling does not use. The defaults draw from the model's full
+    distribution, as DPO's sampling and a KL estimate need; a chat model's card may suggest
+    temperature 0.7, top-k 20 (Qwen2.5-Instruct), which a user may want, and should know is not
+    what is used. A top-k of 0 and the library's unset value both mean off."""
+    suggested = generation_config.to_diff_dict()
+    unused = []
+    for name, (field, _) in SUGGESTED_SAMPLING.items():
+        value = suggested.get(name)
+        if value is not None and value != getattr(settings, field):
+            unused.append(f"{name}={value}")
+    return unused
+
+
 def _stop_token_ids(model, tokenizer) -> list[int]:
     """The model's generation-config EOS ids, and the tokenizer's EOS: training closes every text
     completion with the tokenizer's (preftune.data.tokenize), so a chat fine-tune whose tokenizer
@@ -373,6 +394,12 @@ def generate_token_ids(
                       "come from the model itself; only temperature, top-k, top-p and min-p shape "
                       "them.",
                       stacklevel=2)
+    unused = unused_suggestions(config, settings)
+    if unused:
+        options = ", ".join(f"{option} {getattr(settings, field)}" for field, option in SUGGESTED_SAMPLING.values())
+        warnings.warn(f"{getattr(model, 'name_or_path', 'the model')}: its generation config suggests "
+                      f"{', '.join(unused)}; sampling uses {options} as given (0 turns top-k off), "
+                      "to pass as options for what its card suggests.", stacklevel=2)
     # Greedy over the one-hot scores of _PerRowSampler; the sampling knobs live in the sampler.
     # use_cache: a config.json saved with "use_cache": false (training with gradient
     # checkpointing turns it off) and no generation_config.json made `generate` run every step
