@@ -260,16 +260,20 @@ def test_import_and_serve_name_the_pairs_export_will_leave_out_whatever_the_vote
             f"`label export` whatever the votes")
     assert note in invoke("import", "--pairs", pairs, "--db", tmp_path / "a.sqlite").output
     assert note in invoke("serve", "--pairs", pairs, "--db", tmp_path / "b.sqlite").output
+    one = write_pairs_file(tmp_path / "one.jsonl", [*make_pairs(2), Pair("same", "p", ("Yes.", "Yes."))])
+    assert (f"{one}: 1 pair (identical responses 1) will be left out of D by `label export` whatever the "
+            f"votes, since training cannot use it; to spare the annotators that work, remove it from {one}"
+            ) in invoke("import", "--pairs", one, "--db", tmp_path / "d.sqlite").output
     clean = write_pairs_file(tmp_path / "clean.jsonl", make_pairs(2))
     assert "left out of D" not in invoke("import", "--pairs", clean, "--db", tmp_path / "c.sqlite").output
 
 
 @pytest.mark.parametrize("cut, words", [
-    (1, "1 response (with their prompts) was longer than the reward model's 8 tokens and was scored"),
+    (1, "1 response (with its prompt) was longer than the reward model's 8 tokens and was scored"),
     (2, "2 responses (with their prompts) were longer than the reward model's 8 tokens and were scored"),
 ])
 def test_auto_counts_the_responses_the_reward_model_cut(tmp_path, monkeypatch, cut, words):
-    """It said "1 responses ... were longer"."""
+    """It said "1 responses ... were longer", then "1 response (with their prompts)"."""
     import preftune.labeling.auto
 
     stats = {"written": 1, "resumed_from": 0, "reward_truncated": cut, "reward_max_length": 8}

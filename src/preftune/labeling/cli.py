@@ -171,9 +171,9 @@ def auto(
                  f"picking best and worst")
     if stats.get("reward_truncated"):
         cut = stats["reward_truncated"]
-        ties += (f"; {counted(cut, 'response')} (with their prompts) {'was' if cut == 1 else 'were'} "
-                 f"longer than the reward model's {stats['reward_max_length']} tokens and "
-                 f"{'was' if cut == 1 else 'were'} scored cut to them")
+        with_prompt, was = ("with its prompt", "was") if cut == 1 else ("with their prompts", "were")
+        ties += (f"; {counted(cut, 'response')} ({with_prompt}) {was} longer than the reward model's "
+                 f"{stats['reward_max_length']} tokens and {was} scored cut to them")
     typer.echo(
         f"{out}: wrote {counted(stats.get('written', 0), 'row')} ({mode}), "
         f"{stats['resumed_from']} {'was' if stats['resumed_from'] == 1 else 'were'} already there{ties}"

@@ -162,10 +162,12 @@ def unusable_note(source, pairs: list[Pair]) -> str | None:
     if not reasons:
         return None
     listed = ", ".join(f"{reason} {n}" for reason, n in sorted(reasons.items()))
-    return (f"{source}: {counted(sum(reasons.values()), 'pair')} ({listed}) will be left out of D "
-            f"by `label export` whatever the votes, since training cannot use them; to spare the "
-            f"annotators that work, remove them from {source} and import it into a new database "
-            f"before anyone votes")
+    count = sum(reasons.values())
+    them = "it" if count == 1 else "them"
+    return (f"{source}: {counted(count, 'pair')} ({listed}) will be left out of D "
+            f"by `label export` whatever the votes, since training cannot use {them}; to spare the "
+            f"annotators that work, remove {them} from {source} and import that file into a new "
+            f"database before anyone votes")
 
 
 def raw_rows(store: Store) -> tuple[list[dict], dict]:
