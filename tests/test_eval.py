@@ -686,7 +686,8 @@ def test_generate_says_which_sampling_settings_of_the_models_generation_config_i
         models, tmp_path, {"do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.8})
     with pytest.warns(UserWarning, match=r"its generation config suggests temperature=0\.7, top_k=20, "
                                          r"top_p=0\.8; sampling uses --temperature 1\.0, --top-k 0, "
-                                         r"--top-p 1\.0, --min-p 0\.0 as given"):
+                                         r"--top-p 1\.0, --min-p 0\.0 as given \(top-k 0 is off\); to "
+                                         r"sample as the model suggests, pass its values as these options\.$"):
         compare_models([policy], models["ref"], prompts_file, judge, max_new_tokens=2, out=tmp_path / "a")
     with warnings.catch_warnings(record=True) as caught:  # drawn as suggested: nothing to say
         warnings.simplefilter("always")

@@ -398,8 +398,8 @@ def generate_token_ids(
     if unused:
         options = ", ".join(f"{option} {getattr(settings, field)}" for field, option in SUGGESTED_SAMPLING.values())
         warnings.warn(f"{getattr(model, 'name_or_path', 'the model')}: its generation config suggests "
-                      f"{', '.join(unused)}; sampling uses {options} as given (0 turns top-k off), "
-                      "to pass as options for what its card suggests.", stacklevel=2)
+                      f"{', '.join(unused)}; sampling uses {options} as given (top-k 0 is off); to "
+                      "sample as the model suggests, pass its values as these options.", stacklevel=2)
     # Greedy over the one-hot scores of _PerRowSampler; the sampling knobs live in the sampler.
     # use_cache: a config.json saved with "use_cache": false (training with gradient
     # checkpointing turns it off) and no generation_config.json made `generate` run every step
