@@ -307,6 +307,14 @@ def test_json_lines_of_one_row_under_a_json_name_are_that_row(tmp_path):
         load_pairs(str(tmp_path / "columns.json"))
 
 
+def test_one_row_object_written_over_several_lines_is_that_row(tmp_path):
+    """json.dump(row, f, indent=2): read line by line as JSON Lines, it was 'line 1: malformed JSON'."""
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps(PAIRS[0], indent=2))
+    loaded = load_pairs(str(path))
+    assert [(p.chosen, p.origin) for p in loaded.pairs] == [(PAIRS[0]["chosen"], f"{path}, row 0")]
+
+
 def test_hub_id_offline_fails_with_one_sentence_naming_the_key_and_what_to_do():
     # HF_HUB_OFFLINE=1 (conftest): it said 'could not load the hub data set ...: Couldn't reach
     # ... on the Hub (OfflineModeIsEnabled); check the id and the network', naming no key.

@@ -363,8 +363,13 @@ def _rows_from_json(path: Path) -> Iterator[tuple[str, object]]:
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     elif isinstance(data, dict) and ("chosen" in data or "rejected" in data) and not _columns(data):
-        # JSON Lines of one row: what Dataset.to_json writes for a one-pair data set.
-        yield from _rows_from_jsonl(path)
+        # One row: JSON Lines of one line (what Dataset.to_json writes for a one-pair data set),
+        # named by its line, or one object over several lines (json.dump(row, f, indent=2)),
+        # which read line by line was "line 1: malformed JSON".
+        if "\n" in text.strip():
+            yield f"{path}, row 0", data
+        else:
+            yield from _rows_from_jsonl(path)
         return
     if not isinstance(data, list):
         shape = " (this one holds a dict of columns)" if isinstance(data, dict) and _columns(data) else ""
