@@ -81,6 +81,17 @@ def test_a_login_link_only_asks_and_another_site_cannot_answer(store, alice):
     assert client.get("/api/next").json()["annotator"] == "mallory"
 
 
+def test_a_head_request_to_a_login_link_signs_no_one_in(store, alice):
+    """HEAD, a safe method the Origin check lets through (and a page on any site can send with
+    fetch), set the cookie as the button's POST does, without the question."""
+    _, client = alice
+    mallory = store.add_annotator("mallory")
+    head = client.head("/login", params={"token": mallory}, follow_redirects=False,
+                       headers={"origin": "http://evil.example"})
+    assert head.status_code == 200 and "set-cookie" not in head.headers
+    assert client.get("/api/next").json()["annotator"] == "alice"
+
+
 def test_opening_ones_own_link_again_goes_straight_to_the_page(store, alice):
     token, client = alice
     again = client.get("/login", params={"token": token}, follow_redirects=False)

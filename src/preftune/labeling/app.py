@@ -297,7 +297,7 @@ def create_app(store: Store, open_mode: bool = False, guidelines: str | None = N
         who = await run_in_threadpool(store.authenticate, token)
         if who is None:
             return FileResponse(TEMPLATES_DIR / "login.html", status_code=401)
-        if request.method == "GET":
+        if request.method != "POST":  # HEAD too: a safe method, so the Origin check lets it by
             current = await signed_in_as(request)
             if current is None or current.id != who.id:
                 return HTMLResponse(_sign_in_question(who.name, current))
