@@ -166,6 +166,24 @@ def test_resume_with_nothing_to_resume_is_said_before_the_model_loads(tmp_path, 
         "--resume out to start a run there."))
 
 
+def test_a_run_folder_this_user_cannot_write_is_one_sentence(tmp_path, run_config, monkeypatch):
+    # Opening the lock file is the first write of a run: a folder of another account's gave a
+    # PermissionError traceback. (A monkeypatched open: root may write anywhere.)
+    import preftune.train
+
+    assert cli("train", run_config).exit_code == 0
+
+    def open_denied(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(preftune.train, "open", open_denied, raising=False)
+    result = cli("train", run_config, "--resume", "train.max_steps=6")
+    assert result.exit_code == 2
+    assert squash(result.output).endswith(squash(
+        f"error: train.output_dir {tmp_path / 'run'} cannot be written by this user; make it writable "
+        "(chmod u+w) or choose another train.output_dir."))
+
+
 def test_a_run_folder_another_train_is_using_is_refused(tmp_path, run_config):
     # Nothing kept a second `preftune train` out of a folder a run was training in: --overwrite
     # deleted the running run's files, --resume wrote checkpoints and metrics among its own.

@@ -646,7 +646,11 @@ def _lock_run_folder(output_dir: Path) -> None:
         import fcntl
     except ImportError:  # no flock on this system: unguarded, as before
         return
-    handle = open(output_dir / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 (held past this call)
+    try:
+        handle = open(output_dir / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 (held past this call)
+    except PermissionError:  # the first file a run writes: a folder of another account's, say
+        raise UserError(f"train.output_dir {output_dir} cannot be written by this user; make it writable "
+                        "(chmod u+w) or choose another train.output_dir.") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
