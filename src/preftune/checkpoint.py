@@ -9,7 +9,6 @@ complete, anything else is the trace of an interrupted save and is never resumed
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from preftune.errors import UserError
+from preftune.records import is_full_disk
 
 MANIFEST = "manifest.json"
 STATE_FILE = "training_state.pt"
@@ -140,13 +140,12 @@ def write_folder_atomically(folder: Path, fill, what: str,
 # Full disks surface differently per writer: Python's open() raises OSError(ENOSPC); safetensors
 # raises SafetensorError("... No space left on device (os error 28)"); torch.save raises a
 # RuntimeError ("unexpected pos ...") that has lost the errno, so free space decides that one.
-_FULL_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 _FULL_DISK_WORDS = ("no space left on device", "os error 28", "disk quota exceeded", "storagefull")
 _NEARLY_FULL_BYTES = 64 << 20
 
 
 def _out_of_space(error: BaseException, folder: Path) -> bool:
-    if isinstance(error, OSError) and error.errno in _FULL_DISK_ERRNOS:
+    if is_full_disk(error):
         return True
     if any(word in str(error).lower() for word in _FULL_DISK_WORDS):
         return True
