@@ -173,3 +173,76 @@ def test_an_export_killed_while_the_earlier_one_is_deleted_leaves_a_whole_model(
     export(lora_run, merge=True, out=target, base=None)  # the rerun goes through
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "merged.old"], "the old copy is cleared away"
     assert (tmp_path / "merged.old" / "model.safetensors").read_bytes() == b"kept"
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_an_adapter_export_names_the_bases_hub_id_and_loads_from_it_elsewhere(lora_run, tiny_llama, hub_cache, tmp_path):
+    """final/'s adapter_config.json names the base by its absolute path on the trainer's machine,
+    so the adapter published as it is loaded for no one else; --base-id writes a copy naming the id."""
+    import json
+
+    import torch
+    from preftune_test_data import hub_revision
+
+    from preftune.export_cli import export
+    from preftune.lora import peft_module
+    from preftune.modeling import load_causal_lm
+
+    hub_revision(hub_cache, "org/tiny", tiny_llama, "c" * 40)  # the Hub, as a reader's cache has it
+    final_config = (lora_run / "final" / "adapter_config.json").read_text()
+    export(lora_run, merge=False, out=tmp_path / "adapter", base=None, base_id="org/tiny")
+    exported = tmp_path / "adapter"
+    assert json.loads((exported / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/tiny"
+    assert (lora_run / "final" / "adapter_config.json").read_text() == final_config  # the run's own is kept
+    card = (exported / "README.md").read_text()
+    assert "base_model: org/tiny" in card and "library_name: peft" in card and "their base is `org/tiny`" in card
+    assert not (exported / "optimizer.pt").exists()
+    ids = torch.tensor([[1, 5, 9, 3]])
+    loaded = peft_module().AutoPeftModelForCausalLM.from_pretrained(str(exported)).eval()
+    trained = load_causal_lm(str(lora_run / "final")).eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, trained(ids).logits, atol=1e-5)
+
+
+def test_an_adapter_export_of_a_local_base_asks_for_its_hub_id(lora_run):
+    from preftune.export_cli import export
+
+    with pytest.raises(UserError, match=r"names the local base .*which loads only on this machine; "
+                                        r"add --base-id ORG/NAME"):
+        export(lora_run, merge=False, out=None, base=None)
+    with pytest.raises(UserError, match=r"^--base-id '/home/me/tiny' is not a hub id"):
+        export(lora_run, merge=False, out=None, base=None, base_id="/home/me/tiny")
+    assert not (lora_run / "adapter").exists()
+
+
+def test_a_base_read_from_the_hub_cache_is_written_as_its_id(lora_run, tiny_llama, hub_cache):
+    """A base given as its snapshot folder in the cache is named by the id that folder is of."""
+    import json
+
+    from preftune_test_data import hub_revision
+
+    from preftune.export_cli import export
+
+    hub_revision(hub_cache, "org/tiny", tiny_llama, "c" * 40)
+    snapshot = hub_cache / "models--org--tiny" / "snapshots" / ("c" * 40)
+    export(lora_run, merge=False, out=None, base=str(snapshot))
+    written = json.loads((lora_run / "adapter" / "adapter_config.json").read_text())
+    assert written["base_model_name_or_path"] == "org/tiny"
+
+
+def test_a_merged_cards_base_id_is_the_hub_id_given(lora_run, tmp_path, capsys):
+    from preftune.export_cli import export
+
+    export(lora_run, merge=True, out=tmp_path / "local", base=None)
+    assert "Its card names the local base folder" in capsys.readouterr().out
+    export(lora_run, merge=True, out=tmp_path / "merged", base=None, base_id="org/tiny")
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert "base_model: org/tiny" in card and "`org/tiny` trained on preference pairs" in card
