@@ -246,3 +246,17 @@ def test_a_merged_cards_base_id_is_the_hub_id_given(lora_run, tmp_path, capsys):
     export(lora_run, merge=True, out=tmp_path / "merged", base=None, base_id="org/tiny")
     card = (tmp_path / "merged" / "README.md").read_text()
     assert "base_model: org/tiny" in card and "`org/tiny` trained on preference pairs" in card
+
+
+def test_a_run_started_over_removes_its_adapter_exports_too(lora_run, tiny_llama, hub_cache):
+    """--overwrite left RUN/adapter behind: the earlier run's adapter beside the new run's final/."""
+    from preftune_test_data import hub_revision
+
+    from preftune.checkpoint import earlier_run_entries
+    from preftune.export_cli import export
+
+    hub_revision(hub_cache, "org/tiny", tiny_llama, "c" * 40)
+    export(lora_run, merge=False, out=None, base=None, base_id="org/tiny")
+    export(lora_run / "checkpoints" / "step-000001", merge=False, out=None, base=None, base_id="org/tiny")
+    entries = earlier_run_entries(lora_run)
+    assert "adapter" in entries and "adapter-step-000001" in entries

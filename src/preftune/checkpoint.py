@@ -239,9 +239,11 @@ def load_training_state(folder: Path) -> dict:
 # folders, and what `preftune eval` and `export` write from its policies. A new run in the same
 # folder would mix with them. Not listed: config.yaml, which every run rewrites, and the
 # reference log-prob cache (reference_logps/), keyed by content and so still valid for a new run.
-# Glob patterns: `preftune export` writes merged/ for final/ and merged-step-N/ for a checkpoint.
+# Glob patterns: `preftune export` writes merged/ for final/ and merged-step-N/ for a checkpoint
+# (adapter/ and adapter-step-N/ without --merge).
 RUN_ENTRIES = ("metrics.jsonl", "checkpoints", "final", "final.tmp", "report.html", "plots",
-               "tensorboard", "wandb", "merged", "merged-step-*", "leaderboard.json", "leaderboard.md")
+               "tensorboard", "wandb", "merged", "merged-step-*", "adapter", "adapter-step-*",
+               "leaderboard.json", "leaderboard.md")
 
 
 def earlier_run_entries(output_dir: Path) -> list[str]:
