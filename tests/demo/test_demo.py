@@ -325,6 +325,7 @@ def _with_pi_sft(source, target):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--out", "a-file"], "is a file"),
+    (["--out", "a-file/sub"], "is inside a-file, a file"),
     (["--out", "other"], "already holds other files (notes.txt) and no earlier demo"),
     (["--seed", "-1"], "--seed must be between 0 and"),
     (["--seed", str(2**32)], "--seed must be between 0 and"),

@@ -104,6 +104,11 @@ def check_out_folder(out: Path) -> bool:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the demo's files (it is created "
                         "if missing).")
+    # A file above it would stop the folder's creation in step 1 with a NotADirectoryError.
+    file_above = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if file_above is not None:
+        raise UserError(f"--out {out} is inside {file_above}, a file; give a folder for the "
+                        "demo's files (it is created if missing).")
     if not out.is_dir():
         return False
     entries = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
