@@ -113,3 +113,14 @@ def test_a_trained_run_leaves_a_card_in_final(tmp_path, tiny_llama):
     last = read_metrics(tmp_path / "my-run")[-1]
     assert last["step"] == 2 and f"| train/loss | {last['loss']:.4g} |" in text
     assert json.loads((final / "config.json").read_text())  # the weights' folder, card beside them
+
+
+def test_a_model_read_from_the_hub_cache_folder_is_named_by_its_hub_id():
+    """model.path given as a snapshot folder of the Hugging Face cache: the card named the model
+    by the commit hash that folder is named after, and gave the Hub no base_model."""
+    from preftune.model_card import model_card
+
+    snapshot = "/home/alice/.cache/huggingface/hub/models--Qwen--Qwen2.5-0.5B/snapshots/" + "a1" * 20
+    card = model_card({"model": {"path": snapshot}}, [], adapter=True, world_size=1)
+    assert "base_model: Qwen/Qwen2.5-0.5B" in card
+    assert "`Qwen/Qwen2.5-0.5B` trained on preference pairs" in card and "a1a1" not in card

@@ -45,17 +45,6 @@ def _default_target(adapter: Path, kind: str = "merged") -> Path:
     return run / (kind if adapter.parent.name != "checkpoints" else f"{kind}-{adapter.name}")
 
 
-# Where the Hugging Face cache keeps a revision of a hub model: .../models--ORG--NAME/snapshots/COMMIT.
-_CACHE_SNAPSHOT = re.compile(r"models--(?P<repo>[^/\\]+)[/\\]snapshots[/\\][0-9a-f]{40}[/\\]?$")
-
-
-def _cached_hub_id(path: str) -> str | None:
-    """The hub id of a base given as its folder in the Hugging Face cache, else None: that folder
-    exists on this machine only, the id everywhere."""
-    match = _CACHE_SNAPSHOT.search(path)
-    return match.group("repo").replace("--", "/") if match else None
-
-
 # An adapter folder's files a user publishes: not a checkpoint's optimizer and training state.
 _ADAPTER_FILES = ("adapter_model.safetensors", "special_tokens_map.json", "chat_template.jinja",
                   "merges.txt", "added_tokens.json")
@@ -98,7 +87,7 @@ def export(
                           "a copy of the adapter's adapter_config.json, for a run trained from a local folder.")] = None,
 ):
     """Write a LoRA run's policy as a folder others can load: merged, or an adapter naming a hub base."""
-    from preftune.model_card import hub_id
+    from preftune.model_card import cached_hub_id, hub_id
 
     if base_id is not None and not hub_id(base_id):
         raise UserError(f"--base-id {base_id!r} is not a hub id; give the base model's id on the Hugging Face "
@@ -114,7 +103,7 @@ def export(
     if not base_path:
         raise UserError(f"{adapter}: cannot tell the base model; pass --base.")
     # What others load the base from: --base-id, or the id of a base read from the hub cache.
-    public_base = base_id or hub_id(base_path) or _cached_hub_id(str(base_path))
+    public_base = base_id or hub_id(base_path) or cached_hub_id(str(base_path))
     if not merge and public_base is None:
         raise UserError(f"{adapter / 'adapter_config.json'} names the local base {written_base or base_path}, "
                         "which loads only on this machine; add --base-id ORG/NAME (the base's hub id) to write "

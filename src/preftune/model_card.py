@@ -23,6 +23,9 @@ CARD_NAME = "README.md"
 # A hub id ("org/name" or "name"); a local folder is not one, and the Hub rejects it as base_model.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
+# Where the Hugging Face cache keeps a revision of a hub model: .../models--ORG--NAME/snapshots/COMMIT.
+_CACHE_SNAPSHOT = re.compile(r"models--(?P<repo>[^/\\]+)[/\\]snapshots[/\\][0-9a-f]{40}[/\\]?$")
+
 # Folder names preftune gives every run (final/, an export, a checkpoint): alone they say nothing.
 _RUN_FOLDER = re.compile(r"^(final|merged(-step-\d+)?|step-\d+)$")
 
@@ -46,6 +49,13 @@ def hub_id(name: object) -> str | None:
     return name
 
 
+def cached_hub_id(path: object) -> str | None:
+    """The hub id of a model given as its folder in the Hugging Face cache, else None: that
+    folder exists on this machine only, the id everywhere."""
+    match = _CACHE_SNAPSHOT.search(path) if isinstance(path, str) else None
+    return match.group("repo").replace("--", "/") if match else None
+
+
 def model_card(config: dict, metrics: list[dict], *, adapter: bool, world_size: int | None,
                title: str = "DPO policy") -> str:
     """The card's text for a run whose config (as in its config.yaml) and metrics are given.
@@ -61,8 +71,9 @@ def model_card(config: dict, metrics: list[dict], *, adapter: bool, world_size: 
         "pipeline_tag": "text-generation",
         "tags": ["preftune", *dict.fromkeys(_LOSS_TAGS.get(t, t) for t in types), *(["lora"] if adapter else [])],
     }
-    if hub_id(model.get("path")):
-        metadata["base_model"] = model["path"]
+    base_id = hub_id(model.get("path")) or cached_hub_id(model.get("path"))
+    if base_id:
+        metadata["base_model"] = base_id
     trains = [data.get("train")] if isinstance(data.get("train"), str) else list(data.get("train") or [])
     datasets = [name for name in trains if hub_id(name)]
     if datasets:
@@ -139,6 +150,8 @@ def _model_name(path: object) -> object:
     no folder of the uploader's machine, which its readers could not open anyway."""
     if not isinstance(path, str) or not path or hub_id(path):
         return path
+    if cached_hub_id(path):  # a snapshot folder's name is a commit hash, its id names the model
+        return cached_hub_id(path)
     parts = Path(os.path.abspath(path)).parts
     keep = 1
     if _RUN_FOLDER.match(parts[-1]):
