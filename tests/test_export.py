@@ -242,7 +242,7 @@ def test_a_merged_cards_base_id_is_the_hub_id_given(lora_run, tmp_path, capsys):
     from preftune.export_cli import export
 
     export(lora_run, merge=True, out=tmp_path / "local", base=None)
-    assert "Its card names the local base folder" in capsys.readouterr().out
+    assert "so its card gives the Hub no base_model; add --base-id ORG/NAME" in capsys.readouterr().out
     export(lora_run, merge=True, out=tmp_path / "merged", base=None, base_id="org/tiny")
     card = (tmp_path / "merged" / "README.md").read_text()
     assert "base_model: org/tiny" in card and "`org/tiny` trained on preference pairs" in card

@@ -135,5 +135,5 @@ def export(
                             setting="--base" if base else "the run's model.path (or --base)")
     typer.echo(f"merged model: {written}")
     if public_base is None:
-        typer.echo(f"Its card names the local base folder {base_path}, not a hub id; add --base-id ORG/NAME "
-                   "to name the base's hub id (the Hub's base_model).")
+        typer.echo(f"Its base is the local folder {base_path}, so its card gives the Hub no base_model; add "
+                   "--base-id ORG/NAME to name the base's hub id there.")
