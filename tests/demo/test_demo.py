@@ -461,6 +461,26 @@ def test_votes_of_a_human_demo_are_not_relabelled_by_machine(quick_demo, tmp_pat
     assert "holds your votes from a `preftune demo --human` run; add --human" in result.output
 
 
+def test_votes_of_a_stopped_human_demo_are_not_replaced_by_machine_labels(quick_demo, tmp_path):
+    from preftune.labeling.pairs import load_pairs
+    from preftune.labeling.store import Store
+
+    out, _, _ = quick_demo
+    _with_pi_sft(out, tmp_path)
+    store = Store(tmp_path / "labels.sqlite", overlap=1)  # a --human run stopped after one vote
+    try:
+        store.add_pairs(load_pairs(out / "pairs.jsonl", for_people=True))
+        store.add_annotator("researcher")
+        person = store.open_annotator()
+        store.record_vote(person, store.next_pair(person)["pair_id"], "left", None, "k1")
+    finally:
+        store.close()
+    result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert "labels.sqlite holds your votes on 1 pair from" in result.output.replace("\n", "")
+    assert not (tmp_path / "D.jsonl").exists()
+
+
 def test_a_run_report_older_than_its_evaluation_is_refreshed(quick_demo, tmp_path):
     from preftune.demo.pipeline import refresh_run_reports
 

@@ -24,6 +24,19 @@ def labelled_pairs(store) -> int:
     return len({vote["pair_id"] for vote in store.live_votes()})
 
 
+def voted_pairs(db_path: Path) -> int:
+    """Pairs people voted on in an earlier `--human` run's database (0 when there is none)."""
+    from preftune.labeling.store import Store
+
+    if not db_path.is_file():
+        return 0
+    store = Store(db_path, must_exist=True)
+    try:
+        return labelled_pairs(store)
+    finally:
+        store.close()
+
+
 def _start_server(app, host: str, port: int):
     """uvicorn on a daemon thread; returns (server, thread) once it accepts connections."""
     import uvicorn

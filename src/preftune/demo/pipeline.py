@@ -246,12 +246,20 @@ def sample_pairs_step(paths: DemoPaths, sizes: DemoSizes, progress: bool) -> str
 
 def label_pairs_step(paths: DemoPaths, sizes: DemoSizes, progress: bool) -> str:
     """Step 4: `preftune label auto --bt-sample` with the latent sentiment reward (resumes)."""
+    from preftune.demo.human import voted_pairs
     from preftune.labeling.auto import label_auto
     from preftune.records import read_records
 
     if paths.dataset.is_file() and any("votes" in row for row in read_records(paths.dataset)[:1]):
         raise UserError(f"{paths.dataset} holds your votes from a `preftune demo --human` run; add "
                         "--human to continue with them, or choose another --out.")
+    # A --human run stopped before its D.jsonl (too few preferences, Ctrl-C) keeps the votes in
+    # labels.sqlite only; machine labels here would leave them out without a word.
+    voted = 0 if paths.dataset.is_file() else voted_pairs(paths.labels_db)
+    if voted:
+        pairs = f"{voted} pair{'s' if voted > 1 else ''}"
+        raise UserError(f"{paths.labels_db} holds your votes on {pairs} from a `preftune demo "
+                        "--human` run; add --human to continue with them, or choose another --out.")
     stats = label_auto(paths.pairs, REWARD_SPEC, paths.dataset, mode="bt-sample",
                        seed=sizes.seed, show_progress=progress)
     rows = [json.loads(line) for line in paths.dataset.read_text().splitlines() if line.strip()]
