@@ -180,6 +180,26 @@ def test_demo_exits_1_when_a_check_fails(monkeypatch, tmp_path, holds, status):
 
 
 
+def test_printed_paths_stay_whole_however_long_and_keep_their_brackets(monkeypatch, tmp_path):
+    """A path rich broke at the console's width, or whose "[exp1]" it took for a style, could
+    not be copied or clicked."""
+    import preftune.demo.pipeline as pipeline
+
+    out = tmp_path / "[exp1]" / ("a-long-folder-name-" * 8)
+
+    def fake_demo(*args, echo, **kwargs):
+        echo(f"      kept the pi_sft already in {out / 'pi_sft'}")
+        return _summary_with_checks([False])
+
+    monkeypatch.setattr(pipeline, "run_demo", fake_demo)
+    result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    lines = result.output.rstrip().splitlines()
+    assert f"      kept the pi_sft already in {out / 'pi_sft'}" in lines
+    assert f"report: {out / 'report.html'}" in lines and f"summary: {out / 'demo.json'}" in lines
+    assert lines[-1] == f"1 of 1 checks failed (NO above); see {out / 'report.html'}"
+
+
 def test_reward_kl_plot_draws_dpo_from_pi_sft_through_the_betas(monkeypatch, tmp_path):
     """README's frontier and the third check start DPO's line at pi_sft (KL 0); so does the plot."""
     import numpy as np

@@ -108,7 +108,10 @@ def demo(
     command = "preftune " + shlex.join(["demo", *sys.argv[2:]]) if sys.argv[1:2] == ["demo"] \
         else "preftune demo"
     try:
-        summary = run_demo(out, sizes, echo=lambda m: console.print(m, highlight=False),
+        # Plain text, wrapped by the terminal: a path stays whole (copyable, clickable) and a
+        # "[name]" in it is not taken for a rich style.
+        summary = run_demo(out, sizes, echo=lambda m: console.print(m, highlight=False, markup=False,
+                                                                    soft_wrap=True),
                            progress=sys.stdout.isatty(), human=labeling, command=command)
     except DemoStopped as stop:
         console.print(f"\n[yellow]{escape(str(stop))}[/yellow]", highlight=False, soft_wrap=True)

@@ -212,6 +212,7 @@ def failed_checks(summary: dict) -> list[str]:
 def print_summary(summary: dict, console, out: str | Path | None = None) -> None:
     """The results table, the checks, sample continuations side by side, the report's path
     (below `out` as the user named it, when given), and last how many checks failed, if any."""
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"Held-out prompts: {summary['results'][0]['n_prompts']}, judge: the "
@@ -235,8 +236,11 @@ def print_summary(summary: dict, console, out: str | Path | None = None) -> None
                             f"{ex['dpo']}\n[dim]r* = {ex['dpo_reward']:+.2f}[/dim]")
         console.print(samples)
     folder = Path(out) if out is not None else Path(summary["report"]).parent
-    console.print(f"report: {folder / 'report.html'}\nsummary: {folder / 'demo.json'}")
+    # Whole paths (soft wrap) as typed (no markup): the user copies or clicks them.
+    console.print(f"report: {folder / 'report.html'}\nsummary: {folder / 'demo.json'}",
+                  markup=False, soft_wrap=True)
     failed = failed_checks(summary)
     if failed:
         console.print(f"[red]{len(failed)} of {len(summary['checks'])} checks failed (NO above); "
-                      f"see {folder / 'report.html'}[/red]", highlight=False, soft_wrap=True)
+                      f"see {escape(str(folder / 'report.html'))}[/red]", highlight=False,
+                      soft_wrap=True)
