@@ -481,6 +481,17 @@ def test_votes_of_a_human_demo_are_not_relabelled_by_machine(quick_demo, tmp_pat
     assert "holds your votes from a `preftune demo --human` run; add --human" in result.output
 
 
+def test_a_moved_demo_folder_is_refused_in_one_sentence(quick_demo, tmp_path):
+    out, _, _ = quick_demo
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(moved)])
+    assert result.exit_code == 2, result.output
+    text = result.output.replace("\n", "")
+    assert f"holds a demo made in {out.resolve()} (its pairs.jsonl names pi_sft there)" in text
+    assert "Continuing" not in text
+
+
 def test_votes_of_a_stopped_human_demo_are_not_replaced_by_machine_labels(quick_demo, tmp_path):
     from preftune.labeling.pairs import load_pairs
     from preftune.labeling.store import Store

@@ -221,6 +221,23 @@ def check_pi_sft(paths: DemoPaths, sizes: DemoSizes) -> None:
                         "another --out or delete that folder.")
 
 
+def check_not_moved(paths: DemoPaths) -> None:
+    """Refuse an earlier demo's folder that was moved or copied here: its pairs.jsonl names
+    pi_sft by the old path, so step 3 would stop with 'written by another job'."""
+    from preftune.records import recorded_path
+
+    try:
+        with paths.pairs.open(encoding="utf-8") as f:
+            recorded = json.loads(f.readline()).get("model")
+    except (OSError, ValueError, AttributeError):  # no pairs yet, or a line step 3 reports
+        return
+    if (isinstance(recorded, str) and Path(recorded).name == "pi_sft"
+            and recorded not in {str(paths.pi_sft), recorded_path(paths.pi_sft)}):
+        raise UserError(f"{paths.out} holds a demo made in {Path(recorded).parent} (its "
+                        f"{paths.pairs.name} names pi_sft there), so it cannot be continued here; "
+                        "move it back to continue it, or give a new --out.")
+
+
 def train_pi_sft(paths: DemoPaths, sizes: DemoSizes, progress: bool) -> str:
     """Step 2: tokenizer and pi_sft from scratch, unless a complete one is already there."""
     from preftune.demo.pretrain import pretrain_sft
@@ -422,6 +439,7 @@ def run_demo(out: str | Path, sizes: DemoSizes = FULL_SIZES, echo: Echo = print,
     paths = DemoPaths(out)
     if check_out_folder(paths.out):
         check_pi_sft(paths, sizes)
+        check_not_moved(paths)
         echo(f"Continuing the demo in {paths.out}: finished steps are kept, an interrupted one "
              "goes on where it stopped.")
     runs = planned_runs(paths, sizes.betas)
