@@ -326,6 +326,27 @@ def test_too_few_human_preferences_stop_the_demo_and_keep_the_votes(quick_demo, 
         store.close()
 
 
+def test_human_labeling_offers_enter_only_when_stdin_is_a_terminal(quick_demo, tmp_path):
+    """With stdin redirected or closed Enter cannot be read; the demo must not promise it."""
+    from preftune.demo.human import label_with_people
+
+    out, _, _ = quick_demo
+    settings = HumanLabeling(port=_free_port(), target=1, wait_for_enter=True)
+    lines: list[str] = []
+    worker = threading.Thread(target=lambda: label_with_people(
+        out / "pairs.jsonl", tmp_path / "labels.sqlite", tmp_path / "D.jsonl", settings,
+        echo=lines.append), daemon=True)
+    worker.start()
+    deadline = time.monotonic() + 60
+    while not any("the demo continues after" in line for line in lines):
+        assert worker.is_alive() and time.monotonic() < deadline, lines
+        time.sleep(0.05)
+    link = re.search(r"http://\S+/login\?token=\S+", "\n".join(lines)).group(0)
+    _vote_as_the_latent_reward(link, 1)
+    worker.join(timeout=30)
+    assert "      the demo continues after 1 pairs" in lines, lines  # pytest's stdin: no terminal
+
+
 def test_human_labeling_refuses_addresses_other_machines_reach(tmp_path):
     from preftune.demo.human import label_with_people
 

@@ -56,12 +56,18 @@ def _start_server(app, host: str, port: int):
     return server, thread
 
 
+def _stdin_is_a_terminal() -> bool:
+    import sys
+
+    return sys.stdin is not None and sys.stdin.isatty()
+
+
 def _enter_pressed() -> threading.Event:
     """Set when the researcher presses Enter; never set when stdin is not a terminal."""
     import sys
 
     pressed = threading.Event()
-    if sys.stdin is not None and sys.stdin.isatty():
+    if _stdin_is_a_terminal():
         threading.Thread(target=lambda: (sys.stdin.readline(), pressed.set()), daemon=True).start()
     return pressed
 
@@ -123,8 +129,10 @@ def label_with_people(pairs_path: str | Path, db_path: str | Path, out: str | Pa
         shown = f"[{settings.host}]" if ":" in settings.host else settings.host
         echo(f"      open this link in your browser to label (keys 1/2 pick a side):\n"
              f"      http://{shown}:{settings.port}/login?token={token}")
+        # Enter is read only from a terminal (not from a log's redirected or closed stdin).
         echo(f"      the demo continues after {settings.target} pairs"
-             + (", or when you press Enter" if settings.wait_for_enter else ""))
+             + (", or when you press Enter" if settings.wait_for_enter and _stdin_is_a_terminal()
+                else ""))
         stop = threading.Event()
         if settings.wait_for_enter:
             pressed = _enter_pressed()
