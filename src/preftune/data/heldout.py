@@ -18,6 +18,7 @@ from preftune.data.io import TRUNCATED_KEYS, load_pairs
 from preftune.data.schema import PreferencePair
 from preftune.errors import UserError
 from preftune.records import write_text_atomic
+from preftune.wording import counted
 
 HELDOUT_FILE = "eval_heldout.jsonl"
 
@@ -104,7 +105,7 @@ def write_heldout(output_dir: Path, held_out: list[PreferencePair],
                                     for p in held_out))
     prompts = count_prompts(held_out)
     what = (f"{len(held_out)} pairs" if by == "pair" else
-            f"{prompts} prompt{'s' if prompts != 1 else ''} ({len(held_out)} pairs)")
+            f"{counted(prompts, 'prompt')} ({len(held_out)} pairs)")
     return (f"data: {what} held out by data.eval_fraction written to {path}; score a model "
             f"on them with: preftune eval pairs --model MODEL --data {path}")
 

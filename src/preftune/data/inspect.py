@@ -92,7 +92,7 @@ def length_bias(chosen: list[int], rejected: list[int]) -> str | None:
     longer = sum(c > r for c, r in zip(chosen, rejected))
     shorter = sum(c < r for c, r in zip(chosen, rejected))
     mean_gap = sum(c - r for c, r in zip(chosen, rejected)) / n
-    line = (f"chosen longer than rejected in {longer} pair{'s' if longer != 1 else ''} ({longer / n:.0%}), "
+    line = (f"chosen longer than rejected in {counted(longer, 'pair')} ({longer / n:.0%}), "
             f"shorter in {shorter} "
             f"({shorter / n:.0%}), as long in {n - longer - shorter}; mean difference {mean_gap:+.1f} tokens")
     if max(longer, shorter) / n >= 0.65:
@@ -124,8 +124,8 @@ def prompt_counts(pairs) -> dict:
 def prompt_lines(counts: dict) -> list[str]:
     """The prompt count, and when a prompt has several pairs, which held-out split to use."""
     n, several, most = counts["prompts"], counts["prompts_with_several_pairs"], counts["most_pairs_per_prompt"]
-    lines = [f"{n} distinct prompt{'s' if n != 1 else ''}, {several} with more than one pair "
-             f"(at most {most} pair{'s' if most != 1 else ''} for one prompt)"]
+    lines = [f"{counted(n, 'distinct prompt')}, {several} with more than one pair "
+             f"(at most {counted(most, 'pair')} for one prompt)"]
     if several:
         # data.eval_fraction_by: pair would put pairs of one prompt on both sides of the split.
         lines.append("if you hold out part of this data for evaluation (data.eval_fraction), set "
