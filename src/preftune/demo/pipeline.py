@@ -35,6 +35,7 @@ from preftune.demo import world
 from preftune.demo.pretrain import FULL, QUICK, PretrainConfig
 from preftune.errors import UserError
 from preftune.records import write_text_atomic
+from preftune.wording import counted
 
 REWARD_SPEC = "preftune.demo.world:sentiment_rewards"
 JUDGE_SPEC = f"reward:{REWARD_SPEC}"
@@ -274,9 +275,8 @@ def label_pairs_step(paths: DemoPaths, sizes: DemoSizes, progress: bool) -> str:
     # labels.sqlite only; machine labels here would leave them out without a word.
     voted = 0 if paths.dataset.is_file() else voted_pairs(paths.labels_db)
     if voted:
-        pairs = f"{voted} pair{'s' if voted > 1 else ''}"
-        raise UserError(f"{paths.labels_db} holds your votes on {pairs} from a `preftune demo "
-                        "--human` run; add --human to continue with them, or choose another --out.")
+        raise UserError(f"{paths.labels_db} holds your votes on {counted(voted, 'pair')} from a "
+                        "`preftune demo --human` run; add --human to continue with them, or choose another --out.")
     stats = label_auto(paths.pairs, REWARD_SPEC, paths.dataset, mode="bt-sample",
                        seed=sizes.seed, show_progress=progress)
     rows = [json.loads(line) for line in paths.dataset.read_text().splitlines() if line.strip()]
