@@ -41,6 +41,7 @@ from preftune.records import (
     recorded_path,
 )
 from preftune.sampling_settings import SamplingSettings
+from preftune.wording import counted
 
 Prompt = str | list[dict]  # a text, or a conversation: [{"role": ..., "content": ...}, ...]
 
@@ -90,7 +91,7 @@ def load_prompts(path: str | Path) -> list[Prompt]:
     if not prompts:
         raise UserError(f"{path}: holds no prompts.")
     if blank:  # ids stay prompt indices, as files sampled before this warning hold them
-        warnings.warn(f"{path}: skipped {blank} blank line{'s' * (blank > 1)}; pair ids number the "
+        warnings.warn(f"{path}: skipped {counted(blank, 'blank line')}; pair ids number the "
                       f"{len(prompts)} prompts, not the file's lines.")
     return prompts
 
