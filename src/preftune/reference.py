@@ -169,11 +169,17 @@ def _weights_fingerprint(path: str, update) -> None:
     base = adapter_base(str(folder))
     if base is not None:
         _weights_fingerprint(base, update)
+    weight_files_fingerprint(folder, update)
+
+
+def weight_files_fingerprint(folder: Path, update, times: bool = True) -> None:
+    """Each weight or config file's name, size, modification time (unless `times` is False: a
+    moved copy then matches) and first and last MiB, passed to `update` (str or bytes)."""
     for file in sorted(folder.iterdir()):
         if file.suffix not in (".safetensors", ".bin", ".pt", ".json") or not file.is_file():
             continue
         stat = file.stat()
-        update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}")
+        update(f"{file.name}:{stat.st_size}" + (f":{stat.st_mtime_ns}" if times else ""))
         with open(file, "rb") as f:
             update(f.read(1 << 20))
             f.seek(max(0, stat.st_size - (1 << 20)))

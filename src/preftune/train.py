@@ -91,6 +91,7 @@ from preftune.reference import (
     build_reference,
     compact_frozen_linears,
     compact_reference,
+    weight_files_fingerprint,
 )
 
 
@@ -121,24 +122,17 @@ def data_fingerprint(pairs: list[TokenizedPair]) -> str:
 
 def models_fingerprint(paths: list[str | None]) -> str:
     """A cheap identity of the local model folders a run starts from (model.path, and
-    model.reference_path): each weight file's name, size and first and last MiB. The policy's
-    weights come from a checkpoint at a resume, but its reference is built from these again; this
-    tells another model under the same path (another seed of the same architecture) from a moved
-    copy without reading gigabytes. Hub ids add nothing."""
+    model.reference_path): each weight and config file's name, size and first and last MiB, as
+    the reference cache's key reads them but without times. The policy's weights come from a
+    checkpoint at a resume, but its reference is built from these again; this tells another model
+    under the same path (another seed of the same architecture) from a moved copy without reading
+    gigabytes. Hub ids add nothing."""
     digest = hashlib.blake2b(digest_size=12)
     for path in paths:
         folder = Path(os.path.expanduser(path)) if path else None
-        if folder is None or not folder.is_dir():
-            continue
-        for file in sorted(folder.iterdir()):
-            if file.is_file() and file.suffix in (".safetensors", ".bin"):
-                size = file.stat().st_size
-                digest.update(f"{file.name}|{size}|".encode())
-                with open(file, "rb") as f:
-                    digest.update(f.read(1 << 20))
-                    if size > 2 << 20:
-                        f.seek(-(1 << 20), os.SEEK_END)
-                        digest.update(f.read())
+        if folder is not None and folder.is_dir():
+            weight_files_fingerprint(folder, lambda v: digest.update(v if isinstance(v, bytes) else v.encode()),
+                                     times=False)
     return digest.hexdigest()
 
 
