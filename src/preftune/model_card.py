@@ -150,8 +150,8 @@ def _model_name(path: object) -> object:
     no folder of the uploader's machine, which its readers could not open anyway."""
     if not isinstance(path, str) or not path or hub_id(path):
         return path
-    if cached_hub_id(path):  # a snapshot folder's name is a commit hash, its id names the model
-        return cached_hub_id(path)
+    if repo_id := cached_hub_id(path):  # a snapshot folder's name is a commit hash, its id names the model
+        return repo_id
     parts = Path(os.path.abspath(path)).parts
     keep = 1
     if _RUN_FOLDER.match(parts[-1]):
