@@ -1,15 +1,30 @@
-"""`python -m preftune`, as torchrun starts each process of `preftune train --nproc N`."""
+"""Where every `preftune` process starts: the `preftune` command ([project.scripts] in
+pyproject.toml) and `python -m preftune`, as torchrun starts each process of `preftune train
+--nproc N`.
+
+Only the standard library is imported before `main` runs, so that a Ctrl-C while preftune.cli
+imports torch and transformers (seconds) is caught here instead of printing the traceback of
+whichever module was loading.
+"""
 
 import os
+import sys
 
-try:
-    from preftune.cli import main
-except KeyboardInterrupt:
-    # Ctrl-C reaches every process of a run, and the imports take seconds: the launcher says
-    # "stopped by SIGINT" once, where each process printed the traceback of the module it was
-    # importing. Status 130, as typer ends a command stopped by Ctrl-C once it runs.
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        raise
-    raise SystemExit(130) from None
+STOPPED_WHILE_STARTING = "preftune: stopped by Ctrl-C while starting; nothing was done."
 
-main()
+
+def main() -> None:
+    try:
+        from preftune.cli import main as run_command
+    except KeyboardInterrupt:
+        # Status 130, as typer ends a command stopped by Ctrl-C once it runs. Ctrl-C reaches
+        # every process of a distributed run, and there the launcher says "stopped by SIGINT"
+        # once for all of them, so a worker ends without a word.
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            print(STOPPED_WHILE_STARTING, file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    run_command()
+
+
+if __name__ == "__main__":
+    main()
