@@ -241,6 +241,49 @@ def test_eval_pairs_matches_a_direct_computation_and_reads_the_run_config(models
     assert record["eval/rewards/accuracies"] == sum(m > 0 for m in margins) / 3
 
 
+def test_eval_pairs_means_are_over_pairs_with_a_short_last_batch_and_ties_count_as_wrong():
+    """5 pairs in batches of 2, 2 and 1: every number is a mean over the 5 pairs, not a mean of
+    the 3 batch means (the accuracy would read 1/3, not 2/5), padding never enters a sum, and a
+    pair whose margin is exactly 0 counts as wrong. Per-token log-probs are chosen to be exact
+    in binary: policy -t/4 - 1/2, reference -t/8 - 1, so each token's log-ratio is 1/2 - t/8."""
+    from preftune.config import validate_config
+    from preftune.data.tokenize import TokenizedPair
+    from preftune.evaluate import evaluate_pairs
+
+    def summed(per_token):
+        def logps(input_ids, completion_mask):  # (2B, T) -> (2B,), padding (id 99) masked out
+            return torch.where(completion_mask.bool(), per_token(input_ids.double()), 0.0).sum(1)
+        return logps
+
+    policy, reference = summed(lambda t: -t / 4 - 0.5), summed(lambda t: -t / 8 - 1.0)
+
+    def policy_logps(input_ids, attention_mask, completion_mask, *rest):
+        return policy(input_ids, completion_mask), completion_mask.sum(1)
+
+    pairs = [TokenizedPair([1, 2], [3], [7, 7], index=0),  # log-ratios 1/8, -3/4: margin 7/8
+             TokenizedPair([1], [6, 6, 6], [2], index=1),  # -3/4, 1/4: -1
+             TokenizedPair([4, 4, 4], [2, 6], [4], index=2),  # 0, 0: a tie
+             TokenizedPair([2], [1], [9, 9], index=3),  # 3/8, -5/4: 13/8
+             TokenizedPair([3], [8, 8, 8, 8], [1], index=4)]  # -2, 3/8: -19/8, alone in the last batch
+    config = validate_config({"model": {"path": "x"}, "data": {"train": "x.jsonl"},
+                              "loss": {"type": "sigmoid", "beta": 0.5}})
+    got = evaluate_pairs(policy_logps, lambda batch: reference(batch.input_ids, batch.completion_mask),
+                         pairs, config, "cpu", pad_token_id=99, batch_size=2)
+    margins = [7 / 8, -1, 0, 13 / 8, -19 / 8]  # of log-ratios; the rewards are beta = 1/2 times them
+    expected = {
+        "loss": sum(math.log1p(math.exp(-0.5 * m)) for m in margins) / 5,
+        "rewards/chosen": 0.5 * (1 / 8 - 3 / 4 + 0 + 3 / 8 - 2) / 5,  # -0.225
+        "rewards/rejected": 0.5 * (-3 / 4 + 1 / 4 + 0 - 5 / 4 + 3 / 8) / 5,  # -0.1375
+        "rewards/margins": 0.5 * sum(margins) / 5,  # -0.0875
+        "rewards/accuracies": 2 / 5,  # pairs 0 and 3; the tie is wrong
+        "logps/chosen": (-1.25 - 6 - 3 - 0.75 - 10) / 5,  # policy sums of -t/4 - 1/2
+        "logps/rejected": (-4.5 - 1 - 1.5 - 5.5 - 0.75) / 5,
+        "lengths/chosen": (1 + 3 + 2 + 1 + 4) / 5,
+        "lengths/rejected": (2 + 1 + 1 + 2 + 1) / 5,
+    }
+    assert got == pytest.approx(expected, abs=1e-12)
+
+
 def write_run(tmp_path, policy, config: dict):
     run = tmp_path / "run"
     shutil.copytree(policy, run / "final")
