@@ -388,7 +388,7 @@ def test_evaluations_table_shows_the_token_wise_kl_and_an_older_record_without_i
     newer = {**generate_eval(0.5, 2.0, 0.8, 0.65), "kl_tokens": 1.75, "kl_tokens_se": 0.05}
     (tmp_path / "eval.json").write_text(json.dumps({"evals": [older, newer]}))
     html = write_report(tmp_path).read_text()
-    assert "<th>KL ± se (nats)</th><th>token-wise KL ± se (nats)</th>" in html
+    assert "<th>KL ± se (nats per response)</th><th>token-wise KL ± se (nats per response)</th>" in html
 
     def kl_cells(label):
         cells = re.findall(r"<td[^>]*>(.*?)</td>", re.search(rf"<tr><td>{label}</td>(.*?)</tr>", html).group(1))

@@ -90,7 +90,7 @@ def test_comparison_names_each_run_its_differing_settings_and_final_numbers(swee
     assert row(html, "eval/rewards/accuracies, best") == ["0.9 (step 60)", "0.9 (step 40)", "–"]
     assert row(html, "win rate [95% CI] (reward:tests:length)") == [
         "0.800 [0.700, 0.900]", "0.650 [0.550, 0.750]", "–"]
-    assert row(html, "KL ± se, nats (reward:tests:length)") == ["6 ± 0.3", "2 ± 0.3", "–"]
+    assert row(html, "KL ± se, nats per response (reward:tests:length)") == ["6 ± 0.3", "2 ± 0.3", "–"]
     assert row(html, "held-out accuracy (pairs of D_eval.jsonl)") == ["0.75", "–", "–"]
     # One sentence for each thing a reader could misread.
     assert "ipo has no final/: it is still training or was stopped" in html
@@ -299,8 +299,8 @@ def test_comparison_shows_the_token_wise_kl_where_an_evaluation_has_it(tmp_path)
     runs = [load_run(f, label, n) for n, (f, label) in enumerate(zip([older, newer], ["beta0.1", "beta0.5"]))]
     _, _, rows = comparison_table(runs)
     by_name = {r[0]: r[1:] for r in rows}
-    assert by_name["KL ± se, nats (reward:tests:length)"] == ["6 ± 0.3", "2 ± 0.3"]
-    assert by_name["token-wise KL ± se, nats (reward:tests:length)"] == ["–", "1.75 ± 0.05"]
+    assert by_name["KL ± se, nats per response (reward:tests:length)"] == ["6 ± 0.3", "2 ± 0.3"]
+    assert by_name["token-wise KL ± se, nats per response (reward:tests:length)"] == ["–", "1.75 ± 0.05"]
 
 
 def test_token_metrics_and_wpo_weight_overlay_the_runs_that_logged_them_and_name_the_others(tmp_path, monkeypatch):

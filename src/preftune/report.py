@@ -611,7 +611,8 @@ def _with_se(ev: dict, key: str) -> str:
 
 def _evals_table(evals: list[dict]):
     header = ["model", "kind", "judge and data", "prompts", "win rate [95% CI]",
-              "mean reward (policy / ref)", "KL ± se (nats)", "token-wise KL ± se (nats)", "accuracy",
+              "mean reward (policy / ref)", "KL ± se (nats per response)",
+              "token-wise KL ± se (nats per response)", "accuracy",
               "held-out loss", "mean length, tokens (policy / ref)"]
     rows = []
     for ev in evals:

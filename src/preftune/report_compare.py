@@ -434,7 +434,7 @@ def _eval_cells(ev: dict):
         yield f"win rate [95% CI] ({on})", "awaiting votes"
     for key, name in (("kl", "KL"), ("kl_tokens", "token-wise KL")):
         if _is_number(ev.get(key)):  # kl_tokens is absent from evaluations written before it existed
-            yield f"{name} ± se, nats ({on})", _with_se(ev, key)
+            yield f"{name} ± se, nats per response ({on})", _with_se(ev, key)
     if _policy_reward(ev) is not None:
         yield (f"mean reward, policy / ref ({on})",
                f"{_fmt(_policy_reward(ev))} / {_fmt(_policy_reward(ev, 'reference'))}")
