@@ -409,9 +409,10 @@ def fit_ratings(
     anchor: the system held at `anchor_rating` (default: the first system), e.g. the reference.
     scale: points per natural unit of rating; the default 400 / ln 10 is the Elo convention.
     n_bootstrap: resamples of the comparisons (with replacement, seeded by `seed`) behind the
-        percentile intervals; 0 skips them and reports the point estimate as both bounds.
-        Either way a rating the data leave unbounded (its system never lost, or never won,
-        against the anchor's side of the comparisons) gets the interval (-inf, inf).
+        percentile intervals; 0 skips them, leaving no interval (NaN bounds: null in
+        `to_dict`, "–" in the tables), not a zero-width one at the point. Either way a
+        rating the data leave unbounded (its system never lost, or never won, against the
+        anchor's side of the comparisons) gets the interval (-inf, inf).
     prior_strength: a Gaussian prior N(0, 1 / prior_strength) on each rating in natural units,
         i.e. a ridge on the log-likelihood. Without it a system that never lost would get an
         infinite rating; the default 0.01 (standard deviation 10 natural units, about 1700
