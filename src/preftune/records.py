@@ -11,8 +11,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import secrets
 import stat
+import time
 from pathlib import Path
 from typing import Iterable
 
@@ -138,10 +140,20 @@ def make_parent_folder(path: str | Path, option: str = "--out") -> None:
                         "name a file in a folder.") from None
 
 
+try:
+    import fcntl
+except ImportError:  # no flock on this system: leftovers of killed writers stay, as before
+    fcntl = None
+
+TEMP_HEX_BYTES = 6  # random part of a temporary file's name, in bytes
+STALE_TEMP_S = 5 * 60  # a temporary file untouched this long, and unlocked, is a killed writer's
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write `text` to a temporary file beside `path`, fsync, rename over it, fsync the folder.
 
-    A crash leaves either the old file or the new one, never half of one.
+    A crash leaves either the old file or the new one, never half of one; the temporary file a
+    kill leaves behind is deleted by the next write of `path` (`_remove_stale_temps`).
     """
     write_bytes_atomic(path, text.encode("utf-8"))
 
@@ -151,6 +163,7 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     path = Path(path)
     if not path.parent.is_dir():
         raise UserError(f"{path}: the folder {path.parent} does not exist; create it first.")
+    _remove_stale_temps(path)
     try:
         fd, tmp = _create_temp_beside(path)
     except OSError as e:  # no room for even an empty file (no free inodes)
@@ -162,7 +175,7 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+            os.replace(tmp, path)  # still open, so still locked: no sweep takes it for a leftover
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         if is_full_disk(e):
@@ -189,15 +202,55 @@ def _create_temp_beside(path: Path) -> tuple[int, str]:
     except FileNotFoundError:
         keep_mode = None
     while True:
-        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(TEMP_HEX_BYTES)}.tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             break
         except FileExistsError:
             continue  # a name already taken: draw another
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # held until the rename: this file is not a leftover
+        except OSError:  # a file system without locks: the age of a leftover still guards it
+            pass
     if keep_mode is not None:
         os.fchmod(fd, keep_mode)
     return fd, tmp
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete the temporary files that writers of `path` killed before their rename (SIGKILL,
+    the OOM killer, a power cut) left beside it; nothing else ever removes them.
+
+    Only names of the exact form `_create_temp_beside` gives for this `path`, and only files
+    both unlocked (a live writer holds its lock from creating the file until the rename; the
+    operating system drops it with the process) and untouched for STALE_TEMP_S (a writer that
+    has created its file but not yet locked it, or a writer on a file system without locks).
+    Anything in doubt is left; this never fails the write it comes before."""
+    if fcntl is None:  # cannot tell a live writer's file from a leftover
+        return
+    leftover = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{{2 * TEMP_HEX_BYTES}}}\.tmp")
+    try:
+        with os.scandir(path.parent) as entries:
+            names = [entry.name for entry in entries if leftover.fullmatch(entry.name)]
+    except OSError:
+        return
+    for name in names:
+        candidate = path.parent / name
+        try:
+            fd = os.open(candidate, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:  # gone already, a link, or not ours to read
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while a writer holds it
+            held = os.fstat(fd)
+            if (stat.S_ISREG(held.st_mode) and time.time() - held.st_mtime > STALE_TEMP_S
+                    and os.lstat(candidate).st_ino == held.st_ino):  # still the file checked
+                os.unlink(candidate)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def write_jsonl_atomic(path: str | Path, rows: Iterable[dict]) -> int:

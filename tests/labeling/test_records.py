@@ -3,8 +3,10 @@
 import errno
 import json
 import os
+import re
 import stat
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -119,3 +121,82 @@ def test_no_room_for_a_new_file_is_the_same_sentence(tmp_path, monkeypatch):
         write_json_atomic(tmp_path / "eval.json", {"a": 1})
     monkeypatch.undo()
     assert list(tmp_path.iterdir()) == []
+
+
+# A writer that stops just before its rename: killed there, or held there (alive) until told to go on.
+WRITER_STOPPED_BEFORE_RENAME = """
+import os, signal, sys
+from preftune.records import write_text_atomic
+
+rename = os.replace
+
+def stop_before_rename(tmp, path):
+    if sys.argv[2] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    print(tmp, flush=True)
+    sys.stdin.readline()
+    rename(tmp, path)
+
+os.replace = stop_before_rename
+write_text_atomic(sys.argv[1], "from the other writer\\n")
+"""
+
+
+def _writer_stopped_before_rename(path, how):
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", WRITER_STOPPED_BEFORE_RENAME, str(path), how],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def _age(path, seconds=3600):
+    os.utime(path, (path.stat().st_atime - seconds, path.stat().st_mtime - seconds))
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
+    """A SIGKILL between creating `.D.jsonl.<hex>.tmp` and renaming it left that file (as large
+    as D.jsonl) beside D.jsonl forever; the next write of D.jsonl now removes it once stale."""
+    path = tmp_path / "D.jsonl"
+    killed = _writer_stopped_before_rename(path, "kill")
+    killed.communicate(timeout=120)
+    assert killed.returncode == -9
+    [leftover] = tmp_path.iterdir()
+    assert re.fullmatch(r"\.D\.jsonl\.[0-9a-f]{12}\.tmp", leftover.name)
+
+    write_jsonl_atomic(path, [{"a": 1}])
+    assert leftover.exists(), "a minute-old leftover may be a writer that has not locked it yet"
+    _age(leftover)
+    write_jsonl_atomic(path, [{"a": 2}])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["D.jsonl"]
+    assert read_records(path) == [{"a": 2}]
+
+
+def test_a_live_writers_temporary_file_is_left_alone(tmp_path):
+    """Two processes writing the same file: the one that writes second must not delete the
+    temporary file of the first, however old it looks, while the first still runs."""
+    path = tmp_path / "eval.json"
+    other = _writer_stopped_before_rename(path, "hold")
+    try:
+        tmp = Path(other.stdout.readline().strip())
+        _age(tmp)
+        write_json_atomic(path, {"mine": True})
+        assert tmp.exists()
+    finally:
+        other.communicate("go on\n", timeout=120)
+    assert other.returncode == 0
+    assert path.read_text() == "from the other writer\n"  # its rename found its file
+
+
+def test_only_exact_leftovers_of_the_file_written_are_removed(tmp_path):
+    kept = [".D.jsonl.0123456789ab.tmp.bak", "D.jsonl.0123456789ab.tmp", ".D.jsonl.0123456789.tmp",
+            ".D.jsonl.0123456789AB.tmp", ".E.jsonl.0123456789ab.tmp", ".xD.jsonl.0123456789ab.tmp",
+            ".D.jsonl.0123456789ab.tmp.0123456789ab.tmp"]
+    for name in [*kept, ".D.jsonl.0123456789ab.tmp"]:
+        (tmp_path / name).write_text("x")
+        _age(tmp_path / name)
+    (tmp_path / "folder").mkdir()
+    os.symlink(tmp_path / "folder", tmp_path / ".D.jsonl.ba9876543210.tmp")  # a link: not ours
+    write_jsonl_atomic(tmp_path / "D.jsonl", [{"a": 1}])
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted([*kept, "D.jsonl", "folder", ".D.jsonl.ba9876543210.tmp"])
