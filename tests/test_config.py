@@ -246,6 +246,22 @@ def test_an_unknown_key_with_nothing_close_lists_the_section_keys():
     ("ld_alpha=0.5", "unknown key 'ld_alpha' (TRL's name: preftune's is loss.ld_alpha)"),
     ("train.dataset_num_proc=4", "unknown key 'train.dataset_num_proc' (a TRL setting: parallel preprocessing, "
                                  "which preftune does not use: it tokenizes in one process; remove it)"),
+    # Same name, other meaning: TRL's keep_start (its default) cuts completions, preftune's keep_start
+    # the prompt's end (test_trl_parity.py checks the equivalent it names against TRL's collator).
+    ("truncation_mode=keep_start", "preftune's is data.truncation, which names the end of the prompt kept, not of "
+                                   "the sequence: TRL's keep_start (its default) keeps the prompt whole and cuts "
+                                   "completions, which is data.max_prompt_length: max_length - 1 here;"),
+    ("loss.loss_type=bco_pair", "unless loss.bco_reward_shift: none (TRL 1.16's bco_pair))"),
+    ("label_smoothing=0.1", "the sigmoid loss reads too (conservative DPO), where TRL 1.16's sigmoid ignores it)"),
+    ("lr_scheduler_type=linear", "TRL's default is linear, preftune's constant)"),
+    ("train.logging_steps=10", "unknown key 'train.logging_steps' (a TRL setting: a logging interval, which "
+                               "preftune does not need: it logs every optimizer step; remove it)"),
+    ("precompute_ref_batch_size=64", "(a TRL setting: the batch size of the reference precompute"),
+    ("ddp_timeout=600", "unknown key 'ddp_timeout' (TRL's name: preftune's is train.ddp_timeout)"),
+    ("dataset_test_split=test", "preftune's is data.eval_split)"),
+    ("report_to=none", "preftune's is train.loggers, a list of jsonl, tensorboard and wandb (TRL's none is [jsonl]))"),
+    # TRL's flat `optim: adamw_torch` falls on preftune's optim section.
+    ("optim=adamw_torch", "key 'optim' is a section of keys here; TRL's optim setting is optim.name (adamw or rmsprop)."),
 ])
 def test_a_trl_key_is_told_its_preftune_name(key, where):
     with pytest.raises(UserError) as caught:

@@ -323,3 +323,34 @@ def test_token_metrics_match_trl(data, tmp_path, tiny_model_factory):
             assert a[key] == pytest.approx(b[key], abs=tol, rel=tol), (step, key, a[key], b[key])
     print("\n" + "\n".join(f"{k}: {[round(a[k], 5) for a in ours]} TRL {[round(b[k], 5) for b in theirs]}"
                              for k in TOKEN_METRICS))
+
+
+def test_trl_keep_start_is_a_prompt_budget_of_max_length_less_one(tiny_model_factory):
+    """What the config tells a user of TRL's truncation_mode: its keep_start (the default) is
+    data.max_prompt_length: max_length - 1, not data.truncation: keep_start. Prompts longer than half
+    of max_length, where preftune's default budget would shorten them, are cut alike: completions
+    only, from their end; a prompt that fills max_length is dropped by both."""
+    from transformers import AutoTokenizer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from preftune.data.schema import PreferencePair
+    from preftune.data.tokenize import tokenize_pair, truncate_pair
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_factory("qwen2", seed=0))
+    max_length = 34  # UNEVEN's prompts: 9, 46, 2 and 32 tokens
+    pairs = [tokenize_pair(PreferencePair(r["prompt"], r["chosen"], r["rejected"]), tokenizer) for r in UNEVEN]
+    assert any(max_length // 2 < len(p.prompt_ids) < max_length < p.length for p in pairs)
+    assert any(len(p.prompt_ids) >= max_length for p in pairs)
+    collate = DataCollatorForPreference(pad_token_id=0, max_length=max_length, truncation_mode="keep_start")
+    for pair in pairs:
+        ours, _ = truncate_pair(pair, max_length, max_length - 1, "keep_end")
+        if len(pair.prompt_ids) >= max_length:  # TRL's _prepare_dataset filters these out
+            assert ours is None
+            continue
+        batch = collate([{"prompt_ids": pair.prompt_ids, "chosen_ids": pair.chosen_ids,
+                          "rejected_ids": pair.rejected_ids}])
+        theirs = [ids[mask == 1].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+        assert [ours.prompt_ids + ours.chosen_ids, ours.prompt_ids + ours.rejected_ids] == theirs
+        # Under preftune's keep_start, the name TRL uses, the prompt's end would go instead.
+        if len(pair.prompt_ids) > max_length // 2 and pair.length > max_length:
+            assert truncate_pair(pair, max_length, None, "keep_start")[0].prompt_ids != pair.prompt_ids

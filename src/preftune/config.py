@@ -673,12 +673,24 @@ TRL_NAMES = {
     "use_peft": "model.lora", "lora_r": "model.lora.r", "lora_alpha": "model.lora.alpha",
     "lora_dropout": "model.lora.dropout", "lora_target_modules": "model.lora.target_modules",
     "dataset_name": "data.train", "max_length": "data.max_length",
-    "max_prompt_length": "data.max_prompt_length", "truncation_mode": "data.truncation",
-    "padding_free": "data.packing", "beta": "loss.beta", "loss_type": "loss.type",
-    "loss_weights": "loss.weights", "label_smoothing": "loss.label_smoothing",
+    "max_prompt_length": "data.max_prompt_length",
+    # Same key, other meaning: TRL's mode names the end of the whole sequence kept, preftune's the end of
+    # the prompt kept (data.truncation: keep_start cuts the prompt's end, next to the response).
+    "truncation_mode": "data.truncation, which names the end of the prompt kept, not of the sequence: TRL's "
+                       "keep_start (its default) keeps the prompt whole and cuts completions, which is "
+                       "data.max_prompt_length: max_length - 1 here; its keep_end cuts the prompt's start, "
+                       "which is data.truncation: keep_end (the default)",
+    "padding_free": "data.packing", "beta": "loss.beta",
+    "loss_type": "loss.type, with TRL's names; bco_pair shifts rewards by their running mean unless "
+                 "loss.bco_reward_shift: none (TRL 1.16's bco_pair)",
+    "loss_weights": "loss.weights",
+    "label_smoothing": "loss.label_smoothing, which the sigmoid loss reads too (conservative DPO), where "
+                       "TRL 1.16's sigmoid ignores it",
     "reference_free": "loss.reference_free", "simpo_gamma": "loss.simpo_gamma",
     "rpo_alpha": "loss.type: [sigmoid, sft] with loss.weights: [1, alpha]",
-    "learning_rate": "optim.lr", "lr_scheduler_type": "optim.scheduler", "optim": "optim.name",
+    "learning_rate": "optim.lr", "optim": "optim.name (adamw or rmsprop)",
+    "lr_scheduler_type": "optim.scheduler (constant, linear or cosine; TRL's default is linear, preftune's "
+                         "constant)",
     "warmup_steps": "optim.warmup_steps", "weight_decay": "optim.weight_decay",
     "warmup_ratio": "optim.warmup_steps, which below 1 is a share of the run's steps",
     "max_grad_norm": "optim.max_grad_norm", "adam_beta1": "optim.betas", "adam_beta2": "optim.betas",
@@ -687,7 +699,13 @@ TRL_NAMES = {
     "max_steps": "train.max_steps", "seed": "train.seed", "output_dir": "train.output_dir",
     "eval_steps": "train.eval_every", "per_device_eval_batch_size": "train.eval_batch_size",
     "save_steps": "train.save_every", "save_total_limit": "train.keep_checkpoints",
-    "report_to": "train.loggers",
+    "report_to": "train.loggers, a list of jsonl, tensorboard and wandb (TRL's none is [jsonl])",
+    "eval_strategy": "train.eval_every, in optimizer steps (leave it out for no evaluation)",
+    "save_strategy": "train.save_every, in optimizer steps (leave it out to save only final/)",
+    "dataset_train_split": "data.split", "dataset_test_split": "data.eval_split",
+    "dataset_config": "data.config", "dtype": "model.dtype", "torch_dtype": "model.dtype",
+    "ddp_timeout": "train.ddp_timeout", "use_cpu": "train.device: cpu", "torch_compile_mode": "model.compile_mode",
+    "fsdp": "train.distributed: fsdp",
     "sync_ref_model": "model.reference_sync", "ref_model_sync_steps": "model.reference_sync.every",
     "ref_model_mixup_alpha": "model.reference_sync.alpha", "discopop_tau": "loss.discopop_tau",
     "f_divergence_type": "loss.f_divergence_type", "f_alpha_divergence_coef": "loss.f_alpha_divergence_coef",
@@ -702,6 +720,10 @@ TRL_ONLY = {
     "pad_to_multiple_of": "padding to a multiple, which preftune does not need: it packs or pads to the "
                           "longest sequence",
     "dataset_num_proc": "parallel preprocessing, which preftune does not use: it tokenizes in one process",
+    "logging_steps": "a logging interval, which preftune does not need: it logs every optimizer step",
+    "precompute_ref_batch_size": "the batch size of the reference precompute, which preftune sets itself "
+                                 "(4 x the larger of train.batch_size and train.eval_batch_size)",
+    "fp16": "float16 mixed precision, which preftune does not offer; model.autocast: bfloat16 is bf16",
 }
 
 
@@ -737,6 +759,9 @@ def _describe(error: dict) -> str:
         return f"unknown key {key!r}{_known_keys_hint(error['loc'])}"
     if error["type"] == "missing":
         return f"missing required key {key!r}"
+    if len(error["loc"]) == 1 and key in TRL_NAMES and not isinstance(error.get("input"), dict):
+        # TRL's flat `optim: adamw_torch` lands on preftune's optim section.
+        return f"key {key!r} is a section of keys here; TRL's {key} setting is {TRL_NAMES[key]}"
     return f"key {key!r}: {message}"
 
 
