@@ -279,6 +279,40 @@ def test_an_eval_file_beside_training_data_of_another_split_is_read_whole(tmp_pa
         prepare_data(config, tokenizer, Console(quiet=True))
 
 
+def test_training_warns_once_about_duplicate_rows_and_eval_pairs_it_trains_on(tmp_path, tokenizer):
+    """Training said nothing while `data inspect` counted duplicates: each copy is trained on (the
+    pair weighs 2x or more), and a data.eval pair that is also a training row inflates eval/."""
+    from preftune_test_data import make_config
+    from rich.console import Console
+
+    from preftune.train import prepare_data
+
+    rows = PAIRS + [PAIRS[1], PAIRS[0], PAIRS[1]]  # lines 5-7 repeat lines 2, 1, 2
+    train_file = write_jsonl(tmp_path / "train.jsonl", rows)
+    other = {"prompt": "Question: Name a planet.\nAnswer:", "chosen": " Mars.", "rejected": " The moon."}
+    eval_file = write_jsonl(tmp_path / "eval.jsonl", [other, PAIRS[2]])
+    console = Console(record=True, width=1000)
+    train, evaluated, _ = prepare_data(make_config(tmp_path, "unused", train_file, data={"eval": str(eval_file)}),
+                                       tokenizer, console)
+    assert (len(train), len(evaluated)) == (len(rows), 2)  # said, not dropped
+    said = console.export_text()
+    assert said.count("duplicate row") == 1 and said.count("data.train also has") == 1
+    assert (f"data: data.train has 3 duplicate rows, the same prompt, chosen and rejected as an earlier row "
+            f"(the first: {train_file}, line 5 repeats {train_file}, line 2); training keeps every copy, so "
+            "those pairs weigh 2x or more. Remove the duplicates from the data, or keep them if the extra "
+            "weight is on purpose") in said
+    assert (f"data: data.train also has 1 pair of the 2 in data.eval, the same prompt, chosen and rejected "
+            f"(the first: {eval_file}, line 2 is {train_file}, line 3); the policy is trained on them, so their "
+            "eval/ numbers are optimistic. Remove them from data.train or from data.eval") in said
+    # Unique rows, and an eval file of other pairs: nothing to say.
+    write_jsonl(train_file, PAIRS)
+    write_jsonl(eval_file, [other])
+    console = Console(record=True, width=1000)
+    prepare_data(make_config(tmp_path, "unused", train_file, data={"eval": str(eval_file)}), tokenizer, console)
+    said = console.export_text()
+    assert "duplicate" not in said and "data.train also has" not in said, said
+
+
 def test_json_lines_under_a_json_name_are_read_line_by_line(tmp_path):
     # Hub data sets often name JSON Lines files train.json; datasets reads them, so do we.
     path = write_jsonl(tmp_path / "train.json", PAIRS)

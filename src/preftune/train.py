@@ -60,6 +60,7 @@ from preftune.data.heldout import (
     write_heldout,
 )
 from preftune.data.io import load_pairs
+from preftune.data.repeats import eval_overlap_warning, repeated_rows_warning
 from preftune.data.tokenize import TokenizedPair, tokenize_pairs
 from preftune.distributed import full_tensor, resume_command
 from preftune.errors import UserError
@@ -171,11 +172,17 @@ def prepare_data(config: Config, tokenizer, console: Console):
     data = config.data
     train_pairs, train_skipped = _load_sources(data.train, data.split, "train", console, config=data.config)
     rows_read = len(train_pairs) + sum(train_skipped.values())
+    # Said, not fixed: duplicates weigh a pair 2x or more, which the user may want or not.
+    if repeats := repeated_rows_warning(train_pairs):
+        console.print(f"[yellow]{escape(repeats)}[/yellow]")
     eval_pairs, held_out = [], []
     if data.eval:
         # data.split (train_prefs, say) is for data.eval too when it has splits; an eval file has none.
         eval_pairs, _ = _load_sources(data.eval, data.eval_split or data.split, "eval", console,
                                       split_inherited=data.eval_split is None, config=data.eval_config)
+        # A held-out split's overlap is said below (shared_prompts), for prompts and so rows too.
+        if overlap := eval_overlap_warning(train_pairs, eval_pairs):
+            console.print(f"[yellow]{escape(overlap)}[/yellow]")
     elif data.eval_fraction > 0:
         train_pairs, held_out = hold_out(train_pairs, data.eval_fraction, config.train.seed,
                                          data.eval_fraction_by)

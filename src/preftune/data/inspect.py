@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 
 from rich.console import Console
@@ -11,6 +10,7 @@ from rich.text import Text
 
 from preftune.data.heldout import prompt_key
 from preftune.data.io import load_pairs
+from preftune.data.repeats import repeated_rows
 from preftune.data.tokenize import tokenize_pair, truncate_pair
 from preftune.wording import counted
 
@@ -64,7 +64,7 @@ def inspect_file(path: str, tokenizer, data_cfg, console: Console, split: str = 
     longer = length_bias(lengths["chosen"], lengths["rejected"])
     if longer is not None:
         console.print(f"  {longer}")
-    repeats = repeated_rows(loaded.pairs)
+    repeats = len(repeated_rows(loaded.pairs))
     if repeats:
         console.print(f"  {repeats} {'rows repeat' if repeats > 1 else 'row repeats'} an earlier one "
                       "(same prompt, chosen and rejected): training counts each copy")
@@ -99,14 +99,6 @@ def length_bias(chosen: list[int], rejected: list[int]) -> str | None:
         line += (f": a length bias the policy will learn ({'longer' if longer > shorter else 'shorter'} "
                  "responses); loss.type rdpo or simpo counters it")
     return line
-
-
-def repeated_rows(pairs) -> int:
-    """Rows whose prompt, chosen and rejected equal an earlier row's."""
-    seen = set()
-    for pair in pairs:
-        seen.add(json.dumps([pair.prompt, pair.chosen, pair.rejected], sort_keys=True))
-    return len(pairs) - len(seen)
 
 
 def prompt_counts(pairs) -> dict:
