@@ -166,6 +166,36 @@ def test_resume_with_nothing_to_resume_is_said_before_the_model_loads(tmp_path, 
         "--resume out to start a run there."))
 
 
+def test_a_resume_with_a_changed_loss_or_optimizer_setting_is_refused_before_the_model_loads(
+        tmp_path, run_config, monkeypatch):
+    # Refused only once the model (and the reference's log-probs) had loaded: minutes on a large
+    # model, for a one-line refusal.
+    import preftune.train as train_module
+
+    run = tmp_path / "run"
+    assert cli("train", run_config).exit_code == 0
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the changed setting was noticed")
+
+    monkeypatch.setattr(train_module, "load_tokenizer", load)
+    monkeypatch.setattr(train_module, "load_causal_lm", load)
+    result = cli("train", run / "config.yaml", "--resume", "train.max_steps=6", "loss.beta=0.2", "optim.lr=1e-4")
+    assert result.exit_code == 2, result.output
+    assert squash(result.output).endswith(squash(
+        f"error: checkpoint {run / 'checkpoints' / 'step-000004'} was written with loss.beta 0.1 (now 0.2), "
+        "optim.lr 0.001 (now 0.0001); a resumed run must keep the settings that fix its data order, loss, "
+        "optimizer and schedule, so set them back (the run's config.yaml holds them), or start a new run in "
+        "another train.output_dir."))
+    checkpoint = run / "checkpoints" / "step-000002"
+    result = cli("train", run / "config.yaml", "--resume-from", checkpoint, "loss.type=ipo")
+    assert result.exit_code == 2, result.output
+    assert squash(result.output).endswith(squash(
+        f"error: checkpoint {checkpoint} was written with loss.type 'sigmoid' (now 'ipo'); a resumed run must "
+        "keep the settings that fix its data order, loss, optimizer and schedule, so set it back (the run's "
+        "config.yaml holds them), or start a new run in another train.output_dir."))
+
+
 def test_a_run_folder_this_user_cannot_write_is_one_sentence(tmp_path, run_config, monkeypatch):
     # Opening the lock file is the first write of a run: a folder of another account's gave a
     # PermissionError traceback. (A monkeypatched open: root may write anywhere.)

@@ -230,9 +230,10 @@ def load_model_weights(model: torch.nn.Module, folder: Path) -> None:
                         f"unexpected {unexpected[:3]}.")
 
 
-def load_training_state(folder: Path) -> dict:
+def load_training_state(folder: Path, mmap: bool = False) -> dict:
+    """`mmap`: tensors are mapped, not read, for a caller that wants only the small entries."""
     # Our own file, holding optimizer state and RNG tuples: not loadable with weights_only.
-    return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
+    return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False, mmap=mmap)
 
 
 # What a run leaves in train.output_dir: train's records, the report, the logger backends'

@@ -255,16 +255,24 @@ def _check_fixed_keys(saved: dict, folder: Path, config) -> None:
             f"a new run in another train.output_dir.")
 
 
+def check_resume_settings(folder: Path, config, dist: DistContext) -> None:
+    """Refuse a resume from `folder` whose config changes the global batch or a FIXED_AT_RESUME
+    key. Called before the model loads: on a large model the refusal came minutes late. The
+    training state is read memory-mapped, so its optimizer state (twice the weights under
+    none/ddp) is not read from disk for the saved config beside it."""
+    saved = load_training_state(folder, mmap=True)
+    _check_shape(saved, Path(folder), config, dist)
+    _check_fixed_keys(saved, Path(folder), config)
+
+
 def restore_training_checkpoint(folder: Path, policy, optimizer, config, dist: DistContext,
                                 reference=None) -> dict:
     """Load weights and optimizer into this run's (possibly sharded) model, and into `reference`
     the reference the checkpoint holds, if it holds one (else the reference stays the starting
     model it was built as); every rank calls it. Returns the saved training state for train.py
-    (scheduler, step, RNG)."""
+    (scheduler, step, RNG). The caller has checked the settings with `check_resume_settings`."""
     folder = Path(folder)
     saved = load_training_state(folder)
-    _check_shape(saved, folder, config, dist)
-    _check_fixed_keys(saved, folder, config)
     if dist.sharded:
         _load_weights_sharded(policy, folder, dist)
     else:

@@ -331,6 +331,7 @@ def train(config: Config | dict | str | Path, resume: str | bool | None = None,
 
 def _train(config: Config | dict | str | Path, resume: str | bool | None, overwrite: bool) -> Path:
     from preftune.config import load_config, validate_config
+    from preftune.dist_checkpoint import check_resume_settings
     from preftune.distributed import setup_distributed, shard_reference, start_notes, wrap_policy
 
     if isinstance(config, (str, Path)):
@@ -364,6 +365,8 @@ def _train(config: Config | dict | str | Path, resume: str | bool | None, overwr
     checkpoint = resolve_resume(resume, output_dir)
     if dist.is_main and output_dir.is_dir():  # else once it is made, before anything is written
         _lock_run_folder(output_dir)
+    if checkpoint is not None:  # a changed loss or optimizer setting is said now too, not once the model loads
+        check_resume_settings(checkpoint, config, dist)
     device = dist.device or pick_device(config.train.device)
     seed_everything(config.train.seed)
     if config.train.deterministic:
