@@ -573,6 +573,47 @@ def test_generate_policy_equal_to_reference_has_zero_kl_and_only_ties(models, pr
     assert record["mean_length"]["policy"] == sum(r["length"]["policy"] for r in rows) / len(rows)
 
 
+def test_generate_summary_by_hand_ties_count_half_and_one_prompt_has_null_errors():
+    """eval.json's numbers from samples.jsonl rows, worked out by hand: 2 wins, 1 tie and 1 loss
+    score (2 + 1/2) / 4 with Wilson's interval at n = 4; standard errors use n - 1; the reward
+    margin is paired (per prompt); and one prompt's standard errors are null, not NaN (no JSON)."""
+    from preftune.eval_generate import Judge, Samples, summarize
+    from preftune.sampling_settings import SamplingSettings
+
+    def row(winner, policy_reward, reference_reward, kl, kl_tokens, policy_length, reference_length):
+        return {"winner": winner, "reward": {"policy": policy_reward, "reference": reference_reward},
+                "kl": kl, "kl_tokens": kl_tokens, "length": {"policy": policy_length, "reference": reference_length}}
+
+    rows = [row("policy", 3.0, 1.0, 0.5, 0.6, 4, 5), row("tie", 2.0, 2.0, -0.25, 0.25, 6, 3),
+            row("reference", 1.0, 2.5, 1.25, 1.0, 2, 2), row("policy", 4.0, 0.0, 0.5, 0.75, 4, 6)]
+    samples = [Samples(label, label, [], [], [], []) for label in ("pol", "reference")]
+    judge, settings = Judge("reward", "reward:r.py:f"), SamplingSettings(n=1)
+    record = summarize(rows, *samples, judge, settings, None)
+
+    z = 1.959963984540054
+    p, n = 2.5 / 4, 4
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    assert (record["wins"], record["ties"], record["losses"]) == (2, 1, 1)
+    assert record["win_rate"] == 0.625
+    assert record["win_rate_ci"] == pytest.approx([centre - half, centre + half], abs=1e-12)  # [0.2194, 0.9081]
+    # kl: mean 0.5, deviations 0, -0.75, 0.75, 0: sd sqrt(1.125 / 3), se sd / 2
+    assert (record["kl"], record["kl_se"]) == pytest.approx((0.5, math.sqrt(1.125 / 3) / 2), abs=1e-12)
+    # kl_tokens: mean 0.65, deviations -0.05, -0.4, 0.35, 0.1: squares sum to 0.295
+    assert (record["kl_tokens"], record["kl_tokens_se"]) == pytest.approx((0.65, math.sqrt(0.295 / 3) / 2), abs=1e-12)
+    # margins 2, 0, -1.5, 4: mean 1.125, squared deviations sum to 17.1875
+    assert (record["reward_margin"], record["reward_margin_se"]) == pytest.approx(
+        (1.125, math.sqrt(17.1875 / 3) / 2), abs=1e-12)
+    assert record["mean_reward"] == {"policy": 2.5, "reference": 1.375}
+    assert record["mean_length"] == {"policy": 4.0, "reference": 4.0}
+
+    one = summarize(rows[:1], *samples, judge, settings, None)
+    assert (one["win_rate"], one["win_rate_ci"]) == (1.0, [pytest.approx(1 / (1 + z * z)), 1.0])
+    assert one["kl"] == 0.5 and one["kl_se"] is None and one["kl_tokens_se"] is None
+    assert one["reward_margin_se"] is None and one["mean_reward_se"] == {"policy": None, "reference": None}
+    assert one["mean_length_se"] == {"policy": None, "reference": None}
+    json.dumps(one, allow_nan=False)  # eval.json stays valid JSON
+
+
 def test_generate_printout_counts_one_in_the_singular(capsys):
     """It said "on 1 prompts (... 1 wins, 0 ties, 0 losses)"."""
     from preftune.eval_cli import _print_generation_record
