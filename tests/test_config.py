@@ -140,6 +140,22 @@ def test_a_yaml_boolean_is_no_number(override, said):
     assert load_config(None, [*REQUIRED, "train.report=no"]).train.report is False  # a boolean key takes one
 
 
+@pytest.mark.parametrize("written, said", [
+    ("loss: {weights: [true]}", "key 'loss.weights': entry 1, true, is not a number; give a number for each entry."),
+    ("loss: {type: [sigmoid, sft], weights: [1, no]}",
+     "key 'loss.weights': entry 2, false, is not a number; give a number for each entry."),
+    ("optim: {betas: [false, 0.99]}", "key 'optim.betas': entry 1, false, is not a number; give a number for each entry."),
+])
+def test_a_yaml_boolean_in_a_list_of_numbers_is_no_number(tmp_path, written, said):
+    """`loss.weights: [true]` was a weight of 1.0, `optim.betas: [false, 0.99]` a beta1 of 0."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"model: {{path: m}}\ndata: {{train: d.jsonl}}\n{written}\n")
+    with pytest.raises(UserError) as caught:
+        load_config(path)
+    assert str(caught.value) == f"{path}: {said}"
+    assert load_config(None, [*REQUIRED, "loss.type=[sigmoid,sft]", "loss.weights=[1,0.5]"]).loss.weights == [1.0, 0.5]
+
+
 def test_a_name_that_reads_as_a_number_is_text_where_only_text_goes(tmp_path):
     """train.output_dir=20241129 (a run named by its date) was 'Input should be a valid string'."""
     cfg = load_config(None, [*REQUIRED, "train.output_dir=20241129", "data.split=1e3"])

@@ -11,7 +11,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -34,10 +34,25 @@ class Section(BaseModel):
         if isinstance(value, bool) and all(member in (int, float, type(None)) for member in members):
             none = ", or null for none" if type(None) in members else ""
             raise ValueError(f"{str(value).lower()} is not a number; give a number{none}")
+        # Likewise in a list of numbers: `loss.weights: [true]` was a weight of 1.0, and
+        # `optim.betas: [false, 0.99]` a beta1 of 0.
+        items = _item_types(cls.model_fields[info.field_name].annotation)
+        if isinstance(value, (list, tuple)) and items and all(item in (int, float) for item in items):
+            for number, item in enumerate(value, 1):
+                if isinstance(item, bool):
+                    raise ValueError(f"entry {number}, {str(item).lower()}, is not a number; give a number "
+                                     "for each entry")
         # And it reads `output_dir: 20241129` as a number, which was only "Input should be a valid string".
         if isinstance(value, (int, float)) and not isinstance(value, bool) and _text_only(members):
             raise ValueError(f"{value} is read as a number; put it in quotes to give it as text ('{value}')")
         return value
+
+
+def _item_types(annotation) -> tuple:
+    """The types of a list key's entries (float for loss.weights, float and float for optim.betas);
+    () for a key that takes no list."""
+    lists = [member for member in (annotation, *get_args(annotation)) if get_origin(member) in (list, tuple)]
+    return tuple(item for member in lists for item in get_args(member))
 
 
 def _text_only(members) -> bool:
