@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from preftune.config import LossConfig, OptimConfig, load_config
+from preftune.config import LossConfig, OptimConfig, load_config, validate_config
 from preftune.errors import UserError
 
 REQUIRED = ["model.path=some/model", "data.train=pairs.jsonl"]
@@ -167,6 +167,30 @@ def test_a_name_that_reads_as_a_number_is_text_where_only_text_goes(tmp_path):
         load_config(path)
     assert str(caught.value) == (f"{path}: key 'train.output_dir': 20241129 is read as a number; put it in "
                                  "quotes to give it as text ('20241129').")
+
+
+@pytest.mark.parametrize("written", ["1e3", "017", "0x1F", "1_000", "1.50"])
+def test_a_name_read_as_a_number_is_quoted_as_written(tmp_path, written):
+    """The advice quoted the number YAML made of the name: one written 1e3 was to be given as '1000.0',
+    017 as '15'."""
+    advice = f"key 'train.output_dir': {written} is read as a number; put it in quotes to give it as text ('{written}')."
+    path = tmp_path / "c.yaml"
+    path.write_text(f"model: {{path: m}}\ndata: {{train: d.jsonl}}\ntrain:\n  output_dir: {written}  # a date\n")
+    with pytest.raises(UserError) as caught:
+        load_config(path)
+    assert str(caught.value) == f"{path}: {advice}"
+    override = f"train={{output_dir: {written}, seed: 1}}"  # a whole section on the command line
+    with pytest.raises(UserError) as caught:
+        load_config(path, [override])
+    assert str(caught.value) == f"override {override!r}: {advice}"
+
+
+def test_a_number_where_text_goes_without_yaml_source_shows_no_made_up_text():
+    # A dict given to the Python API: how the number was written is unknown, so it is not quoted.
+    with pytest.raises(UserError) as caught:
+        validate_config({"model": {"path": "m"}, "data": {"train": "d.jsonl"}, "train": {"output_dir": 1000.0}})
+    assert str(caught.value) == ("config: key 'train.output_dir': read as the number 1000.0; put it in quotes, "
+                                 "as written, to give it as text.")
 
 
 def test_an_empty_output_dir_is_refused():

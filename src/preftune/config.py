@@ -44,8 +44,16 @@ class Section(BaseModel):
                                      "for each entry")
         # And it reads `output_dir: 20241129` as a number, which was only "Input should be a valid string".
         if isinstance(value, (int, float)) and not isinstance(value, bool) and _text_only(members):
-            raise ValueError(f"{value} is read as a number; put it in quotes to give it as text ('{value}')")
+            raise _NumberForText(value)
         return value
+
+
+class _NumberForText(ValueError):
+    """A name that YAML read as a number. The number is not always what was written (1e3 reads as
+    1000.0, 017 as 15): validate_config shows the text written, where it has the YAML source."""
+
+    def __init__(self, value):
+        super().__init__(f"read as the number {value}; put it in quotes, as written, to give it as text")
 
 
 def _item_types(annotation) -> tuple:
@@ -811,7 +819,27 @@ def _override_that_set(loc: tuple, overrides: list[str]) -> str | None:
     return setters[-1] if setters else None
 
 
-def validate_config(raw: dict, source: str = "config", overrides: list[str] = ()) -> Config:
+def _written_as(loc: tuple, text: str | None, overrides: list[str]) -> str | None:
+    """How the plain YAML scalar at `loc` was written, in the override that set it or else in the
+    config file's `text`; None where that is unknown (a dict given to the Python API)."""
+    if (setter := _override_that_set(loc, overrides)) is not None:
+        text, loc = setter.split("=", 1)[1], loc[len(_parse_override(setter)[0]):]
+    if text is None:
+        return None
+    node = yaml.compose(text, Loader=_UniqueKeyLoader)  # it loaded already, so it composes
+    for part in map(str, loc):
+        if isinstance(node, yaml.MappingNode):
+            node = next((value for key, value in node.value if key.value == part), None)
+        elif isinstance(node, yaml.SequenceNode) and part.isdigit() and int(part) < len(node.value):
+            node = node.value[int(part)]
+        else:
+            return None
+    return node.value if isinstance(node, yaml.ScalarNode) and node.style is None else None
+
+
+def validate_config(raw: dict, source: str = "config", overrides: list[str] = (),
+                    text: str | None = None) -> Config:
+    """`text`: the YAML the config was read from, to quote a value as it was written."""
     if not isinstance(raw, dict):
         raise UserError(f"{source}: expected a mapping of sections (model, data, loss, optim, train).")
     # A section left empty in the YAML (`loss:`, its keys commented out) is an empty section, as
@@ -821,6 +849,10 @@ def validate_config(raw: dict, source: str = "config", overrides: list[str] = ()
         return Config.model_validate(raw)
     except ValidationError as e:
         errors = _one_error_per_union(e.errors())[:3]
+        for error in errors:
+            if isinstance((error.get("ctx") or {}).get("error"), _NumberForText) and \
+                    (written := _written_as(error["loc"], text, overrides)) is not None:
+                error["msg"] = f"{written} is read as a number; put it in quotes to give it as text ('{written}')"
         problems = "; ".join(_describe(err) for err in errors)
         # A key the command line set is not in the file: name the override, or the user searches
         # the YAML for a typo that is not there.
@@ -833,7 +865,7 @@ def validate_config(raw: dict, source: str = "config", overrides: list[str] = ()
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (or start from {} when path is None), apply overrides, validate."""
     raw: dict = {}
-    source = "overrides"
+    source, text = "overrides", None
     if path is not None:
         path = Path(path)
         source = str(path)
@@ -842,13 +874,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise UserError(f"config file {path} does not exist.")
         try:
-            raw = _parse_yaml(path.read_text(encoding="utf-8-sig"), str(path)) or {}
+            text = path.read_text(encoding="utf-8-sig")
+            raw = _parse_yaml(text, str(path)) or {}
         except UnicodeDecodeError:
             raise UserError(f"{path}: not UTF-8 text; save the config as UTF-8.") from None
     if not isinstance(raw, dict):  # before the overrides, which index into it
         raise UserError(f"{source}: expected a mapping of sections (model, data, loss, optim, train).")
     raw = apply_overrides(raw, overrides or [])
-    return validate_config(raw, source, overrides or [])
+    return validate_config(raw, source, overrides or [], text)
 
 
 def dump_config(config: Config, path: str | Path) -> None:
