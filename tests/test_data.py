@@ -417,6 +417,19 @@ def test_implicit_prompt_is_the_common_prefix_cut_at_a_word(tmp_path):
     assert (pair.prompt, pair.chosen, pair.rejected) == ("The movie was", " great fun.", " grim.")
 
 
+@pytest.mark.parametrize("chosen, rejected, prompt", [
+    # parted between words: the prompt keeps all it shares (the newline, "A:"), as in TRL; cut
+    # back to the last whitespace, "\nA:" was trained as the start of both responses
+    ("Q: sky?\nA:Blue.", "Q: sky?\nA:Purple.", "Q: sky?\nA:"),
+    ("Q: sky?\n\nBlue.", "Q: sky?\n\nPurple.", "Q: sky?\n\n"),
+    # parted mid-word after a newline: the word starts the responses, the newline stays
+    ("Q: hi?\nHello there.", "Q: hi?\nHelp me.", "Q: hi?\n"),
+])
+def test_an_implicit_prompt_keeps_what_precedes_the_word_the_responses_part_in(tmp_path, chosen, rejected, prompt):
+    pair = load_pairs(str(write_jsonl(tmp_path / "d.jsonl", [{"chosen": chosen, "rejected": rejected}]))).pairs[0]
+    assert (pair.prompt, pair.chosen, pair.rejected) == (prompt, chosen[len(prompt):], rejected[len(prompt):])
+
+
 def test_an_implicit_prompt_with_nothing_shared_is_refused_not_trained_empty(tmp_path):
     # The prompt is then most likely under another name, kept as metadata and never trained on.
     rows = [{"question": "Is the sky blue?", "chosen": " Yes, on a clear day.", "rejected": " No."}]

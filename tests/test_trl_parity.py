@@ -354,3 +354,67 @@ def test_trl_keep_start_is_a_prompt_budget_of_max_length_less_one(tiny_model_fac
         # Under preftune's keep_start, the name TRL uses, the prompt's end would go instead.
         if len(pair.prompt_ids) > max_length // 2 and pair.length > max_length:
             assert truncate_pair(pair, max_length, None, "keep_start")[0].prompt_ids != pair.prompt_ids
+
+
+def trl_tokenized(rows, tokenizer):
+    """TRL's own preprocessing of `rows` (DPOTrainer._prepare_dataset: extract_prompt where no
+    prompt is given, EOS after text responses, the prompt ids up to where prompt + response part)."""
+    import types
+
+    import datasets
+    from trl import DPOConfig, DPOTrainer
+
+    args = DPOConfig(output_dir="unused", use_cpu=True, report_to=[], max_length=None, bf16=False)
+    trainer = types.SimpleNamespace(_tokenizer=tokenizer)
+    dataset = DPOTrainer._prepare_dataset(trainer, datasets.Dataset.from_list(rows), tokenizer, args, "train")
+    return [(row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]) for row in dataset]
+
+
+def preftune_tokenized(rows, tokenizer):
+    from preftune.data.io import parse_rows
+    from preftune.data.tokenize import tokenize_pair
+
+    pairs = parse_rows([(f"row {i}", row) for i, row in enumerate(rows)], "rows").pairs
+    return [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in (tokenize_pair(q, tokenizer) for q in pairs)]
+
+
+# Text rows whose responses part between words: after a space, a newline, or at once after the
+# prompt's last character ("A:Blue"), where cutting back to the last whitespace made "\nA:" part of
+# both responses.
+BETWEEN_WORDS = [
+    {"prompt": "Question: What color is the sky?\nAnswer:", "chosen": " Blue.", "rejected": " Purple."},
+    {"prompt": "Q: sky?\nA:", "chosen": "Blue.", "rejected": "Purple."},
+    {"prompt": "Q: sky?\n", "chosen": "Blue.", "rejected": "Purple."},
+    {"prompt": "Q: sky?\n\n", "chosen": "Blue on a clear day.", "rejected": "Purple."},
+    {"prompt": "Numbers: 12,", "chosen": "345.", "rejected": " six."},
+]
+
+
+@pytest.mark.parametrize("layout", ["text", "conversational"])
+def test_each_trl_data_format_splits_prompt_and_responses_where_trl_does(layout, tiny_model_factory):
+    """Explicit and implicit prompts (chosen and rejected only) give TRL's token ids: the same
+    prompt, so the same responses, so the same loss, whatever the loss type."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_factory("qwen2", seed=0))
+    explicit = BETWEEN_WORDS + PAIRS if layout == "text" else CONVERSATIONS
+    implicit = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in explicit]
+    for rows in (explicit, implicit):
+        assert preftune_tokenized(rows, tokenizer) == trl_tokenized(rows, tokenizer)
+
+
+def test_an_implicit_text_prompt_parting_mid_word_ends_before_the_word(tiny_model_factory):
+    """The one split that differs, on purpose: responses that part mid-word ("Hel|lo", "Hel|p")
+    start at the word here, as the model would generate it; TRL's prompt ends at the differing
+    character. The token sequences are the same, but the response tokens are not: log-probs
+    differ, and so do the losses that read a response's own log-ratio or length (all but the
+    margin-only ones: sigmoid, hinge, robust, exo_pair, discopop and aot)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_factory("qwen2", seed=0))
+    rows = [{"chosen": "Say hi: Hello there.", "rejected": "Say hi: Help me."}]
+    (prompt, chosen, rejected), = preftune_tokenized(rows, tokenizer)
+    (trl_prompt, trl_chosen, trl_rejected), = trl_tokenized(rows, tokenizer)
+    assert tokenizer.decode(prompt) == "Say hi:" and tokenizer.decode(chosen).startswith(" Hello")
+    assert tokenizer.decode(trl_prompt).startswith("Say hi: Hel") and len(trl_prompt) > len(prompt)
+    assert prompt + chosen == trl_prompt + trl_chosen and prompt + rejected == trl_prompt + trl_rejected

@@ -228,11 +228,17 @@ def _split_implicit_prompt(chosen, rejected, where: str):
     if n == min(len(chosen), len(rejected)):
         raise UserError(f"{where}: one response is a prefix of the other, so the prompt cannot be "
                         "inferred; add an explicit 'prompt' field.")
-    # Cut back to the last whitespace so each completion starts with its separator (" word"),
-    # the way the text is tokenized when the model generates it.
-    boundary = max(chosen.rfind(" ", 0, n), chosen.rfind("\n", 0, n))
-    if boundary > 0:
-        n = boundary
+    # Responses that part mid-word ("Hel|lo", "Hel|p") start at the word, as the model generates
+    # it; TRL cuts at the differing character, which trains "lo" and "p" as the responses.
+    # Where they part between words ("A:|Blue", "\n|Blue") the prompt keeps all it shares, as in
+    # TRL: cutting back to the last whitespace made "\nA:" part of both responses.
+    if n and chosen[n - 1].isalnum() and (chosen[n].isalnum() or rejected[n].isalnum()):
+        word_start = max(chosen.rfind(" ", 0, n), chosen.rfind("\n", 0, n)) + 1
+        if word_start > 1:
+            n = word_start
+    # A space before the word goes with it (" word", one token for BPE tokenizers; TRL's rule too).
+    if n > 1 and chosen[n - 1] == " ":
+        n -= 1
     prompt, chosen_rest, rejected_rest = chosen[:n], chosen[n:], rejected[n:]
     if not prompt.strip():
         # Nothing shared: the prompt is most likely in a field of another name ("question",

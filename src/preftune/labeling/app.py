@@ -17,6 +17,7 @@ import html
 import ipaddress
 import json
 import re
+import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -36,7 +37,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from preftune.errors import UserError
-from preftune.labeling.store import CHOICES, Annotator, Rejected, Store
+from preftune.labeling.store import CHOICES, Annotator, NotSaved, Rejected, Store
 from preftune.wording import counted
 
 HERE = Path(__file__).parent
@@ -266,14 +267,28 @@ def create_app(store: Store, open_mode: bool = False, guidelines: str | None = N
             raise Rejected(401, "missing or invalid token; open your personal login link again.")
         return found
 
+    reported = [None]  # the NotSaved last told to whoever runs the server, until a vote is saved
+
     def api(handler):
-        """Wrap an API handler: resolve the annotator and turn `Rejected` into a JSON error."""
+        """Wrap an API handler: resolve the annotator and turn `Rejected` into a JSON error, and
+        a write the database refused (`NotSaved`: a full disk) into a 503 that the page shows
+        ("Not saved: ..."), instead of a 500 and a traceback in the server's terminal."""
 
         async def endpoint(request: Request) -> Response:
             try:
-                return await handler(request, await annotator_of(request))
+                response = await handler(request, await annotator_of(request))
             except Rejected as e:
                 return _error(e.status, e.message, **e.extra)
+            except NotSaved as e:
+                if reported[0] != str(e):  # once, not once per vote while the disk stays full
+                    print(f"error: {e}", file=sys.stderr, flush=True)
+                    reported[0] = str(e)
+                return _error(503, f"the server cannot write to its labels database ({e.why}); "
+                                   "your earlier votes are kept; tell whoever runs the server, "
+                                   "then try again.")
+            if request.method == "POST":  # a write went through: a next refusal is news
+                reported[0] = None
+            return response
 
         return endpoint
 

@@ -110,6 +110,39 @@ def check_db_path(path: str | Path) -> None:
         raise UserError(f"--db {path} {problem}; name a database file in an existing folder.")
 
 
+class NotSaved(UserError):
+    """SQLite refused a write for a reason outside preftune: a full disk, a read-only file or
+    folder, another process holding the database locked. Nothing of the refused write is kept
+    (its transaction is rolled back), and everything committed before is intact. `why` is the
+    reason in a few words, for the annotator's page; the message adds the file and what to do."""
+
+    def __init__(self, path: Path, why: str, remedy: str):
+        super().__init__(f"{path}: could not write to this labels database: {why}; {remedy}, "
+                         "then try again (the labels already saved in it are kept).")
+        self.why = why
+
+
+def not_saved(path: Path, error: sqlite3.Error) -> NotSaved | None:
+    """The `NotSaved` for an error that says the disk or another process refused a write; None
+    for any other error (a bug, kept with its traceback)."""
+    code = getattr(error, "sqlite_errorcode", None)
+    primary = code & 0xFF if code is not None else None  # extended codes keep it in the low byte
+    if primary == sqlite3.SQLITE_FULL:
+        return NotSaved(path, "the disk it is on is full", "free space on that disk")
+    if primary in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM):
+        return NotSaved(path, "it or its folder is read-only",
+                        "make both writable for the user running preftune (chmod u+w), or move "
+                        "the database to a folder that is")
+    if primary in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return NotSaved(path, "another process has kept it locked for over 30 seconds",
+                        "let the other `preftune label` command or server using it finish, or "
+                        "stop it")
+    if primary == sqlite3.SQLITE_IOERR:
+        return NotSaved(path, f"the disk reported an error ({error})",
+                        "check the disk it is on (full, removed or failing)")
+    return None
+
+
 @dataclass(frozen=True)
 class Annotator:
     id: int
@@ -164,6 +197,9 @@ class Store:
             conn.executescript(SCHEMA)
             _add_truncated_column(conn)
         except sqlite3.DatabaseError as e:
+            refused = not_saved(self.path, e)  # a new database on a full disk, say
+            if refused is not None:
+                raise refused from None
             raise UserError(f"{self.path}: not a usable labels database ({e}).") from None
         if overlap is not None:
             self.set_overlap(overlap)
@@ -204,16 +240,28 @@ class Store:
 
     @contextmanager
     def _write(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
-        """One write transaction; with `durable`, return only once it is fsynced."""
-        conn = self._conn()
+        """One write transaction; with `durable`, return only once it is fsynced. A write the
+        disk or another process refuses (full, read-only, locked) raises `NotSaved`, with
+        nothing of it kept."""
         with self._write_lock:
-            conn.execute("BEGIN IMMEDIATE")
             try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+                conn = self._conn()
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                    conn.execute("COMMIT")
+                except BaseException:
+                    # On a full disk SQLite has rolled back already, and a ROLLBACK would fail
+                    # ('no transaction is active') in place of the reason; a refused COMMIT
+                    # (locked) leaves it open, and every later BEGIN here would fail.
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as e:
+                refused = not_saved(self.path, e)
+                if refused is None:
+                    raise
+                raise refused from None
             self._commits += 1
             mine = self._commits
         if durable:
