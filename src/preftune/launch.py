@@ -66,6 +66,19 @@ def describe_failures(failures: dict, first_rank: int, nproc: int) -> str:
     return line + "."
 
 
+def reported_rank(failures: dict, first_rank: int) -> int:
+    """The rank whose failure the summary and the exit status report. torchrun's first failure
+    is the one with the earliest error-file time, to the second: ranks that meet the same
+    mistake write theirs in the same second, so it may pick a rank that torchrun killed while
+    that rank exited (signal SIGTERM, exit status 1 instead of the mistake's 2). A rank that
+    wrote its own error and exited with its status is what happened."""
+    if failures[first_rank].exitcode > 0:
+        return first_rank
+    exited = [r for r, f in failures.items()
+              if f.exitcode > 0 and _error_file_text(f).startswith(f"[rank {r}] error:")]
+    return min(exited, key=lambda r: failures[r].timestamp) if exited else first_rank
+
+
 def _quiet_agent() -> None:
     """The agent logs each failure ("failed (exitcode: 2) local_rank: 1", "Sending process ...
     closing signal") after the worker has printed its own message; the one line that ends
@@ -147,7 +160,8 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
     try:
         run(args)
     except ChildFailedError as e:
-        first_rank, first = e.get_first_failure()
+        first_rank = reported_rank(e.failures, e.get_first_failure()[0])
+        first = e.failures[first_rank]
         if stop.received and ended_by(stop.received, first.exitcode):  # before saving could start
             print(f"preftune: stopped by {stop.received.name}.", file=sys.stderr, flush=True)
             return 128 + int(stop.received)

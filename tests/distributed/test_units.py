@@ -50,6 +50,37 @@ def test_a_rank_that_reported_its_error_but_was_killed_while_exiting_counts_as_f
     assert describe_failures(failures, 1, 3) == "ranks 0, 1 of 3 failed (exit code 2); rank 2 stopped with them."
 
 
+def test_nproc_exits_with_the_mistakes_status_when_torchrun_first_lists_a_rank_it_killed(
+        monkeypatch, tmp_path, capsys):
+    """Both ranks wrote '[rank r] error: ...' in the same second; torchrun, ordering failures by
+    that second, listed first rank 1, which it had killed while it exited: the launcher said
+    'ranks 0, 1 of 2 failed (signal SIGTERM).' and exited 1, not 2 as DISTRIBUTED.md says."""
+    import json
+    import time
+
+    import torch.distributed.run
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    import preftune.launch
+
+    def failure(rank, exitcode):
+        path = tmp_path / f"error-{rank}.json"  # as rank_errors writes it
+        message = f"[rank {rank}] error: data file data/train.jsonl does not exist; check data.train."
+        path.write_text(json.dumps({"message": {"message": message, "extraInfo": {
+            "py_callstack": message, "timestamp": str(int(time.time()))}}}))
+        return ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=exitcode, error_file=str(path))
+
+    def run(args):
+        raise ChildFailedError("preftune", {1: failure(1, -15), 0: failure(0, 2)})
+
+    monkeypatch.setattr(torch.distributed.run, "run", run)
+    monkeypatch.setattr(preftune.launch.StopForwarder, "install", lambda self, args: None)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    status = preftune.launch.launch_torchrun(2, ["preftune", "train", "c.yaml", "--nproc", "2"])
+    assert capsys.readouterr().err == "preftune: ranks 0, 1 of 2 failed (exit code 2).\n"
+    assert status == 2
+
+
 @pytest.mark.parametrize(("requested", "world_size", "expected"), [
     ("auto", 1, "none"), ("auto", 2, "ddp"), ("ddp", 1, "none"), ("ddp", 4, "ddp"),
     ("fsdp", 1, "fsdp"), ("fsdp", 2, "fsdp"), ("none", 1, "none"),
