@@ -168,3 +168,31 @@ def test_an_adapter_whose_base_folder_is_gone_names_its_config_not_model_path(sf
     with pytest.raises(UserError) as caught:
         load_causal_lm(str(adapter))
     assert str(caught.value).endswith(f"which failed to load: {said}")
+
+
+def test_resume_after_the_adapters_base_model_was_replaced_is_refused(sft_adapter, tiny_llama, tiny_model_factory,
+                                                                      pairs_file, tmp_path, one_torch_thread):
+    # The resume checked the adapter's own files only: another model under the base's folder was
+    # merged with the adapter again, and the run went on from (and against) a model it never saw.
+    import shutil
+
+    from preftune.train import train
+
+    base = shutil.copytree(tiny_llama, tmp_path / "base")
+    adapter = shutil.copytree(sft_adapter, tmp_path / "adapter")
+    adapter_config = adapter / "adapter_config.json"
+    adapter_config.write_text(json.dumps(json.loads(adapter_config.read_text()) | {"base_model_name_or_path": str(base)}))
+    train(make_config(tmp_path, adapter, pairs_file, train={"max_steps": 1, "save_every": 1}))
+    other = tiny_model_factory("llama", seed=1)  # the same architecture, other weights
+    shutil.copy2(other / "model.safetensors", base / "model.safetensors")
+    longer = make_config(tmp_path, adapter, pairs_file, train={"max_steps": 2, "save_every": 1})
+    with pytest.raises(UserError) as caught:
+        train(longer, resume=True)
+    assert str(caught.value) == (
+        f"checkpoint {tmp_path / 'run' / 'checkpoints' / 'step-000001'} was written for another base model: the "
+        f"weight files under {base}, the base model {adapter_config} names, differ from those the run started "
+        "from, and the model built on them would change mid-run; put back the base model the run started with, "
+        "or start a new run in another train.output_dir.")
+    shutil.copy2(tiny_llama / "model.safetensors", base / "model.safetensors")  # put back: it resumes
+    train(longer, resume=True)
+    assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2]

@@ -22,7 +22,7 @@ import time
 import types
 from array import array
 from collections import Counter
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from fnmatch import fnmatch
 from functools import partial
 from pathlib import Path
@@ -69,6 +69,7 @@ from preftune.loggers import check_backends
 from preftune.losses import BATCH_WIDE, preference_loss
 from preftune.metrics import StepMetrics
 from preftune.modeling import (
+    ADAPTER_CONFIG,
     adapter_base,
     autocast_context,
     disable_dropout,
@@ -109,6 +110,9 @@ class TrainState:
     reward_shift: float = 0.0
     rewards_seen: int = 0
     model: str = ""  # models_fingerprint of the starting model and reference ("" in older checkpoints)
+    # The local base models their adapter_config.json names, when model.path or reference_path is
+    # a PEFT adapter folder: {base as named there: its models_fingerprint} ({} in older checkpoints).
+    bases: dict = field(default_factory=dict)
 
 
 def data_fingerprint(pairs: list[TokenizedPair]) -> str:
@@ -135,6 +139,18 @@ def models_fingerprint(paths: list[str | None]) -> str:
             weight_files_fingerprint(folder, lambda v: digest.update(v if isinstance(v, bytes) else v.encode()),
                                      times=False)
     return digest.hexdigest()
+
+
+def adapter_bases(paths: list[str | None]) -> dict[str, str]:
+    """{local base model folder: the adapter folder whose adapter_config.json names it} for each
+    adapter folder among `paths`, and for that base's own base in a chain of adapters."""
+    named = {}
+    for path in paths:
+        adapter, base = path, adapter_base(path) if path else None
+        while base is not None and os.path.isdir(os.path.expanduser(base)) and base not in named:
+            named[base] = adapter
+            adapter, base = base, adapter_base(base)
+    return named
 
 
 def seed_everything(seed: int) -> None:
@@ -475,9 +491,20 @@ def _train(config: Config | dict | str | Path, resume: str | bool | None, overwr
                         "differ from those the run started from, and the reference built from them would change "
                         "mid-run; point it back to the model the run started with, or start a new run in another "
                         "train.output_dir.")
+    # models_fingerprint reads an adapter folder's own files, yet the adapter is merged onto its
+    # base again at a resume: another model under the base's path would change the run unseen.
+    named = adapter_bases([config.model.path, config.model.reference_path])
+    bases = {base: models_fingerprint([base]) for base in named}
+    changed = [base for base, fingerprint in state.bases.items() if bases.get(base, fingerprint) != fingerprint]
+    if changed:
+        adapter_config = Path(os.path.expanduser(named[changed[0]])) / ADAPTER_CONFIG
+        raise UserError(f"checkpoint {checkpoint} was written for another base model: the weight files under "
+                        f"{changed[0]}, the base model {adapter_config} names, differ from those the run started "
+                        "from, and the model built on them would change mid-run; put back the base model the run "
+                        "started with, or start a new run in another train.output_dir.")
     if checkpoint is not None and held_out:  # the fingerprint above covers the training pairs only
         check_heldout(output_dir, held_out, dist)
-    state.total_steps, state.data, state.model = total_steps, data, models
+    state.total_steps, state.data, state.model, state.bases = total_steps, data, models, bases
     if start_over:
         _start_over(output_dir, console, dist)
     if dist.is_main:
