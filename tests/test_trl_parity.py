@@ -3,8 +3,9 @@
 Each step holds all four pairs, so the order in which either tool shuffles them does not matter,
 and the reference is a different model than the policy, so the first loss is not trivially ln 2.
 
-Where the two differ on purpose, no test compares them: the `sft` loss (averaged per sequence
-here, as in the RPO paper; over all chosen tokens of the micro-batch in TRL), truncation of prompts
+Where the two differ on purpose, no test compares them: the `sft` loss on chosen responses of
+unequal lengths (averaged per sequence here, as in the RPO paper; over all chosen tokens of the
+micro-batch in TRL; with equal lengths the two are one, and compared), truncation of prompts
 longer than half of `max_length` (preftune shortens the prompt first, TRL's keep_start cuts the
 completion), and an implicit text prompt whose responses part mid-word (preftune cuts the prompt
 back to the word boundary, TRL at the differing character).
@@ -189,6 +190,11 @@ EPS = 0.2
 CDPO = {"type": "sigmoid", "label_smoothing": EPS}
 CDPO_AS_TRL = {"type": ["sigmoid", "robust"], "weights": [2 - 2 * EPS, -(1 - 2 * EPS)], "label_smoothing": EPS}
 
+# Chosen responses of one length (7 tokens with EOS), rejected ones of others: TRL's sft averages
+# over the micro-batch's chosen tokens, preftune's per response, which then agree.
+SAME_LENGTH_CHOSEN = [dict(row, chosen=chosen) for row, chosen in zip(
+    PAIRS, [" Haagen-Dazs ice cream.", " The quick brown fox.", " It is 4.", " Blue."])]
+
 LD = {"ld_alpha": 0.3}
 WPO = {"wpo_weighting": True}
 
@@ -245,6 +251,10 @@ CASES = {
         "exo_pair + discopop, js_divergence": {"type": ["exo_pair", "discopop"], "label_smoothing": 1e-3,
                                                "f_divergence_type": "js_divergence"},
     }.items()},
+    # sft, alone and as RPO's NLL term (TRL's old rpo_alpha: [sigmoid, sft] weighted [1, alpha])
+    "sft": ({"rows": SAME_LENGTH_CHOSEN, "loss": {"type": "sft"}}, {}, {}),
+    "sigmoid + sft (rpo_alpha)": ({"rows": SAME_LENGTH_CHOSEN, "loss": {"type": ["sigmoid", "sft"],
+                                                                       "weights": [1.0, 0.5]}}, {}, {}),
     # 8. LD-DPO (ld_alpha) and WPO (wpo_weighting, TRL's use_weighting), in each batch layout, with
     # both tools precomputing the reference, and beside per-token averages (ipo) and accumulation.
     **{f"{name}{layout}": ({"rows": UNEVEN, "loss": loss}, {"data": data} if data else {}, {})
@@ -269,6 +279,8 @@ def test_matches_trl(case, tmp_path, tiny_model_factory):
     reference_dir = tiny_model_factory("qwen2", seed=1)
     if "max_length" in both:
         assert_truncation_is_shared(policy_dir, both["rows"], both["max_length"])
+    if "sft" in both.get("loss", {}).get("type", ""):
+        assert_chosen_lengths_are_equal(policy_dir, both["rows"])
     ours = run_preftune(policy_dir, reference_dir, tmp_path, **both, **ours_only)
     theirs = run_trl(policy_dir, reference_dir, tmp_path, **both, **theirs_only)
     assert_steps_match(ours, theirs)
@@ -299,6 +311,18 @@ def assert_truncation_is_shared(policy_dir, rows, max_length):
     pairs = [tokenize_pair(PreferencePair(r["prompt"], r["chosen"], r["rejected"]), tokenizer) for r in rows]
     assert sum(p.length > max_length for p in pairs) >= 3
     assert all(len(p.prompt_ids) <= max_length // 2 for p in pairs)
+
+
+def assert_chosen_lengths_are_equal(policy_dir, rows):
+    """sft's per-response mean (preftune) equals its per-token mean over the batch (TRL)."""
+    from transformers import AutoTokenizer
+
+    from preftune.data.schema import PreferencePair
+    from preftune.data.tokenize import tokenize_pair
+
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    pairs = [tokenize_pair(PreferencePair(r["prompt"], r["chosen"], r["rejected"]), tokenizer) for r in rows]
+    assert len({len(p.chosen_ids) for p in pairs}) == 1 < len({len(p.rejected_ids) for p in pairs})
 
 
 TOKEN_METRICS = ("entropy", "mean_token_accuracy", "logits/chosen", "logits/rejected")
