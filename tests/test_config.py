@@ -294,6 +294,7 @@ def test_an_unknown_key_with_nothing_close_lists_the_section_keys():
     ("loss.loss_type=bco_pair", "unless loss.bco_reward_shift: none (TRL 1.16's bco_pair))"),
     ("label_smoothing=0.1", "the sigmoid loss reads too (conservative DPO), where TRL 1.16's sigmoid ignores it)"),
     ("lr_scheduler_type=linear", "TRL's default is linear, preftune's constant)"),
+    ("num_train_epochs=3", "preftune's is train.epochs, whole epochs (TRL's default is 3, preftune's 1))"),
     ("train.logging_steps=10", "unknown key 'train.logging_steps' (a TRL setting: a logging interval, which "
                                "preftune does not need: it logs every optimizer step; remove it)"),
     ("precompute_ref_batch_size=64", "(a TRL setting: the batch size of the reference precompute"),
@@ -307,6 +308,14 @@ def test_a_trl_key_is_told_its_preftune_name(key, where):
     with pytest.raises(UserError) as caught:
         load_config(None, REQUIRED + [key])
     assert where in str(caught.value)
+
+
+def test_trls_max_steps_of_minus_one_is_told_null():
+    # TRL's default, copied over with the rest of a config, was "Input should be greater than 0".
+    with pytest.raises(UserError) as caught:
+        load_config(None, REQUIRED + ["train.max_steps=-1"])
+    assert str(caught.value) == ("override 'train.max_steps=-1': key 'train.max_steps': -1 is TRL's 'no limit'; "
+                                 "here that is null: remove train.max_steps to train for train.epochs.")
 
 
 @pytest.mark.parametrize("written, steps_in_200", [("0", 0), ("20", 20), ("20.0", 20), ("0.1", 20),

@@ -488,6 +488,15 @@ class TrainConfig(Section):
             raise ValueError("an empty name; give the folder the run is written in, e.g. runs/dpo")
         return _home_expanded(value)
 
+    @field_validator("max_steps", mode="before")
+    @classmethod
+    def _no_limit_is_null(cls, value):
+        # TRL's max_steps default, copied over with the rest, was "Input should be greater than 0".
+        if value == -1 and not isinstance(value, bool):
+            raise ValueError("-1 is TRL's 'no limit'; here that is null: remove train.max_steps to train "
+                             "for train.epochs")
+        return value
+
     @field_validator("loggers", mode="before")
     @classmethod
     def _one_logger_as_a_list(cls, value):
@@ -718,7 +727,7 @@ TRL_NAMES = {
     "warmup_ratio": "optim.warmup_steps, which below 1 is a share of the run's steps",
     "max_grad_norm": "optim.max_grad_norm", "adam_beta1": "optim.betas", "adam_beta2": "optim.betas",
     "adam_epsilon": "optim.eps", "per_device_train_batch_size": "train.batch_size",
-    "gradient_accumulation_steps": "train.grad_accum", "num_train_epochs": "train.epochs",
+    "gradient_accumulation_steps": "train.grad_accum", "num_train_epochs": "train.epochs, whole epochs (TRL's default is 3, preftune's 1)",
     "max_steps": "train.max_steps", "seed": "train.seed", "output_dir": "train.output_dir",
     "eval_steps": "train.eval_every", "per_device_eval_batch_size": "train.eval_batch_size",
     "save_steps": "train.save_every", "save_total_limit": "train.keep_checkpoints",
