@@ -300,6 +300,8 @@ def test_an_unknown_key_with_nothing_close_lists_the_section_keys():
     ("precompute_ref_batch_size=64", "(a TRL setting: the batch size of the reference precompute"),
     ("ddp_timeout=600", "unknown key 'ddp_timeout' (TRL's name: preftune's is train.ddp_timeout)"),
     ("dataset_test_split=test", "preftune's is data.eval_split)"),
+    ("eval_strategy=steps", "preftune's is train.eval_every, in optimizer steps (left out, eval pairs are "
+                            "evaluated at the last step only))"),
     ("report_to=none", "preftune's is train.loggers, a list of jsonl, tensorboard and wandb (TRL's none is [jsonl]))"),
     # TRL's flat `optim: adamw_torch` falls on preftune's optim section.
     ("optim=adamw_torch", "key 'optim' is a section of keys here; TRL's optim setting is optim.name (adamw or rmsprop)."),

@@ -732,7 +732,8 @@ TRL_NAMES = {
     "eval_steps": "train.eval_every", "per_device_eval_batch_size": "train.eval_batch_size",
     "save_steps": "train.save_every", "save_total_limit": "train.keep_checkpoints",
     "report_to": "train.loggers, a list of jsonl, tensorboard and wandb (TRL's none is [jsonl])",
-    "eval_strategy": "train.eval_every, in optimizer steps (leave it out for no evaluation)",
+    "eval_strategy": "train.eval_every, in optimizer steps (left out, eval pairs are evaluated at the last "
+                     "step only)",
     "save_strategy": "train.save_every, in optimizer steps (leave it out to save only final/)",
     "dataset_train_split": "data.split", "dataset_test_split": "data.eval_split",
     "dataset_config": "data.config", "dtype": "model.dtype", "torch_dtype": "model.dtype",
