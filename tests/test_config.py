@@ -312,6 +312,22 @@ def test_a_trl_key_is_told_its_preftune_name(key, where):
     assert where in str(caught.value)
 
 
+def test_a_flat_trl_config_is_told_every_key_at_once(tmp_path):
+    # Three errors per try, a 15-key TRL config took five tries, and never said which keys to drop.
+    path = tmp_path / "trl.yaml"
+    path.write_text("model_name_or_path: m\ndataset_name: d.jsonl\nbeta: 0.1\nlearning_rate: 5.0e-7\n"
+                    "per_device_train_batch_size: 2\nlogging_steps: 10\noptim: adamw_torch\n")
+    with pytest.raises(UserError) as caught:
+        load_config(path)
+    assert str(caught.value) == (
+        f"{path}: 7 keys are TRL's, where preftune keeps its settings in sections (model, data, loss, optim, "
+        "train); write each as preftune's key, e.g. loss: {beta: 0.1}:\n"
+        "  model_name_or_path: model.path\n  dataset_name: data.train\n  beta: loss.beta\n"
+        "  learning_rate: optim.lr\n  per_device_train_batch_size: train.batch_size\n"
+        "  logging_steps: remove it (a logging interval, which preftune does not need: it logs every optimizer step)\n"
+        "  optim: optim.name (adamw or rmsprop)")
+
+
 def test_trls_max_steps_of_minus_one_is_told_null():
     # TRL's default, copied over with the rest of a config, was "Input should be greater than 0".
     with pytest.raises(UserError) as caught:

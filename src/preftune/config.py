@@ -847,6 +847,20 @@ def _written_as(loc: tuple, text: str | None, overrides: list[str]) -> str | Non
     return node.value if isinstance(node, yaml.ScalarNode) and node.style is None else None
 
 
+def _refuse_a_flat_trl_config(raw: dict, source: str) -> None:
+    """A TRL config copied over whole (flat DPOConfig keys) gets every key's preftune name at
+    once: three errors per try made a 15-key config take five tries."""
+    trl = [key for key, value in raw.items() if (key in TRL_NAMES or key in TRL_ONLY)
+           and not (key in Config.model_fields and isinstance(value, dict))]
+    if len(trl) < 2:
+        return
+    lines = [f"  {key}: {TRL_NAMES[key]}" if key in TRL_NAMES else f"  {key}: remove it ({TRL_ONLY[key]})"
+             for key in trl]
+    raise UserError(f"{source}: {len(trl)} keys are TRL's, where preftune keeps its settings in sections "
+                    "(model, data, loss, optim, train); write each as preftune's key, e.g. loss: {beta: 0.1}:\n"
+                    + "\n".join(lines))
+
+
 def validate_config(raw: dict, source: str = "config", overrides: list[str] = (),
                     text: str | None = None) -> Config:
     """`text`: the YAML the config was read from, to quote a value as it was written."""
@@ -855,6 +869,7 @@ def validate_config(raw: dict, source: str = "config", overrides: list[str] = ()
     # A section left empty in the YAML (`loss:`, its keys commented out) is an empty section, as
     # apply_overrides reads it: its defaults, not "Input should be a valid dictionary".
     raw = {key: {} if value is None and key in Config.model_fields else value for key, value in raw.items()}
+    _refuse_a_flat_trl_config(raw, source)
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
