@@ -239,14 +239,17 @@ def check_not_moved(paths: DemoPaths) -> None:
                         "move it back to continue it, or give a new --out.")
 
 
-def train_pi_sft(paths: DemoPaths, sizes: DemoSizes, progress: bool) -> str:
-    """Step 2: tokenizer and pi_sft from scratch, unless a complete one is already there."""
-    from preftune.demo.pretrain import pretrain_sft
+def train_pi_sft(paths: DemoPaths, sizes: DemoSizes, progress: bool, echo: Echo = print) -> str:
+    """Step 2: tokenizer and pi_sft from scratch, unless a complete one is already there; a
+    training an earlier demo was stopped in resumes from its last save (to the same weights)."""
+    from preftune.demo.pretrain import PROGRESS_FILE, pretrain_sft
 
     if pi_sft_is_complete(paths.pi_sft):
         check_pi_sft(paths, sizes)
+        (paths.pi_sft / PROGRESS_FILE).unlink(missing_ok=True)  # a stop just after pretrain.json
         return f"kept the pi_sft already in {paths.pi_sft}"
-    summary = pretrain_sft(paths.pi_sft, sizes.pretrain, progress=progress)
+    summary = pretrain_sft(paths.pi_sft, sizes.pretrain, progress=progress,
+                           echo=lambda message: echo(f"      {message}"))
     return (f"{summary['parameters'] / 1e6:.2f}M parameters, final loss "
             f"{summary['final_loss']:.3f}")
 
@@ -450,7 +453,7 @@ def run_demo(out: str | Path, sizes: DemoSizes = FULL_SIZES, echo: Echo = print,
         timer.run(1, "world", "Synthetic movie-review world: review openings as prompts, latent "
                   "sentiment reward r*", lambda: write_prompts(paths, sizes))
         timer.run(2, "pi_sft", f"Tokenizer and pi_sft from scratch -> {paths.pi_sft}",
-                  lambda: train_pi_sft(paths, sizes, progress))
+                  lambda: train_pi_sft(paths, sizes, progress, echo))
         timer.run(3, "sample", "preftune sample: two continuations per training prompt from pi_sft",
                   lambda: sample_pairs_step(paths, sizes, progress))
         if human is None:
