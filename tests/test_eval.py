@@ -771,8 +771,15 @@ def test_generate_says_which_sampling_settings_of_the_models_generation_config_i
     with pytest.warns(UserWarning, match=r"its generation config suggests temperature=0\.7, top_k=20, "
                                          r"top_p=0\.8; sampling uses --temperature 1\.0, --top-k 0, "
                                          r"--top-p 1\.0, --min-p 0\.0 as given \(top-k 0 is off\); to "
-                                         r"sample as the model suggests, pass its values as these options\.$"):
+                                         r"sample as the model suggests, pass its values as these options\.$") as said:
         compare_models([policy], models["ref"], prompts_file, judge, max_new_tokens=2, out=tmp_path / "a")
+    # Warned from preftune's own file, so the CLI prints it as one line (it printed torch's
+    # _contextlib.py path and a line of its code around the sentence).
+    from pathlib import Path
+
+    import preftune
+    package = str(Path(preftune.__file__).parent)
+    assert [w.filename for w in said if "suggests" in str(w.message)][0].startswith(package)
     with warnings.catch_warnings(record=True) as caught:  # drawn as suggested: nothing to say
         warnings.simplefilter("always")
         compare_models([policy], models["ref"], prompts_file, judge, max_new_tokens=2, out=tmp_path / "b",

@@ -389,18 +389,19 @@ def generate_token_ids(
     stop_ids = _stop_token_ids(model, tokenizer)
     config = copy.deepcopy(model.generation_config)  # the model's own stays untouched
     set_aside = set_aside_settings(config)
+    # Warned from here, not the caller: this function runs inside torch.no_grad's wrapper, whose
+    # file the CLI would print before the message (it prints preftune's own warnings as one line).
     if set_aside:  # said once per model and settings (warnings are shown once per message)
         warnings.warn(f"{getattr(model, 'name_or_path', 'the model')}: sampling sets aside "
                       f"{', '.join(set_aside)} from its generation config, so that responses "
                       "come from the model itself; only temperature, top-k, top-p and min-p shape "
-                      "them.",
-                      stacklevel=2)
+                      "them.")
     unused = unused_suggestions(config, settings)
     if unused:
         options = ", ".join(f"{option} {getattr(settings, field)}" for field, option in SUGGESTED_SAMPLING.values())
         warnings.warn(f"{getattr(model, 'name_or_path', 'the model')}: its generation config suggests "
                       f"{', '.join(unused)}; sampling uses {options} as given (top-k 0 is off); to "
-                      "sample as the model suggests, pass its values as these options.", stacklevel=2)
+                      "sample as the model suggests, pass its values as these options.")
     # Greedy over the one-hot scores of _PerRowSampler; the sampling knobs live in the sampler.
     # use_cache: a config.json saved with "use_cache": false (training with gradient
     # checkpointing turns it off) and no generation_config.json made `generate` run every step
