@@ -260,3 +260,47 @@ def test_a_run_started_over_removes_its_adapter_exports_too(lora_run, tiny_llama
     export(lora_run / "checkpoints" / "step-000001", merge=False, out=None, base=None, base_id="org/tiny")
     entries = earlier_run_entries(lora_run)
     assert "adapter" in entries and "adapter-step-000001" in entries
+
+
+def test_a_run_from_a_hub_cache_folder_names_its_base_by_hub_id_and_commit(tiny_llama, tiny_model_factory, pairs_file,
+                                                                           hub_cache, tmp_path, capsys):
+    """final/'s adapter_config.json named the base by its snapshot folder in the trainer's hub
+    cache, a path that loads nowhere else, though the card already named the hub id."""
+    import json
+
+    import torch
+    from preftune_test_data import hub_revision
+
+    from preftune.lora import peft_module
+    from preftune.modeling import adapter_base, load_causal_lm
+
+    hub_revision(hub_cache, "org/tiny", tiny_llama, "c" * 40)
+    snapshot = hub_cache / "models--org--tiny" / "snapshots" / ("c" * 40)
+    train(make_config(tmp_path, snapshot, pairs_file, model={"lora": LORA}, optim={"lr": 1e-2},
+                      train={"max_steps": 1}))
+    final = tmp_path / "run" / "final"
+    written = json.loads((final / "adapter_config.json").read_text())
+    assert (written["base_model_name_or_path"], written["revision"]) == ("org/tiny", "c" * 40)
+    assert "--base-id" not in capsys.readouterr().out  # nothing to add before publishing
+    # The Hub's main moves on: the adapter still loads onto the revision it was trained on.
+    hub_revision(hub_cache, "org/tiny", tiny_model_factory("llama", seed=1), "d" * 40)
+    assert adapter_base(str(final)) == str(snapshot)
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        by_peft = peft_module().AutoPeftModelForCausalLM.from_pretrained(str(final)).eval()(ids).logits
+        by_preftune = load_causal_lm(str(final)).eval()(ids).logits
+    assert torch.allclose(by_peft, by_preftune, atol=1e-5)
+
+
+def test_a_run_from_a_local_base_says_how_to_publish_its_adapter(tiny_llama, pairs_file, tmp_path, capsys):
+    """final/'s adapter_config.json names a local base by its absolute path, and nothing said so:
+    the adapter published as it was loaded for no one else."""
+    train(make_config(tmp_path, tiny_llama, pairs_file, model={"lora": LORA}, train={"max_steps": 1}))
+    run = tmp_path / "run"
+    said = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert (f"{run / 'final' / 'adapter_config.json'} names its base by the local folder {tiny_llama}, which loads "
+            f"on this machine only; to publish the adapter, `preftune export {run} --base-id ORG/NAME` writes a "
+            "copy naming the base's hub id (or --merge, a model that needs no base).") in said
+    card = (run / "final" / "README.md").read_text()
+    assert ("Its `adapter_config.json` names that base by a folder on the machine that trained it; `preftune export "
+            "RUN --base-id ORG/NAME` writes a copy naming the base's hub id, which loads anywhere.") in card

@@ -9,6 +9,7 @@ adapter_model.safetensors, loadable by `peft.PeftModel.from_pretrained`); `preft
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -68,6 +69,38 @@ def load_adapter_weights(model: nn.Module, folder: Path) -> None:
     if unexpected:
         raise UserError(f"checkpoint {folder}: the adapter does not match model.lora "
                         f"(unexpected {unexpected[:3]}).")
+
+
+def name_cached_base_by_hub_id(folder: Path) -> None:
+    """An adapter whose base was loaded from its hub cache folder (.../models--ORG--NAME/
+    snapshots/COMMIT), which PEFT names in adapter_config.json by that absolute path, found on
+    this machine only, names it by its hub id and commit instead: AutoPeftModelForCausalLM loads
+    that revision anywhere, and preftune the same snapshot from the cache (modeling.adapter_base)."""
+    from preftune.model_card import cached_hub_id
+    from preftune.modeling import ADAPTER_CONFIG
+
+    path = Path(folder) / ADAPTER_CONFIG
+    config = json.loads(path.read_text(encoding="utf-8"))
+    base = config.get("base_model_name_or_path")
+    repo_id = cached_hub_id(base)
+    if repo_id is not None:
+        config.update(base_model_name_or_path=repo_id, revision=Path(base).name)
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def local_base_note(folder: Path, run: Path) -> str | None:
+    """For an adapter whose adapter_config.json names its base by a local folder, which loads on
+    this machine only: the command that writes a copy naming the base's hub id, for publishing."""
+    from preftune.model_card import hub_id
+    from preftune.modeling import ADAPTER_CONFIG
+
+    path = Path(folder) / ADAPTER_CONFIG
+    base = json.loads(path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not isinstance(base, str) or hub_id(base):
+        return None
+    return (f"{path} names its base by the local folder {base}, which loads on this machine only; to publish "
+            f"the adapter, `preftune export {run} --base-id ORG/NAME` writes a copy naming the base's hub id "
+            "(or --merge, a model that needs no base).")
 
 
 def merge_adapter(adapter_folder: Path, base_path: str, dtype: str, out: Path,

@@ -29,6 +29,12 @@ _CACHE_SNAPSHOT = re.compile(r"models--(?P<repo>[^/\\]+)[/\\]snapshots[/\\][0-9a
 # Folder names preftune gives every run (final/, an export, a checkpoint): alone they say nothing.
 _RUN_FOLDER = re.compile(r"^(final|merged(-step-\d+)?|step-\d+)$")
 
+# An adapter trained from a local folder names it in adapter_config.json by its path on the
+# trainer's machine: published as it is, it loads for no one else.
+_LOCAL_BASE = (" Its `adapter_config.json` names that base by a folder on the machine that trained it; "
+               "`preftune export RUN --base-id ORG/NAME` writes a copy naming the base's hub id, which loads "
+               "anywhere.")
+
 # Tags the Hub already uses for these methods; other loss types are tagged by their own name.
 _LOSS_TAGS = {"sigmoid": "dpo", "sft": "sft"}
 
@@ -83,7 +89,8 @@ def model_card(config: dict, metrics: list[dict], *, adapter: bool, world_size: 
         f"---\n{yaml.safe_dump(metadata, sort_keys=False)}---",
         f"# {title}\n\n`{base}` trained on preference pairs ({', '.join(f'`{t}`' for t in types)} "
         f"loss) with preftune, {_against(model, loss, types)}." + (" This folder holds LoRA adapters; their base is "
-                                                                  f"`{base}`." if adapter else ""),
+                                                                  f"`{base}`." if adapter else "")
+        + (_LOCAL_BASE if adapter and not base_id else ""),
         "## Training\n\n" + _table(("setting", "value"), _settings(config, world_size)),
         _results(metrics),
         "## Use\n\n```python\n" + _usage(adapter) + "```",

@@ -179,7 +179,9 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 def adapter_base(path: str) -> str | None:
     """The base model of a PEFT adapter folder (a LoRA SFT, say), or None when `path` is not one.
-    A base given relative to nothing (PEFT writes whatever name the model had) is read as written."""
+    A base given relative to nothing (PEFT writes whatever name the model had) is read as written;
+    a hub id with a `revision` (a commit) is that revision's folder in the hub cache when it is
+    there, as PEFT's AutoPeftModelForCausalLM would load it."""
     import json
 
     config_file = os.path.join(os.path.expanduser(path), ADAPTER_CONFIG)
@@ -187,13 +189,30 @@ def adapter_base(path: str) -> str | None:
         return None
     try:
         with open(config_file, encoding="utf-8") as f:
-            base = json.load(f).get("base_model_name_or_path")
+            written = json.load(f)
+        base, revision = written.get("base_model_name_or_path"), written.get("revision")
     except (OSError, ValueError, AttributeError):
-        base = None
+        base = revision = None
     if not isinstance(base, str) or not base:
         raise UserError(f"{config_file}: no base_model_name_or_path, so the adapter's base model is unknown; "
                         "write the base model's folder or hub id there.")
+    if isinstance(revision, str) and revision and not os.path.exists(os.path.expanduser(base)):
+        return _cached_revision(base, revision) or base
     return base
+
+
+def _cached_revision(repo_id: str, revision: str) -> str | None:
+    """The hub cache's folder of `revision` of `repo_id`, None when the cache lacks it."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in ("config.json", ADAPTER_CONFIG):
+        try:
+            found = try_to_load_from_cache(repo_id, name, revision=revision)
+        except Exception:  # not a valid repo id: loading it says why
+            return None
+        if isinstance(found, str):
+            return os.path.dirname(found)
+    return None
 
 
 def load_causal_lm(path: str, dtype: str = "float32", attn_implementation: str | None = None,

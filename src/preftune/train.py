@@ -604,6 +604,11 @@ def _train(config: Config | dict | str | Path, resume: str | bool | None, overwr
 
         console.print(f"report: {write_report(output_dir)}")
     console.print(f"final policy: {final}")
+    if dist.is_main and config.model.lora is not None:
+        from preftune.lora import local_base_note
+
+        if note := local_base_note(final, output_dir):
+            console.print(escape(note), soft_wrap=True)  # a command to copy whole
     dist.shutdown()
     return final
 
@@ -827,6 +832,10 @@ def _save_final(output_dir: Path, policy, tokenizer, config, dist) -> Path:
     if dist.is_main:
         def fill(tmp: Path) -> None:
             write_weights(policy, tmp, full)
+            if config.model.lora is not None:
+                from preftune.lora import name_cached_base_by_hub_id
+
+                name_cached_base_by_hub_id(tmp)
             tokenizer.save_pretrained(tmp)
             write_model_card(tmp, output_dir, config.model_dump(mode="json"),
                              adapter=config.model.lora is not None, world_size=dist.world_size)
