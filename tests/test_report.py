@@ -450,10 +450,77 @@ def test_a_pairs_evaluation_shows_its_held_out_loss_beside_its_accuracy(tmp_path
              "eval/rewards/accuracies": 0.75, "eval/loss": 0.5123}
     (tmp_path / "eval.json").write_text(json.dumps({"evals": [pairs]}))
     html = write_report(tmp_path).read_text()
-    assert "<th>accuracy</th><th>held-out loss</th>" in html
+    assert "<th>accuracy (fraction of pairs)</th><th>held-out loss (mean over pairs)</th>" in html
     (cells,) = [re.findall(r"<td[^>]*>(.*?)</td>", r) for r in re.findall(r"<tr>(.*?)</tr>", html)
                 if "eval_heldout.jsonl" in r]
     assert cells[8:10] == ["0.75", "0.5123"]
+
+
+def test_a_pairs_evaluation_says_how_many_pairs_its_means_are_over(tmp_path):
+    """The count column read 'prompts' and showed '–' for `eval pairs`, whose n_pairs was in the
+    file: its accuracy and loss read as means over an unknown number of pairs."""
+    pairs = {"kind": "pairs", "model": "run/final", "data": "run/eval_heldout.jsonl", "n_pairs": 8,
+             "eval/rewards/accuracies": 0.75, "eval/loss": 0.5123}
+    (tmp_path / "eval.json").write_text(json.dumps({"evals": [pairs, generate_eval(0.1, 6.0, 1.5, 0.8)]}))
+    html = write_report(tmp_path).read_text()
+    header = re.findall(r"<th>(.*?)</th>", html.split("<h2>Evaluations</h2>")[1])
+    assert header[3] == "prompts or pairs"
+    rows = [re.findall(r"<td[^>]*>(.*?)</td>", r) for r in re.findall(r"<tr>(.*?)</tr>", html)
+            if "<td>pairs</td>" in r or "<td>generate</td>" in r]
+    assert [(cells[1], cells[3]) for cells in rows] == [("pairs", "8"), ("generate", "64")]
+
+
+def _table_rows(html: str, heading: str) -> dict[str, list[str]]:
+    """The rows of the table under `heading`, by their first cell."""
+    table = html.split(f"<h2>{heading}</h2>")[1].split("</table>")[0]
+    rows = [re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", r) for r in re.findall(r"<tr>(.*?)</tr>", table)]
+    return {cells[0]: cells[1:] for cells in rows}
+
+
+def test_final_metrics_give_each_numbers_unit_and_what_it_is_a_mean_over(tmp_path):
+    """The table listed bare numbers (logps/chosen -197.7, rewards/margins 2.07): per token or per
+    response, over what? Each row now names its unit, the columns what they are means over."""
+    write_metrics(tmp_path, n_steps=10, eval_every=5)
+    (tmp_path / "config.yaml").write_text("model:\n  path: tiny\nloss:\n  type: ipo\n  beta: 0.1\n")
+    rows = _table_rows(write_report(tmp_path).read_text(), "Final metrics")
+    assert rows["metric"] == ["unit", "last train step (its batch)", "last evaluation (held-out pairs)"]
+    assert rows["loss"][0] == "per pair, mean over pairs"  # ipo's loss is no log-likelihood
+    assert rows["rewards/accuracies"][0] == "fraction of pairs"
+    assert rows["rewards/chosen"][0] == "β·log(π/π_ref), nats, mean over pairs"
+    assert rows["logps/chosen"][0] == "nats per response, mean over pairs"
+    assert rows["grad_norm"][0] == "global L2 norm, before clipping"
+    assert all(cells[0] for cells in rows.values()), rows  # no number without its unit
+    (tmp_path / "config.yaml").write_text("model:\n  path: tiny\n")  # DPO by default
+    rows = _table_rows(write_report(tmp_path).read_text(), "Final metrics")
+    assert rows["loss"][0] == "nats per pair, mean over pairs"
+
+
+def test_a_last_step_that_was_not_finite_says_so_not_a_dash(tmp_path):
+    """The logger writes a NaN or inf as null; the table showed '–', as for a metric never logged."""
+    write_metrics(tmp_path, n_steps=10, eval_every=5)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    last_train = [line for line in lines if "loss" in line][-1]
+    last_train["loss"] = last_train["grad_norm"] = None
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    rows = _table_rows(write_report(tmp_path).read_text(), "Final metrics")
+    assert rows["loss"][1:] == ["not finite", f"{0.69 - 0.3:.4g}"]
+    assert rows["grad_norm"][1:] == ["not finite", "–"]  # evaluations log no gradient norm
+
+
+def test_config_highlights_show_a_lora_run_and_values_as_yaml_writes_them(tmp_path):
+    """model.lora was listed, yet flattened to model.lora.r etc. it never matched, so a LoRA run
+    read as a full fine-tune; a loss mixture read "['sigmoid', 'sft']"."""
+    write_metrics(tmp_path, n_steps=10, eval_every=5)
+    (tmp_path / "config.yaml").write_text(
+        "model:\n  path: tiny\n  lora:\n    r: 8\n    target_modules: [q_proj, v_proj]\n"
+        "loss:\n  type: [sigmoid, sft]\n  weights: [1.0, 0.5]\n"
+        "train:\n  eval_every: 5\n")
+    rows = _table_rows(write_report(tmp_path).read_text(), "Config highlights")
+    assert rows["model.lora.r"] == ["8"]
+    assert rows["model.lora.target_modules"] == ["q_proj, v_proj"]
+    assert rows["loss.type"] == ["sigmoid, sft"]
+    assert rows["loss.weights"] == ["1, 0.5"]
+    assert rows["train.eval_every"] == ["5"]
 
 
 def test_the_mean_length_column_says_its_unit_is_tokens(tmp_path):

@@ -26,6 +26,7 @@ from preftune.errors import UserError
 from preftune.records import read_records, write_bytes_atomic, write_text_atomic
 from preftune.report_html import render_html
 from preftune.report_plots import (
+    REWARD_UNIT,
     TRAINING_PLOTS,
     PlotSpec,
     draw_guides,
@@ -203,6 +204,11 @@ def loss_labels(loss_types: list[str] | None) -> tuple[str, str]:
     if set(loss_types or ["sigmoid"]) <= NATS_LOSSES:
         return f"Preference loss ({name})", "loss (nats per pair)"
     return f"Preference loss ({name})", "loss per pair"
+
+
+def loss_unit(loss_types: list[str] | None) -> str:
+    """The loss plot's y unit without the word loss: 'nats per pair', 'nats per token', 'per pair'."""
+    return loss_labels(loss_types)[1].removeprefix("loss (").removeprefix("loss ").rstrip(")")
 
 
 # Loss types whose per-pair loss is a sum of log-likelihoods (or, exo_pair, a KL), so in nats;
@@ -419,14 +425,48 @@ SUMMARY_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen
                 "learning_rate", "tokens_per_second",
                 # Logged only with loss.wpo_weighting or train.token_metrics: rows only then.
                 "wpo/weight", "entropy", "mean_token_accuracy", "logits/chosen", "logits/rejected")
+# The unit of each SUMMARY_KEYS value, and what it averages: a training line holds the means over
+# its optimizer step's pairs (or, token metrics, tokens), an eval/ line those over the held-out
+# pairs (metrics.py). Log-probs and rewards are sums over a response's tokens. The loss's unit
+# follows the loss type (metric_unit).
+METRIC_UNITS = {
+    "rewards/accuracies": "fraction of pairs",
+    "rewards/margins": f"chosen − rejected, {REWARD_UNIT}, mean over pairs",
+    "rewards/chosen": f"{REWARD_UNIT}, mean over pairs",
+    "rewards/rejected": f"{REWARD_UNIT}, mean over pairs",
+    "logps/chosen": "nats per response, mean over pairs",
+    "logps/rejected": "nats per response, mean over pairs",
+    "grad_norm": "global L2 norm, before clipping",
+    "learning_rate": "the step's learning rate",
+    "tokens_per_second": "tokens per second of the step",
+    "wpo/weight": "w(y_w)·w(y_l), mean over pairs",
+    "entropy": "nats per token, mean over completion tokens",
+    "mean_token_accuracy": "fraction of chosen tokens",
+    "logits/chosen": "logit, mean over vocabulary and chosen tokens",
+    "logits/rejected": "logit, mean over vocabulary and rejected tokens",
+}
+
+
+def metric_unit(key: str, loss_types: list[str] | None) -> str:
+    """The unit of a metrics.jsonl key (eval/ or not) and what its value is a mean over."""
+    key = key.removeprefix("eval/")
+    if key == "loss":
+        unit = loss_unit(loss_types)
+        return f"{unit}, mean over pairs" if unit.endswith("pair") else unit
+    return METRIC_UNITS.get(key, "")
+
+
 # Every run logs these; a run missing some gets a note, one missing all of them an error.
 PLOTTED_KEYS = ("loss", *(panel.key for spec in TRAINING_PLOTS if not spec.needs_setting
                           for panel in spec.panels))
 # Leaf names of config keys worth a line in the summary (unset ones are left out); the full
 # config sits below the tables. Matching leaf names keeps this working as the schema grows.
 CONFIG_HIGHLIGHTS = {"path", "reference", "reference_path", "lora", "train", "eval", "max_length",
-                     "type", "beta", "label_smoothing", "lr", "learning_rate", "scheduler",
-                     "warmup_steps", "batch_size", "grad_accum", "epochs", "max_steps", "seed"}
+                     "eval_fraction", "type", "weights", "beta", "label_smoothing", "lr",
+                     "learning_rate", "scheduler", "warmup_steps", "batch_size", "grad_accum",
+                     "epochs", "max_steps", "eval_every", "seed"}
+# Sections shown whole when set: flattened, their keys' leaves (r, alpha, every) say nothing alone.
+HIGHLIGHTED_SECTIONS = {"lora", "reference_sync"}
 
 
 def write_report(run_dir: str | Path, eval_paths: Iterable[str | Path] = (),
@@ -475,7 +515,7 @@ def write_report(run_dir: str | Path, eval_paths: Iterable[str | Path] = (),
     figures += _eval_figures(all_evals, out, notes)
     tables = []
     if metrics:
-        tables.append(_final_metrics_table(metrics))
+        tables.append(_final_metrics_table(metrics, loss_types))
     if config:
         tables.append(_config_table(config))
     if all_evals:
@@ -558,15 +598,24 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def _final_metrics_table(metrics: RunMetrics):
+def logged_value(line: dict, key: str) -> str:
+    """`key` of one metrics.jsonl line as text: 'not finite' where the line holds null (the
+    logger's NaN or inf, a skipped step), '–' where the line has no such key."""
+    if key in line and line[key] is None:
+        return "not finite"
+    return _fmt(line.get(key))
+
+
+def _final_metrics_table(metrics: RunMetrics, loss_types: list[str] | None = None):
     last_train = metrics.train[-1] if metrics.train else {}
     last_eval = metrics.eval[-1] if metrics.eval else {}
-    rows = [["step", _fmt(last_train.get("step")), _fmt(last_eval.get("step"))]]
+    rows = [["step", "optimizer step", _fmt(last_train.get("step")), _fmt(last_eval.get("step"))]]
     for key in SUMMARY_KEYS:
-        train, evaluated = last_train.get(key), last_eval.get(f"eval/{key}")
-        if train is not None or evaluated is not None:
-            rows.append([key, _fmt(train), _fmt(evaluated)])
-    return ("Final metrics", ["metric", "last train step", "last evaluation"], rows)
+        if key in last_train or f"eval/{key}" in last_eval:
+            rows.append([key, metric_unit(key, loss_types), logged_value(last_train, key),
+                         logged_value(last_eval, f"eval/{key}")])
+    return ("Final metrics", ["metric", "unit", "last train step (its batch)",
+                              "last evaluation (held-out pairs)"], rows)
 
 
 def _flatten(config: dict, prefix: str = "") -> dict:
@@ -579,11 +628,28 @@ def _flatten(config: dict, prefix: str = "") -> dict:
     return flat
 
 
+def _value_text(value) -> str:
+    """A config value as config.yaml writes it: true, false and null, not Python's True and None
+    (and not '–', which marks a run without a config.yaml); a list as its items."""
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_value_text(v) for v in value) if value else "[]"
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    return _fmt(value)
+
+
+def _highlighted(key: str) -> bool:
+    """Whether a flattened config key is one of CONFIG_HIGHLIGHTS, or inside a highlighted section
+    that is set (model.lora.r: a LoRA run's rank, flattened under 'lora')."""
+    leaf, *sections = reversed(key.split("."))
+    return leaf in CONFIG_HIGHLIGHTS or any(s in HIGHLIGHTED_SECTIONS for s in sections)
+
+
 def _config_table(config: dict):
     flat = _flatten(config)
-    chosen = {k: v for k, v in flat.items()
-              if k.rsplit(".", 1)[-1] in CONFIG_HIGHLIGHTS and v is not None}
-    rows = [[key, _fmt(value)] for key, value in (chosen or dict(list(flat.items())[:15])).items()]
+    chosen = {k: v for k, v in flat.items() if _highlighted(k) and v is not None}
+    rows = [[key, _value_text(value)]
+            for key, value in (chosen or dict(list(flat.items())[:15])).items()]
     return ("Config highlights", ["key", "value"], rows)
 
 
@@ -610,10 +676,10 @@ def _with_se(ev: dict, key: str) -> str:
 
 
 def _evals_table(evals: list[dict]):
-    header = ["model", "kind", "judge and data", "prompts", "win rate [95% CI]",
+    header = ["model", "kind", "judge and data", "prompts or pairs", "win rate [95% CI]",
               "mean reward (policy / ref)", "KL ± se (nats per response)",
-              "token-wise KL ± se (nats per response)", "accuracy",
-              "held-out loss", "mean length, tokens (policy / ref)"]
+              "token-wise KL ± se (nats per response)", "accuracy (fraction of pairs)",
+              "held-out loss (mean over pairs)", "mean length, tokens (policy / ref)"]
     rows = []
     for ev in evals:
         wr = _win_rate_with_ci(ev)
@@ -622,7 +688,9 @@ def _evals_table(evals: list[dict]):
         lengths = ev.get("mean_length") or {}
         waiting = ev.get("status") == "awaiting_votes"
         rows.append([
-            eval_label(ev), _fmt(ev.get("kind")), _judged_on(ev), _fmt(ev.get("n_prompts")),
+            # A pairs evaluation's numbers are means over its n_pairs held-out pairs.
+            eval_label(ev), _fmt(ev.get("kind")), _judged_on(ev),
+            _fmt(ev.get("n_pairs") if ev.get("kind") == "pairs" else ev.get("n_prompts")),
             f"{wr[0]:.3f} [{wr[1]:.3f}, {wr[2]:.3f}]" if wr else "awaiting votes" if waiting else "–",
             reward if _policy_reward(ev) is not None else "–", kl, _with_se(ev, "kl_tokens"),
             _fmt(ev.get("eval/rewards/accuracies")), _fmt(ev.get("eval/loss")),

@@ -29,6 +29,7 @@ from preftune.report import (
     _is_number,
     _judged_on,
     _policy_reward,
+    _value_text,
     _win_rate_with_ci,
     _with_se,
     ema,
@@ -357,16 +358,6 @@ def distinct_suffixes(texts: list[str]) -> list[str]:
             return short
         for i in clashing:
             depth[i] += 1
-
-
-def _value_text(value) -> str:
-    """A config value as config.yaml writes it: true, false and null, not Python's True and None
-    (and not '–', which marks a run without a config.yaml)."""
-    if isinstance(value, (list, tuple)):
-        return ", ".join(_value_text(v) for v in value) if value else "[]"
-    if isinstance(value, bool) or value is None:
-        return {True: "true", False: "false", None: "null"}[value]
-    return _fmt(value)
 
 
 def settings_rows(runs: list[Run]) -> list[list[str]]:
