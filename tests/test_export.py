@@ -290,6 +290,13 @@ def test_a_run_from_a_hub_cache_folder_names_its_base_by_hub_id_and_commit(tiny_
         by_peft = peft_module().AutoPeftModelForCausalLM.from_pretrained(str(final)).eval()(ids).logits
         by_preftune = load_causal_lm(str(final)).eval()(ids).logits
     assert torch.allclose(by_peft, by_preftune, atol=1e-5)
+    # An export naming another hub id (a copy of the base under the user's name) drops the commit,
+    # which is one of org/tiny's; one naming org/tiny keeps it.
+    from preftune.export_cli import export
+
+    for base_id, revision in (("me/tiny", None), ("org/tiny", "c" * 40)):
+        export(tmp_path / "run", merge=False, out=tmp_path / base_id, base=None, base_id=base_id)
+        assert json.loads((tmp_path / base_id / "adapter_config.json").read_text())["revision"] == revision
 
 
 def test_a_run_from_a_local_base_says_how_to_publish_its_adapter(tiny_llama, pairs_file, tmp_path, capsys):

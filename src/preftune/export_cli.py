@@ -59,6 +59,8 @@ def _copy_adapter(adapter: Path, base_id: str, target: Path, extra_files: dict[s
     from preftune.modeling import TOKENIZER_FILES
 
     config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    if config.get("base_model_name_or_path") != base_id:  # a revision (commit) of the base named there
+        config["revision"] = None
     config["base_model_name_or_path"] = base_id
 
     def fill(tmp: Path) -> None:
