@@ -860,3 +860,16 @@ def test_data_inspect_gives_no_split_advice_when_every_prompt_has_one_pair(tmp_p
     assert (result["prompts"], result["prompts_with_several_pairs"], result["most_pairs_per_prompt"]) == (4, 0, 1)
     assert "4 distinct prompts, 0 with more than one pair (at most 1 pair for one prompt)" in out
     assert "data.eval_fraction_by" not in out
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"tools": "[{not json"}, "field 'tools' is text but not JSON; give the list of tool schemas, as a list or "
+                              "as JSON text."),
+    ({"chat_template_kwargs": "enable_thinking"}, "field 'chat_template_kwargs' must be an object of template "
+                                                  'arguments (e.g. {"enable_thinking": false}), got str.'),
+])
+def test_unreadable_template_arguments_of_a_row_name_it(tmp_path, tokenizer, extra, message):
+    pair = load_pairs(str(write_jsonl(tmp_path / "d.jsonl", [dict(CONVERSATION, **extra)]))).pairs[0]
+    with pytest.raises(UserError) as caught:
+        tokenize_pair(pair, tokenizer)
+    assert str(caught.value) == f"{tmp_path / 'd.jsonl'}, line 1: {message}"

@@ -442,3 +442,29 @@ def test_an_implicit_text_prompt_parting_mid_word_ends_before_the_word(tiny_mode
     assert tokenizer.decode(prompt) == "Say hi:" and tokenizer.decode(chosen).startswith(" Hello")
     assert tokenizer.decode(trl_prompt).startswith("Say hi: Hel") and len(trl_prompt) > len(prompt)
     assert prompt + chosen == trl_prompt + trl_chosen and prompt + rejected == trl_prompt + trl_rejected
+
+
+# A template that reads TRL's per-row template arguments: the `tools` column and a
+# `chat_template_kwargs` entry (`brief`, standing for the like of Qwen3's enable_thinking).
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|system|>\nTools: {{ tools | tojson }}<|eos|>\n{% endif %}"
+    "{% if brief %}<|system|>\nBe brief.<|eos|>\n{% endif %}"
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|eos|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+WEATHER = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}}}
+
+
+def test_tools_and_chat_template_kwargs_of_a_row_reach_the_template_as_in_trl(tiny_model_factory):
+    """A tool-use data set's `tools` column (a list, or JSON text of one) and a row's
+    `chat_template_kwargs` are rendered into the prompt, as TRL renders them; kept as metadata,
+    they trained on a prompt without the tools the responses call."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_factory("qwen2", seed=0))
+    tokenizer.chat_template = TOOLS_TEMPLATE
+    rows = [dict(CONVERSATIONS[0], tools=[WEATHER]), dict(CONVERSATIONS[1], tools=json.dumps([WEATHER])),
+            dict(CONVERSATIONS[2], tools=[WEATHER], chat_template_kwargs={"brief": True})]
+    ours = preftune_tokenized(rows, tokenizer)
+    assert ours == [trl_tokenized([row], tokenizer)[0] for row in rows]  # one column type per data set
+    assert "Tools:" in tokenizer.decode(ours[1][0]) and "Be brief." in tokenizer.decode(ours[2][0])

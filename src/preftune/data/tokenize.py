@@ -16,6 +16,7 @@ always share the same prompt ids; `tokenize_pairs` warns how many pairs that hap
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -83,23 +84,27 @@ def encode_prompt_text(tokenizer, prompt: str) -> list[int]:
     return _less_appended_eos(tokenizer, encode_text(tokenizer, prompt), prompt)
 
 
-def _encode_chat(tokenizer, messages: list, generation_prompt: bool, origin: str = "") -> list[int]:
+def _encode_chat(tokenizer, messages: list, generation_prompt: bool, origin: str = "",
+                 template_kwargs: dict | None = None) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(f"{origin or 'a conversational row'}: the row is conversational (message lists) but "
                         "the model's tokenizer has no chat template; use a model whose tokenizer has one, or "
                         "convert the rows to prompt/chosen/rejected text.")
-    text = render_chat(tokenizer, messages, generation_prompt, origin or "a conversational row")
+    text = render_chat(tokenizer, messages, generation_prompt, origin or "a conversational row",
+                       **(template_kwargs or {}))
     # The rendered template already holds its special tokens (BOS and the like).
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def render_chat(tokenizer, messages: list, generation_prompt: bool, where: str) -> str:
+def render_chat(tokenizer, messages: list, generation_prompt: bool, where: str, **template_kwargs) -> str:
     """The chat template's text; a template that refuses the messages (a system turn Gemma does
-    not take, turns that do not alternate) is one sentence naming `where`."""
+    not take, turns that do not alternate) is one sentence naming `where`. `template_kwargs`:
+    what else the template reads (a row's tools, see `chat_template_kwargs`)."""
     from jinja2 import TemplateError
 
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+                                             **template_kwargs)
     except TemplateError as e:
         roles = ", ".join(str(m.get("role")) for m in messages)
         raise UserError(f"{where}: the tokenizer's chat template refuses these messages (roles: {roles}): "
@@ -111,7 +116,28 @@ def _ending_with(ids: list[int], eos: list[int]) -> list[int]:
     return ids if eos and ids[-len(eos):] == eos else ids + eos
 
 
-def _encode_open_chat(tokenizer, prompt: list, completion: list, origin: str) -> list[int]:
+def chat_template_kwargs(pair: PreferencePair) -> dict:
+    """What a conversational row gives its chat template besides the messages, as TRL reads it: a
+    `tools` column (a list of tool schemas, or JSON text of one) and a `chat_template_kwargs`
+    mapping (enable_thinking, say). Left as metadata, a tool-use row trained on a prompt without
+    the tools its responses call."""
+    where = pair.origin or "a conversational row"
+    tools = pair.metadata.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError:
+            raise UserError(f"{where}: field 'tools' is text but not JSON; give the list of tool schemas, "
+                            "as a list or as JSON text.") from None
+    extra = pair.metadata.get("chat_template_kwargs") or {}
+    if not isinstance(extra, dict):
+        raise UserError(f"{where}: field 'chat_template_kwargs' must be an object of template arguments "
+                        f"(e.g. {{\"enable_thinking\": false}}), got {type(extra).__name__}.")
+    return {**({"tools": tools} if tools else {}), **extra}
+
+
+def _encode_open_chat(tokenizer, prompt: list, completion: list, origin: str,
+                      template_kwargs: dict | None = None) -> list[int]:
     """A conversation whose last (assistant) message was cut by max_new_tokens when sampled:
     the text the model continued (the template up to the generation prompt, then the message),
     without the end of turn the template would write and the model never did."""
@@ -121,7 +147,8 @@ def _encode_open_chat(tokenizer, prompt: list, completion: list, origin: str) ->
                         f"assistant message, not {last['role']!r}; fix the row or drop the *_truncated key.")
     if not getattr(tokenizer, "chat_template", None):
         return _encode_chat(tokenizer, prompt, True, origin)  # the error for a missing template
-    text = render_chat(tokenizer, prompt + completion[:-1], True, origin or "a conversational row")
+    text = render_chat(tokenizer, prompt + completion[:-1], True, origin or "a conversational row",
+                       **(template_kwargs or {}))
     # The rendered template already holds its special tokens (BOS and the like).
     return tokenizer(text + last["content"], add_special_tokens=False)["input_ids"]
 
@@ -142,11 +169,13 @@ def _tokenize_pair(pair: PreferencePair, tokenizer, index: int) -> tuple[Tokeniz
     # as the model wrote it: no EOS after it, and no end of turn from a chat template.
     chosen_cut, rejected_cut = _truncated(pair, "chosen"), _truncated(pair, "rejected")
     if pair.conversational:
-        prompt_ids = _encode_chat(tokenizer, pair.prompt, True, pair.origin)
-        full_chosen = (_encode_open_chat(tokenizer, pair.prompt, pair.chosen, pair.origin) if chosen_cut
-                       else _encode_chat(tokenizer, pair.prompt + pair.chosen, False, pair.origin))
-        full_rejected = (_encode_open_chat(tokenizer, pair.prompt, pair.rejected, pair.origin) if rejected_cut
-                         else _encode_chat(tokenizer, pair.prompt + pair.rejected, False, pair.origin))
+        extra = chat_template_kwargs(pair)
+        prompt_ids = _encode_chat(tokenizer, pair.prompt, True, pair.origin, extra)
+        full_chosen = (_encode_open_chat(tokenizer, pair.prompt, pair.chosen, pair.origin, extra) if chosen_cut
+                       else _encode_chat(tokenizer, pair.prompt + pair.chosen, False, pair.origin, extra))
+        full_rejected = (_encode_open_chat(tokenizer, pair.prompt, pair.rejected, pair.origin, extra)
+                         if rejected_cut
+                         else _encode_chat(tokenizer, pair.prompt + pair.rejected, False, pair.origin, extra))
         eos: list[int] = []
     else:
         prompt_ids = encode_prompt_text(tokenizer, pair.prompt)
