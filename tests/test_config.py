@@ -328,6 +328,16 @@ def test_a_flat_trl_config_is_told_every_key_at_once(tmp_path):
         "  optim: optim.name (adamw or rmsprop)")
 
 
+@pytest.mark.parametrize("section, defaults", [("lora", {"r": 16, "alpha": 32.0}),
+                                               ("reference_sync", {"every": 512, "alpha": 0.6})])
+def test_trls_switches_turn_a_section_on_with_its_defaults_or_off(section, defaults):
+    # TRL's use_peft: true / sync_ref_model: true, carried over as model.lora: true, were
+    # "Input should be a valid dictionary".
+    on = getattr(load_config(None, REQUIRED + [f"model.{section}=true"]).model, section)
+    assert {key: getattr(on, key) for key in defaults} == defaults
+    assert getattr(load_config(None, REQUIRED + [f"model.{section}=false"]).model, section) is None
+
+
 def test_trls_max_steps_of_minus_one_is_told_null():
     # TRL's default, copied over with the rest of a config, was "Input should be greater than 0".
     with pytest.raises(UserError) as caught:

@@ -123,6 +123,15 @@ class ModelConfig(Section):
     # TR-DPO: the frozen copy (model.reference: copy) moves toward the policy during training.
     reference_sync: ReferenceSyncConfig | None = None
 
+    @field_validator("lora", "reference_sync", mode="before")
+    @classmethod
+    def _switched_on_or_off(cls, value):
+        # TRL's use_peft / sync_ref_model are switches: `model.lora: true` was "Input should be a
+        # valid dictionary"; true is the section with its defaults, false none.
+        if isinstance(value, bool):
+            return {} if value else None
+        return value
+
     @field_validator("path", "reference_path")
     @classmethod
     def _names_a_model(cls, value):
@@ -702,7 +711,7 @@ TRL_NAMES = {
     "precompute_ref_log_probs": "model.reference: precompute",
     "gradient_checkpointing": "model.gradient_checkpointing", "bf16": "model.autocast: bfloat16",
     "torch_compile": "model.compile", "disable_dropout": "model.disable_dropout",
-    "use_peft": "model.lora", "lora_r": "model.lora.r", "lora_alpha": "model.lora.alpha",
+    "use_peft": "model.lora (true, or its keys r, alpha, dropout, target_modules)", "lora_r": "model.lora.r", "lora_alpha": "model.lora.alpha",
     "lora_dropout": "model.lora.dropout", "lora_target_modules": "model.lora.target_modules",
     "dataset_name": "data.train", "max_length": "data.max_length",
     "max_prompt_length": "data.max_prompt_length",
@@ -739,7 +748,7 @@ TRL_NAMES = {
     "dataset_config": "data.config", "dtype": "model.dtype", "torch_dtype": "model.dtype",
     "ddp_timeout": "train.ddp_timeout", "use_cpu": "train.device: cpu", "torch_compile_mode": "model.compile_mode",
     "fsdp": "train.distributed: fsdp",
-    "sync_ref_model": "model.reference_sync", "ref_model_sync_steps": "model.reference_sync.every",
+    "sync_ref_model": "model.reference_sync (true, or its keys every and alpha)", "ref_model_sync_steps": "model.reference_sync.every",
     "ref_model_mixup_alpha": "model.reference_sync.alpha", "discopop_tau": "loss.discopop_tau",
     "f_divergence_type": "loss.f_divergence_type", "f_alpha_divergence_coef": "loss.f_alpha_divergence_coef",
     "trust_remote_code": "model.trust_remote_code", "attn_implementation": "model.attn_implementation",
