@@ -85,9 +85,13 @@ def test_comparison_names_each_run_its_differing_settings_and_final_numbers(swee
         assert f"<td>{same}</td>" not in html
     assert row(html, "status") == ["finished", "finished", "unfinished (no final/)"]
     assert row(html, "last step") == ["60", "40", "30"]
-    assert row(html, "train loss, last step") == [f"{last(run, 'loss'):.4g}" for run in sweep]
-    assert row(html, "eval/loss, last") == [f"{0.69 - 0.3:.4g}", f"{0.69 - 0.3:.4g}", "–"]
-    assert row(html, "eval/rewards/accuracies, best") == ["0.9 (step 60)", "0.9 (step 40)", "–"]
+    # sigmoid and ipo losses have no common unit; the row says so rather than give one.
+    assert row(html, "train loss, last step (unit differs by loss type)") == [
+        f"{last(run, 'loss'):.4g}" for run in sweep]
+    assert row(html, "eval/loss, last (unit differs by loss type)") == [
+        f"{0.69 - 0.3:.4g} (step 60)", f"{0.69 - 0.3:.4g} (step 40)", "–"]
+    assert row(html, "eval/rewards/accuracies, best (fraction of pairs)") == [
+        "0.9 (step 60)", "0.9 (step 40)", "–"]
     assert row(html, "win rate [95% CI] (reward:tests:length)") == [
         "0.800 [0.700, 0.900]", "0.650 [0.550, 0.750]", "–"]
     assert row(html, "KL ± se, nats per response (reward:tests:length)") == ["6 ± 0.3", "2 ± 0.3", "–"]
@@ -282,7 +286,7 @@ def test_resumed_empty_and_evaluation_only_runs_are_shown(tmp_path):
     baseline.mkdir()
     (baseline / "eval.json").write_text(json.dumps(generate_eval(None, 0.0, 0.2, 0.5, "SFT")))
     html = write_comparison([resumed, started, baseline], tmp_path / "compare", smoothing=0).read_text()
-    assert row(html, "train loss, last step") == ["0.6", "–", "–"]
+    assert row(html, "train loss, last step (nats per pair, mean over pairs)") == ["0.6", "–", "–"]
     assert row(html, "last step") == ["3", "–", "–"]
     assert "started has logged no step yet (its metrics.jsonl is empty): no curves." in html
     assert "pi_sft has no metrics.jsonl: evaluations only, no training curves." in html
@@ -421,3 +425,32 @@ def test_config_booleans_and_nulls_are_shown_as_config_yaml_writes_them(tmp_path
     assert row(html, "optim.max_grad_norm") == ["1", "null", "–"]
     written = (tmp_path / "b" / "config.yaml").read_text()
     assert "wpo_weighting: true" in written and "max_grad_norm: null" in written
+
+
+def test_metric_rows_give_units_and_the_step_of_each_runs_last_evaluation(tmp_path):
+    """Runs of other lengths and eval cadences: 'eval/loss, last' put a run's evaluation at step 60
+    beside another's at step 40 (its run went on to 50) with nothing to say so, and no row said its
+    unit. A last training value the logger wrote as null (NaN) read '–', as if never logged."""
+    runs = [make_run(tmp_path / "long", n_steps=60, eval_every=20),
+            make_run(tmp_path / "short", n_steps=50, eval_every=20)]
+    lines = [json.loads(x) for x in (runs[1] / "metrics.jsonl").read_text().splitlines()]
+    [line for line in lines if "loss" in line][-1]["loss"] = None
+    (runs[1] / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    html = write_comparison(runs, tmp_path / "compare").read_text()
+    assert row(html, "eval/loss, last (nats per pair, mean over pairs)") == [
+        f"{0.69 - 0.3:.4g} (step 60)", f"{0.69 - 0.3 * 40 / 50:.4g} (step 40)"]
+    assert row(html, "train loss, last step (nats per pair, mean over pairs)") == [
+        f"{last(runs[0], 'loss'):.4g}", "not finite"]
+    assert row(html, "eval/rewards/margins, last (chosen − rejected, β·log(π/π_ref), nats, "
+                     "mean over pairs)")[1] == f"{1.2 * 40 / 50:.4g} (step 40)"
+    # A number with its step is a number: right-aligned, digits under digits, as the others.
+    assert f'<td class="num">{0.69 - 0.3:.4g} (step 60)</td>' in html
+
+
+def test_the_margin_caption_warns_that_betas_scale_the_margins(sweep, tmp_path):
+    """The rewards figure said runs of other β have rewards on other scales; the margin beside the
+    accuracy, the same β-scaled quantity, was captioned as in one run's report."""
+    html = write_comparison(sweep, tmp_path / "compare").read_text()
+    caption = re.search(r'<figure id="plots/accuracy_margins.png">.*?<figcaption>(.*?)</figcaption>',
+                        html, re.S).group(1)
+    assert caption.endswith("Runs with different β have margins on different scales.")

@@ -40,7 +40,9 @@ from preftune.report import (
     load_config,
     load_evals,
     load_metrics,
+    logged_value,
     loss_labels,
+    metric_unit,
     plot_frontier,
     plot_win_rates,
     png_bytes,
@@ -267,12 +269,20 @@ def draw_overlay(runs: list[Run], panels: Sequence[Panel], smoothing: float):
     return fig
 
 
-def _loss_panel(runs: list[Run]) -> Panel:
+def _loss_types(runs: list[Run]) -> tuple[bool, list[str] | None]:
+    """(whether the runs' loss types differ, the one they share as a list; None: unknown or DPO)."""
     types = {json.dumps(run.config.get("loss.type", "sigmoid")) for run in runs if run.config}
     if len(types) > 1:
-        return Panel("loss", "Loss (loss types differ: compare shapes, not values)", "loss", "loss")
+        return True, None
     loss_type = json.loads(types.pop()) if types else None
-    title, unit = loss_labels([loss_type] if isinstance(loss_type, str) else loss_type)
+    return False, [loss_type] if isinstance(loss_type, str) else loss_type
+
+
+def _loss_panel(runs: list[Run]) -> Panel:
+    differ, loss_types = _loss_types(runs)
+    if differ:
+        return Panel("loss", "Loss (loss types differ: compare shapes, not values)", "loss", "loss")
+    title, unit = loss_labels(loss_types)
     return Panel("loss", title, unit, "loss")
 
 
@@ -383,11 +393,22 @@ def settings_rows(runs: list[Run]) -> list[list[str]]:
     return rows
 
 
-def _last(run: Run, key: str):
-    if run.metrics is None:
-        return None
-    rows = run.metrics.eval if key.startswith("eval/") else run.metrics.train
-    return rows[-1].get(key) if rows else None
+def _last(run: Run, key: str, with_step: bool = False) -> str:
+    """The last logged `key` as text ('not finite' for the logger's null); `with_step`: with the
+    step it was logged at, as evaluations of runs of other lengths or cadences fall at other steps."""
+    rows = (run.metrics.eval if key.startswith("eval/") else run.metrics.train) if run.metrics else []
+    if not rows or key not in rows[-1]:
+        return "–"
+    step = f" (step {rows[-1]['step']})" if with_step else ""
+    return logged_value(rows[-1], key) + step
+
+
+def _row_unit(runs: list[Run], key: str) -> str:
+    """A metric row's unit and what it is a mean over (report.metric_unit), for all runs."""
+    differ, loss_types = _loss_types(runs)
+    if differ and key.removeprefix("eval/") == "loss":
+        return "unit differs by loss type"
+    return metric_unit(key, loss_types)
 
 
 def _best(run: Run, key: str, lowest: bool) -> str:
@@ -401,12 +422,17 @@ def _best(run: Run, key: str, lowest: bool) -> str:
 
 
 def metric_rows(runs: list[Run]) -> list[list[str]]:
-    rows = [[f"train {key}, last step", *(_fmt(_last(run, key)) for run in runs)]
+    """Last training values (the last step row says which step), and last and best evaluations
+    with their step: runs of other lengths or eval cadences evaluate at other steps."""
+    rows = [[f"train {key}, last step ({_row_unit(runs, key)})", *(_last(run, key) for run in runs)]
             for key in ("loss", "rewards/accuracies", "rewards/margins")]
     for key, lowest in (("loss", True), ("rewards/accuracies", False), ("rewards/margins", None)):
-        rows.append([f"eval/{key}, last", *(_fmt(_last(run, f"eval/{key}")) for run in runs)])
+        unit = _row_unit(runs, key)
+        rows.append([f"eval/{key}, last ({unit})",
+                     *(_last(run, f"eval/{key}", with_step=True) for run in runs)])
         if lowest is not None:
-            rows.append([f"eval/{key}, best", *(_best(run, f"eval/{key}", lowest) for run in runs)])
+            rows.append([f"eval/{key}, best ({unit})",
+                         *(_best(run, f"eval/{key}", lowest) for run in runs)])
     return [row for row in rows if any(cell != "–" for cell in row[1:])]
 
 

@@ -31,8 +31,10 @@ code { overflow-wrap: anywhere; }
 """
 
 # A number, maybe signed, with a unit or an interval after it: "0.1", "+2.98 ± 0.10",
-# "94.3% [90.8%, 96.6%]", "2.254e+04", "1.39 / 0.14". Such cells align right, so digits line up.
-NUMERIC = re.compile(r"[+\-−]?\d[\d.,]*(e[+\-]?\d+)?%?( ± [\d.]+)?( \[[^\]]*\])?( / [\d.e+\-]+)?")
+# "94.3% [90.8%, 96.6%]", "2.254e+04", "1.39 / 0.14", "0.39 (step 60)". Such cells align right,
+# so digits line up.
+NUMERIC = re.compile(r"[+\-−]?\d[\d.,]*(e[+\-]?\d+)?%?( ± [\d.]+)?( \[[^\]]*\])?( / [\d.e+\-]+)?"
+                     r"( \(step \d+\))?")
 
 
 def _cell(text: str) -> str:

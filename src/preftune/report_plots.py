@@ -58,7 +58,10 @@ TRAINING_PLOTS = (
         (Panel("rewards/accuracies", "Reward accuracy", "fraction of pairs, chosen reward > rejected",
                "accuracy"),
          Panel("rewards/margins", "Reward margin", f"chosen − rejected ({REWARD_UNIT})", "margin")),
-        caption="Share of pairs whose chosen response gets the higher implicit reward, and the mean gap."),
+        caption="Share of pairs whose chosen response gets the higher implicit reward, and the mean gap.",
+        compare_caption=("Share of pairs whose chosen response gets the higher implicit reward, and "
+                         "the mean gap, per run. Runs with different β have margins on different "
+                         "scales.")),
     PlotSpec(
         "optimization.png", "Optimization",
         (Panel("grad_norm", "Gradient norm", "global L2 norm of the gradient", "grad norm",
