@@ -225,6 +225,16 @@ def test_frontier_from_a_list_of_evals(tmp_path):
     assert_real_picture(plot_win_rates(evals, tmp_path / "wins.png"))
 
 
+def test_the_frontier_gives_kl_the_unit_the_tables_give_it(run_dir, monkeypatch):
+    """The evaluations table and the CLI say KL in 'nats per response'; the plot's axis said 'nats
+    per sequence', which reads as over prompt and response, for the same number."""
+    drawn = _drawn_figures(monkeypatch)
+    html = write_report(run_dir).read_text()
+    assert "<th>KL ± se (nats per response)</th>" in html
+    (ax,) = drawn["reward_kl.png"].axes
+    assert ax.get_xlabel() == "KL(π ‖ π_ref), nats per response (estimated from samples)"
+
+
 def test_ema_is_debiased_and_zero_means_raw():
     np.testing.assert_allclose(ema([2.0, 2.0, 2.0], 0.9), [2.0, 2.0, 2.0])
     np.testing.assert_allclose(ema([1.0, 3.0], 0.0), [1.0, 3.0])

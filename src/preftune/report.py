@@ -347,7 +347,7 @@ def plot_frontier(evals: Sequence[dict], path: str | Path,
                                   "alpha": 0.8})
     _draw_reference(ax, reference)
     ax.set_title(f"{title}\n(bars: ±1 standard error)", fontsize=11)
-    ax.set_xlabel("KL(π ‖ π_ref), nats per sequence (estimated from samples)")
+    ax.set_xlabel("KL(π ‖ π_ref), nats per response (estimated from samples)")
     ax.set_ylabel("mean reward of samples (reward-function units)")
     ax.legend(loc="best", fontsize=9, framealpha=0.85)
     return _save(fig, Path(path))
