@@ -235,6 +235,29 @@ def test_the_frontier_gives_kl_the_unit_the_tables_give_it(run_dir, monkeypatch)
     assert ax.get_xlabel() == "KL(π ‖ π_ref), nats per response (estimated from samples)"
 
 
+def test_the_win_rate_plot_keeps_its_title_and_axis_label_inside_beside_long_names(monkeypatch,
+                                                                                   tmp_path):
+    """A comparison names a row 'run: model (judge on prompts)'; beside such a name the title and
+    the x label, centred on the narrowed axes, ran out of the picture and were cut off."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
+
+    drawn = _drawn_figures(monkeypatch)
+    long_name = "sweep/beta0.1: runs/beta0.1/final β=0.1 (reward:my_rewards.py:score on prompts.jsonl)"
+    evals = [{**generate_eval(0.1, 6.0, 1.5, 0.8), "label": long_name},
+             {**generate_eval(0.5, 2.0, 0.8, 0.65), "label": "beta0.5"}]
+    plot_win_rates(evals, tmp_path / "win_rates.png")
+    fig = drawn["win_rates.png"]
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text()]
+    assert any(t.get_text().startswith("Win rate against the reference (") for t in texts)
+    assert any(t.get_text().startswith("win rate against the reference (") for t in texts)
+    for text in texts:  # the title, the axis labels, the names: all of each in the picture
+        box = text.get_window_extent(renderer)
+        assert 0 <= box.x0 and box.x1 <= fig.bbox.width, text.get_text()
+
+
 def test_ema_is_debiased_and_zero_means_raw():
     np.testing.assert_allclose(ema([2.0, 2.0, 2.0], 0.9), [2.0, 2.0, 2.0])
     np.testing.assert_allclose(ema([1.0, 3.0], 0.0), [1.0, 3.0])

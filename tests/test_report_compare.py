@@ -454,3 +454,15 @@ def test_the_margin_caption_warns_that_betas_scale_the_margins(sweep, tmp_path):
     caption = re.search(r'<figure id="plots/accuracy_margins.png">.*?<figcaption>(.*?)</figcaption>',
                         html, re.S).group(1)
     assert caption.endswith("Runs with different β have margins on different scales.")
+
+
+def test_a_pairs_evaluation_does_not_rename_its_runs_win_rate(sweep, tmp_path, monkeypatch):
+    """beta0.1 was evaluated with eval generate and eval pairs: its win-rate row read
+    'beta0.1: DPO β=0.1 (reward:tests:length)' beside a plain 'beta0.5', as if it were two models
+    or another judge, though the pairs evaluation is in no plot."""
+    from test_report import _drawn_figures
+
+    drawn = _drawn_figures(monkeypatch)
+    write_comparison(sweep, tmp_path / "compare")
+    (ax,) = drawn["win_rates.png"].axes
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["beta0.1", "beta0.5"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import textwrap
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -391,11 +392,18 @@ def win_rate_labels(evals: Sequence[dict]) -> list[str]:
 
 def plot_win_rates(evals: Sequence[dict], path: str | Path) -> Path:
     """Each model's win rate against its reference, with its 95% interval."""
-    rows = list(zip(win_rate_labels(evals), map(_win_rate_with_ci, evals)))
-    rows = [(label, r) for label, r in rows if r is not None]
-    if not rows:
+    # Labelled once the rows without a win rate are gone: a pairs evaluation of the same model
+    # is no second row to tell apart.
+    evals = [ev for ev in evals if _win_rate_with_ci(ev) is not None]
+    if not evals:
         raise UserError("no evaluation has a 'win_rate'; run `preftune eval generate` first.")
-    fig = Figure(figsize=(8.0, 1.6 + 0.45 * len(rows)), dpi=110, layout="constrained")
+    # Long names (a run, its model and judge) wrap, so that the axes keep their width and the
+    # title and axis label stay inside the picture.
+    rows = [(textwrap.fill(label, 30), _win_rate_with_ci(ev))
+            for label, ev in zip(win_rate_labels(evals), evals)]
+    lines = sum(label.count("\n") + 1 for label, _ in rows)
+    fig = Figure(figsize=(8.0, 1.6 + 0.45 * len(rows) + 0.18 * (lines - len(rows))), dpi=110,
+                 layout="constrained")
     ax = fig.add_subplot()
     ax.grid(True, axis="x", alpha=0.3)
     for y, (label, (rate, lower, upper)) in enumerate(rows):
@@ -414,7 +422,8 @@ def plot_win_rates(evals: Sequence[dict], path: str | Path) -> Path:
     ax.set_xlim(0.0, 1.0)
     ax.set_xlabel("win rate against the reference (fraction of prompts; a tie counts ½)")
     ax.set_ylabel("model")
-    ax.set_title("Win rate against the reference (dot: estimate, bar: 95% interval)")
+    # Over the whole figure, not the axes: beside long model names it would run out of the picture.
+    fig.suptitle("Win rate against the reference (dot: estimate, bar: 95% interval)")
     return _save(fig, Path(path))
 
 

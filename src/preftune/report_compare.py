@@ -330,7 +330,9 @@ def eval_figures(runs: list[Run], out: Path) -> list[tuple[str, str, str]]:
     each evaluation named after its run, in the run's colour."""
     evals = []
     for run in runs:
-        several = len(run.evals) > 1
+        # Named by the run alone unless it has several to plot: a pairs evaluation beside its
+        # one generate evaluation is in no plot, so it is not a second one to tell apart.
+        several = sum(ev.get("kind") != "pairs" for ev in run.evals) > 1
         for ev in run.evals:
             label = f"{run.label}: {eval_label(ev)}" if several else run.label
             evals.append({**ev, "method": run.label, "label": label})
