@@ -97,7 +97,7 @@ def test_report_writes_every_plot_and_links_it(run_dir, tmp_path):
         assert f'src="plots/{name}"' in html  # relative, so the folder can move
     assert html.count("<img ") == len(TRAIN_PLOTS + EVAL_PLOTS)
     # The summary holds the final metrics, config highlights and each evaluation.
-    assert "<td>rewards/accuracies</td>" in html
+    assert "<td>rewards/accuracies (fraction of pairs)</td>" in html
     assert "<td>loss.beta</td>" in html
     for label in ("DPO β=0.1", "DPO β=0.5", "Preferred-FT"):
         assert f"<td>{label}</td>" in html
@@ -151,7 +151,7 @@ def test_token_metrics_and_wpo_weight_are_plotted_as_the_other_curves(tmp_path, 
                     "The policy&#x27;s logits averaged over the vocabulary", "WPO&#x27;s pair weight"):
         assert caption in html
     for key in ("entropy", "mean_token_accuracy", "logits/chosen", "logits/rejected", "wpo/weight"):
-        assert f"<td>{key}</td>" in html
+        assert f"<td>{key} (" in html  # its row, with its unit
 
     # A run that logged only the WPO weight gets only its plot.
     wpo_only = tmp_path / "wpo"
@@ -167,7 +167,7 @@ def test_token_metrics_and_wpo_weight_are_plotted_as_the_other_curves(tmp_path, 
     assert sorted(drawn) == sorted(TRAIN_PLOTS)
     assert sorted(p.name for p in (plain / "plots").iterdir()) == sorted(TRAIN_PLOTS)
     assert html.count("<figure") == len(TRAIN_PLOTS)
-    for text in ("Entropy", "Mean logits", "WPO", "<td>entropy</td>", "<td>wpo/weight</td>"):
+    for text in ("Entropy", "Mean logits", "WPO", "<td>entropy (", "<td>wpo/weight ("):
         assert text not in html
 
 
@@ -516,16 +516,19 @@ def test_final_metrics_give_each_numbers_unit_and_what_it_is_a_mean_over(tmp_pat
     write_metrics(tmp_path, n_steps=10, eval_every=5)
     (tmp_path / "config.yaml").write_text("model:\n  path: tiny\nloss:\n  type: ipo\n  beta: 0.1\n")
     rows = _table_rows(write_report(tmp_path).read_text(), "Final metrics")
-    assert rows["metric"] == ["unit", "last train step (its batch)", "last evaluation (held-out pairs)"]
-    assert rows["loss"][0] == "per pair, mean over pairs"  # ipo's loss is no log-likelihood
-    assert rows["rewards/accuracies"][0] == "fraction of pairs"
-    assert rows["rewards/chosen"][0] == "β·log(π/π_ref), nats, mean over pairs"
-    assert rows["logps/chosen"][0] == "nats per response, mean over pairs"
-    assert rows["grad_norm"][0] == "global L2 norm, before clipping"
-    assert all(cells[0] for cells in rows.values()), rows  # no number without its unit
+    assert list(rows)[:6] == [
+        "metric (unit)", "step (optimizer step)",
+        "loss (per pair, mean over pairs)",  # ipo's loss is no log-likelihood
+        "rewards/accuracies (fraction of pairs)",
+        "rewards/margins (chosen − rejected, β·log(π/π_ref), nats, mean over pairs)",
+        "rewards/chosen (β·log(π/π_ref), nats, mean over pairs)"]
+    assert rows["metric (unit)"] == ["last train step (its batch)", "last evaluation (held-out pairs)"]
+    assert "logps/chosen (nats per response, mean over pairs)" in rows
+    assert "grad_norm (global L2 norm, before clipping)" in rows
+    assert all(name.endswith(")") and "()" not in name for name in rows), rows  # none without a unit
     (tmp_path / "config.yaml").write_text("model:\n  path: tiny\n")  # DPO by default
     rows = _table_rows(write_report(tmp_path).read_text(), "Final metrics")
-    assert rows["loss"][0] == "nats per pair, mean over pairs"
+    assert "loss (nats per pair, mean over pairs)" in rows
 
 
 def test_a_last_step_that_was_not_finite_says_so_not_a_dash(tmp_path):
@@ -536,8 +539,8 @@ def test_a_last_step_that_was_not_finite_says_so_not_a_dash(tmp_path):
     last_train["loss"] = last_train["grad_norm"] = None
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     rows = _table_rows(write_report(tmp_path).read_text(), "Final metrics")
-    assert rows["loss"][1:] == ["not finite", f"{0.69 - 0.3:.4g}"]
-    assert rows["grad_norm"][1:] == ["not finite", "–"]  # evaluations log no gradient norm
+    assert rows["loss (nats per pair, mean over pairs)"] == ["not finite", f"{0.69 - 0.3:.4g}"]
+    assert rows["grad_norm (global L2 norm, before clipping)"] == ["not finite", "–"]  # not evaluated
 
 
 def test_config_highlights_show_a_lora_run_and_values_as_yaml_writes_them(tmp_path):

@@ -618,12 +618,14 @@ def logged_value(line: dict, key: str) -> str:
 def _final_metrics_table(metrics: RunMetrics, loss_types: list[str] | None = None):
     last_train = metrics.train[-1] if metrics.train else {}
     last_eval = metrics.eval[-1] if metrics.eval else {}
-    rows = [["step", "optimizer step", _fmt(last_train.get("step")), _fmt(last_eval.get("step"))]]
+    rows = [["step (optimizer step)", _fmt(last_train.get("step")), _fmt(last_eval.get("step"))]]
     for key in SUMMARY_KEYS:
         if key in last_train or f"eval/{key}" in last_eval:
-            rows.append([key, metric_unit(key, loss_types), logged_value(last_train, key),
+            # The unit beside the name, as the comparison's rows have it; a phone shows the
+            # values next to it, not a column of units.
+            rows.append([f"{key} ({metric_unit(key, loss_types)})", logged_value(last_train, key),
                          logged_value(last_eval, f"eval/{key}")])
-    return ("Final metrics", ["metric", "unit", "last train step (its batch)",
+    return ("Final metrics", ["metric (unit)", "last train step (its batch)",
                               "last evaluation (held-out pairs)"], rows)
 
 

@@ -12,6 +12,8 @@ from preftune.demo.pipeline import QUICK_SIZES, DemoPaths, planned_runs, run_dem
 from preftune.demo.pretrain import QUICK
 from preftune.demo.summary import format_row
 from preftune.evaluate import read_eval_records
+from preftune.report import write_report
+from preftune.report_compare import write_comparison
 
 # The demo's own pipeline at a size a browser test can afford (about 10 s): the page has every
 # kind of table and figure of a full demo, at other numbers.
@@ -125,3 +127,37 @@ def test_demo_report_shows_the_numbers_of_demo_json_and_eval_json(browser, demo_
             record["win_rate"], record["win_rate_ci"], record["kl"], record["kl_se"])
         assert row["mean_reward"] == record["mean_reward"]["policy"]
         assert summary["results"][0]["mean_reward"] == record["mean_reward"]["reference"]
+
+
+@pytest.mark.parametrize("which", ["run", "comparison"])
+def test_numbers_stay_on_one_line_on_a_phone(browser, tmp_path, which):
+    """At 390 px a learning rate broke as '1.283e-' over '06', and '0.375 [0.165, 0.646]' or
+    '0.2 ± 0.009' over two lines; a number cell now keeps its line (the table scrolls sideways
+    inside its frame, the page does not)."""
+    from test_report import generate_eval, write_metrics
+    from test_report_compare import make_run
+
+    if which == "run":
+        write_metrics(tmp_path / "run", n_steps=10, eval_every=5)
+        (tmp_path / "run" / "eval.json").write_text(json.dumps(generate_eval(0.1, 6.0, 1.5, 0.8)))
+        page_path = write_report(tmp_path / "run")
+    else:
+        runs = [make_run(tmp_path / f"beta{beta}", n_steps=10, eval_every=5, loss={"beta": beta},
+                         evals=[generate_eval(beta, 6.0, 1.5, 0.8)]) for beta in (0.1, 0.5)]
+        page_path = write_comparison(runs, tmp_path / "compare")
+    context, page, requests, complaints = _open(browser, page_path, *VIEWPORTS[1])
+    try:
+        assert not complaints
+        assert all(url.startswith(page_path.parent.as_uri() + "/") for url in requests), requests
+        broken = page.evaluate("""[...document.querySelectorAll('td.num')].filter(td => {
+          const range = document.createRange();
+          range.selectNodeContents(td);
+          return new Set([...range.getClientRects()].map(r => Math.round(r.top))).size > 1;
+        }).map(td => td.textContent)""")
+        assert page.evaluate("document.querySelectorAll('td.num').length") > 10
+        assert broken == []
+        scroll, client = page.evaluate("[document.documentElement.scrollWidth, "
+                                       "document.documentElement.clientWidth]")
+        assert scroll <= client, f"the page scrolls sideways ({scroll} > {client})"
+    finally:
+        context.close()
