@@ -143,10 +143,24 @@ def _batched(fn: Callable, spec: str) -> RewardFn:
         if mode == "batch":
             values = list(fn(list(prompts), list(responses)))
         else:
-            values = [fn(p, r) for p, r in zip(prompts, responses)]
+            values = []
+            for index, (p, r) in enumerate(zip(prompts, responses)):
+                try:
+                    values.append(fn(p, r))
+                except Exception as e:  # the caller names the pair: a batch index alone tells nothing
+                    raise RewardCallError(spec, index) from e
         return _as_floats(values, len(prompts), spec)
 
     return reward
+
+
+class RewardCallError(Exception):
+    """A per-pair reward function raised on one response: the one at `index` in the lists of
+    that call. The function's own exception is the `__cause__`."""
+
+    def __init__(self, spec: str, index: int):
+        super().__init__(f"reward {spec!r} raised on response {index} of the call")
+        self.index = index
 
 
 def _as_floats(values: list, expected: int, spec: str) -> list[float]:

@@ -35,6 +35,14 @@ def not_a_number(prompt: str, response: str):
 def infinite(prompt: str, response: str) -> float:
     return float("inf")
 
+def fails_on_answer_3(prompt: str, response: str) -> float:
+    if response == "second answer 3":
+        raise ValueError("cannot score this one")
+    return float(len(response))
+
+def batched_fails_on_answer_3(prompts, responses):
+    return [1 / 0 if r == "second answer 3" else 1.0 for r in responses]
+
 NOT_CALLABLE = 3
 
 def one_argument(response):
@@ -187,6 +195,22 @@ def test_auto_refuses_mixed_runs_and_bad_rewards(tmp_path, rewards_file):
         label_auto(pairs_file, "my_rewards:infinite", tmp_path / "inf.jsonl", show_progress=False)
     with pytest.raises(UserError, match="mode"):
         label_auto(pairs_file, "my_rewards:length", tmp_path / "x.jsonl", mode="coin")
+
+
+def test_a_reward_that_raises_names_the_pair_and_keeps_what_was_written(tmp_path, rewards_file):
+    """A reward function that raised on one pair was a traceback from inside the labeling loop,
+    which named neither the pair nor whether the rows before it were kept."""
+    pairs_file = write_pairs_file(tmp_path / "pairs.jsonl", make_pairs(6))
+    out = tmp_path / "D.jsonl"
+    with pytest.raises(UserError, match=r"my_rewards:fails_on_answer_3 raised ValueError: cannot score "
+                       r"this one \(.*my_rewards.py, line \d+\) while scoring response 1 of pair 'p00003'; "
+                       r".*D.jsonl keeps the 2 rows written before it: fix the function and rerun"):
+        label_auto(pairs_file, "my_rewards:fails_on_answer_3", out, batch_size=2, show_progress=False)
+    assert [row["pair_id"] for row in read_jsonl(out)] == ["p00000", "p00001"]
+    with pytest.raises(UserError, match=r"raised ZeroDivisionError: division by zero \(.*my_rewards.py, line \d+\) while "
+                       r"scoring one of pairs 'p00000' to 'p00003'; nothing is in .*D2.jsonl yet"):
+        label_auto(pairs_file, "my_rewards:batched_fails_on_answer_3", tmp_path / "D2.jsonl",
+                   batch_size=4, show_progress=False)
 
 
 def test_out_in_a_new_folder_is_written_and_a_folder_as_out_is_named(tmp_path, rewards_file):

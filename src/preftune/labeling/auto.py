@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import random
+import traceback
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +48,7 @@ from preftune.records import (
     read_records,
     record_line_numbers,
 )
+from preftune.wording import counted
 
 MODES = ("bt-sample", "argmax")
 
@@ -287,7 +289,12 @@ def label_auto(
             batch = todo[start:start + batch_size]
             prompts = [p.prompt for p in batch for _ in p.responses]
             responses = [r for p in batch for r in p.responses]
-            values = reward_fn(prompts, responses)
+            try:
+                values = reward_fn(prompts, responses)
+            except UserError:
+                raise
+            except Exception as e:  # the user's own code: one sentence naming the pair, not a traceback
+                raise UserError(_reward_failure(e, batch, reward_name, out, stats["written"] + len(done))) from None
             if len(values) != len(responses):
                 raise UserError(
                     f"the reward function returned {len(values)} values for {len(responses)} "
@@ -299,6 +306,29 @@ def label_auto(
         stats["reward_truncated"] = reward_fn.truncated
         stats["reward_max_length"] = reward_fn.max_length
     return dict(stats)
+
+
+def _reward_failure(error: Exception, batch: list[Pair], reward_name: str, out: Path, kept: int) -> str:
+    """The sentence for a reward function that raised while scoring `batch`: which pair (and
+    response) when the function is called pair by pair, else which pairs; what it raised, where
+    in its code; and that the rows before are kept."""
+    from preftune.rewards import RewardCallError
+
+    if isinstance(error, RewardCallError) and error.__cause__ is not None:
+        index, error = error.index, error.__cause__
+        for pair in batch:  # the call's lists hold each pair's responses in turn
+            if index < len(pair.responses):
+                which = f"response {index} of pair {pair.pair_id!r}"
+                break
+            index -= len(pair.responses)
+    else:
+        which = f"one of pairs {batch[0].pair_id!r} to {batch[-1].pair_id!r}"
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
+    detail = f": {error}" if str(error) else ""
+    kept_rows = f"{out} keeps the {counted(kept, 'row')} written before it" if kept else f"nothing is in {out} yet"
+    return (f"the reward {reward_name} raised {type(error).__name__}{detail}{where} while scoring {which}; "
+            f"{kept_rows}: fix the function and rerun the same command to continue.")
 
 
 def _function_name(fn: Callable) -> str:
