@@ -466,3 +466,16 @@ def test_a_pairs_evaluation_does_not_rename_its_runs_win_rate(sweep, tmp_path, m
     write_comparison(sweep, tmp_path / "compare")
     (ax,) = drawn["win_rates.png"].axes
     assert [t.get_text() for t in ax.get_yticklabels()] == ["beta0.1", "beta0.5"]
+
+
+def test_the_model_data_loss_and_beta_are_shown_even_when_the_runs_share_them(tmp_path):
+    """Two learning rates at one β: the page showed optim.lr and never said which β or data the
+    runs used, though every reward and margin on it is in β·log(π/π_ref)."""
+    runs = [make_run(tmp_path / "lr1", n_steps=10, eval_every=5, optim={"lr": 1e-3}),
+            make_run(tmp_path / "lr2", n_steps=10, eval_every=5, optim={"lr": 5e-4})]
+    html = write_comparison(runs, tmp_path / "compare").read_text()
+    assert row(html, "optim.lr") == ["0.001", "0.0005"]
+    assert row(html, "loss.beta") == ["0.1", "0.1"]
+    assert row(html, "data.train") == ["D.jsonl", "D.jsonl"]
+    assert row(html, "loss.type") == ["sigmoid", "sigmoid"]
+    assert "<td>train.batch_size</td>" not in html  # the rest, when equal, stays out

@@ -63,8 +63,9 @@ from preftune.report_plots import (
 COLORS = [f"C{n}" for n in range(10)]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 LINESTYLES = ["-", "-.", ":"]
-# Shown for every run even when equal; train.output_dir is the run's folder, named by its label.
-ALWAYS_SHOWN = ("model.path", "loss.type")
+# Shown for every run even when equal: what was trained, on what, and how (β scales every reward
+# and margin row and curve); train.output_dir is the run's folder, named by its label.
+ALWAYS_SHOWN = ("model.path", "data.train", "loss.type", "loss.beta")
 NEVER_SHOWN = ("train.output_dir",)
 
 
