@@ -119,6 +119,15 @@ def test_argmax_takes_the_higher_reward_and_skips_ties(tmp_path, rewards_file):
     assert rows[1]["p"] == pytest.approx(bt_probability(5.0, 13.0))
 
 
+def test_bt_sample_counts_the_ties_it_draws(tmp_path, rewards_file):
+    """Equal rewards make bt-sample's label a coin flip, with two or with N responses."""
+    pairs = [Pair("tie", "p", ("same", "size")), Pair("no-tie", "p", ("a long answer", "short")),
+             Pair("three-tied", "p", ("abc", "def", "ghi")), Pair("three", "p", ("a", "bb", "ccc"))]
+    stats = label_auto(write_pairs_file(tmp_path / "pairs.jsonl", pairs), "my_rewards:length",
+                       tmp_path / "D.jsonl", show_progress=False)
+    assert stats["written"] == 4 and stats["ties_drawn"] == 2
+
+
 def random_reward_pairs(n, seed=0):
     rng = random.Random(seed)
     rewards = {}

@@ -123,6 +123,8 @@ def test_auto_command(tmp_path):
     result = invoke("auto", "--pairs", pairs, "--reward", f"{tmp_path / 'lenreward.py'}:score",
                     "--out", out, "--seed", "1")
     assert "wrote 5 rows (bt-sample)" in result.output
+    # bt-sample writes ties as coin flips: said, not left for training to find out (it was silent).
+    assert "5 ties (equal rewards) labeled by a coin flip (--argmax skips ties)" in result.output
     assert all(json.loads(line)["p"] == pytest.approx(0.5) for line in out.read_text().splitlines())
 
 

@@ -3,7 +3,8 @@
 The Bradley-Terry model gives p(y1 > y2 | x) = exp(r1) / (exp(r1) + exp(r2)) = sigmoid(r1 - r2).
 `bt-sample` draws the winner with that probability, as the DPO paper's synthetic experiments do;
 `argmax` takes the higher reward, and a pair whose rewards are exactly equal is counted and
-skipped (no preference to learn from it). In both modes a pair with an empty response is
+skipped (no preference to learn from it); `bt-sample` writes such a pair with a coin flip
+(p = 0.5), counted as `ties_drawn`. In both modes a pair with an empty response is
 counted and skipped, since training refuses empty responses, and so is a pair whose two
 responses are the same text (greedy decoding gives those), since neither can be preferred.
 
@@ -204,6 +205,7 @@ def _label_many(pair: Pair, rewards: list[float], job: dict, stats: Counter) -> 
         chosen = candidates[scores.index(max(scores))]
         rejected = candidates[scores.index(min(scores))]
     else:
+        stats["ties_drawn"] += max(scores) == min(scores)
         ranking = plackett_luce_ranking(scores, random.Random(f"{job['seed']}:{pair.pair_id}"))
         chosen, rejected = candidates[ranking[0]], candidates[ranking[-1]]
     stats.update(dropped)  # only for rows written: a skipped record's responses count as skipped
@@ -244,6 +246,9 @@ def _label_batch(batch: list[Pair], values: list[float], job: dict, stats: Count
                 continue
             winner = 0 if r1 > r2 else 1
         else:
+            # Equal rewards make the draw a coin flip: counted, so that a reward that cannot tell
+            # responses apart is seen rather than written as labels.
+            stats["ties_drawn"] += r1 == r2
             winner = 0 if pair_draw(job["seed"], pair.pair_id) < p else 1
         row = as_triplet(pair.pair_id, _as_dict(pair), winner)
         row.update(r1=r1, r2=r2, p=p, chosen_index=winner, **job)

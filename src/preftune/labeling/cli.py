@@ -174,6 +174,9 @@ def auto(
         with_prompt, was = ("with its prompt", "was") if cut == 1 else ("with their prompts", "were")
         ties += (f"; {counted(cut, 'response')} ({with_prompt}) {was} longer than the reward model's "
                  f"{stats['reward_max_length']} tokens and {was} scored cut to them")
+    if stats.get("ties_drawn"):
+        ties += (f"; {counted(stats['ties_drawn'], 'tie')} (equal rewards) labeled by a coin flip "
+                 "(--argmax skips ties)")
     typer.echo(
         f"{out}: wrote {counted(stats.get('written', 0), 'row')} ({mode}), "
         f"{stats['resumed_from']} {'was' if stats['resumed_from'] == 1 else 'were'} already there{ties}"
