@@ -432,6 +432,17 @@ def test_evaluations_table_shows_the_token_wise_kl_and_an_older_record_without_i
     assert_real_picture(tmp_path / "plots" / "reward_kl.png")  # the plot keeps using `kl`
 
 
+def test_a_token_wise_kl_that_was_not_measured_says_so(tmp_path):
+    """eval generate writes kl_tokens null, and prints 'token-wise none: the policy's and the
+    reference's output layers differ in size', when it cannot measure it; the table showed '–', as
+    for a record from before kl_tokens existed."""
+    unmeasured = {**generate_eval(0.1, 6.0, 1.5, 0.8), "kl_tokens": None, "kl_tokens_se": None}
+    (tmp_path / "eval.json").write_text(json.dumps(unmeasured))
+    html = write_report(tmp_path).read_text()
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", re.search(r"<tr><td>DPO β=0.1</td>(.*?)</tr>", html).group(1))
+    assert cells[5:7] == ["6 ± 0.3", "not measured (output layers differ in size)"]
+
+
 def test_a_model_path_with_dollar_signs_is_drawn_as_written_not_as_tex(run_dir):
     """Win-rate rows and the reward-KL legend name a model by its path; matplotlib read the text
     between two '$' as TeX and stopped the report on 'r$\\q$' (unknown symbol \\q)."""

@@ -479,3 +479,20 @@ def test_the_model_data_loss_and_beta_are_shown_even_when_the_runs_share_them(tm
     assert row(html, "data.train") == ["D.jsonl", "D.jsonl"]
     assert row(html, "loss.type") == ["sigmoid", "sigmoid"]
     assert "<td>train.batch_size</td>" not in html  # the rest, when equal, stays out
+
+
+def test_kl_sampled_at_another_temperature_is_flagged_and_an_unmeasured_one_said(tmp_path):
+    """One run's report warns under the reward-KL plot that samples drawn at temperature 0.7 give
+    no KL(π ‖ π_ref); the comparison's caption did not. A token-wise KL eval generate could not
+    measure (kl_tokens null) had no row at all, as if never asked for."""
+    note = "samples were drawn at temperature 0.7, not from the policy itself"
+    tempered = {**generate_eval(0.1, 6.0, 1.5, 0.8), "sampling": {"temperature": 0.7},
+                "kl_note": note, "kl_tokens": None, "kl_tokens_se": None}
+    runs = [make_run(tmp_path / "a", n_steps=10, eval_every=5, evals=[tempered]),
+            make_run(tmp_path / "b", n_steps=10, eval_every=5, evals=[{**tempered, "kl": 2.0}])]
+    html = write_comparison(runs, tmp_path / "compare").read_text()
+    caption = re.search(r'<figure id="plots/reward_kl.png">.*?<figcaption>(.*?)</figcaption>',
+                        html, re.S).group(1)
+    assert caption.endswith(f"Not KL(π ‖ π_ref) here: {note}")
+    (name,) = [n for n in re.findall(r"<tr><td>(token-wise KL[^<]*)</td>", html)]
+    assert row(html, name) == ["not measured (output layers differ in size)"] * 2

@@ -567,6 +567,13 @@ def frontier_setting(ev: dict) -> tuple:
             tuple(sorted((k, str(v)) for k, v in sampling.items())))
 
 
+def kl_caveat(evals: Sequence[dict]) -> str:
+    """A reward-KL caption's warning, in both reports, where an evaluation sampled at another
+    temperature, top-p, ... than the policy's own: its 'kl' is not KL(π ‖ π_ref) (kl_note)."""
+    return next((f" Not KL(π ‖ π_ref) here: {ev['kl_note']}" for ev in evals
+                 if ev.get("kl_note")), "")
+
+
 def _eval_figures(evals: list[dict], out: Path, notes: list[str]):
     figures = []
     points = [ev for ev in evals if _is_number(ev.get("kl")) and _policy_reward(ev) is not None]
@@ -580,8 +587,7 @@ def _eval_figures(evals: list[dict], out: Path, notes: list[str]):
         first = members[0]
         where = (f" Judge {_judged_on(first)}, reference {first.get('reference') or '–'}."
                  if len(settings) > 1 else "")
-        caveat = next((f" Not KL(π ‖ π_ref) here: {ev['kl_note']}" for ev in members
-                       if ev.get("kl_note")), "")
+        caveat = kl_caveat(members)
         title = "Reward vs KL" if len(settings) == 1 else f"Reward vs KL ({n} of {len(settings)})"
         plot_frontier(members, out / PLOT_DIR / name)
         figures.append((f"{PLOT_DIR}/{name}", title,
@@ -682,7 +688,10 @@ def _judged_on(ev: dict) -> str:
 
 def _with_se(ev: dict, key: str) -> str:
     """'value ± se' of `key` and `key`_se, or '–' where the record has no value (an evaluation
-    written before `kl_tokens` existed, or a pairs evaluation)."""
+    written before `kl_tokens` existed, or a pairs evaluation). A null `kl_tokens` was not
+    measured: `eval generate` says so, as 'none', when the two models' output layers differ."""
+    if key == "kl_tokens" and key in ev and ev[key] is None:
+        return "not measured (output layers differ in size)"
     return f"{_fmt(ev[key])} ± {_fmt(ev.get(key + '_se'))}" if _is_number(ev.get(key)) else "–"
 
 

@@ -36,6 +36,7 @@ from preftune.report import (
     eval_label,
     find_eval_files,
     frontier_setting,
+    kl_caveat,
     literal,
     load_config,
     load_evals,
@@ -349,7 +350,8 @@ def eval_figures(runs: list[Run], out: Path) -> list[tuple[str, str, str]]:
         where = f" Judge {_judged_on(members[0])}." if len(settings) > 1 else ""
         figures.append((f"{PLOT_DIR}/{name}", "Reward vs KL" + (f" ({n})" if n > 1 else ""),
                         "Mean reward of each run's sampled responses against their KL from the "
-                        "reference; up and to the left is better. Bars: ±1 standard error." + where))
+                        "reference; up and to the left is better. Bars: ±1 standard error." + where
+                        + kl_caveat(members)))
     if any(_win_rate_with_ci(ev) for ev in evals):
         plot_win_rates(evals, out / PLOT_DIR / "win_rates.png")
         figures.append((f"{PLOT_DIR}/win_rates.png", "Win rates",
@@ -453,8 +455,9 @@ def _eval_cells(ev: dict):
     elif ev.get("status") == "awaiting_votes":
         yield f"win rate [95% CI] ({on})", "awaiting votes"
     for key, name in (("kl", "KL"), ("kl_tokens", "token-wise KL")):
-        if _is_number(ev.get(key)):  # kl_tokens is absent from evaluations written before it existed
-            yield f"{name} ± se, nats per response ({on})", _with_se(ev, key)
+        text = _with_se(ev, key)  # kl_tokens is absent from evaluations written before it existed
+        if text != "–":
+            yield f"{name} ± se, nats per response ({on})", text
     if _policy_reward(ev) is not None:
         yield (f"mean reward, policy / ref ({on})",
                f"{_fmt(_policy_reward(ev))} / {_fmt(_policy_reward(ev, 'reference'))}")
