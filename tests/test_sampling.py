@@ -120,6 +120,19 @@ def test_resume_after_a_kill_mid_write_equals_an_uninterrupted_run(model_dir, tm
     assert out.read_text() == expected
 
 
+def test_prompts_too_long_for_the_model_are_all_named_before_any_is_sampled(model_dir, tmp_path):
+    """They were found batch by batch: a run stopped at the first one's batch, after sampling
+    the batches before it, and named that prompt alone; the next one stopped the rerun."""
+    too_long = "word " * 200  # past the tiny model's 512 positions
+    prompts = write_txt(tmp_path / "p.txt", [*PROMPTS[:4], too_long, PROMPTS[4], too_long])
+    out = tmp_path / "pairs.jsonl"
+    with pytest.raises(UserError, match=r"^2 prompts \(counting from 0, as pair ids do: 4, 6\) with "
+                       r"--max-new-tokens 6 need more than the 512 positions of .*; shorten or drop those "
+                       r"prompts, or lower --max-new-tokens\.$"):
+        run(model_dir, prompts, out)
+    assert not out.exists()
+
+
 def test_resume_refuses_a_file_from_another_job(model_dir, tmp_path):
     prompts = write_txt(tmp_path / "all.txt", PROMPTS)
     out = tmp_path / "pairs.jsonl"

@@ -175,12 +175,7 @@ def encode_prompts(tokenizer, prompts: Sequence[Prompt],
     """
     pad_id = _pad_token_id(tokenizer)
     indices = range(len(prompts)) if indices is None else indices
-    ids = [
-        _encode_text_prompt(tokenizer, p) if isinstance(p, str)
-        else tokenizer(render_prompt(tokenizer, p, f"prompt {i} (counting from 0, as its pair id does)"),
-                       add_special_tokens=False)["input_ids"]
-        for i, p in zip(indices, prompts)
-    ]
+    ids = [prompt_ids(tokenizer, p, i) for i, p in zip(indices, prompts)]
     if any(len(row) == 0 for row in ids):
         raise UserError("a prompt tokenizes to no tokens; remove empty prompts.")
     width = max(len(row) for row in ids)
@@ -190,6 +185,15 @@ def encode_prompts(tokenizer, prompts: Sequence[Prompt],
         input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
         attention_mask[i, width - len(row):] = 1
     return input_ids, attention_mask
+
+
+def prompt_ids(tokenizer, prompt: Prompt, index: int) -> list[int]:
+    """One prompt's ids, as `encode_prompts` lays them out; `index` names a prompt the chat
+    template refuses."""
+    if isinstance(prompt, str):
+        return _encode_text_prompt(tokenizer, prompt)
+    text = render_prompt(tokenizer, prompt, f"prompt {index} (counting from 0, as its pair id does)")
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def _encode_text_prompt(tokenizer, prompt: str) -> list[int]:
@@ -448,6 +452,30 @@ def check_fits_context(model, prompt_lengths: Sequence[int], prompt_indices: Seq
                 "--max-new-tokens.")
 
 
+def check_all_fit_context(model, tokenizer, prompts: Sequence[Prompt], indices: Sequence[int],
+                          max_new_tokens: int) -> None:
+    """`check_fits_context` for every prompt to sample, before the first is sampled: checked
+    batch by batch, a prompt too long for the model stopped a run of many prompts when its
+    batch came, hours in, and named only that one; the next too long one stopped the rerun."""
+    from preftune.modeling import context_length, context_length_source
+
+    limit = context_length(model)
+    if limit is None:
+        return
+    lengths = {i: len(prompt_ids(tokenizer, prompts[i], i)) for i in indices}
+    too_long = [i for i, length in lengths.items() if length + max_new_tokens > limit]
+    if len(too_long) == 1:  # the sentence a batch would give
+        check_fits_context(model, [lengths[too_long[0]]], too_long, max_new_tokens)
+    if too_long:
+        shown = ", ".join(map(str, too_long[:10])) + (", ..." if len(too_long) > 10 else "")
+        raise UserError(
+            f"{len(too_long)} prompts (counting from 0, as pair ids do: {shown}) with --max-new-tokens "
+            f"{max_new_tokens} need more than the {limit} positions of "
+            f"{getattr(model, 'name_or_path', None) or 'the model'} ({context_length_source(model)}), "
+            f"the longest needing {max(lengths[i] for i in too_long) + max_new_tokens}; shorten or drop those "
+            "prompts, or lower --max-new-tokens.")
+
+
 def _cut_after_stop(token_ids: list[int], stop_ids: list[int]) -> list[int]:
     stops = set(stop_ids)
     end = next((k + 1 for k, t in enumerate(token_ids) if t in stops), len(token_ids))
@@ -616,6 +644,7 @@ def sample_to_file(
     make_parent_folder(out)
     with _transformers_bars(progress):
         model, tokenizer = load_model_and_tokenizer(str(model_path), dtype, device)
+    check_all_fit_context(model, tokenizer, prompts, range(done, len(prompts)), settings.max_new_tokens)
     batches = iter_pair_batches(
         model, tokenizer, prompts, settings, batch_size, start=done,
         model_name=recorded_path(model_path),  # the same folder from any directory reads the same
