@@ -4,9 +4,11 @@ For each prompt x the starting model pi_sft writes `n` responses (y1, y2, ...) t
 reward function then compare. Three properties matter more than speed here:
 
 * Reproducible whatever the batching. Every response row draws its tokens from its own
-  `torch.Generator`, seeded from (seed, prompt index, response number). A prompt's responses
-  therefore do not depend on which other prompts share its batch, on the batch size, or on where
-  a killed run was resumed. `transformers`' own sampling draws every row from one global stream,
+  `torch.Generator`, seeded from (seed, prompt index, response number). A prompt's random
+  numbers therefore do not depend on which other prompts share its batch, on the batch size, or
+  on where a killed run was resumed; its tokens do, rarely, since the batch shape changes the
+  logits by rounding (1 prompt in 2000 of a tiny float32 model between batch sizes 7 and 32), so
+  only the same batch size is bit for bit. `transformers`' own sampling draws every row from one global stream,
   so we do the draw in a logits processor and let `generate` run greedily on its one-hot output;
   `generate` still does the batching, left padding, KV cache and stopping.
 * Crash-safe and resumable. `sample_to_file` appends each finished batch with fsync

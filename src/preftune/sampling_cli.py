@@ -37,7 +37,10 @@ def sample(
     max_new_tokens: Annotated[int, typer.Option(
         "--max-new-tokens", help="Longest response in tokens; one cut there is marked truncated."
     )] = 64,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per generate call.")] = 16,
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", help="Prompts per generate call. Out of memory: rerun with a smaller one, it "
+        "resumes; only the same batch size gives bit-identical pairs (rounding moves a rare token)."
+    )] = 16,
     seed: Annotated[int, typer.Option(
         "--seed", help="Prompt i's responses are seeded from (seed, i)."
     )] = 0,
