@@ -443,6 +443,17 @@ def test_a_token_wise_kl_that_was_not_measured_says_so(tmp_path):
     assert cells[5:7] == ["6 ± 0.3", "not measured (output layers differ in size)"]
 
 
+def test_a_kl_of_one_prompt_says_it_has_no_standard_error(tmp_path):
+    """A KL over a single prompt has no standard error (eval generate writes it null and prints the
+    value alone); the table read '6 ± –', a dash where a number seemed lost."""
+    one = {**generate_eval(0.1, 6.0, 1.5, 0.8), "n_prompts": 1, "kl_se": None,
+           "kl_tokens": 5.5, "kl_tokens_se": None}
+    (tmp_path / "eval.json").write_text(json.dumps(one))
+    html = write_report(tmp_path).read_text()
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", re.search(r"<tr><td>DPO β=0.1</td>(.*?)</tr>", html).group(1))
+    assert cells[5:7] == ["6 (no standard error)", "5.5 (no standard error)"]
+
+
 def test_a_model_path_with_dollar_signs_is_drawn_as_written_not_as_tex(run_dir):
     """Win-rate rows and the reward-KL legend name a model by its path; matplotlib read the text
     between two '$' as TeX and stopped the report on 'r$\\q$' (unknown symbol \\q)."""

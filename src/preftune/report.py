@@ -692,7 +692,11 @@ def _with_se(ev: dict, key: str) -> str:
     measured: `eval generate` says so, as 'none', when the two models' output layers differ."""
     if key == "kl_tokens" and key in ev and ev[key] is None:
         return "not measured (output layers differ in size)"
-    return f"{_fmt(ev[key])} ± {_fmt(ev.get(key + '_se'))}" if _is_number(ev.get(key)) else "–"
+    if not _is_number(ev.get(key)):
+        return "–"
+    se = ev.get(key + "_se")
+    # eval generate writes a null standard error for a single prompt, where there is none.
+    return f"{_fmt(ev[key])} ± {_fmt(se)}" if _is_number(se) else f"{_fmt(ev[key])} (no standard error)"
 
 
 def _evals_table(evals: list[dict]):
