@@ -138,15 +138,19 @@ def export(
 @app.command()
 def auto(
     pairs: Path = typer.Option(..., help="pairs.jsonl written by `preftune sample`."),
-    reward: str = typer.Option(..., help="MODULE:FUNCTION, FILE.py:FUNCTION or a folder."),
+    reward: str = typer.Option(..., help="MODULE:FUNCTION, FILE.py:FUNCTION, or a reward model folder (one-output classifier)."),
     out: Path = typer.Option(..., help="D.jsonl to append to (resumes after a kill)."),
     bt_sample: bool = typer.Option(False, "--bt-sample", help=(
-        "Draw the winner with p (default); of N > 2 responses, draw a Plackett-Luce ranking: "
-        "first is chosen, last rejected.")),
+        "Draw the winner with the Bradley-Terry p = sigmoid(r1 - r2) (default; equal rewards are a "
+        "coin flip, counted); of N > 2 responses, draw a Plackett-Luce ranking: first is chosen, "
+        "last rejected.")),
     argmax: bool = typer.Option(False, "--argmax", help=(
-        "The higher reward wins; of N > 2 responses, the highest is chosen, the lowest rejected.")),
+        "The higher reward wins, equal rewards are skipped and counted; of N > 2 responses, the "
+        "highest is chosen, the lowest rejected.")),
     seed: int = typer.Option(0, help="Seed of the Bradley-Terry (Plackett-Luce) draws."),
-    batch_size: int = typer.Option(32, help="Records (pairs) scored per call of the reward function."),
+    batch_size: int = typer.Option(32, help=(
+        "Records (pairs) per call of a batched reward function (one taking a single prompt and "
+        "response is called per response); a --reward model folder runs 8 texts at a time.")),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=(
         "Let a --reward model folder run the Python code it ships (its config.json auto_map), "
