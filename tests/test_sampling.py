@@ -417,6 +417,27 @@ def test_cli_samples_and_resumes(model_dir, tmp_path):
     assert isinstance(missing.exception, UserError)
 
 
+def test_cli_stopped_by_ctrl_c_says_what_is_kept_and_to_rerun(model_dir, tmp_path, monkeypatch):
+    """Ctrl-C ended `preftune sample` without a word: nothing said the batches written were kept
+    or that a rerun continues after them."""
+    import preftune.sampling_cli
+
+    def ctrl_c_after_the_first_batch(*args, **kwargs):
+        def interrupt(_):
+            raise KeyboardInterrupt
+        return sample_to_file(*args, **kwargs, on_batch=interrupt)
+
+    monkeypatch.setattr(preftune.sampling_cli, "sample_to_file", ctrl_c_after_the_first_batch)
+    out = tmp_path / "pairs.jsonl"
+    args = ["--model", str(model_dir), "--prompts", str(write_txt(tmp_path / "p.txt", PROMPTS)),
+            "--out", str(out), "--max-new-tokens", "2", "--batch-size", "3", "--no-progress"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 130
+    assert (f"stopped by Ctrl-C: {out} keeps 3 prompts sampled so far; rerun the same command to "
+            "continue.") in " ".join(result.output.split())
+    assert len(read_records(out)) == 3
+
+
 def test_cli_counts_one_prompt_in_the_singular(model_dir, tmp_path):
     """It said "already holds all 1 prompts" and "resumed after 1 prompts"."""
     out = tmp_path / "pairs.jsonl"

@@ -12,6 +12,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from preftune.errors import UserError
+from preftune.records import read_records
 from preftune.sampling import SamplingSettings, sample_to_file
 from preftune.wording import counted
 
@@ -61,11 +63,18 @@ def sample(
         temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, n=n,
         top_k=top_k, min_p=min_p,
     )
-    done, written = sample_to_file(
-        model, prompts, out, settings, batch_size=batch_size, dtype=dtype, device=device,
-        progress=progress, id_prefix=id_prefix,
-    )
     console = Console(stderr=True)
+    try:
+        done, written = sample_to_file(
+            model, prompts, out, settings, batch_size=batch_size, dtype=dtype, device=device,
+            progress=progress, id_prefix=id_prefix,
+        )
+    except KeyboardInterrupt:
+        # It ended without a word: say that the work so far is kept and how to go on.
+        kept = _records_in(out)
+        held = f"{out} keeps {counted(kept, 'prompt')} sampled so far" if kept else f"nothing is in {out} yet"
+        console.print(f"stopped by Ctrl-C: {held}; rerun the same command to continue.")
+        raise typer.Exit(130) from None
     if written == 0:
         console.print(f"{out} already holds {'the' if done == 1 else 'all'} {counted(done, 'prompt')}; nothing to do.")
     elif done:
@@ -78,3 +87,11 @@ def sample(
     elif n > 2:
         console.print(f"{n} responses per prompt: `preftune label auto` keeps the best and the worst of each; "
                       "people (`label serve`) compare two at a time, so sample with --n 2 for them.")
+
+
+def _records_in(out: Path) -> int:
+    """The records `out` holds, less a line a kill cut; 0 for no file, or one that is not ours."""
+    try:
+        return len(read_records(out)) if out.is_file() else 0
+    except (UserError, OSError):
+        return 0
