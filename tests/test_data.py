@@ -218,6 +218,10 @@ def test_a_folder_mixing_data_formats_names_the_files_load_dataset_would_leave_o
         f"{tmp_path / 'snap'} mixes data formats in split 'train': load_dataset reads only data/train-0.parquet, "
         "data/train-1.parquet and leaves out data/train-2.jsonl; list the files to read in data.train, or move "
         "the others out of the folder.")
+    # `eval pairs --data` and `data inspect FILE` take one file: they cannot list several.
+    with pytest.raises(UserError, match=r"leaves out data/train-2\.jsonl; point --data at one of those files, "
+                                        r"or move the others out of the folder\.$"):
+        load_pairs(str(tmp_path / "snap"), setting="--data")
     # A README's configs name their files: those are read, whatever their formats.
     (tmp_path / "snap" / "README.md").write_text(
         "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/train-*\n---\n")

@@ -600,9 +600,12 @@ def _refuse_files_left_out(path: Path, split: str, files: list, setting: str) ->
     kept = set(files)
     left_out = [f for name, found in every.items() if str(name) == split for f in found if f not in kept]
     if left_out:
+        # data.train and data.eval take a list of files; --data and data inspect's FILE take one.
+        remedy = (f"list the files to read in {setting}" if setting.startswith("data.")
+                  else f"point {setting} at one of those files")
         raise UserError(f"{path} mixes data formats in split {split!r}: load_dataset reads only "
-                        f"{_some_files(path, files)} and leaves out {_some_files(path, left_out)}; list the "
-                        f"files to read in {setting}, or move the others out of the folder.")
+                        f"{_some_files(path, files)} and leaves out {_some_files(path, left_out)}; "
+                        f"{remedy}, or move the others out of the folder.")
 
 
 def _some_files(folder: Path, files: list) -> str:
