@@ -496,3 +496,17 @@ def test_kl_sampled_at_another_temperature_is_flagged_and_an_unmeasured_one_said
     assert caption.endswith(f"Not KL(π ‖ π_ref) here: {note}")
     (name,) = [n for n in re.findall(r"<tr><td>(token-wise KL[^<]*)</td>", html)]
     assert row(html, name) == ["not measured (output layers differ in size)"] * 2
+
+
+def test_runs_whose_held_out_pairs_differ_are_told_so(tmp_path):
+    """A seed sweep with data.eval_fraction holds out other pairs in each run (hold_out draws them
+    with train.seed), yet eval/loss rows sat side by side as if measured on one set."""
+    runs = [make_run(tmp_path / f"seed{seed}", n_steps=10, eval_every=5,
+                     data={"eval_fraction": 0.1}, train={"seed": seed}) for seed in (0, 1)]
+    html = write_comparison(runs, tmp_path / "compare").read_text()
+    assert ("The runs evaluate on different held-out pairs: data.eval_fraction draws them from "
+            "data.train with train.seed, and these differ (train.seed: seed0 0, seed1 1), so their "
+            "eval/ numbers are not on the same pairs") in html
+    same = [make_run(tmp_path / f"beta{beta}", n_steps=10, eval_every=5, data={"eval_fraction": 0.1},
+                     loss={"beta": beta}) for beta in (0.1, 0.5)]
+    assert "different held-out pairs" not in write_comparison(same, tmp_path / "same").read_text()

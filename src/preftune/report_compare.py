@@ -524,6 +524,15 @@ def comparison_notes(runs: list[Run]) -> list[str]:
         shown = ", ".join(f"{label} {n}" for label, n in pairs.items())
         notes.append(f"A step holds a different number of pairs in these runs (batch_size × "
                      f"grad_accum: {shown}), so equal steps are not equal amounts of data.")
+    drawn = held_out_draws(runs)
+    differing = [key for key in HELD_OUT_KEYS if len({draw[key] for draw in drawn.values()}) > 1]
+    if differing:
+        shown = "; ".join(f"{key}: " + ", ".join(f"{label} {draw[key]}" for label, draw in drawn.items())
+                          for key in differing)
+        notes.append("The runs evaluate on different held-out pairs: data.eval_fraction draws them "
+                     f"from data.train with train.seed, and these differ ({shown}), so their eval/ "
+                     "numbers are not on the same pairs; give every run the same data.eval file "
+                     "to compare them on one set.")
     if len({json.dumps(run.config.get("loss.type", "sigmoid")) for run in runs if run.config}) > 1:
         notes.append("The runs use different loss types, whose values have different scales: "
                      "compare the shapes of their loss curves, not the values.")
@@ -531,6 +540,18 @@ def comparison_notes(runs: list[Run]) -> list[str]:
         notes.append(f"With more than {len(COLORS)} runs colours repeat; the line style and "
                      "marker tell those runs apart.")
     return notes
+
+
+HELD_OUT_KEYS = ("data.train", "data.eval_fraction", "data.eval_fraction_by", "train.seed")
+
+
+def held_out_draws(runs: list[Run]) -> dict[str, dict[str, str]]:
+    """{run: {key: value}} of what draws the held-out pairs of each run that holds out
+    data.eval_fraction of data.train (no data.eval): equal values, equal pairs (data/heldout.py)."""
+    defaults = _schema_defaults()
+    return {run.label: {key: _value_text(run.config.get(key, defaults.get(key))) for key in HELD_OUT_KEYS}
+            for run in runs
+            if run.config and not run.config.get("data.eval") and run.config.get("data.eval_fraction")}
 
 
 def write_comparison(run_dirs, output_dir: str | Path, smoothing: float = 0.6) -> Path:
