@@ -101,6 +101,15 @@ def read_records(path: str | Path, repair: bool = False) -> list[dict]:
     return records
 
 
+def records_kept(path: str | Path) -> int:
+    """How many records a stopped run left in `path` (a line cut by the stop not counted), for
+    the sentence Ctrl-C gets; 0 for no file, or one that is not a JSONL of records."""
+    try:
+        return len(read_records(path)) if Path(path).is_file() else 0
+    except (UserError, OSError):
+        return 0
+
+
 def recorded_path(path) -> str | None:
     """A path as a record (eval.json, pairs.jsonl) holds it: absolute when it exists here, so
     that the same model or file named from another directory reads the same; else as given

@@ -12,8 +12,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from preftune.errors import UserError
-from preftune.records import read_records
+from preftune.records import records_kept
 from preftune.sampling import SamplingSettings, sample_to_file
 from preftune.wording import counted
 
@@ -71,7 +70,7 @@ def sample(
         )
     except KeyboardInterrupt:
         # It ended without a word: say that the work so far is kept and how to go on.
-        kept = _records_in(out)
+        kept = records_kept(out)
         held = f"{out} keeps {counted(kept, 'prompt')} sampled so far" if kept else f"nothing is in {out} yet"
         console.print(f"stopped by Ctrl-C: {held}; rerun the same command to continue.")
         raise typer.Exit(130) from None
@@ -87,11 +86,3 @@ def sample(
     elif n > 2:
         console.print(f"{n} responses per prompt: `preftune label auto` keeps the best and the worst of each; "
                       "people (`label serve`) compare two at a time, so sample with --n 2 for them.")
-
-
-def _records_in(out: Path) -> int:
-    """The records `out` holds, less a line a kill cut; 0 for no file, or one that is not ours."""
-    try:
-        return len(read_records(out)) if out.is_file() else 0
-    except (UserError, OSError):
-        return 0

@@ -128,6 +128,24 @@ def test_auto_command(tmp_path):
     assert all(json.loads(line)["p"] == pytest.approx(0.5) for line in out.read_text().splitlines())
 
 
+def test_auto_command_stopped_by_ctrl_c_says_what_is_kept_and_to_rerun(tmp_path):
+    """Ctrl-C ended `label auto` without a word: nothing said the rows written were kept or that
+    a rerun continues after them."""
+    (tmp_path / "stops.py").write_text(
+        "def score(prompt: str, response: str) -> float:\n"
+        "    if response == 'first answer 2':\n"
+        "        raise KeyboardInterrupt\n"
+        "    return float(len(response))\n")
+    pairs = write_pairs_file(tmp_path / "pairs.jsonl", make_pairs(4))
+    out = tmp_path / "D.jsonl"
+    result = invoke("auto", "--pairs", pairs, "--reward", f"{tmp_path / 'stops.py'}:score", "--out", out,
+                    "--batch-size", "1", "--no-progress")
+    assert result.exit_code == 130
+    assert f"stopped by Ctrl-C: {out} keeps 2 rows labeled so far; rerun the same command to continue." \
+        in result.output
+    assert len(out.read_text().splitlines()) == 2
+
+
 def test_auto_command_counts_identical_pairs_and_refuses_another_pairs_file(tmp_path):
     (tmp_path / "lenreward.py").write_text(
         "def score(prompt, response):\n    return len(response.split()) / 5\n")

@@ -162,8 +162,17 @@ def auto(
     if bt_sample and argmax:
         raise UserError("pass either --bt-sample or --argmax, not both.")
     mode = "argmax" if argmax else "bt-sample"
-    stats = label_auto(pairs, reward, out, mode=mode, seed=seed, batch_size=batch_size,
-                       show_progress=progress, trust_remote_code=trust_remote_code)
+    try:
+        stats = label_auto(pairs, reward, out, mode=mode, seed=seed, batch_size=batch_size,
+                           show_progress=progress, trust_remote_code=trust_remote_code)
+    except KeyboardInterrupt:
+        # It ended without a word: say that the rows so far are kept and how to go on.
+        from preftune.records import records_kept
+
+        kept = records_kept(out)
+        held = f"{out} keeps {counted(kept, 'row')} labeled so far" if kept else f"nothing is in {out} yet"
+        typer.echo(f"stopped by Ctrl-C: {held}; rerun the same command to continue.", err=True)
+        raise typer.Exit(130) from None
     ties = f", {counted(stats['ties_skipped'], 'tie')} skipped" if stats.get("ties_skipped") else ""
     if stats.get("empty_skipped"):
         ties += f", {counted(stats['empty_skipped'], 'pair')} with an empty response skipped"
