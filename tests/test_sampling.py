@@ -321,6 +321,14 @@ def test_bad_prompt_files_name_the_file_and_line(tmp_path, name, text, message):
     assert str(path) in str(info.value)
 
 
+def test_a_prompt_file_not_in_utf8_names_the_line(tmp_path):
+    """It named a byte offset alone, which a large prompt file gives no way to find by eye."""
+    path = tmp_path / "p.txt"
+    path.write_bytes(b"first\nsecond\ncaf\xe9 au lait\n")
+    with pytest.raises(UserError, match=r"p.txt, line 3: not UTF-8 text \(invalid continuation byte at byte 16\)"):
+        load_prompts(path)
+
+
 def test_text_prompts_skip_blank_lines_and_keep_inner_spaces(tmp_path):
     path = tmp_path / "p.txt"
     path.write_text("The movie\n\n  was  \r\nlast\n")

@@ -74,11 +74,14 @@ def load_prompts(path: str | Path) -> list[Prompt]:
         )
     try:
         # utf-8-sig drops a byte-order mark that Windows editors add, which would start the first prompt.
-        text = path.read_bytes().decode("utf-8-sig")
+        data = path.read_bytes()
+        text = data.decode("utf-8-sig")
     except OSError as e:  # no permission to read it: one sentence, not a traceback
         raise unreadable_file(path, e) from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8.") from None
+    except UnicodeDecodeError as e:  # the line, as data files name it: a byte offset is hard to find
+        line = data[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}, line {line}: not UTF-8 text ({e.reason} at byte {e.start}); "
+                        "re-save it as UTF-8.") from None
     if suffix == ".json" and text.lstrip().startswith("["):
         return _prompts_from_json_list(text, path)
     # Lines end at "\n" alone: str.splitlines() also breaks at U+2028, U+0085, form feeds and other
