@@ -21,7 +21,10 @@ h1 { font-size: 1.6rem; margin-bottom: 0.2rem; }
 table { border-collapse: collapse; font-size: 0.92rem; }
 th, td { border: 1px solid #ddd; padding: 0.3rem 0.6rem; text-align: left; }
 th { background: #f4f4f4; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+/* On a phone a wide table scrolls in its frame anyway: keep each number on one line there
+   ('1.283e-06', not '1.283e-' over '06'); a desktop keeps its width and wraps long cells. */
+@media (max-width: 600px) { td.num { white-space: nowrap; } }
 figure { margin: 1.5rem 0; }
 figure img { max-width: 100%; height: auto; box-sizing: border-box; border: 1px solid #eee; }
 figcaption { color: #444; font-size: 0.92rem; }
