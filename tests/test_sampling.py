@@ -446,6 +446,28 @@ def test_cli_stopped_by_ctrl_c_says_what_is_kept_and_to_rerun(model_dir, tmp_pat
     assert len(read_records(out)) == 3
 
 
+def test_cli_out_of_memory_says_what_is_kept_and_to_lower_the_batch_size(model_dir, tmp_path, monkeypatch):
+    """Running out of GPU memory mid-run was a traceback, which said neither that the batches
+    written were kept nor that a smaller --batch-size resumes."""
+    import preftune.sampling_cli
+
+    def out_of_memory_after_the_first_batch(*args, **kwargs):
+        def out_of_memory(_):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return sample_to_file(*args, **kwargs, on_batch=out_of_memory)
+
+    monkeypatch.setattr(preftune.sampling_cli, "sample_to_file", out_of_memory_after_the_first_batch)
+    out = tmp_path / "pairs.jsonl"
+    args = ["--model", str(model_dir), "--prompts", str(write_txt(tmp_path / "p.txt", PROMPTS)),
+            "--out", str(out), "--max-new-tokens", "2", "--batch-size", "3", "--no-progress"]
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, UserError)
+    assert str(result.exception) == (f"out of memory sampling 3 prompts x 2 responses at once; {out} keeps 3 "
+                                     "prompts sampled so far: rerun with a smaller --batch-size (say 1) to "
+                                     "continue or with --dtype bfloat16.")
+    assert len(read_records(out)) == 3
+
+
 def test_cli_counts_one_prompt_in_the_singular(model_dir, tmp_path):
     """It said "already holds all 1 prompts" and "resumed after 1 prompts"."""
     out = tmp_path / "pairs.jsonl"
