@@ -27,11 +27,16 @@ def sample(
     prompts: Annotated[Path, typer.Option(
         "--prompts",
         help='Prompt file: .jsonl with {"prompt": text or chat messages} per line, a .json list '
-        "of such objects, or .txt with one prompt per line.",
+        "of such objects, or .txt with one prompt per line (blank lines skipped and counted).",
     )],
-    out: Annotated[Path, typer.Option("--out", help="pairs.jsonl to write or resume.")],
+    out: Annotated[Path, typer.Option(
+        "--out", help="pairs.jsonl to write; rerun with the same model, prompts, sampling options "
+        "and --id-prefix to continue after its last prompt."
+    )],
     n: Annotated[int, typer.Option("--n", help="Responses per prompt.")] = 2,
-    temperature: Annotated[float, typer.Option("--temperature", help="0 means greedy.")] = 1.0,
+    temperature: Annotated[float, typer.Option(
+        "--temperature", help="0 means greedy, which gives one response per prompt: pass --n 1 with it."
+    )] = 1.0,
     top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass, in (0, 1].")] = 1.0,
     top_k: Annotated[int, typer.Option("--top-k", help="Sample among the K likeliest tokens; 0: off.")] = 0,
     min_p: Annotated[float, typer.Option(
