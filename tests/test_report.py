@@ -17,6 +17,7 @@ from preftune.report import (
     win_rate_labels,
     write_report,
 )
+from preftune.report_compare import write_comparison
 
 TRAIN_PLOTS = ["loss.png", "rewards.png", "accuracy_margins.png", "optimization.png"]
 EVAL_PLOTS = ["reward_kl.png", "win_rates.png"]
@@ -256,6 +257,29 @@ def test_the_win_rate_plot_keeps_its_title_and_axis_label_inside_beside_long_nam
     for text in texts:  # the title, the axis labels, the names: all of each in the picture
         box = text.get_window_extent(renderer)
         assert 0 <= box.x0 and box.x1 <= fig.bbox.width, text.get_text()
+
+
+def test_a_win_rate_without_an_interval_is_not_shown_as_a_certain_one(tmp_path, monkeypatch):
+    """A record with a win rate but neither win_rate_ci nor n_prompts read '0.800 [0.800, 0.800]'
+    in the table and a bar of zero width in the plot: a certainty no evaluation gives."""
+    from test_report_compare import row
+
+    drawn = _drawn_figures(monkeypatch)
+    bare = {**generate_eval(0.1, 6.0, 1.5, 0.8), "win_rate_ci": None}
+    del bare["n_prompts"]
+    (tmp_path / "eval.json").write_text(json.dumps(bare))
+    html = write_report(tmp_path).read_text()
+    assert row(html, "DPO β=0.1")[3] == "0.800 (no interval)"
+    (ax,) = drawn["win_rates.png"].axes
+    assert "0.80 (no interval)" in [t.get_text() for t in ax.texts]
+    # The comparison's row says the same.
+    runs = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "eval.json").write_text(json.dumps(bare))
+        runs.append(tmp_path / name)
+    compared = write_comparison(runs, tmp_path / "compare").read_text()
+    assert row(compared, "win rate [95% CI] (reward:tests:length)") == ["0.800 (no interval)"] * 2
 
 
 def test_ema_is_debiased_and_zero_means_raw():

@@ -372,6 +372,8 @@ def _draw_reference(ax, reference: float | None) -> None:
 
 
 def _win_rate_with_ci(ev: dict):
+    """(rate, lower, upper) of the 95% interval; lower and upper None where neither the file
+    nor its prompt count gives one (not [rate, rate], which would read as a certain rate)."""
     rate, ci = ev.get("win_rate"), ev.get("win_rate_ci")
     if not _is_number(rate):
         return None
@@ -380,7 +382,15 @@ def _win_rate_with_ci(ev: dict):
     n = ev.get("n_prompts")
     if _is_number(n) and n > 0:  # older files without an interval: rebuild Wilson's
         return wilson_win_rate(rate * n, 0, int(n))
-    return rate, rate, rate
+    return rate, None, None
+
+
+def win_rate_text(rate_ci) -> str:
+    """A `_win_rate_with_ci` as a table shows it: '0.800 [0.700, 0.900]', '0.800 (no interval)'."""
+    rate, lower, upper = rate_ci
+    if lower is None:
+        return f"{rate:.3f} (no interval)"
+    return f"{rate:.3f} [{lower:.3f}, {upper:.3f}]"
 
 
 def win_rate_labels(evals: Sequence[dict]) -> list[str]:
@@ -407,11 +417,16 @@ def plot_win_rates(evals: Sequence[dict], path: str | Path) -> Path:
     ax = fig.add_subplot()
     ax.grid(True, axis="x", alpha=0.3)
     for y, (label, (rate, lower, upper)) in enumerate(rows):
+        if lower is None:  # a dot without a bar, said so beside it
+            lower = upper = rate
+            text = f"{rate:.2f} (no interval)"
+        else:
+            text = f"{rate:.2f} [{lower:.2f}, {upper:.2f}]"
         ax.errorbar([rate], [y], xerr=[[rate - lower], [upper - rate]], fmt="o", color="C0",
                     capsize=4, markersize=6)
         # The number goes on whichever side of the bar has room inside the axes.
         right = upper < 0.75
-        ax.annotate(f"{rate:.2f} [{lower:.2f}, {upper:.2f}]", (upper if right else lower, y),
+        ax.annotate(text, (upper if right else lower, y),
                     xytext=(6 if right else -6, 0), textcoords="offset points", va="center",
                     ha="left" if right else "right", fontsize=8)
     ax.axvline(0.5, color="grey", linestyle=":")
@@ -715,7 +730,7 @@ def _evals_table(evals: list[dict]):
             # A pairs evaluation's numbers are means over its n_pairs held-out pairs.
             eval_label(ev), _fmt(ev.get("kind")), _judged_on(ev),
             _fmt(ev.get("n_pairs") if ev.get("kind") == "pairs" else ev.get("n_prompts")),
-            f"{wr[0]:.3f} [{wr[1]:.3f}, {wr[2]:.3f}]" if wr else "awaiting votes" if waiting else "–",
+            win_rate_text(wr) if wr else "awaiting votes" if waiting else "–",
             reward if _policy_reward(ev) is not None else "–", kl, _with_se(ev, "kl_tokens"),
             _fmt(ev.get("eval/rewards/accuracies")), _fmt(ev.get("eval/loss")),
             f"{_fmt(lengths.get('policy'))} / {_fmt(lengths.get('reference'))}" if lengths else "–",

@@ -48,6 +48,7 @@ from preftune.report import (
     plot_win_rates,
     png_bytes,
     spans_decades,
+    win_rate_text,
 )
 from preftune.report_html import render_html
 from preftune.report_plots import (
@@ -451,7 +452,7 @@ def _eval_cells(ev: dict):
         return
     rate = _win_rate_with_ci(ev)
     if rate:
-        yield f"win rate [95% CI] ({on})", f"{rate[0]:.3f} [{rate[1]:.3f}, {rate[2]:.3f}]"
+        yield f"win rate [95% CI] ({on})", win_rate_text(rate)
     elif ev.get("status") == "awaiting_votes":
         yield f"win rate [95% CI] ({on})", "awaiting votes"
     for key, name in (("kl", "KL"), ("kl_tokens", "token-wise KL")):
