@@ -453,7 +453,20 @@ def test_the_margin_caption_warns_that_betas_scale_the_margins(sweep, tmp_path):
     html = write_comparison(sweep, tmp_path / "compare").read_text()
     caption = re.search(r'<figure id="plots/accuracy_margins.png">.*?<figcaption>(.*?)</figcaption>',
                         html, re.S).group(1)
-    assert caption.endswith("Runs with different β have margins on different scales.")
+    assert "Runs with different β have margins on different scales." in caption
+
+
+def test_reward_and_accuracy_captions_say_what_each_point_is_a_mean_over(sweep, tmp_path):
+    """Their points are means over a step's pairs (training) or the held-out pairs (evaluation);
+    no caption of either report said so, so a dashed eval point read as one more training step."""
+    said = ("Training points are means over each step&#x27;s pairs, evaluation points over the "
+            "held-out pairs.")
+    for html in (write_comparison(sweep, tmp_path / "compare").read_text(),
+                 write_report(sweep[0]).read_text()):
+        for name in ("rewards.png", "accuracy_margins.png"):
+            caption = re.search(rf'<figure id="plots/{name}">.*?<figcaption>(.*?)</figcaption>',
+                                html, re.S).group(1)
+            assert caption.endswith(said), (name, caption)
 
 
 def test_a_pairs_evaluation_does_not_rename_its_runs_win_rate(sweep, tmp_path, monkeypatch):

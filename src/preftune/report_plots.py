@@ -13,6 +13,8 @@ from typing import NamedTuple
 from matplotlib.ticker import MaxNLocator
 
 REWARD_UNIT = "β·log(π/π_ref), nats"
+# What a point of a per-pair metric is a mean over (metrics.py), said under its figure.
+PAIR_MEANS = " Training points are means over each step's pairs, evaluation points over the held-out pairs."
 STEP_LABEL = "optimizer step"
 
 
@@ -49,19 +51,21 @@ TRAINING_PLOTS = (
         (Panel("rewards/chosen", "Chosen responses", f"mean reward ({REWARD_UNIT})", "chosen"),
          Panel("rewards/rejected", "Rejected responses", f"mean reward ({REWARD_UNIT})", "rejected")),
         caption=("β·log(π/π_ref) of chosen and rejected responses. Training should lift chosen "
-                 "above rejected; both falling together is common and not by itself a problem."),
+                 "above rejected; both falling together is common and not by itself a problem."
+                 + PAIR_MEANS),
         compare_caption=("β·log(π/π_ref) of chosen (left) and rejected (right) responses, per run. "
-                         "Runs with different β have rewards on different scales."),
+                         "Runs with different β have rewards on different scales." + PAIR_MEANS),
         one_axis_title="Implicit rewards: chosen vs rejected"),
     PlotSpec(
         "accuracy_margins.png", "Accuracy and margin",
         (Panel("rewards/accuracies", "Reward accuracy", "fraction of pairs, chosen reward > rejected",
                "accuracy"),
          Panel("rewards/margins", "Reward margin", f"chosen − rejected ({REWARD_UNIT})", "margin")),
-        caption="Share of pairs whose chosen response gets the higher implicit reward, and the mean gap.",
+        caption=("Share of pairs whose chosen response gets the higher implicit reward, and the mean "
+                 "gap." + PAIR_MEANS),
         compare_caption=("Share of pairs whose chosen response gets the higher implicit reward, and "
                          "the mean gap, per run. Runs with different β have margins on different "
-                         "scales.")),
+                         "scales." + PAIR_MEANS)),
     PlotSpec(
         "optimization.png", "Optimization",
         (Panel("grad_norm", "Gradient norm", "global L2 norm of the gradient", "grad norm",
