@@ -889,6 +889,26 @@ def test_pairs_and_prompts_longer_than_the_models_positions_are_one_sentence(tin
                         r"that prompt, or lower --max-new-tokens\.", message), message
 
 
+def test_generate_names_every_prompt_too_long_for_the_model_before_sampling_any(
+        tiny_model_factory, tmp_path, monkeypatch):
+    """Checked batch by batch, eval generate sampled the batches before the first too long
+    prompt, stopped at its batch and named it alone (the next one stopped the rerun)."""
+    short = tiny_model_factory("gpt2", hidden_size=32, max_positions=32)
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 3
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(["hello", long_prompt, "hi", long_prompt]) + "\n")
+    sampled = []
+    monkeypatch.setattr("preftune.eval_generate.generate_token_ids",
+                        lambda *args: sampled.append(args) or generate_token_ids(*args))
+    message = user_error(invoke(["generate", "--model", short, "--reference", short, "--prompts", prompts,
+                                 "--judge", rigged_reward(tmp_path, {}), "--max-new-tokens", 8,
+                                 "--batch-size", 1, "--device", "cpu", "--out", tmp_path / "g"]))
+    assert re.fullmatch(r"2 prompts \(counting from 0, as pair ids do: 1, 3\) with --max-new-tokens 8 need "
+                        r"more than the 32 positions of .*, the longest needing \d+; shorten or drop those "
+                        r"prompts, or lower --max-new-tokens\.", message), message
+    assert sampled == []
+
+
 # ------------------------------------------------------------------ human judge
 
 

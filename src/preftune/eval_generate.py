@@ -49,6 +49,7 @@ from preftune.sampling import (
     SamplingSettings,
     _decode_until_stop,
     _stop_token_ids,
+    check_all_fit_context,
     generate_token_ids,
     load_model_and_tokenizer,
     load_prompts,
@@ -112,6 +113,9 @@ def system_labels(paths: Sequence[str]) -> list[str]:
 def sample_system(model, tokenizer, prompts: Sequence, settings: SamplingSettings,
                   batch_size: int, label: str, path: str) -> Samples:
     """One response per prompt; prompt i is seeded from (seed, i), whatever the batching."""
+    # Every prompt is measured before the first batch: checked batch by batch, a prompt too long
+    # for the model stopped the run when its batch came, after the batches before it were sampled.
+    check_all_fit_context(model, tokenizer, prompts, range(len(prompts)), settings.max_new_tokens)
     stop_ids = _stop_token_ids(model, tokenizer)
     samples = Samples(label, path, [], [], [], [])
     for start in range(0, len(prompts), batch_size):
