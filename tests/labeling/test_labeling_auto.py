@@ -43,6 +43,9 @@ def fails_on_answer_3(prompt: str, response: str) -> float:
 def batched_fails_on_answer_3(prompts, responses):
     return [1 / 0 if r == "second answer 3" else 1.0 for r in responses]
 
+def nan_on_answer_3(prompt: str, response: str) -> float:
+    return float("nan") if response == "second answer 3" else float(len(response))
+
 NOT_CALLABLE = 3
 
 def one_argument(response):
@@ -220,6 +223,21 @@ def test_a_reward_that_raises_names_the_pair_and_keeps_what_was_written(tmp_path
                        r"scoring one of pairs 'p00000' to 'p00003'; nothing is in .*D2.jsonl yet"):
         label_auto(pairs_file, "my_rewards:batched_fails_on_answer_3", tmp_path / "D2.jsonl",
                    batch_size=4, show_progress=False)
+
+
+def test_a_reward_that_is_not_finite_names_the_pair_and_keeps_what_was_written(tmp_path, rewards_file):
+    """A NaN or infinite reward named the pair, but unlike a reward that raised, not how many
+    rows the file keeps nor that a rerun continues."""
+    pairs_file = write_pairs_file(tmp_path / "pairs.jsonl", make_pairs(6))
+    out = tmp_path / "D.jsonl"
+    with pytest.raises(UserError, match=r"^the reward my_rewards:nan_on_answer_3 returned \d+\.0 and nan for pair "
+                       r"'p00003', and rewards must be finite numbers; .*D.jsonl keeps the 2 rows written "
+                       r"before it: fix the function and rerun the same command to continue\.$"):
+        label_auto(pairs_file, "my_rewards:nan_on_answer_3", out, batch_size=2, show_progress=False)
+    assert [row["pair_id"] for row in read_jsonl(out)] == ["p00000", "p00001"]
+    with pytest.raises(UserError, match=r"returned inf and inf for pair 'p00000', and rewards must be finite "
+                       r"numbers; nothing is in .*inf.jsonl yet: fix the function and rerun"):
+        label_auto(pairs_file, "my_rewards:infinite", tmp_path / "inf.jsonl", show_progress=False)
 
 
 def test_out_in_a_new_folder_is_written_and_a_folder_as_out_is_named(tmp_path, rewards_file):

@@ -48,6 +48,7 @@ from preftune.records import (
     make_parent_folder,
     read_records,
     record_line_numbers,
+    records_kept,
 )
 from preftune.wording import counted
 
@@ -221,11 +222,6 @@ def _label_batch(batch: list[Pair], values: list[float], job: dict, stats: Count
     for pair in batch:
         rewards = list(values[start:start + len(pair.responses)])  # one per response, in order
         start += len(pair.responses)
-        if not all(math.isfinite(r) for r in rewards):
-            raise UserError(
-                f"the reward function returned {' and '.join(map(str, rewards))} for pair "
-                f"{pair.pair_id!r}; rewards must be finite numbers."
-            )
         if len(rewards) > 2:
             row = _label_many(pair, rewards, job, stats)
             rows += [row] if row is not None else []
@@ -299,12 +295,13 @@ def label_auto(
             except UserError:
                 raise
             except Exception as e:  # the user's own code: one sentence naming the pair, not a traceback
-                raise UserError(_reward_failure(e, batch, reward_name, out, stats["written"] + len(done))) from None
+                raise UserError(_reward_failure(e, batch, reward_name, out)) from None
             if len(values) != len(responses):
                 raise UserError(
                     f"the reward function returned {len(values)} values for {len(responses)} "
                     f"responses; it must return one per response."
                 )
+            _check_finite(values, batch, reward_name, out)
             stats["written"] += append_records(out, _label_batch(batch, values, job, stats))
             advance(len(batch))
     if getattr(reward_fn, "truncated", 0):  # a reward model folder cuts texts at its max length
@@ -313,7 +310,27 @@ def label_auto(
     return dict(stats)
 
 
-def _reward_failure(error: Exception, batch: list[Pair], reward_name: str, out: Path, kept: int) -> str:
+def _check_finite(values: list[float], batch: list[Pair], reward_name: str, out: Path) -> None:
+    """A NaN or infinite reward is refused naming the pair, and, as for a reward that raised,
+    how many rows `out` keeps and that a rerun continues."""
+    start = 0
+    for pair in batch:  # the call's lists hold each pair's responses in turn
+        rewards = list(values[start:start + len(pair.responses)])
+        start += len(pair.responses)
+        if not all(math.isfinite(r) for r in rewards):
+            raise UserError(
+                f"the reward {reward_name} returned {' and '.join(map(str, rewards))} for pair "
+                f"{pair.pair_id!r}, and rewards must be finite numbers; {_kept_rows(out)}: fix the "
+                "function and rerun the same command to continue.")
+
+
+def _kept_rows(out: Path) -> str:
+    """What a stopped run left in `out`, for the sentences of a reward that failed."""
+    kept = records_kept(out)
+    return f"{out} keeps the {counted(kept, 'row')} written before it" if kept else f"nothing is in {out} yet"
+
+
+def _reward_failure(error: Exception, batch: list[Pair], reward_name: str, out: Path) -> str:
     """The sentence for a reward function that raised while scoring `batch`: which pair (and
     response) when the function is called pair by pair, else which pairs; what it raised, where
     in its code; and that the rows before are kept."""
@@ -331,9 +348,8 @@ def _reward_failure(error: Exception, batch: list[Pair], reward_name: str, out: 
     frames = traceback.extract_tb(error.__traceback__)
     where = f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
     detail = f": {error}" if str(error) else ""
-    kept_rows = f"{out} keeps the {counted(kept, 'row')} written before it" if kept else f"nothing is in {out} yet"
     return (f"the reward {reward_name} raised {type(error).__name__}{detail}{where} while scoring {which}; "
-            f"{kept_rows}: fix the function and rerun the same command to continue.")
+            f"{_kept_rows(out)}: fix the function and rerun the same command to continue.")
 
 
 def _function_name(fn: Callable) -> str:
