@@ -138,6 +138,23 @@ def test_wandb_offline_run(tmp_path, monkeypatch):
     assert list((tmp_path / "wandb").glob("offline-run-*")), "no offline run folder written"
 
 
+def test_wandb_takes_its_name_group_tags_and_project_from_the_hf_variables(tmp_path, monkeypatch):
+    # HF users name a W&B run with WANDB_NAME; the run folder's name passed as name= beat it.
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for variable, value in {"WANDB_NAME": "beta-0.1", "WANDB_RUN_GROUP": "sweep",
+                            "WANDB_TAGS": "dpo,tiny", "WANDB_PROJECT": "prefs"}.items():
+        monkeypatch.setenv(variable, value)
+    with MetricsLogger(tmp_path, ["wandb"], run_name="run-folder", config_dict={"loss": {"beta": 0.1}}) as lg:
+        run = lg._wandb_run
+        assert (run.name, run.group, tuple(run.tags), run.project) == ("beta-0.1", "sweep", ("dpo", "tiny"), "prefs")
+        assert run.config["loss"] == {"beta": 0.1}
+    monkeypatch.delenv("WANDB_NAME")
+    with MetricsLogger(tmp_path / "other", ["wandb"], run_name="run-folder") as lg:
+        assert lg._wandb_run.name == "run-folder"
+
+
 def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -339,8 +339,10 @@ def _open_wandb(output_dir: Path, run_name: str | None, config_dict: dict, proje
     wandb = _import_backend("wandb")
     _check_wandb_environment(wandb)
     # wandb reads WANDB_MODE (online / offline / disabled) itself; an explicit project would
-    # override WANDB_PROJECT, so the environment decides unless the caller named one.
+    # override WANDB_PROJECT, so the environment decides unless the caller named one. The same
+    # for the name: wandb.init's name= beats WANDB_NAME, which HF users set to name a run.
     project = project or os.environ.get("WANDB_PROJECT", "preftune")
+    run_name = os.environ.get("WANDB_NAME") or run_name
     id_file = output_dir / WANDB_RUN_ID
     # A resume continues the run's W&B run, not a new one per launch. W&B keeps what it already
     # has for the steps redone after the checkpoint (it ignores a step below its last one).
