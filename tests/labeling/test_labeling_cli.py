@@ -108,6 +108,18 @@ def test_cli_mistakes_are_user_errors(tmp_path):
     assert not (tmp_path / "new.sqlite").exists()
 
 
+def test_a_missing_db_names_every_command_that_creates_one(tmp_path):
+    """The sentence named `label serve` and `label import` alone, though `label add-annotator`
+    makes a database too (and `eval generate --judge human` does)."""
+    missing = tmp_path / "missing.sqlite"
+    result = invoke("export", "--db", missing, "--out", tmp_path / "D.jsonl")
+    assert str(result.exception) == (
+        f"{missing}: no such labels database; check --db (`label serve`, `label import`, "
+        "`label add-annotator` and `eval generate --judge human` create one).")
+    assert invoke("add-annotator", "frank", "--db", missing).exit_code == 0
+    assert missing.is_file()
+
+
 def test_auto_command(tmp_path):
     (tmp_path / "lenreward.py").write_text(
         "def score(prompt: str, response: str) -> float:\n    return 1.0\n")  # all ties

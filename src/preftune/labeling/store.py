@@ -177,8 +177,8 @@ class Store:
     ):
         if must_exist and not Path(path).is_file():
             raise UserError(
-                f"{path}: no such labels database; check --db (it is created by `label serve` "
-                f"or `label import`)."
+                f"{path}: no such labels database; check --db (`label serve`, `label import`, "
+                f"`label add-annotator` and `eval generate --judge human` create one)."
             )
         check_db_path(path)
         self.path = Path(path)
