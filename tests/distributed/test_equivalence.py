@@ -4,6 +4,8 @@ resumes, on another number of processes, to the run that was never stopped."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from dist_helpers import (
@@ -118,7 +120,9 @@ def test_ddp_with_lora_under_bf16_autocast(tiny_llama, tmp_path):
     (train_a, eval_a), (train_b, eval_b) = metrics(single), metrics(ddp)
     assert_same_rows(train_a, train_b, STEP_KEYS, 1e-3)
     assert_same_rows(eval_a, eval_b, ["eval/loss", "eval/rewards/margins"], 1e-3)
-    assert train_a[4]["loss"] < train_a[1]["loss"] - 0.005  # the adapters learned: later steps test them
+    # The adapters learned, so later steps test them: the held-out loss (exactly log 2 while the
+    # policy equals its reference) ends more than 3x the runs' tolerance under it.
+    assert eval_a[4]["eval/loss"] < math.log(2) - 3e-3
 
 
 def test_fsdp_two_processes_train_like_one(single_run, fsdp_run):
