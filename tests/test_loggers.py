@@ -140,7 +140,8 @@ def test_wandb_offline_run(tmp_path, monkeypatch):
 
 def test_wandb_takes_its_name_group_tags_and_project_from_the_hf_variables(tmp_path, monkeypatch):
     # HF users name a W&B run with WANDB_NAME; the run folder's name passed as name= beat it.
-    pytest.importorskip("wandb")
+    wandb = pytest.importorskip("wandb")
+    wandb.teardown()  # wandb reads WANDB_RUN_GROUP and WANDB_TAGS once per process, at its setup
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     for variable, value in {"WANDB_NAME": "beta-0.1", "WANDB_RUN_GROUP": "sweep",
@@ -153,6 +154,7 @@ def test_wandb_takes_its_name_group_tags_and_project_from_the_hf_variables(tmp_p
     monkeypatch.delenv("WANDB_NAME")
     with MetricsLogger(tmp_path / "other", ["wandb"], run_name="run-folder") as lg:
         assert lg._wandb_run.name == "run-folder"
+    wandb.teardown()  # later tests' runs must not inherit this group and these tags
 
 
 def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
@@ -357,3 +359,24 @@ def test_a_resume_shows_its_config_in_tensorboard_at_the_step_it_starts_from(tmp
              for e in events.Tensors("config/text_summary")]
     assert shown == [(0, {"max_steps": 6}), (4, {"max_steps": 9})]
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(s, 1.0 if s <= 4 else 2.0) for s in range(1, 10)]
+
+
+def test_tensorboard_hparams_tab_lists_each_run_with_its_settings(tmp_path):
+    # The config was only text: runs could not be filtered or sorted by loss.beta in
+    # TensorBoard's HParams tab. Each run now writes its settings there, and no experiment
+    # summary of its own, so the tab gathers every run in the folder (and their scalars).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata, plugin_data_pb2
+
+    config = {"loss": {"beta": 0.1, "type": ["sigmoid"], "label_smoothing": None},
+              "train": {"token_metrics": False}}
+    with MetricsLogger(tmp_path, ["tensorboard"], run_name="r", config_dict=config) as lg:
+        lg.log({"loss": 0.6}, step=1)
+    events = EventAccumulator(str(tmp_path / "tensorboard" / "r"))
+    events.Reload()
+    assert metadata.EXPERIMENT_TAG not in events.Tags()["tensors"]
+    content = events.SummaryMetadata(metadata.SESSION_START_INFO_TAG).plugin_data.content
+    settings = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+    assert {key: value.WhichOneof("kind") and getattr(value, value.WhichOneof("kind"))
+            for key, value in settings.items()} == \
+        {"loss.beta": 0.1, "loss.type": '["sigmoid"]', "train.token_metrics": "false"}

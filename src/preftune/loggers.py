@@ -327,7 +327,30 @@ def _open_tensorboard(output_dir: Path, run_name: str | None, config_dict: dict,
         # starts from, beside the first launch's at 0, as W&B updates its run config.
         text = "```\n" + json.dumps(config_dict, indent=2, default=str) + "\n```"
         writer.add_text("config", text, global_step=start_step)
+        # The HParams tab's row for this run (loss.beta, optim.lr, ...), to filter and sort runs
+        # by setting beside their metrics. Only the session's values are written: an experiment
+        # summary of our own (SummaryWriter.add_hparams writes one, in a folder of its own) would
+        # hide the other runs' settings, while without one TensorBoard gathers every run's values
+        # and takes their scalars as the metrics.
+        from torch.utils.tensorboard.summary import hparams
+
+        _, session_start, _ = hparams(_flat_settings(config_dict), {})
+        writer.file_writer.add_summary(session_start)
     return writer
+
+
+def _flat_settings(config: dict, prefix: str = "") -> dict:
+    """A nested config as the HParams tab takes it: dotted keys (`loss.beta`) to a number or a
+    string; lists and booleans as their JSON text (torch would write a bool as 1.0), None left
+    out."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat |= _flat_settings(value, f"{prefix}{key}.")
+        elif value is not None:
+            plain = isinstance(value, (int, float, str)) and not isinstance(value, bool)
+            flat[f"{prefix}{key}"] = value if plain else json.dumps(value, default=str)
+    return flat
 
 
 # The W&B run of a run folder, kept beside wandb's own files: a resumed run continues it.
