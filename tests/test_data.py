@@ -142,6 +142,26 @@ def test_a_folder_of_run_folders_says_it_is_no_data_set_and_names_the_files_read
         "splits (data.split, data.eval_split for data.eval, or --split).")
 
 
+def test_a_folder_of_runs_with_checkpoints_names_the_files_that_are_no_data(tmp_path):
+    """A checkpoint's training_state.pt matches datasets' 'train' file names, and being of no
+    data format, load_dataset stopped with its own words in brackets ("Couldn't infer the same
+    data file format for all splits. Got {NamedSplit('train'): (None, {}), ...}")."""
+    step = tmp_path / "runs" / "a" / "checkpoints" / "step-000010"
+    step.mkdir(parents=True)
+    for name in ("training_state.pt", "model.safetensors", "config.json", "manifest.json"):
+        (step / name).write_bytes(b"\x80\x02")
+    (tmp_path / "runs" / "a" / "eval.json").write_text('{"step": 1}\n')
+    with pytest.raises(UserError) as info:
+        load_pairs(str(tmp_path / "runs"), setting="the file given to `preftune data inspect`")
+    assert str(info.value) == (
+        f"{tmp_path / 'runs'} is no data set: it is no datasets.save_to_disk folder (no dataset_dict.json "
+        "or state.json), and as a folder of data files its splits would be 'train' "
+        "(a/checkpoints/step-000010/training_state.pt) and 'test' (a/eval.json), though "
+        "a/checkpoints/step-000010/training_state.pt is no data file; point the file given to `preftune "
+        "data inspect` at the data file itself (.csv, .json, .jsonl, .parquet), a save_to_disk folder or "
+        "a folder holding only data files.")
+
+
 def test_data_config_picks_one_of_the_configs_a_folders_readme_declares(tmp_path, tokenizer):
     """There was no way to choose: load_dataset's 'Config name is missing' ended as 'a folder
     neither written by datasets.save_to_disk nor readable as data files'."""

@@ -557,7 +557,8 @@ def _rows_from_data_folder(path: Path, split: str, setting: str,
         declared = dataset_module_factory(str(path)).builder_configs_parameters.metadata_configs
         found = datasets.load_dataset_builder(str(path), name=config).config.data_files or {}
     except Exception as e:  # no data files, several configs, unreadable files: datasets says which
-        raise _config_error(path, config, e, setting) or _no_data_folder(path, e, setting) from None
+        raise (_config_error(path, config, e, setting) or _files_not_data(path, setting)
+               or _no_data_folder(path, e, setting)) from None
     data_files = {str(name): files for name, files in found.items()}  # split -> files
     if split not in data_files:
         raise _no_split_in_data_folder(path, split, data_files, setting)
@@ -583,20 +584,50 @@ def _rows_from_data_folder(path: Path, split: str, setting: str,
         yield f"{path} ({split}), row {i}", row
 
 
+def _data_extensions() -> list[str]:
+    """The suffixes of the files `load_dataset` reads."""
+    from datasets import packaged_modules
+
+    # datasets' full list of extensions is a private name; should a later version rename it,
+    # the formats preference data comes in still keep the checks working.
+    return getattr(packaged_modules, "_ALL_ALLOWED_EXTENSIONS",
+                   [".jsonl", ".json", ".ndjson", ".csv", ".tsv", ".parquet", ".arrow", ".txt"])
+
+
+def _files_not_data(path: Path, setting: str) -> UserError | None:
+    """A folder whose split names take in files of no data format (a folder of training runs:
+    checkpoints/step-000100/training_state.pt matches 'train*') stopped `load_dataset` with its
+    own words in brackets; this names each split's files and those that are no data. None when
+    every file the splits take is of a data format."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    try:
+        splits = DataFilesDict.from_patterns(get_data_patterns(str(path)), base_path=str(path))
+    except Exception:  # no files at all, say: _no_data_folder gives datasets' words
+        return None
+    extensions = set(_data_extensions())
+    not_data = [f for files in splits.values() for f in files
+                if not extensions.intersection(Path(f).suffixes)]  # train.jsonl.gz is data
+    if not not_data:
+        return None
+    per_split = [f"{str(name)!r} ({_some_files(path, files)})" for name, files in splits.items()]
+    splits_read = ", ".join(per_split[:-1]) + " and " + per_split[-1] if len(per_split) > 1 else per_split[0]
+    return UserError(f"{path} is no data set: it is no datasets.save_to_disk folder (no dataset_dict.json "
+                     f"or state.json), and as a folder of data files its splits would be {splits_read}, "
+                     f"though {_some_files(path, not_data)} {'is' if len(not_data) == 1 else 'are'} no data "
+                     f"file; point {setting} at the data file itself ({', '.join(sorted(FILE_SUFFIXES))}), "
+                     "a save_to_disk folder or a folder holding only data files.")
+
+
 def _refuse_files_left_out(path: Path, split: str, files: list, setting: str) -> None:
     """`load_dataset` reads only a folder's most common data format and leaves the split's other
     files out without a word. They are often the same data again (data/train.parquet beside the
     train.jsonl it was converted from), so reading them too could train on every pair twice: the
     user says which files are the data."""
-    from datasets import packaged_modules
     from datasets.data_files import DataFilesDict, get_data_patterns
 
-    # datasets' full list of extensions is a private name; should a later version rename it,
-    # the formats preference data comes in still keep the check working.
-    extensions = getattr(packaged_modules, "_ALL_ALLOWED_EXTENSIONS",
-                         [".jsonl", ".json", ".ndjson", ".csv", ".tsv", ".parquet", ".arrow", ".txt"])
     every = DataFilesDict.from_patterns(get_data_patterns(str(path)), base_path=str(path),
-                                        allowed_extensions=extensions)
+                                        allowed_extensions=_data_extensions())
     kept = set(files)
     left_out = [f for name, found in every.items() if str(name) == split for f in found if f not in kept]
     if left_out:
