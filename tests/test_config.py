@@ -298,6 +298,9 @@ def test_an_unknown_key_with_nothing_close_lists_the_section_keys():
     ("train.logging_steps=10", "unknown key 'train.logging_steps' (a TRL setting: a logging interval, which "
                                "preftune does not need: it logs every optimizer step; remove it)"),
     ("precompute_ref_batch_size=64", "(a TRL setting: the batch size of the reference precompute"),
+    ("run_name=beta-0.1", "unknown key 'run_name' (a TRL setting: the run's name, which is train.output_dir's "
+                          "folder name (TensorBoard's folder, W&B's run name); set WANDB_NAME to name the W&B run "
+                          "otherwise; remove it)"),
     ("ddp_timeout=600", "unknown key 'ddp_timeout' (TRL's name: preftune's is train.ddp_timeout)"),
     ("dataset_test_split=test", "preftune's is data.eval_split)"),
     ("eval_strategy=steps", "preftune's is train.eval_every, in optimizer steps (left out, eval pairs are "

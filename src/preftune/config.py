@@ -766,6 +766,8 @@ TRL_ONLY = {
     "precompute_ref_batch_size": "the batch size of the reference precompute, which preftune sets itself "
                                  "(4 x the larger of train.batch_size and train.eval_batch_size)",
     "fp16": "float16 mixed precision, which preftune does not offer; model.autocast: bfloat16 is bf16",
+    "run_name": "the run's name, which is train.output_dir's folder name (TensorBoard's folder, W&B's run "
+                "name); set WANDB_NAME to name the W&B run otherwise",
 }
 
 
