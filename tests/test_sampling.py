@@ -327,6 +327,11 @@ def test_a_prompt_file_not_in_utf8_names_the_line(tmp_path):
     path.write_bytes(b"first\nsecond\ncaf\xe9 au lait\n")
     with pytest.raises(UserError, match=r"p.txt, line 3: not UTF-8 text \(invalid continuation byte at byte 16\)"):
         load_prompts(path)
+    # After a byte-order mark the decoder counts from the byte after it: the line and byte
+    # must still be the file's own (it said line 2, byte 13 here).
+    path.write_bytes(b"\xef\xbb\xbffirst\nsecond\n\xe9t\xe9\n")
+    with pytest.raises(UserError, match=r"p.txt, line 3: not UTF-8 text \(invalid continuation byte at byte 16\)"):
+        load_prompts(path)
 
 
 def test_text_prompts_skip_blank_lines_and_keep_inner_spaces(tmp_path):

@@ -79,8 +79,10 @@ def load_prompts(path: str | Path) -> list[Prompt]:
     except OSError as e:  # no permission to read it: one sentence, not a traceback
         raise unreadable_file(path, e) from None
     except UnicodeDecodeError as e:  # the line, as data files name it: a byte offset is hard to find
-        line = data[: e.start].count(b"\n") + 1
-        raise UserError(f"{path}, line {line}: not UTF-8 text ({e.reason} at byte {e.start}); "
+        # After a byte-order mark the codec counts from the byte after it (e.object lacks it).
+        start = e.start + len(data) - len(e.object)
+        line = data[:start].count(b"\n") + 1
+        raise UserError(f"{path}, line {line}: not UTF-8 text ({e.reason} at byte {start}); "
                         "re-save it as UTF-8.") from None
     if suffix == ".json" and text.lstrip().startswith("["):
         return _prompts_from_json_list(text, path)
