@@ -96,3 +96,15 @@ def test_label_import_on_a_full_disk_is_one_sentence(tmp_path, fill_disk):
             "space on that disk, then try again (the labels already saved in it are kept).")
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT pair_id FROM pairs").fetchall() == [("p00000",), ("p00001",)]
+
+
+def test_an_error_without_a_sqlite_code_is_kept_as_it_is(tmp_path, monkeypatch):
+    """Python 3.10 (which preftune supports) gives sqlite3 errors no sqlite_errorcode and has no
+    sqlite3.SQLITE_FULL and kin: classifying a locked database there raised AttributeError in
+    place of SQLite's own error."""
+    from preftune.labeling.store import not_saved
+
+    for name in ("SQLITE_FULL", "SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_BUSY",
+                 "SQLITE_LOCKED", "SQLITE_IOERR"):
+        monkeypatch.delattr(sqlite3, name)
+    assert not_saved(tmp_path / "labels.db", sqlite3.OperationalError("database is locked")) is None

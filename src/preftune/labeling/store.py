@@ -126,7 +126,9 @@ def not_saved(path: Path, error: sqlite3.Error) -> NotSaved | None:
     """The `NotSaved` for an error that says the disk or another process refused a write; None
     for any other error (a bug, kept with its traceback)."""
     code = getattr(error, "sqlite_errorcode", None)
-    primary = code & 0xFF if code is not None else None  # extended codes keep it in the low byte
+    if code is None:  # Python 3.10 gives no code (nor the sqlite3.SQLITE_* names below)
+        return None
+    primary = code & 0xFF  # extended codes keep it in the low byte
     if primary == sqlite3.SQLITE_FULL:
         return NotSaved(path, "the disk it is on is full", "free space on that disk")
     if primary in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM):
