@@ -169,6 +169,32 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
     assert ids[1] == ids[0] and ids[2] != ids[0]
 
 
+def test_a_resume_sends_wandb_only_the_steps_its_run_does_not_hold(tmp_path, monkeypatch):
+    # Killed after step 7, resumed from the checkpoint at step 4: the online W&B run resumes at
+    # its step 8 (wandb's starting_step) and drops steps 5-7 again with a warning each time.
+    import preftune.loggers as loggers
+
+    class ResumedRun:
+        id, name, dir = "abc", "r", str(tmp_path / "wandb" / "run-abc" / "files")
+        starting_step = 8
+        rows = []
+
+        def log(self, numbers, step):
+            self.rows.append(step)
+
+        def finish(self):
+            pass
+
+    run = ResumedRun()
+    monkeypatch.setattr(loggers, "_open_wandb", lambda *args, **kwargs: run)
+    with MetricsLogger(tmp_path, ["jsonl", "wandb"], run_name="r", start_step=4) as lg:
+        for step in range(5, 10):
+            lg.log({"loss": 1.0}, step=step)
+        lg.log({"eval/loss": 0.5}, step=9)
+    assert run.rows == [8, 9, 9]
+    assert [r["step"] for r in read_records(tmp_path / "metrics.jsonl")] == [5, 6, 7, 8, 9, 9]
+
+
 def test_a_viewer_that_fails_mid_run_is_turned_off_and_training_goes_on(tmp_path, monkeypatch, capsys):
     # W&B's service process killed at step 2: its run.log raises ConnectionResetError from then
     # on. A dashboard dying must not end hours of training; metrics.jsonl keeps every step.

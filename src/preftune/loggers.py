@@ -82,6 +82,7 @@ class MetricsLogger:
         self._tensorboard = None
         self._wandb_run = None
         self._tensorboard_dir = self._wandb_dir = self._wandb_name = None
+        self._wandb_next_step = 0
         if not enabled:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -94,6 +95,9 @@ class MetricsLogger:
             if not getattr(self._wandb_run, "disabled", False):  # WANDB_MODE=disabled writes nothing
                 self._wandb_dir = Path(self._wandb_run.dir).parent  # wandb/<offline-|>run-<time>-<id>
                 self._wandb_name = self._wandb_run.name or self._wandb_run.id
+                # A resumed W&B run already holds the steps before this (0 for a new or offline
+                # run); it drops any step below, and warns.
+                self._wandb_next_step = getattr(self._wandb_run, "starting_step", 0) or 0
         if "tensorboard" in backends:
             self._tensorboard = _open_tensorboard(self.output_dir, run_name, config_dict, start_step,
                                                   redo_eval_at_start)
@@ -133,7 +137,10 @@ class MetricsLogger:
             with self._viewer("tensorboard", step):
                 for key, value in numbers.items():
                     self._tensorboard.add_scalar(key, value, global_step=step)
-        if self._wandb_run is not None:
+        # The steps a resume redoes after its checkpoint, which the W&B run already holds: W&B
+        # keeps its values (documented), and logging them again would only make it warn
+        # "Tried to log to step 21 that is less than the current step 34".
+        if self._wandb_run is not None and step >= self._wandb_next_step:
             with self._viewer("wandb", step):
                 self._wandb_run.log({**numbers, "train/global_step": step}, step=step)
 
