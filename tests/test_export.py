@@ -299,6 +299,35 @@ def test_a_run_from_a_hub_cache_folder_names_its_base_by_hub_id_and_commit(tiny_
         assert json.loads((tmp_path / base_id / "adapter_config.json").read_text())["revision"] == revision
 
 
+
+def test_an_adapter_naming_a_commit_the_cache_lacks_is_refused_not_loaded_on_main(tiny_llama, hub_cache, tmp_path):
+    """final/ names its base by hub id and commit; on a machine whose cache holds another commit
+    as main (or none), preftune loaded main, a base the adapter was not trained on, where PEFT
+    loads the commit."""
+    import json
+
+    import pytest
+    from preftune_test_data import hub_revision
+
+    from preftune.errors import UserError
+    from preftune.modeling import adapter_base
+
+    hub_revision(hub_cache, "org/tiny", tiny_llama, "d" * 40)
+    adapter = tmp_path / "final"
+    adapter.mkdir()
+    config = adapter / "adapter_config.json"
+    config.write_text(json.dumps({"base_model_name_or_path": "org/tiny", "revision": "c" * 40}))
+    with pytest.raises(UserError) as caught:
+        adapter_base(str(adapter))
+    assert str(caught.value) == (
+        f"{config} names revision {'c' * 40} of org/tiny as the adapter's base, which is not in this machine's "
+        "Hugging Face cache, and loading org/tiny would take its main, maybe another model; download that "
+        f"revision first (hf download org/tiny --revision {'c' * 40}), then run this again.")
+    hub_revision(hub_cache, "org/tiny", tiny_llama, "c" * 40)  # downloaded: that commit's folder
+    assert adapter_base(str(adapter)) == str(hub_cache / "models--org--tiny" / "snapshots" / ("c" * 40))
+    config.write_text(json.dumps({"base_model_name_or_path": "org/other", "revision": "main"}))
+    assert adapter_base(str(adapter)) == "org/other"  # main is what loading the id takes anyway
+
 def test_a_run_from_a_local_base_says_how_to_publish_its_adapter(tiny_llama, pairs_file, tmp_path, capsys):
     """final/'s adapter_config.json names a local base by its absolute path, and nothing said so:
     the adapter published as it was loaded for no one else."""

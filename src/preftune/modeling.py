@@ -180,8 +180,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 def adapter_base(path: str) -> str | None:
     """The base model of a PEFT adapter folder (a LoRA SFT, say), or None when `path` is not one.
     A base given relative to nothing (PEFT writes whatever name the model had) is read as written;
-    a hub id with a `revision` (a commit) is that revision's folder in the hub cache when it is
-    there, as PEFT's AutoPeftModelForCausalLM would load it."""
+    a hub id with a `revision` (a commit) is that revision's folder in the hub cache, as PEFT's
+    AutoPeftModelForCausalLM would load it (refused when the cache lacks it, see `_cached_revision`)."""
     import json
 
     config_file = os.path.join(os.path.expanduser(path), ADAPTER_CONFIG)
@@ -197,22 +197,29 @@ def adapter_base(path: str) -> str | None:
         raise UserError(f"{config_file}: no base_model_name_or_path, so the adapter's base model is unknown; "
                         "write the base model's folder or hub id there.")
     if isinstance(revision, str) and revision and not os.path.exists(os.path.expanduser(base)):
-        return _cached_revision(base, revision) or base
+        return _cached_revision(base, revision, config_file)
     return base
 
 
-def _cached_revision(repo_id: str, revision: str) -> str | None:
-    """The hub cache's folder of `revision` of `repo_id`, None when the cache lacks it."""
+def _cached_revision(repo_id: str, revision: str, config_file: str) -> str:
+    """The hub cache's folder of `revision` of `repo_id`. Loading the hub id takes its main, so
+    that is what a cache without the revision gets only for revision main; for another (a commit
+    a LoRA run's final/ names) it is refused, not loaded on whatever main is now."""
     from huggingface_hub import try_to_load_from_cache
 
     for name in ("config.json", ADAPTER_CONFIG):
         try:
             found = try_to_load_from_cache(repo_id, name, revision=revision)
         except Exception:  # not a valid repo id: loading it says why
-            return None
+            return repo_id
         if isinstance(found, str):
             return os.path.dirname(found)
-    return None
+    if revision == "main":
+        return repo_id
+    raise UserError(f"{config_file} names revision {revision} of {repo_id} as the adapter's base, which is not "
+                    f"in this machine's Hugging Face cache, and loading {repo_id} would take its main, maybe "
+                    f"another model; download that revision first (hf download {repo_id} --revision {revision}), "
+                    "then run this again.")
 
 
 def load_causal_lm(path: str, dtype: str = "float32", attn_implementation: str | None = None,
