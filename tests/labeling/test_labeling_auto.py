@@ -337,6 +337,28 @@ def test_a_local_reward_model_scores_prompt_plus_response(tmp_path):
         load_reward(str(tmp_path / "rm2"))
 
 
+def test_an_error_inside_a_reward_model_folders_scoring_keeps_its_traceback(tmp_path, monkeypatch):
+    """What preftune's (or torch's) scoring of a reward model folder raised was turned into the
+    sentence for a user's reward function: 'fix the function', and the traceback dropped."""
+    import transformers
+
+    import preftune.rewards
+    from preftune.demo.tiny import train_tokenizer
+
+    tokenizer = train_tokenizer()
+    folder = tmp_path / "rm"
+    transformers.LlamaForSequenceClassification(reward_model_config(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+    def broken(*args):
+        raise RuntimeError("a bug in the scoring code")
+
+    monkeypatch.setattr(preftune.rewards, "_cut", broken)
+    pairs_file = write_pairs_file(tmp_path / "pairs.jsonl", make_pairs(2))
+    with pytest.raises(RuntimeError, match="a bug in the scoring code"):
+        label_auto(pairs_file, str(folder), tmp_path / "D.jsonl", show_progress=False)
+
+
 def test_a_reward_model_folder_under_home_is_found_by_tilde(tmp_path, monkeypatch):
     """--reward ~/rm (quoted, or from a script) read '~' as a folder name and said to download it."""
     import transformers

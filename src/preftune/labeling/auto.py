@@ -283,6 +283,9 @@ def label_auto(
     done = _already_written(out, {p.pair_id: p for p in pairs}, job)
     todo = [p for p in pairs if p.pair_id not in done]
     reward_fn = load_reward(reward, trust_remote_code=trust_remote_code) if isinstance(reward, str) else reward
+    # A reward model folder is scored by preftune's code and torch's, not the user's: what it
+    # raises keeps its traceback rather than a sentence telling the user to fix their function.
+    user_code = not (isinstance(reward, str) and Path(reward).expanduser().is_dir())
     stats = Counter(pairs=len(pairs), resumed_from=len(done))
     make_parent_folder(out)
     with _progress(show_progress and bool(todo), len(todo)) as advance:  # no 0% bar for nothing to do
@@ -295,6 +298,8 @@ def label_auto(
             except UserError:
                 raise
             except Exception as e:  # the user's own code: one sentence naming the pair, not a traceback
+                if not user_code:
+                    raise
                 raise UserError(_reward_failure(e, batch, reward_name, out)) from None
             if len(values) != len(responses):
                 raise UserError(
