@@ -377,7 +377,7 @@ def distinct_suffixes(texts: list[str]) -> list[str]:
 
 
 def settings_rows(runs: list[Run]) -> list[list[str]]:
-    """model.path and loss.type, then every config key whose value is not the same in all runs."""
+    """The ALWAYS_SHOWN keys, then every config key whose value is not the same in all runs."""
     defaults = _schema_defaults()
     keys = list(ALWAYS_SHOWN)
     for run in runs:
