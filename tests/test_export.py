@@ -277,7 +277,7 @@ def test_a_run_from_a_hub_cache_folder_names_its_base_by_hub_id_and_commit(tiny_
     hub_revision(hub_cache, "org/tiny", tiny_llama, "c" * 40)
     snapshot = hub_cache / "models--org--tiny" / "snapshots" / ("c" * 40)
     train(make_config(tmp_path, snapshot, pairs_file, model={"lora": LORA}, optim={"lr": 1e-2},
-                      train={"max_steps": 1}))
+                      train={"max_steps": 1, "save_every": 1}))
     final = tmp_path / "run" / "final"
     written = json.loads((final / "adapter_config.json").read_text())
     assert (written["base_model_name_or_path"], written["revision"]) == ("org/tiny", "c" * 40)
@@ -297,6 +297,12 @@ def test_a_run_from_a_hub_cache_folder_names_its_base_by_hub_id_and_commit(tiny_
     for base_id, revision in (("me/tiny", None), ("org/tiny", "c" * 40)):
         export(tmp_path / "run", merge=False, out=tmp_path / base_id, base=None, base_id=base_id)
         assert json.loads((tmp_path / base_id / "adapter_config.json").read_text())["revision"] == revision
+    # A checkpoint's adapter_config.json names the snapshot folder (only final/ is renamed): its
+    # export named org/tiny without the commit, so it loaded onto whatever main is now.
+    export(tmp_path / "run" / "checkpoints" / "step-000001", merge=False, out=tmp_path / "step-1", base=None,
+           base_id=None)
+    written = json.loads((tmp_path / "step-1" / "adapter_config.json").read_text())
+    assert (written["base_model_name_or_path"], written["revision"]) == ("org/tiny", "c" * 40)
 
 
 

@@ -56,10 +56,14 @@ def _copy_adapter(adapter: Path, base_id: str, target: Path, extra_files: dict[s
     import shutil
 
     from preftune.checkpoint import write_folder_atomically
+    from preftune.model_card import cached_hub_id
     from preftune.modeling import TOKENIZER_FILES
 
     config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
-    if config.get("base_model_name_or_path") != base_id:  # a revision (commit) of the base named there
+    written = config.get("base_model_name_or_path")
+    if cached_hub_id(written) == base_id:  # a checkpoint (or an older final/) names base_id's snapshot folder
+        config["revision"] = Path(written).name  # the commit, as final/ names it
+    elif written != base_id:  # a revision (commit) of the base named there is none of base_id's
         config["revision"] = None
     config["base_model_name_or_path"] = base_id
 
