@@ -145,3 +145,21 @@ def test_the_time_left_follows_the_recent_pace_not_a_slow_first_step(monkeypatch
     assert [line.split(",")[0] for line in lines] == \
         ["train: step 1/100 (1%)", "train: step 31/100 (31%)", "train: step 61/100 (61%)"]
     assert lines[-1].endswith("0:02:40 elapsed, about 0:00:39 left")
+
+
+def test_num_tokens_is_trls_running_total_and_a_resume_continues_it(tmp_path, tiny_llama, pairs_file,
+                                                                     one_torch_thread):
+    # TRL logs num_tokens, the tokens trained on so far (W&B users plot against it); preftune
+    # logged only tokens_per_second, so TRL's panel had no preftune line.
+    from preftune.data.io import load_pairs
+    from preftune.data.tokenize import tokenize_pairs
+    from preftune.modeling import load_tokenizer
+
+    config = make_config(tmp_path, tiny_llama, pairs_file, train={"max_steps": 4, "save_every": 2})
+    train(config)  # 16 pairs, 4 a step: one epoch, each pair once
+    whole = [m["num_tokens"] for m in read_metrics(tmp_path / "run")]
+    pairs, _ = tokenize_pairs(load_pairs(str(pairs_file)).pairs, load_tokenizer(str(tiny_llama)), config.data)
+    assert whole[-1] == sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    assert whole == sorted(set(whole))
+    train(config, resume=str(tmp_path / "run" / "checkpoints" / "step-000002"))
+    assert [m["num_tokens"] for m in read_metrics(tmp_path / "run")] == whole

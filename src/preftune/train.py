@@ -109,6 +109,9 @@ class TrainState:
     # rewards (2 per pair) it averages (0 in older checkpoints).
     reward_shift: float = 0.0
     rewards_seen: int = 0
+    # TRL's num_tokens: the tokens of the steps so far, chosen and rejected sequences each with
+    # its prompt (0 in older checkpoints, whose resumes count from there).
+    num_tokens: int = 0
     model: str = ""  # models_fingerprint of the starting model and reference ("" in older checkpoints)
     # The local base models their adapter_config.json names, when model.path or reference_path is
     # a PEFT adapter folder: {base as named there: its models_fingerprint} ({} in older checkpoints).
@@ -569,9 +572,11 @@ def _train(config: Config | dict | str | Path, resume: str | bool | None, overwr
                 state.step_in_epoch += 1
                 _carry_state(state, metrics, finite, len(step_indices), policy, synced, config)
                 elapsed = time.perf_counter() - started
+                tokens = metrics.pop("_tokens")
+                state.num_tokens += round(tokens)
                 metrics.update(epoch=state.epoch + state.step_in_epoch / steps_per_epoch,
                                learning_rate=learning_rate,
-                               tokens_per_second=metrics.pop("_tokens") / elapsed)
+                               tokens_per_second=tokens / elapsed, num_tokens=state.num_tokens)
                 logger.log(metrics, step=state.step)
                 progress.update(state.step, metrics)
                 if stop_error is not None:  # raised once logged: the step that stops the run is shown too
