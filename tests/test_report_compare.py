@@ -481,6 +481,21 @@ def test_a_pairs_evaluation_does_not_rename_its_runs_win_rate(sweep, tmp_path, m
     assert [t.get_text() for t in ax.get_yticklabels()] == ["beta0.1", "beta0.5"]
 
 
+def test_a_human_evaluation_awaiting_votes_does_not_rename_its_runs_win_rate(tmp_path, monkeypatch):
+    """Like a pairs evaluation, one queued for people and not yet scored is in no plot, yet its
+    run's win-rate row read 'a: DPO β=0.1' beside a plain 'b'."""
+    from test_report import _drawn_figures
+
+    drawn = _drawn_figures(monkeypatch)
+    waiting = {**generate_eval(0.1, 6.0, 1.5, 0.8), "judge": "human", "status": "awaiting_votes",
+               "win_rate": None, "win_rate_ci": None, "mean_reward": {"policy": None, "reference": None}}
+    runs = [make_run(tmp_path / "a", n_steps=10, eval_every=5, evals=[generate_eval(0.1, 6.0, 1.5, 0.8), waiting]),
+            make_run(tmp_path / "b", n_steps=10, eval_every=5, evals=[generate_eval(0.5, 2.0, 0.8, 0.65)])]
+    write_comparison(runs, tmp_path / "compare")
+    (ax,) = drawn["win_rates.png"].axes
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "b"]
+
+
 def test_the_model_data_loss_and_beta_are_shown_even_when_the_runs_share_them(tmp_path):
     """Two learning rates at one β: the page showed optim.lr and never said which β or data the
     runs used, though every reward and margin on it is in β·log(π/π_ref)."""

@@ -328,21 +328,30 @@ def _logged_any(run: Run, panels: Sequence[Panel]) -> bool:
         run.metrics.has(panel.key) or run.metrics.has(f"eval/{panel.key}") for panel in panels)
 
 
+def _on_the_frontier(ev: dict) -> bool:
+    return _policy_reward(ev) is not None and _is_number(ev.get("kl"))
+
+
+def _on_a_plot(ev: dict) -> bool:
+    """Whether `ev` is drawn in the reward-KL or the win-rate plot."""
+    return _on_the_frontier(ev) or _win_rate_with_ci(ev) is not None
+
+
 def eval_figures(runs: list[Run], out: Path) -> list[tuple[str, str, str]]:
     """Reward vs KL (one figure per judge, reference and sampling setting) and win rates, with
     each evaluation named after its run, in the run's colour."""
     evals = []
     for run in runs:
-        # Named by the run alone unless it has several to plot: a pairs evaluation beside its
-        # one generate evaluation is in no plot, so it is not a second one to tell apart.
-        several = sum(ev.get("kind") != "pairs" for ev in run.evals) > 1
+        # Named by the run alone unless it has several to plot: a pairs evaluation, or a human-
+        # judged one still awaiting votes, is in no plot, so it is not a second one to tell apart.
+        several = sum(_on_a_plot(ev) for ev in run.evals) > 1
         for ev in run.evals:
             label = f"{run.label}: {eval_label(ev)}" if several else run.label
             evals.append({**ev, "method": run.label, "label": label})
     colors = {run.label: run.style["color"] for run in runs}
     settings: dict[tuple, list[dict]] = {}
     for ev in evals:
-        if _policy_reward(ev) is not None and _is_number(ev.get("kl")):
+        if _on_the_frontier(ev):
             settings.setdefault(frontier_setting(ev), []).append(ev)
     figures = []
     for n, members in enumerate(settings.values(), start=1):
