@@ -535,6 +535,11 @@ def test_runs_whose_held_out_pairs_differ_are_told_so(tmp_path):
     assert ("The runs evaluate on different held-out pairs: data.eval_fraction draws them from "
             "data.train with train.seed, and these differ (train.seed: seed0 0, seed1 1), so their "
             "eval/ numbers are not on the same pairs") in html
+    # Another split of the same data set holds out from other rows (it said nothing).
+    splits = [make_run(tmp_path / split, n_steps=10, eval_every=5, data={"eval_fraction": 0.1, "split": split})
+              for split in ("train_prefs", "test_prefs")]
+    assert ("these differ (data.split: train_prefs train_prefs, test_prefs test_prefs)"
+            in write_comparison(splits, tmp_path / "splits").read_text())
     same = [make_run(tmp_path / f"beta{beta}", n_steps=10, eval_every=5, data={"eval_fraction": 0.1},
                      loss={"beta": beta}) for beta in (0.1, 0.5)]
     assert "different held-out pairs" not in write_comparison(same, tmp_path / "same").read_text()

@@ -552,7 +552,10 @@ def comparison_notes(runs: list[Run]) -> list[str]:
     return notes
 
 
-HELD_OUT_KEYS = ("data.train", "data.eval_fraction", "data.eval_fraction_by", "train.seed")
+# What decides the pairs data.eval_fraction holds out: the rows data.train reads (its data set
+# config and split too) and the draw (train.prepare_data, data/heldout.py).
+HELD_OUT_KEYS = ("data.train", "data.config", "data.split", "data.eval_fraction", "data.eval_fraction_by",
+                 "train.seed")
 
 
 def held_out_draws(runs: list[Run]) -> dict[str, dict[str, str]]:
