@@ -575,6 +575,10 @@ def test_final_metrics_give_each_numbers_unit_and_what_it_is_a_mean_over(tmp_pat
     (tmp_path / "config.yaml").write_text("model:\n  path: tiny\n")  # DPO by default
     rows = _table_rows(write_report(tmp_path).read_text(), "Final metrics")
     assert "loss (nats per pair, mean over pairs)" in rows
+    # sft's loss is per token of each chosen response, and still a mean over pairs (it said not).
+    (tmp_path / "config.yaml").write_text("model:\n  path: tiny\nloss:\n  type: sft\n")
+    rows = _table_rows(write_report(tmp_path).read_text(), "Final metrics")
+    assert "loss (nats per token, mean over pairs)" in rows
 
 
 def test_a_last_step_that_was_not_finite_says_so_not_a_dash(tmp_path):

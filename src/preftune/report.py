@@ -474,9 +474,8 @@ METRIC_UNITS = {
 def metric_unit(key: str, loss_types: list[str] | None) -> str:
     """The unit of a metrics.jsonl key (eval/ or not) and what its value is a mean over."""
     key = key.removeprefix("eval/")
-    if key == "loss":
-        unit = loss_unit(loss_types)
-        return f"{unit}, mean over pairs" if unit.endswith("pair") else unit
+    if key == "loss":  # each pair's loss (sft's: per token of its chosen response), averaged
+        return f"{loss_unit(loss_types)}, mean over pairs"
     return METRIC_UNITS.get(key, "")
 
 
