@@ -473,6 +473,23 @@ def test_cli_out_of_memory_says_what_is_kept_and_to_lower_the_batch_size(model_d
     assert len(read_records(out)) == 3
 
 
+def test_cli_out_of_memory_loading_the_model_does_not_blame_the_batch_size(model_dir, tmp_path, monkeypatch):
+    """A model too large for the GPU ran out of memory as it loaded, and the sentence for a batch
+    too large said to rerun with a smaller --batch-size, which cannot help."""
+    import preftune.sampling
+
+    def out_of_memory(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(preftune.sampling, "load_model_and_tokenizer", out_of_memory)
+    out = tmp_path / "pairs.jsonl"
+    result = CliRunner().invoke(app, ["--model", str(model_dir), "--prompts", str(write_txt(tmp_path / "p.txt", PROMPTS)),
+                                      "--out", str(out), "--no-progress"])
+    assert isinstance(result.exception, UserError)
+    assert str(result.exception) == (f"{model_dir}: out of GPU memory loading the model in float32, before sampling "
+                                     "anything; pass --dtype bfloat16 (half the memory) or use a GPU with more memory.")
+
+
 def test_cli_counts_one_prompt_in_the_singular(model_dir, tmp_path):
     """It said "already holds all 1 prompts" and "resumed after 1 prompts"."""
     out = tmp_path / "pairs.jsonl"

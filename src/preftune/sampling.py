@@ -650,7 +650,12 @@ def sample_to_file(
         return done, 0
     make_parent_folder(out)
     with _transformers_bars(progress):
-        model, tokenizer = load_model_and_tokenizer(str(model_path), dtype, device)
+        try:
+            model, tokenizer = load_model_and_tokenizer(str(model_path), dtype, device)
+        except torch.cuda.OutOfMemoryError:  # not the batch's fault: the CLI's advice for that would not help
+            smaller = "pass --dtype bfloat16 (half the memory) or " if dtype == "float32" else ""
+            raise UserError(f"{model_path}: out of GPU memory loading the model in {dtype}, before "
+                            f"sampling anything; {smaller}use a GPU with more memory.") from None
     check_all_fit_context(model, tokenizer, prompts, range(done, len(prompts)), settings.max_new_tokens)
     batches = iter_pair_batches(
         model, tokenizer, prompts, settings, batch_size, start=done,
