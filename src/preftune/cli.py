@@ -38,6 +38,23 @@ data_app = typer.Typer(cls=FriendlyGroup, help="Look at preference data before t
 app.add_typer(data_app, name="data")
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        from preftune import __version__
+
+        typer.echo(f"preftune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _top_level_options(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                 help="Print preftune's version and exit."),
+):
+    # Only for --version, which a bug report asks for; each command does the work.
+    pass
+
+
 @app.command()
 def train(
     config: Path = typer.Argument(..., help="YAML config (examples in configs/; every key in docs/CONFIG.md)."),
