@@ -97,3 +97,9 @@ def test_version_option_prints_the_version_pyproject_installs():
 def test_license_is_the_spdx_string_setuptools_will_keep_accepting():
     # A TOML table here warns on every build that builds stop working after 2027-02-18.
     assert _project()["project"]["license"] == "Apache-2.0"
+
+
+def test_the_license_text_ships_with_the_license_it_declares():
+    # Apache-2.0 asks that its text travel with the work; setuptools packs LICENSE into the wheel.
+    text = (REPO / "LICENSE").read_text(encoding="utf-8")
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
