@@ -576,6 +576,19 @@ def test_malformed_json_names_the_line(tmp_path):
         load_pairs(str(path))
 
 
+def test_a_data_file_not_in_utf8_names_the_files_own_line_and_byte(tmp_path):
+    """After a byte-order mark the decoder counts from the byte after it: a bad byte at the start
+    of line 3 was reported on line 2."""
+    body = b"prompt,chosen,rejected\nx,good,bad\n\xe9t\xe9,good,bad\n"
+    for bom, byte in ((b"", 34), (b"\xef\xbb\xbf", 37)):
+        path = tmp_path / "d.csv"
+        path.write_bytes(bom + body)
+        with pytest.raises(UserError) as caught:
+            load_pairs(str(path))
+        assert str(caught.value) == (f"{path}, line 3: not UTF-8 text (invalid continuation byte at byte "
+                                     f"{byte}); re-save it as UTF-8."), bom
+
+
 def test_a_csv_row_spanning_lines_is_named_by_all_of_them(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text('prompt,chosen,rejected\n"Write a poem",fine,bad\n"Two\nlines",,"also\nbad"\n')

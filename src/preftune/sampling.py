@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from preftune.data.io import check_encodable
+from preftune.data.io import check_encodable, decode_text
 from preftune.errors import UserError, unreadable_file
 from preftune.records import (
     append_records,
@@ -73,17 +73,11 @@ def load_prompts(path: str | Path) -> list[Prompt]:
             "or .txt (one prompt per line)."
         )
     try:
-        # utf-8-sig drops a byte-order mark that Windows editors add, which would start the first prompt.
         data = path.read_bytes()
-        text = data.decode("utf-8-sig")
     except OSError as e:  # no permission to read it: one sentence, not a traceback
         raise unreadable_file(path, e) from None
-    except UnicodeDecodeError as e:  # the line, as data files name it: a byte offset is hard to find
-        # After a byte-order mark the codec counts from the byte after it (e.object lacks it).
-        start = e.start + len(data) - len(e.object)
-        line = data[:start].count(b"\n") + 1
-        raise UserError(f"{path}, line {line}: not UTF-8 text ({e.reason} at byte {start}); "
-                        "re-save it as UTF-8.") from None
+    # A byte-order mark that Windows editors add is dropped: it would start the first prompt.
+    text = decode_text(data, path)
     if suffix == ".json" and text.lstrip().startswith("["):
         return _prompts_from_json_list(text, path)
     # Lines end at "\n" alone: str.splitlines() also breaks at U+2028, U+0085, form feeds and other

@@ -297,14 +297,22 @@ def _read_bytes(path: Path) -> bytes:
                         "or decompress it yourself.") from None
 
 
-def _read_text(path: Path) -> str:
-    data = _read_bytes(path)
+def decode_text(data: bytes, path) -> str:
+    """A text file's bytes as text. A byte that is not UTF-8 raises a `UserError` naming the
+    file's line and byte: a byte offset alone is hard to find in an editor."""
     try:
         # utf-8-sig drops a byte-order mark that editors on Windows like to add.
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise UserError(f"{path}, line {line}: not valid UTF-8; save the file as UTF-8.") from None
+        # After a byte-order mark the codec counts from the byte after it (e.object lacks it).
+        start = e.start + len(data) - len(e.object)
+        line = data[:start].count(b"\n") + 1
+        raise UserError(f"{path}, line {line}: not UTF-8 text ({e.reason} at byte {start}); "
+                        "re-save it as UTF-8.") from None
+
+
+def _read_text(path: Path) -> str:
+    return decode_text(_read_bytes(path), path)
 
 
 def _rows_from_jsonl(path: Path) -> Iterator[tuple[str, object]]:
