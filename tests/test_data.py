@@ -337,6 +337,28 @@ def test_training_warns_once_about_duplicate_rows_and_eval_pairs_it_trains_on(tm
     assert "duplicate" not in said and "data.train also has" not in said, said
 
 
+def test_rows_that_tokenize_differently_are_not_duplicates():
+    """Rows with one text but other tools, template arguments or *_truncated flags tokenize
+    differently (tokenize.py), yet the duplicate-rows warning and `data inspect` called them copies."""
+    from preftune.data.repeats import repeated_rows
+
+    def row(prompt, chosen, rejected, **metadata):
+        return PreferencePair(prompt, chosen, rejected, origin=f"line {metadata.pop('line')}", metadata=metadata)
+
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    good, bad = [{"role": "assistant", "content": "Sunny."}], [{"role": "assistant", "content": "No idea."}]
+    tool = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+    rows = [row(ask, good, bad, line=1), row(ask, good, bad, line=2, tools=[tool]),
+            row(ask, good, bad, line=3, chat_template_kwargs={"enable_thinking": False}),
+            row("Q:", " yes", " no", line=4), row("Q:", " yes", " no", line=5, chosen_truncated=True)]
+    assert repeated_rows(rows) == []
+    # Truly identical rows still are copies, ids and scores aside; tools as JSON text are the same tools.
+    copies = [row(ask, good, bad, line=6, tools=json.dumps([tool]), id="x"),
+              row("Q:", " yes", " no", line=7, chosen_truncated=False, score=3)]
+    assert [(r.origin, e.origin) for r, e in repeated_rows(rows + copies)] == [("line 6", "line 2"),
+                                                                              ("line 7", "line 4")]
+
+
 def test_json_lines_under_a_json_name_are_read_line_by_line(tmp_path):
     # Hub data sets often name JSON Lines files train.json; datasets reads them, so do we.
     path = write_jsonl(tmp_path / "train.json", PAIRS)

@@ -2,20 +2,28 @@
 
 `preftune data inspect` counts them; training warns about them, since each copy is trained on
 (the pair weighs 2x or more), and about data.eval pairs it trains on too (optimistic eval/).
-Rows are compared as the held-out split compares prompts (heldout.prompt_key); metadata such
-as ids or scores is left out, as training reads none of it.
+Rows are compared as the held-out split compares prompts (heldout.prompt_key), by all that
+tokenizing reads of them (data.tokenize): the texts, the *_truncated flags and a conversational
+row's tools and template arguments; metadata such as ids or scores is left out, as training
+reads none of it.
 """
 
 from __future__ import annotations
 
 from preftune.data.heldout import prompt_key
+from preftune.data.io import TRUNCATED_KEYS
 from preftune.data.schema import PreferencePair
+from preftune.data.tokenize import chat_template_kwargs
 from preftune.wording import counted
 
 
 def row_key(pair: PreferencePair) -> str:
-    """Equal keys: the same prompt, chosen and rejected."""
-    return prompt_key([pair.prompt, pair.chosen, pair.rejected])
+    """Equal keys: rows that tokenize alike. Besides prompt, chosen and rejected, a *_truncated flag
+    drops the response's EOS (end of turn), and a conversational row's tools and template arguments
+    change the rendered text: rows differing there are trained as different pairs."""
+    cut = [pair.metadata.get(name) is True for name in TRUNCATED_KEYS]  # as tokenize._truncated reads them
+    template = chat_template_kwargs(pair) if pair.conversational else {}
+    return prompt_key([pair.prompt, pair.chosen, pair.rejected, cut, template])
 
 
 def repeated_rows(pairs: list[PreferencePair]) -> list[tuple[PreferencePair, PreferencePair]]:
