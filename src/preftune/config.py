@@ -926,3 +926,16 @@ def dump_config(config: Config, path: str | Path) -> None:
     from preftune.records import write_text_atomic
 
     write_text_atomic(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+
+
+def flat_config(config: dict, prefix: str = "") -> dict:
+    """A nested config (a `model_dump`, or a run's config.yaml read back) as dotted keys to their
+    values, the names --set takes: {"loss": {"beta": 0.1}} is {"loss.beta": 0.1}. Lists and None
+    are kept as they are; each reader decides how to show them."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat |= flat_config(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from preftune.config import flat_config
 from preftune.errors import UserError
 
 if TYPE_CHECKING:  # typing.Self needs Python 3.11; annotations are never evaluated here
@@ -346,18 +347,15 @@ def _open_tensorboard(output_dir: Path, run_name: str | None, config_dict: dict,
     return writer
 
 
-def _flat_settings(config: dict, prefix: str = "") -> dict:
+def _flat_settings(config: dict) -> dict:
     """A nested config as the HParams tab takes it: dotted keys (`loss.beta`) to a number or a
     string; lists and booleans as their JSON text (torch would write a bool as 1.0), None left
-    out."""
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat |= _flat_settings(value, f"{prefix}{key}.")
-        elif value is not None:
-            plain = isinstance(value, (int, float, str)) and not isinstance(value, bool)
-            flat[f"{prefix}{key}"] = value if plain else json.dumps(value, default=str)
-    return flat
+    out (the report's config table, from the same flat_config, keeps all three as they are)."""
+    def plain(value) -> bool:
+        return isinstance(value, (int, float, str)) and not isinstance(value, bool)
+
+    return {key: value if plain(value) else json.dumps(value, default=str)
+            for key, value in flat_config(config).items() if value is not None}
 
 
 # The W&B run of a run folder, kept beside wandb's own files: a resumed run continues it.

@@ -23,6 +23,7 @@ import yaml
 from matplotlib.figure import Figure
 
 from preftune.bradley_terry import win_rate as wilson_win_rate
+from preftune.config import flat_config
 from preftune.errors import UserError
 from preftune.records import read_records, write_bytes_atomic, write_text_atomic
 from preftune.report_html import render_html
@@ -649,16 +650,6 @@ def _final_metrics_table(metrics: RunMetrics, loss_types: list[str] | None = Non
                               "last evaluation (held-out pairs)"], rows)
 
 
-def _flatten(config: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _value_text(value) -> str:
     """A config value as config.yaml writes it: true, false and null, not Python's True and None
     (and not '–', which marks a run without a config.yaml); a list as its items."""
@@ -677,7 +668,7 @@ def _highlighted(key: str) -> bool:
 
 
 def _config_table(config: dict):
-    flat = _flatten(config)
+    flat = flat_config(config)
     chosen = {k: v for k, v in flat.items() if _highlighted(k) and v is not None}
     rows = [[key, _value_text(value)]
             for key, value in (chosen or dict(list(flat.items())[:15])).items()]

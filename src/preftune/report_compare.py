@@ -18,13 +18,13 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from preftune.config import flat_config
 from preftune.errors import UserError
 from preftune.records import write_bytes_atomic, write_text_atomic
 from preftune.report import (
     PLOT_DIR,
     PLOTTED_KEYS,
     RunMetrics,
-    _flatten,
     _fmt,
     _is_number,
     _judged_on,
@@ -161,7 +161,7 @@ def load_run(folder: Path, label: str, index: int) -> Run:
     if not config:
         notes.append(f"{label} has no config.yaml, so its settings are shown as unknown (–).")
     evals = load_evals(find_eval_files(folder))
-    return Run(folder, label, metrics, _flatten(config), evals, index, notes)
+    return Run(folder, label, metrics, flat_config(config), evals, index, notes)
 
 
 def _schema_defaults() -> dict:
