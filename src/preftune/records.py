@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterable
 
 from preftune.errors import UserError
+from preftune.wording import counted
 
 
 def append_records(path: str | Path, records: Iterable[dict]) -> int:
@@ -108,6 +109,14 @@ def records_kept(path: str | Path) -> int:
         return len(read_records(path)) if Path(path).is_file() else 0
     except (UserError, OSError):
         return 0
+
+
+def kept_so_far(path: str | Path, noun: str, verb: str) -> str:
+    """What a stopped run left in `path`, for the sentence that says so before saying how a rerun
+    continues: kept_so_far(out, "row", "labeled") is "OUT keeps 2 rows labeled so far", or
+    "nothing is in OUT yet"."""
+    kept = records_kept(path)
+    return f"{path} keeps {counted(kept, noun)} {verb} so far" if kept else f"nothing is in {path} yet"
 
 
 def recorded_path(path) -> str | None:

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 
 from preftune.errors import UserError
-from preftune.records import records_kept
+from preftune.records import kept_so_far
 from preftune.sampling import SamplingSettings, sample_to_file
 from preftune.wording import counted
 
@@ -77,14 +77,14 @@ def sample(
         )
     except KeyboardInterrupt:
         # It ended without a word: say that the work so far is kept and how to go on.
-        console.print(f"stopped by Ctrl-C: {_kept(out)}; rerun the same command to continue.")
+        console.print(f"stopped by Ctrl-C: {kept_so_far(out, 'prompt', 'sampled')}; rerun the same command to continue.")
         raise typer.Exit(130) from None
     except torch.cuda.OutOfMemoryError:  # was a traceback; a smaller batch resumes where it stopped
         smaller = (f"rerun with a smaller --batch-size (say {batch_size // 2}) to continue"
                    if batch_size > 1 else "rerun on a device with more memory to continue")
         half = " or with --dtype bfloat16" if dtype == "float32" else ""
         raise UserError(f"out of memory sampling {counted(batch_size, 'prompt')} x {counted(n, 'response')} "
-                        f"at once; {_kept(out)}: {smaller}{half}.") from None
+                        f"at once; {kept_so_far(out, 'prompt', 'sampled')}: {smaller}{half}.") from None
     if written == 0:
         console.print(f"{out} already holds {'the' if done == 1 else 'all'} {counted(done, 'prompt')}; nothing to do.")
     elif done:
@@ -97,9 +97,3 @@ def sample(
     elif n > 2:
         console.print(f"{n} responses per prompt: `preftune label auto` keeps the best and the worst of each; "
                       "people (`label serve`) compare two at a time, so sample with --n 2 for them.")
-
-
-def _kept(out: Path) -> str:
-    """What a stopped run left in `out`, for the sentence that says so."""
-    kept = records_kept(out)
-    return f"{out} keeps {counted(kept, 'prompt')} sampled so far" if kept else f"nothing is in {out} yet"

@@ -216,7 +216,7 @@ def test_a_reward_that_raises_names_the_pair_and_keeps_what_was_written(tmp_path
     out = tmp_path / "D.jsonl"
     with pytest.raises(UserError, match=r"my_rewards:fails_on_answer_3 raised ValueError: cannot score "
                        r"this one \(.*my_rewards.py, line \d+\) while scoring response 1 of pair 'p00003'; "
-                       r".*D.jsonl keeps the 2 rows written before it: fix the function and rerun"):
+                       r".*D.jsonl keeps 2 rows labeled so far: fix the function and rerun"):
         label_auto(pairs_file, "my_rewards:fails_on_answer_3", out, batch_size=2, show_progress=False)
     assert [row["pair_id"] for row in read_jsonl(out)] == ["p00000", "p00001"]
     with pytest.raises(UserError, match=r"raised ZeroDivisionError: division by zero \(.*my_rewards.py, line \d+\) while "
@@ -231,8 +231,8 @@ def test_a_reward_that_is_not_finite_names_the_pair_and_keeps_what_was_written(t
     pairs_file = write_pairs_file(tmp_path / "pairs.jsonl", make_pairs(6))
     out = tmp_path / "D.jsonl"
     with pytest.raises(UserError, match=r"^the reward my_rewards:nan_on_answer_3 returned \d+\.0 and nan for pair "
-                       r"'p00003', and rewards must be finite numbers; .*D.jsonl keeps the 2 rows written "
-                       r"before it: fix the function and rerun the same command to continue\.$"):
+                       r"'p00003', and rewards must be finite numbers; .*D.jsonl keeps 2 rows labeled so "
+                       r"far: fix the function and rerun the same command to continue\.$"):
         label_auto(pairs_file, "my_rewards:nan_on_answer_3", out, batch_size=2, show_progress=False)
     assert [row["pair_id"] for row in read_jsonl(out)] == ["p00000", "p00001"]
     with pytest.raises(UserError, match=r"returned inf and inf for pair 'p00000', and rewards must be finite "

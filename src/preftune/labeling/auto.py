@@ -45,12 +45,11 @@ from preftune.labeling.pairs import Pair, load_pairs
 from preftune.records import (
     append_records,
     check_out_file,
+    kept_so_far,
     make_parent_folder,
     read_records,
     record_line_numbers,
-    records_kept,
 )
-from preftune.wording import counted
 
 MODES = ("bt-sample", "argmax")
 
@@ -325,14 +324,8 @@ def _check_finite(values: list[float], batch: list[Pair], reward_name: str, out:
         if not all(math.isfinite(r) for r in rewards):
             raise UserError(
                 f"the reward {reward_name} returned {' and '.join(map(str, rewards))} for pair "
-                f"{pair.pair_id!r}, and rewards must be finite numbers; {_kept_rows(out)}: fix the "
-                "function and rerun the same command to continue.")
-
-
-def _kept_rows(out: Path) -> str:
-    """What a stopped run left in `out`, for the sentences of a reward that failed."""
-    kept = records_kept(out)
-    return f"{out} keeps the {counted(kept, 'row')} written before it" if kept else f"nothing is in {out} yet"
+                f"{pair.pair_id!r}, and rewards must be finite numbers; {kept_so_far(out, 'row', 'labeled')}: "
+                "fix the function and rerun the same command to continue.")
 
 
 def _reward_failure(error: Exception, batch: list[Pair], reward_name: str, out: Path) -> str:
@@ -354,7 +347,7 @@ def _reward_failure(error: Exception, batch: list[Pair], reward_name: str, out: 
     where = f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
     detail = f": {error}" if str(error) else ""
     return (f"the reward {reward_name} raised {type(error).__name__}{detail}{where} while scoring {which}; "
-            f"{_kept_rows(out)}: fix the function and rerun the same command to continue.")
+            f"{kept_so_far(out, 'row', 'labeled')}: fix the function and rerun the same command to continue.")
 
 
 def _function_name(fn: Callable) -> str:

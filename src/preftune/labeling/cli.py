@@ -167,11 +167,10 @@ def auto(
                            show_progress=progress, trust_remote_code=trust_remote_code)
     except KeyboardInterrupt:
         # It ended without a word: say that the rows so far are kept and how to go on.
-        from preftune.records import records_kept
+        from preftune.records import kept_so_far
 
-        kept = records_kept(out)
-        held = f"{out} keeps {counted(kept, 'row')} labeled so far" if kept else f"nothing is in {out} yet"
-        typer.echo(f"stopped by Ctrl-C: {held}; rerun the same command to continue.", err=True)
+        typer.echo(f"stopped by Ctrl-C: {kept_so_far(out, 'row', 'labeled')}; rerun the same command "
+                   "to continue.", err=True)
         raise typer.Exit(130) from None
     ties = f", {counted(stats['ties_skipped'], 'tie')} skipped" if stats.get("ties_skipped") else ""
     if stats.get("empty_skipped"):
