@@ -16,8 +16,10 @@ from typer.testing import CliRunner
 
 import preftune.train as train_module
 from preftune.cli import app
-from preftune.data.heldout import hold_out
-from preftune.data.io import load_pairs
+from preftune.data.heldout import check_heldout, hold_out, prompt_key, write_heldout
+from preftune.data.io import TRUNCATED_KEYS, load_pairs
+from preftune.data.repeats import row_key
+from preftune.distributed import DistContext
 from preftune.errors import UserError
 from preftune.modeling import load_tokenizer
 
@@ -133,6 +135,42 @@ def test_a_resume_refuses_a_held_out_file_its_data_no_longer_gives(tmp_path, tin
     result = cli("train", config, "--resume", "train.max_steps=2")
     assert result.exit_code == 0, result.output
     assert path.read_text() == before
+
+
+TOOL = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+CHAT_ROWS = [{"prompt": [{"role": "user", "content": f"Weather in city {i}?"}],
+              "chosen": [{"role": "assistant", "content": "Sunny."}],
+              "rejected": [{"role": "assistant", "content": "No idea."}], "pair_id": f"w{i}"} for i in range(3)]
+
+
+def test_a_resume_notices_a_held_out_rows_tools_or_template_arguments_changed(tmp_path):
+    """A conversational row's tools and chat_template_kwargs reach the chat template (tokenize.py),
+    so a held-out row whose tools were edited is scored as another pair; the check compared the
+    texts and *_truncated flags only, and the resumed run went on with eval/ on other pairs."""
+    rows = [{**CHAT_ROWS[0], "tools": [TOOL]}, {**CHAT_ROWS[1], "chat_template_kwargs": {"enable_thinking": False}},
+            CHAT_ROWS[2]]
+    write_heldout(tmp_path, load_pairs(str(write_jsonl(tmp_path / "D.jsonl", rows))).pairs)
+    single = DistContext()
+    for changed in ({**rows[0], "tools": [TOOL, {**TOOL, "function": {**TOOL["function"], "name": "time"}}]},
+                    {**rows[0], "tools": []},
+                    {**rows[1], "chat_template_kwargs": {"enable_thinking": True}}):
+        edited = [changed if row["pair_id"] == changed["pair_id"] else row for row in rows]
+        held_out = load_pairs(str(write_jsonl(tmp_path / "E.jsonl", edited))).pairs
+        with pytest.raises(UserError, match="does not hold the pairs data.eval_fraction holds out"):
+            check_heldout(tmp_path, held_out, single)
+    # The same pairs pass, whatever else changed (a score, tools written as JSON text).
+    same = [{**rows[0], "tools": json.dumps([TOOL]), "score": 1.5}, *rows[1:]]
+    check_heldout(tmp_path, load_pairs(str(write_jsonl(tmp_path / "E.jsonl", same))).pairs, single)
+
+
+def test_rows_without_tools_are_compared_as_before_tools_counted(tmp_path):
+    """Runs written before tools were compared still resume: a row without tools or template
+    arguments keeps the key the check used then (texts and *_truncated flags)."""
+    rows = ROWS[:2] + [{**ROWS[2], "chosen_truncated": True, "rejected_truncated": False}] + CHAT_ROWS[:1] \
+        + [{**CHAT_ROWS[1], "tools": [], "chat_template_kwargs": {}}]
+    for pair in load_pairs(str(write_jsonl(tmp_path / "D.jsonl", rows))).pairs:
+        flags = [bool(pair.metadata.get(k)) for k in TRUNCATED_KEYS]
+        assert row_key(pair) == prompt_key([pair.prompt, pair.chosen, pair.rejected, flags]), pair.origin
 
 
 def test_a_fresh_run_holding_nothing_out_deletes_an_earlier_runs_file(tmp_path, tiny_llama, one_torch_thread):

@@ -14,7 +14,7 @@ import random
 from pathlib import Path
 from typing import Literal
 
-from preftune.data.io import TRUNCATED_KEYS, load_pairs
+from preftune.data.io import load_pairs
 from preftune.data.schema import PreferencePair
 from preftune.errors import UserError
 from preftune.records import write_text_atomic
@@ -66,12 +66,6 @@ def prompt_key(text) -> str:
     return json.dumps(text, sort_keys=True, ensure_ascii=False)  # a prompt may be a message list
 
 
-def _what_is_scored(pair: PreferencePair) -> str:
-    """What training and evaluation read of a pair; other metadata (scores, ids) may change."""
-    flags = [bool(pair.metadata.get(k)) for k in TRUNCATED_KEYS]
-    return prompt_key([pair.prompt, pair.chosen, pair.rejected, flags])
-
-
 def check_heldout(output_dir: Path, held_out: list[PreferencePair], dist) -> None:
     """On resume: refuse when the run's file holds other pairs than those held out now.
 
@@ -79,14 +73,19 @@ def check_heldout(output_dir: Path, held_out: list[PreferencePair], dist) -> Non
     would go unnoticed and the eval/ curve would switch to other pairs mid-run. Rank 0 reads
     the file, every rank raises together.
     """
+    # Pairs are compared by all that tokenizing reads of them (texts, *_truncated flags, a
+    # conversational row's tools and template arguments); other metadata (scores, ids) may change.
+    # Imported here: repeats imports prompt_key from this module.
+    from preftune.data.repeats import row_key
+
     path = Path(output_dir) / HELDOUT_FILE
     differs = False
     if dist.is_main and path.is_file():
         try:
-            before = [_what_is_scored(p) for p in load_pairs(str(path)).pairs]
+            before = [row_key(p) for p in load_pairs(str(path)).pairs]
         except UserError:  # emptied or broken by hand: not the pairs either, and other ranks wait
             before = None
-        differs = before != [_what_is_scored(p) for p in held_out]
+        differs = before != [row_key(p) for p in held_out]
     if dist.all_reduce_sum(float(differs)):
         raise UserError(f"{path} does not hold the pairs data.eval_fraction holds out of data.train now (the "
                         "data changed since the run started, or the file was edited); restore the data the "

@@ -20,10 +20,13 @@ from preftune.wording import counted
 def row_key(pair: PreferencePair) -> str:
     """Equal keys: rows that tokenize alike. Besides prompt, chosen and rejected, a *_truncated flag
     drops the response's EOS (end of turn), and a conversational row's tools and template arguments
-    change the rendered text: rows differing there are trained as different pairs."""
+    change the rendered text: rows differing there are trained as different pairs.
+    A resumed run compares its held-out pairs by this key too (heldout.check_heldout)."""
     cut = [pair.metadata.get(name) is True for name in TRUNCATED_KEYS]  # as tokenize._truncated reads them
     template = chat_template_kwargs(pair) if pair.conversational else {}
-    return prompt_key([pair.prompt, pair.chosen, pair.rejected, cut, template])
+    # Without tools or template arguments the key is the one check_heldout used before it read
+    # them, so that runs started then still resume.
+    return prompt_key([pair.prompt, pair.chosen, pair.rejected, cut] + ([template] if template else []))
 
 
 def repeated_rows(pairs: list[PreferencePair]) -> list[tuple[PreferencePair, PreferencePair]]:
