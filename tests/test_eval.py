@@ -909,6 +909,28 @@ def test_generate_names_every_prompt_too_long_for_the_model_before_sampling_any(
     assert sampled == []
 
 
+def test_generate_checks_every_models_positions_before_any_model_samples(
+        tiny_model_factory, tmp_path, monkeypatch):
+    """Each model's positions were checked when its turn to sample came: a prompt too long for
+    the policy stopped the run only after the reference had sampled every prompt."""
+    roomy = tiny_model_factory("gpt2", hidden_size=32, max_positions=128)
+    short = tiny_model_factory("gpt2", hidden_size=32, max_positions=32)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello\n" + "The quick brown fox jumps over the lazy dog. " * 3 + "\n")
+
+    def no_sampling(*args):
+        raise AssertionError("a model sampled before every model's positions were checked")
+
+    monkeypatch.setattr("preftune.eval_generate.generate_token_ids", no_sampling)
+    message = user_error(invoke(["generate", "--model", short, "--reference", roomy, "--prompts", prompts,
+                                 "--judge", rigged_reward(tmp_path, {}), "--max-new-tokens", 8,
+                                 "--device", "cpu", "--out", tmp_path / "g"]))
+    assert re.fullmatch(rf"prompt 1 \(counting from 0, as its pair id does\) is \d+ tokens, so with "
+                        rf"--max-new-tokens 8 it needs \d+ positions, more than the 32 of "
+                        rf"{re.escape(str(short))} \(max_position_embeddings in its config.json\); shorten "
+                        r"or drop that prompt, or lower --max-new-tokens\.", message), message
+
+
 # ------------------------------------------------------------------ human judge
 
 

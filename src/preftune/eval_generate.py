@@ -112,10 +112,8 @@ def system_labels(paths: Sequence[str]) -> list[str]:
 
 def sample_system(model, tokenizer, prompts: Sequence, settings: SamplingSettings,
                   batch_size: int, label: str, path: str) -> Samples:
-    """One response per prompt; prompt i is seeded from (seed, i), whatever the batching."""
-    # Every prompt is measured before the first batch: checked batch by batch, a prompt too long
-    # for the model stopped the run when its batch came, after the batches before it were sampled.
-    check_all_fit_context(model, tokenizer, prompts, range(len(prompts)), settings.max_new_tokens)
+    """One response per prompt; prompt i is seeded from (seed, i), whatever the batching.
+    `check_prompts_fit_every_model` has measured the prompts against the model's positions."""
     stop_ids = _stop_token_ids(model, tokenizer)
     samples = Samples(label, path, [], [], [], [])
     for start in range(0, len(prompts), batch_size):
@@ -129,6 +127,32 @@ def sample_system(model, tokenizer, prompts: Sequence, settings: SamplingSetting
             samples.lengths.append(len(completion) - int(stopped))
             samples.texts.append(_decode_until_stop(tokenizer, completion, stop_ids, ids))
     return samples
+
+
+def check_prompts_fit_every_model(paths: Sequence[str], prompts: Sequence, max_new_tokens: int) -> None:
+    """Every prompt against every model's positions, before any model samples: checked as each
+    model's turn came, a prompt too long for the second model stopped the run only after the
+    first had sampled every prompt. Only configs and tokenizers are read here, no weights."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from preftune.modeling import adapter_base, context_length, load_tokenizer, model_config
+
+    limited = []
+    for path in paths:
+        # What the check reads of a model is its config and its name: a stand-in, not its weights.
+        stand_in = SimpleNamespace(config=model_config(path), name_or_path=path)
+        limit = context_length(stand_in)
+        if limit is not None:
+            limited.append((limit, path, stand_in))
+    # The fewest positions first: its sentence names every prompt the others would refuse too.
+    for _, path, stand_in in sorted(limited, key=lambda item: item[0]):
+        try:  # the tokenizer load_model_and_tokenizer gives it, so the prompts' ids are the sampled ones
+            tokenizer = load_tokenizer(path) if adapter_base(path) else AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError, UserError):
+            continue  # loading the model says why, in its own words
+        check_all_fit_context(stand_in, tokenizer, prompts, range(len(prompts)), max_new_tokens)
 
 
 def score(judge: Judge, prompts: Sequence, samples: Samples) -> None:
@@ -352,6 +376,7 @@ def compare_models(
     folders = output_folders(model_paths, labels, out)
     for folder in folders:
         check_out_folder(folder)
+    check_prompts_fit_every_model([reference_path, *model_paths], prompts, max_new_tokens)
 
     job.reference_model, job.reference_tokenizer = load_model_and_tokenizer(reference_path, dtype, device,
                                                                             setting="--reference")

@@ -353,6 +353,19 @@ def rope_stretch(config) -> tuple[str, float, int] | None:
     return kind, float(factor), base
 
 
+def model_config(path: str):
+    """The config.json of the model at `path` (an adapter's: its base's), read without the
+    weights; None where it cannot be read (loading the model then says why)."""
+    from transformers import AutoConfig
+
+    while (base := adapter_base(path)) is not None:
+        path = base
+    try:
+        return AutoConfig.from_pretrained(os.path.expanduser(path))
+    except (OSError, ValueError):
+        return None
+
+
 def context_length_source(model: nn.Module) -> str:
     """Where `context_length` comes from, for a message: the config key, or the stretch."""
     scaling = rope_stretch(getattr(model, "config", None))
