@@ -9,7 +9,7 @@ from preftune_test_data import PAIRS, deny_reading, write_jsonl, write_multi_con
 
 from preftune.config import DataConfig
 from preftune.data.collate import collate_pairs, epoch_order, micro_batches
-from preftune.data.io import load_pairs
+from preftune.data.io import decode_text, load_pairs
 from preftune.data.schema import PreferencePair
 from preftune.data.tokenize import TokenizedPair, tokenize_pair, tokenize_pairs, truncate_pair
 from preftune.errors import UserError
@@ -609,6 +609,19 @@ def test_a_data_file_not_in_utf8_names_the_files_own_line_and_byte(tmp_path):
             load_pairs(str(path))
         assert str(caught.value) == (f"{path}, line 3: not UTF-8 text (invalid continuation byte at byte "
                                      f"{byte}); re-save it as UTF-8."), bom
+    # JSON Lines, decoded line by line, said 'line 3: not valid UTF-8; save the file as UTF-8.'
+    # without the byte or the reason: it now says what .json and .csv files say.
+    body = b'{"prompt": "x", "chosen": "good", "rejected": "bad"}\n\n{"prompt": "\xe9t\xe9"}\n'
+    for bom, byte in ((b"", 66), (b"\xef\xbb\xbf", 69)):
+        path = tmp_path / "d.jsonl"
+        path.write_bytes(bom + body)
+        with pytest.raises(UserError) as caught:
+            load_pairs(str(path))
+        assert str(caught.value) == (f"{path}, line 3: not UTF-8 text (invalid continuation byte at byte "
+                                     f"{byte}); re-save it as UTF-8."), bom
+        with pytest.raises(UserError) as whole_file:
+            decode_text(bom + body, path)  # as a .json or .csv file is read
+        assert str(caught.value) == str(whole_file.value)
 
 
 def test_a_csv_row_spanning_lines_is_named_by_all_of_them(tmp_path):

@@ -306,9 +306,12 @@ def decode_text(data: bytes, path) -> str:
     except UnicodeDecodeError as e:
         # After a byte-order mark the codec counts from the byte after it (e.object lacks it).
         start = e.start + len(data) - len(e.object)
-        line = data[:start].count(b"\n") + 1
-        raise UserError(f"{path}, line {line}: not UTF-8 text ({e.reason} at byte {start}); "
-                        "re-save it as UTF-8.") from None
+        raise _not_utf8(path, data[:start].count(b"\n") + 1, e.reason, start) from None
+
+
+def _not_utf8(path, line: int, reason: str, byte: int) -> UserError:
+    """The one sentence for a byte that is not UTF-8, `byte` counted from the file's start."""
+    return UserError(f"{path}, line {line}: not UTF-8 text ({reason} at byte {byte}); re-save it as UTF-8.")
 
 
 def _read_text(path: Path) -> str:
@@ -316,7 +319,9 @@ def _read_text(path: Path) -> str:
 
 
 def _rows_from_jsonl(path: Path) -> Iterator[tuple[str, object]]:
-    data = _read_bytes(path).removeprefix(b"\xef\xbb\xbf")  # a BOM that Windows editors add
+    whole = _read_bytes(path)
+    data = whole.removeprefix(b"\xef\xbb\xbf")  # a BOM that Windows editors add
+    offset = len(whole) - len(data)  # of the line's first byte in the file, as decode_text counts
     # Split on "\n" alone: str.splitlines() also breaks at U+2028, U+0085 and other characters
     # that JSON strings may hold raw, which would cut valid rows apart and shift line numbers.
     # Each line is decoded on its own, so problems are reported in line order.
@@ -324,8 +329,9 @@ def _rows_from_jsonl(path: Path) -> Iterator[tuple[str, object]]:
         where = f"{path}, line {lineno}"
         try:
             line = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise UserError(f"{where}: not valid UTF-8; save the file as UTF-8.") from None
+        except UnicodeDecodeError as e:
+            raise _not_utf8(path, lineno, e.reason, offset + e.start) from None
+        offset += len(raw) + 1
         if not line.strip():
             continue
         yield where, _parse_json(line, where)
