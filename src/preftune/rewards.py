@@ -27,10 +27,17 @@ from preftune.errors import UserError
 RewardFn = Callable[[Sequence, Sequence[str]], list]
 
 
-def load_reward(spec: str, batch_size: int = 8, device: str | None = None,
+# Texts a reward-model folder scores per forward pass unless asked otherwise (label auto's
+# --reward-batch-size): small enough for a 7B reward model on one GPU with long texts.
+REWARD_MODEL_BATCH_SIZE = 8
+
+
+def load_reward(spec: str, batch_size: int = REWARD_MODEL_BATCH_SIZE, device: str | None = None,
                 trust_remote_code: bool = False) -> RewardFn:
     """Resolve `spec` into a batched reward function; a bad spec is a `UserError`.
-    `trust_remote_code` lets a reward-model folder run the Python code it ships."""
+    `batch_size`: the texts a reward-model folder scores per forward pass (a function is called
+    with whatever the caller passes). `trust_remote_code` lets a reward-model folder run the
+    Python code it ships."""
     if not isinstance(spec, str) or not spec.strip():
         raise UserError("the reward is empty; pass MODULE:FUNCTION, FILE.py:FUNCTION or a folder.")
     folder = Path(spec).expanduser()

@@ -359,6 +359,44 @@ def test_an_error_inside_a_reward_model_folders_scoring_keeps_its_traceback(tmp_
         label_auto(pairs_file, str(folder), tmp_path / "D.jsonl", show_progress=False)
 
 
+def test_reward_batch_size_sets_the_texts_per_forward_pass_and_not_the_scores(
+        tmp_path, monkeypatch, rewards_file):
+    """A reward model folder scored 8 texts per forward pass whatever the GPU; --batch-size set
+    only the pairs per call. --reward-batch-size sets the pass, and calls grow to hold one."""
+    import transformers
+
+    from preftune.demo.tiny import train_tokenizer
+
+    tokenizer = train_tokenizer()
+    folder = tmp_path / "rm"
+    transformers.LlamaForSequenceClassification(reward_model_config(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    pairs_file = write_pairs_file(tmp_path / "pairs.jsonl", make_pairs(10))  # 20 texts
+    passes = []
+    forward = transformers.LlamaForSequenceClassification.forward
+
+    def counted_forward(self, input_ids=None, **kwargs):
+        passes.append(input_ids.shape[0])
+        return forward(self, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(transformers.LlamaForSequenceClassification, "forward", counted_forward)
+    scores = {}
+    for name, sizes in (("default", {}), ("three", {"reward_batch_size": 3}),
+                        ("eight", {"reward_batch_size": 8, "batch_size": 2})):
+        passes.clear()
+        label_auto(pairs_file, str(folder), tmp_path / f"{name}.jsonl", show_progress=False, **sizes)
+        scores[name] = [(row["r1"], row["r2"]) for row in read_jsonl(tmp_path / f"{name}.jsonl")]
+        assert passes == {"default": [8, 8, 4], "three": [3] * 6 + [2], "eight": [8, 8, 4]}[name], name
+    for name in ("three", "eight"):
+        assert [r for pair in scores[name] for r in pair] == pytest.approx(
+            [r for pair in scores["default"] for r in pair], abs=1e-4), name
+    with pytest.raises(UserError, match=r"--reward-batch-size must be at least 1, got 0\."):
+        label_auto(pairs_file, str(folder), tmp_path / "zero.jsonl", reward_batch_size=0)
+    with pytest.raises(UserError, match=r"^--reward-batch-size sets the texts a reward model folder scores per "
+                                        r"forward pass, but the reward my_rewards:length is a function; drop it"):
+        label_auto(pairs_file, "my_rewards:length", tmp_path / "f.jsonl", reward_batch_size=4)
+
+
 def test_a_reward_model_folder_under_home_is_found_by_tilde(tmp_path, monkeypatch):
     """--reward ~/rm (quoted, or from a script) read '~' as a folder name and said to download it."""
     import transformers

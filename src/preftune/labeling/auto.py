@@ -261,19 +261,23 @@ def label_auto(
     show_progress: bool = True,
     reward_name: str | None = None,
     trust_remote_code: bool = False,
+    reward_batch_size: int | None = None,
 ) -> dict:
     """Label every pair of `pairs_path` not yet in `out`; returns counts for the summary.
 
     Each row records the reward as `reward`: the spec when `reward` is one, otherwise
     `reward_name`, or the function's module and name. A resumed run must use the same.
-    `trust_remote_code` lets a reward-model folder run the Python code it ships.
+    `trust_remote_code` lets a reward-model folder run the Python code it ships;
+    `reward_batch_size` sets the texts it scores per forward pass (None: rewards.py's default).
     """
-    from preftune.rewards import load_reward
+    from preftune.rewards import REWARD_MODEL_BATCH_SIZE, load_reward
 
     if mode not in MODES:
         raise UserError(f"the labeling mode must be one of {', '.join(MODES)}, got {mode!r}.")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}.")
+    if reward_batch_size is not None and reward_batch_size < 1:
+        raise UserError(f"--reward-batch-size must be at least 1, got {reward_batch_size}.")
     out = check_out_file(out, "D.jsonl", pairs_path, "--pairs file")
     pairs = load_pairs(pairs_path)
     if reward_name is None:
@@ -281,10 +285,17 @@ def label_auto(
     job = {"reward": reward_name, "label": mode, "seed": seed}
     done = _already_written(out, {p.pair_id: p for p in pairs}, job)
     todo = [p for p in pairs if p.pair_id not in done]
-    reward_fn = load_reward(reward, trust_remote_code=trust_remote_code) if isinstance(reward, str) else reward
+    reward_fn = load_reward(reward, batch_size=reward_batch_size or REWARD_MODEL_BATCH_SIZE,
+                            trust_remote_code=trust_remote_code) if isinstance(reward, str) else reward
     # A reward model folder is scored by preftune's code and torch's, not the user's: what it
     # raises keeps its traceback rather than a sentence telling the user to fix their function.
-    user_code = not (isinstance(reward, str) and Path(reward).expanduser().is_dir())
+    reward_folder = isinstance(reward, str) and Path(reward).expanduser().is_dir()
+    user_code = not reward_folder
+    if reward_batch_size is not None and not reward_folder:
+        raise UserError(f"--reward-batch-size sets the texts a reward model folder scores per forward pass, but "
+                        f"the reward {reward_name} is a function; drop it (--batch-size sets the pairs per call).")
+    if reward_folder:  # calls of as many pairs hold at least one full forward pass of texts
+        batch_size = max(batch_size, reward_batch_size or REWARD_MODEL_BATCH_SIZE)
     stats = Counter(pairs=len(pairs), resumed_from=len(done))
     make_parent_folder(out)
     with _progress(show_progress and bool(todo), len(todo)) as advance:  # no 0% bar for nothing to do

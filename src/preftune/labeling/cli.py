@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import typer
 
 from preftune.errors import UserError
+from preftune.rewards import REWARD_MODEL_BATCH_SIZE
 from preftune.wording import counted
 
 app = typer.Typer(
@@ -150,7 +152,11 @@ def auto(
     seed: int = typer.Option(0, help="Seed of the Bradley-Terry (Plackett-Luce) draws."),
     batch_size: int = typer.Option(32, help=(
         "Records (pairs) per call of a batched reward function (one taking a single prompt and "
-        "response is called per response); a --reward model folder runs 8 texts at a time.")),
+        "response is called per response); a --reward model folder gets at least --reward-batch-size "
+        "pairs per call.")),
+    reward_batch_size: Optional[int] = typer.Option(None, "--reward-batch-size", show_default=False, help=(
+        f"Texts (prompt + response) a --reward model folder scores per forward pass (default "
+        f"{REWARD_MODEL_BATCH_SIZE}); raise it on a large GPU. Scores do not depend on it.")),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=(
         "Let a --reward model folder run the Python code it ships (its config.json auto_map), "
@@ -164,7 +170,8 @@ def auto(
     mode = "argmax" if argmax else "bt-sample"
     try:
         stats = label_auto(pairs, reward, out, mode=mode, seed=seed, batch_size=batch_size,
-                           show_progress=progress, trust_remote_code=trust_remote_code)
+                           show_progress=progress, trust_remote_code=trust_remote_code,
+                           reward_batch_size=reward_batch_size)
     except KeyboardInterrupt:
         # It ended without a word: say that the rows so far are kept and how to go on.
         from preftune.records import kept_so_far
