@@ -821,27 +821,74 @@ def test_leaderboard_orders_systems_by_a_rigged_reward(models, prompts_file, tmp
         assert (out / name / "samples.jsonl").is_file()
 
 
-def test_a_reward_model_judge_goes_on_the_device_asked_for(tmp_path, monkeypatch):
-    """`eval generate --device cpu` put the policy and reference on the CPU but a reward-model
-    folder judge on "auto" (a GPU if any), so a judge meant to stay off a busy GPU went there."""
+def save_reward_model(folder):
+    """A one-layer Llama reward model (one score per sequence) with the tiny tokenizer, in `folder`."""
     import transformers
 
-    import preftune.modeling
     from preftune.demo.tiny import special_token_ids, train_tokenizer
-    from preftune.eval_generate import parse_judge
 
     tokenizer = train_tokenizer()
     config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
                                       num_attention_heads=2, intermediate_size=64, num_labels=1,
                                       **special_token_ids(tokenizer))
-    transformers.LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
-    tokenizer.save_pretrained(tmp_path / "rm")
+    transformers.LlamaForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_reward_model_judge_goes_on_the_device_asked_for(tmp_path, monkeypatch):
+    """`eval generate --device cpu` put the policy and reference on the CPU but a reward-model
+    folder judge on "auto" (a GPU if any), so a judge meant to stay off a busy GPU went there."""
+    import preftune.modeling
+    from preftune.eval_generate import parse_judge
+
+    save_reward_model(tmp_path / "rm")
     asked = []
     real_pick_device = preftune.modeling.pick_device
     monkeypatch.setattr(preftune.modeling, "pick_device",
                         lambda device, setting: asked.append(device) or real_pick_device("cpu", setting))
     parse_judge(str(tmp_path / "rm"), device="cpu")
     assert asked == ["cpu"]
+
+
+def test_reward_batch_size_sets_the_texts_a_judge_folder_scores_per_forward_pass_and_not_the_scores(
+        models, prompts_file, tmp_path, monkeypatch):
+    """`eval generate --judge FOLDER` scored 8 texts per forward pass whatever the GPU, while
+    `label auto` took --reward-batch-size; it takes it too, and the rewards stay the same."""
+    import transformers
+
+    folder = save_reward_model(tmp_path / "rm")
+    passes = []
+    forward = transformers.LlamaForSequenceClassification.forward
+
+    def counted_forward(self, input_ids=None, **kwargs):
+        passes.append(input_ids.shape[0])
+        return forward(self, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(transformers.LlamaForSequenceClassification, "forward", counted_forward)
+
+    def generate(judge, out, *extra):
+        return invoke(["generate", "--model", models["pol"], "--reference", models["ref"], "--prompts",
+                       prompts_file, "--judge", judge, "--max-new-tokens", MAX_NEW, "--device", "cpu",
+                       "--out", tmp_path / out, *extra])
+
+    rewards = {}
+    for name, extra in (("default", []), ("three", ["--reward-batch-size", 3])):
+        passes.clear()
+        result = generate(folder, name, *extra)
+        assert result.exit_code == 0, result.output
+        rewards[name] = [r for row in read_records(tmp_path / name / "samples.jsonl")
+                         for r in (row["reward"]["policy"], row["reward"]["reference"])]
+        # The reference's 4 responses are scored in one call, then the policy's 4.
+        assert passes == {"default": [4, 4], "three": [3, 1, 3, 1]}[name], name
+    assert rewards["three"] == pytest.approx(rewards["default"], abs=1e-4)
+    assert "--reward-batch-size must be at least 1, got 0." in user_error(
+        generate(folder, "zero", "--reward-batch-size", 0))
+    rigged_reward(tmp_path, {})
+    for judge in (f"reward:{tmp_path / 'rigged.py'}:length", "human"):
+        said = user_error(generate(judge, "f", "--reward-batch-size", 4))
+        assert said.startswith("--reward-batch-size sets the texts a reward model folder scores per forward "
+                               f"pass, but --judge {judge} is not one; drop it."), said
 
 
 @pytest.mark.parametrize("flag, trusted", [([], False), (["--trust-remote-code"], True)])
@@ -852,7 +899,7 @@ def test_trust_remote_code_reaches_the_judge_only(models, prompts_file, tmp_path
 
     asked = []
 
-    def fake_load_reward(target, device=None, trust_remote_code=False):
+    def fake_load_reward(target, batch_size=None, device=None, trust_remote_code=False):
         asked.append(trust_remote_code)
         raise UserError("stop here")
 

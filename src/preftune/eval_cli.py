@@ -11,6 +11,7 @@ from pathlib import Path
 
 import typer
 
+from preftune.rewards import REWARD_MODEL_BATCH_SIZE
 from preftune.wording import counted
 
 app = typer.Typer(
@@ -101,6 +102,9 @@ def generate(
     trust_remote_code: bool = typer.Option(
         False, "--trust-remote-code", help="Let a --judge reward-model folder run the Python code "
         "it ships (its config.json auto_map), as ArmoRM needs; only for code you trust."),
+    reward_batch_size: int | None = typer.Option(None, "--reward-batch-size", show_default=False, help=(
+        f"Texts (prompt + response) a --judge reward-model folder scores per forward pass (default "
+        f"{REWARD_MODEL_BATCH_SIZE}); raise it on a large GPU. Scores do not depend on it.")),
 ) -> None:
     """Sample policy and reference on the same prompts; win rate, rewards, KL(pi || ref), lengths."""
     from preftune.eval_generate import compare_models
@@ -109,7 +113,7 @@ def generate(
         model, reference, prompts, judge, n_prompts=n_prompts, max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, batch_size=batch_size, out=out, db=db,
         device=device, dtype=dtype, n_bootstrap=n_bootstrap, echo=typer.echo,
-        trust_remote_code=trust_remote_code,
+        trust_remote_code=trust_remote_code, reward_batch_size=reward_batch_size,
     )
     for record, folder in zip(result["evals"], result["folders"]):
         _print_generation_record(record, folder)

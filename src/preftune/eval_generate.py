@@ -43,7 +43,7 @@ from preftune.evaluate import (
     write_eval_record,
 )
 from preftune.records import recorded_path, write_json_atomic, write_jsonl_atomic, write_text_atomic
-from preftune.rewards import load_reward
+from preftune.rewards import REWARD_MODEL_BATCH_SIZE, load_reward
 from preftune.sample_scores import SampleScores, score_samples
 from preftune.sampling import (
     SamplingSettings,
@@ -82,16 +82,24 @@ class Judge:
     reward: Callable | None = None
 
 
-def parse_judge(spec: str, device: str = "auto", trust_remote_code: bool = False) -> Judge:
+def parse_judge(spec: str, device: str = "auto", trust_remote_code: bool = False,
+                reward_batch_size: int | None = None) -> Judge:
     """`human`, `reward:MODULE:FUNCTION` / `reward:FILE.py:FUNCTION`, or a reward-model folder
     (put on `device`, as the models it judges are; running the code it ships only when
-    `trust_remote_code`)."""
+    `trust_remote_code`; scoring `reward_batch_size` texts per forward pass, None: rewards.py's
+    default)."""
+    if reward_batch_size is not None and reward_batch_size < 1:
+        raise UserError(f"--reward-batch-size must be at least 1, got {reward_batch_size}.")
+    target = spec.removeprefix("reward:")
+    if reward_batch_size is not None and not Path(target).expanduser().is_dir():
+        raise UserError(f"--reward-batch-size sets the texts a reward model folder scores per forward pass, but "
+                        f"--judge {spec} is not one; drop it.")
     if spec == "human":
         return Judge("human", spec)
-    target = spec.removeprefix("reward:")
     if not target:
         raise UserError("--judge reward: names no function; write reward:MODULE:FUNCTION.")
-    return Judge("reward", spec, load_reward(target, device=device, trust_remote_code=trust_remote_code))
+    return Judge("reward", spec, load_reward(target, batch_size=reward_batch_size or REWARD_MODEL_BATCH_SIZE,
+                                             device=device, trust_remote_code=trust_remote_code))
 
 
 def system_labels(paths: Sequence[str]) -> list[str]:
@@ -328,7 +336,7 @@ def compare_models(
     top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, seed: int = 0, batch_size: int = 16,
     out=None, db=None,
     device: str = "auto", dtype: str = "float32", n_bootstrap: int = 1000,
-    echo: Echo | None = None, trust_remote_code: bool = False,
+    echo: Echo | None = None, trust_remote_code: bool = False, reward_batch_size: int | None = None,
 ) -> dict:
     """Evaluate each model against the reference; with several, also a Bradley-Terry leaderboard.
 
@@ -336,6 +344,8 @@ def compare_models(
     judge: `reward:MODULE:FUNCTION`, `reward:FILE.py:FUNCTION`, a reward-model folder or
         `human` (then `db` is the labeling database the pairs go to).
     trust_remote_code: let a reward-model folder judge run the code it ships (the judge only).
+    reward_batch_size: the texts a reward-model folder judge scores per forward pass (None:
+        rewards.py's default); with any other judge, a `UserError`.
     reference_path: None means the reference named by the run's config.yaml.
     Returns {"evals": [eval.json record per model], "leaderboard": dict or None,
     "leaderboard_text": the printed table or None, "leaderboard_file": where leaderboard.json
@@ -363,7 +373,7 @@ def compare_models(
         raise no_reference_error(model_paths[0])
     check_local_folder(reference_path, "--reference")
     prompts, source = _resolve_prompts(prompts, n_prompts)
-    job = _Job(prompts, source, parse_judge(judge, device, trust_remote_code),
+    job = _Job(prompts, source, parse_judge(judge, device, trust_remote_code, reward_batch_size),
                SamplingSettings(temperature, top_p, max_new_tokens, seed, n=1, top_k=top_k, min_p=min_p),
                batch_size, dtype, device, db)
     if job.judge.kind == "human" and db is None:

@@ -27,8 +27,9 @@ from preftune.errors import UserError
 RewardFn = Callable[[Sequence, Sequence[str]], list]
 
 
-# Texts a reward-model folder scores per forward pass unless asked otherwise (label auto's
-# --reward-batch-size): small enough for a 7B reward model on one GPU with long texts.
+# Texts a reward-model folder scores per forward pass unless asked otherwise (the
+# --reward-batch-size of label auto and eval generate): small enough for a 7B reward model on
+# one GPU with long texts.
 REWARD_MODEL_BATCH_SIZE = 8
 
 
