@@ -210,6 +210,53 @@ def test_a_stopped_server_is_said_and_no_vote_is_lost_or_doubled(page, tmp_path)
     assert stored_votes(db) == [(f"p{first:05d}", "left"), (f"p{second:05d}", "tie")]
 
 
+def test_a_vote_the_server_could_not_save_stays_said_and_one_press_saves_it_once(page, tmp_path):
+    """The labels database cannot be written (a full disk): the vote's 503 sentence was a toast
+    in the bottom corner that faded after 6 s, easy to miss while reading the next response.
+    It now stays in the top bar until a vote is saved; the pair, the reason typed and the vote's
+    key stay, so one press retries and the vote is stored once."""
+    from playwright.sync_api import expect
+
+    db = tmp_path / "labels.sqlite"
+    token = prepare(db, make_pairs(3))
+    refusal = ("the server cannot write to its labels database (the disk it is on is full); your "
+               "earlier votes are kept; tell whoever runs the server, then try again.")
+    disk_full, keys = [True], []
+
+    def full_disk(route):  # the server's own answer (tests/labeling/test_labeling_disk_full.py)
+        keys.append(route.request.post_data_json["key"])
+        if disk_full:
+            route.fulfill(status=503, content_type="application/json",
+                          body=json.dumps({"error": refusal}))
+        else:
+            route.continue_()
+
+    page.route("**/api/vote", full_disk)
+    banner = page.locator("#banner")
+    with running_server(db) as (url, _):
+        sign_in(page, url, token)
+        wait_progress(page, 0, 3)
+        first, _ = shown_pair_index(page)
+        page.locator("#reason").fill("clearer")
+        page.keyboard.press("Escape")
+        page.keyboard.press("1")
+        expect(banner).to_have_text("Not saved: " + refusal)
+        assert shown_pair_index(page)[0] == first, "the page stays on the pair"
+        assert not page.locator("#card-left.picked").count(), "no card looks chosen"
+        expect(page.locator("#reason")).to_have_value("clearer")
+        wait_progress(page, 0, 3)
+
+        disk_full.clear()  # space freed
+        page.keyboard.press("1")
+        wait_progress(page, 1, 2)
+        expect(banner).to_be_hidden()
+    assert len(keys) == 2 and keys[0] == keys[1], "the retry is the same vote"
+    store = Store(db)
+    assert [(v["pair_id"], v["choice"], v["reason"]) for v in store.live_votes()] == [
+        (f"p{first:05d}", "left", "clearer")]
+    store.close()
+
+
 def test_two_tabs_and_a_second_sign_in_in_one_browser(page, tmp_path):
     from playwright.sync_api import expect
 

@@ -341,8 +341,11 @@
               "next pair.", true);
         await loadNext();
       } else if (result.status !== 401) {
+        // In the banner, not a toast: a toast fades while the annotator reads on, and a
+        // refusal such as a full disk (503) holds until someone acts. The pair and its vote
+        // key stay, so pressing the choice again retries and the vote is stored once.
         unpick();
-        toast("Not saved: " + (data.error || `the server answered ${result.status}.`), true);
+        showBanner("Not saved: " + (data.error || `the server answered ${result.status}.`));
       }
     } finally {
       setBusy(false);
