@@ -257,6 +257,37 @@ def test_a_vote_the_server_could_not_save_stays_said_and_one_press_saves_it_once
     store.close()
 
 
+def test_a_revoked_link_says_to_ask_for_a_new_one(page, tmp_path):
+    """`label revoke-annotator` mid-session: the next vote is a 401. The page said only 'You are
+    signed out. Open your personal login link again', and that link, revoked, no longer works;
+    it now says why votes are no longer saved and to ask for a new link if it fails."""
+    from playwright.sync_api import expect
+
+    db = tmp_path / "labels.sqlite"
+    token = prepare(db, make_pairs(3))
+    with running_server(db) as (url, _):
+        sign_in(page, url, token)
+        wait_progress(page, 0, 3)
+        page.keyboard.press("1")
+        wait_progress(page, 1, 2)
+        store = Store(db)
+        store.revoke_annotator("grace")
+        store.close()
+        page.keyboard.press("2")
+        signed_out = page.locator("#signed-out")
+        expect(signed_out).to_be_visible()
+        expect(page.locator("#task")).to_be_hidden()
+        expect(signed_out).to_contain_text("can no longer save votes (your login link was "
+                                           "revoked")
+        expect(signed_out).to_contain_text("ask the person running the labeling server for a "
+                                           "new one")
+        page.goto(f"{url}/login?token={token}")  # the old link: the same advice, no sign-in
+        expect(page.locator("body")).to_contain_text("ask the person running the labeling "
+                                                     "server for a new one")
+        assert page.get_by_role("button", name=re.compile("^Sign in")).count() == 0
+    assert len(stored_votes(db)) == 1
+
+
 def test_two_tabs_and_a_second_sign_in_in_one_browser(page, tmp_path):
     from playwright.sync_api import expect
 
