@@ -257,6 +257,43 @@ def test_a_vote_the_server_could_not_save_stays_said_and_one_press_saves_it_once
     store.close()
 
 
+def test_an_undo_the_server_could_not_save_says_so_and_stays_said(page, tmp_path):
+    """An undo refused with a 503 (a full disk) was a fading toast holding only the server's
+    sentence, which never said that the vote still stands; it now says 'Not undone: ...' in the
+    top bar, and pressing u again once there is room withdraws that one vote."""
+    from playwright.sync_api import expect
+
+    db = tmp_path / "labels.sqlite"
+    token = prepare(db, make_pairs(3))
+    refusal = ("the server cannot write to its labels database (the disk it is on is full); your "
+               "earlier votes are kept; tell whoever runs the server, then try again.")
+    disk_full = [True]
+
+    def full_disk(route):
+        if disk_full:
+            route.fulfill(status=503, content_type="application/json",
+                          body=json.dumps({"error": refusal}))
+        else:
+            route.continue_()
+
+    page.route("**/api/undo", full_disk)
+    banner = page.locator("#banner")
+    with running_server(db) as (url, _):
+        sign_in(page, url, token)
+        wait_progress(page, 0, 3)
+        first, _ = shown_pair_index(page)
+        page.keyboard.press("1")
+        wait_progress(page, 1, 2)
+        page.keyboard.press("u")
+        expect(banner).to_have_text("Not undone: " + refusal)
+        wait_progress(page, 1, 2)
+        disk_full.clear()
+        page.keyboard.press("u")
+        wait_progress(page, 0, 3)
+        expect(banner).to_be_hidden()
+        assert shown_pair_index(page)[0] == first
+    assert stored_votes(db) == []
+
 def test_a_revoked_link_says_to_ask_for_a_new_one(page, tmp_path):
     """`label revoke-annotator` mid-session: the next vote is a 401. The page said only 'You are
     signed out. Open your personal login link again', and that link, revoked, no longer works;

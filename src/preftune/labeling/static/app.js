@@ -383,6 +383,9 @@
           $("reason").value = undone.reason;
           showReasonLimit();
         }
+      } else if (status >= 500) {
+        // A refusal that holds until someone acts (a full disk): in the banner, like a vote's.
+        showBanner("Not undone: " + (data.error || `the server answered ${status}.`));
       } else if (status !== 401) {
         toast(data.error || `Nothing was undone: the server answered ${status}.`, true);
       }
