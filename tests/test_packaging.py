@@ -5,6 +5,10 @@ The full check builds the wheel and installs it in a fresh virtual environment (
 too networked for a unit test); these read pyproject.toml and the source instead:
     python -m build --outdir /tmp/dist . && python3 -m venv /tmp/v && /tmp/v/bin/pip install \
         /tmp/dist/preftune-*.whl && cd /tmp && /tmp/v/bin/preftune --version
+and for the sdist, built from a clean copy, unpacked, installed and its tests run:
+    git archive HEAD | tar -x -C /tmp/sd && python -m build --sdist --outdir /tmp/sddist /tmp/sd
+    tar -xzf /tmp/sddist/preftune-*.tar.gz -C /tmp/u && /tmp/v/bin/pip install torch==2.13.0 \
+        "$(ls -d /tmp/u/preftune-*)[dev]" && cd /tmp/u/preftune-* && /tmp/v/bin/python -m pytest tests/test_config.py
 """
 
 from __future__ import annotations
@@ -103,3 +107,42 @@ def test_the_license_text_ships_with_the_license_it_declares():
     # Apache-2.0 asks that its text travel with the work; setuptools packs LICENSE into the wheel.
     text = (REPO / "LICENSE").read_text(encoding="utf-8")
     assert "Apache License" in text and "Version 2.0, January 2004" in text
+
+
+# Paths a working tree holds that are not the project's: runs, caches, build outputs, wheels.
+NOT_SHIPPED = ["runs/demo/config.yaml", "tests/labeling/runs/r/metrics.jsonl", "tests/.hypothesis/examples/a",
+               "tests/__pycache__/conftest.cpython-311.pyc", "tests/.pytest_cache/v/cache",
+               "tests/labels.sqlite-wal", "bench/wheels-gpu/torch-2.13.0-cp311-linux_x86_64.whl",
+               "bench/wheels/pkg/setup.py", ".venv/lib/site.py", "build/lib/preftune/cli.py",
+               "dist/preftune-0.1.0.tar.gz"]
+# Tracked files the sdist leaves out on purpose: the lead's CI script and git's own settings.
+REPOSITORY_ONLY = {".ci/run", ".gitignore"}
+
+
+def test_manifest_ships_every_tracked_file_tests_and_docs_need_and_no_run_or_build_output(
+        tmp_path, monkeypatch):
+    # The sdist held only tests/test_*.py: without conftest.py, the helpers, the test subfolders,
+    # examples/ and configs/, a packager could not run the tests from it. MANIFEST.in's rules run
+    # through setuptools' own FileList over empty stand-ins of the tracked files: nothing is built.
+    import subprocess
+
+    if not (REPO / ".git").exists():
+        pytest.skip("needs the git checkout (an unpacked sdist has no list of tracked files)")
+    # The build backend's own reading of MANIFEST.in, not a copy of its rules.
+    from setuptools.command.egg_info import FileList
+
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.splitlines()
+    for path in [*tracked, *NOT_SHIPPED]:
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).touch()
+    monkeypatch.chdir(tmp_path)
+    files = FileList()
+    for line in (REPO / "MANIFEST.in").read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            files.process_template_line(line)
+    shipped = set(files.files)
+    missing = [p for p in tracked if p not in shipped and not p.startswith("src/") and p not in REPOSITORY_ONLY]
+    assert not missing, f"tracked but not matched by MANIFEST.in, so missing from the sdist: {missing}"
+    assert "tests/conftest.py" in shipped and "examples/tiny_prefs.jsonl" in shipped
+    assert not shipped & set(NOT_SHIPPED), f"MANIFEST.in ships {sorted(shipped & set(NOT_SHIPPED))}"
