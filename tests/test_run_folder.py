@@ -12,8 +12,9 @@ from typer.testing import CliRunner
 
 from preftune.checkpoint import list_checkpoints
 from preftune.cli import app
+from preftune.config import with_absolute_paths
 from preftune.errors import UserError
-from preftune.train import LOCK_FILE, _check_output_dir, _start_over, _with_absolute_paths, train
+from preftune.train import LOCK_FILE, _check_output_dir, _start_over, train
 
 
 def squash(text: str) -> str:
@@ -387,7 +388,7 @@ def test_saved_config_holds_absolute_local_paths_and_leaves_hub_ids(tmp_path, mo
     cfg = validate_config({"model": {"path": "model", "reference_path": "org/hub-model"},
                            "data": {"train": ["a.jsonl", "org/hub-data"], "eval": "e.jsonl"},
                            "train": {"output_dir": "runs/x"}})
-    saved = _with_absolute_paths(cfg)
+    saved = with_absolute_paths(cfg)
     assert saved.model.path == str(tmp_path / "model")
     assert saved.model.reference_path == "org/hub-model"
     assert saved.data.train == [str(tmp_path / "a.jsonl"), "org/hub-data"]

@@ -57,7 +57,8 @@ def _top_level_options(
 
 @app.command()
 def train(
-    config: Path = typer.Argument(..., help="YAML config (examples in configs/; every key in docs/CONFIG.md)."),
+    config: Path = typer.Argument(..., help="YAML config; `preftune config show` prints every key with its default "
+                                  "(in the repository: examples in configs/, every key explained in docs/CONFIG.md)."),
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. optim.lr=5e-7"),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest good checkpoint."),
     resume_from: Optional[Path] = typer.Option(None, help="Continue from this checkpoint folder."),
@@ -149,7 +150,8 @@ def _mount_subcommands() -> None:
 
     for module, name in (("preftune.sampling_cli", None), ("preftune.labeling.cli", "label"),
                          ("preftune.report_cli", None), ("preftune.eval_cli", "eval"),
-                         ("preftune.demo.cli", None), ("preftune.export_cli", None)):
+                         ("preftune.demo.cli", None), ("preftune.export_cli", None),
+                         ("preftune.config_cli", "config")):
         try:
             sub = importlib.import_module(module).app
         except ModuleNotFoundError as e:

@@ -920,12 +920,34 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return validate_config(raw, source, overrides or [], text)
 
 
+def config_yaml(config: Config) -> str:
+    """`config` as the YAML a run's config.yaml holds: every key, defaults included."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
 def dump_config(config: Config, path: str | Path) -> None:
     """Write `config` as YAML, atomically: a run's config.yaml is what its resume command reads,
     and a full disk or a kill mid-write must leave the old one, not a truncated one."""
     from preftune.records import write_text_atomic
 
-    write_text_atomic(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    write_text_atomic(path, config_yaml(config))
+
+
+def with_absolute_paths(config: Config) -> Config:
+    """A copy of the config for the run's config.yaml whose local paths are absolute, so that
+    `preftune export`, `eval` and `train --resume` find the model, data and run from any
+    directory. A name that exists nowhere here (a Hub id) is left as it is."""
+    from preftune.records import recorded_path
+
+    def absolute(value):
+        return [recorded_path(v) for v in value] if isinstance(value, list) else recorded_path(value)
+
+    model = config.model.model_copy(update={"path": absolute(config.model.path),
+                                            "reference_path": absolute(config.model.reference_path)})
+    data = config.data.model_copy(update={"train": absolute(config.data.train),
+                                          "eval": absolute(config.data.eval)})
+    train = config.train.model_copy(update={"output_dir": os.path.abspath(config.train.output_dir)})
+    return config.model_copy(update={"model": model, "data": data, "train": train})
 
 
 def flat_config(config: dict, prefix: str = "") -> dict:

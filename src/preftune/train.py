@@ -49,7 +49,7 @@ from preftune.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from preftune.config import Config, dump_config
+from preftune.config import Config, dump_config, with_absolute_paths
 from preftune.data.collate import collate_pairs, epoch_order, micro_batches
 from preftune.data.heldout import (
     HELDOUT_FILE,
@@ -87,7 +87,6 @@ from preftune.optim import (
 )
 from preftune.packing import choose_collate
 from preftune.progress import TrainProgress
-from preftune.records import recorded_path
 from preftune.reference import (
     MAX_LENGTH_ADVICE,
     build_reference,
@@ -518,7 +517,7 @@ def _train(config: Config | dict | str | Path, resume: str | bool | None, overwr
                             "choose another train.output_dir.") from None
         if os.path.realpath(output_dir) not in _held_locks:  # a folder new to this run
             _lock_run_folder(output_dir)
-        dump_config(_with_absolute_paths(config), output_dir / "config.yaml")
+        dump_config(with_absolute_paths(config), output_dir / "config.yaml")
         if held_out:
             console.print(escape(write_heldout(output_dir, held_out, config.data.eval_fraction_by)))
         elif checkpoint is None and (removed := remove_stale_heldout(output_dir, _data_sources(config))):
@@ -729,21 +728,6 @@ def _as_list(sources: str | list[str] | None) -> list[str]:
 def _data_sources(config: Config) -> list[str]:
     """Every data.train and data.eval source, local file or not."""
     return _as_list(config.data.train) + _as_list(config.data.eval)
-
-
-def _with_absolute_paths(config: Config) -> Config:
-    """A copy of the config for the run's config.yaml whose local paths are absolute, so that
-    `preftune export`, `eval` and `train --resume` find the model, data and run from any
-    directory. A name that exists nowhere here (a Hub id) is left as it is."""
-    def absolute(value):
-        return [recorded_path(v) for v in value] if isinstance(value, list) else recorded_path(value)
-
-    model = config.model.model_copy(update={"path": absolute(config.model.path),
-                                            "reference_path": absolute(config.model.reference_path)})
-    data = config.data.model_copy(update={"train": absolute(config.data.train),
-                                          "eval": absolute(config.data.eval)})
-    train = config.train.model_copy(update={"output_dir": os.path.abspath(config.train.output_dir)})
-    return config.model_copy(update={"model": model, "data": data, "train": train})
 
 
 def _report_bad_step(console, state, metrics, step_indices, train_pairs, config, save,
