@@ -48,9 +48,12 @@ def shown_pair_index(page):
 
 
 def wait_progress(page, done, left):
+    """Wait for the progress to read `done` and `left`, and for the pair then on screen (if
+    any) to take votes: a new pair ignores them for a moment (READ_AT_LEAST_MS in app.js)."""
     from playwright.sync_api import expect
 
     expect(page.locator("#progress-text")).to_have_text(f"{done} done · {left} left")
+    expect(page.locator("#task:not([hidden]):not([data-pair-ready])")).to_have_count(0)
 
 
 def test_vote_by_keyboard_and_mouse_then_undo(page, tmp_path):
@@ -654,6 +657,66 @@ def test_a_double_click_votes_once(page, tmp_path):
     assert stored_votes(db) == [(f"p{first:05d}", "left"), (f"p{second:05d}", "both_bad")]
 
 
+def test_a_double_key_press_or_a_quick_second_click_does_not_vote_on_the_next_pair(page,
+                                                                                     tmp_path):
+    """Pressing 1 twice 120 ms apart stored a vote on the next pair too, which nobody had read:
+    the next pair is on screen within milliseconds of the first vote. A new pair now takes no
+    vote until it has been shown for a moment; a deliberate vote after that is stored. The
+    page's clock is paused and moved by hand, so that the 120 ms are 120 ms however loaded the
+    machine is."""
+    import time
+
+    from playwright.sync_api import expect
+
+    db = tmp_path / "labels.sqlite"
+    # Prompts of one line each, so that the buttons stay where the first click found them.
+    token = prepare(db, [Pair(f"p{i:05d}", f"prompt {i}", (f"first answer {i}",
+                                                           f"second answer {i}"))
+                         for i in range(4)])
+    ready = page.locator("#task[data-pair-ready]")
+
+    def click(name):  # a click of its own (detail 1), not the second of a double click
+        box = page.get_by_role("button", name=re.compile(name)).bounding_box()
+        page.mouse.click(box["x"] + 10, box["y"] + 10)
+
+    page.clock.install()
+    with running_server(db) as (url, _):
+        sign_in(page, url, token)
+        wait_progress(page, 0, 4)
+        first, _ = shown_pair_index(page)
+        page.clock.pause_at(time.time() + 1)  # from here the page's time moves only by hand
+
+        page.keyboard.press("1")
+        expect(page.locator("#progress-text")).to_have_text("1 done · 3 left")
+        second, _ = shown_pair_index(page)  # the worst case: the next pair is already shown
+        page.clock.run_for(120)
+        page.keyboard.press("1")  # the second press of the double press: ignored
+        page.clock.run_for(400)
+        # A vote taken would have shown the third pair, whose wait the paused clock holds.
+        expect(ready, "the second press voted on the next pair").to_have_count(1)
+        expect(page.locator("#progress-text")).to_have_text("1 done · 3 left")
+        assert shown_pair_index(page)[0] == second, "the second press voted on the next pair"
+        assert stored_votes(db) == [(f"p{first:05d}", "left")], "the second pair is unvoted"
+        page.keyboard.press("2")  # read, and voted on deliberately
+        expect(page.locator("#progress-text")).to_have_text("2 done · 2 left")
+
+        third, _ = shown_pair_index(page)
+        page.clock.run_for(400)
+        expect(ready).to_have_count(1)
+        click("Tie")
+        expect(page.locator("#progress-text")).to_have_text("3 done · 1 left")
+        page.clock.run_for(120)
+        click("Tie")  # a second click that the browser did not count as a double click
+        page.clock.run_for(400)
+        expect(ready, "the second click voted on the next pair").to_have_count(1)
+        expect(page.locator("#progress-text")).to_have_text("3 done · 1 left")
+        fourth, _ = shown_pair_index(page)
+        page.keyboard.press("b")
+        wait_progress(page, 4, 0)
+    assert stored_votes(db) == [(f"p{first:05d}", "left"), (f"p{second:05d}", "right"),
+                                (f"p{third:05d}", "tie"), (f"p{fourth:05d}", "both_bad")]
+
+
 def test_a_long_link_in_the_guidelines_fits_a_phone(browser, tmp_path):
     db = tmp_path / "labels.sqlite"
     token = prepare(db, make_pairs(1))
@@ -819,6 +882,7 @@ def test_another_sites_page_cannot_sign_the_browser_in_or_out(page, tmp_path):
         expect(page.get_by_role("heading", name="Sign in as mallory?")).to_be_visible()
         page.goto(url)
         expect(page.locator("#annotator")).to_have_text("grace")
+        wait_progress(page, 0, 2)
         page.keyboard.press("1")
         wait_progress(page, 1, 1)
     assert [v["annotator"] for v in Store(db).live_votes()] == ["grace"]

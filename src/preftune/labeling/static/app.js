@@ -9,10 +9,17 @@
                    both_bad: "Both bad", skip: "Skip" };
   const HEALTH_POLL_MS = 2000;
   const MAX_REASON = 2000;  // characters, as the server counts them (code points)
+  // A new pair takes votes only once it has been on screen this long. The next pair is shown
+  // within milliseconds of a vote's answer, so a key pressed twice by accident (about 100-250
+  // ms apart) voted on a pair nobody had read. 400 ms is above such double presses and far
+  // below any real reading time (even seeing that the pair changed and choosing takes about
+  // half a second), so no deliberate vote is held back by it.
+  const READ_AT_LEAST_MS = 400;
   let current = null;  // { pair_id, key }: the pair on screen and the id of its vote
   let busy = false;    // one request at a time, so a double click or a held key votes once
   let annotator = null;  // the name this page was opened as
   let toastTimer = null;
+  let readyTimer = null;
   let healthTimer = null;
 
   // A random vote id made once per pair shown, reused on retries, so the server stores the
@@ -189,9 +196,20 @@
     drafts.delete(nextPairId);
   }
 
+  // #task carries data-pair-ready once the pair on screen takes votes (see READ_AT_LEAST_MS);
+  // tests wait on it before voting.
+  function holdVotes() {
+    delete $("task").dataset.pairReady;
+    clearTimeout(readyTimer);
+    readyTimer = setTimeout(() => { $("task").dataset.pairReady = "true"; }, READ_AT_LEAST_MS);
+  }
+
   function renderPair(pair) {
     const samePair = current && current.pair_id === pair.pair_id;
-    if (!samePair) swapDraft(pair.pair_id);
+    if (!samePair) {
+      swapDraft(pair.pair_id);
+      holdVotes();  // the same pair again (a retry after an error) was read already
+    }
     current = { pair_id: pair.pair_id, key: newKey() };
     renderPrompt(pair.prompt);
     renderResponse($("left"), pair.left, $("left-bidi"));
@@ -306,6 +324,11 @@
 
   async function vote(choice) {
     if (busy || !current) return;
+    // A key or click on a pair just shown is ignored (see READ_AT_LEAST_MS), silently, like a
+    // held key or the second click of a double click: the page has no cue for an ignored
+    // press, a toast would replace the "Saved: ..." of the vote that counted, and the pair on
+    // screen shows no vote.
+    if (!$("task").dataset.pairReady) return;
     if (reasonProblem()) {
       toast("Not saved: " + reasonProblem(), true);
       return;
