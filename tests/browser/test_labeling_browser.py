@@ -328,6 +328,77 @@ def test_a_revoked_link_says_to_ask_for_a_new_one(page, tmp_path):
     assert len(stored_votes(db)) == 1
 
 
+NOT_CONFIRMED = ("Your vote is not confirmed: the server has not answered for 45 s. Press your "
+                 "choice again; that is safe (a vote the server did save is stored once).")
+
+
+def vote_left_unanswered(page, tmp_path, reaches_server):
+    """Press 1 while the server takes the vote and never answers (a hung proxy, a machine
+    asleep behind a tunnel); after 45 s on the page's clock (ANSWER_TIMEOUT_MS in app.js,
+    above the store's 30 s busy timeout) the page must give up and say so, then one press
+    must save the vote once. With `reaches_server` the vote was saved before the answer
+    hung, so the retry is answered 409 already_saved. Returns the statuses the server gave,
+    the keys sent and the votes stored."""
+    from playwright.sync_api import expect
+
+    db = tmp_path / "labels.sqlite"
+    token = prepare(db, make_pairs(3))
+    hang, held, statuses, keys = [True], [], [], []
+
+    def hang_or_answer(route):
+        keys.append(route.request.post_data_json["key"])
+        if hang:
+            if reaches_server:
+                statuses.append(route.fetch().status)
+            held.append(route)  # neither fulfilled nor aborted: the page waits for its answer
+            return
+        response = route.fetch()
+        statuses.append(response.status)
+        route.fulfill(response=response)
+
+    page.clock.install()  # the 45 s pass on the page's clock, moved by hand
+    page.route("**/api/vote", hang_or_answer)
+    banner = page.locator("#banner")
+    with running_server(db) as (url, _):
+        sign_in(page, url, token)
+        wait_progress(page, 0, 3)
+        first, _ = shown_pair_index(page)
+        with page.expect_request("**/api/vote"):
+            page.keyboard.press("1")
+        page.clock.run_for(44_000)
+        expect(banner).to_be_hidden()  # a locked database may take 30 s: still waiting
+        page.clock.run_for(2_000)
+        expect(banner).to_have_text(NOT_CONFIRMED)
+        assert shown_pair_index(page)[0] == first, "the page stays on the pair"
+        assert not page.locator("#card-left.picked").count(), "no card looks chosen"
+        wait_progress(page, 0, 3)
+
+        hang.clear()  # the server answers again
+        page.keyboard.press("1")
+        expect(page.locator("#toast")).to_have_text("Saved: Left is better")
+        wait_progress(page, 1, 2)
+        expect(banner).to_be_hidden()
+        assert shown_pair_index(page)[0] != first, "the next pair is shown"
+    assert len(held) == 1
+    assert len(keys) == 2 and keys[0] == keys[1], "the retry is the same vote"
+    return statuses, stored_votes(db), first
+
+
+def test_a_vote_left_unanswered_is_given_up_said_and_one_press_saves_it(page, tmp_path):
+    """The vote never reached the database: the retry stores it, once."""
+    statuses, votes, first = vote_left_unanswered(page, tmp_path, reaches_server=False)
+    assert statuses == [200]
+    assert votes == [(f"p{first:05d}", "left")]
+
+
+def test_a_vote_saved_but_left_unanswered_is_shown_saved_after_one_press(page, tmp_path):
+    """The vote was saved and only its answer hung: the retry is answered 409 already_saved,
+    which the page shows as saved and moves on; one vote is stored."""
+    statuses, votes, first = vote_left_unanswered(page, tmp_path, reaches_server=True)
+    assert statuses == [200, 409]
+    assert votes == [(f"p{first:05d}", "left")]
+
+
 def test_two_tabs_and_a_second_sign_in_in_one_browser(page, tmp_path):
     from playwright.sync_api import expect
 

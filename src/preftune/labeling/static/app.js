@@ -15,6 +15,11 @@
   // below any real reading time (even seeing that the pair changed and choosing takes about
   // half a second), so no deliberate vote is held back by it.
   const READ_AT_LEAST_MS = 400;
+  // A request unanswered this long is given up. A server that took the connection and never
+  // answers (a hung proxy, a machine asleep behind a tunnel) left a vote waiting forever. It
+  // must stay above the longest a healthy server may take: a write waits up to 30 s for a
+  // labels database locked by another process (busy_timeout=30000 in labeling/store.py).
+  const ANSWER_TIMEOUT_MS = 45000;
   let current = null;  // { pair_id, key }: the pair on screen and the id of its vote
   let busy = false;    // one request at a time, so a double click or a held key votes once
   let annotator = null;  // the name this page was opened as
@@ -30,6 +35,9 @@
     return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
   }
 
+  // Thrown by `call` when the server took the request but gave no answer in ANSWER_TIMEOUT_MS.
+  class NoAnswer extends Error {}
+
   async function call(path, body) {
     const init = { credentials: "same-origin", cache: "no-store" };
     if (body !== undefined) {
@@ -37,20 +45,33 @@
       init.headers = { "Content-Type": "application/json" };
       init.body = JSON.stringify(body);
     }
-    const res = await fetch(path, init);
+    const controller = new AbortController();
+    init.signal = controller.signal;
+    const timer = setTimeout(() => controller.abort(), ANSWER_TIMEOUT_MS);
+    let res, text;
+    try {
+      res = await fetch(path, init);
+      text = await res.text();  // the body too: a server may stop halfway through it
+    } catch (e) {
+      throw controller.signal.aborted ? new NoAnswer() : e;
+    } finally {
+      clearTimeout(timer);
+    }
     let data = {};
-    try { data = await res.json(); } catch (e) { data = {}; }
+    try { data = JSON.parse(text); } catch (e) { data = {}; }
     if (res.status === 401) showOnly("signed-out");
     return { ok: res.ok, status: res.status, data };
   }
 
   // Retry network failures a few times with the same body (same vote key): safe to replay.
+  // A request left unanswered is not retried here: it has waited ANSWER_TIMEOUT_MS already,
+  // and the annotator is told at once instead of after minutes more.
   async function callWithRetry(path, body) {
     for (let attempt = 0; ; attempt++) {
       try {
         return await call(path, body);
       } catch (e) {
-        if (attempt >= 3) throw e;
+        if (e instanceof NoAnswer || attempt >= 3) throw e;
         if (attempt === 0) showBanner("The server does not answer; trying again…");
         await new Promise((r) => setTimeout(r, 400 * 2 ** attempt));
       }
@@ -344,6 +365,14 @@
         result = await callWithRetry("/api/vote", body);
       } catch (e) {
         unpick();
+        if (e instanceof NoAnswer) {
+          // The vote may or may not have been saved. The pair and its vote key stay, so one
+          // press retries, and a vote the server did save answers "already saved" (stored once).
+          showBanner("Your vote is not confirmed: the server has not answered for " +
+                     `${ANSWER_TIMEOUT_MS / 1000} s. Press your choice again; that is safe (a ` +
+                     "vote the server did save is stored once).");
+          return;
+        }
         serverDown("Your vote is NOT saved: the server cannot be reached. Vote again once it " +
                    "is back (it is stored once, however often you press).",
                    "The server is back: vote again to save this pair.");
