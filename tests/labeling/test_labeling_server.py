@@ -1,12 +1,14 @@
 """The labeling server as a real process: many annotators at once, kill -9, raw HTTP."""
 
 import os
+import re
 import signal
 import socket
 import sqlite3
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -122,3 +124,12 @@ def test_no_path_escapes_the_static_folder_over_raw_http(tmp_path):
             status = answer.split("\r\n", 1)[0]
             assert status.split()[1] in {"400", "404"}, (target, status)
             assert "import " not in answer and "root:" not in answer
+
+
+def test_the_page_waits_longer_than_a_locked_database_may_hold_a_vote():
+    # app.js gives up on an answer after ANSWER_TIMEOUT_MS; a write waiting on a locked database
+    # (store.py's busy_timeout) must be answered before that, or every such vote reads as lost.
+    package = Path(__file__).resolve().parents[2] / "src" / "preftune" / "labeling"
+    page = int(re.search(r"ANSWER_TIMEOUT_MS = (\d+);", (package / "static" / "app.js").read_text()).group(1))
+    database = int(re.search(r"PRAGMA busy_timeout=(\d+)", (package / "store.py").read_text()).group(1))
+    assert page > database, f"the page gives up after {page} ms, a locked database may take {database} ms"
