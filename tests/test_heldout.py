@@ -16,9 +16,8 @@ from typer.testing import CliRunner
 
 import preftune.train as train_module
 from preftune.cli import app
-from preftune.data.heldout import check_heldout, hold_out, prompt_key, write_heldout
-from preftune.data.io import TRUNCATED_KEYS, load_pairs
-from preftune.data.repeats import row_key
+from preftune.data.heldout import check_heldout, hold_out, write_heldout
+from preftune.data.io import load_pairs
 from preftune.distributed import DistContext
 from preftune.errors import UserError
 from preftune.modeling import load_tokenizer
@@ -161,16 +160,6 @@ def test_a_resume_notices_a_held_out_rows_tools_or_template_arguments_changed(tm
     # The same pairs pass, whatever else changed (a score, tools written as JSON text).
     same = [{**rows[0], "tools": json.dumps([TOOL]), "score": 1.5}, *rows[1:]]
     check_heldout(tmp_path, load_pairs(str(write_jsonl(tmp_path / "E.jsonl", same))).pairs, single)
-
-
-def test_rows_without_tools_are_compared_as_before_tools_counted(tmp_path):
-    """Runs written before tools were compared still resume: a row without tools or template
-    arguments keeps the key the check used then (texts and *_truncated flags)."""
-    rows = ROWS[:2] + [{**ROWS[2], "chosen_truncated": True, "rejected_truncated": False}] + CHAT_ROWS[:1] \
-        + [{**CHAT_ROWS[1], "tools": [], "chat_template_kwargs": {}}]
-    for pair in load_pairs(str(write_jsonl(tmp_path / "D.jsonl", rows))).pairs:
-        flags = [bool(pair.metadata.get(k)) for k in TRUNCATED_KEYS]
-        assert row_key(pair) == prompt_key([pair.prompt, pair.chosen, pair.rejected, flags]), pair.origin
 
 
 def test_a_fresh_run_holding_nothing_out_deletes_an_earlier_runs_file(tmp_path, tiny_llama, one_torch_thread):

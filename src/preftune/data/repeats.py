@@ -24,9 +24,7 @@ def row_key(pair: PreferencePair) -> str:
     A resumed run compares its held-out pairs by this key too (heldout.check_heldout)."""
     cut = [pair.metadata.get(name) is True for name in TRUNCATED_KEYS]  # as tokenize._truncated reads them
     template = chat_template_kwargs(pair) if pair.conversational else {}
-    # Without tools or template arguments the key is the one check_heldout used before it read
-    # them, so that runs started then still resume.
-    return prompt_key([pair.prompt, pair.chosen, pair.rejected, cut] + ([template] if template else []))
+    return prompt_key([pair.prompt, pair.chosen, pair.rejected, cut, template])
 
 
 def repeated_rows(pairs: list[PreferencePair]) -> list[tuple[PreferencePair, PreferencePair]]:
