@@ -978,6 +978,21 @@ def test_generate_checks_every_models_positions_before_any_model_samples(
                         r"or drop that prompt, or lower --max-new-tokens\.", message), message
 
 
+def test_generate_names_the_prompts_of_the_model_with_the_fewest_positions(tiny_model_factory, tmp_path):
+    """The reference (64 positions) refuses one prompt, the policy (32) two: the one sentence is
+    the policy's and names both, so that dropping what it names leaves no prompt to stop a rerun."""
+    roomy = tiny_model_factory("gpt2", hidden_size=32, max_positions=64)
+    short = tiny_model_factory("gpt2", hidden_size=32, max_positions=32)
+    sentence = "The quick brown fox jumps over the lazy dog. "
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(["hello", sentence * 3, sentence * 6]) + "\n")
+    message = user_error(invoke(["generate", "--model", short, "--reference", roomy, "--prompts", prompts,
+                                 "--judge", rigged_reward(tmp_path, {}), "--max-new-tokens", 8,
+                                 "--device", "cpu", "--out", tmp_path / "g"]))
+    assert re.fullmatch(rf"2 prompts \(counting from 0, as pair ids do: 1, 2\) with --max-new-tokens 8 need "
+                        rf"more than the 32 positions of {re.escape(str(short))} .*", message), message
+
+
 # ------------------------------------------------------------------ human judge
 
 
