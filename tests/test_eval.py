@@ -891,6 +891,16 @@ def test_reward_batch_size_sets_the_texts_a_judge_folder_scores_per_forward_pass
                                f"pass, but --judge {judge} is not one; drop it."), said
 
 
+def test_reward_batch_size_with_a_mistyped_judge_folder_says_the_folder_is_missing(tmp_path):
+    """--judge ./rm-typo --reward-batch-size 16 said to drop --reward-batch-size, as if the
+    judge were a function; the folder's own sentence comes first, as without the option."""
+    from preftune.eval_generate import parse_judge
+
+    for spec in (str(tmp_path / "rm-typo"), f"reward:{tmp_path / 'rm-typo'}"):
+        with pytest.raises(UserError, match="no such folder; check the path to the reward model's folder"):
+            parse_judge(spec, reward_batch_size=16)
+
+
 @pytest.mark.parametrize("flag, trusted", [([], False), (["--trust-remote-code"], True)])
 def test_trust_remote_code_reaches_the_judge_only(models, prompts_file, tmp_path, monkeypatch, flag, trusted):
     """An ArmoRM-style judge folder runs its own code only with --trust-remote-code (see

@@ -91,15 +91,18 @@ def parse_judge(spec: str, device: str = "auto", trust_remote_code: bool = False
     if reward_batch_size is not None and reward_batch_size < 1:
         raise UserError(f"--reward-batch-size must be at least 1, got {reward_batch_size}.")
     target = spec.removeprefix("reward:")
+    if spec == "human":
+        judge = Judge("human", spec)
+    elif not target:
+        raise UserError("--judge reward: names no function; write reward:MODULE:FUNCTION.")
+    else:
+        judge = Judge("reward", spec, load_reward(target, batch_size=reward_batch_size or REWARD_MODEL_BATCH_SIZE,
+                                                  device=device, trust_remote_code=trust_remote_code))
+    # After load_reward, as label auto does: a mistyped folder is said as one, not as "drop it".
     if reward_batch_size is not None and not Path(target).expanduser().is_dir():
         raise UserError(f"--reward-batch-size sets the texts a reward model folder scores per forward pass, but "
                         f"--judge {spec} is not one; drop it.")
-    if spec == "human":
-        return Judge("human", spec)
-    if not target:
-        raise UserError("--judge reward: names no function; write reward:MODULE:FUNCTION.")
-    return Judge("reward", spec, load_reward(target, batch_size=reward_batch_size or REWARD_MODEL_BATCH_SIZE,
-                                             device=device, trust_remote_code=trust_remote_code))
+    return judge
 
 
 def system_labels(paths: Sequence[str]) -> list[str]:
