@@ -433,14 +433,15 @@ def test_cli_samples_and_resumes(model_dir, tmp_path):
 def test_cli_stopped_by_ctrl_c_says_what_is_kept_and_to_rerun(model_dir, tmp_path, monkeypatch):
     """Ctrl-C ended `preftune sample` without a word: nothing said the batches written were kept
     or that a rerun continues after them."""
-    import preftune.sampling_cli
+    import preftune.sampling
 
     def ctrl_c_after_the_first_batch(*args, **kwargs):
         def interrupt(_):
             raise KeyboardInterrupt
         return sample_to_file(*args, **kwargs, on_batch=interrupt)
 
-    monkeypatch.setattr(preftune.sampling_cli, "sample_to_file", ctrl_c_after_the_first_batch)
+    # `preftune sample` imports sample_to_file when it runs (no torch at start-up), so patch its home.
+    monkeypatch.setattr(preftune.sampling, "sample_to_file", ctrl_c_after_the_first_batch)
     out = tmp_path / "pairs.jsonl"
     args = ["--model", str(model_dir), "--prompts", str(write_txt(tmp_path / "p.txt", PROMPTS)),
             "--out", str(out), "--max-new-tokens", "2", "--batch-size", "3", "--no-progress"]
@@ -454,14 +455,15 @@ def test_cli_stopped_by_ctrl_c_says_what_is_kept_and_to_rerun(model_dir, tmp_pat
 def test_cli_out_of_memory_says_what_is_kept_and_to_lower_the_batch_size(model_dir, tmp_path, monkeypatch):
     """Running out of GPU memory mid-run was a traceback, which said neither that the batches
     written were kept nor that a smaller --batch-size resumes."""
-    import preftune.sampling_cli
+    import preftune.sampling
 
     def out_of_memory_after_the_first_batch(*args, **kwargs):
         def out_of_memory(_):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return sample_to_file(*args, **kwargs, on_batch=out_of_memory)
 
-    monkeypatch.setattr(preftune.sampling_cli, "sample_to_file", out_of_memory_after_the_first_batch)
+    # `preftune sample` imports sample_to_file when it runs (no torch at start-up), so patch its home.
+    monkeypatch.setattr(preftune.sampling, "sample_to_file", out_of_memory_after_the_first_batch)
     out = tmp_path / "pairs.jsonl"
     args = ["--model", str(model_dir), "--prompts", str(write_txt(tmp_path / "p.txt", PROMPTS)),
             "--out", str(out), "--max-new-tokens", "2", "--batch-size", "3", "--no-progress"]

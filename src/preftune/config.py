@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from preftune.errors import UserError
+from preftune.loss_names import BATCH_WIDE, F_DIVERGENCE_LOSSES, LOSS_NAMES, PARAMETER_USERS
 
 
 class Section(BaseModel):
@@ -297,14 +298,12 @@ class LossConfig(Section):
     @field_validator("type")
     @classmethod
     def _known_types(cls, value):
-        from preftune.losses import LOSSES
-
         if value == []:  # no loss at all: the first backward would fail with a traceback
-            raise ValueError(f"an empty list; name one or more of {', '.join(sorted(LOSSES))}")
+            raise ValueError(f"an empty list; name one or more of {', '.join(sorted(LOSS_NAMES))}")
         names = [value] if isinstance(value, str) else value
         for name in names:
-            if name not in LOSSES:
-                raise ValueError(f"unknown loss {name!r}; choose from {', '.join(sorted(LOSSES))}")
+            if name not in LOSS_NAMES:
+                raise ValueError(f"unknown loss {name!r}; choose from {', '.join(sorted(LOSS_NAMES))}")
         if repeated := sorted({name for name in names if names.count(name) > 1}):
             # Summed twice it is one type at a larger weight, which loss.weights says plainly.
             raise ValueError(f"{', '.join(repeated)}: listed more than once; give each type once and put "
@@ -334,8 +333,6 @@ class LossConfig(Section):
 
     @model_validator(mode="after")
     def _parameters_have_an_effect(self):
-        from preftune.losses import PARAMETER_USERS
-
         for key, users in PARAMETER_USERS.items():
             value = getattr(self, key)
             if value != type(self).model_fields[key].default and not set(users) & set(self.types):
@@ -358,8 +355,6 @@ class LossConfig(Section):
 
     @model_validator(mode="after")
     def _f_divergence_only_where_defined(self):
-        from preftune.losses import F_DIVERGENCE_LOSSES
-
         undefined = [t for t in self.types if t not in (*F_DIVERGENCE_LOSSES, "sft")]
         if self.f_divergence_type != "reverse_kl" and undefined:
             raise ValueError(
@@ -384,8 +379,6 @@ class LossConfig(Section):
 
     @model_validator(mode="after")
     def _wpo_and_ld_only_where_defined(self):
-        from preftune.losses import BATCH_WIDE
-
         wide = [t for t in self.types if t in BATCH_WIDE]
         if self.wpo_weighting and wide:
             raise ValueError(
@@ -613,8 +606,6 @@ class Config(Section):
     def _batch_wide_losses_sort_one_micro_batch(self):
         # aot sorts margins across the pairs of one forward: accumulation would sort each
         # micro-batch apart (not the step's pairs together), and one pair sorts to plain DPO.
-        from preftune.losses import BATCH_WIDE
-
         wide = [t for t in self.loss.types if t in BATCH_WIDE]
         if not wide:
             return self

@@ -24,6 +24,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from preftune.loss_names import (  # noqa: F401  (the rest re-exported for train and evaluate)
+    BATCH_WIDE,
+    F_DIVERGENCE_LOSSES,
+    LOSS_NAMES,
+    PARAMETER_USERS,
+    REFERENCE_FREE,
+    TAKE_REWARD_SHIFT,
+)
+
 
 @dataclass
 class PairLogps:
@@ -53,11 +62,6 @@ class PairLogps:
 
 
 # ------------------------------------------------------------------ f-divergences (f-DPO)
-
-# The losses built on a chosen-minus-rejected difference of rewards, where f-DPO's per-prompt
-# constant cancels; `sft` does not read the reference, so it may sit beside them.
-F_DIVERGENCE_LOSSES = ("sigmoid", "robust", "ipo", "hinge", "sigmoid_norm", "exo_pair", "discopop")
-
 
 def f_divergence_score(logratio: torch.Tensor, cfg) -> torch.Tensor:
     """f'(pi/ref) of f-DPO (Wang et al. 2023, "Beyond Reverse KL", Theorem 1 and Table 1), taken
@@ -309,49 +313,9 @@ def aot_unpaired_loss(logps: PairLogps, cfg) -> torch.Tensor:
     return _smoothed_logistic(cfg.beta * (chosen - rejected), cfg.label_smoothing)
 
 
-LOSSES = {
-    "sigmoid": sigmoid_loss,
-    "robust": robust_loss,
-    "ipo": ipo_loss,
-    "hinge": hinge_loss,
-    "sigmoid_norm": sigmoid_norm_loss,
-    "simpo": simpo_loss,
-    "rdpo": rdpo_loss,
-    "bco_pair": bco_pair_loss,
-    "sft": sft_loss,
-    "exo_pair": exo_pair_loss,
-    "nca_pair": nca_pair_loss,
-    "sppo_hard": sppo_hard_loss,
-    "apo_zero": apo_zero_loss,
-    "apo_down": apo_down_loss,
-    "discopop": discopop_loss,
-    "aot": aot_loss,
-    "aot_unpaired": aot_unpaired_loss,
-}
-
-# Losses that sort across the batch: not sums of per-pair terms, so gradient accumulation and
-# several processes would change them (the config and `train` refuse both).
-BATCH_WIDE = {"aot", "aot_unpaired"}
-
-# Losses that also read BCO's reward shift, a running mean the training loop keeps.
-TAKE_REWARD_SHIFT = {"bco_pair"}
-
-# Losses that never look at the reference model.
-REFERENCE_FREE = {"simpo", "sft"}
-
-# The loss types each parameter enters; with none of them configured, it changes nothing, and
-# the config refuses a value other than its default (a setting that silently does nothing costs
-# a whole run, as a typo does).
-PARAMETER_USERS = {
-    "label_smoothing": ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired"),
-    "ipo_length_normalize": ("ipo",),
-    "simpo_gamma": ("simpo",),
-    "rdpo_alpha": ("rdpo",),
-    "discopop_tau": ("discopop",),
-    "f_divergence_type": F_DIVERGENCE_LOSSES,
-    "f_alpha_divergence_coef": F_DIVERGENCE_LOSSES,
-    "bco_reward_shift": ("bco_pair",),
-}
+# Each name's function is NAME_loss above; the names (and the sets of them the config checks)
+# live in preftune.loss_names, which imports no torch.
+LOSSES = {name: globals()[f"{name}_loss"] for name in LOSS_NAMES}
 
 
 def preference_loss(logps: PairLogps, cfg, reward_shift: float = 0.0) -> torch.Tensor:

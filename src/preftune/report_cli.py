@@ -13,8 +13,6 @@ from typing import Annotated
 import typer
 
 from preftune.errors import UserError
-from preftune.report import write_report
-from preftune.report_compare import write_comparison
 
 app = typer.Typer(add_completion=False, no_args_is_help=True)
 
@@ -55,6 +53,10 @@ def report(
 ) -> None:
     """Write report.html and PNG plots (loss, rewards, accuracy, reward vs KL, win rates);
     with several run folders, one page that overlays their curves and tabulates what differs."""
+    # Here, not at the top: importing matplotlib would slow every other command's start.
+    from preftune.report import write_report
+    from preftune.report_compare import write_comparison
+
     if out is not None and out.is_file():  # else a NotADirectoryError from mkdir of out/plots
         raise UserError(f"--out {out} is a file; name a folder for report.html and plots/ "
                         "(created if missing).")

@@ -9,13 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 from rich.console import Console
 
 from preftune.errors import UserError
 from preftune.records import kept_so_far
-from preftune.sampling import SamplingSettings, sample_to_file
+from preftune.sampling_settings import SamplingSettings
 from preftune.wording import counted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True)
@@ -65,6 +64,10 @@ def sample(
     )] = "p",
 ) -> None:
     """Sample N responses per prompt from a model into pairs.jsonl (resumes an interrupted run)."""
+    import torch  # here, not at the top: `preftune --help` and the label server need no torch
+
+    from preftune.sampling import sample_to_file
+
     settings = SamplingSettings(
         temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, n=n,
         top_k=top_k, min_p=min_p,
