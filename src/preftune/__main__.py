@@ -3,8 +3,9 @@ pyproject.toml) and `python -m preftune`, as torchrun starts each process of `pr
 --nproc N`.
 
 Only the standard library is imported before `main` runs, so that a Ctrl-C while preftune.cli
-imports torch and transformers (seconds) is caught here instead of printing the traceback of
-whichever module was loading.
+imports (typer, pydantic) is caught here instead of printing the traceback of whichever module
+was loading. Commands import torch and transformers when they run; a Ctrl-C there ends them as
+typer ends any stopped command, with status 130.
 """
 
 import os
