@@ -213,6 +213,25 @@ def test_a_stopped_server_is_said_and_no_vote_is_lost_or_doubled(page, tmp_path)
     assert stored_votes(db) == [(f"p{first:05d}", "left"), (f"p{second:05d}", "tie")]
 
 
+# The server's own answer to a write on a full disk (tests/labeling/test_labeling_disk_full.py).
+DISK_FULL = ("the server cannot write to its labels database (the disk it is on is full); your "
+             "earlier votes are kept; tell whoever runs the server, then try again.")
+
+
+def refused_while(disk_full: list, keys: list | None = None):
+    """A route answering 503 with DISK_FULL while `disk_full` is non-empty, then passing requests
+    to the server; `keys` collects each vote's key."""
+    def route_request(route):
+        if keys is not None:
+            keys.append(route.request.post_data_json["key"])
+        if disk_full:
+            route.fulfill(status=503, content_type="application/json",
+                          body=json.dumps({"error": DISK_FULL}))
+        else:
+            route.continue_()
+    return route_request
+
+
 def test_a_vote_the_server_could_not_save_stays_said_and_one_press_saves_it_once(page, tmp_path):
     """The labels database cannot be written (a full disk): the vote's 503 sentence was a toast
     in the bottom corner that faded after 6 s, easy to miss while reading the next response.
@@ -222,19 +241,8 @@ def test_a_vote_the_server_could_not_save_stays_said_and_one_press_saves_it_once
 
     db = tmp_path / "labels.sqlite"
     token = prepare(db, make_pairs(3))
-    refusal = ("the server cannot write to its labels database (the disk it is on is full); your "
-               "earlier votes are kept; tell whoever runs the server, then try again.")
-    disk_full, keys = [True], []
-
-    def full_disk(route):  # the server's own answer (tests/labeling/test_labeling_disk_full.py)
-        keys.append(route.request.post_data_json["key"])
-        if disk_full:
-            route.fulfill(status=503, content_type="application/json",
-                          body=json.dumps({"error": refusal}))
-        else:
-            route.continue_()
-
-    page.route("**/api/vote", full_disk)
+    refusal, disk_full, keys = DISK_FULL, [True], []
+    page.route("**/api/vote", refused_while(disk_full, keys))
     banner = page.locator("#banner")
     with running_server(db) as (url, _):
         sign_in(page, url, token)
@@ -268,18 +276,8 @@ def test_an_undo_the_server_could_not_save_says_so_and_stays_said(page, tmp_path
 
     db = tmp_path / "labels.sqlite"
     token = prepare(db, make_pairs(3))
-    refusal = ("the server cannot write to its labels database (the disk it is on is full); your "
-               "earlier votes are kept; tell whoever runs the server, then try again.")
-    disk_full = [True]
-
-    def full_disk(route):
-        if disk_full:
-            route.fulfill(status=503, content_type="application/json",
-                          body=json.dumps({"error": refusal}))
-        else:
-            route.continue_()
-
-    page.route("**/api/undo", full_disk)
+    refusal, disk_full = DISK_FULL, [True]
+    page.route("**/api/undo", refused_while(disk_full))
     banner = page.locator("#banner")
     with running_server(db) as (url, _):
         sign_in(page, url, token)
@@ -296,6 +294,7 @@ def test_an_undo_the_server_could_not_save_says_so_and_stays_said(page, tmp_path
         expect(banner).to_be_hidden()
         assert shown_pair_index(page)[0] == first
     assert stored_votes(db) == []
+
 
 def test_a_revoked_link_says_to_ask_for_a_new_one(page, tmp_path):
     """`label revoke-annotator` mid-session: the next vote is a 401. The page said only 'You are
