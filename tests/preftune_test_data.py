@@ -117,3 +117,41 @@ def deny_reading(monkeypatch, denied) -> None:
         return read_bytes(self)
 
     monkeypatch.setattr(Path, "read_bytes", read_unless_denied)
+
+
+def reward_model_config(tokenizer):
+    """A one-layer Llama reward model's config over `tokenizer`: one score per sequence."""
+    import transformers
+
+    from preftune.demo.tiny import special_token_ids
+
+    return transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, num_labels=1, **special_token_ids(tokenizer))
+
+
+def save_reward_model(folder):
+    """That reward model, with the tiny tokenizer, saved in `folder`."""
+    import transformers
+
+    from preftune.demo.tiny import train_tokenizer
+
+    tokenizer = train_tokenizer()
+    transformers.LlamaForSequenceClassification(reward_model_config(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def count_reward_model_passes(monkeypatch) -> list[int]:
+    """The batch size of each forward pass of a Llama reward model, appended as they run."""
+    import transformers
+
+    passes = []
+    forward = transformers.LlamaForSequenceClassification.forward
+
+    def counted_forward(self, input_ids=None, **kwargs):
+        passes.append(input_ids.shape[0])
+        return forward(self, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(transformers.LlamaForSequenceClassification, "forward", counted_forward)
+    return passes

@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 import yaml
+from preftune_test_data import count_reward_model_passes, save_reward_model
 from typer.testing import CliRunner
 
 from preftune.bradley_terry import win_rate
@@ -821,21 +822,6 @@ def test_leaderboard_orders_systems_by_a_rigged_reward(models, prompts_file, tmp
         assert (out / name / "samples.jsonl").is_file()
 
 
-def save_reward_model(folder):
-    """A one-layer Llama reward model (one score per sequence) with the tiny tokenizer, in `folder`."""
-    import transformers
-
-    from preftune.demo.tiny import special_token_ids, train_tokenizer
-
-    tokenizer = train_tokenizer()
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, intermediate_size=64, num_labels=1,
-                                      **special_token_ids(tokenizer))
-    transformers.LlamaForSequenceClassification(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def test_a_reward_model_judge_goes_on_the_device_asked_for(tmp_path, monkeypatch):
     """`eval generate --device cpu` put the policy and reference on the CPU but a reward-model
     folder judge on "auto" (a GPU if any), so a judge meant to stay off a busy GPU went there."""
@@ -855,17 +841,8 @@ def test_reward_batch_size_sets_the_texts_a_judge_folder_scores_per_forward_pass
         models, prompts_file, tmp_path, monkeypatch):
     """`eval generate --judge FOLDER` scored 8 texts per forward pass whatever the GPU, while
     `label auto` took --reward-batch-size; it takes it too, and the rewards stay the same."""
-    import transformers
-
     folder = save_reward_model(tmp_path / "rm")
-    passes = []
-    forward = transformers.LlamaForSequenceClassification.forward
-
-    def counted_forward(self, input_ids=None, **kwargs):
-        passes.append(input_ids.shape[0])
-        return forward(self, input_ids=input_ids, **kwargs)
-
-    monkeypatch.setattr(transformers.LlamaForSequenceClassification, "forward", counted_forward)
+    passes = count_reward_model_passes(monkeypatch)
 
     def generate(judge, out, *extra):
         return invoke(["generate", "--model", models["pol"], "--reference", models["ref"], "--prompts",

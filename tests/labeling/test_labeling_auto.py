@@ -6,6 +6,7 @@ import random
 
 import pytest
 from labeling_helpers import make_pairs, write_pairs_file
+from preftune_test_data import count_reward_model_passes, reward_model_config, save_reward_model
 
 from preftune.errors import UserError
 from preftune.labeling.auto import bt_probability, label_auto
@@ -280,17 +281,6 @@ def test_bad_pairs_files_name_the_line(tmp_path):
         label_auto(bad, lambda p, r: [0.0] * len(r), tmp_path / "D.jsonl")
 
 
-def reward_model_config(tokenizer):
-    """A one-layer Llama reward model's config over `tokenizer`: one score per sequence."""
-    import transformers
-
-    from preftune.demo.tiny import special_token_ids
-
-    return transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=64, num_labels=1, **special_token_ids(tokenizer))
-
-
 def test_a_local_reward_model_scores_prompt_plus_response(tmp_path):
     import torch
     import transformers
@@ -363,23 +353,9 @@ def test_reward_batch_size_sets_the_texts_per_forward_pass_and_not_the_scores(
         tmp_path, monkeypatch, rewards_file):
     """A reward model folder scored 8 texts per forward pass whatever the GPU; --batch-size set
     only the pairs per call. --reward-batch-size sets the pass, and calls grow to hold one."""
-    import transformers
-
-    from preftune.demo.tiny import train_tokenizer
-
-    tokenizer = train_tokenizer()
-    folder = tmp_path / "rm"
-    transformers.LlamaForSequenceClassification(reward_model_config(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    folder = save_reward_model(tmp_path / "rm")
     pairs_file = write_pairs_file(tmp_path / "pairs.jsonl", make_pairs(10))  # 20 texts
-    passes = []
-    forward = transformers.LlamaForSequenceClassification.forward
-
-    def counted_forward(self, input_ids=None, **kwargs):
-        passes.append(input_ids.shape[0])
-        return forward(self, input_ids=input_ids, **kwargs)
-
-    monkeypatch.setattr(transformers.LlamaForSequenceClassification, "forward", counted_forward)
+    passes = count_reward_model_passes(monkeypatch)
     scores = {}
     for name, sizes in (("default", {}), ("three", {"reward_batch_size": 3}),
                         ("eight", {"reward_batch_size": 8, "batch_size": 2})):
